@@ -1,0 +1,72 @@
+from cachepoint.v1 import version_pb2 as _version_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "site", "address")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    site: str
+    address: str
+    def __init__(self, node_id: _Optional[str] = ..., site: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: NodeInfo
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("heartbeat_interval_ms",)
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_interval_ms: int
+    def __init__(self, heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("node_id", "complete", "load")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    complete: _containers.RepeatedCompositeFieldContainer[_version_pb2.Ref]
+    load: int
+    def __init__(self, node_id: _Optional[str] = ..., complete: _Optional[_Iterable[_Union[_version_pb2.Ref, _Mapping]]] = ..., load: _Optional[int] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FindPeersRequest(_message.Message):
+    __slots__ = ("requester_id", "version", "block_ids", "limit")
+    REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    requester_id: str
+    version: _version_pb2.Ref
+    block_ids: bytes
+    limit: int
+    def __init__(self, requester_id: _Optional[str] = ..., version: _Optional[_Union[_version_pb2.Ref, _Mapping]] = ..., block_ids: _Optional[bytes] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class Peer(_message.Message):
+    __slots__ = ("node", "same_site", "load")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SAME_SITE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    node: NodeInfo
+    same_site: bool
+    load: int
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., same_site: _Optional[bool] = ..., load: _Optional[int] = ...) -> None: ...
+
+class FindPeersResponse(_message.Message):
+    __slots__ = ("peers",)
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedCompositeFieldContainer[Peer]
+    def __init__(self, peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ...) -> None: ...
