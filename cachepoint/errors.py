@@ -1,0 +1,110 @@
+"""Errors users can see. Each class's docstring is its message, formatted with its arguments
+(as borg does), and each carries the process exit code the CLI returns for it.
+
+Exit codes (documented in docs/cli.md):
+  0 success · 1 unexpected failure · 2 usage error · 3 not found · 4 invalid input
+  5 store busy (another writer holds it) · 6 incompatible store format · 7 out of space
+  8 integrity problem found (fsck)
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_INVALID = 4
+EXIT_BUSY = 5
+EXIT_FORMAT = 6
+EXIT_NO_SPACE = 7
+EXIT_CORRUPT = 8
+
+
+class CachepointError(Exception):
+    """{}"""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.args = args
+
+    def __str__(self) -> str:
+        doc = type(self).__doc__ or "{}"
+        return doc.strip().format(*self.args)
+
+
+class InvalidInput(CachepointError):
+    """{}"""
+
+    exit_code = EXIT_INVALID
+
+
+class InvalidLayerName(InvalidInput):
+    """invalid layer name {!r}: {}"""
+
+
+class InvalidRef(InvalidInput):
+    """invalid ref {!r}: {} (expected LAYER, LAYER@N or LAYER:TAG)"""
+
+
+class InvalidTag(InvalidInput):
+    """invalid tag {!r}: {}"""
+
+
+class InvalidBlockSize(InvalidInput):
+    """invalid block size {!r}: {}"""
+
+
+class SourceUnreadable(InvalidInput):
+    """cannot read {!r}: {}"""
+
+
+class NotFound(CachepointError):
+    """{}"""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+class LayerNotFound(NotFound):
+    """layer {!r} does not exist in this store"""
+
+
+class RefNotFound(NotFound):
+    """{} does not exist: {}"""
+
+
+class ImageNotFound(NotFound):
+    """image {!r} does not exist in this store"""
+
+
+class StoreBusy(CachepointError):
+    """store {} is open for writing by another process (a running daemon or another command): {}"""
+
+    exit_code = EXIT_BUSY
+
+
+class StoreMissing(NotFound):
+    """no store at {} (create one with `cachepoint init` or by ingesting into it)"""
+
+
+class IncompatibleFormat(CachepointError):
+    """store {} has format version {}, this cachepoint supports {}: {}"""
+
+    exit_code = EXIT_FORMAT
+
+
+class OutOfSpace(CachepointError):
+    """out of disk space while writing to store {}: {} (nothing was committed; free space and retry)"""
+
+    exit_code = EXIT_NO_SPACE
+
+
+class BlockCorrupt(CachepointError):
+    """block {} is corrupt: its bytes hash to {}"""
+
+    exit_code = EXIT_CORRUPT
+
+
+class BlockMissing(NotFound):
+    """block {} is not in this store"""

@@ -1,0 +1,1 @@
+"""Layers: ingest, export, diff and compositing of versions."""

@@ -1,0 +1,125 @@
+"""Domain values: entries, manifests, versions and images. Frozen, validated, no I/O."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from cachepoint.ids import DIGEST_SIZE, HOLE_DIGEST, BlockId, validate_layer_name
+
+
+class EntryType(enum.IntEnum):
+    FILE = 1
+    DIRECTORY = 2
+    SYMLINK = 3
+    WHITEOUT = 4
+
+
+class LayerKind(enum.IntEnum):
+    OS = 1
+    APP = 2
+    USER = 3
+
+    @classmethod
+    def parse(cls, text: str) -> LayerKind:
+        return cls[text.upper()]
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+def check_relative_path(path: str) -> str:
+    """Manifest paths are relative and '/'-separated; they can never climb out of a destination."""
+    if not path or path.startswith("/") or "\x00" in path:
+        raise ValueError(f"manifest path {path!r} must be relative and non-empty")
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        raise ValueError(f"manifest path {path!r} has an empty, '.' or '..' segment")
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    path: str
+    type: EntryType
+    mode: int
+    size: int = 0
+    mtime_ns: int = 0
+    target: str = ""
+    blocks: bytes = b""  # packed 32-byte digests; HOLE_DIGEST for an all-zero block
+
+    def __post_init__(self) -> None:
+        check_relative_path(self.path)
+        if len(self.blocks) % DIGEST_SIZE:
+            raise ValueError(f"entry {self.path!r}: packed block ids are not a multiple of {DIGEST_SIZE}")
+
+    @property
+    def block_count(self) -> int:
+        return len(self.blocks) // DIGEST_SIZE
+
+    def digest_at(self, index: int) -> bytes:
+        return self.blocks[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
+
+    def digests(self) -> list[bytes]:
+        blocks = self.blocks
+        return [blocks[i : i + DIGEST_SIZE] for i in range(0, len(blocks), DIGEST_SIZE)]
+
+    def stored_digests(self) -> list[bytes]:
+        return [d for d in self.digests() if d != HOLE_DIGEST]
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    block_size: int
+    single_file: bool
+    entries: tuple[FileEntry, ...] = field(default_factory=tuple)
+
+    @property
+    def logical_bytes(self) -> int:
+        return sum(e.size for e in self.entries if e.type == EntryType.FILE)
+
+    def by_path(self) -> dict[str, FileEntry]:
+        return {e.path: e for e in self.entries}
+
+    def block_ids(self) -> set[bytes]:
+        ids: set[bytes] = set()
+        for entry in self.entries:
+            ids.update(entry.stored_digests())
+        return ids
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    layer: str
+    number: int
+    parent: int
+    created_ns: int
+    author: str
+    device: str
+    message: str
+    manifest_digest: bytes
+    kind: LayerKind
+    logical_bytes: int
+    block_size: int
+    restored_from: int = 0
+
+    def __post_init__(self) -> None:
+        validate_layer_name(self.layer)
+        if self.number < 1:
+            raise ValueError("version numbers start at 1")
+
+    @property
+    def ref(self) -> str:
+        return f"{self.layer}@{self.number}"
+
+    @property
+    def digest_text(self) -> str:
+        return str(BlockId(self.manifest_digest))
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSpec:
+    """An ordered stack of refs, lowest first (OS, apps…, then the user's layer)."""
+
+    name: str
+    refs: tuple[str, ...]
+    created_ns: int

@@ -1,0 +1,1 @@
+"""The local layer store: one RocksDB database per node (see format.py for its layout)."""

@@ -1,0 +1,110 @@
+"""The on-disk layout of a store: where everything lives and what its bytes mean.
+
+A store is a directory holding ``db/``, one RocksDB database opened through rocksdict in raw mode
+(RocksDB's own compression off: block payloads are already zstd-compressed when that helps).
+
+Column families, key layout and values (sizes in bytes):
+
+``meta``       b"format_version" -> u32 BE             (FORMAT_VERSION of the writer)
+               b"store_id"       -> 16 random bytes    (names this store in logs and peers)
+               b"prefilter_seed" -> u64 BE             (per-store secret seed of the xxh3 pre-filter)
+``blocks``     digest[32]        -> codec[1] payload   (codec 0 raw, 1 zstd; see cachepoint/blocks.py)
+``manifests``  digest[32]        -> codec[1] payload   (a serialized cachepoint.v1.Manifest; the digest
+                                                        is SHA-256 of the uncompressed serialization)
+``layers``     name (utf-8)      -> JSON {"kind", "latest", "created_ns"}
+``versions``   name 0x00 number[u64 BE] -> serialized cachepoint.v1.VersionInfo
+``tags``       name 0x00 tag     -> number[u64 BE]
+``tag_log``    name 0x00 tag 0x00 seq[u64 BE] -> serialized cachepoint.v1.TagMove (every move, kept)
+``prefilter``  manifest digest[32] entry index[u32 BE] -> xxh3-128 digests[16 per block]
+               Derived, store-local state: the xxh3 of every block of each file, seeded with this
+               store's secret, so a re-ingest skips unchanged blocks. Rebuildable from the blocks.
+``ingests``    ingest id[16]     -> JSON {"layer", "pid", "started_ns"}: an ingest in progress.
+               Written before its first block and deleted in the batch that commits its version,
+               so a record left behind names an ingest that was interrupted.
+``images``     name (utf-8)      -> JSON {"refs": [...], "created_ns"}
+
+Durability: blocks are written with RocksDB's WAL off (it would write every block twice), then the
+``blocks`` family is flushed to SST files, and only then is the version committed in one synced,
+WAL-logged WriteBatch (manifest + version + layer + tags + ingest record removal). A crash at any
+moment therefore leaves the old state or the new one, never a version whose blocks are missing.
+"""
+
+from __future__ import annotations
+
+import struct
+
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+
+CF_META = "meta"
+CF_BLOCKS = "blocks"
+CF_MANIFESTS = "manifests"
+CF_LAYERS = "layers"
+CF_VERSIONS = "versions"
+CF_TAGS = "tags"
+CF_TAG_LOG = "tag_log"
+CF_PREFILTER = "prefilter"
+CF_INGESTS = "ingests"
+CF_IMAGES = "images"
+COLUMN_FAMILIES = (
+    CF_META,
+    CF_BLOCKS,
+    CF_MANIFESTS,
+    CF_LAYERS,
+    CF_VERSIONS,
+    CF_TAGS,
+    CF_TAG_LOG,
+    CF_PREFILTER,
+    CF_INGESTS,
+    CF_IMAGES,
+)
+
+META_FORMAT_VERSION = b"format_version"
+META_STORE_ID = b"store_id"
+META_PREFILTER_SEED = b"prefilter_seed"
+
+SEP = b"\x00"
+PREFILTER_DIGEST_SIZE = 16
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+
+
+def u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def read_u64(raw: bytes) -> int:
+    return _U64.unpack(raw)[0]
+
+
+def u32(value: int) -> bytes:
+    return _U32.pack(value)
+
+
+def read_u32(raw: bytes) -> int:
+    return _U32.unpack(raw)[0]
+
+
+def layer_prefix(layer: str) -> bytes:
+    return layer.encode() + SEP
+
+
+def version_key(layer: str, number: int) -> bytes:
+    return layer_prefix(layer) + u64(number)
+
+
+def split_version_key(key: bytes) -> tuple[str, int]:
+    return key[:-9].decode(), read_u64(key[-8:])
+
+
+def tag_key(layer: str, tag: str) -> bytes:
+    return layer_prefix(layer) + tag.encode()
+
+
+def tag_log_key(layer: str, tag: str, seq: int) -> bytes:
+    return tag_key(layer, tag) + SEP + u64(seq)
+
+
+def prefilter_key(manifest_digest: bytes, entry_index: int) -> bytes:
+    return manifest_digest + u32(entry_index)

@@ -1,0 +1,121 @@
+"""The store as a whole: its database, blocks, catalog, and the ingests running in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cachepoint.store import format as fmt
+from cachepoint.store.blockstore import BlockStore
+from cachepoint.store.catalog import Catalog
+from cachepoint.store.db import StoreDB
+
+
+@dataclass
+class IngestPins:
+    """Blocks an ingest in progress relies on; GC in this process never removes them."""
+
+    ingest_id: bytes
+    layer: str
+    digests: set[bytes] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class InterruptedIngest:
+    ingest_id: bytes
+    layer: str
+    pid: int
+    started_ns: int
+
+
+class Store:
+    """Open with ``Store.open(dir)`` for reading or ``Store.open(dir, writable=True)`` for writing.
+
+    Only one process writes a store at a time (RocksDB's lock; a second writer gets StoreBusy).
+    Inside that process, ``lock`` orders block pinning against GC's sweep.
+    """
+
+    def __init__(self, db: StoreDB) -> None:
+        self.db = db
+        self.root = db.root
+        self.blocks = BlockStore(db)
+        self.catalog = Catalog(db)
+        self.lock = threading.RLock()
+        self._ingests: dict[bytes, IngestPins] = {}
+        seed = db.meta(fmt.META_PREFILTER_SEED)
+        self.prefilter_seed = fmt.read_u64(seed) if seed else 0
+
+    @classmethod
+    def open(cls, root: Path | str, writable: bool = False, create: bool = False) -> Store:
+        return cls(StoreDB(Path(root), writable=writable, create=create))
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- ingests in progress -------------------------------------------------------------------
+
+    def begin_ingest(self, layer: str) -> IngestPins:
+        """Record an ingest durably before its first block, so an interruption is visible later."""
+        ingest_id = secrets.token_bytes(16)
+        record = {"layer": layer, "pid": os.getpid(), "started_ns": time.time_ns()}
+        batch = self.db.batch()
+        batch.put(ingest_id, json.dumps(record).encode(), self.db.handle[fmt.CF_INGESTS])
+        self.db.write(batch, sync=True)
+        pins = IngestPins(ingest_id, layer)
+        with self.lock:
+            self._ingests[ingest_id] = pins
+        return pins
+
+    def pin(self, pins: IngestPins, digests: Iterable[bytes]) -> None:
+        with self.lock:
+            pins.digests.update(digests)
+
+    def end_ingest(self, pins: IngestPins, *, committed: bool) -> None:
+        """Forget a finished ingest. A failed one also drops its record (its blocks become garbage)."""
+        with self.lock:
+            self._ingests.pop(pins.ingest_id, None)
+        if not committed:
+            try:
+                batch = self.db.batch()
+                batch.delete(pins.ingest_id, self.db.handle[fmt.CF_INGESTS])
+                self.db.write(batch, sync=True)
+            except Exception:  # the disk may be full; the record then reads as an interrupted ingest
+                pass
+
+    def pinned(self) -> set[bytes]:
+        with self.lock:
+            result: set[bytes] = set()
+            for pins in self._ingests.values():
+                result |= pins.digests
+            return result
+
+    def is_pinned(self, digest: bytes) -> bool:
+        return any(digest in pins.digests for pins in self._ingests.values())
+
+    def interrupted_ingests(self) -> list[InterruptedIngest]:
+        """Ingest records with no live ingest in this process behind them."""
+        found = []
+        for key, raw in self.db.scan(fmt.CF_INGESTS):
+            if key in self._ingests:
+                continue
+            data = json.loads(raw)
+            found.append(InterruptedIngest(key, data["layer"], data["pid"], data["started_ns"]))
+        return found
+
+    def forget_interrupted(self, ingests: Iterable[InterruptedIngest]) -> None:
+        batch = self.db.batch()
+        for ingest in ingests:
+            batch.delete(ingest.ingest_id, self.db.handle[fmt.CF_INGESTS])
+        self.db.write(batch, sync=True)
