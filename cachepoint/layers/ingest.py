@@ -46,7 +46,8 @@ class IngestOptions:
     message: str = ""
     author: str = ""
     device: str = ""
-    block_size: int | None = None  # None: the layer's own, or the default for a new layer
+    block_size: int | None = None  # None: the layer's own, or new_layer_block_size for a new layer
+    new_layer_block_size: int = DEFAULT_BLOCK_SIZE
     tags: tuple[str, ...] = ()
     workers: int = 0  # 0: one per core
 
@@ -258,10 +259,10 @@ def _segments(
         yield job
 
 
-def resolve_block_size(store: Store, layer: str, requested: int | None) -> int:
+def resolve_block_size(store: Store, layer: str, requested: int | None, default: int) -> int:
     record = store.catalog.layer_or_none(layer)
     if record is None:
-        return requested or DEFAULT_BLOCK_SIZE
+        return requested or default
     current = store.catalog.version(layer, record.latest).block_size
     if requested is not None and requested != current:
         raise InvalidBlockSize(
@@ -278,7 +279,7 @@ def ingest(
     for tag in options.tags:
         validate_tag(tag)
     tree = scan(Path(path))
-    block_size = resolve_block_size(store, options.layer, options.block_size)
+    block_size = resolve_block_size(store, options.layer, options.block_size, options.new_layer_block_size)
     prev, prev_digest = _previous_for(store, options.layer, block_size)
     total = tree.total_bytes
     digests: dict[int, bytearray] = {

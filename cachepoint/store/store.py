@@ -48,6 +48,9 @@ class Store:
         self.catalog = Catalog(db)
         self.lock = threading.RLock()
         self._ingests: dict[bytes, IngestPins] = {}
+        # Blocks of ingests that committed while a GC was running: its mark may predate their version.
+        self._retired: set[bytes] = set()
+        self._gc_active = 0
         seed = db.meta(fmt.META_PREFILTER_SEED)
         self.prefilter_seed = fmt.read_u64(seed) if seed else 0
 
@@ -86,6 +89,8 @@ class Store:
         """Forget a finished ingest. A failed one also drops its record (its blocks become garbage)."""
         with self.lock:
             self._ingests.pop(pins.ingest_id, None)
+            if committed and self._gc_active:
+                self._retired |= pins.digests
         if not committed:
             try:
                 batch = self.db.batch()
@@ -94,15 +99,21 @@ class Store:
             except Exception:  # the disk may be full; the record then reads as an interrupted ingest
                 pass
 
-    def pinned(self) -> set[bytes]:
-        with self.lock:
-            result: set[bytes] = set()
-            for pins in self._ingests.values():
-                result |= pins.digests
-            return result
-
     def is_pinned(self, digest: bytes) -> bool:
-        return any(digest in pins.digests for pins in self._ingests.values())
+        """Call with ``lock`` held."""
+        return digest in self._retired or any(digest in pins.digests for pins in self._ingests.values())
+
+    def begin_gc(self) -> None:
+        with self.lock:
+            if not self._gc_active:
+                self._retired.clear()
+            self._gc_active += 1
+
+    def end_gc(self) -> None:
+        with self.lock:
+            self._gc_active -= 1
+            if not self._gc_active:
+                self._retired.clear()
 
     def interrupted_ingests(self) -> list[InterruptedIngest]:
         """Ingest records with no live ingest in this process behind them."""

@@ -1,0 +1,172 @@
+"""What every benchmark section shares: the run's context, its images, timing, and the report model.
+
+A section is a function ``(Bench) -> Section``. It may read figures that earlier sections recorded
+(``bench.figure(...)``) and lazily built artefacts (the generated images, a store holding only v1), so
+sections stay independent functions while the expensive inputs are made once per run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.gen_image import BLOCK, generate, mutate
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+RUNS = 3  # best of RUNS for every timed figure: the minimum is the least disturbed by noise
+V1_SEED = 1
+V2_SEED = 2
+V2_FRACTION = 0.05
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1024 * GiB}
+
+
+def parse_size(text: str) -> int:
+    """``1G``, ``64M``, ``512MiB`` or plain bytes; binary units, a whole number of 64 KiB blocks."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"size {text!r}: write a number with an optional K/M/G suffix (e.g. 1G, 64M)")
+    size = int(match.group(1)) * _UNITS[match.group(2).upper()]
+    # Images are cut into whole blocks; a ragged tail would make the block counts in the report lie.
+    if size <= 0 or size % BLOCK:
+        raise ValueError(f"size {text!r}: must be a positive multiple of {BLOCK // KiB} KiB")
+    return size
+
+
+def human_bytes(n: float) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def mib_s(nbytes: int, seconds: float) -> float:
+    return nbytes / MiB / seconds if seconds > 0 else float("inf")
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+
+    def add(self, *cells: object) -> None:
+        if len(cells) != len(self.headers):
+            raise ValueError(f"row has {len(cells)} cells, table has {len(self.headers)} columns")
+        self.rows.append([str(c) for c in cells])
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One acceptance target, for the report's summary."""
+
+    name: str
+    measured: str
+    target: str
+    passed: bool
+
+
+@dataclass
+class Section:
+    key: str  # stable id other sections use to look up figures
+    title: str
+    method: str
+    table: Table
+    figures: dict[str, float] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def warm(path: Path) -> None:
+    """Read a file once so timed runs measure the work, not the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = 0
+        while chunk := os.pread(fd, 16 * MiB, offset):
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+
+
+class Bench:
+    def __init__(self, size: int, work: Path) -> None:
+        self.size = size
+        self.work = work
+        self.started = time.perf_counter()
+        self.sections: dict[str, Section] = {}
+        self._v1: Path | None = None
+        self._v2: Path | None = None
+        self._v1_store: Path | None = None
+
+    def log(self, message: str) -> None:
+        elapsed = time.perf_counter() - self.started
+        print(f"[{elapsed:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def figure(self, section: str, name: str) -> float:
+        """A figure an earlier section measured; a KeyError means the section list is out of order."""
+        return self.sections[section].figures[name]
+
+    def path(self, name: str) -> Path:
+        return self.work / name
+
+    # -- shared inputs, built on first use -----------------------------------------------------
+
+    @property
+    def v1(self) -> Path:
+        if self._v1 is None:
+            path = self.path("v1.img")
+            self.log(f"generating v1: {human_bytes(self.size)}, seed {V1_SEED}")
+            generate(path, self.size, V1_SEED)
+            self._v1 = path
+        return self._v1
+
+    @property
+    def v2(self) -> Path:
+        if self._v2 is None:
+            path = self.path("v2.img")
+            self.log(f"generating v2: v1 with {V2_FRACTION:.0%} of blocks rewritten, seed {V2_SEED}")
+            mutate(self.v1, path, V2_FRACTION, V2_SEED)
+            self._v2 = path
+        return self._v2
+
+    @property
+    def v1_store(self) -> Path | None:
+        """A closed store holding only v1 as layer os/bench, if a section left one behind."""
+        return self._v1_store
+
+    def keep_v1_store(self, path: Path) -> None:
+        self._v1_store = path
+
+    def timed(self, label: str, setup: Callable[[int], None], body: Callable[[int], None]) -> list[float]:
+        """Run ``body`` RUNS times, each after an untimed ``setup``; the times, in run order."""
+        times: list[float] = []
+        for run in range(RUNS):
+            setup(run)
+            start = time.perf_counter()
+            body(run)
+            times.append(time.perf_counter() - start)
+            self.log(f"{label}: run {run + 1}/{RUNS} {times[-1]:.3f} s")
+        return times
+
+
+SectionFn = Callable[[Bench], Section]

@@ -1,0 +1,1 @@
+"""The cachepoint coordinator: catalog, fleet registry and origin of every block (datacenter side)."""
