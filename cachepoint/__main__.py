@@ -1,0 +1,3 @@
+from cachepoint.cli import main
+
+main()
