@@ -106,5 +106,11 @@ class BlockCorrupt(CachepointError):
     exit_code = EXIT_CORRUPT
 
 
+class BlockUnreadable(CachepointError):
+    """block {} cannot be read from the store: {} (run `cachepoint fsck` to see which versions it touches)"""
+
+    exit_code = EXIT_CORRUPT
+
+
 class BlockMissing(NotFound):
     """block {} is not in this store"""

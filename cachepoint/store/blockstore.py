@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+import rocksdict
+
 from cachepoint.blocks import decode_verified
-from cachepoint.errors import BlockMissing
+from cachepoint.errors import BlockMissing, BlockUnreadable
 from cachepoint.ids import BlockId
 from cachepoint.store import format as fmt
 from cachepoint.store.db import StoreDB
@@ -13,9 +15,17 @@ from cachepoint.store.db import StoreDB
 
 class BlockStore:
     def __init__(self, db: StoreDB) -> None:
+        # Column-family objects are looked up on each use, never cached here: each one keeps the
+        # database (and its lock) alive, and StoreDB.close() must be able to drop them all.
         self._db = db
-        self._cf = db.cf[fmt.CF_BLOCKS]
-        self._handle = db.handle[fmt.CF_BLOCKS]
+
+    @property
+    def _cf(self) -> rocksdict.Rdict:
+        return self._db.cf[fmt.CF_BLOCKS]
+
+    @property
+    def _handle(self) -> rocksdict.ColumnFamily:
+        return self._db.handle[fmt.CF_BLOCKS]
 
     def has(self, digest: bytes) -> bool:
         # key_may_exist answers "no" from the bloom filter without I/O; only a "maybe" costs a read.
@@ -41,13 +51,23 @@ class BlockStore:
         self._db.flush(fmt.CF_BLOCKS)
 
     def raw(self, digest: bytes) -> bytes | None:
-        return self._cf.get(digest)
+        try:
+            return self._cf.get(digest)
+        except Exception as err:  # RocksDB's own checks (e.g. a block checksum) refused the read
+            raise BlockUnreadable(BlockId(digest), err) from err
 
     def raw_many(self, digests: list[bytes]) -> list[bytes | None]:
-        return self._cf.get(digests) if digests else []
+        """Stored values in order (None where absent). A block the database cannot read raises
+        BlockUnreadable naming that block, not the batch."""
+        if not digests:
+            return []
+        try:
+            return self._cf.get(digests)
+        except Exception:
+            return [self.raw(digest) for digest in digests]
 
     def read(self, digest: bytes) -> bytes:
-        value = self._cf.get(digest)
+        value = self.raw(digest)
         if value is None:
             raise BlockMissing(BlockId(digest))
         return decode_verified(digest, value)

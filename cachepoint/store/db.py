@@ -154,6 +154,9 @@ class StoreDB:
         return self.cf[fmt.CF_META].get(key)
 
     def close(self) -> None:
+        # Every column-family object keeps the database and its LOCK alive: drop them first.
+        self.cf.clear()
+        self.handle.clear()
         try:
             self.db.close()
         except Exception:  # closing twice or after a failed open is harmless

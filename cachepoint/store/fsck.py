@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cachepoint.blocks import decode_verified
-from cachepoint.errors import BlockCorrupt
+from cachepoint.errors import BlockCorrupt, BlockUnreadable
 from cachepoint.ids import BlockId
 from cachepoint.model import Manifest
 from cachepoint.store.store import Store
@@ -63,16 +63,17 @@ def _check_batch(store: Store, digests: list[bytes]) -> tuple[int, list[tuple[by
     verified = 0
     try:
         values = store.blocks.raw_many(digests)
-    except Exception:  # RocksDB refused the batch (e.g. a checksum error): look at each block alone
+    except BlockUnreadable:  # look at each block alone, so that every unreadable one is named
         values = []
         for digest in digests:
             try:
                 values.append(store.blocks.raw(digest))
-            except Exception as err:
-                problems.append((digest, "unreadable-block", f"the database cannot read it: {err}"))
-                values.append(b"")
+            except BlockUnreadable as err:
+                problems.append((digest, "unreadable-block", f"the database cannot read it: {err.args[1]}"))
+                values.append(None)
+    unreadable = {digest for digest, _, _ in problems}
     for digest, value in zip(digests, values, strict=True):
-        if value == b"":
+        if digest in unreadable:
             continue
         if value is None:
             problems.append((digest, "missing-block", "referenced but not in the store"))

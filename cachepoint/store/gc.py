@@ -77,9 +77,12 @@ def _collect(store: Store, before_sweep: Callable[[], None] | None) -> GcResult:
         if len(candidates) >= SWEEP_BATCH:
             sweep()
     sweep()
-    stale_prefilter = [
-        key for key in store.db.scan_keys(fmt.CF_PREFILTER) if key[: len(key) - 4] not in manifests
-    ]
+    # Scan first, then re-read the versions: a commit writes its prefilter records and its version in
+    # one batch, so every record seen here belongs to a version the re-read sees (even one committed
+    # after the mark).
+    prefilter_keys = list(store.db.scan_keys(fmt.CF_PREFILTER))
+    manifests |= {info.manifest_digest for info in store.catalog.all_versions()}
+    stale_prefilter = [key for key in prefilter_keys if key[: len(key) - 4] not in manifests]
     if stale_prefilter:
         batch = store.db.batch()
         for key in stale_prefilter:
