@@ -1,4 +1,4 @@
-"""What every benchmark section shares: the run's context, its images, timing, and the report model.
+"""What every benchmark section shares: the run's context, its images, helpers and the report model.
 
 A section is a function ``(Bench) -> Section``. It may read figures that earlier sections recorded
 (``bench.figure(...)``) and lazily built artefacts (the generated images, a store holding only v1), so
@@ -87,7 +87,7 @@ class Section:
     table: Table
     figures: dict[str, float] = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # signs that the figures are not to be trusted
 
 
 def remove(path: Path) -> None:
@@ -95,6 +95,12 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def settle() -> None:
+    """Write back dirty pages before a timed run, so that the previous run's writes (a store's SST
+    files, a generated image) are not flushed on this run's clock."""
+    os.sync()
 
 
 def warm(path: Path) -> None:
@@ -156,17 +162,6 @@ class Bench:
 
     def keep_v1_store(self, path: Path) -> None:
         self._v1_store = path
-
-    def timed(self, label: str, setup: Callable[[int], None], body: Callable[[int], None]) -> list[float]:
-        """Run ``body`` RUNS times, each after an untimed ``setup``; the times, in run order."""
-        times: list[float] = []
-        for run in range(RUNS):
-            setup(run)
-            start = time.perf_counter()
-            body(run)
-            times.append(time.perf_counter() - start)
-            self.log(f"{label}: run {run + 1}/{RUNS} {times[-1]:.3f} s")
-        return times
 
 
 SectionFn = Callable[[Bench], Section]

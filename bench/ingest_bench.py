@@ -7,7 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench.gen_image import mutate
+from bench.gen_image import BLOCK, mutate
 from bench.harness import (
     RUNS,
     V2_FRACTION,
@@ -18,11 +18,14 @@ from bench.harness import (
     human_bytes,
     mib_s,
     remove,
+    settle,
     verdict,
     warm,
 )
+from cachepoint.blocks import encode_block, is_hole
 from cachepoint.layers.ingest import IngestOptions, IngestResult, ingest
 from cachepoint.model import LayerKind
+from cachepoint.store import format as fmt
 from cachepoint.store.stats import StoreStats, store_stats
 from cachepoint.store.store import Store
 
@@ -33,11 +36,17 @@ CLONES = 10
 CLONE_FRACTION = 0.02
 CLONE_SEED = 100  # clone i uses CLONE_SEED + i: a different 2% each
 CLONE_GROWTH = 1.3  # the clones' store may be at most this many times the v1-only store
+CHUNK = 4 * 1024 * 1024
 
 
 def _ingest(store_dir: Path, image: Path, layer: str, create: bool) -> tuple[float, IngestResult, StoreStats]:
-    """Ingest ``image``; the time covers the ``ingest`` call only (not opening or the stats scan)."""
+    """Ingest ``image``; the time covers the ``ingest`` call only (not opening or the stats scan).
+
+    The Store must not outlive this call: ``close()`` leaves RocksDB's lock held for as long as the
+    object lives, and callers reopen the same directory next.
+    """
     with Store.open(store_dir, writable=True, create=create) as store:
+        settle()
         start = time.perf_counter()
         result = ingest(store, image, IngestOptions(layer=layer, kind=LayerKind.OS))
         elapsed = time.perf_counter() - start
@@ -86,7 +95,9 @@ def first_ingest(bench: Bench) -> Section:
     table.add("New bytes (stored)", human_bytes(_int(r["new_stored_bytes"])), "", "")
     table.add("Store: stored bytes", human_bytes(_int(s["stored_bytes"])), "", "")
     table.add("Store: compression ratio", f"{s['compression_ratio']:.3f}", "", "")
-    table.add("Store: RocksDB files on disk", human_bytes(_int(s["disk_bytes"])), "", "")
+    table.add(
+        "Store: RocksDB files on disk, right after the ingest", human_bytes(_int(s["disk_bytes"])), "", ""
+    )
     return Section(
         key="first_ingest",
         title="First ingest",
@@ -95,7 +106,8 @@ def first_ingest(bench: Bench) -> Section:
             f"`time.perf_counter()` around the call alone; best of {RUNS} runs, each in a new empty "
             "store, with the image already in the page cache. Throughput is image bytes (holes "
             "included, as for the ceiling) / time. Store figures come from `store_stats()` after the "
-            "last run."
+            "last run; its on-disk size is sampled while RocksDB may still be compacting, so it can "
+            "count a compaction's inputs and its partial output together."
         ),
         table=table,
         figures={
@@ -103,10 +115,11 @@ def first_ingest(bench: Bench) -> Section:
             "mib_s": throughput,
             "share_of_ceiling": share,
             "stored_bytes": float(_int(s["stored_bytes"])),
+            "data_blocks": float(_int(r["blocks"]) - _int(r["holes"])),
         },
         checks=[
             Check(
-                "First ingest ≥ 50% of the 2-thread, zero-skipping ceiling",
+                f"First ingest ≥ {CEILING_SHARE:.0%} of the 2-thread, zero-skipping ceiling",
                 f"{share:.1%} ({throughput:.0f} of {ceiling:.0f} MiB/s)",
                 f"≥ {CEILING_SHARE:.0%}",
                 ok,
@@ -127,11 +140,22 @@ def _v1_store(bench: Bench) -> Path:
     return store_dir
 
 
-def reingest(bench: Bench) -> Section:
+def _blocks_l0_files(store_dir: Path) -> int:
+    """How many level-0 SST files hold the store's blocks (read-only: opening it writable could start
+    the very compaction being counted)."""
+    with Store.open(store_dir) as store:
+        return store.db.cf[fmt.CF_BLOCKS].property_int_value("rocksdb.num-files-at-level0") or 0
+
+
+def _compact_blocks(store_dir: Path) -> None:
+    """Compact the store's blocks the way RocksDB eventually does in the background."""
+    with Store.open(store_dir, writable=True) as store:
+        store.db.cf[fmt.CF_BLOCKS].compact_range(None, None)
+
+
+def _reingest_runs(bench: Bench, base: Path, label: str) -> tuple[list[float], IngestResult]:
     image = bench.v2
-    warm(image)
     size = os.path.getsize(image)
-    base = _v1_store(bench)
     run_dir = bench.path("store-v2")
     times: list[float] = []
     last: IngestResult | None = None
@@ -139,12 +163,29 @@ def reingest(bench: Bench) -> Section:
         # Each run starts from the same store holding v1 alone: a copy of it, made before the clock.
         remove(run_dir)
         shutil.copytree(base, run_dir)
-        elapsed, result, _ = _ingest(run_dir, image, LAYER, create=False)
+        elapsed, last, _ = _ingest(run_dir, image, LAYER, create=False)
         times.append(elapsed)
-        last = result
-        bench.log(f"re-ingest: run {run + 1}/{RUNS} {elapsed:.3f} s ({mib_s(size, elapsed):.0f} MiB/s)")
+        bench.log(f"{label}: run {run + 1}/{RUNS} {elapsed:.3f} s ({mib_s(size, elapsed):.0f} MiB/s)")
     remove(run_dir)
     assert last is not None
+    return times, last
+
+
+def reingest(bench: Bench) -> Section:
+    image = bench.v2
+    warm(image)
+    size = os.path.getsize(image)
+    base = _v1_store(bench)
+    l0_files = _blocks_l0_files(base)
+    times, last = _reingest_runs(bench, base, "re-ingest")
+    # The same runs on a v1 store whose blocks were compacted first, to show how much of the time
+    # above is RocksDB compacting the first ingest's fresh level-0 files in the background.
+    compacted = bench.path("store-v1-compacted")
+    remove(compacted)
+    shutil.copytree(base, compacted)
+    _compact_blocks(compacted)
+    compacted_times, _ = _reingest_runs(bench, compacted, "re-ingest, compacted v1 store")
+    remove(compacted)
     r = last.as_json()
     best = min(times)
     first = bench.figure("first_ingest", "best_seconds")
@@ -161,6 +202,15 @@ def reingest(bench: Bench) -> Section:
         f"≥ {REINGEST_SPEEDUP:.0f}×",
         verdict(ok),
     )
+    compacted_best = min(compacted_times)
+    table.add("v1 store as the first ingest left it: L0 files of blocks", l0_files, "", "")
+    table.add(
+        f"On a compacted v1 store: time, best of {RUNS} (s) — for comparison",
+        f"{compacted_best:.3f} (runs {', '.join(f'{t:.3f}' for t in compacted_times)})",
+        "",
+        "",
+    )
+    table.add("On a compacted v1 store: speed-up — for comparison", f"{first / compacted_best:.2f}×", "", "")
     table.add("Blocks / holes", f"{r['blocks']} / {r['holes']}", "", "")
     table.add("Reused by the xxh3 pre-filter", r["reused_blocks"], "", "")
     table.add("Deduplicated after SHA-256", r["deduplicated_blocks"], "", "")
@@ -174,13 +224,25 @@ def reingest(bench: Bench) -> Section:
             f"version of `{LAYER}` into a store holding v1 alone (a fresh copy of it per run, made "
             f"before the clock starts). Best of {RUNS}; the target is the ratio of the best first-ingest "
             "time to the best re-ingest time. The pre-filter reuses a block id when the xxh3 at the same "
-            "offset matches v1's, without SHA-256 or a store lookup."
+            "offset matches v1's, without SHA-256 or a store lookup. The target is measured on the v1 "
+            "store as the first ingest left it, with some of its blocks still in level-0 files: "
+            "RocksDB starts compacting them in the background as soon as the store is opened again, so "
+            "that work overlaps the re-ingest, as it would on the next command after an ingest. The "
+            "*compacted* rows repeat "
+            "the runs on a copy whose blocks were compacted (`compact_range`) beforehand; they are "
+            "for comparison and not part of the target."
         ),
         table=table,
-        figures={"best_seconds": best, "speedup": speedup, "reused_blocks": float(_int(r["reused_blocks"]))},
+        figures={
+            "best_seconds": best,
+            "speedup": speedup,
+            "compacted_best_seconds": compacted_best,
+            "reused_blocks": float(_int(r["reused_blocks"])),
+        },
         checks=[
             Check(
-                "Re-ingest of v2 (5% changed) ≥ 3× faster than the first ingest",
+                f"Re-ingest of v2 ({V2_FRACTION:.0%} changed) ≥ {REINGEST_SPEEDUP:.0f}× faster than the "
+                "first ingest",
                 f"{speedup:.2f}×",
                 f"≥ {REINGEST_SPEEDUP:.0f}×",
                 ok,
@@ -193,6 +255,25 @@ def _pair(raw: object, stored: object) -> str:
     return f"{human_bytes(_int(raw))} / {human_bytes(_int(stored))}"
 
 
+def _rewritten_at_rest(original: Path, changed: Path) -> int:
+    """What the blocks of ``changed`` that differ from ``original`` take at rest in the store's codec.
+
+    v1's blocks plus these is about what any store deduplicating 64 KiB blocks must keep for the
+    clones; it tells the store's own overhead apart from what the workload adds.
+    """
+    total = 0
+    with open(original, "rb") as a, open(changed, "rb") as b:
+        while new := b.read(CHUNK):
+            old = a.read(CHUNK)
+            if old == new:  # one memcmp skips a whole unchanged chunk
+                continue
+            for start in range(0, len(new), BLOCK):
+                block = new[start : start + BLOCK]
+                if block != old[start : start + BLOCK] and not is_hole(block):
+                    total += len(encode_block(block))
+    return total
+
+
 def clones(bench: Bench) -> Section:
     v1 = bench.v1
     size = os.path.getsize(v1)
@@ -200,35 +281,52 @@ def clones(bench: Bench) -> Section:
     store_dir = bench.path("store-clones")
     clone = bench.path("clone.img")
     remove(store_dir)
-    changed = new_blocks = 0
+    changed = new_blocks = rewritten = 0
     seconds: list[float] = []
+    final: StoreStats | None = None
     for i in range(CLONES):
         # One clone on disk at a time: generated just before its ingest, deleted after.
         changed += mutate(v1, clone, CLONE_FRACTION, CLONE_SEED + i)
+        rewritten += _rewritten_at_rest(v1, clone)
         elapsed, result, stats = _ingest(store_dir, clone, f"os/clone{i}", create=i == 0)
         remove(clone)
         seconds.append(elapsed)
         new_blocks += result.new_blocks
+        final = stats
         bench.log(
             f"clone {i + 1}/{CLONES}: {elapsed:.3f} s, {result.new_blocks} new blocks, "
             f"store {human_bytes(stats.stored_bytes)}"
         )
-    s = stats.as_json()
+    assert final is not None
+    s = final.as_json()
     remove(store_dir)
     stored = _int(s["stored_bytes"])
     growth = stored / baseline
     ok = growth <= CLONE_GROWTH
-    blocks = size // (64 * 1024)
+    expected = (baseline + rewritten) / baseline
+    blocks = size // BLOCK
+    v1_data_blocks = bench.figure("first_ingest", "data_blocks")
+    per_clone = changed / CLONES
     table = Table(["Measure", "Measured", "Target", "Result"])
     table.add("Clones (layers)", f"{CLONES} (os/clone0 … os/clone{CLONES - 1})", "", "")
-    table.add("Blocks changed per clone", f"{changed // CLONES} of {blocks}", "", "")
+    table.add("Blocks changed per clone", f"{per_clone:.0f} of {blocks} ({per_clone / blocks:.1%})", "", "")
+    # max(): a tiny --size can make v1 all zeros.
+    share = f"{per_clone / max(v1_data_blocks, 1):.1%} of {v1_data_blocks:.0f}"
+    table.add("… as a share of v1's non-zero blocks", share, "", "")
     table.add("New blocks stored (all clones)", new_blocks, "", "")
     table.add("Store holding only v1: stored bytes", human_bytes(baseline), "", "")
     table.add("Store holding the clones: stored bytes", human_bytes(stored), "", "")
     table.add("Clones store / v1-only store", f"{growth:.3f}×", f"≤ {CLONE_GROWTH}×", verdict(ok))
+    table.add("Rewritten blocks of all clones, at rest", human_bytes(rewritten), "", "")
+    table.add("Expected from the data: (v1-only + rewritten) / v1-only", f"{expected:.3f}×", "", "")
     table.add("Clones store: dedup ratio", f"{s['dedup_ratio']:.3f}", "", "")
     table.add("Clones store: savings ratio (logical / stored)", f"{s['savings_ratio']:.3f}", "", "")
-    table.add("Clones store: RocksDB files on disk", human_bytes(_int(s["disk_bytes"])), "", "")
+    table.add(
+        "Clones store: RocksDB files on disk, right after the last ingest",
+        human_bytes(_int(s["disk_bytes"])),
+        "",
+        "",
+    )
     table.add("Ingest time per clone, min / max (s)", f"{min(seconds):.3f} / {max(seconds):.3f}", "", "")
     return Section(
         key="clones",
@@ -240,13 +338,18 @@ def clones(bench: Bench) -> Section:
             "`stored_bytes` (blocks and manifests at rest, after compression) is compared with that of "
             "the first-ingest store, which holds only v1. Each clone is generated just before its ingest "
             "and deleted after. `mutate` picks blocks from the whole image, holes included, so a "
-            "rewritten hole adds a block that v1 never stored."
+            "rewritten hole adds a block that v1 never stored. The *expected from the data* row is what "
+            "a store deduplicating 64 KiB blocks with the same codec keeps for this workload: v1's "
+            "stored bytes plus the clones' rewritten blocks (found by comparing each clone with v1) at "
+            "rest, ignoring the clones' own manifests and any v1 block that every clone rewrote. The "
+            "measured ratio's distance above it is the store's own overhead."
         ),
         table=table,
-        figures={"stored_bytes": float(stored), "growth": growth},
+        figures={"stored_bytes": float(stored), "growth": growth, "expected_growth": expected},
         checks=[
             Check(
-                f"{CLONES} clones (2% changed each) ≤ 1.3× the stored bytes of v1 alone",
+                f"{CLONES} clones ({CLONE_FRACTION:.0%} changed each) ≤ {CLONE_GROWTH}× the stored "
+                "bytes of v1 alone",
                 f"{growth:.3f}×",
                 f"≤ {CLONE_GROWTH}×",
                 ok,

@@ -55,34 +55,35 @@ class StoreDB:
             raise StoreMissing(self.root)
         if writable:
             self.root.mkdir(parents=True, exist_ok=True)
-        self.db = self._open(exists)
-        self.cf = {name: self.db.get_column_family(name) for name in fmt.COLUMN_FAMILIES}
-        self.handle = {name: self.db.get_column_family_handle(name) for name in fmt.COLUMN_FAMILIES}
+        self.db, families = self._open(exists)
+        self.cf = {name: self.db.get_column_family(name) for name in families}
+        self.handle = {name: self.db.get_column_family_handle(name) for name in families}
         if exists:
             self._check_format()
         else:
             self._initialise()
 
-    def _open(self, exists: bool) -> rocksdict.Rdict:
+    def _open(self, exists: bool) -> tuple[rocksdict.Rdict, list[str]]:
         options = _options()
-        families = {name: _options(name == fmt.CF_BLOCKS) for name in fmt.COLUMN_FAMILIES}
-        if exists:
+        names = list(fmt.COLUMN_FAMILIES)
+        if exists and not self.writable:
+            # A read-only open cannot create families: open those present (an older store may lack
+            # some, which then read as empty; a foreign layout fails the format check).
             present = set(rocksdict.Rdict.list_cf(str(self.path), rocksdict.Options(raw_mode=True)))
-            missing = set(fmt.COLUMN_FAMILIES) - present
-            if missing and not self.writable:
-                # An older or foreign layout: report it through the format check below if we can.
-                families = {name: _options(name == fmt.CF_BLOCKS) for name in present if name != "default"}
+            names = [name for name in names if name in present]
+        families = {name: _options(name == fmt.CF_BLOCKS) for name in names}
         try:
             if self.writable:
                 options.create_if_missing(True)
                 options.create_missing_column_families(True)
-                return rocksdict.Rdict(str(self.path), options, column_families=families)
-            return rocksdict.Rdict(
+                return rocksdict.Rdict(str(self.path), options, column_families=families), names
+            db = rocksdict.Rdict(
                 str(self.path),
                 options,
                 column_families=families,
                 access_type=rocksdict.AccessType.read_only(),
             )
+            return db, names
         except Exception as err:  # rocksdict raises bare Exception with RocksDB's status text
             text = str(err)
             if "lock" in text.lower() and ("LOCK" in text or "Resource temporarily" in text):
@@ -94,7 +95,9 @@ class StoreDB:
             raise CachepointError(f"cannot open store {self.root}: {text}") from err
 
     def _check_format(self) -> None:
-        raw = self.cf[fmt.CF_META].get(fmt.META_FORMAT_VERSION) if fmt.CF_META in self.cf else None
+        if fmt.CF_META not in self.cf or fmt.CF_BLOCKS not in self.cf:
+            raise IncompatibleFormat(self.root, "unknown", sorted(fmt.SUPPORTED_VERSIONS), "not a cachepoint store")
+        raw = self.cf[fmt.CF_META].get(fmt.META_FORMAT_VERSION)
         if raw is None:
             raise IncompatibleFormat(self.root, "unknown", sorted(fmt.SUPPORTED_VERSIONS), "no format record")
         version = fmt.read_u32(raw)
@@ -139,12 +142,16 @@ class StoreDB:
     # -- reading -------------------------------------------------------------------------------
 
     def scan(self, family: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        if family not in self.cf:  # a family this (older, read-only) store does not have yet
+            return
         for key, value in self.cf[family].items(from_key=prefix):
             if not key.startswith(prefix):
                 break
             yield key, value
 
     def scan_keys(self, family: str, prefix: bytes = b"") -> Iterator[bytes]:
+        if family not in self.cf:
+            return
         for key in self.cf[family].keys(from_key=prefix):
             if not key.startswith(prefix):
                 break

@@ -22,11 +22,18 @@ Column families, key layout and values (sizes in bytes):
                Written before its first block and deleted in the batch that commits its version,
                so a record left behind names an ingest that was interrupted.
 ``images``     name (utf-8)      -> JSON {"refs": [...], "created_ns"}
+``events``     position[u64 BE]  -> serialized cachepoint.v1.CatalogEvent (the coordinator's catalog
+               log, written in the same batch as the change it records; positions start at 1)
+
+Column families added within format 1 (``events``) are created when a store is opened for writing;
+a read-only open of a store that predates them sees them as empty.
 
 Durability: blocks are written with RocksDB's WAL off (it would write every block twice), then the
 ``blocks`` family is flushed to SST files, and only then is the version committed in one synced,
 WAL-logged WriteBatch (manifest + version + layer + tags + ingest record removal). A crash at any
 moment therefore leaves the old state or the new one, never a version whose blocks are missing.
+Blocks received from other nodes are written with the WAL on instead, so that a pull killed midway
+keeps every batch it had stored and resumes after it.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ CF_TAG_LOG = "tag_log"
 CF_PREFILTER = "prefilter"
 CF_INGESTS = "ingests"
 CF_IMAGES = "images"
+CF_EVENTS = "events"
 COLUMN_FAMILIES = (
     CF_META,
     CF_BLOCKS,
@@ -57,6 +65,7 @@ COLUMN_FAMILIES = (
     CF_PREFILTER,
     CF_INGESTS,
     CF_IMAGES,
+    CF_EVENTS,
 )
 
 META_FORMAT_VERSION = b"format_version"

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class BlockExchangeStub:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes: INVALID_ARGUMENT for malformed ids or too many of them; RESOURCE_EXHAUSTED for an
+    oversized message; PERMISSION_DENIED for PushBlocks to a node that is not an origin.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,7 +54,9 @@ class BlockExchangeStub:
 
 
 class BlockExchangeServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes: INVALID_ARGUMENT for malformed ids or too many of them; RESOURCE_EXHAUSTED for an
+    oversized message; PERMISSION_DENIED for PushBlocks to a node that is not an origin.
+    """
 
     def HasBlocks(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -100,7 +104,9 @@ def add_BlockExchangeServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class BlockExchange:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes: INVALID_ARGUMENT for malformed ids or too many of them; RESOURCE_EXHAUSTED for an
+    oversized message; PERMISSION_DENIED for PushBlocks to a node that is not an origin.
+    """
 
     @staticmethod
     def HasBlocks(request,

@@ -27,7 +27,11 @@ if _version_not_supported:
 
 
 class CatalogStub:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes: INVALID_ARGUMENT for malformed names, refs, manifests or digests; NOT_FOUND for an
+    unknown layer, version, tag or manifest; FAILED_PRECONDITION for a commit naming blocks the
+    coordinator lacks (the message says how many and names the first); OUT_OF_RANGE for a Watch
+    position that is ahead of the log.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -73,7 +77,11 @@ class CatalogStub:
 
 
 class CatalogServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes: INVALID_ARGUMENT for malformed names, refs, manifests or digests; NOT_FOUND for an
+    unknown layer, version, tag or manifest; FAILED_PRECONDITION for a commit naming blocks the
+    coordinator lacks (the message says how many and names the first); OUT_OF_RANGE for a Watch
+    position that is ahead of the log.
+    """
 
     def Resolve(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -165,7 +173,11 @@ def add_CatalogServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Catalog:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes: INVALID_ARGUMENT for malformed names, refs, manifests or digests; NOT_FOUND for an
+    unknown layer, version, tag or manifest; FAILED_PRECONDITION for a commit naming blocks the
+    coordinator lacks (the message says how many and names the first); OUT_OF_RANGE for a Watch
+    position that is ahead of the log.
+    """
 
     @staticmethod
     def Resolve(request,

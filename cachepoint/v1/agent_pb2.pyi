@@ -1,0 +1,84 @@
+from cachepoint.v1 import version_pb2 as _version_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SourceCounters(_message.Message):
+    __slots__ = ("source_class", "blocks", "bytes", "failures")
+    SOURCE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    source_class: str
+    blocks: int
+    bytes: int
+    failures: int
+    def __init__(self, source_class: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., failures: _Optional[int] = ...) -> None: ...
+
+class Subscription(_message.Message):
+    __slots__ = ("ref", "wanted", "held", "state", "last_error")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    WANTED_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    wanted: int
+    held: int
+    state: str
+    last_error: str
+    def __init__(self, ref: _Optional[str] = ..., wanted: _Optional[int] = ..., held: _Optional[int] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("node_id", "site", "address", "coordinator", "coordinator_connected", "subscriptions", "versions", "outbox_depth", "peers_known", "sources", "catalog_position")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIPTIONS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    OUTBOX_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    PEERS_KNOWN_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_POSITION_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    site: str
+    address: str
+    coordinator: str
+    coordinator_connected: bool
+    subscriptions: _containers.RepeatedCompositeFieldContainer[Subscription]
+    versions: _containers.RepeatedCompositeFieldContainer[_version_pb2.VersionInfo]
+    outbox_depth: int
+    peers_known: int
+    sources: _containers.RepeatedCompositeFieldContainer[SourceCounters]
+    catalog_position: int
+    def __init__(self, node_id: _Optional[str] = ..., site: _Optional[str] = ..., address: _Optional[str] = ..., coordinator: _Optional[str] = ..., coordinator_connected: _Optional[bool] = ..., subscriptions: _Optional[_Iterable[_Union[Subscription, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[_version_pb2.VersionInfo, _Mapping]]] = ..., outbox_depth: _Optional[int] = ..., peers_known: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceCounters, _Mapping]]] = ..., catalog_position: _Optional[int] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("ref",)
+    REF_FIELD_NUMBER: _ClassVar[int]
+    ref: _version_pb2.Ref
+    def __init__(self, ref: _Optional[_Union[_version_pb2.Ref, _Mapping]] = ...) -> None: ...
+
+class PullProgress(_message.Message):
+    __slots__ = ("blocks_total", "blocks_done", "bytes_done", "version", "finished")
+    BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    blocks_total: int
+    blocks_done: int
+    bytes_done: int
+    version: _version_pb2.VersionInfo
+    finished: bool
+    def __init__(self, blocks_total: _Optional[int] = ..., blocks_done: _Optional[int] = ..., bytes_done: _Optional[int] = ..., version: _Optional[_Union[_version_pb2.VersionInfo, _Mapping]] = ..., finished: _Optional[bool] = ...) -> None: ...

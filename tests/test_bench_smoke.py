@@ -1,0 +1,65 @@
+"""Smoke test of the benchmark harness: `python -m bench.run --quick` writes a complete report.
+
+Only the report's shape is checked, never speeds: machines running the tests are too noisy for that.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+SECTIONS = [
+    "Machine",
+    "Image",
+    "Summary",
+    "Ceiling: read + SHA-256 + zstd-1, no store",
+    "First ingest",
+    "Re-ingest of a new version",
+    "Clones",
+]
+# Sections measured in this run: each table must carry numbers in its cells.
+MEASURED = SECTIONS[3:]
+# A table cell holding a number, possibly followed by a unit or ratio sign (e.g. "| 397.1 |", "| 1.254× |").
+NUMBER_CELL = re.compile(r"\|\s*\d+(?:\.\d+)?\s*(?:[×%]|[KMG]iB)?\s*(?:\||\()")
+
+
+def _sections(report: str) -> dict[str, str]:
+    parts = re.split(r"^## (.+)$", report, flags=re.MULTILINE)
+    return {title.strip(): body for title, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_a_full_report(tmp_path: Path) -> None:
+    out = tmp_path / "report.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(out), "--work", str(tmp_path / "work")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file()
+    report = out.read_text()
+    assert report.startswith("# ")
+    assert re.search(r"^Date: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", report, re.MULTILINE)
+    sections = _sections(report)
+    for title in SECTIONS:
+        assert title in sections, f"missing section {title!r}; have {list(sections)}"
+    for title in MEASURED:
+        assert NUMBER_CELL.search(sections[title]), f"no numeric figures in section {title!r}"
+    # Every acceptance target gets a verdict, in the summary and in its section's table.
+    assert len(re.findall(r"\| (?:PASS|FAIL) \|", sections["Summary"])) == 3
+    for title in MEASURED[1:]:
+        assert re.search(r"\| (?:PASS|FAIL) \|", sections[title]), f"no verdict in section {title!r}"
+    assert re.search(r"\d+(?:\.\d+)? MiB/s", sections["Summary"])
+    # Progress goes to stderr as the run goes.
+    assert "section ceiling" in proc.stderr
+    # No leftovers of a temporary report next to the real one.
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
