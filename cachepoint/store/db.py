@@ -96,7 +96,9 @@ class StoreDB:
 
     def _check_format(self) -> None:
         if fmt.CF_META not in self.cf or fmt.CF_BLOCKS not in self.cf:
-            raise IncompatibleFormat(self.root, "unknown", sorted(fmt.SUPPORTED_VERSIONS), "not a cachepoint store")
+            raise IncompatibleFormat(
+                self.root, "unknown", sorted(fmt.SUPPORTED_VERSIONS), "not a cachepoint store"
+            )
         raw = self.cf[fmt.CF_META].get(fmt.META_FORMAT_VERSION)
         if raw is None:
             raise IncompatibleFormat(self.root, "unknown", sorted(fmt.SUPPORTED_VERSIONS), "no format record")
