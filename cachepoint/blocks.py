@@ -102,3 +102,10 @@ def decode_verified(digest: bytes, value: bytes) -> bytes:
     if actual != digest:
         raise BlockCorrupt(BlockId(digest), BlockId(actual))
     return data
+
+
+def raw_size(value: bytes) -> int:
+    """The raw length of a stored value, without decompressing it (zstd frames carry it)."""
+    if value[0] == CODEC_ZSTD:
+        return zstandard.frame_content_size(value[1:])
+    return len(value) - 1

@@ -96,8 +96,16 @@ def generate(path: Path, size: int, seed: int = 1, block: int = BLOCK) -> None:
             out.write(make_block(kind, rng, block))
 
 
-def mutate(src: Path, dst: Path, fraction: float, seed: int = 2, block: int = BLOCK) -> int:
-    """Copy ``src`` to ``dst`` with ``fraction`` of its blocks rewritten (fresh text or random data)."""
+def mutate(
+    src: Path, dst: Path, fraction: float, seed: int = 2, block: int = BLOCK, like_image: bool = False
+) -> int:
+    """Copy ``src`` to ``dst`` with ``fraction`` of its blocks rewritten.
+
+    By default every rewritten block gets fresh text or random data (the worst case for storage:
+    each change is a new block). With ``like_image`` the new content follows the image's own mix,
+    as writes to a cloned disk do: a data block may be zeroed (40%) or get new text or random data
+    (30% each), a free (zero) block gets new text or random data. A rewritten block always differs.
+    """
     rng = random.Random(seed)
     size = os.path.getsize(src)
     blocks = size // block
@@ -108,5 +116,9 @@ def mutate(src: Path, dst: Path, fraction: float, seed: int = 2, block: int = BL
     with open(dst, "r+b") as fout:
         for index in chosen:
             fout.seek(index * block)
-            fout.write(make_block(rng.choice(("text", "random")), rng, block))
+            kind = rng.choice(("text", "random"))
+            if like_image and rng.random() < 0.4 and fout.read(block) != bytes(block):
+                kind = "zero"
+            fout.seek(index * block)
+            fout.write(make_block(kind, rng, block))
     return len(chosen)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
+from cachepoint.blocks import raw_size
+from cachepoint.ids import Ref
 from cachepoint.model import EntryType, FileEntry, LayerKind, Manifest, VersionInfo
-from cachepoint.v1 import manifest_pb2, version_pb2
+from cachepoint.v1 import blocks_pb2, manifest_pb2, version_pb2
 
 MANIFEST_FORMAT = 1
 
@@ -59,6 +61,10 @@ def manifest_from_bytes(serialized: bytes) -> Manifest:
 
 
 def version_to_bytes(info: VersionInfo) -> bytes:
+    return version_to_pb(info).SerializeToString(deterministic=True)
+
+
+def version_to_pb(info: VersionInfo) -> version_pb2.VersionInfo:
     return version_pb2.VersionInfo(
         layer=info.layer,
         number=info.number,
@@ -72,12 +78,16 @@ def version_to_bytes(info: VersionInfo) -> bytes:
         logical_bytes=info.logical_bytes,
         restored_from=info.restored_from,
         block_size=info.block_size,
-    ).SerializeToString(deterministic=True)
+    )
 
 
 def version_from_bytes(raw: bytes) -> VersionInfo:
     m = version_pb2.VersionInfo()
     m.ParseFromString(raw)
+    return version_from_pb(m)
+
+
+def version_from_pb(m: version_pb2.VersionInfo) -> VersionInfo:
     return VersionInfo(
         layer=m.layer,
         number=m.number,
@@ -104,3 +114,30 @@ def tag_move_from_bytes(raw: bytes) -> version_pb2.TagMove:
     m = version_pb2.TagMove()
     m.ParseFromString(raw)
     return m
+
+
+def ref_to_pb(ref: Ref) -> version_pb2.Ref:
+    if ref.number is not None:
+        return version_pb2.Ref(layer=ref.layer, number=ref.number)
+    return version_pb2.Ref(layer=ref.layer, tag=ref.tag or "")
+
+
+def ref_from_pb(m: version_pb2.Ref) -> Ref:
+    """Validates like Ref.parse, so a malformed ref on the wire is refused with the same message."""
+    which = m.WhichOneof("selector")
+    if which == "number":
+        return Ref.parse(f"{m.layer}@{m.number}")
+    if which == "tag":
+        return Ref.parse(f"{m.layer}:{m.tag}")
+    return Ref.parse(m.layer)
+
+
+def stored_block_to_pb(digest: bytes, value: bytes) -> blocks_pb2.StoredBlock:
+    """A block as stored (codec byte + payload) on the wire: no decompression, no recompression."""
+    return blocks_pb2.StoredBlock(id=digest, codec=value[0], raw_size=raw_size(value), payload=value[1:])
+
+
+def stored_value_from_pb(block: blocks_pb2.StoredBlock) -> bytes:
+    if block.codec > 255:
+        raise ValueError(f"block {block.id.hex()[:12]}: codec {block.codec} is not a byte")
+    return bytes((block.codec,)) + block.payload

@@ -271,9 +271,29 @@ def resolve_block_size(store: Store, layer: str, requested: int | None, default:
     return current
 
 
-def ingest(
+@dataclass
+class PreparedVersion:
+    """An ingest whose blocks are durable but whose version is not committed yet.
+
+    Its blocks stay pinned (safe from GC) until ``release``: commit it locally (``ingest`` does) or
+    elsewhere (``publish`` commits at the coordinator, then records the coordinator's version).
+    """
+
+    manifest: Manifest
+    manifest_bytes: bytes
+    prefilter: dict[int, bytes]
+    pins: IngestPins
+    result: IngestResult
+    started: float
+
+    def release(self, store: Store, committed: bool) -> None:
+        store.end_ingest(self.pins, committed=committed)
+
+
+def prepare(
     store: Store, path: Path | str, options: IngestOptions, progress: ProgressFn | None = None
-) -> IngestResult:
+) -> PreparedVersion:
+    """Cut PATH into blocks, store the new ones durably, and build the manifest (no version yet)."""
     started = time.monotonic()
     validate_layer_name(options.layer)
     for tag in options.tags:
@@ -293,7 +313,6 @@ def ingest(
     written: set[bytes] = set()
     stats = IngestResult(skipped=list(tree.skipped))
     done = 0
-    committed = False
     workers = options.workers or os.cpu_count() or 2
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool:
@@ -334,19 +353,32 @@ def ingest(
             while inflight:
                 consume(inflight.popleft().result())
         store.blocks.persist()
-        entries = list(tree.entries)
-        prefilter: dict[int, bytes] = {}
-        for index, packed in digests.items():
-            entries[index] = replace(entries[index], blocks=bytes(packed))
-            if len(packed) // DIGEST_SIZE >= PREFILTER_MIN_BLOCKS:
-                prefilter[index] = bytes(xxhs[index])
-        manifest = Manifest(block_size, tree.single_file, tuple(entries))
-        manifest_bytes = manifest_to_bytes(manifest)
+    except BaseException:
+        store.end_ingest(pins, committed=False)
+        raise
+    entries = list(tree.entries)
+    prefilter: dict[int, bytes] = {}
+    for index, packed in digests.items():
+        entries[index] = replace(entries[index], blocks=bytes(packed))
+        if len(packed) // DIGEST_SIZE >= PREFILTER_MIN_BLOCKS:
+            prefilter[index] = bytes(xxhs[index])
+    manifest = Manifest(block_size, tree.single_file, tuple(entries))
+    stats.logical_bytes = manifest.logical_bytes
+    return PreparedVersion(manifest, manifest_to_bytes(manifest), prefilter, pins, stats, started)
+
+
+def ingest(
+    store: Store, path: Path | str, options: IngestOptions, progress: ProgressFn | None = None
+) -> IngestResult:
+    """Make a new version of a layer from a file or a tree: prepare, then commit it locally."""
+    prepared = prepare(store, path, options, progress)
+    committed = False
+    try:
         info = store.catalog.commit(
             layer=options.layer,
             kind=options.kind,
-            pending=PendingCommit(manifest_bytes, prefilter, pins.ingest_id),
-            manifest=manifest,
+            pending=PendingCommit(prepared.manifest_bytes, prepared.prefilter, prepared.pins.ingest_id),
+            manifest=prepared.manifest,
             author=options.author or default_author(),
             device=options.device or os.uname().nodename,
             message=options.message,
@@ -354,8 +386,8 @@ def ingest(
         )
         committed = True
     finally:
-        store.end_ingest(pins, committed=committed)
-    stats.version = info
-    stats.logical_bytes = manifest.logical_bytes
-    stats.seconds = time.monotonic() - started
-    return stats
+        prepared.release(store, committed)
+    result = prepared.result
+    result.version = info
+    result.seconds = time.monotonic() - prepared.started
+    return result

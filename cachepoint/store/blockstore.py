@@ -36,14 +36,17 @@ class BlockStore:
     def missing(self, digests: Iterable[bytes]) -> list[bytes]:
         return [d for d in digests if not self.has(d)]
 
-    def put_many(self, values: Iterable[tuple[bytes, bytes]]) -> int:
-        """Stage encoded blocks with the WAL off; they are durable only after ``persist()``."""
+    def put_many(self, values: Iterable[tuple[bytes, bytes]], durable: bool = False) -> int:
+        """Write encoded blocks. By default with the WAL off (an ingest: durable only after
+        ``persist()``); ``durable`` logs them (blocks received from the network, so that a pull or a
+        push killed midway keeps what it stored)."""
         batch = self._db.batch()
         written = 0
+        handle = self._handle
         for digest, value in values:
-            batch.put(digest, value, self._handle)
+            batch.put(digest, value, handle)
             written += len(value)
-        self._db.write(batch, wal=False)
+        self._db.write(batch, wal=durable)
         return written
 
     def persist(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import rocksdict
@@ -170,8 +171,15 @@ class Catalog:
         message: str,
         tags: tuple[str, ...] = (),
         restored_from: int = 0,
+        parent: int | None = None,
+        created_ns: int | None = None,
+        also: Callable[[rocksdict.WriteBatch, VersionInfo], None] | None = None,
     ) -> VersionInfo:
-        """Record a new version in one synced batch. Its blocks must already be persisted."""
+        """Record a new version in one synced batch. Its blocks must already be persisted.
+
+        ``parent`` defaults to the layer's latest version (a publisher may name another, e.g. the
+        version a device started from); ``also`` adds more writes to the same batch (the
+        coordinator's event log), so they land with the version or not at all."""
         validate_layer_name(layer)
         for tag in tags:
             validate_tag(tag)
@@ -179,11 +187,15 @@ class Catalog:
         now = time.time_ns()
         number = (existing.latest if existing else 0) + 1
         digest = manifest_digest(pending.manifest_bytes)
+        if parent is None:
+            parent = existing.latest if existing else 0
+        elif parent and (existing is None or parent > existing.latest):
+            raise RefNotFound(f"{layer}@{parent}", "the parent named for the new version does not exist")
         info = VersionInfo(
             layer=layer,
             number=number,
-            parent=existing.latest if existing else 0,
-            created_ns=now,
+            parent=parent,
+            created_ns=created_ns or now,
             author=author,
             device=device,
             message=message,
@@ -209,8 +221,46 @@ class Catalog:
             self._stage_tag(batch, layer, tag, number, author, now)
         if pending.ingest_id is not None:
             batch.delete(pending.ingest_id, h[fmt.CF_INGESTS])
+        if also is not None:
+            also(batch, info)
         self._db.write(batch, sync=True)
         return info
+
+    def import_version(
+        self, info: VersionInfo, pending: PendingCommit, tags: tuple[str, ...] = ()
+    ) -> VersionInfo:
+        """Record a version made elsewhere (at the coordinator), keeping its number and metadata.
+
+        Its blocks must be durable here. Numbers may arrive out of order or with gaps (a
+        cachepoint holds only the versions it follows); the layer's latest is the highest held."""
+        if manifest_digest(pending.manifest_bytes) != info.manifest_digest:
+            raise ValueError(f"manifest of {info.ref} does not match its digest")
+        existing = self.layer_or_none(info.layer)
+        now = time.time_ns()
+        h = self._db.handle
+        batch = self._db.batch()
+        batch.put(info.manifest_digest, encode_block(pending.manifest_bytes), h[fmt.CF_MANIFESTS])
+        for index, packed in pending.prefilter.items():
+            batch.put(fmt.prefilter_key(info.manifest_digest, index), packed, h[fmt.CF_PREFILTER])
+        batch.put(fmt.version_key(info.layer, info.number), version_to_bytes(info), h[fmt.CF_VERSIONS])
+        latest = max(info.number, existing.latest if existing else 0)
+        record = {
+            "kind": str(existing.kind if existing else info.kind),
+            "latest": latest,
+            "created_ns": existing.created_ns if existing else now,
+        }
+        batch.put(info.layer.encode(), json.dumps(record).encode(), h[fmt.CF_LAYERS])
+        names = (*tags, LATEST) if latest == info.number else tags
+        for tag in dict.fromkeys(names):
+            if self.tag_target(info.layer, tag) != info.number:
+                self._stage_tag(batch, info.layer, tag, info.number, info.author, now)
+        if pending.ingest_id is not None:
+            batch.delete(pending.ingest_id, h[fmt.CF_INGESTS])
+        self._db.write(batch, sync=True)
+        return info
+
+    def has_version(self, layer: str, number: int) -> bool:
+        return self._db.cf[fmt.CF_VERSIONS].get(fmt.version_key(layer, number)) is not None
 
     # -- images --------------------------------------------------------------------------------
 

@@ -29,6 +29,15 @@ def _options(for_blocks: bool = False) -> rocksdict.Options:
         table = rocksdict.BlockBasedOptions()
         table.set_bloom_filter(10, False)
         options.set_block_based_table_factory(table)
+        # Keys are random digests, so compaction only merges files; it never brings related keys
+        # together. Let level 0 hold more files and make them larger, so that an ingest's flushes
+        # are not followed at once by a rewrite of everything they wrote (which competes with the
+        # next ingest for the same cores). Reads stay cheap: bloom filters skip most files.
+        options.set_level_zero_file_num_compaction_trigger(12)
+        options.set_level_zero_slowdown_writes_trigger(40)
+        options.set_level_zero_stop_writes_trigger(64)
+        options.set_target_file_size_base(256 * 1024 * 1024)
+        options.set_max_bytes_for_level_base(4 * 1024 * 1024 * 1024)
     return options
 
 

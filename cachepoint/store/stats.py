@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-import zstandard
-
-from cachepoint.blocks import CODEC_ZSTD
+from cachepoint.blocks import raw_size
 from cachepoint.ids import HOLE_DIGEST
 from cachepoint.model import EntryType
 from cachepoint.store import format as fmt
@@ -30,12 +28,6 @@ class StoreStats:
 
     def as_json(self) -> dict[str, object]:
         return asdict(self)
-
-
-def raw_size(value: bytes) -> int:
-    if value[0] == CODEC_ZSTD:
-        return zstandard.frame_content_size(value[1:])
-    return len(value) - 1
 
 
 def _ratio(a: int, b: int) -> float:

@@ -1,0 +1,1 @@
+"""gRPC at the edge: servicers over the store, channel settings, and the error-to-status table."""

@@ -1,0 +1,34 @@
+"""Channel and server settings shared by every node: explicit message limits, keepalive."""
+
+from __future__ import annotations
+
+import grpc
+
+# Batches are ~1 MiB of stored blocks; a manifest of a 1 TiB image at 64 KiB blocks is 512 MiB of ids,
+# far more than we ever send in one message, so manifests above this limit are refused, not truncated.
+MAX_MESSAGE = 64 * 1024 * 1024
+MAX_HAS_IDS = 65536
+MAX_FETCH_IDS = 4096
+BATCH_BYTES = 1024 * 1024
+
+OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS = [
+    *OPTIONS,
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=OPTIONS)
+
+
+def server() -> grpc.aio.Server:
+    return grpc.aio.server(options=SERVER_OPTIONS)

@@ -1,0 +1,99 @@
+"""One table maps our errors to gRPC status codes; servicers never choose codes ad hoc.
+
+| error | status |
+|---|---|
+| InvalidInput, ValueError (malformed names, refs, ids, manifests) | INVALID_ARGUMENT |
+| NotFound (layer, version, tag, manifest, block) | NOT_FOUND |
+| MissingBlocks (a commit naming blocks the node lacks) | FAILED_PRECONDITION |
+| NotAnOrigin (pushing to a node that does not take pushes) | PERMISSION_DENIED |
+| OutOfSpace | RESOURCE_EXHAUSTED |
+| BlockCorrupt, BlockUnreadable | DATA_LOSS |
+| StoreBusy | UNAVAILABLE |
+| anything else | INTERNAL (logged with its traceback) |
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from cachepoint.errors import (
+    BlockCorrupt,
+    BlockUnreadable,
+    CachepointError,
+    InvalidInput,
+    NotFound,
+    OutOfSpace,
+    StoreBusy,
+)
+
+log = logging.getLogger("cachepoint.rpc")
+
+
+class MissingBlocks(CachepointError):
+    """{} of the blocks named by the manifest are not here (first: {}); push them first"""
+
+
+class NotAnOrigin(CachepointError):
+    """this node serves blocks but does not take pushes; push to the coordinator"""
+
+
+STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (MissingBlocks, grpc.StatusCode.FAILED_PRECONDITION),
+    (NotAnOrigin, grpc.StatusCode.PERMISSION_DENIED),
+    (OutOfSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (BlockCorrupt, grpc.StatusCode.DATA_LOSS),
+    (BlockUnreadable, grpc.StatusCode.DATA_LOSS),
+    (StoreBusy, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_for(err: BaseException) -> grpc.StatusCode:
+    for kind, code in STATUS_TABLE:
+        if isinstance(err, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: BaseException, name: str) -> None:
+    code = status_for(err)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", name)
+    await context.abort(code, str(err) or type(err).__name__)
+
+
+def rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a grpc.aio servicer method (coroutine or async generator) with the status table."""
+    name = method.__qualname__
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (grpc.aio.AbortError, GeneratorExit):
+                raise
+            except Exception as err:
+                await _abort(context, err, name)
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:
+            await _abort(context, err, name)
+
+    return unary
