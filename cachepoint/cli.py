@@ -5,12 +5,10 @@ Exit codes are listed in cachepoint/errors.py and docs/cli.md.
 
 from __future__ import annotations
 
-import functools
-import json
+import asyncio
 import os
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,7 +17,8 @@ import click
 from cachepoint import __version__
 from cachepoint.blocks import parse_block_size
 from cachepoint.config import Settings, load_settings
-from cachepoint.errors import EXIT_CORRUPT, EXIT_FAILURE, EXIT_INVALID, CachepointError, InvalidInput
+from cachepoint.console import emit_json, fail, handles_errors, human, json_option, warn, when
+from cachepoint.errors import EXIT_CORRUPT, EXIT_FAILURE, CachepointError, InvalidInput
 from cachepoint.ids import Ref, validate_layer_name
 from cachepoint.layers.composite import composite
 from cachepoint.layers.diff import diff_manifests
@@ -56,55 +55,17 @@ class Context:
         return self.settings.device or os.uname().nodename
 
 
-def emit_json(data: object) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False))
-
-
-def warn(message: str) -> None:
-    click.echo(f"cachepoint: warning: {message}", err=True)
-
-
-def when(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
-def handles_errors(func: F) -> F:
-    """Turn our errors into a message naming the object and the limit, and a documented exit code."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        as_json = kwargs.get("as_json", False)
-        try:
-            return func(*args, **kwargs)
-        except CachepointError as err:
-            fail(str(err), err.exit_code, as_json)
-        except ValueError as err:  # value validation in the domain types
-            fail(str(err), EXIT_INVALID, as_json)
-        except KeyboardInterrupt:
-            fail("interrupted (nothing was committed by the interrupted command)", 130, as_json)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def fail(message: str, code: int, as_json: bool) -> None:
-    if as_json:
-        emit_json({"error": {"message": message, "exit_code": code}})
-    click.echo(f"cachepoint: error: {message}", err=True)
-    sys.exit(code)
-
-
-json_option = click.option(
-    "--json", "as_json", is_flag=True, help="Machine-readable output, no progress bars."
-)
 pass_ctx = click.make_pass_decorator(Context)
+kind_option = click.option(
+    "--kind", type=click.Choice(["os", "app", "user"]), default=None, help="Layer kind (new layers)."
+)
+message_option = click.option("-m", "--message", default="", help="What this version is.")
+block_size_option = click.option(
+    "--block-size", default=None, help="Block size of a new layer: 4K..4M, a power of two [64K]."
+)
+tag_option = click.option(
+    "--tag", "tags", multiple=True, help="Also point this tag at the new version (repeatable)."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -146,12 +107,10 @@ def init_cmd(ctx: Context, as_json: bool) -> None:
 @cli.command("ingest")
 @click.argument("layer")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option(
-    "--kind", type=click.Choice(["os", "app", "user"]), default=None, help="Layer kind (new layers)."
-)
-@click.option("-m", "--message", default="", help="What this version is.")
-@click.option("--block-size", default=None, help="Block size of a new layer: 4K..4M, a power of two [64K].")
-@click.option("--tag", "tags", multiple=True, help="Also point this tag at the new version (repeatable).")
+@kind_option
+@message_option
+@block_size_option
+@tag_option
 @json_option
 @pass_ctx
 @handles_errors
@@ -510,6 +469,81 @@ def stats_cmd(ctx: Context, as_json: bool) -> None:
     )
     click.echo(
         f"dedup {stats.dedup_ratio}x, compression {stats.compression_ratio}x, overall {stats.savings_ratio}x"
+    )
+
+
+@cli.command("publish")
+@click.argument("layer")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--coordinator", "coordinator", required=True, metavar="HOST:PORT", help="The coordinator.")
+@kind_option
+@message_option
+@block_size_option
+@tag_option
+@json_option
+@pass_ctx
+@handles_errors
+def publish_cmd(
+    ctx: Context,
+    layer: str,
+    path: Path,
+    coordinator: str,
+    kind: str | None,
+    message: str,
+    block_size: str | None,
+    tags: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Ingest PATH as a new version of LAYER at the coordinator, sending only the blocks it lacks."""
+    from cachepoint.replication.publish import publish
+
+    validate_layer_name(layer)
+    options = IngestOptions(
+        layer=layer,
+        kind=LayerKind.parse(kind) if kind else _kind_from_name(layer),
+        message=message,
+        author=ctx.author,
+        device=ctx.device,
+        block_size=parse_block_size(block_size) if block_size else None,
+        new_layer_block_size=parse_block_size(ctx.settings.block_size),
+        tags=tags,
+    )
+    with ctx.open(writable=True, create=True) as store:
+        with progress_bar(f"publish {layer}", not as_json) as progress:
+            result = asyncio.run(publish(store, path, options, coordinator, progress))
+    if as_json:
+        emit_json(result.as_json())
+    else:
+        click.echo(
+            f"{result.version.ref} at {coordinator}: {result.blocks_sent} blocks sent "
+            f"({human(result.bytes_sent)}), {human(result.ingest.logical_bytes)} logical"
+        )
+
+
+@cli.command("pull")
+@click.argument("ref")
+@click.option("--from", "origin", required=True, metavar="HOST:PORT", help="A coordinator or a peer.")
+@json_option
+@pass_ctx
+@handles_errors
+def pull_cmd(ctx: Context, ref: str, origin: str, as_json: bool) -> None:
+    """Fetch REF's missing blocks (nearest sources first, every block verified) and commit it here."""
+    from cachepoint.replication.pull import pull
+
+    parsed = Ref.parse(ref)
+    with ctx.open(writable=True, create=True) as store:
+        with progress_bar(f"pull {ref}", not as_json, unit="blocks") as progress:
+            result = asyncio.run(pull(store, parsed, origin, node_id=ctx.device, progress=progress))
+    if as_json:
+        emit_json(result.as_json())
+        return
+    if result.already_local:
+        click.echo(f"{result.version.ref} is already here")
+        return
+    by_source = ", ".join(f"{s.name} ({s.source_class}) {s.counters.blocks}" for s in result.sources)
+    click.echo(
+        f"{result.version.ref}: {result.fetched.blocks} of {result.planned_blocks} missing blocks fetched "
+        f"({human(result.fetched.bytes)}) from {by_source}"
     )
 
 

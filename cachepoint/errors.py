@@ -4,7 +4,8 @@
 Exit codes (documented in docs/cli.md):
   0 success · 1 unexpected failure · 2 usage error · 3 not found · 4 invalid input
   5 store busy (another writer holds it) · 6 incompatible store format · 7 out of space
-  8 integrity problem found (fsck)
+  8 integrity problem found (fsck) · 9 a remote node (coordinator, peer, daemon) cannot be reached
+  10 a remote node refused the request
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ EXIT_BUSY = 5
 EXIT_FORMAT = 6
 EXIT_NO_SPACE = 7
 EXIT_CORRUPT = 8
+EXIT_UNREACHABLE = 9
+EXIT_REMOTE = 10
 
 
 class CachepointError(Exception):
@@ -114,3 +117,21 @@ class BlockUnreadable(CachepointError):
 
 class BlockMissing(NotFound):
     """block {} is not in this store"""
+
+
+class Unreachable(CachepointError):
+    """cannot reach {} ({}): {}"""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+class RemoteRefused(CachepointError):
+    """{} refused the request ({}): {}"""
+
+    exit_code = EXIT_REMOTE
+
+
+class PullIncomplete(CachepointError):
+    """pull of {} stopped with {} blocks still missing: {}"""
+
+    exit_code = EXIT_UNREACHABLE

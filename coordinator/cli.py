@@ -2,18 +2,85 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from pathlib import Path
+
 import click
+import grpc
 
 from cachepoint import __version__
+from cachepoint.console import emit_json, handles_errors, json_option, when
+from cachepoint.rpc import channel
+from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
+from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cachepoint-coordinator")
 def cli() -> None:
-    """The coordinator: catalog of layers and versions, fleet membership, origin of every block.
+    """The coordinator: catalog of layers and versions, fleet membership, origin of every block."""
 
-    Its gRPC services are defined in proto/cachepoint/v1/; the server itself is not built yet.
-    """
+
+@cli.command("serve")
+@click.option(
+    "--data", "data", required=True, type=click.Path(path_type=Path), help="Data directory (a store)."
+)
+@click.option(
+    "--listen", default="127.0.0.1:7400", show_default=True, help="HOST:PORT for gRPC (port 0: any)."
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log every commit.")
+@handles_errors
+def serve_cmd(data: Path, listen: str, verbose: bool) -> None:
+    """Serve Catalog, BlockExchange, Fleet and health over gRPC until SIGINT or SIGTERM."""
+    from coordinator.daemon import serve
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
+    )
+    asyncio.run(serve(data, listen))
+
+
+async def _list_nodes(address: str) -> fleet_pb2.ListNodesResponse:
+    async with channel.channel(address) as ch:
+        try:
+            return await fleet_pb2_grpc.FleetStub(ch).ListNodes(
+                fleet_pb2.ListNodesRequest(), timeout=UNARY_DEADLINE
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, address) from err
+
+
+@cli.command("fleet")
+@click.option("--coordinator", "address", default="127.0.0.1:7400", show_default=True, help="HOST:PORT.")
+@json_option
+@handles_errors
+def fleet_cmd(address: str, as_json: bool) -> None:
+    """The nodes of the fleet: site, address, last seen, versions held."""
+    response = asyncio.run(_list_nodes(address))
+    nodes = [
+        {
+            "node_id": n.node.node_id,
+            "site": n.node.site,
+            "address": n.node.address,
+            "last_seen": when(n.last_seen_ns),
+            "healthy": n.healthy,
+            "load": n.load,
+            "versions": [f"{r.layer}@{r.number}" for r in n.complete],
+        }
+        for n in response.nodes
+    ]
+    if as_json:
+        emit_json({"nodes": nodes})
+        return
+    if not nodes:
+        click.echo("no nodes registered")
+    for n in nodes:
+        state = "ok" if n["healthy"] else "STALE"
+        click.echo(
+            f"{n['node_id']:<20} {n['site']:<10} {n['address']:<22} {n['last_seen']} {state:<5} "
+            f"{' '.join(n['versions'])}"
+        )
 
 
 def main() -> None:

@@ -149,6 +149,10 @@ class Catalog:
             last = fmt.read_u64(key[-8:])
         return last + 1
 
+    def stage_tag(self, batch: rocksdict.WriteBatch, layer: str, tag: str, number: int, actor: str) -> None:
+        """Add a tag move (and its log record) to a caller's batch."""
+        self._stage_tag(batch, layer, tag, number, actor, time.time_ns())
+
     def set_tag(self, ref: Ref | str, tag: str, actor: str) -> VersionInfo:
         validate_tag(tag)
         info = self.resolve(ref)

@@ -70,3 +70,27 @@ class FindPeersResponse(_message.Message):
     PEERS_FIELD_NUMBER: _ClassVar[int]
     peers: _containers.RepeatedCompositeFieldContainer[Peer]
     def __init__(self, peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ...) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("node", "last_seen_ns", "complete", "load", "healthy")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_NS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    node: NodeInfo
+    last_seen_ns: int
+    complete: _containers.RepeatedCompositeFieldContainer[_version_pb2.Ref]
+    load: int
+    healthy: bool
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., last_seen_ns: _Optional[int] = ..., complete: _Optional[_Iterable[_Union[_version_pb2.Ref, _Mapping]]] = ..., load: _Optional[int] = ..., healthy: _Optional[bool] = ...) -> None: ...
+
+class ListNodesResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class FleetStub:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes: INVALID_ARGUMENT for a registration without node id, site or address; NOT_FOUND for
+    a heartbeat from a node the coordinator does not know (it registers again).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -49,10 +51,17 @@ class FleetStub:
                 request_serializer=cachepoint_dot_v1_dot_fleet__pb2.FindPeersRequest.SerializeToString,
                 response_deserializer=cachepoint_dot_v1_dot_fleet__pb2.FindPeersResponse.FromString,
                 _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/cachepoint.v1.Fleet/ListNodes',
+                request_serializer=cachepoint_dot_v1_dot_fleet__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=cachepoint_dot_v1_dot_fleet__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes: INVALID_ARGUMENT for a registration without node id, site or address; NOT_FOUND for
+    a heartbeat from a node the coordinator does not know (it registers again).
+    """
 
     def Register(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -67,6 +76,12 @@ class FleetServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FindPeers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNodes(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,6 +105,11 @@ def add_FleetServicer_to_server(servicer, server):
                     request_deserializer=cachepoint_dot_v1_dot_fleet__pb2.FindPeersRequest.FromString,
                     response_serializer=cachepoint_dot_v1_dot_fleet__pb2.FindPeersResponse.SerializeToString,
             ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=cachepoint_dot_v1_dot_fleet__pb2.ListNodesRequest.FromString,
+                    response_serializer=cachepoint_dot_v1_dot_fleet__pb2.ListNodesResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'cachepoint.v1.Fleet', rpc_method_handlers)
@@ -99,7 +119,9 @@ def add_FleetServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Fleet:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes: INVALID_ARGUMENT for a registration without node id, site or address; NOT_FOUND for
+    a heartbeat from a node the coordinator does not know (it registers again).
+    """
 
     @staticmethod
     def Register(request,
@@ -172,6 +194,33 @@ class Fleet:
             '/cachepoint.v1.Fleet/FindPeers',
             cachepoint_dot_v1_dot_fleet__pb2.FindPeersRequest.SerializeToString,
             cachepoint_dot_v1_dot_fleet__pb2.FindPeersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachepoint.v1.Fleet/ListNodes',
+            cachepoint_dot_v1_dot_fleet__pb2.ListNodesRequest.SerializeToString,
+            cachepoint_dot_v1_dot_fleet__pb2.ListNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,1 @@
+"""Replication: planning, verified parallel fetching from several sources, pulling and publishing."""

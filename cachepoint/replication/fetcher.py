@@ -1,0 +1,176 @@
+"""Fetch missing blocks from several sources at once, nearest first, verifying every block.
+
+The missing ids are cut into units. Each source runs a few streams; a stream takes the next unit it
+is *eligible* for: a unit goes to the nearest class of sources that is still alive and has not
+already said it lacks the unit, so the origin is asked only for what no peer could give. A unit that
+comes back short is re-queued for the next class. A source that stalls past the deadline, fails, or
+sends a block whose bytes do not hash to its id is dropped and its unit re-planned. Verified blocks
+are written with the WAL on as they arrive, so a killed pull keeps them and asks again only for the
+units that were in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from cachepoint.blocks import decode_verified
+from cachepoint.errors import BlockCorrupt, PullIncomplete
+from cachepoint.ids import BlockId
+from cachepoint.replication.sources import Source
+from cachepoint.store.store import Store
+
+log = logging.getLogger("cachepoint.replication")
+
+UNIT_BLOCKS = 64  # ~2-4 MiB of raw data per request: enough to stream, small enough to spread
+STREAMS_PER_SOURCE = 2
+STALL_SECONDS = 10.0
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class _Unit:
+    ids: list[bytes]
+    tried: set[str] = field(default_factory=set)  # sources that lacked these ids or failed on them
+
+
+@dataclass
+class FetchResult:
+    blocks: int = 0
+    bytes: int = 0
+    bad_blocks: int = 0
+
+
+def _verify(values: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, str]]]:
+    good, bad = [], []
+    for digest, value in values:
+        try:
+            decode_verified(digest, value)
+            good.append((digest, value))
+        except BlockCorrupt as err:
+            bad.append((digest, str(err)))
+    return good, bad
+
+
+class Fetcher:
+    def __init__(
+        self,
+        store: Store,
+        sources: list[Source],
+        progress: ProgressFn | None = None,
+        stall: float = STALL_SECONDS,
+    ) -> None:
+        self.store = store
+        self.sources = sorted(sources, key=lambda s: s.source_class)
+        self.progress = progress
+        self.stall = stall
+        self.result = FetchResult()
+        self._queue: list[_Unit] = []
+        self._wanted: set[bytes] = set()
+        self._inflight = 0
+        self._changed = asyncio.Condition()
+
+    def _eligible(self, unit: _Unit, source: Source) -> bool:
+        if source.name in unit.tried or not source.alive:
+            return False
+        # Only when every nearer live source has already failed this unit.
+        return all(
+            other.name in unit.tried or not other.alive
+            for other in self.sources
+            if other.source_class < source.source_class
+        )
+
+    def _stuck(self) -> bool:
+        """No unit in flight and none that any live source may still take."""
+        return self._inflight == 0 and not any(
+            self._eligible(u, s) for u in self._queue for s in self.sources
+        )
+
+    async def _take(self, source: Source) -> _Unit | None:
+        async with self._changed:
+            while True:
+                if not self._wanted or not source.alive:
+                    return None
+                for index, unit in enumerate(self._queue):
+                    if self._eligible(unit, source):
+                        self._inflight += 1
+                        return self._queue.pop(index)
+                if self._stuck():
+                    self._changed.notify_all()
+                    return None
+                await self._changed.wait()
+
+    async def _give_back(self, unit: _Unit, source: Source) -> None:
+        async with self._changed:
+            self._inflight -= 1
+            rest = [d for d in unit.ids if d in self._wanted]
+            if rest:
+                unit.ids = rest
+                unit.tried.add(source.name)
+                self._queue.append(unit)
+            self._changed.notify_all()
+
+    def _drop(self, source: Source, why: str) -> None:
+        if source.alive:
+            source.dropped = why
+            source.counters.failures += 1
+            log.warning("dropping source %s (%s): %s", source.name, source.address, why)
+
+    async def _stream(self, source: Source, total: int) -> None:
+        while (unit := await self._take(source)) is not None:
+            try:
+                async for values in source.fetch(unit.ids, self.stall):
+                    good, bad = await asyncio.to_thread(_verify, [v for v in values if v[0] in self._wanted])
+                    if good:
+                        await asyncio.to_thread(self.store.blocks.put_many, good, True)
+                        async with self._changed:
+                            for digest, value in good:
+                                if digest in self._wanted:
+                                    self._wanted.discard(digest)
+                                    self.result.blocks += 1
+                                    self.result.bytes += len(value)
+                                    source.counters.blocks += 1
+                                    source.counters.bytes += len(value)
+                        if self.progress is not None:
+                            self.progress(total - len(self._wanted), total)
+                    if bad:
+                        self.result.bad_blocks += len(bad)
+                        log.warning(
+                            "source %s sent %d corrupt blocks, e.g. %s", source.name, len(bad), bad[0][1]
+                        )
+                        self._drop(source, f"sent a corrupt block: {bad[0][1]}")
+                        break
+            except TimeoutError:
+                self._drop(source, f"stalled for more than {self.stall:.0f}s")
+            except grpc.RpcError as err:
+                code = err.code().name if isinstance(err, grpc.aio.AioRpcError) else "ERROR"
+                self._drop(
+                    source, f"{code}: {err.details() if isinstance(err, grpc.aio.AioRpcError) else err}"
+                )
+            finally:
+                await self._give_back(unit, source)
+
+    async def fetch(self, missing: list[bytes], label: str) -> FetchResult:
+        unique = list(dict.fromkeys(missing))
+        self._wanted = set(unique)
+        self._queue = [_Unit(unique[i : i + UNIT_BLOCKS]) for i in range(0, len(unique), UNIT_BLOCKS)]
+        total = len(unique)
+        if total:
+            streams = [
+                self._stream(source, total) for source in self.sources for _ in range(STREAMS_PER_SOURCE)
+            ]
+            await asyncio.gather(*streams)
+        for source in self.sources:
+            await source.close()
+        if self._wanted:
+            reasons = (
+                "; ".join(f"{s.name}: {s.dropped or 'did not have them'}" for s in self.sources)
+                or "no sources"
+            )
+            first = BlockId(next(iter(self._wanted)))
+            raise PullIncomplete(label, len(self._wanted), f"first missing {first}; sources: {reasons}")
+        return self.result

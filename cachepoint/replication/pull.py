@@ -1,0 +1,116 @@
+"""Pull a version: resolve it at a catalog, plan the blocks missing here, fetch them from the nearest
+sources, verify, and commit the version locally only when it is complete."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+
+import grpc
+
+from cachepoint.errors import InvalidInput
+from cachepoint.ids import Ref
+from cachepoint.model import VersionInfo
+from cachepoint.replication.fetcher import Fetcher, FetchResult, ProgressFn
+from cachepoint.replication.sources import Source, SourceClass
+from cachepoint.rpc import channel
+from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
+from cachepoint.store.catalog import PendingCommit
+from cachepoint.store.store import Store
+from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, fleet_pb2, fleet_pb2_grpc, version_pb2
+from cachepoint.wire import manifest_from_bytes, ref_to_pb, version_from_pb
+
+
+@dataclass
+class PullResult:
+    version: VersionInfo
+    planned_blocks: int = 0  # blocks of the version that were missing here
+    already_local: bool = False
+    fetched: FetchResult = field(default_factory=FetchResult)
+    sources: list[Source] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "ref": self.version.ref,
+            "digest": self.version.digest_text,
+            "already_local": self.already_local,
+            "planned_blocks": self.planned_blocks,
+            "fetched_blocks": self.fetched.blocks,
+            "fetched_bytes": self.fetched.bytes,
+            "bad_blocks": self.fetched.bad_blocks,
+            "sources": [
+                {
+                    "name": s.name,
+                    "address": s.address,
+                    "class": str(s.source_class),
+                    "blocks": s.counters.blocks,
+                    "bytes": s.counters.bytes,
+                    "failures": s.counters.failures,
+                    "dropped": s.dropped or None,
+                }
+                for s in self.sources
+            ],
+        }
+
+
+async def find_peers(ch: grpc.aio.Channel, node_id: str, info: VersionInfo, own_address: str) -> list[Source]:
+    """Holders of the version, same site first. A catalog without Fleet (a plain peer) has none."""
+    request = fleet_pb2.FindPeersRequest(
+        requester_id=node_id, version=version_pb2.Ref(layer=info.layer, number=info.number)
+    )
+    try:
+        response = await fleet_pb2_grpc.FleetStub(ch).FindPeers(request, timeout=UNARY_DEADLINE)
+    except grpc.aio.AioRpcError as err:
+        if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return []
+        raise
+    return [
+        Source(p.node.node_id, p.node.address, SourceClass.SITE if p.same_site else SourceClass.PEER)
+        for p in response.peers
+        if p.node.address != own_address
+    ]
+
+
+async def pull(
+    store: Store,
+    ref: Ref,
+    origin: str,
+    *,
+    node_id: str = "",
+    own_address: str = "",
+    progress: ProgressFn | None = None,
+    extra_sources: list[Source] | None = None,
+) -> PullResult:
+    try:
+        async with channel.channel(origin) as ch:
+            catalog = catalog_pb2_grpc.CatalogStub(ch)
+            info = version_from_pb(
+                await catalog.Resolve(catalog_pb2.ResolveRequest(ref=ref_to_pb(ref)), timeout=UNARY_DEADLINE)
+            )
+            tags = (ref.tag,) if ref.tag else ()
+            if await asyncio.to_thread(store.catalog.has_version, info.layer, info.number):
+                manifest_raw = await asyncio.to_thread(store.catalog.manifest_bytes, info.manifest_digest)
+                await asyncio.to_thread(
+                    store.catalog.import_version, info, PendingCommit(manifest_raw, {}), tags
+                )
+                return PullResult(info, already_local=True)
+            blob = await catalog.GetManifest(
+                catalog_pb2.GetManifestRequest(digest=info.manifest_digest), timeout=UNARY_DEADLINE
+            )
+            if hashlib.sha256(blob.manifest).digest() != info.manifest_digest:
+                raise InvalidInput(f"{origin} sent a manifest for {info.ref} that does not match its digest")
+            manifest = manifest_from_bytes(blob.manifest)
+            missing = await asyncio.to_thread(store.blocks.missing, sorted(manifest.block_ids()))
+            sources = list(extra_sources or [])
+            if missing:
+                sources += await find_peers(ch, node_id, info, own_address)
+            sources.append(Source("origin", origin, SourceClass.ORIGIN))
+            result = PullResult(info, planned_blocks=len(missing), sources=sources)
+            result.fetched = await Fetcher(store, sources, progress).fetch(missing, info.ref)
+            await asyncio.to_thread(
+                store.catalog.import_version, info, PendingCommit(blob.manifest, {}), tags
+            )
+            return result
+    except grpc.RpcError as err:
+        raise from_rpc_error(err, origin) from err

@@ -1,0 +1,76 @@
+"""Where blocks come from: site peers, other peers, the origin — each a Source with its counters.
+
+Missing and corrupt are different outcomes (as in desync): a source that lacks a block simply
+leaves it out and the block is asked of the next source; a source that sends bytes that do not hash
+to their id is dropped for the rest of the pull, and the failure is counted and logged with both
+digests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from cachepoint.rpc import channel
+from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc
+from cachepoint.wire import stored_value_from_pb
+
+
+class SourceClass(enum.IntEnum):
+    """Preference order: lower is nearer."""
+
+    SITE = 0
+    PEER = 1
+    ORIGIN = 2
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+@dataclass
+class SourceCounters:
+    blocks: int = 0
+    bytes: int = 0
+    failures: int = 0
+
+
+@dataclass
+class Source:
+    name: str
+    address: str
+    source_class: SourceClass
+    counters: SourceCounters = field(default_factory=SourceCounters)
+    dropped: str = ""  # why this source is no longer used in this pull
+    _channel: grpc.aio.Channel | None = None
+
+    @property
+    def alive(self) -> bool:
+        return not self.dropped
+
+    def stub(self) -> blocks_pb2_grpc.BlockExchangeStub:
+        if self._channel is None:
+            self._channel = channel.channel(self.address)
+        return blocks_pb2_grpc.BlockExchangeStub(self._channel)
+
+    async def fetch(self, ids: list[bytes], stall: float) -> AsyncIterator[list[tuple[bytes, bytes]]]:
+        """Stream (id, stored value) batches; a gap longer than ``stall`` seconds raises TimeoutError."""
+        call = self.stub().FetchBlocks(blocks_pb2.FetchBlocksRequest(ids=b"".join(ids)))
+        iterator = call.__aiter__()
+        try:
+            while True:
+                try:
+                    batch = await asyncio.wait_for(iterator.__anext__(), stall)
+                except StopAsyncIteration:
+                    return
+                yield [(block.id, stored_value_from_pb(block)) for block in batch.blocks]
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None

@@ -1,0 +1,23 @@
+"""Calling other nodes: deadlines on every call, and their status codes turned back into our errors."""
+
+from __future__ import annotations
+
+import grpc
+
+from cachepoint.errors import CachepointError, InvalidInput, NotFound, RemoteRefused, Unreachable
+
+UNARY_DEADLINE = 30.0  # seconds: a catalog call that takes longer is a sick server, not a slow one
+
+_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+
+def from_rpc_error(err: grpc.RpcError, address: str) -> CachepointError:
+    code = err.code() if isinstance(err, grpc.aio.AioRpcError | grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = err.details() if isinstance(err, grpc.aio.AioRpcError | grpc.Call) else str(err)
+    if code in _UNREACHABLE:
+        return Unreachable(address, code.name, details)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(f"{address}: {details}")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidInput(f"{address}: {details}")
+    return RemoteRefused(address, code.name, details)

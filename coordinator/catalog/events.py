@@ -1,0 +1,66 @@
+"""The catalog's event log: every commit and tag move, numbered, durable, and waitable.
+
+Events are written in the same RocksDB batch as the change they describe (see
+cachepoint/store/format.py, family ``events``), so a Watch client that resumes from its last
+position misses nothing and sees nothing that did not happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import rocksdict
+
+from cachepoint.store import format as fmt
+from cachepoint.store.store import Store
+from cachepoint.v1 import catalog_pb2
+
+
+class EventLog:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        last = 0
+        for key in store.db.cf[fmt.CF_EVENTS].keys(backwards=True):
+            last = fmt.read_u64(key)
+            break
+        self.position = last
+        self._changed: asyncio.Condition | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        # Created lazily: it must belong to the running event loop.
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    def stage(self, batch: rocksdict.WriteBatch, event: catalog_pb2.CatalogEvent) -> None:
+        """Number the event and add it to the batch of the change it records (under the commit lock)."""
+        with self._lock:
+            self.position += 1
+            event.position = self.position
+        batch.put(fmt.u64(event.position), event.SerializeToString(), self.store.db.handle[fmt.CF_EVENTS])
+
+    async def published(self) -> None:
+        """Wake the watchers after a batch with events was written."""
+        condition = self._condition()
+        async with condition:
+            condition.notify_all()
+
+    def read_after(self, after: int, limit: int = 1000) -> list[catalog_pb2.CatalogEvent]:
+        events = []
+        for _, raw in self.store.db.cf[fmt.CF_EVENTS].items(from_key=fmt.u64(after + 1)):
+            event = catalog_pb2.CatalogEvent()
+            event.ParseFromString(raw)
+            events.append(event)
+            if len(events) >= limit:
+                break
+        return events
+
+    async def wait_beyond(self, position: int, timeout: float) -> None:
+        condition = self._condition()
+        async with condition:
+            try:
+                await asyncio.wait_for(condition.wait_for(lambda: self.position > position), timeout)
+            except TimeoutError:
+                pass

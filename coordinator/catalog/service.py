@@ -1,0 +1,123 @@
+"""Catalog at the coordinator: the reads every node serves, plus commits, tags and Watch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import rocksdict
+
+from cachepoint.errors import InvalidInput
+from cachepoint.ids import DIGEST_SIZE, LATEST, BlockId, validate_layer_name, validate_tag
+from cachepoint.model import LayerKind, VersionInfo
+from cachepoint.rpc.catalog_read import CatalogReadService
+from cachepoint.rpc.errors import MissingBlocks, rpc_errors
+from cachepoint.store.catalog import PendingCommit
+from cachepoint.store.store import Store
+from cachepoint.v1 import catalog_pb2, version_pb2
+from cachepoint.wire import manifest_digest, manifest_from_bytes, ref_from_pb, version_to_pb
+from coordinator.catalog.events import EventLog
+
+log = logging.getLogger("coordinator.catalog")
+WATCH_KEEPALIVE = 15.0  # seconds a quiet Watch stream waits before looking at the log again
+
+
+class CatalogService(CatalogReadService):
+    def __init__(self, store: Store, events: EventLog) -> None:
+        super().__init__(store)
+        self.events = events
+        self._commit_lock = asyncio.Lock()  # version numbers and event positions are handed out in order
+
+    def _commit(self, request: catalog_pb2.CommitRequest) -> VersionInfo:
+        validate_layer_name(request.layer)
+        for tag in request.tags:
+            validate_tag(tag)
+        raw = request.manifest.manifest
+        if len(request.manifest.digest) != DIGEST_SIZE or manifest_digest(raw) != request.manifest.digest:
+            raise InvalidInput(f"commit of {request.layer}: the manifest does not match its digest")
+        try:
+            manifest = manifest_from_bytes(raw)
+        except Exception as err:  # protobuf decode errors, bad paths, bad packed ids
+            raise InvalidInput(f"commit of {request.layer}: malformed manifest ({err})") from err
+        missing = [d for d in manifest.block_ids() if not self.store.blocks.has(d)]
+        if missing:
+            raise MissingBlocks(len(missing), BlockId(missing[0]))
+        kind = LayerKind(request.kind) if request.kind else LayerKind.APP
+
+        def record(batch: rocksdict.WriteBatch, info: VersionInfo) -> None:
+            self.events.stage(batch, catalog_pb2.CatalogEvent(version_committed=version_to_pb(info)))
+            for tag in dict.fromkeys((*request.tags, LATEST)):
+                move = version_pb2.TagMove(
+                    layer=info.layer, tag=tag, number=info.number, moved_ns=info.created_ns, actor=info.author
+                )
+                self.events.stage(batch, catalog_pb2.CatalogEvent(tag_moved=move))
+
+        return self.store.catalog.commit(
+            layer=request.layer,
+            kind=kind,
+            pending=PendingCommit(raw, {}),
+            manifest=manifest,
+            author=request.author,
+            device=request.device,
+            message=request.message,
+            tags=tuple(request.tags),
+            parent=request.parent or None,
+            created_ns=request.created_ns or None,
+            also=record,
+        )
+
+    @rpc_errors
+    async def Commit(  # noqa: N802 - gRPC method name
+        self, request: catalog_pb2.CommitRequest, context: grpc.aio.ServicerContext
+    ) -> version_pb2.VersionInfo:
+        async with self._commit_lock:
+            info = await asyncio.to_thread(self._commit, request)
+        await self.events.published()
+        log.info("committed %s (%d bytes) by %s@%s", info.ref, info.logical_bytes, info.author, info.device)
+        return version_to_pb(info)
+
+    def _move_tag(self, ref_pb: version_pb2.Ref, tag: str, actor: str) -> version_pb2.TagMove:
+        validate_tag(tag)
+        info = self.store.catalog.resolve(ref_from_pb(ref_pb))
+        previous = self.store.catalog.tag_target(info.layer, tag) or 0
+        move = version_pb2.TagMove(
+            layer=info.layer, tag=tag, number=info.number, previous=previous, actor=actor
+        )
+        batch = self.store.db.batch()
+        self.store.catalog.stage_tag(batch, info.layer, tag, info.number, actor)
+        self.events.stage(batch, catalog_pb2.CatalogEvent(tag_moved=move))
+        self.store.db.write(batch, sync=True)
+        return move
+
+    @rpc_errors
+    async def SetTag(  # noqa: N802
+        self, request: catalog_pb2.SetTagRequest, context: grpc.aio.ServicerContext
+    ) -> version_pb2.TagMove:
+        async with self._commit_lock:
+            moved = await asyncio.to_thread(self._move_tag, request.ref, request.tag, request.actor)
+        await self.events.published()
+        return moved
+
+    @rpc_errors
+    async def Watch(  # noqa: N802
+        self, request: catalog_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[catalog_pb2.CatalogEvent]:
+        if request.after > self.events.position:
+            await context.abort(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"watch position {request.after} is ahead of the catalog log (at {self.events.position})",
+            )
+        layers = set(request.layers)
+        position = request.after
+        while True:
+            for event in await asyncio.to_thread(self.events.read_after, position):
+                position = event.position
+                if event.WhichOneof("event") == "version_committed":
+                    layer = event.version_committed.layer
+                else:
+                    layer = event.tag_moved.layer
+                if not layers or layer in layers:
+                    yield event
+            await self.events.wait_beyond(position, WATCH_KEEPALIVE)

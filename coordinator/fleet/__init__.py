@@ -1,0 +1,1 @@
+"""Fleet membership and peer discovery."""

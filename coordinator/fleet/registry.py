@@ -1,0 +1,68 @@
+"""Who is in the fleet, where, how busy, and which versions each holds complete.
+
+Kept in memory: nodes register again when a heartbeat is refused (after a coordinator restart), so
+the registry rebuilds itself within one heartbeat interval and is never a second source of truth.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+HEARTBEAT_INTERVAL_MS = 2000
+STALE_AFTER_NS = 3 * HEARTBEAT_INTERVAL_MS * 1_000_000  # three missed heartbeats: not offered as a peer
+
+
+@dataclass
+class Node:
+    node_id: str
+    site: str
+    address: str
+    registered_ns: int
+    last_seen_ns: int
+    load: int = 0
+    complete: set[str] = field(default_factory=set)  # refs "layer@N"
+
+    def healthy(self, now_ns: int) -> bool:
+        return now_ns - self.last_seen_ns < STALE_AFTER_NS
+
+
+class UnknownNode(Exception):
+    pass
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.nodes: dict[str, Node] = {}
+
+    def register(self, node_id: str, site: str, address: str) -> Node:
+        now = time.time_ns()
+        node = Node(node_id, site, address, now, now)
+        previous = self.nodes.get(node_id)
+        if previous is not None:
+            node.complete = previous.complete
+        self.nodes[node_id] = node
+        return node
+
+    def heartbeat(self, node_id: str, complete: set[str], load: int) -> Node:
+        node = self.nodes.get(node_id)
+        if node is None:
+            raise UnknownNode(node_id)
+        node.last_seen_ns = time.time_ns()
+        node.complete = complete
+        node.load = load
+        return node
+
+    def holders(self, requester_id: str, ref: str | None, limit: int) -> list[tuple[Node, bool]]:
+        """Healthy nodes holding ``ref`` complete (all healthy nodes when ref is None), requester
+        excluded: same site first, then least loaded. Returns (node, same_site)."""
+        now = time.time_ns()
+        requester = self.nodes.get(requester_id)
+        site = requester.site if requester else None
+        found = [
+            node
+            for node in self.nodes.values()
+            if node.node_id != requester_id and node.healthy(now) and (ref is None or ref in node.complete)
+        ]
+        found.sort(key=lambda n: (n.site != site, n.load, n.node_id))
+        return [(node, node.site == site) for node in found[: limit or None]]
