@@ -547,6 +547,72 @@ def pull_cmd(ctx: Context, ref: str, origin: str, as_json: bool) -> None:
     )
 
 
+@cli.command("serve")
+@click.option("--listen", default=None, metavar="HOST:PORT", help="gRPC address for peers [127.0.0.1:7401].")
+@click.option("--coordinator", default=None, metavar="HOST:PORT", help="The coordinator (none: offline).")
+@click.option("--site", default=None, help="Locality label [default].")
+@click.option("--node-id", default=None, help="Name in the fleet [host name and store id].")
+@click.option("--subscribe", "subscribe", multiple=True, metavar="REF", help="Keep REF current (repeatable).")
+@click.option("-v", "--verbose", is_flag=True, help="Log pulls and reconnections.")
+@pass_ctx
+@handles_errors
+def serve_cmd(
+    ctx: Context,
+    listen: str | None,
+    coordinator: str | None,
+    site: str | None,
+    node_id: str | None,
+    subscribe: tuple[str, ...],
+    verbose: bool,
+) -> None:
+    """Run the cachepoint daemon: serve blocks to peers, follow subscriptions, answer `status`."""
+    import logging
+
+    from cachepoint.daemon import Daemon, DaemonSettings
+
+    s = ctx.settings
+    for ref in (*subscribe, *s.subscribe):
+        Ref.parse(ref)
+    settings = DaemonSettings(
+        store=ctx.store_path,
+        listen=listen or s.listen,
+        coordinator=coordinator if coordinator is not None else s.coordinator,
+        site=site or s.site,
+        node_id=node_id or s.node_id,
+        subscribe=list(subscribe) or list(s.subscribe),
+    )
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
+    )
+    asyncio.run(Daemon(settings).run())
+
+
+@cli.command("status")
+@json_option
+@pass_ctx
+@handles_errors
+def status_cmd(ctx: Context, as_json: bool) -> None:
+    """What the daemon running on this store is doing: subscriptions, versions, peers, bytes by source."""
+    from cachepoint.status import daemon_status, status_json
+
+    data = status_json(asyncio.run(daemon_status(ctx.store_path)))
+    if as_json:
+        emit_json(data)
+        return
+    link = "connected" if data["coordinator_connected"] else "NOT connected"
+    click.echo(f"node {data['node_id']} (site {data['site']}) at {data['address']}")
+    click.echo(f"coordinator {data['coordinator'] or '(none)'}: {link}; peers known {data['peers_known']}")
+    for sub in data["subscriptions"]:
+        lag = f", lag {sub['lag']}" if sub["lag"] else ""
+        error = f" ({sub['last_error']})" if sub["last_error"] else ""
+        click.echo(f"  {sub['ref']}: {sub['state']}, holds @{sub['held']}{lag}{error}")
+    for name, totals in data["bytes_by_source"].items():
+        click.echo(
+            f"  from {name}: {totals['blocks']} blocks, {human(totals['bytes'])}, {totals['failures']} failures"
+        )
+    click.echo(f"versions held: {len(data['versions'])}; outbox depth {data['outbox_depth']}")
+
+
 @cli.group("image")
 def image_group() -> None:
     """Images: ordered stacks of layer refs, lowest first."""

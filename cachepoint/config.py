@@ -6,13 +6,18 @@ The TOML keys are the field names, e.g.::
     block_size = "64K"
     author = "image-team"
     device = "build-01"
+    # for `cachepoint serve`
+    listen = "0.0.0.0:7401"
+    coordinator = "coordinator.example:7400"
+    site = "branch-12"
+    subscribe = ["os/win10:production", "app/office:production"]
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from cachepoint.errors import InvalidInput
@@ -41,6 +46,16 @@ class Settings:
     """Recorded as the author of new versions. Default: the login name."""
     device: str = ""
     """Recorded as the device of new versions. Default: the host name."""
+    listen: str = "127.0.0.1:7401"
+    """`serve`: HOST:PORT of the daemon's gRPC server (peers fetch blocks here)."""
+    coordinator: str = ""
+    """`serve`: HOST:PORT of the coordinator; empty: serve the local store alone."""
+    site: str = "default"
+    """`serve`: locality label; peers of one site fetch from each other first."""
+    node_id: str = ""
+    """`serve`: name of this node in the fleet. Default: host name and store id."""
+    subscribe: list[str] = field(default_factory=list)
+    """`serve`: refs to keep current, e.g. ["os/win10:production"]."""
 
 
 def load_settings(config_path: str | None, store_flag: str | None) -> Settings:
@@ -57,7 +72,12 @@ def load_settings(config_path: str | None, store_flag: str | None) -> Settings:
         if unknown:
             raise InvalidInput(f"config {path}: unknown keys {unknown} (known: {sorted(known)})")
         for key, value in data.items():
-            setattr(settings, key, str(value))
+            if key == "subscribe":
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise InvalidInput(f"config {path}: subscribe must be a list of refs")
+                settings.subscribe = list(value)
+            else:
+                setattr(settings, key, str(value))
     elif explicit:
         raise InvalidInput(f"config file {path} does not exist")
     if os.environ.get(ENV_STORE):

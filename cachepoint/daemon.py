@@ -1,0 +1,250 @@
+"""The cachepoint daemon: wiring and lifecycle.
+
+Startup: store, gRPC server (BlockExchange and the Catalog reads for peers, Agent for local commands,
+health), then background tasks started in one place: the fleet heartbeat and one follower per
+subscription. If a task dies the daemon stops; shutdown reverses startup.
+
+A subscription (``os/win10:production``) is kept current through the coordinator's Watch stream:
+on every (re)connection the follower first pulls whatever the ref names now, then pulls again on
+each event that moves it. Missed events are caught up from the last position seen; no polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from cachepoint.errors import CachepointError
+from cachepoint.ids import LATEST, Ref
+from cachepoint.replication.pull import PullResult, pull
+from cachepoint.rpc import channel
+from cachepoint.rpc.agent import AgentService
+from cachepoint.rpc.block_exchange import BlockExchangeService, ServeCounters
+from cachepoint.rpc.catalog_read import CatalogReadService
+from cachepoint.rpc.client import UNARY_DEADLINE
+from cachepoint.rpc.serving import Server, announce, stop_event_on_signals
+from cachepoint.store import format as fmt
+from cachepoint.store.store import Store
+from cachepoint.v1 import (
+    agent_pb2_grpc,
+    blocks_pb2_grpc,
+    catalog_pb2,
+    catalog_pb2_grpc,
+    fleet_pb2,
+    fleet_pb2_grpc,
+)
+
+log = logging.getLogger("cachepoint.daemon")
+STATE_FILE = "daemon.json"
+BACKOFF_START = 0.5
+BACKOFF_MAX = 30.0
+
+
+@dataclass
+class DaemonSettings:
+    store: Path
+    listen: str = "127.0.0.1:7401"
+    """HOST:PORT of this node's gRPC server (peers fetch blocks here; port 0 picks one)."""
+    coordinator: str = ""
+    """HOST:PORT of the coordinator; empty: serve the local store alone (a laptop offline)."""
+    site: str = "default"
+    """Locality label: peers of one site fetch from each other before crossing the WAN."""
+    node_id: str = ""
+    """Name of this node in the fleet. Default: host name and store id."""
+    subscribe: list[str] = field(default_factory=list)
+    """Refs to keep current, e.g. os/win10:production."""
+
+
+@dataclass
+class SubscriptionState:
+    ref: Ref
+    wanted: int = 0
+    held: int = 0
+    state: str = "starting"
+    last_error: str = ""
+
+
+@dataclass
+class SourceTotals:
+    blocks: int = 0
+    bytes: int = 0
+    failures: int = 0
+
+
+class Daemon:
+    def __init__(self, settings: DaemonSettings) -> None:
+        self.settings = settings
+        self.store: Store | None = None
+        self.address = ""
+        self.node_id = settings.node_id
+        self.connected = False
+        self.catalog_position = 0
+        self.peers_known = 0
+        self.serve_counters = ServeCounters()
+        self.sources: dict[str, SourceTotals] = {}
+        self.subscriptions = [SubscriptionState(Ref.parse(text)) for text in settings.subscribe]
+        self._pull_lock = asyncio.Lock()  # one pull at a time: two would fetch the same blocks
+
+    # -- pulls ---------------------------------------------------------------------------------
+
+    async def pull(self, ref: Ref, progress: object = None) -> PullResult:
+        assert self.store is not None
+        async with self._pull_lock:
+            result = await pull(
+                self.store,
+                ref,
+                self.settings.coordinator,
+                node_id=self.node_id,
+                own_address=self.address,
+                progress=progress,  # type: ignore[arg-type]
+            )
+        for source in result.sources:
+            totals = self.sources.setdefault(str(source.source_class), SourceTotals())
+            totals.blocks += source.counters.blocks
+            totals.bytes += source.counters.bytes
+            totals.failures += source.counters.failures
+        self.peers_known = max(self.peers_known, sum(1 for s in result.sources if s.name != "origin"))
+        if not result.already_local:
+            log.info(
+                "pulled %s: %d blocks from %s",
+                result.version.ref,
+                result.fetched.blocks,
+                ", ".join(f"{s.name}={s.counters.blocks}" for s in result.sources),
+            )
+        return result
+
+    def held_refs(self) -> list[tuple[str, int]]:
+        assert self.store is not None
+        return [(v.layer, v.number) for v in self.store.catalog.all_versions()]
+
+    # -- background tasks ------------------------------------------------------------------------
+
+    async def heartbeat(self) -> None:
+        backoff = BACKOFF_START
+        async with channel.channel(self.settings.coordinator) as ch:
+            fleet = fleet_pb2_grpc.FleetStub(ch)
+            registered = False
+            interval = 2.0
+            while True:
+                try:
+                    if not registered:
+                        node = fleet_pb2.NodeInfo(
+                            node_id=self.node_id, site=self.settings.site, address=self.address
+                        )
+                        response = await fleet.Register(
+                            fleet_pb2.RegisterRequest(node=node), timeout=UNARY_DEADLINE
+                        )
+                        interval = max(response.heartbeat_interval_ms / 1000, 0.2)
+                        registered = True
+                    held = await asyncio.to_thread(self.held_refs)
+                    request = fleet_pb2.HeartbeatRequest(
+                        node_id=self.node_id, load=min(self.serve_counters.blocks_served // 1000, 2**31)
+                    )
+                    for layer, number in held:
+                        request.complete.add(layer=layer, number=number)
+                    await fleet.Heartbeat(request, timeout=UNARY_DEADLINE)
+                    self.connected = True
+                    backoff = BACKOFF_START
+                    await asyncio.sleep(interval)
+                except grpc.aio.AioRpcError as err:
+                    if err.code() == grpc.StatusCode.NOT_FOUND:
+                        registered = False  # the coordinator restarted and forgot us
+                        continue
+                    self.connected = False
+                    registered = False
+                    await asyncio.sleep(backoff * (1 + random.random() / 2))
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _moves(self, sub: SubscriptionState, event: catalog_pb2.CatalogEvent) -> bool:
+        which = event.WhichOneof("event")
+        if which == "tag_moved":
+            return event.tag_moved.layer == sub.ref.layer and event.tag_moved.tag == (sub.ref.tag or LATEST)
+        return False
+
+    async def _sync(self, sub: SubscriptionState) -> None:
+        sub.state = "pulling"
+        result = await self.pull(sub.ref)
+        sub.wanted = sub.held = result.version.number
+        sub.state = "current"
+        sub.last_error = ""
+
+    async def follow(self, sub: SubscriptionState) -> None:
+        backoff = BACKOFF_START
+        position = 0
+        while True:
+            try:
+                await self._sync(sub)
+                if sub.ref.number is not None:
+                    return  # a fixed version never moves
+                async with channel.channel(self.settings.coordinator) as ch:
+                    catalog = catalog_pb2_grpc.CatalogStub(ch)
+                    stream = catalog.Watch(catalog_pb2.WatchRequest(after=position, layers=[sub.ref.layer]))
+                    backoff = BACKOFF_START
+                    async for event in stream:
+                        position = max(position, event.position)
+                        self.catalog_position = max(self.catalog_position, event.position)
+                        if self._moves(sub, event):
+                            sub.wanted = event.tag_moved.number
+                            await self._sync(sub)
+            except (grpc.aio.AioRpcError, CachepointError) as err:
+                sub.state = "waiting"
+                sub.last_error = str(err.details() if isinstance(err, grpc.aio.AioRpcError) else err)
+                log.warning("subscription %s: %s; retrying in %.1fs", sub.ref, sub.last_error, backoff)
+                await asyncio.sleep(backoff * (1 + random.random() / 2))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        self.store = Store.open(self.settings.store, writable=True, create=True)
+        store_id = (self.store.db.meta(fmt.META_STORE_ID) or b"").hex()[:8]
+        self.node_id = self.node_id or f"{os.uname().nodename}-{store_id}"
+        server = Server(self.settings.listen, "cachepoint.v1.BlockExchange")
+        store = self.store
+        blocks = BlockExchangeService(store, self.serve_counters, accepts_pushes=False)
+        server.add(lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(blocks, s))
+        server.add(lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogReadService(store), s))
+        server.add(lambda s: agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self), s))
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            self.address = await server.start()
+            stop = stop or stop_event_on_signals()
+            if self.settings.coordinator:
+                tasks.append(asyncio.create_task(self.heartbeat(), name="heartbeat"))
+                for sub in self.subscriptions:
+                    tasks.append(asyncio.create_task(self.follow(sub), name=f"follow {sub.ref}"))
+            announce(
+                self.address,
+                self.settings.store / STATE_FILE,
+                role="cachepoint",
+                node_id=self.node_id,
+                site=self.settings.site,
+            )
+            stopper = asyncio.create_task(stop.wait(), name="stop")
+            pending = {stopper, *tasks}
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if stopper in done:
+                    break
+                for task in done:
+                    if task.exception() is not None:
+                        log.error("task %s died: %r; stopping", task.get_name(), task.exception())
+                        raise task.exception()  # type: ignore[misc]
+            stopper.cancel()
+        finally:
+            for task in reversed(tasks):
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await server.stop()
+            with contextlib.suppress(OSError):
+                (self.settings.store / STATE_FILE).unlink()
+            self.store.close()

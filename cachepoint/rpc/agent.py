@@ -1,0 +1,60 @@
+"""Agent: the daemon's local API, for `cachepoint status` and pulls through a running daemon."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from cachepoint.rpc.errors import rpc_errors
+from cachepoint.v1 import agent_pb2, agent_pb2_grpc
+from cachepoint.wire import ref_from_pb, version_to_pb
+
+if TYPE_CHECKING:
+    from cachepoint.daemon import Daemon
+
+
+class AgentService(agent_pb2_grpc.AgentServicer):
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    @rpc_errors
+    async def Status(  # noqa: N802 - gRPC method name
+        self, request: agent_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.StatusResponse:
+        d = self.daemon
+        assert d.store is not None
+        response = agent_pb2.StatusResponse(
+            node_id=d.node_id,
+            site=d.settings.site,
+            address=d.address,
+            coordinator=d.settings.coordinator,
+            coordinator_connected=d.connected,
+            outbox_depth=0,
+            peers_known=d.peers_known,
+            catalog_position=d.catalog_position,
+        )
+        for sub in d.subscriptions:
+            response.subscriptions.add(
+                ref=str(sub.ref), wanted=sub.wanted, held=sub.held, state=sub.state, last_error=sub.last_error
+            )
+        response.versions.extend(version_to_pb(v) for v in d.store.catalog.all_versions())
+        for name, totals in sorted(d.sources.items()):
+            response.sources.add(
+                source_class=name, blocks=totals.blocks, bytes=totals.bytes, failures=totals.failures
+            )
+        return response
+
+    @rpc_errors
+    async def Pull(  # noqa: N802
+        self, request: agent_pb2.PullRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_pb2.PullProgress]:
+        result = await self.daemon.pull(ref_from_pb(request.ref))
+        yield agent_pb2.PullProgress(
+            blocks_total=result.planned_blocks,
+            blocks_done=result.fetched.blocks,
+            bytes_done=result.fetched.bytes,
+            version=version_to_pb(result.version),
+            finished=True,
+        )

@@ -1,0 +1,64 @@
+"""Finding the daemon that owns a store and asking it how it is doing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+
+from cachepoint.errors import NotFound
+from cachepoint.rpc import channel
+from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
+from cachepoint.v1 import agent_pb2, agent_pb2_grpc
+
+STATE_FILE = "daemon.json"
+
+
+def daemon_address(store: Path) -> str:
+    """The address the daemon serving ``store`` announced when it started."""
+    try:
+        return str(json.loads((store / STATE_FILE).read_text())["listening"])
+    except (OSError, ValueError, KeyError) as err:
+        raise NotFound(
+            f"no cachepoint daemon is running on store {store} (start one with `cachepoint serve`)"
+        ) from err
+
+
+async def daemon_status(store: Path) -> agent_pb2.StatusResponse:
+    address = daemon_address(store)
+    async with channel.channel(address) as ch:
+        try:
+            return await agent_pb2_grpc.AgentStub(ch).Status(
+                agent_pb2.StatusRequest(), timeout=UNARY_DEADLINE
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, address) from err
+
+
+def status_json(s: agent_pb2.StatusResponse) -> dict[str, object]:
+    return {
+        "node_id": s.node_id,
+        "site": s.site,
+        "address": s.address,
+        "coordinator": s.coordinator,
+        "coordinator_connected": s.coordinator_connected,
+        "catalog_position": s.catalog_position,
+        "subscriptions": [
+            {
+                "ref": sub.ref,
+                "state": sub.state,
+                "wanted": sub.wanted,
+                "held": sub.held,
+                "lag": max(sub.wanted - sub.held, 0),
+                "last_error": sub.last_error,
+            }
+            for sub in s.subscriptions
+        ],
+        "versions": [f"{v.layer}@{v.number}" for v in s.versions],
+        "outbox_depth": s.outbox_depth,
+        "peers_known": s.peers_known,
+        "bytes_by_source": {
+            c.source_class: {"blocks": c.blocks, "bytes": c.bytes, "failures": c.failures} for c in s.sources
+        },
+    }
