@@ -607,9 +607,8 @@ def status_cmd(ctx: Context, as_json: bool) -> None:
         error = f" ({sub['last_error']})" if sub["last_error"] else ""
         click.echo(f"  {sub['ref']}: {sub['state']}, holds @{sub['held']}{lag}{error}")
     for name, totals in data["bytes_by_source"].items():
-        click.echo(
-            f"  from {name}: {totals['blocks']} blocks, {human(totals['bytes'])}, {totals['failures']} failures"
-        )
+        blocks, size, failures = totals["blocks"], human(totals["bytes"]), totals["failures"]
+        click.echo(f"  from {name}: {blocks} blocks, {size}, {failures} failures")
     click.echo(f"versions held: {len(data['versions'])}; outbox depth {data['outbox_depth']}")
 
 
