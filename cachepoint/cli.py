@@ -18,7 +18,7 @@ from cachepoint import __version__
 from cachepoint.blocks import parse_block_size
 from cachepoint.config import Settings, load_settings
 from cachepoint.console import emit_json, fail, handles_errors, human, json_option, warn, when
-from cachepoint.errors import EXIT_CORRUPT, EXIT_FAILURE, CachepointError, InvalidInput
+from cachepoint.errors import EXIT_CORRUPT, EXIT_FAILURE, CachepointError, InvalidInput, StoreBusy
 from cachepoint.ids import Ref, validate_layer_name
 from cachepoint.layers.composite import composite
 from cachepoint.layers.diff import diff_manifests
@@ -138,9 +138,23 @@ def ingest_cmd(
         new_layer_block_size=parse_block_size(ctx.settings.block_size),
         tags=tags,
     )
-    with ctx.open(writable=True, create=True) as store:
-        with progress_bar(f"ingest {layer}", not as_json) as progress:
-            result = ingest(store, path, options, progress)
+    try:
+        store = ctx.open(writable=True, create=True)
+    except StoreBusy:
+        # A daemon holds the store: let it do the ingest (and queue a user/ version for the coordinator).
+        from cachepoint.status import ingest_via_daemon
+
+        data = asyncio.run(ingest_via_daemon(ctx.store_path, path, options))
+        if as_json:
+            emit_json(data)
+        else:
+            click.echo(
+                f"{data['ref']}  {human(data['logical_bytes'])} logical, {human(data['new_bytes'])} new "
+                f"(through the daemon)"
+            )
+        return
+    with store, progress_bar(f"ingest {layer}", not as_json) as progress:
+        result = ingest(store, path, options, progress)
     if result.skipped:
         listed = ", ".join(f"{p} ({why})" for p, why in result.skipped[:10])
         more = f" and {len(result.skipped) - 10} more" if len(result.skipped) > 10 else ""

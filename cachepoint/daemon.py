@@ -23,6 +23,7 @@ import grpc
 
 from cachepoint.errors import CachepointError
 from cachepoint.ids import LATEST, Ref
+from cachepoint.replication import outbox
 from cachepoint.replication.pull import PullResult, pull
 from cachepoint.rpc import channel
 from cachepoint.rpc.agent import AgentService
@@ -91,6 +92,8 @@ class Daemon:
         self.sources: dict[str, SourceTotals] = {}
         self.subscriptions = [SubscriptionState(Ref.parse(text)) for text in settings.subscribe]
         self._pull_lock = asyncio.Lock()  # one pull at a time: two would fetch the same blocks
+        self.outbox_wakeup = asyncio.Event()
+        self.delivered = 0
 
     # -- pulls ---------------------------------------------------------------------------------
 
@@ -150,6 +153,8 @@ class Daemon:
                     for layer, number in held:
                         request.complete.add(layer=layer, number=number)
                     await fleet.Heartbeat(request, timeout=UNARY_DEADLINE)
+                    if not self.connected:
+                        self.outbox_wakeup.set()  # back online: deliver what waited
                     self.connected = True
                     backoff = BACKOFF_START
                     await asyncio.sleep(interval)
@@ -161,6 +166,33 @@ class Daemon:
                     registered = False
                     await asyncio.sleep(backoff * (1 + random.random() / 2))
                     backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def deliver(self) -> None:
+        """Drain the outbox whenever there may be something to send; retry with backoff while the
+        coordinator is away (the outbox itself is durable: it is the store's own state)."""
+        assert self.store is not None
+        backoff = BACKOFF_START
+        self.outbox_wakeup.set()  # versions made while the daemon was down
+        while True:
+            try:
+                await asyncio.wait_for(
+                    self.outbox_wakeup.wait(), timeout=backoff if backoff > BACKOFF_START else None
+                )
+            except TimeoutError:
+                pass
+            self.outbox_wakeup.clear()
+            try:
+                self.delivered += len(await outbox.drain(self.store, self.settings.coordinator))
+                backoff = BACKOFF_START
+            except (grpc.aio.AioRpcError, CachepointError) as err:
+                detail = err.details() if isinstance(err, grpc.aio.AioRpcError) else str(err)
+                log.warning(
+                    "outbox: %s; %d versions wait, retrying in %.1fs",
+                    detail,
+                    outbox.depth(self.store),
+                    backoff,
+                )
+                backoff = min(max(backoff, 1.0) * 2, BACKOFF_MAX)
 
     def _moves(self, sub: SubscriptionState, event: catalog_pb2.CatalogEvent) -> bool:
         which = event.WhichOneof("event")
@@ -218,6 +250,7 @@ class Daemon:
             stop = stop or stop_event_on_signals()
             if self.settings.coordinator:
                 tasks.append(asyncio.create_task(self.heartbeat(), name="heartbeat"))
+                tasks.append(asyncio.create_task(self.deliver(), name="outbox"))
                 for sub in self.subscriptions:
                     tasks.append(asyncio.create_task(self.follow(sub), name=f"follow {sub.ref}"))
             announce(

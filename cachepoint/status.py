@@ -7,12 +7,14 @@ from pathlib import Path
 
 import grpc
 
-from cachepoint.errors import NotFound
+from cachepoint.errors import NotFound, StoreBusy
+from cachepoint.layers.ingest import IngestOptions
 from cachepoint.rpc import channel
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
 from cachepoint.v1 import agent_pb2, agent_pb2_grpc
 
 STATE_FILE = "daemon.json"
+INGEST_DEADLINE = 6 * 3600.0
 
 
 def daemon_address(store: Path) -> str:
@@ -34,6 +36,29 @@ async def daemon_status(store: Path) -> agent_pb2.StatusResponse:
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err, address) from err
+
+
+async def ingest_via_daemon(store: Path, path: Path, options: IngestOptions) -> dict[str, object]:
+    """Ask the daemon that holds ``store`` to ingest ``path`` (a path on this host)."""
+    try:
+        address = daemon_address(store)
+    except NotFound as err:
+        raise StoreBusy(store, "another process holds it and no daemon is announced") from err
+    request = agent_pb2.IngestRequest(
+        layer=options.layer,
+        path=str(path.resolve()),
+        kind=int(options.kind),
+        message=options.message,
+        tags=list(options.tags),
+        block_size=options.block_size or 0,
+        author=options.author,
+    )
+    async with channel.channel(address) as ch:
+        try:
+            response = await agent_pb2_grpc.AgentStub(ch).Ingest(request, timeout=INGEST_DEADLINE)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, address) from err
+    return dict(json.loads(response.result_json))
 
 
 def status_json(s: agent_pb2.StatusResponse) -> dict[str, object]:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 
+from cachepoint.layers.ingest import IngestOptions, ingest
+from cachepoint.model import LayerKind
+from cachepoint.replication import outbox
 from cachepoint.rpc.errors import rpc_errors
 from cachepoint.v1 import agent_pb2, agent_pb2_grpc
 from cachepoint.wire import ref_from_pb, version_to_pb
@@ -31,7 +38,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             address=d.address,
             coordinator=d.settings.coordinator,
             coordinator_connected=d.connected,
-            outbox_depth=0,
+            outbox_depth=await asyncio.to_thread(outbox.depth, d.store),
             peers_known=d.peers_known,
             catalog_position=d.catalog_position,
         )
@@ -45,6 +52,29 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 source_class=name, blocks=totals.blocks, bytes=totals.bytes, failures=totals.failures
             )
         return response
+
+    @rpc_errors
+    async def Ingest(  # noqa: N802
+        self, request: agent_pb2.IngestRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.IngestResponse:
+        d = self.daemon
+        assert d.store is not None
+        options = IngestOptions(
+            layer=request.layer,
+            kind=LayerKind(request.kind) if request.kind else LayerKind.APP,
+            message=request.message,
+            author=request.author,
+            device=d.settings.node_id or os.uname().nodename,
+            block_size=request.block_size or None,
+            tags=tuple(request.tags),
+        )
+        result = await asyncio.to_thread(ingest, d.store, Path(request.path), options)
+        assert result.version is not None
+        if result.version.layer.startswith(outbox.USER_PREFIX):
+            d.outbox_wakeup.set()
+        return agent_pb2.IngestResponse(
+            version=version_to_pb(result.version), result_json=json.dumps(result.as_json())
+        )
 
     @rpc_errors
     async def Pull(  # noqa: N802

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import rocksdict
 
 from cachepoint.blocks import decode_block, encode_block
-from cachepoint.errors import ImageNotFound, LayerNotFound, RefNotFound
+from cachepoint.errors import ImageNotFound, InvalidInput, LayerNotFound, RefNotFound
 from cachepoint.ids import LATEST, Ref, validate_layer_name, validate_tag
 from cachepoint.model import ImageSpec, LayerKind, Manifest, VersionInfo
 from cachepoint.store import format as fmt
@@ -239,6 +239,12 @@ class Catalog:
         cachepoint holds only the versions it follows); the layer's latest is the highest held."""
         if manifest_digest(pending.manifest_bytes) != info.manifest_digest:
             raise ValueError(f"manifest of {info.ref} does not match its digest")
+        raw = self._db.cf[fmt.CF_VERSIONS].get(fmt.version_key(info.layer, info.number))
+        if raw is not None and version_from_bytes(raw).manifest_digest != info.manifest_digest:
+            # A local version holds this number (made on this device, not yet renumbered): never overwrite it.
+            raise InvalidInput(
+                f"{info.ref} here is a different local version; it is not replaced by the coordinator's"
+            )
         existing = self.layer_or_none(info.layer)
         now = time.time_ns()
         h = self._db.handle
@@ -260,6 +266,9 @@ class Catalog:
                 self._stage_tag(batch, info.layer, tag, info.number, info.author, now)
         if pending.ingest_id is not None:
             batch.delete(pending.ingest_id, h[fmt.CF_INGESTS])
+        # It came from the coordinator, so it is not for the outbox.
+        pushed = {"number": info.number, "pushed_ns": now}
+        batch.put(fmt.version_key(info.layer, info.number), json.dumps(pushed).encode(), h[fmt.CF_PUSHED])
         self._db.write(batch, sync=True)
         return info
 

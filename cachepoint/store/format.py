@@ -24,9 +24,14 @@ Column families, key layout and values (sizes in bytes):
 ``images``     name (utf-8)      -> JSON {"refs": [...], "created_ns"}
 ``events``     position[u64 BE]  -> serialized cachepoint.v1.CatalogEvent (the coordinator's catalog
                log, written in the same batch as the change it records; positions start at 1)
+``commit_ids`` commit id (utf-8)  -> layer 0x00 number[u64 BE] (coordinator: commits already made, so a
+               retried commit returns its version instead of making a second one)
+``pushed``     layer 0x00 local number[u64 BE] -> JSON {"number", "pushed_ns"} (cachepoint: which local
+               versions the coordinator has, under which number; a local user/ version without a record
+               is in the outbox)
 
-Column families added within format 1 (``events``) are created when a store is opened for writing;
-a read-only open of a store that predates them sees them as empty.
+Column families added within format 1 (``events``, ``commit_ids``, ``pushed``) are created when a
+store is opened for writing; a read-only open of a store that predates them sees them as empty.
 
 Durability: blocks are written with RocksDB's WAL off (it would write every block twice), then the
 ``blocks`` family is flushed to SST files, and only then is the version committed in one synced,
@@ -54,6 +59,8 @@ CF_PREFILTER = "prefilter"
 CF_INGESTS = "ingests"
 CF_IMAGES = "images"
 CF_EVENTS = "events"
+CF_COMMIT_IDS = "commit_ids"
+CF_PUSHED = "pushed"
 COLUMN_FAMILIES = (
     CF_META,
     CF_BLOCKS,
@@ -66,6 +73,8 @@ COLUMN_FAMILIES = (
     CF_INGESTS,
     CF_IMAGES,
     CF_EVENTS,
+    CF_COMMIT_IDS,
+    CF_PUSHED,
 )
 
 META_FORMAT_VERSION = b"format_version"

@@ -82,3 +82,29 @@ class PullProgress(_message.Message):
     version: _version_pb2.VersionInfo
     finished: bool
     def __init__(self, blocks_total: _Optional[int] = ..., blocks_done: _Optional[int] = ..., bytes_done: _Optional[int] = ..., version: _Optional[_Union[_version_pb2.VersionInfo, _Mapping]] = ..., finished: _Optional[bool] = ...) -> None: ...
+
+class IngestRequest(_message.Message):
+    __slots__ = ("layer", "path", "kind", "message", "tags", "block_size", "author")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    path: str
+    kind: _version_pb2.LayerKind
+    message: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    block_size: int
+    author: str
+    def __init__(self, layer: _Optional[str] = ..., path: _Optional[str] = ..., kind: _Optional[_Union[_version_pb2.LayerKind, str]] = ..., message: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., block_size: _Optional[int] = ..., author: _Optional[str] = ...) -> None: ...
+
+class IngestResponse(_message.Message):
+    __slots__ = ("version", "result_json")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    version: _version_pb2.VersionInfo
+    result_json: str
+    def __init__(self, version: _Optional[_Union[_version_pb2.VersionInfo, _Mapping]] = ..., result_json: _Optional[str] = ...) -> None: ...

@@ -39,6 +39,11 @@ class AgentStub:
                 request_serializer=cachepoint_dot_v1_dot_agent__pb2.StatusRequest.SerializeToString,
                 response_deserializer=cachepoint_dot_v1_dot_agent__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Ingest = channel.unary_unary(
+                '/cachepoint.v1.Agent/Ingest',
+                request_serializer=cachepoint_dot_v1_dot_agent__pb2.IngestRequest.SerializeToString,
+                response_deserializer=cachepoint_dot_v1_dot_agent__pb2.IngestResponse.FromString,
+                _registered_method=True)
         self.Pull = channel.unary_stream(
                 '/cachepoint.v1.Agent/Pull',
                 request_serializer=cachepoint_dot_v1_dot_agent__pb2.PullRequest.SerializeToString,
@@ -51,6 +56,14 @@ class AgentServicer:
 
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Ingest(self, request, context):
+        """Ingest through the daemon that holds the store open (the command line does this when the store
+        is busy); a new version of a user/ layer is queued for the coordinator.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -68,6 +81,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=cachepoint_dot_v1_dot_agent__pb2.StatusRequest.FromString,
                     response_serializer=cachepoint_dot_v1_dot_agent__pb2.StatusResponse.SerializeToString,
+            ),
+            'Ingest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ingest,
+                    request_deserializer=cachepoint_dot_v1_dot_agent__pb2.IngestRequest.FromString,
+                    response_serializer=cachepoint_dot_v1_dot_agent__pb2.IngestResponse.SerializeToString,
             ),
             'Pull': grpc.unary_stream_rpc_method_handler(
                     servicer.Pull,
@@ -102,6 +120,33 @@ class Agent:
             '/cachepoint.v1.Agent/Status',
             cachepoint_dot_v1_dot_agent__pb2.StatusRequest.SerializeToString,
             cachepoint_dot_v1_dot_agent__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ingest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachepoint.v1.Agent/Ingest',
+            cachepoint_dot_v1_dot_agent__pb2.IngestRequest.SerializeToString,
+            cachepoint_dot_v1_dot_agent__pb2.IngestResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,7 +69,7 @@ class ManifestBlob(_message.Message):
     def __init__(self, digest: _Optional[bytes] = ..., manifest: _Optional[bytes] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("layer", "kind", "manifest", "parent", "author", "device", "message", "tags", "created_ns")
+    __slots__ = ("layer", "kind", "manifest", "parent", "author", "device", "message", "tags", "created_ns", "commit_id", "no_parent")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,8 @@ class CommitRequest(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     CREATED_NS_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_ID_FIELD_NUMBER: _ClassVar[int]
+    NO_PARENT_FIELD_NUMBER: _ClassVar[int]
     layer: str
     kind: _version_pb2.LayerKind
     manifest: ManifestBlob
@@ -88,7 +90,9 @@ class CommitRequest(_message.Message):
     message: str
     tags: _containers.RepeatedScalarFieldContainer[str]
     created_ns: int
-    def __init__(self, layer: _Optional[str] = ..., kind: _Optional[_Union[_version_pb2.LayerKind, str]] = ..., manifest: _Optional[_Union[ManifestBlob, _Mapping]] = ..., parent: _Optional[int] = ..., author: _Optional[str] = ..., device: _Optional[str] = ..., message: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., created_ns: _Optional[int] = ...) -> None: ...
+    commit_id: str
+    no_parent: bool
+    def __init__(self, layer: _Optional[str] = ..., kind: _Optional[_Union[_version_pb2.LayerKind, str]] = ..., manifest: _Optional[_Union[ManifestBlob, _Mapping]] = ..., parent: _Optional[int] = ..., author: _Optional[str] = ..., device: _Optional[str] = ..., message: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., created_ns: _Optional[int] = ..., commit_id: _Optional[str] = ..., no_parent: _Optional[bool] = ...) -> None: ...
 
 class SetTagRequest(_message.Message):
     __slots__ = ("ref", "tag", "actor")

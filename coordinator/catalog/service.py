@@ -14,6 +14,7 @@ from cachepoint.ids import DIGEST_SIZE, LATEST, BlockId, validate_layer_name, va
 from cachepoint.model import LayerKind, VersionInfo
 from cachepoint.rpc.catalog_read import CatalogReadService
 from cachepoint.rpc.errors import MissingBlocks, rpc_errors
+from cachepoint.store import format as fmt
 from cachepoint.store.catalog import PendingCommit
 from cachepoint.store.store import Store
 from cachepoint.v1 import catalog_pb2, version_pb2
@@ -30,8 +31,19 @@ class CatalogService(CatalogReadService):
         self.events = events
         self._commit_lock = asyncio.Lock()  # version numbers and event positions are handed out in order
 
+    def _earlier_commit(self, commit_id: str) -> VersionInfo | None:
+        raw = self.store.db.cf[fmt.CF_COMMIT_IDS].get(commit_id.encode())
+        if raw is None:
+            return None
+        layer, number = fmt.split_version_key(raw)
+        return self.store.catalog.version(layer, number)
+
     def _commit(self, request: catalog_pb2.CommitRequest) -> VersionInfo:
         validate_layer_name(request.layer)
+        if len(request.commit_id) > 512:
+            raise InvalidInput(f"commit of {request.layer}: commit_id is longer than 512 characters")
+        if request.commit_id and (earlier := self._earlier_commit(request.commit_id)) is not None:
+            return earlier  # a retry: the version was made the first time
         for tag in request.tags:
             validate_tag(tag)
         raw = request.manifest.manifest
@@ -47,6 +59,9 @@ class CatalogService(CatalogReadService):
         kind = LayerKind(request.kind) if request.kind else LayerKind.APP
 
         def record(batch: rocksdict.WriteBatch, info: VersionInfo) -> None:
+            if request.commit_id:
+                key = fmt.version_key(info.layer, info.number)
+                batch.put(request.commit_id.encode(), key, self.store.db.handle[fmt.CF_COMMIT_IDS])
             self.events.stage(batch, catalog_pb2.CatalogEvent(version_committed=version_to_pb(info)))
             for tag in dict.fromkeys((*request.tags, LATEST)):
                 move = version_pb2.TagMove(
@@ -63,7 +78,7 @@ class CatalogService(CatalogReadService):
             device=request.device,
             message=request.message,
             tags=tuple(request.tags),
-            parent=request.parent or None,
+            parent=0 if request.no_parent else (request.parent or None),
             created_ns=request.created_ns or None,
             also=record,
         )
