@@ -27,6 +27,7 @@ from cachepoint.layers.ingest import IngestOptions, default_author, ingest
 from cachepoint.layers.rollback import rollback
 from cachepoint.model import LayerKind, VersionInfo
 from cachepoint.progress import progress_bar
+from cachepoint.replication.ratelimit import class_limits
 from cachepoint.store.fsck import fsck
 from cachepoint.store.gc import collect
 from cachepoint.store.stats import store_stats
@@ -537,17 +538,23 @@ def publish_cmd(
 @cli.command("pull")
 @click.argument("ref")
 @click.option("--from", "origin", required=True, metavar="HOST:PORT", help="A coordinator or a peer.")
+@click.option(
+    "--wan-rate", default=None, help="Cap on fetching across the WAN, e.g. 100Mbit [config wan_rate]."
+)
 @json_option
 @pass_ctx
 @handles_errors
-def pull_cmd(ctx: Context, ref: str, origin: str, as_json: bool) -> None:
+def pull_cmd(ctx: Context, ref: str, origin: str, wan_rate: str | None, as_json: bool) -> None:
     """Fetch REF's missing blocks (nearest sources first, every block verified) and commit it here."""
     from cachepoint.replication.pull import pull
 
     parsed = Ref.parse(ref)
     with ctx.open(writable=True, create=True) as store:
         with progress_bar(f"pull {ref}", not as_json, unit="blocks") as progress:
-            result = asyncio.run(pull(store, parsed, origin, node_id=ctx.device, progress=progress))
+            limits = class_limits(wan_rate or ctx.settings.wan_rate, ctx.settings.site_rate)
+            result = asyncio.run(
+                pull(store, parsed, origin, node_id=ctx.device, progress=progress, limits=limits)
+            )
     if as_json:
         emit_json(result.as_json())
         return
@@ -594,6 +601,7 @@ def serve_cmd(
         site=site or s.site,
         node_id=node_id or s.node_id,
         subscribe=list(subscribe) or list(s.subscribe),
+        limits=class_limits(s.wan_rate, s.site_rate),
     )
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"

@@ -11,6 +11,7 @@ The TOML keys are the field names, e.g.::
     coordinator = "coordinator.example:7400"
     site = "branch-12"
     subscribe = ["os/win10:production", "app/office:production"]
+    wan_rate = "100Mbit"
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class Settings:
     """`serve`: name of this node in the fleet. Default: host name and store id."""
     subscribe: list[str] = field(default_factory=list)
     """`serve`: refs to keep current, e.g. ["os/win10:production"]."""
+    wan_rate: str = "0"
+    """`serve`, `pull`: cap on fetching from other sites and the coordinator, e.g. "100Mbit" (0: none)."""
+    site_rate: str = "0"
+    """`serve`, `pull`: cap on fetching from peers of the same site (0: none)."""
 
 
 def load_settings(config_path: str | None, store_flag: str | None) -> Settings:

@@ -25,6 +25,7 @@ from cachepoint.errors import CachepointError
 from cachepoint.ids import LATEST, Ref
 from cachepoint.replication import outbox
 from cachepoint.replication.pull import PullResult, pull
+from cachepoint.replication.sources import SourceClass
 from cachepoint.rpc import channel
 from cachepoint.rpc.agent import AgentService
 from cachepoint.rpc.block_exchange import BlockExchangeService, ServeCounters
@@ -61,6 +62,8 @@ class DaemonSettings:
     """Name of this node in the fleet. Default: host name and store id."""
     subscribe: list[str] = field(default_factory=list)
     """Refs to keep current, e.g. os/win10:production."""
+    limits: dict[SourceClass, float] = field(default_factory=dict)
+    """Bytes per second per class of source (see replication/ratelimit.py)."""
 
 
 @dataclass
@@ -107,6 +110,7 @@ class Daemon:
                 node_id=self.node_id,
                 own_address=self.address,
                 progress=progress,  # type: ignore[arg-type]
+                limits=self.settings.limits,
             )
         for source in result.sources:
             totals = self.sources.setdefault(str(source.source_class), SourceTotals())

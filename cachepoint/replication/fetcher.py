@@ -21,7 +21,8 @@ import grpc
 from cachepoint.blocks import decode_verified
 from cachepoint.errors import BlockCorrupt, PullIncomplete
 from cachepoint.ids import BlockId
-from cachepoint.replication.sources import Source
+from cachepoint.replication.ratelimit import TokenBucket
+from cachepoint.replication.sources import Source, SourceClass
 from cachepoint.store.store import Store
 
 log = logging.getLogger("cachepoint.replication")
@@ -63,8 +64,11 @@ class Fetcher:
         sources: list[Source],
         progress: ProgressFn | None = None,
         stall: float = STALL_SECONDS,
+        limits: dict[SourceClass, float] | None = None,
     ) -> None:
         self.store = store
+        # Bytes per second per class of source (e.g. the WAN: peers of other sites and the origin).
+        self.buckets = {cls: TokenBucket(rate) for cls, rate in (limits or {}).items() if rate > 0}
         self.sources = sorted(sources, key=lambda s: s.source_class)
         self.progress = progress
         self.stall = stall
@@ -122,8 +126,11 @@ class Fetcher:
 
     async def _stream(self, source: Source, total: int) -> None:
         while (unit := await self._take(source)) is not None:
+            bucket = self.buckets.get(source.source_class)
             try:
                 async for values in source.fetch(unit.ids, self.stall):
+                    if bucket is not None:
+                        await bucket.pay(sum(len(v) for _, v in values))
                     good, bad = await asyncio.to_thread(_verify, [v for v in values if v[0] in self._wanted])
                     if good:
                         await asyncio.to_thread(self.store.blocks.put_many, good, True)

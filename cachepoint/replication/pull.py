@@ -81,6 +81,7 @@ async def pull(
     own_address: str = "",
     progress: ProgressFn | None = None,
     extra_sources: list[Source] | None = None,
+    limits: dict[SourceClass, float] | None = None,
 ) -> PullResult:
     try:
         async with channel.channel(origin) as ch:
@@ -107,7 +108,7 @@ async def pull(
                 sources += await find_peers(ch, node_id, info, own_address)
             sources.append(Source("origin", origin, SourceClass.ORIGIN))
             result = PullResult(info, planned_blocks=len(missing), sources=sources)
-            result.fetched = await Fetcher(store, sources, progress).fetch(missing, info.ref)
+            result.fetched = await Fetcher(store, sources, progress, limits=limits).fetch(missing, info.ref)
             await asyncio.to_thread(
                 store.catalog.import_version, info, PendingCommit(blob.manifest, {}), tags
             )
