@@ -133,6 +133,26 @@ class Daemon:
 
     # -- background tasks ------------------------------------------------------------------------
 
+    async def _heartbeat_request(self) -> fleet_pb2.HeartbeatRequest:
+        held = await asyncio.to_thread(self.held_refs)
+        request = fleet_pb2.HeartbeatRequest(
+            node_id=self.node_id, load=min(self.serve_counters.blocks_served // 1000, 2**31)
+        )
+        for layer, number in held:
+            request.complete.add(layer=layer, number=number)
+        return request
+
+    async def report_inventory(self) -> None:
+        """Tell the coordinator at once that a version is complete here, so that the next peer of
+        this site that asks for it is sent here rather than across the WAN. Best effort: the regular
+        heartbeat repeats it."""
+        try:
+            async with channel.channel(self.settings.coordinator) as ch:
+                request = await self._heartbeat_request()
+                await fleet_pb2_grpc.FleetStub(ch).Heartbeat(request, timeout=UNARY_DEADLINE)
+        except grpc.aio.AioRpcError as err:
+            log.info("could not report inventory now: %s", err.details())
+
     async def heartbeat(self) -> None:
         backoff = BACKOFF_START
         async with channel.channel(self.settings.coordinator) as ch:
@@ -150,13 +170,7 @@ class Daemon:
                         )
                         interval = max(response.heartbeat_interval_ms / 1000, 0.2)
                         registered = True
-                    held = await asyncio.to_thread(self.held_refs)
-                    request = fleet_pb2.HeartbeatRequest(
-                        node_id=self.node_id, load=min(self.serve_counters.blocks_served // 1000, 2**31)
-                    )
-                    for layer, number in held:
-                        request.complete.add(layer=layer, number=number)
-                    await fleet.Heartbeat(request, timeout=UNARY_DEADLINE)
+                    await fleet.Heartbeat(await self._heartbeat_request(), timeout=UNARY_DEADLINE)
                     if not self.connected:
                         self.outbox_wakeup.set()  # back online: deliver what waited
                     self.connected = True
@@ -207,6 +221,8 @@ class Daemon:
     async def _sync(self, sub: SubscriptionState) -> None:
         sub.state = "pulling"
         result = await self.pull(sub.ref)
+        if not result.already_local:
+            await self.report_inventory()
         sub.wanted = sub.held = result.version.number
         sub.state = "current"
         sub.last_error = ""

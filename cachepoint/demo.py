@@ -1,19 +1,27 @@
-"""`make run`: the store at work on a generated disk image, with embedded defaults.
+"""`make run`: cachepoint at work on a generated disk image, with embedded defaults.
 
-Runs the real `cachepoint` command step by step (each command is printed before it runs):
-ingest a gold image, ingest a patched version (only changed blocks are stored), look at the log and
-the diff, export and verify, roll back, check integrity, and composite an image from layers.
+Part 1, the local store: ingest a gold image, ingest a patched version (only changed blocks are
+stored), look at the log and the diff, export and verify, roll back, check integrity, composite an
+image from layers. Part 2, the fleet on loopback: a coordinator and two cachepoints in one site; a
+published image reaches both (the second from its site peer), a changed version moves only its delta,
+and each node tells how many bytes came from peers and how many from the coordinator.
+
+Every step runs the real commands as child processes (each command is printed before it runs).
+Ctrl-C stops everything cleanly.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from cachepoint.samples import generate, mutate
@@ -34,20 +42,205 @@ class Demo:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.env = dict(os.environ, CACHEPOINT_STORE=str(workdir / "store"))
+        self.children: list[subprocess.Popen[str]] = []
+
+    def env_for(self, store: Path) -> dict[str, str]:
+        return dict(self.env, CACHEPOINT_STORE=str(store))
+
+    def start(self, label: str, command: list[str], env: dict[str, str]) -> str:
+        """Start a daemon, wait for its ready line, return the address it listens on."""
+        print(f"$ {' '.join(shlex.quote(c) for c in command)}    # {label}", flush=True)
+        log = open(self.workdir / f"{label}.log", "w")  # noqa: SIM115 - lives as long as the child
+        child = subprocess.Popen(
+            [sys.executable, *command[1:]] if command[0] == "python" else command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        self.children.append(child)
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        if not line:
+            raise SystemExit(f"{label} did not start; see {self.workdir / (label + '.log')}")
+        return str(json.loads(line)["listening"])
+
+    def stop_all(self) -> None:
+        for child in reversed(self.children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+    def status(self, store: Path) -> dict[str, object]:
+        out = subprocess.run(
+            [sys.executable, "-m", "cachepoint", "status", "--json"],
+            env=self.env_for(store),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return dict(json.loads(out))
+
+    def wait_for(self, stores: dict[str, Path], ref: str, timeout: float = 300) -> None:
+        """Show each node's progress until all hold ``ref``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = {name: self.status(store) for name, store in stores.items()}
+            held = {name: ref in s["versions"] for name, s in states.items()}  # type: ignore[operator]
+            line = "  ".join(
+                f"{name}: {'has ' + ref if held[name] else s['subscriptions'][0]['state']}"  # type: ignore[index]
+                for name, s in states.items()
+            )
+            if all(held.values()):
+                print(f"\r{line}" if sys.stdout.isatty() else line, flush=True)
+                return
+            if sys.stdout.isatty():
+                print(f"\r{line}", end="", flush=True)
+            if time.monotonic() > deadline:
+                raise SystemExit(f"\n{ref} did not reach every node within {timeout:.0f}s")
+            time.sleep(0.3)
+
+    def report_sources(self, stores: dict[str, Path]) -> None:
+        for name, store in stores.items():
+            sources = self.status(store)["bytes_by_source"]
+            parts = [
+                f"{cls} {sizes['blocks']} blocks ({sizes['bytes'] / MiB:.1f} MiB)"  # type: ignore[index]
+                for cls, sizes in sources.items()
+            ]  # type: ignore[union-attr]
+            print(f"  {name}: " + ", ".join(parts), flush=True)
 
     def say(self, text: str) -> None:
         print(f"\n\033[1m== {text}\033[0m" if sys.stdout.isatty() else f"\n== {text}", flush=True)
 
     def run(self, *args: str | Path) -> None:
+        self.run_on(Path(self.env["CACHEPOINT_STORE"]), *args)
+
+    def run_on(self, store: Path, *args: str | Path) -> None:
         shown = " ".join(shlex.quote(str(a)) for a in args)
         print(f"$ cachepoint {shown}", flush=True)
-        subprocess.run([sys.executable, "-m", "cachepoint", *map(str, args)], env=self.env, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "cachepoint", *map(str, args)], env=self.env_for(store), check=True
+        )
 
     def check_same(self, exported: Path, source: Path) -> None:
         same = sha256_of(exported) == sha256_of(source)
         print(f"sha256 {exported.name} {'==' if same else '!='} {source.name}", flush=True)
         if not same:
             raise SystemExit(f"export of {exported} differs from {source}")
+
+
+def fleet_part(demo: Demo, v1: Path, v2: Path) -> None:
+    workdir = demo.workdir
+    layer = "os/win10"
+    demo.say("part 2: a coordinator and two cachepoints of one site, on loopback")
+    coordinator = demo.start(
+        "coordinator",
+        [
+            "python",
+            "-c",
+            "from coordinator.cli import main; main()",
+            "serve",
+            "--data",
+            str(workdir / "coordinator"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        demo.env,
+    )
+    stores = {"blade-1": workdir / "blade-1", "blade-2": workdir / "blade-2"}
+
+    def cachepoint(name: str) -> str:
+        return demo.start(
+            name,
+            [
+                "python",
+                "-m",
+                "cachepoint",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--coordinator",
+                coordinator,
+                "--site",
+                "hq",
+                "--node-id",
+                name,
+                "--subscribe",
+                f"{layer}:production",
+            ],
+            demo.env_for(stores[name]),
+        )
+
+    cachepoint("blade-1")
+    admin = demo.env_for(workdir / "admin")
+    demo.say("publish the gold image: it reaches blade-1 from the coordinator")
+    print(f"$ cachepoint publish {layer} {v1.name} --coordinator {coordinator} --tag production", flush=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cachepoint",
+            "publish",
+            layer,
+            str(v1),
+            "--coordinator",
+            coordinator,
+            "--tag",
+            "production",
+            "-m",
+            "gold image",
+        ],
+        env=admin,
+        check=True,
+    )
+    demo.wait_for({"blade-1": stores["blade-1"]}, f"{layer}@1")
+    demo.say("blade-2 joins the site: it gets the image from its site peer, not across the WAN")
+    cachepoint("blade-2")
+    demo.wait_for(stores, f"{layer}@1")
+    demo.report_sources(stores)
+    demo.say("publish a version with 5% of its blocks changed: only the delta moves")
+    print(f"$ cachepoint publish {layer} {v2.name} --coordinator {coordinator} --tag production", flush=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cachepoint",
+            "publish",
+            layer,
+            str(v2),
+            "--coordinator",
+            coordinator,
+            "--tag",
+            "production",
+            "-m",
+            "patch tuesday",
+        ],
+        env=admin,
+        check=True,
+    )
+    demo.wait_for(stores, f"{layer}@2")
+    demo.say("bytes each blade fetched, by source (site peers vs the coordinator)")
+    demo.report_sources(stores)
+    out = workdir / "blade-2.img"
+    demo.run_on(stores["blade-2"], "export", f"{layer}:production", out)
+    demo.check_same(out, v2)
+    print("\nfleet:", flush=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from coordinator.cli import main; main()",
+            "fleet",
+            "--coordinator",
+            coordinator,
+        ],
+        env=demo.env,
+        check=True,
+    )
 
 
 def main() -> None:
@@ -61,7 +254,8 @@ def main() -> None:
     demo = Demo(workdir)
     v1, v2 = workdir / "gold-v1.img", workdir / "gold-v2.img"
 
-    demo.say(f"generate a {args.size_mib} MiB disk image: 40% free space, 30% text, 30% binary")
+    mix = "40% free space, 30% text, 30% binary"
+    demo.say(f"part 1: the local store. Generate a {args.size_mib} MiB disk image: {mix}")
     generate(v1, args.size_mib * MiB, seed=1)
     demo.run("ingest", "os/win10", v1, "--kind", "os", "-m", "gold image", "--tag", "staging")
 
@@ -106,8 +300,14 @@ def main() -> None:
     demo.say("space and integrity")
     demo.run("stats")
     demo.run("fsck")
+    try:
+        fleet_part(demo, v1, v2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping the daemons", flush=True)
+    finally:
+        demo.stop_all()
     store = workdir / "store"
-    print(f"\nthe store is kept at {store}; try: CACHEPOINT_STORE={store} cachepoint ls")
+    print(f"\nthe stores are kept under {workdir}; try: CACHEPOINT_STORE={store} cachepoint ls")
 
 
 if __name__ == "__main__":
