@@ -18,6 +18,13 @@ from cachepoint.v1 import catalog_pb2
 
 
 class EventLog:
+    """``position`` is the last position handed out; ``visible`` the last one written and announced.
+
+    Watchers wait on an asyncio.Event that is replaced at every announcement, not on a Condition:
+    a watcher cancelled while it re-acquires a Condition's lock can leave that lock broken for
+    every later commit (seen when the coordinator stops with Watch streams open).
+    """
+
     def __init__(self, store: Store) -> None:
         self.store = store
         self._lock = threading.Lock()
@@ -26,13 +33,14 @@ class EventLog:
             last = fmt.read_u64(key)
             break
         self.position = last
-        self._changed: asyncio.Condition | None = None
+        self.visible = last
+        self._announced: asyncio.Event | None = None
 
-    def _condition(self) -> asyncio.Condition:
+    def _event(self) -> asyncio.Event:
         # Created lazily: it must belong to the running event loop.
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        return self._changed
+        if self._announced is None:
+            self._announced = asyncio.Event()
+        return self._announced
 
     def stage(self, batch: rocksdict.WriteBatch, event: catalog_pb2.CatalogEvent) -> None:
         """Number the event and add it to the batch of the change it records (under the commit lock)."""
@@ -43,9 +51,9 @@ class EventLog:
 
     async def published(self) -> None:
         """Wake the watchers after a batch with events was written."""
-        condition = self._condition()
-        async with condition:
-            condition.notify_all()
+        self.visible = self.position
+        announced, self._announced = self._event(), asyncio.Event()
+        announced.set()
 
     def read_after(self, after: int, limit: int = 1000) -> list[catalog_pb2.CatalogEvent]:
         events = []
@@ -58,9 +66,10 @@ class EventLog:
         return events
 
     async def wait_beyond(self, position: int, timeout: float) -> None:
-        condition = self._condition()
-        async with condition:
-            try:
-                await asyncio.wait_for(condition.wait_for(lambda: self.position > position), timeout)
-            except TimeoutError:
-                pass
+        """Return when an event after ``position`` is visible, or after ``timeout`` seconds."""
+        if self.visible > position:
+            return
+        try:
+            await asyncio.wait_for(self._event().wait(), timeout)
+        except TimeoutError:
+            pass

@@ -119,10 +119,10 @@ class CatalogService(CatalogReadService):
     async def Watch(  # noqa: N802
         self, request: catalog_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[catalog_pb2.CatalogEvent]:
-        if request.after > self.events.position:
+        if request.after > self.events.visible:
             await context.abort(
                 grpc.StatusCode.OUT_OF_RANGE,
-                f"watch position {request.after} is ahead of the catalog log (at {self.events.position})",
+                f"watch position {request.after} is ahead of the catalog log (at {self.events.visible})",
             )
         layers = set(request.layers)
         position = request.after
