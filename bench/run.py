@@ -17,13 +17,14 @@ from pathlib import Path
 from bench.ceiling import ceiling, census
 from bench.harness import Bench, Section, SectionFn, human_bytes, parse_size, remove, verdict
 from bench.ingest_bench import clones, first_ingest, reingest
+from bench.replication_bench import delta_sync
 from bench.report import render, write_atomic
 
 HERE = Path(__file__).resolve().parent
 QUICK_SIZE = "64M"
 
 # Order matters: a section may use figures of those before it (the ingest targets use the ceiling).
-SECTIONS: list[SectionFn] = [ceiling, first_ingest, reingest, clones]
+SECTIONS: list[SectionFn] = [ceiling, first_ingest, reingest, clones, delta_sync]
 
 
 def _size(text: str) -> int:

@@ -58,7 +58,9 @@ def handles_errors(func: F) -> F:
 def fail(message: str, code: int, as_json: bool) -> None:
     if as_json:
         emit_json({"error": {"message": message, "exit_code": code}})
-    click.echo(f"cachepoint: error: {message}", err=True)
+    context = click.get_current_context(silent=True)
+    program = context.find_root().info_name if context is not None else None
+    click.echo(f"{program or 'cachepoint'}: error: {message}", err=True)
     sys.exit(code)
 
 

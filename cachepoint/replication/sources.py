@@ -59,12 +59,12 @@ class Source:
     async def fetch(self, ids: list[bytes], stall: float) -> AsyncIterator[list[tuple[bytes, bytes]]]:
         """Stream (id, stored value) batches; a gap longer than ``stall`` seconds raises TimeoutError."""
         call = self.stub().FetchBlocks(blocks_pb2.FetchBlocksRequest(ids=b"".join(ids)))
-        iterator = call.__aiter__()
         try:
             while True:
-                try:
-                    batch = await asyncio.wait_for(iterator.__anext__(), stall)
-                except StopAsyncIteration:
+                # call.read(), not the call's async iterator under wait_for: that pattern keeps the
+                # call in a reference cycle, and its connection open until the cyclic GC runs.
+                batch = await asyncio.wait_for(call.read(), stall)
+                if batch is grpc.aio.EOF:
                     return
                 yield [(block.id, stored_value_from_pb(block)) for block in batch.blocks]
         finally:
