@@ -1,0 +1,434 @@
+"""Daemon-process fixtures for the replication tests: a coordinator and cachepoints as real child
+processes on loopback, each asked for port 0 and read back from the JSON line it prints when ready.
+
+Every wait polls a condition against a deadline and, when it times out, says what it last saw and
+shows the stderr of every child. Teardown sends SIGTERM to each child this module started (by its
+own pid), waits, and kills only the ones that do not stop in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cachepoint.blocks import is_hole
+from tests.conftest import REPO, Run, cli_env, run_cli
+
+LAYER = "os/x"
+PRODUCTION = "os/x:production"
+BLOCK = 64 * 1024  # the default block size of a new layer
+# Seconds a child may take to import, open its store and bind: a bound, not a speed claim.
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0  # the daemons' own grace period is 5 s
+CLI_TIMEOUT = 120.0
+CONVERGE_TIMEOUT = 90.0  # a subscription retrying a missing layer backs off up to 30 s (+50% jitter)
+COORDINATOR_MAIN = "from coordinator.cli import main; main()"
+LOG_TAIL = 40  # lines of each child's stderr shown in a failure message
+
+T = TypeVar("T")
+
+
+# -- small helpers ----------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stored_block_ids(image: Path, block: int = BLOCK) -> set[bytes]:
+    """The ids of the blocks a version of ``image`` is made of (holes are never stored or sent)."""
+    ids = set()
+    with open(image, "rb") as f:
+        while data := f.read(block):
+            if not is_hole(data):
+                ids.add(hashlib.sha256(data).digest())
+    return ids
+
+
+def random_image(path: Path, size: int, seed: int) -> None:
+    """Incompressible data with no holes: every block is distinct, so a pull has many to fetch."""
+    rng = random.Random(seed)
+    with open(path, "wb") as out:
+        for _ in range(size // BLOCK):
+            out.write(rng.randbytes(BLOCK))
+
+
+def free_port() -> int:
+    """A loopback port that nothing listens on right now (bound with port 0, then released), for a
+    server that must come back at the same address after a restart."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    what: str,
+    probe: Callable[[], T | None],
+    timeout: float,
+    interval: float = 0.25,
+    logs: Callable[[], str] | None = None,
+) -> T:
+    """Poll ``probe`` until it returns something truthy; fail with ``what`` and the logs at the deadline.
+
+    A probe that raises AssertionError (e.g. a CLI call that failed) counts as "not yet", and its
+    message is reported if the deadline passes.
+    """
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        try:
+            value = probe()
+            if value:
+                return value
+            last = repr(value)
+        except AssertionError as err:
+            last = str(err)
+        if time.monotonic() >= deadline:
+            extra = f"\n{logs()}" if logs else ""
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last}{extra}")
+        time.sleep(interval)
+
+
+def cachepoint_cli(store: Path, *args: str | Path, check: bool = True, timeout: float = CLI_TIMEOUT) -> Run:
+    return run_cli(store, *args, check=check, timeout=timeout)
+
+
+def cli_json(store: Path, *args: str | Path) -> dict[str, Any]:
+    """Run a `cachepoint` command that must succeed with --json, and return what it printed."""
+    data = cachepoint_cli(store, *args, "--json").json()
+    assert isinstance(data, dict), data
+    return data
+
+
+def coordinator_cli(*args: str, check: bool = True, timeout: float = CLI_TIMEOUT) -> Run:
+    proc = subprocess.run(
+        [sys.executable, "-c", COORDINATOR_MAIN, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "CACHEPOINT_DEBUG"},
+    )
+    result = Run(proc.returncode, proc.stdout, proc.stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cachepoint-coordinator {args} exited {proc.returncode}:\n{proc.stderr}")
+    return result
+
+
+def publish(admin: Path, coordinator: str, image: Path, *tags: str) -> dict[str, Any]:
+    tag_args = [a for tag in tags for a in ("--tag", tag)]
+    return cli_json(admin, "publish", LAYER, image, "--coordinator", coordinator, *tag_args)
+
+
+def export_digest(store: Path, ref: str, dest: Path) -> str:
+    cli_json(store, "export", ref, dest)
+    return sha256_file(dest)
+
+
+def fleet_nodes(coordinator: str) -> dict[str, dict[str, Any]]:
+    """The coordinator's view of the fleet, by node id."""
+    data = coordinator_cli("fleet", "--coordinator", coordinator, "--json").json()
+    assert isinstance(data, dict), data
+    return {n["node_id"]: n for n in data["nodes"]}
+
+
+# -- child processes --------------------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    """One daemon process and the files its output goes to (files, not pipes: a chatty child can
+    never block on a full pipe, and the text outlives the process for assertion messages)."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
+    ready: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return str(self.ready["listening"])
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM (the daemons' clean shutdown), then SIGKILL if it has not exited by the deadline."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                return self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        return self.popen.wait(timeout)
+
+    def kill(self) -> int:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        return self.popen.wait(STOP_TIMEOUT)
+
+
+@dataclass
+class Node(Child):
+    """A cachepoint daemon with its store."""
+
+    store: Path = Path()
+    node_id: str = ""
+    site: str = ""
+
+    def status(self) -> dict[str, Any]:
+        return cli_json(self.store, "status")
+
+    def subscription(self, status: dict[str, Any], ref: str = PRODUCTION) -> dict[str, Any]:
+        return next(s for s in status["subscriptions"] if s["ref"] == ref)
+
+
+def _wait_ready(child: Child, timeout: float) -> dict[str, Any]:
+    """The first stdout line is the JSON announcement; the child dying first is a failure with its stderr."""
+
+    def probe() -> dict[str, Any] | None:
+        text = child.stdout_path.read_text(errors="replace")
+        if "\n" in text:
+            ready = json.loads(text.split("\n", 1)[0])
+            assert isinstance(ready, dict), ready
+            return ready
+        if child.popen.poll() is not None:
+            raise RuntimeError(
+                f"{child.name} exited {child.popen.returncode} before announcing:\n{child.stderr()}"
+            )
+        return None
+
+    return wait_until(
+        f"{child.name} to announce its address", probe, timeout, interval=0.05, logs=child.stderr
+    )
+
+
+class Fleet:
+    """Starts children under ``root`` and stops all of them on exit."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.children: list[Child] = []
+        self._starts = 0
+        (root / "logs").mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], kind: type[Child], **extra: Any) -> Any:
+        self._starts += 1
+        stem = self.root / "logs" / f"{self._starts:02d}-{name}"
+        out_path, err_path = stem.with_suffix(".out"), stem.with_suffix(".err")
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            popen = subprocess.Popen(
+                args, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=REPO, env=env
+            )
+        child = kind(name, popen, out_path, err_path, **extra)
+        self.children.append(child)
+        child.ready = _wait_ready(child, READY_TIMEOUT)
+        return child
+
+    def coordinator(
+        self, data: Path | None = None, listen: str = "127.0.0.1:0", name: str = "coordinator"
+    ) -> Child:
+        data = data or self.root / name
+        args = [
+            sys.executable,
+            "-c",
+            COORDINATOR_MAIN,
+            "serve",
+            "--data",
+            str(data),
+            "--listen",
+            listen,
+            "-v",
+        ]
+        child: Child = self._spawn(name, args, cli_env(data), Child)
+        assert child.ready.get("role") == "coordinator", child.ready
+        return child
+
+    def cachepoint(
+        self,
+        name: str,
+        coordinator: str | None,
+        site: str = "default",
+        subscribe: Iterable[str] = (PRODUCTION,),
+        store: Path | None = None,
+    ) -> Node:
+        """A daemon whose node id is ``name``; its store defaults to ``root/name`` (so a restart under
+        the same name comes back with what it held)."""
+        store = store or self.root / name
+        args = [sys.executable, "-m", "cachepoint", "serve", "--listen", "127.0.0.1:0", "--node-id", name]
+        args += ["--site", site, "-v"]
+        if coordinator:
+            args += ["--coordinator", coordinator]
+        for ref in subscribe:
+            args += ["--subscribe", ref]
+        node: Node = self._spawn(name, args, cli_env(store), Node, store=store, node_id=name, site=site)
+        assert node.ready.get("node_id") == name, node.ready
+        return node
+
+    def logs(self) -> str:
+        parts = []
+        for child in self.children:
+            lines = child.stderr().splitlines()[-LOG_TAIL:]
+            state = "running" if child.running() else f"exited {child.popen.returncode}"
+            parts.append(f"--- {child.name} (pid {child.pid}, {state}) stderr:\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        # Cachepoints first: a coordinator with Watch streams still open waits out its whole grace period.
+        order = sorted(reversed(self.children), key=lambda child: not isinstance(child, Node))
+        for child in order:
+            with contextlib.suppress(Exception):
+                child.stop()
+        # Shown by pytest under "Captured stdout teardown" when the test failed.
+        print(self.logs())
+
+    # -- waits --------------------------------------------------------------------------------------
+
+    def wait_holds(
+        self, node: Node, number: int, ref: str = PRODUCTION, timeout: float = CONVERGE_TIMEOUT
+    ) -> dict[str, Any]:
+        """Until the daemon's subscription to ``ref`` is current at version ``number``; returns its status."""
+
+        def probe() -> dict[str, Any] | None:
+            status = node.status()
+            sub = node.subscription(status, ref)
+            done = (
+                sub["held"] == number
+                and sub["state"] == "current"
+                and f"{LAYER}@{number}" in status["versions"]
+            )
+            return status if done else None
+
+        return wait_until(f"{node.name} to hold {ref} at @{number}", probe, timeout, logs=self.logs)
+
+    def wait_fleet_holds(self, coordinator: str, node_id: str, version: str, timeout: float = 30.0) -> None:
+        """Until the coordinator offers ``node_id`` as a healthy holder of ``version`` (its heartbeat
+        has reported it), so that a pull starting now will find it through FindPeers."""
+
+        def probe() -> bool:
+            node = fleet_nodes(coordinator).get(node_id)
+            return bool(node and node["healthy"] and version in node["versions"])
+
+        wait_until(f"the coordinator to list {node_id} holding {version}", probe, timeout, logs=self.logs)
+
+
+# -- a bandwidth-capped loopback proxy ---------------------------------------------------------------
+
+
+class ThrottledProxy:
+    """A loopback TCP proxy that forwards bytes unchanged both ways and caps the upstream-to-client
+    direction at ``bytes_per_second`` (over all connections), so a transfer lasts long enough to be
+    interrupted in the middle. Runs its own event loop in a thread of the test process."""
+
+    def __init__(self, upstream: str, bytes_per_second: int) -> None:
+        host, _, port = upstream.rpartition(":")
+        self.upstream = (host, int(port))
+        self.rate = bytes_per_second
+        self.forwarded = 0  # bytes sent to clients
+        self.address = ""
+        self._started: float | None = None
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="throttled-proxy", daemon=True)
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> ThrottledProxy:
+        self._thread.start()
+        if not self._ready.wait(10) or self._error is not None:
+            raise RuntimeError(f"proxy did not start: {self._error!r}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as err:  # reported by __enter__ (or lost after it: the test then times out)
+            self._error = err
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        writers: set[asyncio.StreamWriter] = set()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.add(writer)
+            try:
+                up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            except OSError:
+                writer.close()
+                return
+            writers.add(up_writer)
+            await asyncio.gather(
+                self._pump(reader, up_writer, throttle=False),
+                self._pump(up_reader, writer, throttle=True),
+                return_exceptions=True,
+            )
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        self._ready.set()
+        await self._stop.wait()
+        server.close()
+        for writer in writers:
+            writer.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, throttle: bool) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while data := await reader.read(16 * 1024):
+                writer.write(data)
+                await writer.drain()
+                if throttle:
+                    if self._started is None:
+                        self._started = loop.time()
+                    self.forwarded += len(data)
+                    # Pacing, not synchronisation: stay behind the byte budget of the elapsed time.
+                    ahead = self.forwarded / self.rate - (loop.time() - self._started)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
