@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from cachepoint.errors import CachepointError
+from cachepoint.errors import CachepointError, NotFound
 from cachepoint.ids import LATEST, Ref
 from cachepoint.replication import outbox
 from cachepoint.replication.pull import PullResult, pull
@@ -47,6 +47,8 @@ log = logging.getLogger("cachepoint.daemon")
 STATE_FILE = "daemon.json"
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
+HEARTBEAT_BACKOFF_MAX = 4.0
+REGISTER_WAIT = 5.0
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Daemon:
         self.subscriptions = [SubscriptionState(Ref.parse(text)) for text in settings.subscribe]
         self._pull_lock = asyncio.Lock()  # one pull at a time: two would fetch the same blocks
         self.outbox_wakeup = asyncio.Event()
+        self.registered = asyncio.Event()
         self.delivered = 0
 
     # -- pulls ---------------------------------------------------------------------------------
@@ -170,6 +173,7 @@ class Daemon:
                         )
                         interval = max(response.heartbeat_interval_ms / 1000, 0.2)
                         registered = True
+                        self.registered.set()
                     await fleet.Heartbeat(await self._heartbeat_request(), timeout=UNARY_DEADLINE)
                     if not self.connected:
                         self.outbox_wakeup.set()  # back online: deliver what waited
@@ -182,8 +186,9 @@ class Daemon:
                         continue
                     self.connected = False
                     registered = False
+                    # Heartbeats are cheap: retry often, so a returning coordinator sees us quickly.
                     await asyncio.sleep(backoff * (1 + random.random() / 2))
-                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    backoff = min(backoff * 2, HEARTBEAT_BACKOFF_MAX)
 
     async def deliver(self) -> None:
         """Drain the outbox whenever there may be something to send; retry with backoff while the
@@ -230,10 +235,18 @@ class Daemon:
     async def follow(self, sub: SubscriptionState) -> None:
         backoff = BACKOFF_START
         position = 0
+        with contextlib.suppress(TimeoutError):
+            # FindPeers needs to know this node's site: let the first Register land (bounded).
+            await asyncio.wait_for(self.registered.wait(), REGISTER_WAIT)
         while True:
             try:
-                await self._sync(sub)
-                if sub.ref.number is not None:
+                try:
+                    await self._sync(sub)
+                except NotFound as err:
+                    # Nothing published under this ref yet: not an error to retry, just wait for it.
+                    sub.state = "waiting for a first version"
+                    sub.last_error = str(err)
+                if sub.ref.number is not None and sub.state == "current":
                     return  # a fixed version never moves
                 async with channel.channel(self.settings.coordinator) as ch:
                     catalog = catalog_pb2_grpc.CatalogStub(ch)

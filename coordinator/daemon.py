@@ -40,6 +40,7 @@ async def serve(data: Path, listen: str, stop: asyncio.Event | None = None) -> N
         try:
             await stop.wait()
         finally:
+            events.close()
             await server.stop()
     finally:
         store.close()

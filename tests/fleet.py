@@ -336,6 +336,15 @@ class Fleet:
 
         return wait_until(f"{node.name} to hold {ref} at @{number}", probe, timeout, logs=self.logs)
 
+    def wait_until_state(self, node: Node, state: str, ref: str = PRODUCTION, timeout: float = 30.0) -> None:
+        """Until the daemon's subscription to ``ref`` reports ``state``."""
+        wait_until(
+            f"{node.name}'s {ref} to be {state!r}",
+            lambda: node.subscription(node.status(), ref)["state"] == state or None,
+            timeout,
+            logs=self.logs,
+        )
+
     def wait_fleet_holds(self, coordinator: str, node_id: str, version: str, timeout: float = 30.0) -> None:
         """Until the coordinator offers ``node_id`` as a healthy holder of ``version`` (its heartbeat
         has reported it), so that a pull starting now will find it through FindPeers."""

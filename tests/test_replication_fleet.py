@@ -123,3 +123,18 @@ def test_three_nodes_in_two_sites_converge_on_each_version_and_a_site_fetches_ea
     for node in (a1, a2, b1):
         assert {f"{LAYER}@1", f"{LAYER}@2"} <= set(node.status()["versions"]), node.name
     assert all(child.running() for child in (coordinator, a1, a2, b1)), fleet.logs()
+
+
+def test_a_subscription_to_a_layer_not_yet_published_follows_it_from_its_first_version(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    coordinator = fleet.coordinator()
+    node = fleet.cachepoint("early", coordinator.address)
+    fleet.wait_until_state(node, "waiting for a first version")
+    image = tmp_path / "v1.img"
+    generate(image, 2 * 1024 * 1024, seed=21)
+    publish(tmp_path / "admin", coordinator.address, image, "production")
+    # Event-driven: the Watch stream delivers the first version; no retry backoff stands in between.
+    # (A bound far above an event's delivery time, and far below the subscription's 30 s retry cap.)
+    fleet.wait_holds(node, 1, timeout=20.0)
+    assert node.subscription(node.status())["last_error"] == ""

@@ -18,6 +18,9 @@ OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # A node coming back should be reached within seconds, not after gRPC's default 2-minute backoff.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 4000),
 ]
 SERVER_OPTIONS = [
     *OPTIONS,

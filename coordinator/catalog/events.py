@@ -35,6 +35,7 @@ class EventLog:
         self.position = last
         self.visible = last
         self._announced: asyncio.Event | None = None
+        self.closing = False
 
     def _event(self) -> asyncio.Event:
         # Created lazily: it must belong to the running event loop.
@@ -55,6 +56,11 @@ class EventLog:
         announced, self._announced = self._event(), asyncio.Event()
         announced.set()
 
+    def close(self) -> None:
+        """End every Watch stream (they check ``closing`` when woken), so the server stops at once."""
+        self.closing = True
+        self._event().set()
+
     def read_after(self, after: int, limit: int = 1000) -> list[catalog_pb2.CatalogEvent]:
         events = []
         for _, raw in self.store.db.cf[fmt.CF_EVENTS].items(from_key=fmt.u64(after + 1)):
@@ -67,7 +73,7 @@ class EventLog:
 
     async def wait_beyond(self, position: int, timeout: float) -> None:
         """Return when an event after ``position`` is visible, or after ``timeout`` seconds."""
-        if self.visible > position:
+        if self.visible > position or self.closing:
             return
         try:
             await asyncio.wait_for(self._event().wait(), timeout)

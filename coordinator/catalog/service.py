@@ -126,7 +126,7 @@ class CatalogService(CatalogReadService):
             )
         layers = set(request.layers)
         position = request.after
-        while True:
+        while not self.events.closing:
             for event in await asyncio.to_thread(self.events.read_after, position):
                 position = event.position
                 if event.WhichOneof("event") == "version_committed":
