@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench proto lint clean
+.PHONY: run test test-tools bench proto lint clean
+
+# Debian packages some tests drive as real clients (command:package). Installed when missing.
+TEST_TOOLS := qemu-img:qemu-utils qemu-io:qemu-utils mkfs.ext4:e2fsprogs debugfs:e2fsprogs curl:curl setpriv:util-linux
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH"; exit 1; }
@@ -16,7 +19,16 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m cachepoint.demo
 
-test: $(STAMP)
+test-tools:
+	@missing=""; for pair in $(TEST_TOOLS); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		(apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+		|| echo "could not install$$missing: the tests that need them will say they were skipped" >&2; \
+	fi
+
+test: $(STAMP) test-tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
