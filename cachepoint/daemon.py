@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,7 @@ BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 HEARTBEAT_BACKOFF_MAX = 4.0
 REGISTER_WAIT = 5.0
+SUSPECT_SECONDS = 600.0
 
 
 @dataclass
@@ -99,6 +101,8 @@ class Daemon:
         self._pull_lock = asyncio.Lock()  # one pull at a time: two would fetch the same blocks
         self.outbox_wakeup = asyncio.Event()
         self.registered = asyncio.Event()
+        # Peers that sent a corrupt block, and until when (monotonic seconds) they are not asked again.
+        self.suspects: dict[str, float] = {}
         self.delivered = 0
 
     # -- pulls ---------------------------------------------------------------------------------
@@ -114,8 +118,15 @@ class Daemon:
                 own_address=self.address,
                 progress=progress,  # type: ignore[arg-type]
                 limits=self.settings.limits,
+                avoid=self._avoided(),
             )
         for source in result.sources:
+            if (
+                source.dropped.startswith("sent a corrupt block")
+                and source.source_class != SourceClass.ORIGIN
+            ):
+                self.suspects[source.address] = time.monotonic() + SUSPECT_SECONDS
+                log.warning("avoiding peer %s for %.0fs: %s", source.address, SUSPECT_SECONDS, source.dropped)
             totals = self.sources.setdefault(str(source.source_class), SourceTotals())
             totals.blocks += source.counters.blocks
             totals.bytes += source.counters.bytes
@@ -129,6 +140,11 @@ class Daemon:
                 ", ".join(f"{s.name}={s.counters.blocks}" for s in result.sources),
             )
         return result
+
+    def _avoided(self) -> set[str]:
+        now = time.monotonic()
+        self.suspects = {address: until for address, until in self.suspects.items() if until > now}
+        return set(self.suspects)
 
     def held_refs(self) -> list[tuple[str, int]]:
         assert self.store is not None

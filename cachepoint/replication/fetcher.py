@@ -149,6 +149,7 @@ class Fetcher:
                         log.warning(
                             "source %s sent %d corrupt blocks, e.g. %s", source.name, len(bad), bad[0][1]
                         )
+                        source.sent_corrupt = True
                         self._drop(source, f"sent a corrupt block: {bad[0][1]}")
                         break
             except TimeoutError:

@@ -82,7 +82,9 @@ async def pull(
     progress: ProgressFn | None = None,
     extra_sources: list[Source] | None = None,
     limits: dict[SourceClass, float] | None = None,
+    avoid: set[str] | frozenset[str] = frozenset(),
 ) -> PullResult:
+    """``avoid``: addresses of peers not to use (e.g. ones that recently sent corrupt blocks)."""
     try:
         async with channel.channel(origin) as ch:
             catalog = catalog_pb2_grpc.CatalogStub(ch)
@@ -105,7 +107,8 @@ async def pull(
             missing = await asyncio.to_thread(store.blocks.missing, sorted(manifest.block_ids()))
             sources = list(extra_sources or [])
             if missing:
-                sources += await find_peers(ch, node_id, info, own_address)
+                peers = await find_peers(ch, node_id, info, own_address)
+                sources += [peer for peer in peers if peer.address not in avoid]
             sources.append(Source("origin", origin, SourceClass.ORIGIN))
             result = PullResult(info, planned_blocks=len(missing), sources=sources)
             result.fetched = await Fetcher(store, sources, progress, limits=limits).fetch(missing, info.ref)

@@ -45,6 +45,7 @@ class Source:
     source_class: SourceClass
     counters: SourceCounters = field(default_factory=SourceCounters)
     dropped: str = ""  # why this source is no longer used in this pull
+    sent_corrupt: bool = False  # it sent bytes that do not hash to their id: not to be trusted for a while
     _channel: grpc.aio.Channel | None = None
 
     @property
