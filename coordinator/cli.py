@@ -11,6 +11,7 @@ import grpc
 
 from cachepoint import __version__
 from cachepoint.console import emit_json, handles_errors, json_option, when
+from cachepoint.errors import InvalidInput
 from cachepoint.rpc import channel
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
 from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc
@@ -23,22 +24,23 @@ def cli() -> None:
 
 
 @cli.command("serve")
-@click.option(
-    "--data", "data", required=True, type=click.Path(path_type=Path), help="Data directory (a store)."
-)
-@click.option(
-    "--listen", default="127.0.0.1:7400", show_default=True, help="HOST:PORT for gRPC (port 0: any)."
-)
+@click.option("--config", "config", type=click.Path(path_type=Path), help="TOML config (keys: data, listen).")
+@click.option("--data", "data", type=click.Path(path_type=Path), help="Data directory (an embedded store).")
+@click.option("--listen", default=None, help="HOST:PORT for gRPC (port 0: any) [127.0.0.1:7400].")
 @click.option("-v", "--verbose", is_flag=True, help="Log every commit.")
 @handles_errors
-def serve_cmd(data: Path, listen: str, verbose: bool) -> None:
+def serve_cmd(config: Path | None, data: Path | None, listen: str | None, verbose: bool) -> None:
     """Serve Catalog, BlockExchange, Fleet and health over gRPC until SIGINT or SIGTERM."""
+    from coordinator.config import load
     from coordinator.daemon import serve
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
-    )
-    asyncio.run(serve(data, listen))
+    settings = load(config)
+    data = data or (Path(settings.data) if settings.data else None)
+    if data is None:
+        raise InvalidInput("say where the coordinator keeps its data: --data DIR or `data` in the config")
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(serve(data, listen or settings.listen))
 
 
 async def _list_nodes(address: str) -> fleet_pb2.ListNodesResponse:
