@@ -26,11 +26,14 @@ Column families, key layout and values (sizes in bytes):
                log, written in the same batch as the change it records; positions start at 1)
 ``commit_ids`` commit id (utf-8)  -> layer 0x00 number[u64 BE] (coordinator: commits already made, so a
                retried commit returns its version instead of making a second one)
+``working``    0x00 "working-disk" 0x00 disk -> JSON {"layer", "base", "block_size", "created_ns"}
+               0x00 "working" 0x00 disk 0x00 index[u64 BE] -> digest[32] (an attached disk's writes
+               since its last snapshot; GC keeps every block named here; see cachepoint/disk/working.py)
 ``pushed``     layer 0x00 local number[u64 BE] -> JSON {"number", "pushed_ns"} (cachepoint: which local
                versions the coordinator has, under which number; a local user/ version without a record
                is in the outbox)
 
-Column families added within format 1 (``events``, ``commit_ids``, ``pushed``) are created when a
+Column families added within format 1 (``events``, ``commit_ids``, ``pushed``, ``working``) are created when a
 store is opened for writing; a read-only open of a store that predates them sees them as empty.
 
 Durability: blocks are written with RocksDB's WAL off (it would write every block twice), then the
@@ -61,6 +64,9 @@ CF_IMAGES = "images"
 CF_EVENTS = "events"
 CF_COMMIT_IDS = "commit_ids"
 CF_PUSHED = "pushed"
+CF_WORKING = "working"
+WORKING_HEADER_PREFIX = b"\x00working-disk\x00"
+WORKING_ENTRY_PREFIX = b"\x00working\x00"
 COLUMN_FAMILIES = (
     CF_META,
     CF_BLOCKS,
@@ -75,6 +81,7 @@ COLUMN_FAMILIES = (
     CF_EVENTS,
     CF_COMMIT_IDS,
     CF_PUSHED,
+    CF_WORKING,
 )
 
 META_FORMAT_VERSION = b"format_version"

@@ -36,11 +36,13 @@ class GcResult:
 
 
 def referenced_blocks(store: Store) -> tuple[set[bytes], set[bytes]]:
-    """(block ids, manifest digests) referenced by any version."""
+    """(block ids, manifest digests) referenced by any version or by an attached disk's working map
+    (a disk's writes since its last snapshot, kept whether or not the disk is attached now)."""
     manifests = {info.manifest_digest for info in store.catalog.all_versions()}
     blocks: set[bytes] = set()
     for digest in manifests:
         blocks |= store.catalog.manifest(digest).block_ids()
+    blocks |= {value for _, value in store.db.scan(fmt.CF_WORKING, fmt.WORKING_ENTRY_PREFIX)}
     return blocks, manifests
 
 

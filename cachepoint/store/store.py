@@ -81,6 +81,14 @@ class Store:
             self._ingests[ingest_id] = pins
         return pins
 
+    def register_pins(self, layer: str) -> IngestPins:
+        """Pins without an ingest record, for long-lived writers (an attached disk); end them with
+        ``end_ingest(pins, committed=True)``."""
+        pins = IngestPins(secrets.token_bytes(16), layer)
+        with self.lock:
+            self._ingests[pins.ingest_id] = pins
+        return pins
+
     def pin(self, pins: IngestPins, digests: Iterable[bytes]) -> None:
         with self.lock:
             pins.digests.update(digests)

@@ -1,0 +1,313 @@
+"""A composite disk as a block device: layers read through, the user's writes copy-on-write.
+
+Each block reads from the user's working layer if it names the block, else from the topmost layer
+of the stack that holds data there (cachepoint/layers/composite.py's rule: a hole lets the block
+below show; no layer at all reads as zeros). Every block fetched is verified against its id.
+
+Writes never touch the layers: a write computes the whole new block (read-modify-write when it
+covers part of one) and records it in the working layer, or drops the working entry when the new
+block is what the layers below already hold, so rewriting unchanged data does not grow the user's
+layer. Zeros over data are recorded as the zero marker.
+
+Store calls block, so the async methods run them in threads; one lock orders the writers (two
+partial writes into one block must not both read the old block), readers need none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cachepoint.blocks import block_digest, decode_verified, is_hole
+from cachepoint.disk.marker import reads_as_zeros, zero_marker
+from cachepoint.disk.working import WorkingLayer
+from cachepoint.errors import BlockMissing, InvalidInput, OutOfSpace
+from cachepoint.ids import DIGEST_SIZE, HOLE_DIGEST, BlockId
+from cachepoint.layers.composite import composite_disks
+from cachepoint.model import FileEntry, Manifest, VersionInfo
+from cachepoint.store.store import Store
+
+CACHE_BYTES = 16 * 1024 * 1024  # decoded blocks kept: a partial write reads its block back at once
+
+Stack = list[tuple[VersionInfo, Manifest]]
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """What reads see, swapped whole by a snapshot: the layers' blocks and the working entries."""
+
+    lower: bytes  # packed digests of the composited stack, HOLE_DIGEST where no layer has data
+    entries: dict[int, bytes]
+
+    def digest(self, index: int) -> bytes:
+        found = self.entries.get(index)
+        if found is not None:
+            return found
+        return self.lower[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
+
+    def lower_digest(self, index: int) -> bytes:
+        return self.lower[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
+
+
+class _BlockCache:
+    """Decoded blocks by digest (content never changes under an id), least recently used out."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._used = 0
+        self._blocks: OrderedDict[bytes, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, digest: bytes) -> bytes | None:
+        with self._lock:
+            data = self._blocks.get(digest)
+            if data is not None:
+                self._blocks.move_to_end(digest)
+            return data
+
+    def put(self, digest: bytes, data: bytes) -> None:
+        with self._lock:
+            if digest in self._blocks or len(data) > self._capacity:
+                return
+            self._blocks[digest] = data
+            self._used += len(data)
+            while self._used > self._capacity:
+                _, dropped = self._blocks.popitem(last=False)
+                self._used -= len(dropped)
+
+
+class CompositeDisk:
+    """A BlockDevice (cachepoint/disk/nbd.py) over a stack of disk-image versions, lowest first.
+
+    With a working layer the disk is writable; the user layer's current version, if it has one,
+    must then be the top of the stack (the working layer's base).
+    """
+
+    def __init__(self, store: Store, stack: Stack, working: WorkingLayer | None = None) -> None:
+        if not stack:
+            raise InvalidInput("a disk needs at least one layer")
+        tree = [info.ref for info, manifest in stack if not manifest.single_file]
+        if tree:
+            raise InvalidInput(f"{', '.join(tree)} holds a tree, not a disk image: it cannot be attached")
+        placed = composite_disks(stack)  # also refuses layers of different block sizes
+        self.store = store
+        self.stack: Stack = list(stack)
+        self.working = working
+        self._block_size = placed.block_size
+        self._size = placed.entry.size
+        self.lock = threading.Lock()  # writers and snapshots
+        self._cache = _BlockCache(CACHE_BYTES)
+        self._zero_block = bytes(self._block_size)
+        if working is not None:
+            self._check_working(working)
+        self._view = _View(placed.entry.blocks, working.entries if working else {})
+
+    def _check_working(self, working: WorkingLayer) -> None:
+        if working.block_size != self._block_size:
+            raise InvalidInput(
+                f"the working layer of {working.disk!r} uses {working.block_size}-byte blocks, "
+                f"the image {self._block_size}"
+            )
+        layers = [info.layer for info, _ in self.stack]
+        if working.layer in layers[:-1]:
+            raise InvalidInput(f"the user layer {working.layer!r} must be the top of the stack")
+        if working.base != self.user_base:
+            raise InvalidInput(
+                f"the working layer of {working.disk!r} sits on {working.layer}@{working.base}, "
+                f"the stack has {working.layer}@{self.user_base}"
+            )
+
+    # -- what the NBD server asks ---------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self.working is None
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await asyncio.to_thread(self.read_sync, offset, length)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        await asyncio.to_thread(self.write_sync, offset, data)
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        await asyncio.to_thread(self.write_zeroes_sync, offset, length)
+
+    async def trim(self, offset: int, length: int) -> None:
+        # After a trim the client may assume nothing of those bytes; zeros are the cheapest
+        # answer that never lets stale lower-layer data reappear later.
+        await asyncio.to_thread(self.write_zeroes_sync, offset, length)
+
+    async def flush(self) -> None:
+        if self.working is not None:
+            await asyncio.to_thread(self.flush_sync)
+
+    # -- the same, blocking ---------------------------------------------------------------------
+
+    def read_sync(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        if length == 0:
+            return b""
+        view = self._view
+        bs = self._block_size
+        first, last = offset // bs, (offset + length - 1) // bs
+        blocks = self._blocks(view, range(first, last + 1))
+        start = offset - first * bs
+        if len(blocks) == 1:
+            return blocks[0][start : start + length]
+        return b"".join(blocks)[start : start + length]
+
+    def write_sync(self, offset: int, data: bytes) -> None:
+        self._modify(offset, len(data), lambda a, b: data[a - offset : b - offset], zeros=False)
+
+    def write_zeroes_sync(self, offset: int, length: int) -> None:
+        self._modify(offset, length, lambda a, b: bytes(b - a), zeros=True)
+
+    def flush_sync(self) -> None:
+        if self.working is None:
+            return
+        try:
+            self.working.sync()
+        except OutOfSpace as err:
+            raise OSError(errno.ENOSPC, str(err)) from err
+
+    def close(self) -> None:
+        if self.working is not None:
+            self.working.close()
+
+    # -- blocks ---------------------------------------------------------------------------------
+
+    def block_length(self, index: int) -> int:
+        return min(self._block_size, self._size - index * self._block_size)
+
+    @property
+    def block_count(self) -> int:
+        return -(-self._size // self._block_size)
+
+    @property
+    def user_base(self) -> int:
+        """The number of the user layer's version at the top of the stack (0: none)."""
+        if self.working is None:
+            return 0
+        top = self.stack[-1][0]
+        return top.number if top.layer == self.working.layer else 0
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise ValueError(f"bytes {offset}..{offset + length} are outside the {self._size}-byte disk")
+
+    def _blocks(self, view: _View, indexes: range) -> list[bytes]:
+        """The bytes of each block, verified; zeros for holes and zero markers."""
+        found: list[bytes] = []
+        wanted: dict[bytes, list[int]] = {}  # digest -> slots in found still to fill
+        for slot, index in enumerate(indexes):
+            digest = view.digest(index)
+            length = self.block_length(index)
+            if reads_as_zeros(digest, length):
+                found.append(self._zero_block[:length])
+                continue
+            data = self._cache.get(digest)
+            if data is None:
+                wanted.setdefault(digest, []).append(slot)
+                data = b""
+            found.append(self._fit(data, length))
+        if wanted:
+            digests = list(wanted)
+            for digest, value in zip(digests, self.store.blocks.raw_many(digests), strict=True):
+                if value is None:
+                    raise BlockMissing(BlockId(digest))
+                data = decode_verified(digest, value)
+                self._cache.put(digest, data)
+                for slot in wanted[digest]:
+                    found[slot] = self._fit(data, self.block_length(indexes[slot]))
+        return found
+
+    def _fit(self, data: bytes, length: int) -> bytes:
+        # A lower layer shorter than the disk ends in a short block; the rest of it reads as zeros.
+        if len(data) < length:
+            return data + bytes(length - len(data))
+        return data[:length]
+
+    def _modify(self, offset: int, length: int, piece: Callable[[int, int], bytes], zeros: bool) -> None:
+        working = self.working
+        if working is None:
+            raise PermissionError(errno.EPERM, "this disk is attached read-only")
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        bs = self._block_size
+        with self.lock:
+            view = self._view
+            changes: dict[int, bytes | None] = {}
+            new_blocks: list[tuple[bytes, bytes]] = []
+            for index in range(offset // bs, (offset + length - 1) // bs + 1):
+                start = index * bs
+                block_len = self.block_length(index)
+                a = max(offset, start) - start
+                b = min(offset + length, start + block_len) - start
+                if zeros and a == 0 and b == block_len:
+                    target = self._target_for_zeros(view, index, block_len)
+                    block = b""
+                else:
+                    new = piece(start + a, start + b)
+                    if a == 0 and b == block_len:
+                        block = new
+                    else:
+                        old = self._blocks(view, range(index, index + 1))[0]
+                        block = old[:a] + new + old[b:]
+                    target = self._target(view, index, block)
+                if view.entries.get(index) == target:
+                    continue
+                changes[index] = target
+                if target is not None and block and not reads_as_zeros(target, block_len):
+                    new_blocks.append((target, block))
+                    self._cache.put(target, block)
+            if changes:
+                try:
+                    working.apply(changes, new_blocks)
+                except OutOfSpace as err:
+                    raise OSError(errno.ENOSPC, str(err)) from err
+
+    def _target(self, view: _View, index: int, block: bytes) -> bytes | None:
+        """The working entry for a new block: None where the layers below already hold it."""
+        if is_hole(block):
+            return self._target_for_zeros(view, index, len(block))
+        digest = block_digest(block)
+        return None if digest == view.lower_digest(index) else digest
+
+    def _target_for_zeros(self, view: _View, index: int, length: int) -> bytes | None:
+        return None if reads_as_zeros(view.lower_digest(index), length) else zero_marker(length)
+
+    # -- snapshots (cachepoint/disk/snapshot.py) ------------------------------------------------
+
+    def below_user(self) -> bytes:
+        """Packed digests of the layers under the user layer (HOLE_DIGEST where none has data)."""
+        stack = self.stack[:-1] if self.user_base else self.stack
+        if not stack:
+            return HOLE_DIGEST * self.block_count
+        blocks = composite_disks(stack).entry.blocks
+        return blocks + HOLE_DIGEST * (self.block_count - len(blocks) // DIGEST_SIZE)
+
+    def top_entry(self) -> FileEntry:
+        return self.stack[-1][1].entries[0]
+
+    def rebase(self, info: VersionInfo, manifest: Manifest) -> None:
+        """The user layer moved to ``info`` holding every working change: show it, with an empty
+        working map (call with ``lock`` held, after the commit that cleared the stored map)."""
+        assert self.working is not None
+        stack = self.stack[:-1] if self.user_base else list(self.stack)
+        stack.append((info, manifest))
+        lower = composite_disks(stack).entry.blocks
+        self.stack = stack
+        self._view = _View(lower, self.working.reset(info.number))

@@ -1,0 +1,417 @@
+"""The NBD server on its own: handshakes, commands and misbehaving clients, over an in-memory device.
+
+The server runs on an event loop in a background thread (as it does inside the daemon), so the
+tests can drive it with plain sockets and real clients as child processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cachepoint.disk import nbd
+from cachepoint.disk.nbd import BlockDevice, NbdServer, start_nbd
+
+TIMEOUT = 30.0
+
+
+class MemoryDevice:
+    """A BlockDevice over a bytearray: the protocol tests need no store."""
+
+    def __init__(self, size: int, read_only: bool = False) -> None:
+        self.data = bytearray(size)
+        self._read_only = read_only
+        self.flushes = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def block_size(self) -> int:
+        return 4096
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.data[offset : offset + length])
+
+    async def write(self, offset: int, data: bytes) -> None:
+        self.data[offset : offset + len(data)] = data
+
+    async def flush(self) -> None:
+        self.flushes += 1
+
+    async def trim(self, offset: int, length: int) -> None:
+        self.data[offset : offset + length] = bytes(length)
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        self.data[offset : offset + length] = bytes(length)
+
+
+class ServerThread:
+    """start_nbd on its own event loop in a daemon thread; ``stop`` closes it within bounds."""
+
+    def __init__(self, exports: dict[str, BlockDevice], tcp: str | None = "127.0.0.1:0", unix_path=None):
+        self.exports = exports
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="nbd-test-loop", daemon=True)
+        self.thread.start()
+        self.server: NbdServer = self.call(
+            start_nbd(self.exports.get, lambda: sorted(self.exports), tcp=tcp, unix_path=unix_path)
+        )
+
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(TIMEOUT)
+
+    @property
+    def port(self) -> int:
+        tcp = [a for a in self.server.addresses if not a.startswith("unix:")]
+        return int(tcp[0].rpartition(":")[2])
+
+    def url(self, name: str) -> str:
+        return f"nbd://127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        try:
+            self.call(self.server.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(TIMEOUT)
+            self.loop.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Any]:
+    started: list[ServerThread] = []
+
+    def start(exports: dict[str, BlockDevice], **kwargs: Any) -> ServerThread:
+        server = ServerThread(exports, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+# -- a minimal raw client --------------------------------------------------------------------------
+
+
+def recv_exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise ConnectionError(f"server closed after {len(data)} of {count} bytes")
+        data += chunk
+    return data
+
+
+def greet(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    magic, opt_magic, flags = struct.unpack(">QQH", recv_exactly(sock, 18))
+    assert (magic, opt_magic) == (nbd.NBDMAGIC, nbd.IHAVEOPT)
+    assert flags & nbd.FLAG_FIXED_NEWSTYLE
+    sock.sendall(struct.pack(">I", nbd.FLAG_C_FIXED_NEWSTYLE | nbd.FLAG_C_NO_ZEROES))
+    return sock
+
+
+def send_option(sock: socket.socket, option: int, data: bytes = b"") -> None:
+    sock.sendall(struct.pack(">QII", nbd.IHAVEOPT, option, len(data)) + data)
+
+
+def read_option_reply(sock: socket.socket) -> tuple[int, int, bytes]:
+    magic, option, reply, length = struct.unpack(">QIII", recv_exactly(sock, 20))
+    assert magic == nbd.OPTION_REPLY_MAGIC
+    return option, reply, recv_exactly(sock, length)
+
+
+def go(sock: socket.socket, name: str, infos: tuple[int, ...] = (nbd.INFO_BLOCK_SIZE,)) -> dict[int, bytes]:
+    raw = name.encode()
+    data = struct.pack(">I", len(raw)) + raw + struct.pack(f">H{len(infos)}H", len(infos), *infos)
+    send_option(sock, nbd.OPT_GO, data)
+    replies: dict[int, bytes] = {}
+    while True:
+        option, reply, payload = read_option_reply(sock)
+        assert option == nbd.OPT_GO
+        if reply == nbd.REP_ACK:
+            return replies
+        assert reply == nbd.REP_INFO, f"GO {name!r} answered {reply:#x}: {payload!r}"
+        replies[struct.unpack_from(">H", payload)[0]] = payload[2:]
+
+
+def connect(port: int, name: str) -> tuple[socket.socket, int, int]:
+    """Handshake to transmission; returns (socket, export size, transmission flags)."""
+    sock = greet(port)
+    infos = go(sock, name)
+    size, flags = struct.unpack(">QH", infos[nbd.INFO_EXPORT])
+    return sock, size, flags
+
+
+def request(
+    sock: socket.socket, command: int, offset: int = 0, length: int = 0, data: bytes = b"", flags: int = 0
+) -> tuple[int, bytes]:
+    if command == nbd.CMD_WRITE:
+        length = len(data)
+    sock.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, flags, command, 7, offset, length) + data)
+    magic, error, handle = struct.unpack(">IIQ", recv_exactly(sock, 16))
+    assert magic == nbd.SIMPLE_REPLY_MAGIC and handle == 7
+    payload = recv_exactly(sock, length) if command == nbd.CMD_READ and error == 0 else b""
+    return error, payload
+
+
+def still_serves(port: int, name: str) -> bool:
+    sock, size, _ = connect(port, name)
+    with sock:
+        error, payload = request(sock, nbd.CMD_READ, 0, 512)
+        request_disc(sock)
+    return error == 0 and len(payload) == 512
+
+
+def request_disc(sock: socket.socket) -> None:
+    sock.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_DISC, 8, 0, 0))
+
+
+def assert_closed_by_server(sock: socket.socket) -> None:
+    sock.settimeout(TIMEOUT)
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+
+
+# -- tests -----------------------------------------------------------------------------------------
+
+
+def test_a_client_reads_and_writes_an_export_it_chose_with_nbd_opt_go(serve):
+    device = MemoryDevice(1 << 20)
+    server = serve({"disk": device})
+    assert server.server.addresses[0].startswith("127.0.0.1:") and server.port != 0
+    sock, size, flags = connect(server.port, "disk")
+    with sock:
+        assert size == 1 << 20
+        assert flags & nbd.TX_HAS_FLAGS and not flags & nbd.TX_READ_ONLY
+        assert flags & nbd.TX_SEND_FLUSH and flags & nbd.TX_SEND_TRIM and flags & nbd.TX_SEND_WRITE_ZEROES
+        assert request(sock, nbd.CMD_WRITE, 1000, data=b"\xab" * 3000) == (0, b"")
+        assert request(sock, nbd.CMD_READ, 1000, 3000) == (0, b"\xab" * 3000)
+        assert request(sock, nbd.CMD_WRITE_ZEROES, 1500, 100)[0] == 0
+        assert request(sock, nbd.CMD_TRIM, 2000, 100)[0] == 0
+        assert request(sock, nbd.CMD_FLUSH)[0] == 0
+        assert request(sock, nbd.CMD_WRITE, 0, data=b"x", flags=nbd.CMD_FLAG_FUA)[0] == 0
+        request_disc(sock)
+    assert device.data[1000:1500] == b"\xab" * 500 and device.data[1500:1600] == bytes(100)
+    assert device.data[2000:2100] == bytes(100) and device.data[2100:4000] == b"\xab" * 1900
+    assert device.flushes == 2
+
+
+def test_nbd_opt_go_reports_block_sizes_with_no_alignment_required(serve):
+    server = serve({"disk": MemoryDevice(65536)})
+    sock = greet(server.port)
+    with sock:
+        infos = go(sock, "disk")
+        minimum, preferred, maximum = struct.unpack(">III", infos[nbd.INFO_BLOCK_SIZE])
+        assert (minimum, preferred, maximum) == (1, 4096, nbd.MAX_PAYLOAD)
+
+
+def test_nbd_opt_list_names_every_export_and_info_leaves_the_client_in_negotiation(serve):
+    server = serve({"a": MemoryDevice(4096), "b/c": MemoryDevice(8192, read_only=True)})
+    sock = greet(server.port)
+    with sock:
+        send_option(sock, nbd.OPT_LIST)
+        names = []
+        while True:
+            _, reply, payload = read_option_reply(sock)
+            if reply == nbd.REP_ACK:
+                break
+            assert reply == nbd.REP_SERVER
+            (length,) = struct.unpack_from(">I", payload)
+            names.append(payload[4 : 4 + length].decode())
+        assert names == ["a", "b/c"]
+        raw = b"b/c"
+        send_option(sock, nbd.OPT_INFO, struct.pack(">I", 3) + raw + struct.pack(">H", 0))
+        _, reply, payload = read_option_reply(sock)
+        assert reply == nbd.REP_INFO
+        _, size, flags = struct.unpack(">HQH", payload)
+        assert size == 8192 and flags & nbd.TX_READ_ONLY
+        assert read_option_reply(sock)[1] == nbd.REP_ACK
+        infos = go(sock, "a")  # still negotiating after INFO
+        assert struct.unpack(">QH", infos[nbd.INFO_EXPORT])[0] == 4096
+
+
+def test_unknown_options_and_unknown_exports_get_error_replies_and_abort_is_acknowledged(serve):
+    server = serve({"disk": MemoryDevice(4096)})
+    sock = greet(server.port)
+    with sock:
+        for option in (nbd.OPT_STRUCTURED_REPLY, nbd.OPT_STARTTLS, 10, 11, 0xDEAD):
+            send_option(sock, option, b"some data")
+            assert read_option_reply(sock)[:2] == (option, nbd.REP_ERR_UNSUP)
+        send_option(sock, nbd.OPT_GO, struct.pack(">I", 4) + b"nope" + struct.pack(">H", 0))
+        _, reply, message = read_option_reply(sock)
+        assert reply == nbd.REP_ERR_UNKNOWN and b"nope" in message
+        send_option(sock, nbd.OPT_GO, b"\x00\x00\x00\x09short")
+        assert read_option_reply(sock)[1] == nbd.REP_ERR_INVALID
+        send_option(sock, nbd.OPT_ABORT)
+        assert read_option_reply(sock)[:2] == (nbd.OPT_ABORT, nbd.REP_ACK)
+        assert_closed_by_server(sock)
+    assert still_serves(server.port, "disk")
+
+
+def test_the_old_export_name_option_enters_transmission(serve):
+    server = serve({"disk": MemoryDevice(8192)})
+    sock = greet(server.port)
+    with sock:
+        send_option(sock, nbd.OPT_EXPORT_NAME, b"disk")
+        size, flags = struct.unpack(">QH", recv_exactly(sock, 10))  # NO_ZEROES: no 124-byte padding
+        assert size == 8192 and flags & nbd.TX_HAS_FLAGS
+        assert request(sock, nbd.CMD_READ, 0, 8192) == (0, bytes(8192))
+
+
+def test_reads_past_the_end_writes_to_read_only_exports_and_unknown_commands_get_errors(serve):
+    server = serve({"rw": MemoryDevice(65536), "ro": MemoryDevice(65536, read_only=True)})
+    sock, _, flags = connect(server.port, "ro")
+    with sock:
+        assert flags & nbd.TX_READ_ONLY
+        assert request(sock, nbd.CMD_READ, 65536 - 100, 200) == (nbd.EINVAL, b"")
+        assert request(sock, nbd.CMD_WRITE, 0, data=b"\x01" * 4096) == (nbd.EPERM, b"")
+        assert request(sock, nbd.CMD_TRIM, 0, 4096) == (nbd.EPERM, b"")
+        assert request(sock, nbd.CMD_WRITE_ZEROES, 0, 4096) == (nbd.EPERM, b"")
+        assert request(sock, nbd.CMD_READ, 0, 4096) == (0, bytes(4096))  # the connection goes on
+    sock, _, _ = connect(server.port, "rw")
+    with sock:
+        assert request(sock, nbd.CMD_WRITE, 65536 - 10, data=b"\x01" * 20) == (nbd.ENOSPC, b"")
+        assert request(sock, nbd.CMD_READ, 2**63, 10) == (nbd.EINVAL, b"")
+        assert request(sock, 5, 0, 10)[0] == nbd.EINVAL  # NBD_CMD_CACHE: not offered
+        assert request(sock, nbd.CMD_READ, 0, 10, flags=1 << 9)[0] == nbd.EINVAL
+        assert request(sock, nbd.CMD_READ, 0, nbd.MAX_PAYLOAD + 1)[0] == nbd.EINVAL
+        assert request(sock, nbd.CMD_READ, 0, 10) == (0, bytes(10))
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"",  # connects and closes at once
+        b"\xff\xff\xff\xff",  # unknown client flags
+        struct.pack(">I", 1) + b"GET / HTTP/1.1\r\n\r\n",  # not an option at all
+        struct.pack(">I", 1) + struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, 1 << 30),  # huge option
+        struct.pack(">I", 1) + struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_EXPORT_NAME, 4) + b"nope",
+        struct.pack(">I", 1) + struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, 100) + b"cut short",
+    ],
+)
+def test_malformed_handshakes_lose_only_their_own_connection(serve, garbage):
+    server = serve({"disk": MemoryDevice(4096)})
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    with sock:
+        recv_exactly(sock, 18)
+        sock.sendall(garbage)
+        if garbage.endswith(b"cut short") or not garbage:
+            sock.shutdown(socket.SHUT_WR)
+        assert_closed_by_server(sock)
+    assert still_serves(server.port, "disk")
+
+
+def test_a_client_that_never_finishes_its_handshake_is_dropped_at_the_deadline(serve, monkeypatch):
+    monkeypatch.setattr(nbd, "HANDSHAKE_SECONDS", 0.5)
+    server = serve({"disk": MemoryDevice(4096)})
+    sock = greet(server.port)  # then silence: no option ever comes
+    with sock:
+        assert_closed_by_server(sock)  # bounded by TIMEOUT, long before which the deadline hits
+    assert still_serves(server.port, "disk")
+
+
+def test_a_client_that_disconnects_mid_write_leaves_the_export_unchanged_and_the_server_up(serve):
+    device = MemoryDevice(1 << 20)
+    server = serve({"disk": device})
+    sock, _, _ = connect(server.port, "disk")
+    header = struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 1, 0, 65536)
+    sock.sendall(header + b"\xee" * 30000)
+    sock.close()
+    second, _, _ = connect(server.port, "disk")
+    with second:
+        # The half-sent write never applies: no byte of it shows.
+        assert request(second, nbd.CMD_READ, 0, 65536) == (0, bytes(65536))
+    assert still_serves(server.port, "disk")
+
+
+def test_a_bad_request_magic_drops_that_connection_only(serve):
+    server = serve({"disk": MemoryDevice(4096)})
+    sock, _, _ = connect(server.port, "disk")
+    with sock:
+        sock.sendall(b"\x00" * 28)
+        assert_closed_by_server(sock)
+    assert still_serves(server.port, "disk")
+
+
+def test_several_clients_use_several_exports_at_once_over_tcp_and_a_unix_socket(serve, tmp_path: Path):
+    devices = {f"d{i}": MemoryDevice(65536) for i in range(3)}
+    path = tmp_path / "nbd.sock"
+    server = serve(devices, unix_path=str(path))
+    assert f"unix:{path}" in server.server.addresses
+    socks = [connect(server.port, name)[0] for name in devices]
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.settimeout(TIMEOUT)
+    unix.connect(str(path))
+    try:
+        for i, sock in enumerate(socks):
+            assert request(sock, nbd.CMD_WRITE, 0, data=bytes([i + 1]) * 100)[0] == 0
+        recv_exactly(unix, 18)
+        unix.sendall(struct.pack(">I", nbd.FLAG_C_FIXED_NEWSTYLE | nbd.FLAG_C_NO_ZEROES))
+        go(unix, "d1")
+        assert request(unix, nbd.CMD_READ, 0, 100) == (0, b"\x02" * 100)
+        for i, sock in enumerate(socks):
+            assert request(sock, nbd.CMD_READ, 0, 100) == (0, bytes([i + 1]) * 100)
+    finally:
+        unix.close()
+        for sock in socks:
+            sock.close()
+
+
+def test_closing_the_server_ends_open_connections_and_removes_its_socket(tmp_path: Path):
+    path = tmp_path / "nbd.sock"
+    server = ServerThread({"disk": MemoryDevice(4096)}, unix_path=str(path))
+    sock, _, _ = connect(server.port, "disk")
+    server.stop()
+    with sock:
+        assert_closed_by_server(sock)
+    assert not path.exists()
+
+
+def test_a_stale_unix_socket_is_replaced_but_a_live_one_is_not(tmp_path: Path):
+    path = tmp_path / "nbd.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens
+    first = ServerThread({"disk": MemoryDevice(4096)}, tcp=None, unix_path=str(path))
+    try:
+        with pytest.raises(OSError, match="another server"):
+            ServerThread({"disk": MemoryDevice(4096)}, tcp=None, unix_path=str(path))
+    finally:
+        first.stop()
+
+
+@pytest.mark.skipif(
+    shutil.which("qemu-io") is None, reason="qemu-io is not installed (apt-get install qemu-utils)"
+)
+def test_qemu_io_writes_and_reads_back_through_the_server(serve):
+    device = MemoryDevice(1 << 20)
+    server = serve({"mem": device})
+    commands = ["write -P 0xab 4096 8192", "read -P 0xab 4096 8192", "write -P 0x11 1000 3000"]
+    args = ["qemu-io", "-f", "raw"]
+    for command in commands + ["read -P 0x11 1000 3000", "write -z 20000 5000", "discard 40000 4096"]:
+        args += ["-c", command]
+    proc = subprocess.run([*args, server.url("mem")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Pattern verification failed" not in proc.stdout
+    assert device.data[1000:4000] == b"\x11" * 3000 and device.data[4096:12288] == b"\xab" * 8192
