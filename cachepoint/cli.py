@@ -574,6 +574,15 @@ def pull_cmd(ctx: Context, ref: str, origin: str, wan_rate: str | None, as_json:
 @click.option("--site", default=None, help="Locality label [default].")
 @click.option("--node-id", default=None, help="Name in the fleet [host name and store id].")
 @click.option("--subscribe", "subscribe", multiple=True, metavar="REF", help="Keep REF current (repeatable).")
+@click.option(
+    "--nbd", default=None, metavar="HOST:PORT", help="Serve attached disks over NBD (e.g. 127.0.0.1:10809)."
+)
+@click.option(
+    "--nbd-socket", default=None, metavar="PATH", help="Serve attached disks over NBD on a Unix socket."
+)
+@click.option(
+    "--http", default=None, metavar="HOST:PORT", help="Serve versions and images over HTTP with Range."
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log pulls and reconnections.")
 @pass_ctx
 @handles_errors
@@ -584,6 +593,9 @@ def serve_cmd(
     site: str | None,
     node_id: str | None,
     subscribe: tuple[str, ...],
+    nbd: str | None,
+    nbd_socket: str | None,
+    http: str | None,
     verbose: bool,
 ) -> None:
     """Run the cachepoint daemon: serve blocks to peers, follow subscriptions, answer `status`."""
@@ -602,11 +614,78 @@ def serve_cmd(
         node_id=node_id or s.node_id,
         subscribe=list(subscribe) or list(s.subscribe),
         limits=class_limits(s.wan_rate, s.site_rate),
+        nbd=nbd or "",
+        nbd_socket=nbd_socket or "",
+        http=http or "",
     )
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
     )
     asyncio.run(Daemon(settings).run())
+
+
+@cli.command("attach")
+@click.argument("image")
+@click.option("--user", default="", help="Attach writable: writes go into user/USER/IMAGE.")
+@json_option
+@pass_ctx
+@handles_errors
+def attach_cmd(ctx: Context, image: str, user: str, as_json: bool) -> None:
+    """Export IMAGE as a disk over the daemon's NBD server (read-only without --user)."""
+    from cachepoint.status import agent_call
+    from cachepoint.v1 import agent_pb2
+
+    response = asyncio.run(
+        agent_call(ctx.store_path, "Attach", agent_pb2.AttachRequest(image=image, user=user))
+    )
+    data = {
+        "export": response.export_name,  # type: ignore[attr-defined]
+        "nbd": response.nbd[0] if response.nbd else None,  # type: ignore[attr-defined]
+        "nbd_uris": list(response.nbd),  # type: ignore[attr-defined]
+        "read_only": response.read_only,  # type: ignore[attr-defined]
+        "user_layer": response.user_layer or None,  # type: ignore[attr-defined]
+    }
+    if as_json:
+        emit_json(data)
+    else:
+        mode = "read-only" if data["read_only"] else f"writable into {data['user_layer']}"
+        click.echo(f"{data['export']} attached {mode}: {' '.join(data['nbd_uris'])}")
+
+
+@cli.command("detach")
+@click.argument("export")
+@click.option("--discard", is_flag=True, help="Drop the writes made since the last snapshot.")
+@pass_ctx
+@handles_errors
+def detach_cmd(ctx: Context, export: str, discard: bool) -> None:
+    """Stop exporting EXPORT; its unsnapshotted writes stay for the next attach unless --discard."""
+    from cachepoint.status import agent_call
+    from cachepoint.v1 import agent_pb2
+
+    asyncio.run(
+        agent_call(ctx.store_path, "Detach", agent_pb2.DetachRequest(export_name=export, discard=discard))
+    )
+    click.echo(f"{export} detached")
+
+
+@cli.command("snapshot")
+@click.argument("export")
+@message_option
+@json_option
+@pass_ctx
+@handles_errors
+def snapshot_cmd(ctx: Context, export: str, message: str, as_json: bool) -> None:
+    """Freeze EXPORT's writes into a new version of its user layer (the disk stays attached)."""
+    from cachepoint.status import agent_call
+    from cachepoint.v1 import agent_pb2
+    from cachepoint.wire import version_from_pb
+
+    request = agent_pb2.SnapshotRequest(export_name=export, message=message, author=ctx.author)
+    info = version_from_pb(asyncio.run(agent_call(ctx.store_path, "Snapshot", request)))  # type: ignore[arg-type]
+    if as_json:
+        emit_json(_version_json(info, []))
+    else:
+        click.echo(f"{info.ref}: snapshot of {export}")
 
 
 @cli.command("status")

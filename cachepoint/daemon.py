@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from cachepoint.disk.exports import Disks
 from cachepoint.errors import CachepointError, NotFound
 from cachepoint.ids import LATEST, Ref
 from cachepoint.replication import outbox
@@ -68,6 +69,12 @@ class DaemonSettings:
     """Refs to keep current, e.g. os/win10:production."""
     limits: dict[SourceClass, float] = field(default_factory=dict)
     """Bytes per second per class of source (see replication/ratelimit.py)."""
+    nbd: str = ""
+    """HOST:PORT for NBD exports of attached disks, e.g. 127.0.0.1:10809 (empty: no TCP NBD)."""
+    nbd_socket: str = ""
+    """Unix socket path for NBD exports (empty: none)."""
+    http: str = ""
+    """HOST:PORT for HTTP (versions' files and images' disks, with Range); empty: no HTTP."""
 
 
 @dataclass
@@ -294,8 +301,19 @@ class Daemon:
         server.add(lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogReadService(store), s))
         server.add(lambda s: agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self), s))
         tasks: list[asyncio.Task[None]] = []
+        self.disks = Disks(store)
+        http_runner = None
+        extra: dict[str, object] = {}
         try:
             self.address = await server.start()
+            if self.settings.nbd or self.settings.nbd_socket:
+                extra["nbd"] = await self.disks.serve(
+                    self.settings.nbd or None, self.settings.nbd_socket or None
+                )
+            if self.settings.http:
+                from cachepoint.http.app import start_http
+
+                http_runner, extra["http"] = await start_http(store, self.settings.http)
             stop = stop or stop_event_on_signals()
             if self.settings.coordinator:
                 tasks.append(asyncio.create_task(self.heartbeat(), name="heartbeat"))
@@ -308,6 +326,7 @@ class Daemon:
                 role="cachepoint",
                 node_id=self.node_id,
                 site=self.settings.site,
+                **extra,
             )
             stopper = asyncio.create_task(stop.wait(), name="stop")
             pending = {stopper, *tasks}
@@ -326,6 +345,9 @@ class Daemon:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if http_runner is not None:
+                await http_runner.cleanup()
+            await self.disks.close()
             await server.stop()
             with contextlib.suppress(OSError):
                 (self.settings.store / STATE_FILE).unlink()

@@ -87,3 +87,13 @@ def status_json(s: agent_pb2.StatusResponse) -> dict[str, object]:
             c.source_class: {"blocks": c.blocks, "bytes": c.bytes, "failures": c.failures} for c in s.sources
         },
     }
+
+
+async def agent_call(store: Path, method: str, request: object, timeout: float = UNARY_DEADLINE) -> object:
+    """Call one Agent method on the daemon that holds ``store``."""
+    address = daemon_address(store)
+    async with channel.channel(address) as ch:
+        try:
+            return await getattr(agent_pb2_grpc.AgentStub(ch), method)(request, timeout=timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, address) from err

@@ -15,7 +15,7 @@ from cachepoint.layers.ingest import IngestOptions, ingest
 from cachepoint.model import LayerKind
 from cachepoint.replication import outbox
 from cachepoint.rpc.errors import rpc_errors
-from cachepoint.v1 import agent_pb2, agent_pb2_grpc
+from cachepoint.v1 import agent_pb2, agent_pb2_grpc, version_pb2
 from cachepoint.wire import ref_from_pb, version_to_pb
 
 if TYPE_CHECKING:
@@ -75,6 +75,34 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         return agent_pb2.IngestResponse(
             version=version_to_pb(result.version), result_json=json.dumps(result.as_json())
         )
+
+    @rpc_errors
+    async def Attach(  # noqa: N802
+        self, request: agent_pb2.AttachRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.AttachResponse:
+        name, disk = await self.daemon.disks.attach(request.image, request.user)
+        return agent_pb2.AttachResponse(
+            export_name=name,
+            nbd=self.daemon.disks.uris(name),
+            read_only=disk.working is None,
+            user_layer=disk.working.layer if disk.working is not None else "",
+        )
+
+    @rpc_errors
+    async def Detach(  # noqa: N802
+        self, request: agent_pb2.DetachRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.DetachResponse:
+        await self.daemon.disks.detach(request.export_name, request.discard)
+        return agent_pb2.DetachResponse()
+
+    @rpc_errors
+    async def Snapshot(  # noqa: N802
+        self, request: agent_pb2.SnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> version_pb2.VersionInfo:
+        d = self.daemon
+        info = await d.disks.snapshot(request.export_name, request.message, request.author, d.node_id)
+        d.outbox_wakeup.set()
+        return version_to_pb(info)
 
     @rpc_errors
     async def Pull(  # noqa: N802

@@ -108,3 +108,45 @@ class IngestResponse(_message.Message):
     version: _version_pb2.VersionInfo
     result_json: str
     def __init__(self, version: _Optional[_Union[_version_pb2.VersionInfo, _Mapping]] = ..., result_json: _Optional[str] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("image", "user")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    user: str
+    def __init__(self, image: _Optional[str] = ..., user: _Optional[str] = ...) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("export_name", "nbd", "read_only", "user_layer")
+    EXPORT_NAME_FIELD_NUMBER: _ClassVar[int]
+    NBD_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    USER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    export_name: str
+    nbd: _containers.RepeatedScalarFieldContainer[str]
+    read_only: bool
+    user_layer: str
+    def __init__(self, export_name: _Optional[str] = ..., nbd: _Optional[_Iterable[str]] = ..., read_only: _Optional[bool] = ..., user_layer: _Optional[str] = ...) -> None: ...
+
+class DetachRequest(_message.Message):
+    __slots__ = ("export_name", "discard")
+    EXPORT_NAME_FIELD_NUMBER: _ClassVar[int]
+    DISCARD_FIELD_NUMBER: _ClassVar[int]
+    export_name: str
+    discard: bool
+    def __init__(self, export_name: _Optional[str] = ..., discard: _Optional[bool] = ...) -> None: ...
+
+class DetachResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ("export_name", "message", "author")
+    EXPORT_NAME_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    export_name: str
+    message: str
+    author: str
+    def __init__(self, export_name: _Optional[str] = ..., message: _Optional[str] = ..., author: _Optional[str] = ...) -> None: ...

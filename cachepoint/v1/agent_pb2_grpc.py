@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from cachepoint.v1 import agent_pb2 as cachepoint_dot_v1_dot_agent__pb2
+from cachepoint.v1 import version_pb2 as cachepoint_dot_v1_dot_version__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -49,6 +50,21 @@ class AgentStub:
                 request_serializer=cachepoint_dot_v1_dot_agent__pb2.PullRequest.SerializeToString,
                 response_deserializer=cachepoint_dot_v1_dot_agent__pb2.PullProgress.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_unary(
+                '/cachepoint.v1.Agent/Attach',
+                request_serializer=cachepoint_dot_v1_dot_agent__pb2.AttachRequest.SerializeToString,
+                response_deserializer=cachepoint_dot_v1_dot_agent__pb2.AttachResponse.FromString,
+                _registered_method=True)
+        self.Detach = channel.unary_unary(
+                '/cachepoint.v1.Agent/Detach',
+                request_serializer=cachepoint_dot_v1_dot_agent__pb2.DetachRequest.SerializeToString,
+                response_deserializer=cachepoint_dot_v1_dot_agent__pb2.DetachResponse.FromString,
+                _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/cachepoint.v1.Agent/Snapshot',
+                request_serializer=cachepoint_dot_v1_dot_agent__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=cachepoint_dot_v1_dot_version__pb2.VersionInfo.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -74,6 +90,26 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """Composite disks over NBD (the daemon must serve NBD: --nbd or --nbd-socket).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detach(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Snapshot(self, request, context):
+        """Freeze the disk's writes into a new version of its user layer; the disk stays attached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +127,21 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Pull,
                     request_deserializer=cachepoint_dot_v1_dot_agent__pb2.PullRequest.FromString,
                     response_serializer=cachepoint_dot_v1_dot_agent__pb2.PullProgress.SerializeToString,
+            ),
+            'Attach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=cachepoint_dot_v1_dot_agent__pb2.AttachRequest.FromString,
+                    response_serializer=cachepoint_dot_v1_dot_agent__pb2.AttachResponse.SerializeToString,
+            ),
+            'Detach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detach,
+                    request_deserializer=cachepoint_dot_v1_dot_agent__pb2.DetachRequest.FromString,
+                    response_serializer=cachepoint_dot_v1_dot_agent__pb2.DetachResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=cachepoint_dot_v1_dot_agent__pb2.SnapshotRequest.FromString,
+                    response_serializer=cachepoint_dot_v1_dot_version__pb2.VersionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +225,87 @@ class Agent:
             '/cachepoint.v1.Agent/Pull',
             cachepoint_dot_v1_dot_agent__pb2.PullRequest.SerializeToString,
             cachepoint_dot_v1_dot_agent__pb2.PullProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachepoint.v1.Agent/Attach',
+            cachepoint_dot_v1_dot_agent__pb2.AttachRequest.SerializeToString,
+            cachepoint_dot_v1_dot_agent__pb2.AttachResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachepoint.v1.Agent/Detach',
+            cachepoint_dot_v1_dot_agent__pb2.DetachRequest.SerializeToString,
+            cachepoint_dot_v1_dot_agent__pb2.DetachResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachepoint.v1.Agent/Snapshot',
+            cachepoint_dot_v1_dot_agent__pb2.SnapshotRequest.SerializeToString,
+            cachepoint_dot_v1_dot_version__pb2.VersionInfo.FromString,
             options,
             channel_credentials,
             insecure,

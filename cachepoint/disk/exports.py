@@ -1,0 +1,91 @@
+"""The daemon's attached disks, exported over NBD by name.
+
+Read-only attachments export an image under its own name; a user's attachment exports
+``USER/IMAGE`` and writes into the layer ``user/USER/IMAGE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from cachepoint.disk.attach import open_image
+from cachepoint.disk.composite import CompositeDisk
+from cachepoint.disk.nbd import NbdServer, start_nbd
+from cachepoint.disk.snapshot import snapshot
+from cachepoint.errors import InvalidInput, NotFound
+from cachepoint.ids import validate_layer_name
+from cachepoint.model import VersionInfo
+from cachepoint.store.store import Store
+
+
+class ExportNotFound(NotFound):
+    """no disk is attached as {!r} (attached: {})"""
+
+
+def user_layer_of(user: str, image: str) -> str:
+    return validate_layer_name(f"user/{user}/{image}")
+
+
+class Disks:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.attached: dict[str, CompositeDisk] = {}
+        self._lock = threading.Lock()
+        self.server: NbdServer | None = None
+
+    async def serve(self, tcp: str | None, unix_path: str | None) -> list[str]:
+        self.server = await start_nbd(self.attached.get, lambda: sorted(self.attached), tcp, unix_path)
+        return self.server.addresses
+
+    def uris(self, name: str) -> list[str]:
+        uris = []
+        for address in self.server.addresses if self.server else []:
+            if address.startswith("unix:"):
+                uris.append(f"nbd+unix:///{name}?socket={address[len('unix:') :]}")
+            else:
+                uris.append(f"nbd://{address}/{name}")
+        return uris
+
+    async def attach(self, image: str, user: str) -> tuple[str, CompositeDisk]:
+        if self.server is None:
+            raise InvalidInput(
+                "this daemon serves no NBD exports: start it with --nbd HOST:PORT or --nbd-socket"
+            )
+        name = f"{user}/{image}" if user else image
+        layer = user_layer_of(user, image) if user else None
+        with self._lock:
+            if name in self.attached:
+                return name, self.attached[name]
+        disk = await asyncio.to_thread(open_image, self.store, image, user_layer=layer, name=name)
+        with self._lock:
+            self.attached[name] = disk
+        return name, disk
+
+    def get(self, name: str) -> CompositeDisk:
+        disk = self.attached.get(name)
+        if disk is None:
+            raise ExportNotFound(name, ", ".join(sorted(self.attached)) or "none")
+        return disk
+
+    async def detach(self, name: str, discard: bool) -> None:
+        disk = self.get(name)
+        with self._lock:
+            self.attached.pop(name, None)
+        if discard and disk.working is not None:
+            await asyncio.to_thread(disk.working.discard)
+        await asyncio.to_thread(disk.close)
+
+    async def snapshot(self, name: str, message: str, author: str, device: str) -> VersionInfo:
+        disk = self.get(name)
+        if disk.working is None:
+            raise InvalidInput(f"{name} is attached read-only: there is nothing to snapshot")
+        return await asyncio.to_thread(
+            snapshot, self.store, disk, disk.working.layer, message, author=author, device=device
+        )
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+        for name in list(self.attached):
+            await asyncio.to_thread(self.attached.pop(name).close)

@@ -1,0 +1,104 @@
+"""Attach, write, snapshot, detach and re-attach through a running `cachepoint serve --nbd`, with qemu
+as the client."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, cli_env, run_cli
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("qemu-img") and shutil.which("qemu-io")),
+    reason="needs qemu-utils (make test installs it)",
+)
+BS = 65536
+
+
+def qemu_io(uri: str, command: str) -> str:
+    proc = subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", command, uri], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and "Pattern verification failed" not in proc.stdout, (
+        proc.stdout + proc.stderr
+    )
+    return proc.stdout
+
+
+def test_a_users_writes_survive_snapshot_detach_and_reattach_while_the_os_layer_stays_as_it_was(tmp_path):
+    store = tmp_path / "store"
+    base = tmp_path / "os.img"
+    base.write_bytes(os.urandom(32 * BS))
+    run_cli(store, "ingest", "os/base", base)
+    run_cli(store, "image", "create", "desk", "os/base")
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cachepoint",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--nbd",
+            "127.0.0.1:0",
+            "--nbd-socket",
+            str(tmp_path / "nbd.sock"),
+        ],
+        env=cli_env(store),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert daemon.stdout is not None
+        ready = json.loads(daemon.stdout.readline())
+        assert ready["nbd"][0].startswith("127.0.0.1:") and ready["nbd"][1].startswith("unix:")
+        read_only = run_cli(store, "attach", "desk", "--json").json()
+        assert read_only["read_only"]
+        assert (
+            subprocess.run(["qemu-img", "compare", "-f", "raw", str(base), read_only["nbd"]]).returncode == 0
+        )
+        refused = subprocess.run(
+            ["qemu-io", "-f", "raw", "-c", "write 0 4096", read_only["nbd"]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        # qemu sees the export's read-only flag and refuses to open it for writing.
+        assert refused.returncode != 0 and "permission denied" in (refused.stdout + refused.stderr).lower()
+
+        user = run_cli(store, "attach", "desk", "--user", "alice", "--json").json()
+        assert (
+            user["nbd"] == f"nbd://{ready['nbd'][0]}/alice/desk" and user["user_layer"] == "user/alice/desk"
+        )
+        socket_uri = next(u for u in user["nbd_uris"] if u.startswith("nbd+unix"))
+        qemu_io(user["nbd"], "write -P 0xab 100000 70000")  # unaligned, across a block boundary
+        qemu_io(socket_uri, "write -z 300000 5000")
+        qemu_io(user["nbd"], "discard 655360 65536")
+        snap = run_cli(store, "snapshot", "alice/desk", "-m", "after install", "--json").json()
+        assert snap["ref"] == "user/alice/desk@1"
+        run_cli(store, "detach", "alice/desk")
+        again = run_cli(store, "attach", "desk", "--user", "alice", "--json").json()
+        qemu_io(again["nbd"], "read -P 0xab 100000 70000")
+        qemu_io(again["nbd"], "read -P 0 300000 5000")
+        qemu_io(again["nbd"], "read -P 0 655360 65536")
+        qemu_io(again["nbd"], f"read -v 0 {4096}")
+        # The OS layer is what it was: the read-only export still equals the original image.
+        assert (
+            subprocess.run(["qemu-img", "compare", "-f", "raw", str(base), read_only["nbd"]]).returncode == 0
+        )
+        missing = run_cli(store, "detach", "nobody/desk", check=False)
+        assert missing.code == 3 and "nobody/desk" in missing.err
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr.read() if daemon.stderr else ""
+    log = run_cli(store, "log", "user/alice/desk", "--json").json()
+    assert [v["message"] for v in log["versions"]] == ["after install"]
+    assert run_cli(store, "fsck", "--json").json()["ok"]
