@@ -63,26 +63,32 @@ class Settings:
     """`serve`, `pull`: cap on fetching from peers of the same site (0: none)."""
 
 
+def apply_toml(settings: object, path: Path) -> None:
+    """Set a settings dataclass's fields from a TOML file whose keys are the field names: unknown
+    keys are refused by name; list fields take lists of strings, the others strings."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise InvalidInput(f"cannot read config {path}: {err}") from err
+    kinds = {f.name: f.type for f in fields(settings)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(kinds))
+    if unknown:
+        raise InvalidInput(f"config {path}: unknown keys {unknown} (known: {sorted(kinds)})")
+    for key, value in data.items():
+        if str(kinds[key]).startswith("list"):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidInput(f"config {path}: {key} must be a list of strings")
+            setattr(settings, key, list(value))
+        else:
+            setattr(settings, key, str(value))
+
+
 def load_settings(config_path: str | None, store_flag: str | None) -> Settings:
     settings = Settings()
     explicit = config_path or os.environ.get(ENV_CONFIG)
     path = Path(explicit) if explicit else default_config_path()
     if path.exists():
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise InvalidInput(f"cannot read config {path}: {err}") from err
-        known = {f.name for f in fields(Settings)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidInput(f"config {path}: unknown keys {unknown} (known: {sorted(known)})")
-        for key, value in data.items():
-            if key == "subscribe":
-                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                    raise InvalidInput(f"config {path}: subscribe must be a list of refs")
-                settings.subscribe = list(value)
-            else:
-                setattr(settings, key, str(value))
+        apply_toml(settings, path)
     elif explicit:
         raise InvalidInput(f"config file {path} does not exist")
     if os.environ.get(ENV_STORE):

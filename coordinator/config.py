@@ -6,11 +6,10 @@ listen = "0.0.0.0:7400"
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from cachepoint.errors import InvalidInput
+from cachepoint.config import apply_toml
 
 
 @dataclass
@@ -23,16 +22,6 @@ class CoordinatorSettings:
 
 def load(path: Path | None) -> CoordinatorSettings:
     settings = CoordinatorSettings()
-    if path is None:
-        return settings
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise InvalidInput(f"cannot read config {path}: {err}") from err
-    known = {f.name for f in fields(CoordinatorSettings)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise InvalidInput(f"config {path}: unknown keys {unknown} (known: {sorted(known)})")
-    for key, value in data.items():
-        setattr(settings, key, str(value))
+    if path is not None:
+        apply_toml(settings, path)
     return settings
