@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cachepoint.blocks import is_hole
-from tests.conftest import REPO, Run, cli_env, run_cli
+from tests.conftest import REPO, Run, cli_env, run_cli, sha256_file
 
 LAYER = "os/x"
 PRODUCTION = "os/x:production"
@@ -43,14 +43,6 @@ T = TypeVar("T")
 
 
 # -- small helpers ----------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def stored_block_ids(image: Path, block: int = BLOCK) -> set[bytes]:

@@ -9,7 +9,6 @@ listed version must export byte for byte to the image it was made from.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import shutil
 import signal
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from bench.gen_image import generate
 from cachepoint.store.store import Store
-from tests.conftest import REPO, cli_env, run_cli
+from tests.conftest import REPO, cli_env, run_cli, sha256_file
 
 LAYER = "os/x"
 BLOCK = 64 * 1024
@@ -30,14 +29,6 @@ ROUNDS = 16
 MIN_PROVEN = 12  # 75% of ROUNDS: the claim is about kills that really land mid-ingest
 RECORD_WAIT = 30.0  # seconds a child may take to reach its first write; a bound, not a speed claim
 KILL_WAIT = 30.0
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def make_variant(base: Path, dest: Path, seed: int, fraction: float) -> None:

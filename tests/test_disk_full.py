@@ -9,7 +9,6 @@ exported files live outside the tmpfs, on the test's own directory, so only the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bench.gen_image import generate
-from tests.conftest import REPO, cli_env
+from tests.conftest import REPO, cli_env, sha256_file
 
 MiB = 1024 * 1024
 TMPFS_SIZE = "40M"
@@ -37,10 +36,6 @@ for name, args in steps:
     results.append({"step": name, "code": proc.returncode, "out": proc.stdout, "err": proc.stderr})
 print(json.dumps(results))
 """
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run_in_small_filesystem(mount: Path, store: Path, steps: list[tuple[str, list[str]]], tmp: Path) -> list:

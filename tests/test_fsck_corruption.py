@@ -17,7 +17,7 @@ import pytest
 from cachepoint.blocks import CODEC_RAW, CODEC_ZSTD
 from cachepoint.ids import BlockId
 from cachepoint.store.store import Store
-from tests.conftest import run_cli
+from tests.conftest import run_cli, sha256_file
 
 BLOCK = 64 * 1024
 ZERO = bytes(BLOCK)
@@ -56,10 +56,6 @@ TOUCHED = ["app/y@1", "os/x@1"]
 
 def digest_of(block: bytes) -> bytes:
     return hashlib.sha256(block).digest()
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture

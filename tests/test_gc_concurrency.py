@@ -29,7 +29,7 @@ from cachepoint.model import LayerKind
 from cachepoint.store.fsck import fsck
 from cachepoint.store.gc import collect
 from cachepoint.store.store import Store
-from tests.conftest import REPO, cli_env, run_cli
+from tests.conftest import REPO, cli_env, run_cli, sha256_file
 
 BLOCK = 64 * 1024
 WAIT = 60.0  # bound on every wait for another thread or process; never reached when things work
@@ -48,10 +48,6 @@ def block(seed: int) -> bytes:
 
 def digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def write_image(path: Path, blocks: list[bytes]) -> Path:

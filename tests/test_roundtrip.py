@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from pathlib import Path
 
 from bench.gen_image import generate, mutate
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+from tests.conftest import sha256_file as sha256_of
 
 
 def make_sparse_image(path: Path, size: int) -> None:
