@@ -88,7 +88,11 @@ def test_writes_land_in_the_working_layer_and_never_in_the_layers_below(store, t
     disk = open_disk(store, refs, user_layer="user/alice/disk")
     assert not disk.read_only
     model = bytearray(expected)
-    for offset, data in ((1000, b"\x11" * 3000), (BS * 5, b"\x22" * BS * 2), (BS * 9 - 1, b"\x33" * 2)):
+    # Every written byte differs from the byte below it: a write equal to the layers below would
+    # (rightly) leave no working entry, and the layers hold random data.
+    edge = BS * 9 - 1
+    straddle = bytes(b ^ 0xFF for b in expected[edge : edge + 2])
+    for offset, data in ((1000, b"\x11" * 3000), (BS * 5, b"\x22" * BS * 2), (edge, straddle)):
         disk.write_sync(offset, data)
         model[offset : offset + len(data)] = data
     assert disk.read_sync(0, disk.size) == bytes(model)
