@@ -688,6 +688,50 @@ def snapshot_cmd(ctx: Context, export: str, message: str, as_json: bool) -> None
         click.echo(f"{info.ref}: snapshot of {export}")
 
 
+@cli.command("rebase")
+@click.argument("image")
+@click.option(
+    "--layer", "to", required=True, metavar="REF", help="The base layer version to move to, e.g. os/win10@7."
+)
+@json_option
+@pass_ctx
+@handles_errors
+def rebase_cmd(ctx: Context, image: str, to: str, as_json: bool) -> None:
+    """Move one base layer of IMAGE to another version; users' layers are kept as they are."""
+    from cachepoint.disk.rebuild import rebase
+
+    with ctx.open(writable=True) as store:
+        spec, replaced = rebase(store, image, Ref.parse(to))
+    if as_json:
+        emit_json({"image": spec.name, "refs": list(spec.refs), "replaced": replaced})
+    else:
+        click.echo(f"image {spec.name}: {replaced} -> {to} ({' '.join(spec.refs)})")
+
+
+@cli.command("restore")
+@click.argument("image")
+@click.option("--user", required=True, help="Whose layer: user/USER/IMAGE.")
+@click.option(
+    "--to", "to", required=True, metavar="REF", help="The version to bring back, e.g. user/alice/desk@3."
+)
+@message_option
+@json_option
+@pass_ctx
+@handles_errors
+def restore_cmd(ctx: Context, image: str, user: str, to: str, message: str, as_json: bool) -> None:
+    """Bring a user's layer of IMAGE back to an earlier version, as a new version (later ones stay)."""
+    from cachepoint.disk.rebuild import restore
+
+    with ctx.open(writable=True) as store:
+        info = restore(
+            store, image, user, Ref.parse(to), author=ctx.author, device=ctx.device, message=message
+        )
+    if as_json:
+        emit_json(_version_json(info, ["latest"]))
+    else:
+        click.echo(f"{info.ref}: content of @{info.restored_from}")
+
+
 @cli.command("status")
 @json_option
 @pass_ctx
