@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import grpc
 
 from cachepoint import __version__
 from cachepoint.blocks import parse_block_size
@@ -686,6 +687,51 @@ def snapshot_cmd(ctx: Context, export: str, message: str, as_json: bool) -> None
         emit_json(_version_json(info, []))
     else:
         click.echo(f"{info.ref}: snapshot of {export}")
+
+
+@cli.command("pin")
+@click.argument("target")
+@json_option
+@pass_ctx
+@handles_errors
+def pin_cmd(ctx: Context, target: str, as_json: bool) -> None:
+    """Fetch every block of TARGET (an image, or a ref) through the daemon, for offline use."""
+    from cachepoint.errors import ImageNotFound, StoreMissing
+    from cachepoint.v1 import agent_pb2
+    from cachepoint.wire import ref_to_pb, version_from_pb
+
+    try:
+        with ctx.open() as store:
+            refs = list(store.catalog.image(target).refs)
+    except (ImageNotFound, StoreMissing):
+        refs = [target]
+    pinned = []
+    for ref in refs:
+        request = agent_pb2.PullRequest(ref=ref_to_pb(Ref.parse(ref)))
+        stream = asyncio.run(_last_progress(ctx.store_path, request))
+        pinned.append({"ref": version_from_pb(stream.version).ref, "fetched_blocks": stream.blocks_done})
+    if as_json:
+        emit_json({"pinned": pinned})
+    else:
+        for item in pinned:
+            click.echo(f"{item['ref']} is here ({item['fetched_blocks']} blocks fetched)")
+
+
+async def _last_progress(store: Path, request: object) -> Any:
+    from cachepoint.rpc import channel
+    from cachepoint.rpc.client import from_rpc_error
+    from cachepoint.status import daemon_address
+    from cachepoint.v1 import agent_pb2_grpc
+
+    address = daemon_address(store)
+    last = None
+    async with channel.channel(address) as ch:
+        try:
+            async for progress in agent_pb2_grpc.AgentStub(ch).Pull(request, timeout=6 * 3600):
+                last = progress
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, address) from err
+    return last
 
 
 @cli.command("rebase")

@@ -17,22 +17,25 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from cachepoint.disk.exports import Disks
-from cachepoint.errors import CachepointError, NotFound
+from cachepoint.errors import CachepointError, InvalidInput, NotFound
 from cachepoint.ids import LATEST, Ref
+from cachepoint.model import Manifest, VersionInfo
 from cachepoint.replication import outbox
-from cachepoint.replication.pull import PullResult, pull
-from cachepoint.replication.sources import SourceClass
+from cachepoint.replication.fetcher import Fetcher
+from cachepoint.replication.pull import PullResult, find_peers, pull
+from cachepoint.replication.sources import Source, SourceClass
 from cachepoint.rpc import channel
 from cachepoint.rpc.agent import AgentService
 from cachepoint.rpc.block_exchange import BlockExchangeService, ServeCounters
 from cachepoint.rpc.catalog_read import CatalogReadService
-from cachepoint.rpc.client import UNARY_DEADLINE
+from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
 from cachepoint.rpc.serving import Server, announce, stop_event_on_signals
 from cachepoint.store import format as fmt
 from cachepoint.store.store import Store
@@ -44,6 +47,7 @@ from cachepoint.v1 import (
     fleet_pb2,
     fleet_pb2_grpc,
 )
+from cachepoint.wire import manifest_digest, manifest_from_bytes, ref_to_pb, version_from_pb
 
 log = logging.getLogger("cachepoint.daemon")
 STATE_FILE = "daemon.json"
@@ -52,6 +56,7 @@ BACKOFF_MAX = 30.0
 HEARTBEAT_BACKOFF_MAX = 4.0
 REGISTER_WAIT = 5.0
 SUSPECT_SECONDS = 600.0
+LAZY_FETCH_TIMEOUT = 120.0  # a read waiting on the network longer than this fails with EIO
 
 
 @dataclass
@@ -147,6 +152,48 @@ class Daemon:
                 ", ".join(f"{s.name}={s.counters.blocks}" for s in result.sources),
             )
         return result
+
+    async def open_remote(self, ref: Ref) -> tuple[VersionInfo, Manifest, Callable[[list[bytes]], None]]:
+        """Resolve ``ref`` at the coordinator for a lazy boot: the version, its manifest, and a
+        blocking fetch (called from the disk's reader threads) of blocks missing here."""
+        async with channel.channel(self.settings.coordinator) as ch:
+            catalog = catalog_pb2_grpc.CatalogStub(ch)
+            try:
+                info = version_from_pb(
+                    await catalog.Resolve(
+                        catalog_pb2.ResolveRequest(ref=ref_to_pb(ref)), timeout=UNARY_DEADLINE
+                    )
+                )
+                blob = await catalog.GetManifest(
+                    catalog_pb2.GetManifestRequest(digest=info.manifest_digest), timeout=UNARY_DEADLINE
+                )
+            except grpc.aio.AioRpcError as err:
+                raise from_rpc_error(err, self.settings.coordinator) from err
+        if manifest_digest(blob.manifest) != info.manifest_digest:
+            raise InvalidInput(
+                f"the coordinator sent a manifest for {info.ref} that does not match its digest"
+            )
+        loop = asyncio.get_running_loop()
+
+        def fetch(ids: list[bytes]) -> None:
+            asyncio.run_coroutine_threadsafe(self._fetch_for(info, ids), loop).result(
+                timeout=LAZY_FETCH_TIMEOUT
+            )
+
+        return info, manifest_from_bytes(blob.manifest), fetch
+
+    async def _fetch_for(self, info: VersionInfo, ids: list[bytes]) -> None:
+        async with channel.channel(self.settings.coordinator) as ch:
+            peers = await find_peers(ch, self.node_id, info, self.address)
+        avoided = self._avoided()
+        sources = [p for p in peers if p.address not in avoided]
+        sources.append(Source("origin", self.settings.coordinator, SourceClass.ORIGIN))
+        await Fetcher(self.store, sources, limits=self.settings.limits).fetch(ids, info.ref)  # type: ignore[arg-type]
+        for source in sources:
+            totals = self.sources.setdefault(str(source.source_class), SourceTotals())
+            totals.blocks += source.counters.blocks
+            totals.bytes += source.counters.bytes
+            totals.failures += source.counters.failures
 
     def _avoided(self) -> set[str]:
         now = time.monotonic()
@@ -301,7 +348,7 @@ class Daemon:
         server.add(lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogReadService(store), s))
         server.add(lambda s: agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self), s))
         tasks: list[asyncio.Task[None]] = []
-        self.disks = Disks(store)
+        self.disks = Disks(store, self.open_remote if self.settings.coordinator else None)
         http_runner = None
         extra: dict[str, object] = {}
         try:

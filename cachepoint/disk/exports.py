@@ -1,21 +1,23 @@
 """The daemon's attached disks, exported over NBD by name.
 
 Read-only attachments export an image under its own name; a user's attachment exports
-``USER/IMAGE`` and writes into the layer ``user/USER/IMAGE``.
+``USER/IMAGE`` and writes into the layer ``user/USER/IMAGE``. A ref (``os/win10:production``) can be
+attached read-only too, even when its blocks are not here: they are fetched as reads need them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 
 from cachepoint.disk.attach import open_image
 from cachepoint.disk.composite import CompositeDisk
 from cachepoint.disk.nbd import NbdServer, start_nbd
 from cachepoint.disk.snapshot import snapshot
 from cachepoint.errors import InvalidInput, NotFound
-from cachepoint.ids import validate_layer_name
-from cachepoint.model import VersionInfo
+from cachepoint.ids import Ref, validate_layer_name
+from cachepoint.model import Manifest, VersionInfo
 from cachepoint.store.store import Store
 
 
@@ -27,9 +29,15 @@ def user_layer_of(user: str, image: str) -> str:
     return validate_layer_name(f"user/{user}/{image}")
 
 
+# Lazy boot: given a ref this store does not hold, the daemon resolves it at the coordinator and
+# returns the version, its manifest, and a function that fetches missing blocks into the store.
+RemoteOpener = Callable[[Ref], Awaitable[tuple[VersionInfo, Manifest, Callable[[list[bytes]], None]]]]
+
+
 class Disks:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, remote: RemoteOpener | None = None) -> None:
         self.store = store
+        self.remote = remote
         self.attached: dict[str, CompositeDisk] = {}
         self._lock = threading.Lock()
         self.server: NbdServer | None = None
@@ -57,10 +65,19 @@ class Disks:
         with self._lock:
             if name in self.attached:
                 return name, self.attached[name]
-        disk = await asyncio.to_thread(open_image, self.store, image, user_layer=layer, name=name)
+        if not user and "/" in image and self.remote is not None:
+            disk = await self._attach_ref(Ref.parse(image))
+        else:
+            disk = await asyncio.to_thread(open_image, self.store, image, user_layer=layer, name=name)
         with self._lock:
             self.attached[name] = disk
         return name, disk
+
+    async def _attach_ref(self, ref: Ref) -> CompositeDisk:
+        """A read-only disk of one version, booted lazily: blocks not here are fetched on first read."""
+        assert self.remote is not None
+        info, manifest, fetch = await self.remote(ref)
+        return CompositeDisk(self.store, [(info, manifest)], fetch_missing=fetch)
 
     def get(self, name: str) -> CompositeDisk:
         disk = self.attached.get(name)
