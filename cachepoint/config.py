@@ -12,11 +12,13 @@ The TOML keys are the field names, e.g.::
     site = "branch-12"
     subscribe = ["os/win10:production", "app/office:production"]
     wan_rate = "100Mbit"
+    snapshot_every = "15m"
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -61,6 +63,8 @@ class Settings:
     """`serve`, `pull`: cap on fetching from other sites and the coordinator, e.g. "100Mbit" (0: none)."""
     site_rate: str = "0"
     """`serve`, `pull`: cap on fetching from peers of the same site (0: none)."""
+    snapshot_every: str = "0"
+    """`serve`: snapshot every attached user disk that has new writes this often, e.g. "15m" (0: never)."""
 
 
 def apply_toml(settings: object, path: Path) -> None:
@@ -98,3 +102,15 @@ def load_settings(config_path: str | None, store_flag: str | None) -> Settings:
     if not settings.store:
         settings.store = str(default_store_path())
     return settings
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_SCALE = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``30s``, ``15m``, ``1h``, ``1.5h``, ``250ms`` or a bare number of seconds."""
+    match = _DURATION_RE.match(text)
+    if not match:
+        raise InvalidInput(f"duration {text!r}: write it like 30s, 15m or 1h (0: never)")
+    return float(match.group(1)) * _DURATION_SCALE[match.group(2)]

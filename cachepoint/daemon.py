@@ -80,6 +80,8 @@ class DaemonSettings:
     """Unix socket path for NBD exports (empty: none)."""
     http: str = ""
     """HOST:PORT for HTTP (versions' files and images' disks, with Range); empty: no HTTP."""
+    snapshot_every: float = 0.0
+    """Seconds between scheduled snapshots of attached user disks with new writes (0: none)."""
 
 
 @dataclass
@@ -287,6 +289,20 @@ class Daemon:
                 )
                 backoff = min(max(backoff, 1.0) * 2, BACKOFF_MAX)
 
+    async def scheduled_snapshots(self) -> None:
+        """Every ``snapshot_every`` seconds, freeze each attached user disk that has new writes."""
+        while True:
+            await asyncio.sleep(self.settings.snapshot_every)
+            for name, disk in list(self.disks.attached.items()):
+                if disk.working is None or not disk.working.entries:
+                    continue
+                try:
+                    info = await self.disks.snapshot(name, "scheduled snapshot", "cachepoint", self.node_id)
+                    log.info("scheduled snapshot of %s: %s", name, info.ref)
+                    self.outbox_wakeup.set()
+                except CachepointError as err:
+                    log.warning("scheduled snapshot of %s failed: %s", name, err)
+
     def _moves(self, sub: SubscriptionState, event: catalog_pb2.CatalogEvent) -> bool:
         which = event.WhichOneof("event")
         if which == "tag_moved":
@@ -362,6 +378,8 @@ class Daemon:
 
                 http_runner, extra["http"] = await start_http(store, self.settings.http)
             stop = stop or stop_event_on_signals()
+            if self.settings.snapshot_every > 0:
+                tasks.append(asyncio.create_task(self.scheduled_snapshots(), name="snapshots"))
             if self.settings.coordinator:
                 tasks.append(asyncio.create_task(self.heartbeat(), name="heartbeat"))
                 tasks.append(asyncio.create_task(self.deliver(), name="outbox"))

@@ -102,3 +102,38 @@ def test_a_users_writes_survive_snapshot_detach_and_reattach_while_the_os_layer_
     log = run_cli(store, "log", "user/alice/desk", "--json").json()
     assert [v["message"] for v in log["versions"]] == ["after install"]
     assert run_cli(store, "fsck", "--json").json()["ok"]
+
+
+def test_scheduled_snapshots_freeze_new_writes_of_attached_user_disks(tmp_path):
+    from tests.fleet import wait_until
+
+    store = tmp_path / "store"
+    (tmp_path / "os.img").write_bytes(os.urandom(8 * BS))
+    run_cli(store, "ingest", "os/base", tmp_path / "os.img")
+    run_cli(store, "image", "create", "desk", "os/base")
+    config = tmp_path / "cachepoint.toml"
+    config.write_text('snapshot_every = "1s"\n')
+    env = dict(cli_env(store), CACHEPOINT_CONFIG=str(config))
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "cachepoint", "serve", "--listen", "127.0.0.1:0", "--nbd", "127.0.0.1:0"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert daemon.stdout is not None
+        json.loads(daemon.stdout.readline())
+        user = run_cli(store, "attach", "desk", "--user", "alice", "--json").json()
+        qemu_io(user["nbd"], "write -P 0x5a 0 65536")
+
+        def snapshots() -> list[str] | None:
+            log = run_cli(store, "log", "user/alice/desk", "--json", check=False)
+            found = [v["message"] for v in log.json()["versions"]] if log.code == 0 else []
+            return found or None
+
+        assert wait_until("a scheduled snapshot", snapshots, 30.0) == ["scheduled snapshot"]
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
