@@ -576,7 +576,12 @@ def pull_cmd(ctx: Context, ref: str, origin: str, wan_rate: str | None, as_json:
 @click.option("--node-id", default=None, help="Name in the fleet [host name and store id].")
 @click.option("--subscribe", "subscribe", multiple=True, metavar="REF", help="Keep REF current (repeatable).")
 @click.option(
-    "--nbd", default=None, metavar="HOST:PORT", help="Serve attached disks over NBD (e.g. 127.0.0.1:10809)."
+    "--nbd",
+    is_flag=False,
+    flag_value="127.0.0.1:10809",
+    default=None,
+    metavar="[HOST:PORT]",
+    help="Serve attached disks over NBD; `--nbd` alone listens on 127.0.0.1:10809.",
 )
 @click.option(
     "--nbd-socket", default=None, metavar="PATH", help="Serve attached disks over NBD on a Unix socket."
