@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +59,29 @@ def run_cli(store: Path, *args: str | Path, check: bool = True, timeout: float =
     if check and proc.returncode != 0:
         raise AssertionError(f"cachepoint {args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return result
+
+
+@contextlib.contextmanager
+def daemon(store: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[dict[str, object]]:
+    """A `cachepoint serve` child on ``store`` (gRPC on port 0 plus ``args``): yields its ready line,
+    then stops it with SIGTERM and insists on a clean exit."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cachepoint", "serve", "--listen", "127.0.0.1:0", *args],
+        env=env or cli_env(store),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, f"the daemon did not start: {proc.stderr.read() if proc.stderr else ''}"
+        yield dict(json.loads(line))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        assert code == 0, f"the daemon exited {code}: {proc.stderr.read() if proc.stderr else ''}"
 
 
 @pytest.fixture

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import urllib.request
 
-from tests.conftest import REPO, cli_env, run_cli
+from tests.conftest import daemon, run_cli
 
 
 def test_the_daemon_serves_a_version_and_an_image_with_ranges_and_health(tmp_path):
@@ -19,17 +15,8 @@ def test_the_daemon_serves_a_version_and_an_image_with_ranges_and_health(tmp_pat
     image.write_bytes(data)
     run_cli(store, "ingest", "os/base", image)
     run_cli(store, "image", "create", "desk", "os/base")
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "cachepoint", "serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"],
-        env=cli_env(store),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert daemon.stdout is not None
-        base = f"http://{json.loads(daemon.stdout.readline())['http']}"
+    with daemon(store, "--http", "127.0.0.1:0") as ready:
+        base = f"http://{ready['http']}"
         with urllib.request.urlopen(f"{base}/healthz", timeout=30) as response:
             assert response.status == 200
         with urllib.request.urlopen(f"{base}/readyz", timeout=30) as response:
@@ -43,6 +30,3 @@ def test_the_daemon_serves_a_version_and_an_image_with_ranges_and_health(tmp_pat
             assert response.read() == data[70000:71000]
         with urllib.request.urlopen(f"{base}/v1/images/desk/disk", timeout=30) as response:
             assert response.status == 200 and response.read() == data
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=30) == 0

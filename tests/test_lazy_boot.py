@@ -3,16 +3,13 @@ what that read needs (plus a bounded readahead), and a full copy of the export e
 
 from __future__ import annotations
 
-import json
 import shutil
-import signal
 import subprocess
-import sys
 
 import pytest
 
 from cachepoint.samples import generate
-from tests.conftest import REPO, cli_env, run_cli, sha256_file
+from tests.conftest import daemon, run_cli, sha256_file
 from tests.fleet import Fleet, publish
 
 pytestmark = pytest.mark.skipif(
@@ -34,28 +31,7 @@ def test_a_cold_read_fetches_only_what_it_needs_and_a_full_copy_equals_the_image
         coordinator = fleet.coordinator()
         publish(tmp_path / "admin", coordinator.address, image, "production")
         store = tmp_path / "blade"
-        daemon = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cachepoint",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--nbd",
-                "127.0.0.1:0",
-                "--coordinator",
-                coordinator.address,
-            ],
-            env=cli_env(store),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert daemon.stdout is not None
-            json.loads(daemon.stdout.readline())
+        with daemon(store, "--nbd", "127.0.0.1:0", "--coordinator", coordinator.address):
             attached = run_cli(store, "attach", "os/x:production", "--json").json()
             assert attached["read_only"]
 
@@ -91,6 +67,3 @@ def test_a_cold_read_fetches_only_what_it_needs_and_a_full_copy_equals_the_image
             assert [v["ref"] for v in run_cli(store, "log", "os/x", "--json").json()["versions"]] == [
                 "os/x@1"
             ]
-        finally:
-            daemon.send_signal(signal.SIGTERM)
-            assert daemon.wait(timeout=30) == 0

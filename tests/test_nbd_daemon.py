@@ -3,16 +3,13 @@ as the client."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, cli_env, run_cli
+from tests.conftest import cli_env, daemon, run_cli
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("qemu-img") and shutil.which("qemu-io")),
@@ -37,28 +34,7 @@ def test_a_users_writes_survive_snapshot_detach_and_reattach_while_the_os_layer_
     base.write_bytes(os.urandom(32 * BS))
     run_cli(store, "ingest", "os/base", base)
     run_cli(store, "image", "create", "desk", "os/base")
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cachepoint",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--nbd",
-            "127.0.0.1:0",
-            "--nbd-socket",
-            str(tmp_path / "nbd.sock"),
-        ],
-        env=cli_env(store),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert daemon.stdout is not None
-        ready = json.loads(daemon.stdout.readline())
+    with daemon(store, "--nbd", "127.0.0.1:0", "--nbd-socket", str(tmp_path / "nbd.sock")) as ready:
         assert ready["nbd"][0].startswith("127.0.0.1:") and ready["nbd"][1].startswith("unix:")
         read_only = run_cli(store, "attach", "desk", "--json").json()
         assert read_only["read_only"]
@@ -96,9 +72,6 @@ def test_a_users_writes_survive_snapshot_detach_and_reattach_while_the_os_layer_
         )
         missing = run_cli(store, "detach", "nobody/desk", check=False)
         assert missing.code == 3 and "nobody/desk" in missing.err
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=30) == 0, daemon.stderr.read() if daemon.stderr else ""
     log = run_cli(store, "log", "user/alice/desk", "--json").json()
     assert [v["message"] for v in log["versions"]] == ["after install"]
     assert run_cli(store, "fsck", "--json").json()["ok"]
@@ -114,17 +87,7 @@ def test_scheduled_snapshots_freeze_new_writes_of_attached_user_disks(tmp_path):
     config = tmp_path / "cachepoint.toml"
     config.write_text('snapshot_every = "1s"\n')
     env = dict(cli_env(store), CACHEPOINT_CONFIG=str(config))
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "cachepoint", "serve", "--listen", "127.0.0.1:0", "--nbd", "127.0.0.1:0"],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert daemon.stdout is not None
-        json.loads(daemon.stdout.readline())
+    with daemon(store, "--nbd", "127.0.0.1:0", env=env):
         user = run_cli(store, "attach", "desk", "--user", "alice", "--json").json()
         qemu_io(user["nbd"], "write -P 0x5a 0 65536")
 
@@ -134,6 +97,3 @@ def test_scheduled_snapshots_freeze_new_writes_of_attached_user_disks(tmp_path):
             return found or None
 
         assert wait_until("a scheduled snapshot", snapshots, 30.0) == ["scheduled snapshot"]
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=30) == 0
