@@ -32,9 +32,9 @@ test: $(STAMP) test-tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# The delta-sync section compares with rsync: install it when missing (apt-get, as root). Without it
-# the benchmark still runs and its report marks the rsync comparison as not measured.
-bench: $(STAMP)
+# The delta-sync section compares with rsync, the NBD section reads with qemu-img: install them when
+# missing (apt-get, as root). Without them the benchmark still runs and marks those parts not measured.
+bench: $(STAMP) test-tools
 	command -v rsync >/dev/null || (apt-get update -qq && apt-get install -y -qq rsync) \
 		|| echo "could not install rsync: the rsync comparison will be reported as not measured" >&2
 	$(BIN)/python -m bench.run

@@ -17,6 +17,7 @@ from pathlib import Path
 from bench.ceiling import ceiling, census
 from bench.harness import Bench, Section, SectionFn, human_bytes, parse_size, remove, verdict
 from bench.ingest_bench import clones, first_ingest, reingest
+from bench.nbd_bench import nbd_read
 from bench.replication_bench import delta_sync
 from bench.report import render, write_atomic
 
@@ -24,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 QUICK_SIZE = "64M"
 
 # Order matters: a section may use figures of those before it (the ingest targets use the ceiling).
-SECTIONS: list[SectionFn] = [ceiling, first_ingest, reingest, clones, delta_sync]
+SECTIONS: list[SectionFn] = [ceiling, first_ingest, reingest, clones, delta_sync, nbd_read]
 
 
 def _size(text: str) -> int:

@@ -23,6 +23,7 @@ SECTIONS = [
     "Re-ingest of a new version",
     "Clones",
     "Delta sync over gRPC",
+    "NBD sequential read",
 ]
 # Sections measured in this run: each table must carry numbers in its cells.
 MEASURED = SECTIONS[3:]
@@ -56,8 +57,9 @@ def test_quick_bench_writes_a_full_report(tmp_path: Path) -> None:
     for title in MEASURED:
         assert NUMBER_CELL.search(sections[title]), f"no numeric figures in section {title!r}"
     # Every acceptance target gets a verdict, in the summary and in its section's table.
-    # One verdict per acceptance target: ingest, re-ingest, clones, delta bytes, delta time vs rsync.
-    assert len(re.findall(r"\| (?:PASS|FAIL) \|", sections["Summary"])) == 5
+    # One verdict per acceptance target: ingest, re-ingest, clones, delta bytes, delta time vs rsync,
+    # NBD read vs the raw file.
+    assert len(re.findall(r"\| (?:PASS|FAIL) \|", sections["Summary"])) == 6
     for title in MEASURED[1:]:
         assert re.search(r"\| (?:PASS|FAIL) \|", sections[title]), f"no verdict in section {title!r}"
     assert re.search(r"\d+(?:\.\d+)? MiB/s", sections["Summary"])
