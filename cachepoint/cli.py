@@ -173,6 +173,27 @@ def ingest_cmd(
     )
 
 
+def _writable_or_daemon(ctx: Context) -> Store | None:
+    """The store opened for writing, or None when a running daemon holds it (then ask the daemon)."""
+    from cachepoint.errors import NotFound
+    from cachepoint.status import daemon_address
+
+    try:
+        return ctx.open(writable=True)
+    except StoreBusy as busy:
+        try:
+            daemon_address(ctx.store_path)
+        except NotFound:
+            raise busy from None  # another command holds it, not a daemon: nothing to ask
+        return None
+
+
+def _via_daemon(ctx: Context, method: str, request: object) -> Any:
+    from cachepoint.status import agent_call
+
+    return asyncio.run(agent_call(ctx.store_path, method, request))
+
+
 def _kind_from_name(layer: str) -> LayerKind:
     head = layer.split("/", 1)[0]
     return LayerKind.parse(head) if head in ("os", "app", "user") else LayerKind.APP
@@ -752,12 +773,22 @@ def rebase_cmd(ctx: Context, image: str, to: str, as_json: bool) -> None:
     """Move one base layer of IMAGE to another version; users' layers are kept as they are."""
     from cachepoint.disk.rebuild import rebase
 
-    with ctx.open(writable=True) as store:
-        spec, replaced = rebase(store, image, Ref.parse(to))
-    if as_json:
-        emit_json({"image": spec.name, "refs": list(spec.refs), "replaced": replaced})
+    target = Ref.parse(to)
+    store = _writable_or_daemon(ctx)
+    if store is None:
+        from cachepoint.v1 import agent_pb2
+        from cachepoint.wire import ref_to_pb
+
+        reply = _via_daemon(ctx, "Rebase", agent_pb2.RebaseRequest(image=image, to=ref_to_pb(target)))
+        name, refs, replaced = reply.name, list(reply.refs), reply.replaced
     else:
-        click.echo(f"image {spec.name}: {replaced} -> {to} ({' '.join(spec.refs)})")
+        with store:
+            spec, replaced = rebase(store, image, target)
+        name, refs = spec.name, list(spec.refs)
+    if as_json:
+        emit_json({"image": name, "refs": refs, "replaced": replaced})
+    else:
+        click.echo(f"image {name}: {replaced} -> {to} ({' '.join(refs)})")
 
 
 @cli.command("restore")
@@ -774,10 +805,19 @@ def restore_cmd(ctx: Context, image: str, user: str, to: str, message: str, as_j
     """Bring a user's layer of IMAGE back to an earlier version, as a new version (later ones stay)."""
     from cachepoint.disk.rebuild import restore
 
-    with ctx.open(writable=True) as store:
-        info = restore(
-            store, image, user, Ref.parse(to), author=ctx.author, device=ctx.device, message=message
+    target = Ref.parse(to)
+    store = _writable_or_daemon(ctx)
+    if store is None:
+        from cachepoint.v1 import agent_pb2
+        from cachepoint.wire import ref_to_pb, version_from_pb
+
+        request = agent_pb2.RestoreRequest(
+            image=image, user=user, to=ref_to_pb(target), message=message, author=ctx.author
         )
+        info = version_from_pb(_via_daemon(ctx, "Restore", request))
+    else:
+        with store:
+            info = restore(store, image, user, target, author=ctx.author, device=ctx.device, message=message)
     if as_json:
         emit_json(_version_json(info, ["latest"]))
     else:
@@ -824,12 +864,20 @@ def image_create(ctx: Context, name: str, refs: tuple[str, ...], as_json: bool) 
     """Record image NAME as the stack REFS (lowest first)."""
     for ref in refs:
         Ref.parse(ref)
-    with ctx.open(writable=True) as store:
-        spec = store.catalog.create_image(name, list(refs))
-    if as_json:
-        emit_json({"image": spec.name, "refs": list(spec.refs)})
+    store = _writable_or_daemon(ctx)
+    if store is None:
+        from cachepoint.v1 import agent_pb2
+
+        reply = _via_daemon(ctx, "CreateImage", agent_pb2.CreateImageRequest(name=name, refs=list(refs)))
+        result = {"image": reply.name, "refs": list(reply.refs)}
     else:
-        click.echo(f"image {spec.name}: {' '.join(spec.refs)}")
+        with store:
+            spec = store.catalog.create_image(name, list(refs))
+        result = {"image": spec.name, "refs": list(spec.refs)}
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"image {result['image']}: {' '.join(result['refs'])}")
 
 
 @image_group.command("ls")

@@ -97,3 +97,33 @@ def test_scheduled_snapshots_freeze_new_writes_of_attached_user_disks(tmp_path):
             return found or None
 
         assert wait_until("a scheduled snapshot", snapshots, 30.0) == ["scheduled snapshot"]
+
+
+def test_catalog_edits_go_through_the_daemon_that_holds_the_store(tmp_path):
+    store = tmp_path / "store"
+    for n in (1, 2):
+        (tmp_path / f"os{n}.img").write_bytes(os.urandom(4 * BS))
+        run_cli(store, "ingest", "os/base", tmp_path / f"os{n}.img")
+    with daemon(store, "--nbd", "127.0.0.1:0"):
+        created = run_cli(store, "image", "create", "desk", "os/base@2", "--json").json()
+        assert created == {"image": "desk", "refs": ["os/base@2"]}
+        user = run_cli(store, "attach", "desk", "--user", "alice", "--json").json()
+        qemu_io(user["nbd"], "write -P 0x42 0 65536")
+        run_cli(store, "snapshot", "alice/desk", "-m", "one")
+        qemu_io(user["nbd"], "write -P 0x43 0 65536")
+        run_cli(store, "snapshot", "alice/desk", "-m", "two")
+        run_cli(store, "detach", "alice/desk")
+        rebased = run_cli(store, "rebase", "desk", "--layer", "os/base@1", "--json").json()
+        assert rebased["refs"] == ["os/base@1"] and rebased["replaced"] == "os/base@2"
+        restored = run_cli(store, "restore", "desk", "--user", "alice", "--to", "user/alice/desk@1", "--json")
+        assert restored.json()["restored_from"] == 1
+        again = run_cli(store, "attach", "desk", "--user", "alice", "--json").json()
+        qemu_io(again["nbd"], "read -P 0x42 0 65536")
+        base = (tmp_path / "os1.img").read_bytes()
+        proc = subprocess.run(
+            ["qemu-io", "-r", "-f", "raw", "-c", f"read -v {BS} 16", again["nbd"]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0 and base[BS : BS + 4].hex()[:8] in proc.stdout.replace(" ", "")

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from cachepoint.disk.rebuild import rebase, restore
+from cachepoint.ids import Ref
 from cachepoint.layers.ingest import IngestOptions, ingest
 from cachepoint.model import LayerKind
 from cachepoint.replication import outbox
@@ -101,6 +103,46 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     ) -> version_pb2.VersionInfo:
         d = self.daemon
         info = await d.disks.snapshot(request.export_name, request.message, request.author, d.node_id)
+        d.outbox_wakeup.set()
+        return version_to_pb(info)
+
+    @rpc_errors
+    async def CreateImage(  # noqa: N802
+        self, request: agent_pb2.CreateImageRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.ImageReply:
+        store = self.daemon.store
+        assert store is not None
+        for ref in request.refs:
+            Ref.parse(ref)
+        spec = await asyncio.to_thread(store.catalog.create_image, request.name, list(request.refs))
+        return agent_pb2.ImageReply(name=spec.name, refs=list(spec.refs))
+
+    @rpc_errors
+    async def Rebase(  # noqa: N802
+        self, request: agent_pb2.RebaseRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.ImageReply:
+        store = self.daemon.store
+        assert store is not None
+        spec, replaced = await asyncio.to_thread(rebase, store, request.image, ref_from_pb(request.to))
+        return agent_pb2.ImageReply(name=spec.name, refs=list(spec.refs), replaced=replaced)
+
+    @rpc_errors
+    async def Restore(  # noqa: N802
+        self, request: agent_pb2.RestoreRequest, context: grpc.aio.ServicerContext
+    ) -> version_pb2.VersionInfo:
+        d = self.daemon
+        assert d.store is not None
+        info = await asyncio.to_thread(
+            lambda: restore(
+                d.store,  # type: ignore[arg-type]
+                request.image,
+                request.user,
+                ref_from_pb(request.to),
+                author=request.author,
+                device=d.node_id,
+                message=request.message,
+            )
+        )
         d.outbox_wakeup.set()
         return version_to_pb(info)
 

@@ -150,3 +150,43 @@ class SnapshotRequest(_message.Message):
     message: str
     author: str
     def __init__(self, export_name: _Optional[str] = ..., message: _Optional[str] = ..., author: _Optional[str] = ...) -> None: ...
+
+class CreateImageRequest(_message.Message):
+    __slots__ = ("name", "refs")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REFS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    refs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., refs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ImageReply(_message.Message):
+    __slots__ = ("name", "refs", "replaced")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REFS_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    refs: _containers.RepeatedScalarFieldContainer[str]
+    replaced: str
+    def __init__(self, name: _Optional[str] = ..., refs: _Optional[_Iterable[str]] = ..., replaced: _Optional[str] = ...) -> None: ...
+
+class RebaseRequest(_message.Message):
+    __slots__ = ("image", "to")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    to: _version_pb2.Ref
+    def __init__(self, image: _Optional[str] = ..., to: _Optional[_Union[_version_pb2.Ref, _Mapping]] = ...) -> None: ...
+
+class RestoreRequest(_message.Message):
+    __slots__ = ("image", "user", "to", "message", "author")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    user: str
+    to: _version_pb2.Ref
+    message: str
+    author: str
+    def __init__(self, image: _Optional[str] = ..., user: _Optional[str] = ..., to: _Optional[_Union[_version_pb2.Ref, _Mapping]] = ..., message: _Optional[str] = ..., author: _Optional[str] = ...) -> None: ...

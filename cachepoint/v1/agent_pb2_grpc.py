@@ -65,6 +65,21 @@ class AgentStub:
                 request_serializer=cachepoint_dot_v1_dot_agent__pb2.SnapshotRequest.SerializeToString,
                 response_deserializer=cachepoint_dot_v1_dot_version__pb2.VersionInfo.FromString,
                 _registered_method=True)
+        self.CreateImage = channel.unary_unary(
+                '/cachepoint.v1.Agent/CreateImage',
+                request_serializer=cachepoint_dot_v1_dot_agent__pb2.CreateImageRequest.SerializeToString,
+                response_deserializer=cachepoint_dot_v1_dot_agent__pb2.ImageReply.FromString,
+                _registered_method=True)
+        self.Rebase = channel.unary_unary(
+                '/cachepoint.v1.Agent/Rebase',
+                request_serializer=cachepoint_dot_v1_dot_agent__pb2.RebaseRequest.SerializeToString,
+                response_deserializer=cachepoint_dot_v1_dot_agent__pb2.ImageReply.FromString,
+                _registered_method=True)
+        self.Restore = channel.unary_unary(
+                '/cachepoint.v1.Agent/Restore',
+                request_serializer=cachepoint_dot_v1_dot_agent__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=cachepoint_dot_v1_dot_version__pb2.VersionInfo.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -110,6 +125,25 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateImage(self, request, context):
+        """Catalog edits on the store the daemon holds (the command line routes them here when it is busy).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rebase(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restore(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +175,21 @@ def add_AgentServicer_to_server(servicer, server):
             'Snapshot': grpc.unary_unary_rpc_method_handler(
                     servicer.Snapshot,
                     request_deserializer=cachepoint_dot_v1_dot_agent__pb2.SnapshotRequest.FromString,
+                    response_serializer=cachepoint_dot_v1_dot_version__pb2.VersionInfo.SerializeToString,
+            ),
+            'CreateImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateImage,
+                    request_deserializer=cachepoint_dot_v1_dot_agent__pb2.CreateImageRequest.FromString,
+                    response_serializer=cachepoint_dot_v1_dot_agent__pb2.ImageReply.SerializeToString,
+            ),
+            'Rebase': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebase,
+                    request_deserializer=cachepoint_dot_v1_dot_agent__pb2.RebaseRequest.FromString,
+                    response_serializer=cachepoint_dot_v1_dot_agent__pb2.ImageReply.SerializeToString,
+            ),
+            'Restore': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=cachepoint_dot_v1_dot_agent__pb2.RestoreRequest.FromString,
                     response_serializer=cachepoint_dot_v1_dot_version__pb2.VersionInfo.SerializeToString,
             ),
     }
@@ -305,6 +354,87 @@ class Agent:
             target,
             '/cachepoint.v1.Agent/Snapshot',
             cachepoint_dot_v1_dot_agent__pb2.SnapshotRequest.SerializeToString,
+            cachepoint_dot_v1_dot_version__pb2.VersionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachepoint.v1.Agent/CreateImage',
+            cachepoint_dot_v1_dot_agent__pb2.CreateImageRequest.SerializeToString,
+            cachepoint_dot_v1_dot_agent__pb2.ImageReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachepoint.v1.Agent/Rebase',
+            cachepoint_dot_v1_dot_agent__pb2.RebaseRequest.SerializeToString,
+            cachepoint_dot_v1_dot_agent__pb2.ImageReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachepoint.v1.Agent/Restore',
+            cachepoint_dot_v1_dot_agent__pb2.RestoreRequest.SerializeToString,
             cachepoint_dot_v1_dot_version__pb2.VersionInfo.FromString,
             options,
             channel_credentials,
