@@ -19,6 +19,7 @@ from cachepoint import __version__
 from cachepoint.blocks import parse_block_size
 from cachepoint.config import Settings, load_settings, parse_duration
 from cachepoint.console import emit_json, fail, handles_errors, human, json_option, warn, when
+from cachepoint.disk.attach import resolve_stack
 from cachepoint.errors import EXIT_CORRUPT, EXIT_FAILURE, CachepointError, InvalidInput, StoreBusy
 from cachepoint.ids import Ref, validate_layer_name
 from cachepoint.layers.composite import composite
@@ -904,11 +905,7 @@ def image_ls(ctx: Context, as_json: bool) -> None:
 def image_export(ctx: Context, name: str, dest: Path, as_json: bool) -> None:
     """Composite image NAME into DEST (upper layers win; whiteouts hide lower paths)."""
     with ctx.open() as store:
-        spec = store.catalog.image(name)
-        stack = []
-        for ref in spec.refs:
-            info = store.catalog.resolve(ref)
-            stack.append((info, store.catalog.manifest(info.manifest_digest)))
+        stack = resolve_stack(store, store.catalog.image(name).refs)
         merged = composite(stack)
         with progress_bar(f"export {name}", not as_json) as progress:
             if merged.single_file:
