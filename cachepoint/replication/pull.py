@@ -4,7 +4,6 @@ sources, verify, and commit the version locally only when it is complete."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from dataclasses import dataclass, field
 
 import grpc
@@ -19,7 +18,7 @@ from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
 from cachepoint.store.catalog import PendingCommit
 from cachepoint.store.store import Store
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, fleet_pb2, fleet_pb2_grpc, version_pb2
-from cachepoint.wire import manifest_from_bytes, ref_to_pb, version_from_pb
+from cachepoint.wire import manifest_digest, manifest_from_bytes, ref_to_pb, version_from_pb
 
 
 @dataclass
@@ -52,6 +51,20 @@ class PullResult:
                 for s in self.sources
             ],
         }
+
+
+async def resolve(catalog: catalog_pb2_grpc.CatalogStub, ref: Ref) -> VersionInfo:
+    request = catalog_pb2.ResolveRequest(ref=ref_to_pb(ref))
+    return version_from_pb(await catalog.Resolve(request, timeout=UNARY_DEADLINE))
+
+
+async def fetch_manifest(catalog: catalog_pb2_grpc.CatalogStub, info: VersionInfo, origin: str) -> bytes:
+    """The serialized manifest of ``info``, checked against the version's digest."""
+    request = catalog_pb2.GetManifestRequest(digest=info.manifest_digest)
+    blob = await catalog.GetManifest(request, timeout=UNARY_DEADLINE)
+    if manifest_digest(blob.manifest) != info.manifest_digest:
+        raise InvalidInput(f"{origin} sent a manifest for {info.ref} that does not match its digest")
+    return bytes(blob.manifest)
 
 
 async def find_peers(ch: grpc.aio.Channel, node_id: str, info: VersionInfo, own_address: str) -> list[Source]:
@@ -88,9 +101,7 @@ async def pull(
     try:
         async with channel.channel(origin) as ch:
             catalog = catalog_pb2_grpc.CatalogStub(ch)
-            info = version_from_pb(
-                await catalog.Resolve(catalog_pb2.ResolveRequest(ref=ref_to_pb(ref)), timeout=UNARY_DEADLINE)
-            )
+            info = await resolve(catalog, ref)
             tags = (ref.tag,) if ref.tag else ()
             if await asyncio.to_thread(store.catalog.has_version, info.layer, info.number):
                 manifest_raw = await asyncio.to_thread(store.catalog.manifest_bytes, info.manifest_digest)
@@ -98,12 +109,8 @@ async def pull(
                     store.catalog.import_version, info, PendingCommit(manifest_raw, {}), tags
                 )
                 return PullResult(info, already_local=True)
-            blob = await catalog.GetManifest(
-                catalog_pb2.GetManifestRequest(digest=info.manifest_digest), timeout=UNARY_DEADLINE
-            )
-            if hashlib.sha256(blob.manifest).digest() != info.manifest_digest:
-                raise InvalidInput(f"{origin} sent a manifest for {info.ref} that does not match its digest")
-            manifest = manifest_from_bytes(blob.manifest)
+            manifest_raw = await fetch_manifest(catalog, info, origin)
+            manifest = manifest_from_bytes(manifest_raw)
             missing = await asyncio.to_thread(store.blocks.missing, sorted(manifest.block_ids()))
             sources = list(extra_sources or [])
             if missing:
@@ -112,9 +119,7 @@ async def pull(
             sources.append(Source("origin", origin, SourceClass.ORIGIN))
             result = PullResult(info, planned_blocks=len(missing), sources=sources)
             result.fetched = await Fetcher(store, sources, progress, limits=limits).fetch(missing, info.ref)
-            await asyncio.to_thread(
-                store.catalog.import_version, info, PendingCommit(blob.manifest, {}), tags
-            )
+            await asyncio.to_thread(store.catalog.import_version, info, PendingCommit(manifest_raw, {}), tags)
             return result
     except grpc.RpcError as err:
         raise from_rpc_error(err, origin) from err
