@@ -24,12 +24,12 @@ from pathlib import Path
 import grpc
 
 from cachepoint.disk.exports import Disks
-from cachepoint.errors import CachepointError, InvalidInput, NotFound
+from cachepoint.errors import CachepointError, NotFound
 from cachepoint.ids import LATEST, Ref
 from cachepoint.model import Manifest, VersionInfo
 from cachepoint.replication import outbox
 from cachepoint.replication.fetcher import Fetcher
-from cachepoint.replication.pull import PullResult, find_peers, pull
+from cachepoint.replication.pull import PullResult, fetch_manifest, find_peers, pull, resolve
 from cachepoint.replication.sources import Source, SourceClass
 from cachepoint.rpc import channel
 from cachepoint.rpc.agent import AgentService
@@ -47,7 +47,7 @@ from cachepoint.v1 import (
     fleet_pb2,
     fleet_pb2_grpc,
 )
-from cachepoint.wire import manifest_digest, manifest_from_bytes, ref_to_pb, version_from_pb
+from cachepoint.wire import manifest_from_bytes
 
 log = logging.getLogger("cachepoint.daemon")
 STATE_FILE = "daemon.json"
@@ -134,17 +134,7 @@ class Daemon:
                 limits=self.settings.limits,
                 avoid=self._avoided(),
             )
-        for source in result.sources:
-            if (
-                source.dropped.startswith("sent a corrupt block")
-                and source.source_class != SourceClass.ORIGIN
-            ):
-                self.suspects[source.address] = time.monotonic() + SUSPECT_SECONDS
-                log.warning("avoiding peer %s for %.0fs: %s", source.address, SUSPECT_SECONDS, source.dropped)
-            totals = self.sources.setdefault(str(source.source_class), SourceTotals())
-            totals.blocks += source.counters.blocks
-            totals.bytes += source.counters.bytes
-            totals.failures += source.counters.failures
+        self._account(result.sources)
         self.peers_known = max(self.peers_known, sum(1 for s in result.sources if s.name != "origin"))
         if not result.already_local:
             log.info(
@@ -158,23 +148,14 @@ class Daemon:
     async def open_remote(self, ref: Ref) -> tuple[VersionInfo, Manifest, Callable[[list[bytes]], None]]:
         """Resolve ``ref`` at the coordinator for a lazy boot: the version, its manifest, and a
         blocking fetch (called from the disk's reader threads) of blocks missing here."""
-        async with channel.channel(self.settings.coordinator) as ch:
+        coordinator = self.settings.coordinator
+        async with channel.channel(coordinator) as ch:
             catalog = catalog_pb2_grpc.CatalogStub(ch)
             try:
-                info = version_from_pb(
-                    await catalog.Resolve(
-                        catalog_pb2.ResolveRequest(ref=ref_to_pb(ref)), timeout=UNARY_DEADLINE
-                    )
-                )
-                blob = await catalog.GetManifest(
-                    catalog_pb2.GetManifestRequest(digest=info.manifest_digest), timeout=UNARY_DEADLINE
-                )
+                info = await resolve(catalog, ref)
+                manifest_raw = await fetch_manifest(catalog, info, coordinator)
             except grpc.aio.AioRpcError as err:
-                raise from_rpc_error(err, self.settings.coordinator) from err
-        if manifest_digest(blob.manifest) != info.manifest_digest:
-            raise InvalidInput(
-                f"the coordinator sent a manifest for {info.ref} that does not match its digest"
-            )
+                raise from_rpc_error(err, coordinator) from err
         loop = asyncio.get_running_loop()
 
         def fetch(ids: list[bytes]) -> None:
@@ -182,7 +163,7 @@ class Daemon:
                 timeout=LAZY_FETCH_TIMEOUT
             )
 
-        return info, manifest_from_bytes(blob.manifest), fetch
+        return info, manifest_from_bytes(manifest_raw), fetch
 
     async def _fetch_for(self, info: VersionInfo, ids: list[bytes]) -> None:
         async with channel.channel(self.settings.coordinator) as ch:
@@ -191,7 +172,15 @@ class Daemon:
         sources = [p for p in peers if p.address not in avoided]
         sources.append(Source("origin", self.settings.coordinator, SourceClass.ORIGIN))
         await Fetcher(self.store, sources, limits=self.settings.limits).fetch(ids, info.ref)  # type: ignore[arg-type]
+        self._account(sources)
+
+    def _account(self, sources: list[Source]) -> None:
+        """Add a fetch's per-source counters to the daemon's totals, and avoid for a while every
+        peer that sent a corrupt block (the origin is never avoided: it is the last resort)."""
         for source in sources:
+            if source.sent_corrupt and source.source_class != SourceClass.ORIGIN:
+                self.suspects[source.address] = time.monotonic() + SUSPECT_SECONDS
+                log.warning("avoiding peer %s for %.0fs: %s", source.address, SUSPECT_SECONDS, source.dropped)
             totals = self.sources.setdefault(str(source.source_class), SourceTotals())
             totals.blocks += source.counters.blocks
             totals.bytes += source.counters.bytes
