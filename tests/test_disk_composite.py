@@ -14,7 +14,7 @@ from cachepoint.disk.attach import open_disk
 from cachepoint.disk.composite import CompositeDisk
 from cachepoint.disk.marker import zero_marker
 from cachepoint.disk.snapshot import snapshot
-from cachepoint.disk.working import working_block_ids, working_disks
+from cachepoint.disk.working import working_disks
 from cachepoint.errors import BlockCorrupt, InvalidInput
 from cachepoint.ids import HOLE_DIGEST
 from cachepoint.layers.composite import composite
@@ -256,7 +256,7 @@ def test_gc_keeps_the_blocks_of_an_attached_disks_working_layer(store, two_layer
     disk.write_sync(BS * 3, unique)
     collect(store)
     assert disk.read_sync(BS * 3, BS) == unique
-    assert disk.working.entries[3] in working_block_ids(store)
+    assert disk.working.entries[3] in store.working_block_ids()
 
 
 def test_a_corrupt_lower_block_fails_the_read_instead_of_returning_wrong_bytes(store, two_layers):

@@ -25,7 +25,7 @@ import rocksdict
 
 from cachepoint.blocks import encode_block
 from cachepoint.errors import InvalidInput
-from cachepoint.ids import DIGEST_SIZE, validate_layer_name
+from cachepoint.ids import validate_layer_name
 from cachepoint.store import format as fmt
 from cachepoint.store.store import IngestPins, Store
 
@@ -44,11 +44,6 @@ def _entries_prefix(disk: str) -> bytes:
 def working_disks(store: Store) -> list[str]:
     """Disks with a working map in this store (attached or not)."""
     return [key[len(HEADER_PREFIX) :].decode() for key in store.db.scan_keys(fmt.CF_WORKING, HEADER_PREFIX)]
-
-
-def working_block_ids(store: Store) -> set[bytes]:
-    """Every block a working map names: GC must keep them (see the report on gc.py)."""
-    return {value for _, value in store.db.scan(fmt.CF_WORKING, ENTRY_PREFIX) if len(value) == DIGEST_SIZE}
 
 
 class WorkingLayer:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,11 +178,3 @@ class StoreDB:
             self.db.close()
         except Exception:  # closing twice or after a failed open is harmless
             pass
-
-
-def store_root_from_env(value: str | None) -> Path | None:
-    return Path(value) if value else None
-
-
-def default_device() -> str:
-    return os.uname().nodename

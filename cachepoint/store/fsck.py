@@ -14,7 +14,6 @@ from cachepoint.blocks import decode_verified
 from cachepoint.errors import BlockCorrupt, BlockUnreadable
 from cachepoint.ids import BlockId
 from cachepoint.model import Manifest
-from cachepoint.store import format as fmt
 from cachepoint.store.store import Store
 from cachepoint.wire import manifest_digest, manifest_from_bytes
 
@@ -150,7 +149,7 @@ def fsck(store: Store, progress: ProgressFn | None = None) -> FsckReport:
         for block, (kind, detail) in sorted(bad.items()):
             report.problems.append(Problem(kind, str(BlockId(block)), detail, sorted(touched[block])))
     # Blocks named by attached disks' working maps are in use, not garbage (GC keeps them too).
-    referenced |= {value for _, value in store.db.scan(fmt.CF_WORKING, fmt.WORKING_ENTRY_PREFIX)}
+    referenced |= store.working_block_ids()
     report.unreferenced_blocks = sum(1 for d in store.blocks.scan_ids() if d not in referenced)
     report.interrupted_ingests = [
         f"{i.layer} (pid {i.pid}, started {i.started_ns})" for i in store.interrupted_ingests()

@@ -42,7 +42,7 @@ def referenced_blocks(store: Store) -> tuple[set[bytes], set[bytes]]:
     blocks: set[bytes] = set()
     for digest in manifests:
         blocks |= store.catalog.manifest(digest).block_ids()
-    blocks |= {value for _, value in store.db.scan(fmt.CF_WORKING, fmt.WORKING_ENTRY_PREFIX)}
+    blocks |= store.working_block_ids()
     return blocks, manifests
 
 

@@ -67,6 +67,11 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    def working_block_ids(self) -> set[bytes]:
+        """Every block an attached disk's working map names (attached now or not): in use, so GC
+        keeps them and fsck does not count them as garbage (see cachepoint/disk/working.py)."""
+        return {value for _, value in self.db.scan(fmt.CF_WORKING, fmt.WORKING_ENTRY_PREFIX)}
+
     # -- ingests in progress -------------------------------------------------------------------
 
     def begin_ingest(self, layer: str) -> IngestPins:
