@@ -88,6 +88,16 @@ class Manifest:
 
 
 @dataclass(frozen=True, slots=True)
+class ClassChanges:
+    """Files of one class (``apps``, ``config``, ``data``) a capture saw appear, change or go."""
+
+    file_class: str
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class VersionInfo:
     layer: str
     number: int
@@ -101,6 +111,8 @@ class VersionInfo:
     logical_bytes: int
     block_size: int
     restored_from: int = 0
+    labels: tuple[str, ...] = ()  # the software timeline: "app installed: DIR", "app removed: DIR"
+    changes: tuple[ClassChanges, ...] = ()  # per class of file, for file-level captures
 
     def __post_init__(self) -> None:
         validate_layer_name(self.layer)

@@ -6,7 +6,7 @@ import hashlib
 
 from cachepoint.blocks import raw_size
 from cachepoint.ids import Ref
-from cachepoint.model import EntryType, FileEntry, LayerKind, Manifest, VersionInfo
+from cachepoint.model import ClassChanges, EntryType, FileEntry, LayerKind, Manifest, VersionInfo
 from cachepoint.v1 import blocks_pb2, manifest_pb2, version_pb2
 
 MANIFEST_FORMAT = 1
@@ -78,6 +78,13 @@ def version_to_pb(info: VersionInfo) -> version_pb2.VersionInfo:
         logical_bytes=info.logical_bytes,
         restored_from=info.restored_from,
         block_size=info.block_size,
+        labels=list(info.labels),
+        changes=[
+            version_pb2.ClassChanges(
+                file_class=c.file_class, added=c.added, changed=c.changed, removed=c.removed
+            )
+            for c in info.changes
+        ],
     )
 
 
@@ -101,6 +108,11 @@ def version_from_pb(m: version_pb2.VersionInfo) -> VersionInfo:
         logical_bytes=m.logical_bytes,
         block_size=m.block_size,
         restored_from=m.restored_from,
+        labels=tuple(m.labels),
+        changes=tuple(
+            ClassChanges(file_class=c.file_class, added=c.added, changed=c.changed, removed=c.removed)
+            for c in m.changes
+        ),
     )
 
 

@@ -12,7 +12,7 @@ import rocksdict
 from cachepoint.blocks import decode_block, encode_block
 from cachepoint.errors import ImageNotFound, InvalidInput, LayerNotFound, RefNotFound
 from cachepoint.ids import LATEST, Ref, validate_layer_name, validate_tag
-from cachepoint.model import ImageSpec, LayerKind, Manifest, VersionInfo
+from cachepoint.model import ClassChanges, ImageSpec, LayerKind, Manifest, VersionInfo
 from cachepoint.store import format as fmt
 from cachepoint.store.db import StoreDB
 from cachepoint.wire import (
@@ -175,6 +175,8 @@ class Catalog:
         message: str,
         tags: tuple[str, ...] = (),
         restored_from: int = 0,
+        labels: tuple[str, ...] = (),
+        changes: tuple[ClassChanges, ...] = (),
         parent: int | None = None,
         created_ns: int | None = None,
         also: Callable[[rocksdict.WriteBatch, VersionInfo], None] | None = None,
@@ -208,6 +210,8 @@ class Catalog:
             logical_bytes=manifest.logical_bytes,
             block_size=manifest.block_size,
             restored_from=restored_from,
+            labels=labels,
+            changes=changes,
         )
         h = self._db.handle
         batch = self._db.batch()

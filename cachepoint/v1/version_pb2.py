@@ -24,19 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x61\x63hepoint/v1/version.proto\x12\rcachepoint.v1\"\x84\x02\n\x0bVersionInfo\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0e\n\x06number\x18\x02 \x01(\x04\x12\x0e\n\x06parent\x18\x03 \x01(\x04\x12\x12\n\ncreated_ns\x18\x04 \x01(\x03\x12\x0e\n\x06\x61uthor\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x08 \x01(\x0c\x12&\n\x04kind\x18\t \x01(\x0e\x32\x18.cachepoint.v1.LayerKind\x12\x15\n\rlogical_bytes\x18\n \x01(\x04\x12\x15\n\rrestored_from\x18\x0b \x01(\x04\x12\x12\n\nblock_size\x18\x0c \x01(\r\"A\n\x03Ref\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x10\n\x06number\x18\x02 \x01(\x04H\x00\x12\r\n\x03tag\x18\x03 \x01(\tH\x00\x42\n\n\x08selector\"h\n\x07TagMove\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0e\n\x06number\x18\x03 \x01(\x04\x12\x10\n\x08previous\x18\x04 \x01(\x04\x12\x10\n\x08moved_ns\x18\x05 \x01(\x03\x12\r\n\x05\x61\x63tor\x18\x06 \x01(\t*c\n\tLayerKind\x12\x1a\n\x16LAYER_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rLAYER_KIND_OS\x10\x01\x12\x12\n\x0eLAYER_KIND_APP\x10\x02\x12\x13\n\x0fLAYER_KIND_USER\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x61\x63hepoint/v1/version.proto\x12\rcachepoint.v1\"\xc2\x02\n\x0bVersionInfo\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0e\n\x06number\x18\x02 \x01(\x04\x12\x0e\n\x06parent\x18\x03 \x01(\x04\x12\x12\n\ncreated_ns\x18\x04 \x01(\x03\x12\x0e\n\x06\x61uthor\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x08 \x01(\x0c\x12&\n\x04kind\x18\t \x01(\x0e\x32\x18.cachepoint.v1.LayerKind\x12\x15\n\rlogical_bytes\x18\n \x01(\x04\x12\x15\n\rrestored_from\x18\x0b \x01(\x04\x12\x12\n\nblock_size\x18\x0c \x01(\r\x12\x0e\n\x06labels\x18\r \x03(\t\x12,\n\x07\x63hanges\x18\x0e \x03(\x0b\x32\x1b.cachepoint.v1.ClassChanges\"S\n\x0c\x43lassChanges\x12\x12\n\nfile_class\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\r\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\r\x12\x0f\n\x07removed\x18\x04 \x01(\r\"A\n\x03Ref\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x10\n\x06number\x18\x02 \x01(\x04H\x00\x12\r\n\x03tag\x18\x03 \x01(\tH\x00\x42\n\n\x08selector\"h\n\x07TagMove\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0e\n\x06number\x18\x03 \x01(\x04\x12\x10\n\x08previous\x18\x04 \x01(\x04\x12\x10\n\x08moved_ns\x18\x05 \x01(\x03\x12\r\n\x05\x61\x63tor\x18\x06 \x01(\t*c\n\tLayerKind\x12\x1a\n\x16LAYER_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rLAYER_KIND_OS\x10\x01\x12\x12\n\x0eLAYER_KIND_APP\x10\x02\x12\x13\n\x0fLAYER_KIND_USER\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cachepoint.v1.version_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LAYERKIND']._serialized_start=482
-  _globals['_LAYERKIND']._serialized_end=581
+  _globals['_LAYERKIND']._serialized_start=629
+  _globals['_LAYERKIND']._serialized_end=728
   _globals['_VERSIONINFO']._serialized_start=47
-  _globals['_VERSIONINFO']._serialized_end=307
-  _globals['_REF']._serialized_start=309
-  _globals['_REF']._serialized_end=374
-  _globals['_TAGMOVE']._serialized_start=376
-  _globals['_TAGMOVE']._serialized_end=480
+  _globals['_VERSIONINFO']._serialized_end=369
+  _globals['_CLASSCHANGES']._serialized_start=371
+  _globals['_CLASSCHANGES']._serialized_end=454
+  _globals['_REF']._serialized_start=456
+  _globals['_REF']._serialized_end=521
+  _globals['_TAGMOVE']._serialized_start=523
+  _globals['_TAGMOVE']._serialized_end=627
 # @@protoc_insertion_point(module_scope)

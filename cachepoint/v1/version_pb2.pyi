@@ -1,6 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -17,7 +19,7 @@ LAYER_KIND_APP: LayerKind
 LAYER_KIND_USER: LayerKind
 
 class VersionInfo(_message.Message):
-    __slots__ = ("layer", "number", "parent", "created_ns", "author", "device", "message", "manifest_digest", "kind", "logical_bytes", "restored_from", "block_size")
+    __slots__ = ("layer", "number", "parent", "created_ns", "author", "device", "message", "manifest_digest", "kind", "logical_bytes", "restored_from", "block_size", "labels", "changes")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +32,8 @@ class VersionInfo(_message.Message):
     LOGICAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FROM_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
     layer: str
     number: int
     parent: int
@@ -42,7 +46,21 @@ class VersionInfo(_message.Message):
     logical_bytes: int
     restored_from: int
     block_size: int
-    def __init__(self, layer: _Optional[str] = ..., number: _Optional[int] = ..., parent: _Optional[int] = ..., created_ns: _Optional[int] = ..., author: _Optional[str] = ..., device: _Optional[str] = ..., message: _Optional[str] = ..., manifest_digest: _Optional[bytes] = ..., kind: _Optional[_Union[LayerKind, str]] = ..., logical_bytes: _Optional[int] = ..., restored_from: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    changes: _containers.RepeatedCompositeFieldContainer[ClassChanges]
+    def __init__(self, layer: _Optional[str] = ..., number: _Optional[int] = ..., parent: _Optional[int] = ..., created_ns: _Optional[int] = ..., author: _Optional[str] = ..., device: _Optional[str] = ..., message: _Optional[str] = ..., manifest_digest: _Optional[bytes] = ..., kind: _Optional[_Union[LayerKind, str]] = ..., logical_bytes: _Optional[int] = ..., restored_from: _Optional[int] = ..., block_size: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., changes: _Optional[_Iterable[_Union[ClassChanges, _Mapping]]] = ...) -> None: ...
+
+class ClassChanges(_message.Message):
+    __slots__ = ("file_class", "added", "changed", "removed")
+    FILE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    file_class: str
+    added: int
+    changed: int
+    removed: int
+    def __init__(self, file_class: _Optional[str] = ..., added: _Optional[int] = ..., changed: _Optional[int] = ..., removed: _Optional[int] = ...) -> None: ...
 
 class Ref(_message.Message):
     __slots__ = ("layer", "number", "tag")
