@@ -17,7 +17,7 @@ import grpc
 
 from cachepoint import __version__
 from cachepoint.blocks import parse_block_size
-from cachepoint.config import Settings, load_settings, parse_duration
+from cachepoint.config import Settings, load_settings, parse_byte_size, parse_duration
 from cachepoint.console import emit_json, fail, handles_errors, human, json_option, warn, when
 from cachepoint.disk.attach import resolve_stack
 from cachepoint.errors import EXIT_CORRUPT, EXIT_FAILURE, CachepointError, InvalidInput, StoreBusy
@@ -646,6 +646,7 @@ def serve_cmd(
         nbd_socket=nbd_socket or "",
         http=http or "",
         snapshot_every=parse_duration(s.snapshot_every),
+        read_cache=parse_byte_size(s.read_cache, "read_cache"),
     )
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"

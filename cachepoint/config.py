@@ -13,6 +13,7 @@ The TOML keys are the field names, e.g.::
     subscribe = ["os/win10:production", "app/office:production"]
     wan_rate = "100Mbit"
     snapshot_every = "15m"
+    read_cache = "1G"
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class Settings:
     """`serve`, `pull`: cap on fetching from peers of the same site (0: none)."""
     snapshot_every: str = "0"
     """`serve`: snapshot every attached user disk that has new writes this often, e.g. "15m" (0: never)."""
+    read_cache: str = "1G"
+    """`serve`: decoded blocks kept for attached disks' reads, in a sparse file in the store (0: none)."""
 
 
 def apply_toml(settings: object, path: Path) -> None:
@@ -102,6 +105,18 @@ def load_settings(config_path: str | None, store_flag: str | None) -> Settings:
     if not settings.store:
         settings.store = str(default_store_path())
     return settings
+
+
+_BYTES_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_BYTES_SCALE = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_byte_size(text: str, what: str) -> int:
+    """Bytes from ``1G``, ``512M``, ``64KiB`` or plain digits (binary units)."""
+    match = _BYTES_RE.match(text)
+    if not match:
+        raise InvalidInput(f"{what} {text!r}: write a size like 1G, 512M or 0")
+    return int(match.group(1)) * _BYTES_SCALE[match.group(2).upper()]
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

@@ -82,6 +82,8 @@ class DaemonSettings:
     """HOST:PORT for HTTP (versions' files and images' disks, with Range); empty: no HTTP."""
     snapshot_every: float = 0.0
     """Seconds between scheduled snapshots of attached user disks with new writes (0: none)."""
+    read_cache: int = 1 << 30
+    """Bytes of decoded blocks kept for attached disks (cachepoint/disk/readcache.py; 0: none)."""
 
 
 @dataclass
@@ -353,7 +355,8 @@ class Daemon:
         server.add(lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogReadService(store), s))
         server.add(lambda s: agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self), s))
         tasks: list[asyncio.Task[None]] = []
-        self.disks = Disks(store, self.open_remote if self.settings.coordinator else None)
+        remote = self.open_remote if self.settings.coordinator else None
+        self.disks = Disks(store, remote, read_cache=self.settings.read_cache)
         http_runner = None
         extra: dict[str, object] = {}
         try:

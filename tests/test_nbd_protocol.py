@@ -7,6 +7,7 @@ tests can drive it with plain sockets and real clients as child processes.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import struct
@@ -18,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from cachepoint.disk import nbd
 from cachepoint.disk.nbd import BlockDevice, NbdServer, start_nbd
+from cachepoint.disk.nbd import protocol as nbd
+from cachepoint.disk.nbd import server as nbd_server
 
 TIMEOUT = 30.0
 
@@ -58,6 +60,22 @@ class MemoryDevice:
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         self.data[offset : offset + length] = bytes(length)
+
+    def zero_runs(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
+        """Runs of whole 512-byte sectors that are all zeros, or not."""
+        runs: list[tuple[int, bool]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            step = min((pos // 512 + 1) * 512, end) - pos
+            zeros = not any(self.data[pos : pos + step])
+            if runs and runs[-1][1] == zeros:
+                runs[-1] = (runs[-1][0] + step, zeros)
+            elif len(runs) == limit:
+                break
+            else:
+                runs.append((step, zeros))
+            pos += step
+        return runs
 
 
 class ServerThread:
@@ -172,6 +190,40 @@ def request(
     return error, payload
 
 
+def meta_context_query(name: str, *queries: str) -> bytes:
+    raw = name.encode()
+    data = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(queries))
+    for query in queries:
+        data += struct.pack(">I", len(query)) + query.encode()
+    return data
+
+
+def negotiate_structured(sock: socket.socket, name: str) -> int:
+    """Structured replies and base:allocation for ``name``; returns the context id."""
+    send_option(sock, nbd.OPT_STRUCTURED_REPLY)
+    assert read_option_reply(sock)[:2] == (nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK)
+    send_option(sock, nbd.OPT_SET_META_CONTEXT, meta_context_query(name, nbd.BASE_ALLOCATION))
+    option, reply, payload = read_option_reply(sock)
+    assert (option, reply) == (nbd.OPT_SET_META_CONTEXT, nbd.REP_META_CONTEXT)
+    context_id = struct.unpack_from(">I", payload)[0]
+    assert payload[4:] == nbd.BASE_ALLOCATION.encode() and context_id != 0
+    assert read_option_reply(sock)[:2] == (nbd.OPT_SET_META_CONTEXT, nbd.REP_ACK)
+    return context_id
+
+
+def send_request(
+    sock: socket.socket, command: int, handle: int, offset: int = 0, length: int = 0, flags: int = 0
+) -> None:
+    sock.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, flags, command, handle, offset, length))
+
+
+def read_chunk(sock: socket.socket) -> tuple[int, int, int, bytes]:
+    """One structured reply chunk: (flags, type, handle, payload)."""
+    magic, flags, kind, handle, length = struct.unpack(">IHHQI", recv_exactly(sock, 20))
+    assert magic == nbd.STRUCTURED_REPLY_MAGIC
+    return flags, kind, handle, recv_exactly(sock, length)
+
+
 def still_serves(port: int, name: str) -> bool:
     sock, size, _ = connect(port, name)
     with sock:
@@ -255,9 +307,14 @@ def test_unknown_options_and_unknown_exports_get_error_replies_and_abort_is_ackn
     server = serve({"disk": MemoryDevice(4096)})
     sock = greet(server.port)
     with sock:
-        for option in (nbd.OPT_STRUCTURED_REPLY, nbd.OPT_STARTTLS, 10, 11, 0xDEAD):
+        for option in (nbd.OPT_STARTTLS, 11, 0xDEAD):  # TLS, extended headers, unknown
             send_option(sock, option, b"some data")
             assert read_option_reply(sock)[:2] == (option, nbd.REP_ERR_UNSUP)
+        # Known options with wrong data, or out of order: refused as invalid, negotiation goes on.
+        send_option(sock, nbd.OPT_STRUCTURED_REPLY, b"some data")
+        assert read_option_reply(sock)[:2] == (nbd.OPT_STRUCTURED_REPLY, nbd.REP_ERR_INVALID)
+        send_option(sock, nbd.OPT_SET_META_CONTEXT, meta_context_query("disk", nbd.BASE_ALLOCATION))
+        assert read_option_reply(sock)[:2] == (nbd.OPT_SET_META_CONTEXT, nbd.REP_ERR_INVALID)
         send_option(sock, nbd.OPT_GO, struct.pack(">I", 4) + b"nope" + struct.pack(">H", 0))
         _, reply, message = read_option_reply(sock)
         assert reply == nbd.REP_ERR_UNKNOWN and b"nope" in message
@@ -323,7 +380,7 @@ def test_malformed_handshakes_lose_only_their_own_connection(serve, garbage):
 
 
 def test_a_client_that_never_finishes_its_handshake_is_dropped_at_the_deadline(serve, monkeypatch):
-    monkeypatch.setattr(nbd, "HANDSHAKE_SECONDS", 0.5)
+    monkeypatch.setattr(nbd_server, "HANDSHAKE_SECONDS", 0.5)
     server = serve({"disk": MemoryDevice(4096)})
     sock = greet(server.port)  # then silence: no option ever comes
     with sock:
@@ -399,6 +456,113 @@ def test_a_stale_unix_socket_is_replaced_but_a_live_one_is_not(tmp_path: Path):
             ServerThread({"disk": MemoryDevice(4096)}, tcp=None, unix_path=str(path))
     finally:
         first.stop()
+
+
+def test_structured_replies_carry_reads_errors_and_block_status_of_base_allocation(serve):
+    device = MemoryDevice(1 << 20)
+    device.data[8192:12288] = b"\x5a" * 4096  # data in 8 KiB..12 KiB, zeros elsewhere
+    device.data[600000:600001] = b"\x01"
+    server = serve({"disk": device})
+    sock = greet(server.port)
+    with sock:
+        send_option(sock, nbd.OPT_STRUCTURED_REPLY)
+        assert read_option_reply(sock)[:2] == (nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK)
+        for queries in ((), ("base:",)):  # listing: every context, ids reserved as 0
+            send_option(sock, nbd.OPT_LIST_META_CONTEXT, meta_context_query("disk", *queries))
+            assert read_option_reply(sock) == (
+                nbd.OPT_LIST_META_CONTEXT,
+                nbd.REP_META_CONTEXT,
+                struct.pack(">I", 0) + nbd.BASE_ALLOCATION.encode(),
+            )
+            assert read_option_reply(sock)[:2] == (nbd.OPT_LIST_META_CONTEXT, nbd.REP_ACK)
+        send_option(sock, nbd.OPT_SET_META_CONTEXT, meta_context_query("disk", "x-other:thing"))
+        assert read_option_reply(sock)[:2] == (nbd.OPT_SET_META_CONTEXT, nbd.REP_ACK)  # none selected
+        context = negotiate_structured(sock, "disk")
+        flags = struct.unpack(">QH", go(sock, "disk")[nbd.INFO_EXPORT])[1]
+        assert flags & nbd.TX_SEND_DF
+
+        send_request(sock, nbd.CMD_READ, 1, 8000, 5000, flags=nbd.CMD_FLAG_DF)
+        chunk_flags, kind, handle, payload = read_chunk(sock)
+        assert (chunk_flags, kind, handle) == (nbd.REPLY_FLAG_DONE, nbd.REPLY_TYPE_OFFSET_DATA, 1)
+        assert payload == struct.pack(">Q", 8000) + bytes(192) + b"\x5a" * 4096 + bytes(712)
+
+        send_request(sock, nbd.CMD_READ, 2, (1 << 20) - 10, 20)  # past the end: an error chunk
+        chunk_flags, kind, handle, payload = read_chunk(sock)
+        assert (chunk_flags, kind, handle) == (nbd.REPLY_FLAG_DONE, nbd.REPLY_TYPE_ERROR, 2)
+        code, length = struct.unpack_from(">IH", payload)
+        assert code == nbd.EINVAL and b"past the end" in payload[6 : 6 + length]
+
+        send_request(sock, nbd.CMD_BLOCK_STATUS, 3, 0, 1 << 20)
+        chunk_flags, kind, handle, payload = read_chunk(sock)
+        assert (chunk_flags, kind, handle) == (nbd.REPLY_FLAG_DONE, nbd.REPLY_TYPE_BLOCK_STATUS, 3)
+        assert struct.unpack_from(">I", payload)[0] == context
+        runs = [struct.unpack_from(">II", payload, at) for at in range(4, len(payload), 8)]
+        zero = nbd.STATE_HOLE | nbd.STATE_ZERO
+        sector = 600000 // 512 * 512  # the device reports whole 512-byte sectors
+        assert runs == [
+            (8192, zero),
+            (4096, 0),
+            (sector - 12288, zero),
+            (512, 0),
+            ((1 << 20) - sector - 512, zero),
+        ]
+
+        send_request(sock, nbd.CMD_BLOCK_STATUS, 4, 9000, 100000, flags=nbd.CMD_FLAG_REQ_ONE)
+        payload = read_chunk(sock)[3]
+        assert struct.unpack_from(">II", payload, 4) == (12288 - 9000, 0) and len(payload) == 12
+
+        request_disc(sock)
+
+
+def test_block_status_without_a_selected_context_is_refused(serve):
+    server = serve({"disk": MemoryDevice(1 << 16), "other": MemoryDevice(1 << 16)})
+    sock = greet(server.port)
+    with sock:
+        negotiate_structured(sock, "other")  # selected for an export this client does not enter
+        go(sock, "disk")
+        send_request(sock, nbd.CMD_BLOCK_STATUS, 9, 0, 4096)
+        _, kind, handle, payload = read_chunk(sock)
+        assert (kind, handle) == (nbd.REPLY_TYPE_ERROR, 9) and struct.unpack_from(">I", payload)[
+            0
+        ] == nbd.EINVAL
+        request_disc(sock)
+    assert still_serves(server.port, "disk")
+
+
+def test_requests_in_flight_are_all_answered_by_handle(serve):
+    device = MemoryDevice(1 << 20)
+    device.data[:] = bytes(range(256)) * 4096
+    server = serve({"disk": device})
+    sock, _, _ = connect(server.port, "disk")
+    with sock:
+        wanted = {handle: (handle * 10000, 4096 + handle) for handle in range(1, 33)}
+        for handle, (offset, length) in wanted.items():  # all sent before any reply is read
+            send_request(sock, nbd.CMD_READ, handle, offset, length)
+        for _ in range(len(wanted)):
+            magic, error, handle = struct.unpack(">IIQ", recv_exactly(sock, 16))
+            offset, length = wanted.pop(handle)
+            assert magic == nbd.SIMPLE_REPLY_MAGIC and error == 0
+            assert recv_exactly(sock, length) == device.data[offset : offset + length]
+        assert not wanted
+        request_disc(sock)
+
+
+@pytest.mark.skipif(
+    shutil.which("qemu-img") is None, reason="qemu-img is not installed (apt-get install qemu-utils)"
+)
+def test_qemu_img_map_sees_the_zero_runs_through_block_status(serve):
+    device = MemoryDevice(1 << 20)
+    device.data[65536:131072] = b"\x77" * 65536
+    server = serve({"mem": device})
+    proc = subprocess.run(
+        ["qemu-img", "map", "--output=json", "-f", "raw", server.url("mem")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    extents = [(e["start"], e["length"], e["data"], e["zero"]) for e in json.loads(proc.stdout)]
+    assert extents == [(0, 65536, False, True), (65536, 65536, True, False), (131072, 917504, False, True)]
 
 
 @pytest.mark.skipif(

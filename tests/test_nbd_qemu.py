@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from cachepoint.disk import nbd
 from cachepoint.disk.attach import open_disk
 from cachepoint.disk.composite import CompositeDisk
+from cachepoint.disk.nbd import protocol as nbd
 from cachepoint.disk.snapshot import snapshot
 from cachepoint.layers.ingest import IngestOptions, ingest
 from cachepoint.model import LayerKind

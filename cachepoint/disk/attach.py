@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cachepoint.disk.composite import CompositeDisk, Stack
+from cachepoint.disk.readcache import DecodedCache
 from cachepoint.disk.working import WorkingLayer
 from cachepoint.errors import InvalidInput
 from cachepoint.ids import validate_layer_name
@@ -25,7 +26,12 @@ def resolve_stack(store: Store, refs: Sequence[str]) -> Stack:
 
 
 def open_disk(
-    store: Store, refs: Sequence[str], *, user_layer: str | None = None, name: str | None = None
+    store: Store,
+    refs: Sequence[str],
+    *,
+    user_layer: str | None = None,
+    name: str | None = None,
+    decoded: DecodedCache | None = None,
 ) -> CompositeDisk:
     """The disk of ``refs`` (lowest first); writable into ``user_layer`` when one is named.
 
@@ -35,7 +41,7 @@ def open_disk(
     """
     stack = resolve_stack(store, refs)
     if user_layer is None:
-        return CompositeDisk(store, stack)
+        return CompositeDisk(store, stack, decoded=decoded)
     validate_layer_name(user_layer)
     if not stack:
         raise InvalidInput("a disk needs at least one layer under the user's")
@@ -45,14 +51,20 @@ def open_disk(
     base = top.number if top.layer == user_layer else 0
     working = WorkingLayer.open(store, name or user_layer, user_layer, stack[0][1].block_size, base)
     try:
-        return CompositeDisk(store, stack, working)
+        return CompositeDisk(store, stack, working, decoded=decoded)
     except BaseException:
         working.close()
         raise
 
 
 def open_image(
-    store: Store, image: str, *, user_layer: str | None = None, name: str | None = None
+    store: Store,
+    image: str,
+    *,
+    user_layer: str | None = None,
+    name: str | None = None,
+    decoded: DecodedCache | None = None,
 ) -> CompositeDisk:
     """``open_disk`` over an image's refs (``cachepoint image create``)."""
-    return open_disk(store, store.catalog.image(image).refs, user_layer=user_layer, name=name)
+    refs = store.catalog.image(image).refs
+    return open_disk(store, refs, user_layer=user_layer, name=name, decoded=decoded)

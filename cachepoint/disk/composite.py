@@ -16,14 +16,18 @@ partial writes into one block must not both read the old block), readers need no
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cachepoint.blocks import block_digest, decode_verified, is_hole
 from cachepoint.disk.marker import reads_as_zeros, zero_marker
+from cachepoint.disk.readcache import DecodedCache
 from cachepoint.disk.working import WorkingLayer
 from cachepoint.errors import BlockMissing, InvalidInput, OutOfSpace
 from cachepoint.ids import DIGEST_SIZE, HOLE_DIGEST, BlockId
@@ -36,6 +40,10 @@ READAHEAD_BLOCKS = 32  # fetched after a cold read: 2 MiB at 64 KiB blocks, one 
 
 Stack = list[tuple[VersionInfo, Manifest]]
 
+# Cold reads decompress and hash; more threads than cores only fight over the GIL between those
+# steps (a cold copy of a 1 GiB disk by qemu-img, 8 requests in flight: 2.2 s with 6 threads, 1.35 s with 2).
+_COLD_READERS = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="disk-read")
+
 
 @dataclass(frozen=True, slots=True)
 class _View:
@@ -43,6 +51,35 @@ class _View:
 
     lower: bytes  # packed digests of the composited stack, HOLE_DIGEST where no layer has data
     entries: dict[int, bytes]
+    # Block indexes where the layers below switch between zeros and data, the first always 0:
+    # block status answers from it in O(log n) instead of looking at every block of a run.
+    switches: list[int]
+    lower_zeros_first: bool
+    lower_zeros: bytes  # one byte per block of ``lower``: 1 where it reads as zeros
+
+    @classmethod
+    def of(cls, lower: bytes, entries: dict[int, bytes], size: int, block_size: int) -> _View:
+        switches: list[int] = []
+        first = False
+        previous: bool | None = None
+        count = len(lower) // DIGEST_SIZE
+        flags = bytearray(count)
+        for index in range(count):
+            length = min(block_size, size - index * block_size)
+            zeros = reads_as_zeros(lower[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE], length)
+            flags[index] = zeros
+            if zeros != previous:
+                if previous is None:
+                    first = zeros
+                switches.append(index)
+                previous = zeros
+        return cls(lower, entries, switches, first, bytes(flags))
+
+    def lower_run(self, index: int) -> tuple[int, bool]:
+        """(first block after the run that holds ``index``, whether the run reads as zeros)."""
+        at = bisect.bisect_right(self.switches, index)
+        end = self.switches[at] if at < len(self.switches) else len(self.lower) // DIGEST_SIZE
+        return max(end, index + 1), self.lower_zeros_first ^ (at % 2 == 0)
 
     def digest(self, index: int) -> bytes:
         found = self.entries.get(index)
@@ -94,6 +131,7 @@ class CompositeDisk:
         stack: Stack,
         working: WorkingLayer | None = None,
         fetch_missing: Callable[[list[bytes]], None] | None = None,
+        decoded: DecodedCache | None = None,
     ) -> None:
         """``fetch_missing`` (lazy boot): called from a worker thread with ids of blocks that are not
         in the local store, it fetches them into the store (verified) before the read goes on."""
@@ -109,13 +147,17 @@ class CompositeDisk:
         self._block_size = placed.block_size
         self._size = placed.entry.size
         self.lock = threading.Lock()  # writers and snapshots
+        self._fetching = threading.Lock()  # lazy fetches (see _fill)
         self._cache = _BlockCache(CACHE_BYTES)
+        self.decoded = decoded  # verified blocks shared by every disk of a daemon (readcache.py)
         self.fetch_missing = fetch_missing
         self.fetched_lazily = 0  # blocks a read had to fetch (the read's own and its readahead)
         self._zero_block = bytes(self._block_size)
         if working is not None:
             self._check_working(working)
-        self._view = _View(placed.entry.blocks, working.entries if working else {})
+        self._view = _View.of(
+            placed.entry.blocks, working.entries if working else {}, self._size, self._block_size
+        )
 
     def _check_working(self, working: WorkingLayer) -> None:
         if working.block_size != self._block_size:
@@ -146,8 +188,14 @@ class CompositeDisk:
     def block_size(self) -> int:
         return self._block_size
 
-    async def read(self, offset: int, length: int) -> bytes:
-        return await asyncio.to_thread(self.read_sync, offset, length)
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        # A read the caches hold in memory is a few copies: done here, it skips two thread
+        # switches and the GIL contention of several readers (3x faster for a warm copy).
+        warm = self._read(offset, length, warm_only=True)
+        if warm is not None:
+            return warm
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_COLD_READERS, self.read_sync, offset, length)
 
     async def write(self, offset: int, data: bytes) -> None:
         await asyncio.to_thread(self.write_sync, offset, data)
@@ -166,18 +214,48 @@ class CompositeDisk:
 
     # -- the same, blocking ---------------------------------------------------------------------
 
-    def read_sync(self, offset: int, length: int) -> bytes:
+    def read_sync(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        data = self._read(offset, length, warm_only=False)
+        assert data is not None
+        return data
+
+    def _read(self, offset: int, length: int, warm_only: bool) -> bytes | bytearray | memoryview | None:
+        """The bytes at ``offset``; with ``warm_only``, None unless every block is in memory."""
         self._check_range(offset, length)
         if length == 0:
             return b""
-        view = self._view
         bs = self._block_size
         first, last = offset // bs, (offset + length - 1) // bs
-        blocks = self._blocks(view, range(first, last + 1))
+        span = bytearray((last - first + 1) * bs)  # zero-filled: holes need no work
+        if not self._fill(self._view, first, last + 1, memoryview(span), warm_only):
+            return None
         start = offset - first * bs
-        if len(blocks) == 1:
-            return blocks[0][start : start + length]
-        return b"".join(blocks)[start : start + length]
+        if start == 0 and len(span) == length:
+            return span
+        return memoryview(span)[start : start + length]
+
+    def zero_runs(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
+        """Runs from ``offset`` as (bytes, reads as zeros), from the block ids alone (NBD block
+        status): nothing is read or fetched, so a client can skip what is all zeros."""
+        self._check_range(offset, length)
+        view, bs, end = self._view, self._block_size, offset + length
+        runs: list[tuple[int, bool]] = []
+        pos, index = offset, offset // bs
+        while pos < end:
+            if view.entries:  # the user wrote: look at each block
+                zeros, stop = reads_as_zeros(view.digest(index), self.block_length(index)), index + 1
+            else:
+                stop, zeros = view.lower_run(index)
+            step = min(stop * bs, end) - pos
+            if runs and runs[-1][1] == zeros:
+                runs[-1] = (runs[-1][0] + step, zeros)
+            elif len(runs) == limit:
+                break
+            else:
+                runs.append((step, zeros))
+            pos += step
+            index = stop
+        return runs
 
     def write_sync(self, offset: int, data: bytes) -> None:
         self._modify(offset, len(data), lambda a, b: data[a - offset : b - offset], zeros=False)
@@ -218,38 +296,77 @@ class CompositeDisk:
         if offset < 0 or length < 0 or offset + length > self._size:
             raise ValueError(f"bytes {offset}..{offset + length} are outside the {self._size}-byte disk")
 
-    def _blocks(self, view: _View, indexes: range) -> list[bytes]:
-        """The bytes of each block, verified; zeros for holes and zero markers."""
-        found: list[bytes] = []
-        wanted: dict[bytes, list[int]] = {}  # digest -> slots in found still to fill
-        for slot, index in enumerate(indexes):
-            digest = view.digest(index)
-            length = self.block_length(index)
-            if reads_as_zeros(digest, length):
-                found.append(self._zero_block[:length])
+    def _fill(self, view: _View, first: int, stop: int, out: memoryview, warm_only: bool = False) -> bool:
+        """Copy blocks ``first``..``stop`` into ``out`` (zero-filled, one block size per block),
+        verified: from the caches when they hold them, else from the store (fetched first on a
+        lazily booted disk). Holes and zero markers are left as zeros. With ``warm_only`` nothing
+        waits: False as soon as a block is neither in memory nor in the page cache."""
+        bs = self._block_size
+        wanted: dict[bytes, list[int]] = {}  # digest -> block indexes still to fill
+        entries, lower, lower_zeros = view.entries, view.lower, view.lower_zeros
+        decoded = self.decoded
+        full_blocks = self._size // bs  # blocks before this one are whole
+        # The loop runs per 64 KiB block of every read: it stays flat (no calls it can avoid).
+        for index in range(first, stop):
+            length = bs if index < full_blocks else self.block_length(index)
+            digest = entries.get(index) if entries else None
+            if digest is None:
+                if lower_zeros[index]:
+                    continue
+                digest = lower[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
+            elif reads_as_zeros(digest, length):
                 continue
-            data = self._cache.get(digest)
-            if data is None:
-                wanted.setdefault(digest, []).append(slot)
-                data = b""
-            found.append(self._fit(data, length))
-        if wanted:
-            digests = list(wanted)
+            at = (index - first) * bs
+            target = out[at : at + length]
+            if decoded is not None:
+                if decoded.copy_into(digest, target, nowait=warm_only) >= 0:
+                    continue
+            else:
+                data = self._cache.get(digest)
+                if data is not None:
+                    n = min(len(data), length)
+                    target[:n] = memoryview(data)[:n]
+                    continue
+            if warm_only:
+                return False
+            wanted.setdefault(digest, []).append(index)
+        if not wanted:
+            return True
+        digests = list(wanted)
+        values = self.store.blocks.raw_many(digests)
+        absent = [d for d, v in zip(digests, values, strict=True) if v is None]
+        if absent and self.fetch_missing is not None:
+            # One fetch at a time per disk: reads run in parallel, and two of them must not both
+            # fetch the blocks (or the readahead) they share. What the other fetched is then here.
+            with self._fetching:
+                absent = self.store.blocks.missing(absent)
+                ahead = self._readahead(view, stop, set(absent)) if absent else []
+                if absent:
+                    self.fetch_missing(absent + ahead)
+                    self.fetched_lazily += len(absent) + len(ahead)
             values = self.store.blocks.raw_many(digests)
-            absent = [d for d, v in zip(digests, values, strict=True) if v is None]
-            if absent and self.fetch_missing is not None:
-                ahead = self._readahead(view, indexes.stop, set(absent))
-                self.fetch_missing(absent + ahead)
-                self.fetched_lazily += len(absent) + len(ahead)
-                values = self.store.blocks.raw_many(digests)
-            for digest, value in zip(digests, values, strict=True):
-                if value is None:
-                    raise BlockMissing(BlockId(digest))
-                data = decode_verified(digest, value)
-                self._cache.put(digest, data)
-                for slot in wanted[digest]:
-                    found[slot] = self._fit(data, self.block_length(indexes[slot]))
-        return found
+        for digest, value in zip(digests, values, strict=True):
+            if value is None:
+                raise BlockMissing(BlockId(digest))
+            data = decode_verified(digest, value)
+            self._remember(digest, data)
+            for index in wanted[digest]:
+                at = (index - first) * bs
+                n = min(len(data), self.block_length(index))
+                out[at : at + n] = memoryview(data)[:n]
+        return True
+
+    def _remember(self, digest: bytes, data: bytes) -> None:
+        """Keep a verified block (or one just written, named by its own digest) for the next read."""
+        if self.decoded is not None:
+            self.decoded.put(digest, data)
+        else:
+            self._cache.put(digest, data)
+
+    def _block(self, view: _View, index: int) -> bytes:
+        block = bytearray(self._block_size)
+        self._fill(view, index, index + 1, memoryview(block))
+        return bytes(block[: self.block_length(index)])
 
     def _readahead(self, view: _View, start: int, taken: set[bytes]) -> list[bytes]:
         """Ids of the next blocks after a cold read that are not local: sequential reads (a boot, a
@@ -263,12 +380,6 @@ class CompositeDisk:
             if not self.store.blocks.has(digest):
                 ahead.append(digest)
         return ahead
-
-    def _fit(self, data: bytes, length: int) -> bytes:
-        # A lower layer shorter than the disk ends in a short block; the rest of it reads as zeros.
-        if len(data) < length:
-            return data + bytes(length - len(data))
-        return data[:length]
 
     def _modify(self, offset: int, length: int, piece: Callable[[int, int], bytes], zeros: bool) -> None:
         working = self.working
@@ -295,7 +406,7 @@ class CompositeDisk:
                     if a == 0 and b == block_len:
                         block = new
                     else:
-                        old = self._blocks(view, range(index, index + 1))[0]
+                        old = self._block(view, index)
                         block = old[:a] + new + old[b:]
                     target = self._target(view, index, block)
                 if view.entries.get(index) == target:
@@ -303,7 +414,7 @@ class CompositeDisk:
                 changes[index] = target
                 if target is not None and block and not reads_as_zeros(target, block_len):
                     new_blocks.append((target, block))
-                    self._cache.put(target, block)
+                    self._remember(target, block)
             if changes:
                 try:
                     working.apply(changes, new_blocks)
@@ -341,4 +452,4 @@ class CompositeDisk:
         stack.append((info, manifest))
         lower = composite_disks(stack).entry.blocks
         self.stack = stack
-        self._view = _View(lower, self.working.reset(info.number))
+        self._view = _View.of(lower, self.working.reset(info.number), self._size, self._block_size)

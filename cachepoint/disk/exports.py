@@ -14,11 +14,14 @@ from collections.abc import Awaitable, Callable
 from cachepoint.disk.attach import open_image
 from cachepoint.disk.composite import CompositeDisk
 from cachepoint.disk.nbd import NbdServer, start_nbd
+from cachepoint.disk.readcache import DecodedCache
 from cachepoint.disk.snapshot import snapshot
 from cachepoint.errors import InvalidInput, NotFound
 from cachepoint.ids import Ref, validate_layer_name
 from cachepoint.model import Manifest, VersionInfo
 from cachepoint.store.store import Store
+
+READ_CACHE_FILE = "read-cache"  # in the store directory, rebuilt empty by each daemon
 
 
 class ExportNotFound(NotFound):
@@ -35,14 +38,20 @@ RemoteOpener = Callable[[Ref], Awaitable[tuple[VersionInfo, Manifest, Callable[[
 
 
 class Disks:
-    def __init__(self, store: Store, remote: RemoteOpener | None = None) -> None:
+    def __init__(self, store: Store, remote: RemoteOpener | None = None, read_cache: int = 0) -> None:
         self.store = store
         self.remote = remote
         self.attached: dict[str, CompositeDisk] = {}
         self._lock = threading.Lock()
         self.server: NbdServer | None = None
+        self._read_cache = read_cache
+        self.decoded: DecodedCache | None = None
 
     async def serve(self, tcp: str | None, unix_path: str | None) -> list[str]:
+        if self._read_cache > 0:
+            # One cache for every disk: images that share an OS layer share its warm blocks.
+            path = self.store.root / READ_CACHE_FILE
+            self.decoded = await asyncio.to_thread(DecodedCache, path, self._read_cache)
         self.server = await start_nbd(self.attached.get, lambda: sorted(self.attached), tcp, unix_path)
         return self.server.addresses
 
@@ -68,7 +77,9 @@ class Disks:
         if not user and "/" in image and self.remote is not None:
             disk = await self._attach_ref(Ref.parse(image))
         else:
-            disk = await asyncio.to_thread(open_image, self.store, image, user_layer=layer, name=name)
+            disk = await asyncio.to_thread(
+                open_image, self.store, image, user_layer=layer, name=name, decoded=self.decoded
+            )
         with self._lock:
             self.attached[name] = disk
         return name, disk
@@ -77,7 +88,7 @@ class Disks:
         """A read-only disk of one version, booted lazily: blocks not here are fetched on first read."""
         assert self.remote is not None
         info, manifest, fetch = await self.remote(ref)
-        return CompositeDisk(self.store, [(info, manifest)], fetch_missing=fetch)
+        return CompositeDisk(self.store, [(info, manifest)], fetch_missing=fetch, decoded=self.decoded)
 
     def get(self, name: str) -> CompositeDisk:
         disk = self.attached.get(name)
@@ -106,3 +117,5 @@ class Disks:
             await self.server.close()
         for name in list(self.attached):
             await asyncio.to_thread(self.attached.pop(name).close)
+        if self.decoded is not None:
+            self.decoded.close()

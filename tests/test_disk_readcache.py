@@ -1,0 +1,140 @@
+"""The decoded-block cache of attached disks, and the block status that lets clients skip zeros."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cachepoint.blocks import block_digest
+from cachepoint.disk.attach import open_disk
+from cachepoint.disk.composite import CompositeDisk
+from cachepoint.disk.readcache import DecodedCache
+from cachepoint.errors import BlockCorrupt
+from cachepoint.layers.ingest import IngestOptions, ingest
+from cachepoint.model import LayerKind
+from cachepoint.store import format as fmt
+from cachepoint.store.store import Store
+
+BS = 4096
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store.open(tmp_path / "store", writable=True, create=True) as opened:
+        yield opened
+
+
+def put_layer(store: Store, tmp_path: Path, layer: str, data: bytes) -> str:
+    path = tmp_path / f"{layer.replace('/', '_')}.img"
+    path.write_bytes(data)
+    result = ingest(store, path, IngestOptions(layer, kind=LayerKind.OS, new_layer_block_size=BS))
+    assert result.version is not None
+    return result.version.ref
+
+
+def test_blocks_come_back_as_put_and_the_clock_recycles_the_least_recently_used(tmp_path: Path):
+    cache = DecodedCache(tmp_path / "cache", capacity=3 * BS, slot_size=BS)
+    blocks = [os.urandom(BS) for _ in range(4)]
+    for block in blocks[:3]:
+        cache.put(block_digest(block), block)
+    out = bytearray(BS)
+    assert cache.copy_into(block_digest(blocks[0]), memoryview(out)) == BS and out == blocks[0]
+    cache.put(block_digest(blocks[3]), blocks[3])  # full: a slot not used since the sweep goes
+    present = [cache.copy_into(block_digest(b), memoryview(bytearray(BS))) == BS for b in blocks]
+    assert present.count(True) == 3 and present[3]
+    short = os.urandom(100)
+    cache.put(block_digest(short), short)  # a disk's short last block
+    out = bytearray(BS)
+    assert cache.copy_into(block_digest(short), memoryview(out)) == 100 and out[:100] == short
+    cache.put(b"x" * 32, os.urandom(2 * BS))  # larger than a slot: not kept
+    assert cache.copy_into(b"x" * 32, memoryview(bytearray(2 * BS))) == -1
+    cache.close()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_damaged_cache_file_is_noticed_and_the_block_is_read_from_the_store(store: Store, tmp_path: Path):
+    data = os.urandom(8 * BS)
+    ref = put_layer(store, tmp_path, "os/base", data)
+    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, slot_size=BS)
+    disk = open_disk(store, [ref], decoded=cache)
+    assert bytes(disk.read_sync(0, len(data))) == data  # cold: verified, then kept
+    assert cache.misses == 8 and cache.hits == 0
+    assert bytes(disk.read_sync(0, len(data))) == data
+    assert cache.hits == 8
+    with open(tmp_path / "cache", "r+b") as raw:  # bit rot inside the cache file
+        raw.seek(3 * BS + 17)
+        raw.write(b"\xff\xfe")
+    assert bytes(disk.read_sync(0, len(data))) == data
+    assert cache.damaged == 1
+    assert bytes(disk.read_sync(0, len(data))) == data and cache.damaged == 1  # refilled from the store
+    cache.close()
+
+
+def test_blocks_are_verified_before_they_enter_the_cache(store: Store, tmp_path: Path):
+    data = os.urandom(4 * BS)
+    ref = put_layer(store, tmp_path, "os/base", data)
+    digest = block_digest(data[BS : 2 * BS])
+    batch = store.db.batch()
+    batch.put(digest, b"\x00" + os.urandom(BS), store.db.handle[fmt.CF_BLOCKS])  # raw codec, wrong bytes
+    store.db.write(batch)
+    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, slot_size=BS)
+    disk = open_disk(store, [ref], decoded=cache)
+    for _ in range(2):  # and stays refused: nothing bad was cached
+        with pytest.raises(BlockCorrupt):
+            disk.read_sync(0, len(data))
+    assert cache.copy_into(digest, memoryview(bytearray(BS))) == -1
+    cache.close()
+
+
+def test_a_warm_read_answers_on_the_event_loop_and_a_cold_one_goes_to_a_thread(store: Store, tmp_path: Path):
+    data = os.urandom(16 * BS)
+    ref = put_layer(store, tmp_path, "os/base", data)
+    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, slot_size=BS)
+    disk = open_disk(store, [ref], decoded=cache)
+    assert disk._read(0, 4 * BS, warm_only=True) is None  # nothing cached: the caller must wait
+    assert bytes(asyncio.run(disk.read(0, 4 * BS))) == data[: 4 * BS]
+    warm = disk._read(BS // 2, 3 * BS, warm_only=True)
+    assert warm is not None and bytes(warm) == data[BS // 2 : BS // 2 + 3 * BS]
+    cache.close()
+
+
+def test_zero_runs_follow_holes_of_the_layers_and_the_users_writes(store: Store, tmp_path: Path):
+    data = bytearray(os.urandom(12 * BS))
+    data[2 * BS : 5 * BS] = bytes(3 * BS)  # blocks 2-4 are holes
+    data[9 * BS :] = bytes(3 * BS)  # and 9-11
+    ref = put_layer(store, tmp_path, "os/base", bytes(data))
+    disk = open_disk(store, [ref], user_layer="user/ann/desk")
+    size = len(data)
+    assert disk.zero_runs(0, size, 100) == [(2 * BS, False), (3 * BS, True), (4 * BS, False), (3 * BS, True)]
+    assert disk.zero_runs(100, 2 * BS, 1) == [(2 * BS - 100, False)]  # one run, from an unaligned start
+    assert disk.zero_runs(3 * BS, BS, 100) == [(BS, True)]
+    disk.write_sync(3 * BS, b"\x01" * 10)  # data over a hole
+    disk.write_zeroes_sync(6 * BS, BS)  # zeros over data
+    assert disk.zero_runs(0, size, 100) == [
+        (2 * BS, False),
+        (BS, True),
+        (BS, False),
+        (BS, True),
+        (BS, False),
+        (BS, True),
+        (2 * BS, False),
+        (3 * BS, True),
+    ]
+    assert disk.zero_runs(0, size, 2) == [(2 * BS, False), (BS, True)]
+    disk.close()
+
+
+def test_a_short_last_block_is_served_whole_from_the_cache(store: Store, tmp_path: Path):
+    data = os.urandom(3 * BS + 1000)
+    ref = put_layer(store, tmp_path, "os/base", data)
+    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, slot_size=BS)
+    disk = CompositeDisk(store, open_disk(store, [ref]).stack, decoded=cache)
+    for _ in range(2):
+        assert bytes(disk.read_sync(0, len(data))) == data
+        assert bytes(disk.read_sync(3 * BS + 500, 500)) == data[-500:]
+    assert disk.zero_runs(0, len(data), 10) == [(len(data), False)]
+    cache.close()
