@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 HANDSHAKE_SECONDS = 30.0  # a client that neither chooses an export nor leaves loses its connection
 MAX_OPTIONS = 64  # per connection; a client looping on options is cut off
 CLOSE_SECONDS = 5.0
+UNIX_SEND_BUFFER = 4 * 1024 * 1024  # the kernel caps it at net.core.wmem_max
 
 ExportLookup = Callable[[str], BlockDevice | None]
 ExportList = Callable[[], list[str]]
@@ -94,6 +95,12 @@ class NbdServer:
         self._connections.add(task)
         peer = writer.get_extra_info("peername") or "unix client"
         self._writers.add(writer)
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            # A Unix socket's send buffer does not grow by itself (TCP's does): at the default
+            # 208 KiB a 2 MiB read reply took ten wake-ups, and copies were 2x slower than over TCP.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
         try:
             # asyncio.timeout, not wait_for: 3.11's wait_for loses a cancellation that arrives as
             # the handshake completes, and close() would then leave this connection running.
