@@ -63,6 +63,14 @@ class SourceUnreadable(InvalidInput):
     """cannot read {!r}: {}"""
 
 
+class UnsafePath(InvalidInput):
+    """refusing to write {!r} under {}: {}"""
+
+
+class AlreadyExists(InvalidInput):
+    """{}"""
+
+
 class NotFound(CachepointError):
     """{}"""
 
@@ -129,6 +137,12 @@ class RemoteRefused(CachepointError):
     """{} refused the request ({}): {}"""
 
     exit_code = EXIT_REMOTE
+
+
+class IntegrityFailure(CachepointError):
+    """{}"""
+
+    exit_code = EXIT_CORRUPT
 
 
 class PullIncomplete(CachepointError):

@@ -15,6 +15,7 @@ from cachepoint.errors import InvalidInput
 from cachepoint.rpc import channel
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
 from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc
+from coordinator.history.cli import coordinator_option, history_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,13 +25,26 @@ def cli() -> None:
 
 
 @cli.command("serve")
-@click.option("--config", "config", type=click.Path(path_type=Path), help="TOML config (keys: data, listen).")
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(path_type=Path),
+    help="TOML config (keys: data, listen, http, [retention.KIND] tables).",
+)
 @click.option("--data", "data", type=click.Path(path_type=Path), help="Data directory (an embedded store).")
 @click.option("--listen", default=None, help="HOST:PORT for gRPC (port 0: any) [127.0.0.1:7400].")
+@click.option(
+    "--http",
+    default=None,
+    metavar="[HOST:]PORT",
+    help="Also serve history, holds and audit as REST/JSON here (a bare PORT: on 127.0.0.1) [none].",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every commit.")
 @handles_errors
-def serve_cmd(config: Path | None, data: Path | None, listen: str | None, verbose: bool) -> None:
-    """Serve Catalog, BlockExchange, Fleet and health over gRPC until SIGINT or SIGTERM."""
+def serve_cmd(
+    config: Path | None, data: Path | None, listen: str | None, http: str | None, verbose: bool
+) -> None:
+    """Serve Catalog, BlockExchange, Fleet, History and health over gRPC until SIGINT or SIGTERM."""
     from coordinator.config import load
     from coordinator.daemon import serve
 
@@ -38,9 +52,12 @@ def serve_cmd(config: Path | None, data: Path | None, listen: str | None, verbos
     data = data or (Path(settings.data) if settings.data else None)
     if data is None:
         raise InvalidInput("say where the coordinator keeps its data: --data DIR or `data` in the config")
+    rest = http if http is not None else settings.http
+    if rest.isdigit():
+        rest = f"127.0.0.1:{rest}"  # loopback unless a host is named: REST has no authentication
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(serve(data, listen or settings.listen))
+    asyncio.run(serve(data, listen or settings.listen, http=rest, retention=settings.retention_rules))
 
 
 async def _list_nodes(address: str) -> fleet_pb2.ListNodesResponse:
@@ -54,7 +71,7 @@ async def _list_nodes(address: str) -> fleet_pb2.ListNodesResponse:
 
 
 @cli.command("fleet")
-@click.option("--coordinator", "address", default="127.0.0.1:7400", show_default=True, help="HOST:PORT.")
+@coordinator_option
 @json_option
 @handles_errors
 def fleet_cmd(address: str, as_json: bool) -> None:
@@ -83,6 +100,9 @@ def fleet_cmd(address: str, as_json: bool) -> None:
             f"{n['node_id']:<20} {n['site']:<10} {n['address']:<22} {n['last_seen']} {state:<5} "
             f"{' '.join(n['versions'])}"
         )
+
+
+cli.add_command(history_group)
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""The coordinator daemon: wiring and lifecycle. Startup order: store, services, server; shutdown
-reverses it."""
+"""The coordinator daemon: wiring and lifecycle. Startup order: store, services, gRPC server, then the
+REST server; shutdown reverses it."""
 
 from __future__ import annotations
 
@@ -7,39 +7,69 @@ import asyncio
 import logging
 from pathlib import Path
 
+from aiohttp import web
+
 from cachepoint.rpc.block_exchange import BlockExchangeService, ServeCounters
 from cachepoint.rpc.serving import Server, announce, stop_event_on_signals
 from cachepoint.store.store import Store
-from cachepoint.v1 import blocks_pb2_grpc, catalog_pb2_grpc, fleet_pb2_grpc
+from cachepoint.v1 import blocks_pb2_grpc, catalog_pb2_grpc, fleet_pb2_grpc, history_pb2_grpc
 from coordinator.catalog.events import EventLog
 from coordinator.catalog.service import CatalogService
 from coordinator.fleet.registry import Registry
 from coordinator.fleet.service import FleetService
+from coordinator.history.audit import AuditLog
+from coordinator.history.retention import Retention
+from coordinator.history.rpc import HistoryService
+from coordinator.history.service import History
 
 log = logging.getLogger("coordinator")
 STATE_FILE = "coordinator.json"
 
 
-async def serve(data: Path, listen: str, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    data: Path,
+    listen: str,
+    stop: asyncio.Event | None = None,
+    http: str = "",
+    retention: Retention | None = None,
+) -> None:
     store = Store.open(data, writable=True, create=True)
     try:
         counters = ServeCounters()
         events = EventLog(store)
+        audit = AuditLog(store.db)
+        writes = asyncio.Lock()  # commits, tag moves, holds and the history GC, one at a time
+        history = History(store, events, audit, writes, retention or Retention({}))
         server = Server(listen, "cachepoint.v1.Catalog")
         server.add(
             lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(
                 BlockExchangeService(store, counters, accepts_pushes=True), s
             )
         )
-        server.add(lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogService(store, events), s))
+        server.add(
+            lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(
+                CatalogService(store, events, audit, writes), s
+            )
+        )
         server.add(lambda s: fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(Registry()), s))
+        server.add(lambda s: history_pb2_grpc.add_HistoryServicer_to_server(HistoryService(history), s))
         address = await server.start()
-        stop = stop or stop_event_on_signals()
-        announce(address, data / STATE_FILE, role="coordinator", catalog_position=events.position)
-        log.info("coordinator serving %s on %s", data, address)
+        rest: web.AppRunner | None = None
         try:
+            extra: dict[str, object] = {}
+            if http:
+                from coordinator.history.rest import start_rest
+
+                rest, extra["http"] = await start_rest(history, http)
+            stop = stop or stop_event_on_signals()
+            announce(
+                address, data / STATE_FILE, role="coordinator", catalog_position=events.position, **extra
+            )
+            log.info("coordinator serving %s on %s", data, address)
             await stop.wait()
         finally:
+            if rest is not None:
+                await rest.cleanup()
             events.close()
             await server.stop()
     finally:

@@ -253,8 +253,13 @@ class Fleet:
         return child
 
     def coordinator(
-        self, data: Path | None = None, listen: str = "127.0.0.1:0", name: str = "coordinator"
+        self,
+        data: Path | None = None,
+        listen: str = "127.0.0.1:0",
+        name: str = "coordinator",
+        extra: Iterable[str] = (),
     ) -> Child:
+        """A coordinator on ``data``; ``extra`` adds options of `serve` (``--config FILE``, ``--http 0``)."""
         data = data or self.root / name
         args = [
             sys.executable,
@@ -266,6 +271,7 @@ class Fleet:
             "--listen",
             listen,
             "-v",
+            *extra,
         ]
         child: Child = self._spawn(name, args, cli_env(data), Child)
         assert child.ready.get("role") == "coordinator", child.ready

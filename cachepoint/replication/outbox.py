@@ -24,7 +24,7 @@ from cachepoint.rpc.client import UNARY_DEADLINE
 from cachepoint.store import format as fmt
 from cachepoint.store.store import Store
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc
-from cachepoint.wire import version_from_pb
+from cachepoint.wire import version_from_pb, version_to_pb
 
 log = logging.getLogger("cachepoint.outbox")
 USER_PREFIX = "user/"
@@ -92,6 +92,9 @@ async def drain(store: Store, coordinator: str) -> list[Delivered]:
                 message=info.message,
                 created_ns=info.created_ns,
                 commit_id=commit_id(store, info),
+                # The software timeline of a capture travels with the version.
+                labels=list(info.labels),
+                changes=version_to_pb(info).changes,
             )
             remote = version_from_pb(await catalog.Commit(request, timeout=UNARY_DEADLINE))
             await asyncio.to_thread(_mark_pushed, store, info, remote.number)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import grpc
 
-from cachepoint.errors import CachepointError, InvalidInput, NotFound, RemoteRefused, Unreachable
+from cachepoint.errors import (
+    AlreadyExists,
+    CachepointError,
+    IntegrityFailure,
+    InvalidInput,
+    NotFound,
+    RemoteRefused,
+    Unreachable,
+)
 
 UNARY_DEADLINE = 30.0  # seconds: a catalog call that takes longer is a sick server, not a slow one
 
@@ -20,4 +28,8 @@ def from_rpc_error(err: grpc.RpcError, address: str) -> CachepointError:
         return NotFound(f"{address}: {details}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidInput(f"{address}: {details}")
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return AlreadyExists(f"{address}: {details}")
+    if code == grpc.StatusCode.DATA_LOSS:  # the remote found damage in what it holds
+        return IntegrityFailure(f"{address}: {details}")
     return RemoteRefused(address, code.name, details)

@@ -2,12 +2,13 @@
 
 | error | status |
 |---|---|
+| AlreadyExists (a legal hold on a user already held) | ALREADY_EXISTS |
 | InvalidInput, ValueError (malformed names, refs, ids, manifests) | INVALID_ARGUMENT |
 | NotFound (layer, version, tag, manifest, block) | NOT_FOUND |
 | MissingBlocks (a commit naming blocks the node lacks) | FAILED_PRECONDITION |
 | NotAnOrigin (pushing to a node that does not take pushes) | PERMISSION_DENIED |
 | OutOfSpace | RESOURCE_EXHAUSTED |
-| BlockCorrupt, BlockUnreadable | DATA_LOSS |
+| BlockCorrupt, BlockUnreadable, IntegrityFailure (e.g. an unreadable audit record) | DATA_LOSS |
 | StoreBusy | UNAVAILABLE |
 | anything else | INTERNAL (logged with its traceback) |
 """
@@ -23,9 +24,11 @@ from typing import Any
 import grpc
 
 from cachepoint.errors import (
+    AlreadyExists,
     BlockCorrupt,
     BlockUnreadable,
     CachepointError,
+    IntegrityFailure,
     InvalidInput,
     NotFound,
     OutOfSpace,
@@ -44,6 +47,7 @@ class NotAnOrigin(CachepointError):
 
 
 STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
@@ -52,6 +56,7 @@ STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (OutOfSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (BlockCorrupt, grpc.StatusCode.DATA_LOSS),
     (BlockUnreadable, grpc.StatusCode.DATA_LOSS),
+    (IntegrityFailure, grpc.StatusCode.DATA_LOSS),
     (StoreBusy, grpc.StatusCode.UNAVAILABLE),
 ]
 

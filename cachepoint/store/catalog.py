@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import rocksdict
 
@@ -31,6 +32,17 @@ class LayerRecord:
     kind: LayerKind
     latest: int
     created_ns: int
+
+
+class ManifestFigures(Protocol):
+    """What a commit needs to know about a manifest besides its bytes (a ``Manifest`` has both; a
+    capture that never decodes its whole manifest gives just these)."""
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def logical_bytes(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +181,7 @@ class Catalog:
         layer: str,
         kind: LayerKind,
         pending: PendingCommit,
-        manifest: Manifest,
+        manifest: ManifestFigures,
         author: str,
         device: str,
         message: str,
@@ -275,6 +287,21 @@ class Catalog:
         batch.put(fmt.version_key(info.layer, info.number), json.dumps(pushed).encode(), h[fmt.CF_PUSHED])
         self._db.write(batch, sync=True)
         return info
+
+    def stage_version_deletion(
+        self, batch: rocksdict.WriteBatch, info: VersionInfo, *, drop_manifest: bool
+    ) -> None:
+        """Add the removal of one version to a caller's batch (the coordinator's retention GC, which
+        writes it synced together with its event and audit record).
+
+        The caller guarantees what this cannot see alone: no tag points at the version, it is not its
+        layer's latest, and ``drop_manifest`` only when no other version names the same manifest. Tag
+        history that mentions the version is kept (it is history); its blocks are left to a block GC,
+        which keeps every block any remaining version references."""
+        h = self._db.handle
+        batch.delete(fmt.version_key(info.layer, info.number), h[fmt.CF_VERSIONS])
+        if drop_manifest:
+            batch.delete(info.manifest_digest, h[fmt.CF_MANIFESTS])
 
     def has_version(self, layer: str, number: int) -> bool:
         return self._db.cf[fmt.CF_VERSIONS].get(fmt.version_key(layer, number)) is not None

@@ -32,9 +32,22 @@ Column families, key layout and values (sizes in bytes):
 ``pushed``     layer 0x00 local number[u64 BE] -> JSON {"number", "pushed_ns"} (cachepoint: which local
                versions the coordinator has, under which number; a local user/ version without a record
                is in the outbox)
+``file_classes`` manifest digest[32] -> class code[1] per manifest entry (0 none, 1 apps, 2 config,
+               3 data; see cachepoint/capture/classify.py). Derived, store-local: rebuildable from the
+               entries' names and first blocks, and rebuilt so when a version has no record.
+``capture_index`` layer (utf-8)  -> codec[1] payload: the stat index of the layer's last file-level capture
+               (cachepoint/capture/index.py): the manifest it describes, the captured directory, and
+               per entry inode, device and ctime, so a re-capture does not open unchanged files.
+               Derived, store-local: without it a capture reads every file (the pre-filter still
+               skips unchanged blocks).
+``audit``      seq[u64 BE]       -> canonical JSON of one audit record (coordinator: every admin action,
+               hash-chained, append-only; seqs start at 1; see coordinator/history/audit.py)
+``holds``      user (utf-8)      -> JSON {"format", "user", "reason", "actor", "set_ns"} (coordinator: a
+               legal hold; while it exists no version of user/USER/... and none of its blocks is deleted)
 
-Column families added within format 1 (``events``, ``commit_ids``, ``pushed``, ``working``) are created when a
-store is opened for writing; a read-only open of a store that predates them sees them as empty.
+Column families added within format 1 (``events``, ``commit_ids``, ``pushed``, ``working``, ``audit``,
+``holds``, ``file_classes``, ``capture_index``) are created when a store is opened for writing; a
+read-only open of a store that predates them sees them as empty.
 
 Durability: blocks are written with RocksDB's WAL off (it would write every block twice), then the
 ``blocks`` family is flushed to SST files, and only then is the version committed in one synced,
@@ -65,6 +78,10 @@ CF_EVENTS = "events"
 CF_COMMIT_IDS = "commit_ids"
 CF_PUSHED = "pushed"
 CF_WORKING = "working"
+CF_FILE_CLASSES = "file_classes"
+CF_CAPTURE_INDEX = "capture_index"
+CF_AUDIT = "audit"
+CF_HOLDS = "holds"
 WORKING_HEADER_PREFIX = b"\x00working-disk\x00"
 WORKING_ENTRY_PREFIX = b"\x00working\x00"
 COLUMN_FAMILIES = (
@@ -82,6 +99,10 @@ COLUMN_FAMILIES = (
     CF_COMMIT_IDS,
     CF_PUSHED,
     CF_WORKING,
+    CF_FILE_CLASSES,
+    CF_CAPTURE_INDEX,
+    CF_AUDIT,
+    CF_HOLDS,
 )
 
 META_FORMAT_VERSION = b"format_version"

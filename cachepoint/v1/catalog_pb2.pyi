@@ -69,7 +69,7 @@ class ManifestBlob(_message.Message):
     def __init__(self, digest: _Optional[bytes] = ..., manifest: _Optional[bytes] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("layer", "kind", "manifest", "parent", "author", "device", "message", "tags", "created_ns", "commit_id", "no_parent")
+    __slots__ = ("layer", "kind", "manifest", "parent", "author", "device", "message", "tags", "created_ns", "commit_id", "no_parent", "labels", "changes")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,8 @@ class CommitRequest(_message.Message):
     CREATED_NS_FIELD_NUMBER: _ClassVar[int]
     COMMIT_ID_FIELD_NUMBER: _ClassVar[int]
     NO_PARENT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
     layer: str
     kind: _version_pb2.LayerKind
     manifest: ManifestBlob
@@ -92,7 +94,9 @@ class CommitRequest(_message.Message):
     created_ns: int
     commit_id: str
     no_parent: bool
-    def __init__(self, layer: _Optional[str] = ..., kind: _Optional[_Union[_version_pb2.LayerKind, str]] = ..., manifest: _Optional[_Union[ManifestBlob, _Mapping]] = ..., parent: _Optional[int] = ..., author: _Optional[str] = ..., device: _Optional[str] = ..., message: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., created_ns: _Optional[int] = ..., commit_id: _Optional[str] = ..., no_parent: _Optional[bool] = ...) -> None: ...
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    changes: _containers.RepeatedCompositeFieldContainer[_version_pb2.ClassChanges]
+    def __init__(self, layer: _Optional[str] = ..., kind: _Optional[_Union[_version_pb2.LayerKind, str]] = ..., manifest: _Optional[_Union[ManifestBlob, _Mapping]] = ..., parent: _Optional[int] = ..., author: _Optional[str] = ..., device: _Optional[str] = ..., message: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., created_ns: _Optional[int] = ..., commit_id: _Optional[str] = ..., no_parent: _Optional[bool] = ..., labels: _Optional[_Iterable[str]] = ..., changes: _Optional[_Iterable[_Union[_version_pb2.ClassChanges, _Mapping]]] = ...) -> None: ...
 
 class SetTagRequest(_message.Message):
     __slots__ = ("ref", "tag", "actor")
@@ -112,12 +116,28 @@ class WatchRequest(_message.Message):
     layers: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, after: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class VersionDeleted(_message.Message):
+    __slots__ = ("layer", "number", "deleted_ns", "actor", "reason")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    DELETED_NS_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    number: int
+    deleted_ns: int
+    actor: str
+    reason: str
+    def __init__(self, layer: _Optional[str] = ..., number: _Optional[int] = ..., deleted_ns: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class CatalogEvent(_message.Message):
-    __slots__ = ("position", "version_committed", "tag_moved")
+    __slots__ = ("position", "version_committed", "tag_moved", "version_deleted")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     VERSION_COMMITTED_FIELD_NUMBER: _ClassVar[int]
     TAG_MOVED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_DELETED_FIELD_NUMBER: _ClassVar[int]
     position: int
     version_committed: _version_pb2.VersionInfo
     tag_moved: _version_pb2.TagMove
-    def __init__(self, position: _Optional[int] = ..., version_committed: _Optional[_Union[_version_pb2.VersionInfo, _Mapping]] = ..., tag_moved: _Optional[_Union[_version_pb2.TagMove, _Mapping]] = ...) -> None: ...
+    version_deleted: VersionDeleted
+    def __init__(self, position: _Optional[int] = ..., version_committed: _Optional[_Union[_version_pb2.VersionInfo, _Mapping]] = ..., tag_moved: _Optional[_Union[_version_pb2.TagMove, _Mapping]] = ..., version_deleted: _Optional[_Union[VersionDeleted, _Mapping]] = ...) -> None: ...

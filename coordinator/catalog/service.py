@@ -11,7 +11,7 @@ import rocksdict
 
 from cachepoint.errors import InvalidInput
 from cachepoint.ids import DIGEST_SIZE, LATEST, BlockId, validate_layer_name, validate_tag
-from cachepoint.model import LayerKind, VersionInfo
+from cachepoint.model import ClassChanges, LayerKind, VersionInfo
 from cachepoint.rpc.catalog_read import CatalogReadService
 from cachepoint.rpc.errors import MissingBlocks, rpc_errors
 from cachepoint.store import format as fmt
@@ -20,16 +20,20 @@ from cachepoint.store.store import Store
 from cachepoint.v1 import catalog_pb2, version_pb2
 from cachepoint.wire import manifest_digest, manifest_from_bytes, ref_from_pb, version_to_pb
 from coordinator.catalog.events import EventLog
+from coordinator.history.audit import TAG_MOVE, AuditAppender, AuditEntry, AuditLog, recorded_actor
 
 log = logging.getLogger("coordinator.catalog")
 WATCH_KEEPALIVE = 15.0  # seconds a quiet Watch stream waits before looking at the log again
 
 
 class CatalogService(CatalogReadService):
-    def __init__(self, store: Store, events: EventLog) -> None:
+    def __init__(self, store: Store, events: EventLog, audit: AuditLog, writes: asyncio.Lock) -> None:
         super().__init__(store)
         self.events = events
-        self._commit_lock = asyncio.Lock()  # version numbers and event positions are handed out in order
+        self.audit = audit
+        # Version numbers and event positions are handed out in order; holds and the history GC take
+        # the same lock (coordinator/history/service.py).
+        self._commit_lock = writes
 
     def _earlier_commit(self, commit_id: str) -> VersionInfo | None:
         raw = self.store.db.cf[fmt.CF_COMMIT_IDS].get(commit_id.encode())
@@ -57,8 +61,9 @@ class CatalogService(CatalogReadService):
         if missing:
             raise MissingBlocks(len(missing), BlockId(missing[0]))
         kind = LayerKind(request.kind) if request.kind else LayerKind.APP
+        changes = tuple(ClassChanges(c.file_class, c.added, c.changed, c.removed) for c in request.changes)
 
-        def record(batch: rocksdict.WriteBatch, info: VersionInfo) -> None:
+        def record(batch: rocksdict.WriteBatch, info: VersionInfo, audit: AuditAppender) -> None:
             if request.commit_id:
                 key = fmt.version_key(info.layer, info.number)
                 batch.put(request.commit_id.encode(), key, self.store.db.handle[fmt.CF_COMMIT_IDS])
@@ -68,20 +73,28 @@ class CatalogService(CatalogReadService):
                     layer=info.layer, tag=tag, number=info.number, moved_ns=info.created_ns, actor=info.author
                 )
                 self.events.stage(batch, catalog_pb2.CatalogEvent(tag_moved=move))
+                if tag != LATEST:  # an admin naming a tag is audited; `latest` follows every commit
+                    actor = recorded_actor(info.author)
+                    audit.stage(
+                        batch, AuditEntry(actor, TAG_MOVE, f"{info.layer}:{tag}", {"version": info.number})
+                    )
 
-        return self.store.catalog.commit(
-            layer=request.layer,
-            kind=kind,
-            pending=PendingCommit(raw, {}),
-            manifest=manifest,
-            author=request.author,
-            device=request.device,
-            message=request.message,
-            tags=tuple(request.tags),
-            parent=0 if request.no_parent else (request.parent or None),
-            created_ns=request.created_ns or None,
-            also=record,
-        )
+        with self.audit.appending() as audit:
+            return self.store.catalog.commit(
+                layer=request.layer,
+                kind=kind,
+                pending=PendingCommit(raw, {}),
+                manifest=manifest,
+                author=request.author,
+                device=request.device,
+                message=request.message,
+                tags=tuple(request.tags),
+                labels=tuple(request.labels),
+                changes=changes,
+                parent=0 if request.no_parent else (request.parent or None),
+                created_ns=request.created_ns or None,
+                also=lambda batch, info: record(batch, info, audit),
+            )
 
     @rpc_errors
     async def Commit(  # noqa: N802 - gRPC method name
@@ -103,7 +116,10 @@ class CatalogService(CatalogReadService):
         batch = self.store.db.batch()
         self.store.catalog.stage_tag(batch, info.layer, tag, info.number, actor)
         self.events.stage(batch, catalog_pb2.CatalogEvent(tag_moved=move))
-        self.store.db.write(batch, sync=True)
+        details = {"version": info.number, "previous": previous or None}
+        self.audit.append(
+            [AuditEntry(recorded_actor(actor), TAG_MOVE, f"{info.layer}:{tag}", details)], batch
+        )
         return move
 
     @rpc_errors
@@ -129,10 +145,8 @@ class CatalogService(CatalogReadService):
         while not self.events.closing:
             for event in await asyncio.to_thread(self.events.read_after, position):
                 position = event.position
-                if event.WhichOneof("event") == "version_committed":
-                    layer = event.version_committed.layer
-                else:
-                    layer = event.tag_moved.layer
+                which = event.WhichOneof("event")
+                layer = getattr(event, which).layer if which else ""
                 if not layers or layer in layers:
                     yield event
             await self.events.wait_beyond(position, WATCH_KEEPALIVE)

@@ -1,0 +1,284 @@
+"""History over REST (aiohttp, JSON), the same operations as the gRPC History service.
+
+Routes (all listed in ``add_routes``); TIME is what the CLI takes (ISO 8601, now, now-2h):
+
+  GET    /healthz
+  GET    /v1/history/users/{user}/timeline?from=TIME&to=TIME&layer=home
+  GET    /v1/history/users/{user}/files/{path}?layer=home            every version of one file
+  GET    /v1/history/users/{user}/content/{path}?at=TIME&layer=home&actor=NAME
+                                                                   the file's bytes (audited)
+  GET    /v1/history/diff?old=REF&new=REF
+  GET    /v1/history/holds
+  PUT    /v1/history/holds/{user}        {"reason": ..., "actor": ...}
+  DELETE /v1/history/holds/{user}?actor=NAME
+  POST   /v1/history/gc                  {"actor": ..., "dry_run": false}
+  GET    /v1/history/audit?after=N&limit=N&subject=user/alice
+  GET    /v1/history/audit/verify
+  POST   /v1/history/users/{user}/export {"from": TIME, "to": TIME, "actor": ...}  an application/x-tar
+
+Errors are JSON ``{"error": message, "type": name}`` with the status of the first matching row of
+``ERROR_STATUS``. There is no authentication: the actor is what the caller says, so serve it on
+loopback (the default) or behind something that authenticates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from cachepoint.errors import AlreadyExists, CachepointError, IntegrityFailure, InvalidInput, NotFound
+from cachepoint.ids import Ref
+from cachepoint.rpc.serving import split_address
+from coordinator.history.files import CHUNK_BYTES
+from coordinator.history.service import History
+from coordinator.history.times import parse_time
+
+log = logging.getLogger("coordinator.rest")
+HISTORY = web.AppKey("history", History)
+SHUTDOWN_TIMEOUT = 2.0
+MAX_BODY = 64 * 1024  # a JSON request body (a hold's reason is at most 1000 characters)
+
+ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
+    (AlreadyExists, 409),
+    (NotFound, 404),
+    (InvalidInput, 400),
+    (ValueError, 400),
+    (IntegrityFailure, 500),
+    (CachepointError, 500),
+)
+
+
+def status_for(err: Exception) -> int:
+    return next((status for kind, status in ERROR_STATUS if isinstance(err, kind)), 500)
+
+
+@web.middleware
+async def errors_as_json(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except (CachepointError, ValueError) as err:
+        status = status_for(err)
+        if status >= 500:
+            log.error("%s %s: %s", request.method, request.path, err)
+        return web.json_response({"error": str(err), "type": type(err).__name__}, status=status)
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        message = f"{err.reason}: {request.method} {request.path}"
+        return web.json_response({"error": message, "type": "HTTPError"}, status=err.status)
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/healthz", healthz)
+    r.add_get("/v1/history/users/{user}/timeline", timeline)
+    r.add_get("/v1/history/users/{user}/files/{path:.+}", file_history)
+    r.add_get("/v1/history/users/{user}/content/{path:.+}", file_content)
+    r.add_post("/v1/history/users/{user}/export", export)
+    r.add_get("/v1/history/diff", diff)
+    r.add_get("/v1/history/holds", holds)
+    r.add_put("/v1/history/holds/{user}", set_hold)
+    r.add_delete("/v1/history/holds/{user}", release_hold)
+    r.add_post("/v1/history/gc", collect)
+    r.add_get("/v1/history/audit", audit_list)
+    r.add_get("/v1/history/audit/verify", audit_verify)
+
+
+# -- request parsing -------------------------------------------------------------------------------
+
+
+def _time(request: web.Request, name: str, *, end: bool = False) -> int:
+    text = request.query.get(name, "")
+    return parse_time(text, name, end=end) if text else 0
+
+
+def _count(request: web.Request, name: str) -> int:
+    text = request.query.get(name, "0")
+    if not text.isascii() or not text.isdigit():
+        raise InvalidInput(f"{name} {text!r}: a whole number")
+    return int(text)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise InvalidInput(f"request body: {request.content_length} bytes, the limit is {MAX_BODY}")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise InvalidInput(f"request body: over the limit of {MAX_BODY} bytes")
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError as err:
+        raise InvalidInput(f"request body is not JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return data
+
+
+def _text(data: dict[str, Any], name: str) -> str:
+    value = data.get(name, "")
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name} must be a string")
+    return value
+
+
+# -- handlers --------------------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def timeline(request: web.Request) -> web.Response:
+    history = request.app[HISTORY]
+    found = await history.timeline(
+        request.match_info["user"],
+        _time(request, "from"),
+        _time(request, "to", end=True),
+        request.query.get("layer", ""),
+    )
+    return web.json_response(found.as_json())
+
+
+async def file_history(request: web.Request) -> web.Response:
+    history = request.app[HISTORY]
+    found = await history.file_history(
+        request.match_info["user"], request.query.get("layer", ""), request.match_info["path"]
+    )
+    return web.json_response(found.as_json())
+
+
+async def file_content(request: web.Request) -> web.StreamResponse:
+    history = request.app[HISTORY]
+    download = await history.open_file(
+        request.match_info["user"],
+        request.query.get("layer", ""),
+        request.match_info["path"],
+        _time(request, "at", end=True),
+        request.query.get("actor", ""),
+    )
+    # A header goes out before the body, so the digest is computed first (cached for the next ask).
+    sha = await asyncio.to_thread(history.files.sha256, download.entry, download.block_size)
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Cachepoint-Ref": download.header.ref,
+            "Cachepoint-Sha256": sha,
+            "X-Content-Type-Options": "nosniff",
+        }
+    )
+    response.content_length = download.header.size
+    await response.prepare(request)
+    chunks = download.chunks()
+    while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+async def diff(request: web.Request) -> web.Response:
+    old, new = request.query.get("old", ""), request.query.get("new", "")
+    if not old or not new:
+        raise InvalidInput("diff needs two refs: ?old=LAYER@N&new=LAYER@M")
+    result = await request.app[HISTORY].diff(Ref.parse(old), Ref.parse(new))
+    return web.json_response(result.as_json())
+
+
+async def holds(request: web.Request) -> web.Response:
+    found = await request.app[HISTORY].list_holds()
+    return web.json_response({"holds": [h.as_json() for h in found]})
+
+
+async def set_hold(request: web.Request) -> web.Response:
+    data = await _body(request)
+    hold = await request.app[HISTORY].set_hold(
+        request.match_info["user"], _text(data, "reason"), _text(data, "actor")
+    )
+    return web.json_response(hold.as_json(), status=201)
+
+
+async def release_hold(request: web.Request) -> web.Response:
+    data = await _body(request)
+    actor = request.query.get("actor") or _text(data, "actor")
+    hold = await request.app[HISTORY].release_hold(request.match_info["user"], actor)
+    return web.json_response({"released": hold.as_json()})
+
+
+async def collect(request: web.Request) -> web.Response:
+    data = await _body(request)
+    dry_run = data.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise InvalidInput("dry_run must be true or false")
+    report = await request.app[HISTORY].collect(_text(data, "actor"), dry_run)
+    return web.json_response(report.as_json())
+
+
+async def audit_list(request: web.Request) -> web.Response:
+    records = await request.app[HISTORY].audit_records(
+        _count(request, "after"), _count(request, "limit"), request.query.get("subject", "")
+    )
+    return web.json_response({"records": [r.as_json() for r in records]})
+
+
+async def audit_verify(request: web.Request) -> web.Response:
+    verdict = await request.app[HISTORY].verify_audit()
+    return web.json_response(verdict.as_json())
+
+
+async def export(request: web.Request) -> web.StreamResponse:
+    data = await _body(request)
+    from_text, to_text = _text(data, "from"), _text(data, "to")
+    out, _ = await request.app[HISTORY].export(
+        request.match_info["user"],
+        parse_time(from_text, "from") if from_text else 0,
+        parse_time(to_text, "to", end=True) if to_text else 0,
+        _text(data, "actor"),
+    )
+    try:
+        size = await asyncio.to_thread(lambda: out.seek(0, 2))
+        out.seek(0)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+        response.content_length = size
+        await response.prepare(request)
+        while chunk := await asyncio.to_thread(out.read, CHUNK_BYTES):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        out.close()
+
+
+# -- app and server --------------------------------------------------------------------------------
+
+
+def make_app(history: History) -> web.Application:
+    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
+    app[HISTORY] = history
+    add_routes(app)
+    return app
+
+
+async def start_rest(history: History, listen: str) -> tuple[web.AppRunner, str]:
+    """Serve the app on HOST:PORT; returns the runner (``await runner.cleanup()`` stops it) and the
+    bound "host:port" (the real port when 0 was asked)."""
+    host, port = split_address(listen)
+    runner = web.AppRunner(make_app(history), handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host.strip("[]"), port).start()
+    except OSError as err:
+        await runner.cleanup()
+        raise InvalidInput(f"cannot serve REST on {listen}: {err}") from err
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound_host, bound_port = runner.addresses[0][:2]
+    return runner, f"{bound_host}:{bound_port}"
