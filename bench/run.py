@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.capture_bench import capture_recapture
 from bench.ceiling import ceiling, census
 from bench.harness import Bench, Section, SectionFn, human_bytes, parse_size, remove, verdict
 from bench.ingest_bench import clones, first_ingest, reingest
@@ -25,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 QUICK_SIZE = "64M"
 
 # Order matters: a section may use figures of those before it (the ingest targets use the ceiling).
-SECTIONS: list[SectionFn] = [ceiling, first_ingest, reingest, clones, delta_sync, nbd_read]
+SECTIONS: list[SectionFn] = [ceiling, first_ingest, reingest, clones, delta_sync, nbd_read, capture_recapture]
 
 
 def _size(text: str) -> int:

@@ -254,6 +254,10 @@ def _version_json(info: VersionInfo, tags: list[str]) -> dict[str, object]:
         "block_size": info.block_size,
         "restored_from": info.restored_from or None,
         "tags": tags,
+        "labels": list(info.labels),
+        "changes": {
+            c.file_class: {"added": c.added, "changed": c.changed, "removed": c.removed} for c in info.changes
+        },
     }
 
 
@@ -292,6 +296,8 @@ def log_cmd(ctx: Context, layer: str, as_json: bool) -> None:
             f"@{v.number}{labels}  {when(v.created_ns)}  {v.author}@{v.device}  {human(v.logical_bytes)}"
         )
         click.echo(f"    {v.message or '(no message)'}{restored}  {v.digest_text[:19]}")
+        for label in v.labels:
+            click.echo(f"    {label}")
 
 
 @cli.command("show")
@@ -629,6 +635,7 @@ def serve_cmd(
     """Run the cachepoint daemon: serve blocks to peers, follow subscriptions, answer `status`."""
     import logging
 
+    from cachepoint.capture.watch import parse_watch
     from cachepoint.daemon import Daemon, DaemonSettings
 
     s = ctx.settings
@@ -647,6 +654,9 @@ def serve_cmd(
         http=http or "",
         snapshot_every=parse_duration(s.snapshot_every),
         read_cache=parse_byte_size(s.read_cache, "read_cache"),
+        watches=[parse_watch(text) for text in s.watch],
+        watch_interval=parse_duration(s.watch_interval),
+        watch_debounce=parse_duration(s.watch_debounce),
     )
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
@@ -918,6 +928,12 @@ def image_export(ctx: Context, name: str, dest: Path, as_json: bool) -> None:
         emit_json({"image": name, "layers": resolved, **result.as_json()})
     else:
         click.echo(f"{name} ({' + '.join(resolved)}) -> {result.path}")
+
+
+# capture, watch and restore-dir live in their own module (this one is long enough).
+from cachepoint.cli_capture import register as _register_capture_commands  # noqa: E402
+
+_register_capture_commands(cli)
 
 
 def main() -> None:

@@ -14,6 +14,9 @@ The TOML keys are the field names, e.g.::
     wan_rate = "100Mbit"
     snapshot_every = "15m"
     read_cache = "1G"
+    watch = ["alice=/home/alice", "user/bob/profile=/srv/profiles/bob"]
+    watch_interval = "5s"
+    watch_debounce = "2s"
 """
 
 from __future__ import annotations
@@ -68,6 +71,12 @@ class Settings:
     """`serve`: snapshot every attached user disk that has new writes this often, e.g. "15m" (0: never)."""
     read_cache: str = "1G"
     """`serve`: decoded blocks kept for attached disks' reads, in a sparse file in the store (0: none)."""
+    watch: list[str] = field(default_factory=list)
+    """`serve`: directories to keep captured, USER=DIR (into user/USER/home) or user/USER/LAYER=DIR."""
+    watch_interval: str = "5s"
+    """`serve`: how often each watched directory is looked at."""
+    watch_debounce: str = "2s"
+    """`serve`: how long a watched directory must stay unchanged before it is captured."""
 
 
 def apply_toml(settings: object, path: Path) -> None:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ from pathlib import Path
 
 import grpc
 
+from cachepoint.blocks import DEFAULT_BLOCK_SIZE
+from cachepoint.capture.engine import CaptureOptions, CaptureReport, capture
+from cachepoint.capture.watch import WatchOptions, WatchSpec, watch_in_thread
 from cachepoint.disk.exports import Disks
 from cachepoint.errors import CachepointError, NotFound
 from cachepoint.ids import LATEST, Ref
@@ -84,6 +88,12 @@ class DaemonSettings:
     """Seconds between scheduled snapshots of attached user disks with new writes (0: none)."""
     read_cache: int = 1 << 30
     """Bytes of decoded blocks kept for attached disks (cachepoint/disk/readcache.py; 0: none)."""
+    watches: list[WatchSpec] = field(default_factory=list)
+    """Directories kept captured into their user layers (cachepoint/capture/watch.py)."""
+    watch_interval: float = 5.0
+    """Seconds between looks at each watched directory."""
+    watch_debounce: float = 2.0
+    """Seconds a watched directory must stay unchanged before it is captured."""
 
 
 @dataclass
@@ -120,6 +130,9 @@ class Daemon:
         # Peers that sent a corrupt block, and until when (monotonic seconds) they are not asked again.
         self.suspects: dict[str, float] = {}
         self.delivered = 0
+        # Captures run on worker threads (Agent calls, watches): one at a time, so two of the same layer
+        # cannot both take its next version number.
+        self.capture_lock = threading.Lock()
 
     # -- pulls ---------------------------------------------------------------------------------
 
@@ -294,6 +307,41 @@ class Daemon:
                 except CachepointError as err:
                     log.warning("scheduled snapshot of %s failed: %s", name, err)
 
+    def capture(
+        self, layer: str, root: Path, message: str, author: str, force: bool = False, block_size: int = 0
+    ) -> CaptureReport:
+        """A file-level capture into ``layer`` (blocking: call it on a worker thread)."""
+        assert self.store is not None
+        options = CaptureOptions(
+            layer=layer,
+            root=root,
+            message=message,
+            author=author or "cachepoint",
+            device=self.node_id,
+            force=force,
+            new_layer_block_size=block_size or DEFAULT_BLOCK_SIZE,
+        )
+        with self.capture_lock:
+            return capture(self.store, options)
+
+    async def watch(self, spec: WatchSpec) -> None:
+        """Keep ``spec.root`` captured; new versions go to the outbox. A failing capture is logged
+        and retried at the next look, never fatal to the daemon."""
+        loop = asyncio.get_running_loop()
+
+        def capture_now() -> CaptureReport:
+            report = self.capture(spec.layer, spec.root, f"watch of {spec.root}", "cachepoint")
+            if not report.unchanged:
+                log.info("watch: %s captured as %s", spec.root, report.ref)
+                loop.call_soon_threadsafe(self.outbox_wakeup.set)
+            return report
+
+        def on_error(err: Exception) -> None:
+            log.warning("watch of %s: %s; trying again", spec.root, err)
+
+        options = WatchOptions(self.settings.watch_interval, self.settings.watch_debounce)
+        await watch_in_thread(spec.root, capture_now, options, on_error, self.settings.store)
+
     def _moves(self, sub: SubscriptionState, event: catalog_pb2.CatalogEvent) -> bool:
         which = event.WhichOneof("event")
         if which == "tag_moved":
@@ -372,6 +420,8 @@ class Daemon:
             stop = stop or stop_event_on_signals()
             if self.settings.snapshot_every > 0:
                 tasks.append(asyncio.create_task(self.scheduled_snapshots(), name="snapshots"))
+            for spec in self.settings.watches:
+                tasks.append(asyncio.create_task(self.watch(spec), name=f"watch {spec.root}"))
             if self.settings.coordinator:
                 tasks.append(asyncio.create_task(self.heartbeat(), name="heartbeat"))
                 tasks.append(asyncio.create_task(self.deliver(), name="outbox"))

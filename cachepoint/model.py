@@ -32,7 +32,10 @@ def check_relative_path(path: str) -> str:
     """Manifest paths are relative and '/'-separated; they can never climb out of a destination."""
     if not path or path.startswith("/") or "\x00" in path:
         raise ValueError(f"manifest path {path!r} must be relative and non-empty")
-    if any(part in ("", ".", "..") for part in path.split("/")):
+    # Wrapped in slashes, an empty, "." or ".." segment shows as "//", "/./" or "/../": three substring
+    # searches instead of a split (every entry of every manifest read passes here).
+    wrapped = f"/{path}/"
+    if "//" in wrapped or "/./" in wrapped or "/../" in wrapped:
         raise ValueError(f"manifest path {path!r} has an empty, '.' or '..' segment")
     return path
 

@@ -75,26 +75,35 @@ def write_files(
     store: Store, targets: list[tuple[PlacedFile, Path]], progress: ProgressFn | None = None
 ) -> int:
     """Write each file's blocks in parallel; returns the bytes written (holes excluded)."""
-    total = sum(p.entry.size for p, _ in targets)
-    done = 0
-    writer = _Writer(store)
     fds: list[int] = []
     try:
-        with ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="export") as pool:
-            jobs = []
-            for placed, path in targets:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-                fds.append(fd)
-                os.ftruncate(fd, placed.entry.size)
-                jobs.extend(_jobs(fd, placed))
-            for written in pool.map(writer.write_job, jobs):
-                done += written
-                if progress is not None:
-                    progress(done, total)
+        for _, path in targets:
+            fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600))
+        placed = [(p, fd) for (p, _), fd in zip(targets, fds, strict=True)]
+        return write_open_files(store, placed, progress)
     finally:
         for fd in fds:
             os.close(fd)
-    return done
+
+
+def write_open_files(
+    store: Store, targets: list[tuple[PlacedFile, int]], progress: ProgressFn | None = None, done: int = 0
+) -> int:
+    """Write each file's blocks through descriptors the caller opened (and closes); sizes them with
+    ftruncate so holes stay holes. Returns the bytes written; ``done`` offsets the progress figures."""
+    total = done + sum(p.entry.size for p, _ in targets)
+    start = done
+    writer = _Writer(store)
+    with ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="export") as pool:
+        jobs = []
+        for placed, fd in targets:
+            os.ftruncate(fd, placed.entry.size)
+            jobs.extend(_jobs(fd, placed))
+        for written in pool.map(writer.write_job, jobs):
+            done += written
+            if progress is not None:
+                progress(done, total)
+    return done - start
 
 
 def export_single(

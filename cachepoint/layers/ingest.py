@@ -34,6 +34,7 @@ from cachepoint.wire import manifest_to_bytes
 JOB_BYTES = 4 * 1024 * 1024  # one job: enough work to amortise the hand-off, small enough to pipeline
 PREFILTER_MIN_BLOCKS = 4  # smaller files re-hash faster than they look up a prefilter record
 XXH_SIZE = fmt.PREFILTER_DIGEST_SIZE
+HEAD_BYTES = 16  # the first bytes of each file read, kept for callers that classify files by magic
 NO_XXH = bytes(XXH_SIZE)
 
 ProgressFn = Callable[[int, int], None]
@@ -63,6 +64,7 @@ class IngestResult:
     reused: int = 0  # unchanged since the previous version (xxh3 pre-filter): not hashed, not stored
     deduplicated: int = 0  # hashed, already in the store
     new_blocks: int = 0
+    bytes_read: int = 0  # from the source files (holes of sparse files are not read)
     seconds: float = 0.0
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
@@ -83,6 +85,7 @@ class IngestResult:
             "reused_blocks": self.reused,
             "deduplicated_blocks": self.deduplicated,
             "new_blocks": self.new_blocks,
+            "bytes_read": self.bytes_read,
             "seconds": round(self.seconds, 3),
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
         }
@@ -99,6 +102,7 @@ class _Segment:
     count: int
     prev_xxh: bytes  # XXH_SIZE per block, or b""
     prev_ids: bytes  # DIGEST_SIZE per block, or b""
+    identity: tuple[int, int] | None = None  # see SourceFile.identity
 
 
 @dataclass
@@ -111,6 +115,7 @@ class _SegmentResult:
     reused: int = 0
     deduplicated: int = 0
     bytes_read: int = 0
+    head: bytes = b""  # the file's first bytes, for the segment that starts the file
 
 
 def default_author() -> str:
@@ -121,9 +126,8 @@ def default_author() -> str:
 
 
 class _Ingest:
-    def __init__(self, store: Store, options: IngestOptions, block_size: int, pins: IngestPins) -> None:
+    def __init__(self, store: Store, block_size: int, pins: IngestPins) -> None:
         self.store = store
-        self.options = options
         self.block_size = block_size
         self.pins = pins
         self.seed = store.prefilter_seed
@@ -137,19 +141,28 @@ class _Ingest:
         result = _SegmentResult(seg, bytearray(seg.count * DIGEST_SIZE), bytearray(seg.count * XXH_SIZE), [])
         start = seg.first_block * bs
         length = min(seg.count * bs, seg.file_size - start)
+        flags = os.O_RDONLY if seg.identity is None else os.O_RDONLY | os.O_NOFOLLOW
         try:
-            fd = os.open(seg.disk_path, os.O_RDONLY)
+            fd = os.open(seg.disk_path, flags)
         except OSError as err:
             raise SourceUnreadable(seg.disk_path, err.strerror or str(err)) from err
         try:
+            if seg.identity is not None:
+                st = os.fstat(fd)
+                if (st.st_ino, st.st_dev) != seg.identity:
+                    raise SourceUnreadable(seg.disk_path, "it was replaced by another file while being read")
             data = self._read(fd, seg, start, length)
         finally:
             os.close(fd)
         if data is None:  # the whole run lies in a hole of a sparse file: nothing to read
             result.digests[:] = HOLE_DIGEST * seg.count
             result.holes = seg.count
+            if seg.first_block == 0:
+                result.head = bytes(min(HEAD_BYTES, length))
             return result
         result.bytes_read = length
+        if seg.first_block == 0:
+            result.head = data[:HEAD_BYTES]
         # bytes slices, not memoryviews: a slice costs a 64 KiB memcpy (~3 us), while comparing a
         # memoryview with bytes for the hole test goes element by element (~40 us).
         candidates: list[tuple[int, bytes, bytes]] = []
@@ -207,35 +220,44 @@ def _previous_for(store: Store, layer: str, block_size: int) -> tuple[Manifest |
     return store.catalog.manifest(info.manifest_digest), info.manifest_digest
 
 
+# The previous version's file at a path: its entry index there and its packed block ids.
+PreviousFile = tuple[int, bytes]
+PreviousLookup = Callable[[str], PreviousFile | None]
+
+
+def _previous_files(prev: Manifest | None, entries: list[FileEntry]) -> PreviousLookup:
+    """Where an ingest finds the previous version of each file: at the same path."""
+    if prev is None:
+        return lambda path: None
+    files = {e.path: (i, e.blocks) for i, e in enumerate(prev.entries) if e.type == EntryType.FILE}
+    if prev.single_file and len(entries) == 1 and len(files) == 1:
+        # A disk image keeps its identity when its file name changes.
+        files = {entries[0].path: next(iter(files.values()))}
+    return files.get
+
+
 def _segments(
     tree_files: list[SourceFile],
-    entries: list[FileEntry],
-    prev: Manifest | None,
+    path_of: Callable[[int], str],
+    previous: PreviousLookup,
     prev_digest: bytes,
     store: Store,
     block_size: int,
 ) -> Iterator[list[_Segment]]:
     """Group the files' blocks into jobs of about JOB_BYTES (small files share a job)."""
     per_job = max(1, JOB_BYTES // block_size)
-    prev_entries: dict[str, tuple[int, FileEntry]] = {}
-    if prev is not None:
-        prev_entries = {e.path: (i, e) for i, e in enumerate(prev.entries) if e.type == EntryType.FILE}
-        if prev.single_file and len(entries) == 1 and len(prev_entries) == 1:
-            # A disk image keeps its identity when its file name changes.
-            prev_entries = {entries[0].path: next(iter(prev_entries.values()))}
     job: list[_Segment] = []
     job_blocks = 0
     for source in tree_files:
-        entry = entries[source.entry_index]
         count = -(-source.size // block_size)
         if count == 0:
             continue
         prev_xxh = prev_ids = b""
-        if entry.path in prev_entries and count >= PREFILTER_MIN_BLOCKS:
-            index, prev_entry = prev_entries[entry.path]
+        if count >= PREFILTER_MIN_BLOCKS and (found := previous(path_of(source.entry_index))) is not None:
+            index, ids = found
             packed = store.catalog.prefilter(prev_digest, index)
             if packed is not None:
-                prev_xxh, prev_ids = packed, prev_entry.blocks
+                prev_xxh, prev_ids = packed, ids
         first = 0
         while first < count:
             take = min(per_job - job_blocks, count - first)
@@ -248,6 +270,7 @@ def _segments(
                     take,
                     prev_xxh[first * XXH_SIZE : (first + take) * XXH_SIZE],
                     prev_ids[first * DIGEST_SIZE : (first + take) * DIGEST_SIZE],
+                    source.identity,
                 )
             )
             job_blocks += take
@@ -290,30 +313,48 @@ class PreparedVersion:
         store.end_ingest(self.pins, committed=committed)
 
 
-def prepare(
-    store: Store, path: Path | str, options: IngestOptions, progress: ProgressFn | None = None
-) -> PreparedVersion:
-    """Cut PATH into blocks, store the new ones durably, and build the manifest (no version yet)."""
-    started = time.monotonic()
-    validate_layer_name(options.layer)
-    for tag in options.tags:
-        validate_tag(tag)
-    tree = scan(Path(path))
-    block_size = resolve_block_size(store, options.layer, options.block_size, options.new_layer_block_size)
-    prev, prev_digest = _previous_for(store, options.layer, block_size)
-    total = tree.total_bytes
+@dataclass
+class CutFiles:
+    """Files cut into blocks, their new blocks durable and pinned (until ``release``), no manifest yet."""
+
+    digests: dict[int, bytes]  # entry index -> packed block ids
+    prefilter: dict[int, bytes]  # entry index -> packed xxh3 digests (files of PREFILTER_MIN_BLOCKS or more)
+    heads: dict[int, bytes]  # entry index -> the file's first HEAD_BYTES (for callers that classify)
+    pins: IngestPins
+    result: IngestResult
+
+    def release(self, store: Store, committed: bool) -> None:
+        store.end_ingest(self.pins, committed=committed)
+
+
+def cut_files(
+    store: Store,
+    layer: str,
+    files: list[SourceFile],
+    path_of: Callable[[int], str],
+    previous: PreviousLookup,
+    prev_digest: bytes,
+    block_size: int,
+    workers: int = 0,
+    progress: ProgressFn | None = None,
+) -> CutFiles:
+    """Read ``files`` and store their new blocks durably (the ingest pipeline: see the module
+    docstring). ``previous(path)`` names the previous version's file at a path, whose pre-filter
+    record (in manifest ``prev_digest``) lets unchanged blocks skip SHA-256 and the store."""
+    total = sum(f.size for f in files)
     digests: dict[int, bytearray] = {
-        f.entry_index: bytearray(-(-f.size // block_size) * DIGEST_SIZE) for f in tree.files
+        f.entry_index: bytearray(-(-f.size // block_size) * DIGEST_SIZE) for f in files
     }
     xxhs: dict[int, bytearray] = {
-        f.entry_index: bytearray(-(-f.size // block_size) * XXH_SIZE) for f in tree.files
+        f.entry_index: bytearray(-(-f.size // block_size) * XXH_SIZE) for f in files
     }
-    pins = store.begin_ingest(options.layer)
-    work = _Ingest(store, options, block_size, pins)
+    pins = store.begin_ingest(layer)
+    work = _Ingest(store, block_size, pins)
     written: set[bytes] = set()
-    stats = IngestResult(skipped=list(tree.skipped))
+    heads: dict[int, bytes] = {}
+    stats = IngestResult()
     done = 0
-    workers = options.workers or os.cpu_count() or 2
+    workers = workers or os.cpu_count() or 2
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool:
             inflight: deque[Future[list[_SegmentResult]]] = deque()
@@ -331,6 +372,9 @@ def prepare(
                     stats.holes += r.holes
                     stats.reused += r.reused
                     stats.deduplicated += r.deduplicated
+                    stats.bytes_read += r.bytes_read
+                    if seg.first_block == 0:
+                        heads[seg.file_index] = r.head
                     for digest, value, raw_size in r.new_values:
                         if digest in written:
                             stats.deduplicated += 1
@@ -346,7 +390,7 @@ def prepare(
                 if progress is not None:
                     progress(done, total)
 
-            for job in _segments(tree.files, tree.entries, prev, prev_digest, store, block_size):
+            for job in _segments(files, path_of, previous, prev_digest, store, block_size):
                 inflight.append(pool.submit(work.process, job))
                 if len(inflight) > workers * 2:
                     consume(inflight.popleft().result())
@@ -356,15 +400,44 @@ def prepare(
     except BaseException:
         store.end_ingest(pins, committed=False)
         raise
+    prefilter = {
+        index: bytes(xxhs[index])
+        for index, packed in digests.items()
+        if len(packed) // DIGEST_SIZE >= PREFILTER_MIN_BLOCKS
+    }
+    return CutFiles({i: bytes(d) for i, d in digests.items()}, prefilter, heads, pins, stats)
+
+
+def prepare(
+    store: Store, path: Path | str, options: IngestOptions, progress: ProgressFn | None = None
+) -> PreparedVersion:
+    """Cut PATH into blocks, store the new ones durably, and build the manifest (no version yet)."""
+    started = time.monotonic()
+    validate_layer_name(options.layer)
+    for tag in options.tags:
+        validate_tag(tag)
+    tree = scan(Path(path))
+    block_size = resolve_block_size(store, options.layer, options.block_size, options.new_layer_block_size)
+    prev, prev_digest = _previous_for(store, options.layer, block_size)
+    cut = cut_files(
+        store,
+        options.layer,
+        tree.files,
+        lambda index: tree.entries[index].path,
+        _previous_files(prev, tree.entries),
+        prev_digest,
+        block_size,
+        options.workers,
+        progress,
+    )
     entries = list(tree.entries)
-    prefilter: dict[int, bytes] = {}
-    for index, packed in digests.items():
-        entries[index] = replace(entries[index], blocks=bytes(packed))
-        if len(packed) // DIGEST_SIZE >= PREFILTER_MIN_BLOCKS:
-            prefilter[index] = bytes(xxhs[index])
+    for index, packed in cut.digests.items():
+        entries[index] = replace(entries[index], blocks=packed)
     manifest = Manifest(block_size, tree.single_file, tuple(entries))
+    stats = cut.result
     stats.logical_bytes = manifest.logical_bytes
-    return PreparedVersion(manifest, manifest_to_bytes(manifest), prefilter, pins, stats, started)
+    stats.skipped = list(tree.skipped)
+    return PreparedVersion(manifest, manifest_to_bytes(manifest), cut.prefilter, cut.pins, stats, started)
 
 
 def ingest(

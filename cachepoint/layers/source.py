@@ -21,6 +21,10 @@ class SourceFile:
     entry_index: int
     disk_path: str
     size: int
+    # (inode, device) the file had when it was walked: when set, the ingest opens it without following
+    # a symlink and refuses another file found at the path (a capture's guard against a directory
+    # swapped for a symlink between its walk and its reads).
+    identity: tuple[int, int] | None = None
 
 
 @dataclass

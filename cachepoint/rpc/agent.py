@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from cachepoint.disk.rebuild import rebase, restore
+from cachepoint.errors import InvalidInput
 from cachepoint.ids import Ref
 from cachepoint.layers.ingest import IngestOptions, ingest
 from cachepoint.model import LayerKind
@@ -77,6 +78,26 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         return agent_pb2.IngestResponse(
             version=version_to_pb(result.version), result_json=json.dumps(result.as_json())
         )
+
+    @rpc_errors
+    async def Capture(  # noqa: N802
+        self, request: agent_pb2.CaptureRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.CaptureResponse:
+        d = self.daemon
+        if not request.layer.startswith(outbox.USER_PREFIX):
+            raise InvalidInput(f"capture into {request.layer!r}: file-level captures go to user/ layers")
+        report = await asyncio.to_thread(
+            d.capture,
+            request.layer,
+            Path(request.path),
+            request.message,
+            request.author,
+            request.force,
+            request.block_size,
+        )
+        if not report.unchanged:
+            d.outbox_wakeup.set()
+        return agent_pb2.CaptureResponse(result_json=json.dumps(report.as_json()))
 
     @rpc_errors
     async def Attach(  # noqa: N802

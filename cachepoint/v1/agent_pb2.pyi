@@ -190,3 +190,25 @@ class RestoreRequest(_message.Message):
     message: str
     author: str
     def __init__(self, image: _Optional[str] = ..., user: _Optional[str] = ..., to: _Optional[_Union[_version_pb2.Ref, _Mapping]] = ..., message: _Optional[str] = ..., author: _Optional[str] = ...) -> None: ...
+
+class CaptureRequest(_message.Message):
+    __slots__ = ("layer", "path", "message", "author", "force", "block_size")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    path: str
+    message: str
+    author: str
+    force: bool
+    block_size: int
+    def __init__(self, layer: _Optional[str] = ..., path: _Optional[str] = ..., message: _Optional[str] = ..., author: _Optional[str] = ..., force: _Optional[bool] = ..., block_size: _Optional[int] = ...) -> None: ...
+
+class CaptureResponse(_message.Message):
+    __slots__ = ("result_json",)
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    result_json: str
+    def __init__(self, result_json: _Optional[str] = ...) -> None: ...

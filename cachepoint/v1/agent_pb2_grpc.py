@@ -45,6 +45,11 @@ class AgentStub:
                 request_serializer=cachepoint_dot_v1_dot_agent__pb2.IngestRequest.SerializeToString,
                 response_deserializer=cachepoint_dot_v1_dot_agent__pb2.IngestResponse.FromString,
                 _registered_method=True)
+        self.Capture = channel.unary_unary(
+                '/cachepoint.v1.Agent/Capture',
+                request_serializer=cachepoint_dot_v1_dot_agent__pb2.CaptureRequest.SerializeToString,
+                response_deserializer=cachepoint_dot_v1_dot_agent__pb2.CaptureResponse.FromString,
+                _registered_method=True)
         self.Pull = channel.unary_stream(
                 '/cachepoint.v1.Agent/Pull',
                 request_serializer=cachepoint_dot_v1_dot_agent__pb2.PullRequest.SerializeToString,
@@ -94,6 +99,14 @@ class AgentServicer:
     def Ingest(self, request, context):
         """Ingest through the daemon that holds the store open (the command line does this when the store
         is busy); a new version of a user/ layer is queued for the coordinator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Capture(self, request, context):
+        """File-level capture of a directory into a user/ layer (the command line's `capture`, `watch` and
+        `restore-dir` use it when the store is busy); a new version is queued for the coordinator.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,6 +169,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Ingest,
                     request_deserializer=cachepoint_dot_v1_dot_agent__pb2.IngestRequest.FromString,
                     response_serializer=cachepoint_dot_v1_dot_agent__pb2.IngestResponse.SerializeToString,
+            ),
+            'Capture': grpc.unary_unary_rpc_method_handler(
+                    servicer.Capture,
+                    request_deserializer=cachepoint_dot_v1_dot_agent__pb2.CaptureRequest.FromString,
+                    response_serializer=cachepoint_dot_v1_dot_agent__pb2.CaptureResponse.SerializeToString,
             ),
             'Pull': grpc.unary_stream_rpc_method_handler(
                     servicer.Pull,
@@ -247,6 +265,33 @@ class Agent:
             '/cachepoint.v1.Agent/Ingest',
             cachepoint_dot_v1_dot_agent__pb2.IngestRequest.SerializeToString,
             cachepoint_dot_v1_dot_agent__pb2.IngestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Capture(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachepoint.v1.Agent/Capture',
+            cachepoint_dot_v1_dot_agent__pb2.CaptureRequest.SerializeToString,
+            cachepoint_dot_v1_dot_agent__pb2.CaptureResponse.FromString,
             options,
             channel_credentials,
             insecure,
