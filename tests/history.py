@@ -18,10 +18,9 @@ HOME = f"user/{USER}/home"
 
 
 def make_version(node: Node, home: Path, message: str) -> dict[str, Any]:
-    """A new version of the user's home directory on a device, through the device's daemon, which
-    queues it in the outbox for the coordinator. When `cachepoint capture` lands, this line becomes
-    ``cli_json(node.store, "capture", home, "--user", USER, "-m", message)``."""
-    return cli_json(node.store, "ingest", HOME, home, "-m", message)
+    """A new version of the user's home directory on a device: `cachepoint capture` through the
+    device's daemon, which queues it in the outbox for the coordinator."""
+    return cli_json(node.store, "capture", home, "--user", USER, "-m", message)
 
 
 def history(address: str, *args: str | Path, check: bool = True) -> Run:
