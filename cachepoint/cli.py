@@ -6,6 +6,7 @@ Exit codes are listed in cachepoint/errors.py and docs/cli.md.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -373,8 +374,16 @@ def show_cmd(ctx: Context, ref: str, files: bool, as_json: bool) -> None:
 @handles_errors
 def tag_cmd(ctx: Context, ref: str, tag: str, as_json: bool) -> None:
     """Point TAG of the layer at REF (every move is recorded)."""
-    with ctx.open(writable=True) as store:
-        info = store.catalog.set_tag(ref, tag, ctx.author)
+    store = _writable_or_daemon(ctx)
+    if store is None:
+        from cachepoint.v1 import catalog_pb2
+        from cachepoint.wire import ref_to_pb, version_from_pb
+
+        request = catalog_pb2.SetTagRequest(ref=ref_to_pb(Ref.parse(ref)), tag=tag, actor=ctx.author)
+        info = version_from_pb(_via_daemon(ctx, "SetTag", request))
+    else:
+        with store:
+            info = store.catalog.set_tag(ref, tag, ctx.author)
     if as_json:
         emit_json({"layer": info.layer, "tag": tag, "version": info.number, "ref": info.ref})
     else:
@@ -445,8 +454,18 @@ def rollback_cmd(ctx: Context, layer: str, to: str, message: str, as_json: bool)
     target = Ref.parse(to)
     if target.layer != layer:
         raise InvalidInput(f"--to {to} names layer {target.layer!r}, not {layer!r}")
-    with ctx.open(writable=True) as store:
-        info = rollback(store, layer, target, author=ctx.author, device=ctx.device, message=message)
+    store = _writable_or_daemon(ctx)
+    if store is None:
+        from cachepoint.v1 import agent_pb2
+        from cachepoint.wire import ref_to_pb, version_from_pb
+
+        request = agent_pb2.RollbackRequest(
+            layer=layer, to=ref_to_pb(target), message=message, author=ctx.author
+        )
+        info = version_from_pb(_via_daemon(ctx, "Rollback", request))
+    else:
+        with store:
+            info = rollback(store, layer, target, author=ctx.author, device=ctx.device, message=message)
     if as_json:
         emit_json(_version_json(info, ["latest"]))
     else:
@@ -458,14 +477,22 @@ def rollback_cmd(ctx: Context, layer: str, to: str, message: str, as_json: bool)
 @pass_ctx
 @handles_errors
 def gc_cmd(ctx: Context, as_json: bool) -> None:
-    """Remove blocks that no version references."""
-    with ctx.open(writable=True) as store:
-        result = collect(store)
+    """Remove blocks that no version references (through the daemon when it holds the store)."""
+    store = _writable_or_daemon(ctx)
+    if store is None:
+        from cachepoint.v1 import agent_pb2
+
+        reply = _via_daemon(ctx, "CollectGarbage", agent_pb2.CollectGarbageRequest())
+        figures = json.loads(reply.result_json)
+    else:
+        with store:
+            figures = collect(store).as_json()
     if as_json:
-        emit_json(result.as_json())
+        emit_json(figures)
     else:
         click.echo(
-            f"removed {result.blocks_removed} blocks ({human(result.bytes_freed)}), kept {result.blocks_kept}"
+            f"removed {figures['blocks_removed']} blocks ({human(figures['bytes_freed'])}), "
+            f"kept {figures['blocks_kept']}"
         )
 
 

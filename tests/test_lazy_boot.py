@@ -50,6 +50,11 @@ def test_a_cold_read_fetches_only_what_it_needs_and_a_full_copy_equals_the_image
             cold = fetched()
             assert 1 <= cold <= 1 + READAHEAD < stored_blocks, (cold, stored_blocks)
 
+            # No local version names the fetched blocks yet: a GC (run by the daemon, which holds
+            # the store) must keep them while the disk is attached, or the copy below refetches.
+            gc = run_cli(store, "gc", "--json").json()
+            assert gc["blocks_removed"] == 0, gc
+
             copy = tmp_path / "copy.raw"
             convert = subprocess.run(
                 ["qemu-img", "convert", "-f", "raw", "-O", "raw", attached["nbd"], str(copy)],

@@ -117,6 +117,12 @@ def test_catalog_edits_go_through_the_daemon_that_holds_the_store(tmp_path):
         assert rebased["refs"] == ["os/base@1"] and rebased["replaced"] == "os/base@2"
         restored = run_cli(store, "restore", "desk", "--user", "alice", "--to", "user/alice/desk@1", "--json")
         assert restored.json()["restored_from"] == 1
+        tagged = run_cli(store, "tag", "os/base@1", "stable", "--json").json()
+        assert tagged == {"layer": "os/base", "tag": "stable", "version": 1, "ref": "os/base@1"}
+        rolled = run_cli(store, "rollback", "os/base", "--to", "os/base:stable", "--json").json()
+        assert rolled["ref"] == "os/base@3" and rolled["restored_from"] == 1
+        collected = run_cli(store, "gc", "--json").json()
+        assert collected["blocks_removed"] == 0 and collected["blocks_kept"] > 0
         again = run_cli(store, "attach", "desk", "--user", "alice", "--json").json()
         qemu_io(again["nbd"], "read -P 0x42 0 65536")
         base = (tmp_path / "os1.img").read_bytes()

@@ -235,6 +235,45 @@ def test_a_pull_killed_mid_transfer_keeps_its_verified_blocks_and_the_next_pull_
     assert export_digest(puller, PRODUCTION, tmp_path / "export.img") == sha256_file(image)
 
 
+def test_gc_in_the_daemon_keeps_the_blocks_of_a_pull_in_flight(fleet: Fleet, tmp_path: Path) -> None:
+    """The blocks a pull has stored are named by no version until it commits: the daemon's GC must
+    leave them, or the pull would commit a version whose blocks are gone."""
+    coordinator = fleet.coordinator()
+    image = tmp_path / "random.img"
+    random_image(image, 32 * MiB, seed=43)
+    ids = stored_block_ids(image)
+    publish(tmp_path / "admin", coordinator.address, image, "production")
+    with ThrottledProxy(coordinator.address, 8 * MiB) as proxy:  # ~4 s for the whole pull
+        node = fleet.cachepoint("blade", proxy.address, subscribe=())
+        puller = subprocess.Popen(
+            [sys.executable, "-m", "cachepoint", "pin", PRODUCTION, "--json"],  # a pull by the daemon
+            env=cli_env(node.store),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+
+            def some_stored() -> int | None:
+                if puller.poll() is not None:
+                    raise RuntimeError(f"the pull ended before the GC could run: {puller.communicate()}")
+                count = present_blocks(node.store, ids)
+                return count if count >= len(ids) // 4 else None
+
+            present = wait_until("the pull to store a quarter of the blocks", some_stored, 60, interval=0.05)
+            collected = cli_json(node.store, "gc")
+            assert collected["blocks_removed"] == 0, collected
+            out, err = puller.communicate(timeout=120)
+        finally:
+            if puller.poll() is None:
+                puller.kill()
+                puller.communicate()
+    assert puller.returncode == 0, err
+    assert 0 < present < len(ids), "the GC ran in the middle of the pull"
+    fsck = cli_json(node.store, "fsck")
+    assert fsck["ok"] and fsck["unreferenced_blocks"] == 0, fsck
+
+
 # -- the coordinator goes away and comes back ----------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from cachepoint.disk.snapshot import snapshot
 from cachepoint.errors import InvalidInput, NotFound
 from cachepoint.ids import Ref, validate_layer_name
 from cachepoint.model import Manifest, VersionInfo
-from cachepoint.store.store import Store
+from cachepoint.store.store import IngestPins, Store
 
 READ_CACHE_FILE = "read-cache"  # in the store directory, rebuilt empty by each daemon
 
@@ -46,6 +46,7 @@ class Disks:
         self.server: NbdServer | None = None
         self._read_cache = read_cache
         self.decoded: DecodedCache | None = None
+        self._pins: dict[int, IngestPins] = {}  # lazily booted disks' blocks, by id(disk)
 
     async def serve(self, tcp: str | None, unix_path: str | None) -> list[str]:
         if self._read_cache > 0:
@@ -88,7 +89,13 @@ class Disks:
         """A read-only disk of one version, booted lazily: blocks not here are fetched on first read."""
         assert self.remote is not None
         info, manifest, fetch = await self.remote(ref)
-        return CompositeDisk(self.store, [(info, manifest)], fetch_missing=fetch, decoded=self.decoded)
+        disk = CompositeDisk(self.store, [(info, manifest)], fetch_missing=fetch, decoded=self.decoded)
+        # No local version names these blocks: pinned while the disk is attached, or GC would take
+        # what the reads fetched.
+        pins = self.store.register_pins(info.layer)
+        self.store.pin(pins, manifest.block_ids())
+        self._pins[id(disk)] = pins
+        return disk
 
     def get(self, name: str) -> CompositeDisk:
         disk = self.attached.get(name)
@@ -103,6 +110,7 @@ class Disks:
         if discard and disk.working is not None:
             await asyncio.to_thread(disk.working.discard)
         await asyncio.to_thread(disk.close)
+        self._unpin(disk)
 
     async def snapshot(self, name: str, message: str, author: str, device: str) -> VersionInfo:
         disk = self.get(name)
@@ -112,10 +120,17 @@ class Disks:
             snapshot, self.store, disk, disk.working.layer, message, author=author, device=device
         )
 
+    def _unpin(self, disk: CompositeDisk) -> None:
+        pins = self._pins.pop(id(disk), None)
+        if pins is not None:
+            self.store.end_ingest(pins, committed=True)
+
     async def close(self) -> None:
         if self.server is not None:
             await self.server.close()
         for name in list(self.attached):
-            await asyncio.to_thread(self.attached.pop(name).close)
+            disk = self.attached.pop(name)
+            await asyncio.to_thread(disk.close)
+            self._unpin(disk)
         if self.decoded is not None:
             self.decoded.close()

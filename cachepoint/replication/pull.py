@@ -111,15 +111,27 @@ async def pull(
                 return PullResult(info, already_local=True)
             manifest_raw = await fetch_manifest(catalog, info, origin)
             manifest = manifest_from_bytes(manifest_raw)
-            missing = await asyncio.to_thread(store.blocks.missing, sorted(manifest.block_ids()))
-            sources = list(extra_sources or [])
-            if missing:
-                peers = await find_peers(ch, node_id, info, own_address)
-                sources += [peer for peer in peers if peer.address not in avoid]
-            sources.append(Source("origin", origin, SourceClass.ORIGIN))
-            result = PullResult(info, planned_blocks=len(missing), sources=sources)
-            result.fetched = await Fetcher(store, sources, progress, limits=limits).fetch(missing, info.ref)
-            await asyncio.to_thread(store.catalog.import_version, info, PendingCommit(manifest_raw, {}), tags)
+            # Pinned before asking what is missing: a GC in this process (the daemon's) then keeps
+            # both the blocks found here and the ones fetched, until the version references them.
+            pins = store.register_pins(info.layer)
+            committed = False
+            try:
+                block_ids = manifest.block_ids()
+                store.pin(pins, block_ids)
+                missing = await asyncio.to_thread(store.blocks.missing, sorted(block_ids))
+                sources = list(extra_sources or [])
+                if missing:
+                    peers = await find_peers(ch, node_id, info, own_address)
+                    sources += [peer for peer in peers if peer.address not in avoid]
+                sources.append(Source("origin", origin, SourceClass.ORIGIN))
+                result = PullResult(info, planned_blocks=len(missing), sources=sources)
+                fetcher = Fetcher(store, sources, progress, limits=limits)
+                result.fetched = await fetcher.fetch(missing, info.ref)
+                pending = PendingCommit(manifest_raw, {})
+                await asyncio.to_thread(store.catalog.import_version, info, pending, tags)
+                committed = True
+            finally:
+                store.end_ingest(pins, committed=committed)
             return result
     except grpc.RpcError as err:
         raise from_rpc_error(err, origin) from err

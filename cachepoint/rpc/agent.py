@@ -15,10 +15,12 @@ from cachepoint.disk.rebuild import rebase, restore
 from cachepoint.errors import InvalidInput
 from cachepoint.ids import Ref
 from cachepoint.layers.ingest import IngestOptions, ingest
+from cachepoint.layers.rollback import rollback
 from cachepoint.model import LayerKind
 from cachepoint.replication import outbox
 from cachepoint.rpc.errors import rpc_errors
-from cachepoint.v1 import agent_pb2, agent_pb2_grpc, version_pb2
+from cachepoint.store.gc import collect
+from cachepoint.v1 import agent_pb2, agent_pb2_grpc, catalog_pb2, version_pb2
 from cachepoint.wire import ref_from_pb, version_to_pb
 
 if TYPE_CHECKING:
@@ -179,3 +181,37 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             version=version_to_pb(result.version),
             finished=True,
         )
+
+    @rpc_errors
+    async def SetTag(  # noqa: N802
+        self, request: catalog_pb2.SetTagRequest, context: grpc.aio.ServicerContext
+    ) -> version_pb2.VersionInfo:
+        store = self.daemon.store
+        assert store is not None
+        ref = str(ref_from_pb(request.ref))
+        info = await asyncio.to_thread(store.catalog.set_tag, ref, request.tag, request.actor)
+        return version_to_pb(info)
+
+    @rpc_errors
+    async def Rollback(  # noqa: N802
+        self, request: agent_pb2.RollbackRequest, context: grpc.aio.ServicerContext
+    ) -> version_pb2.VersionInfo:
+        d = self.daemon
+        assert d.store is not None
+        store, target = d.store, ref_from_pb(request.to)
+        info = await asyncio.to_thread(
+            lambda: rollback(
+                store, request.layer, target, author=request.author, device=d.node_id, message=request.message
+            )
+        )
+        d.outbox_wakeup.set()  # a user/ layer's new version goes to the coordinator
+        return version_to_pb(info)
+
+    @rpc_errors
+    async def CollectGarbage(  # noqa: N802
+        self, request: agent_pb2.CollectGarbageRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.CollectGarbageResponse:
+        store = self.daemon.store
+        assert store is not None
+        result = await asyncio.to_thread(collect, store)
+        return agent_pb2.CollectGarbageResponse(result_json=json.dumps(result.as_json()))

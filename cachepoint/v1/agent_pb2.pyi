@@ -1,3 +1,4 @@
+from cachepoint.v1 import catalog_pb2 as _catalog_pb2
 from cachepoint.v1 import version_pb2 as _version_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -190,6 +191,28 @@ class RestoreRequest(_message.Message):
     message: str
     author: str
     def __init__(self, image: _Optional[str] = ..., user: _Optional[str] = ..., to: _Optional[_Union[_version_pb2.Ref, _Mapping]] = ..., message: _Optional[str] = ..., author: _Optional[str] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("layer", "to", "message", "author")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    to: _version_pb2.Ref
+    message: str
+    author: str
+    def __init__(self, layer: _Optional[str] = ..., to: _Optional[_Union[_version_pb2.Ref, _Mapping]] = ..., message: _Optional[str] = ..., author: _Optional[str] = ...) -> None: ...
+
+class CollectGarbageRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CollectGarbageResponse(_message.Message):
+    __slots__ = ("result_json",)
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    result_json: str
+    def __init__(self, result_json: _Optional[str] = ...) -> None: ...
 
 class CaptureRequest(_message.Message):
     __slots__ = ("layer", "path", "message", "author", "force", "block_size")

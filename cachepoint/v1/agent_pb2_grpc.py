@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from cachepoint.v1 import agent_pb2 as cachepoint_dot_v1_dot_agent__pb2
+from cachepoint.v1 import catalog_pb2 as cachepoint_dot_v1_dot_catalog__pb2
 from cachepoint.v1 import version_pb2 as cachepoint_dot_v1_dot_version__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -85,6 +86,21 @@ class AgentStub:
                 request_serializer=cachepoint_dot_v1_dot_agent__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=cachepoint_dot_v1_dot_version__pb2.VersionInfo.FromString,
                 _registered_method=True)
+        self.SetTag = channel.unary_unary(
+                '/cachepoint.v1.Agent/SetTag',
+                request_serializer=cachepoint_dot_v1_dot_catalog__pb2.SetTagRequest.SerializeToString,
+                response_deserializer=cachepoint_dot_v1_dot_version__pb2.VersionInfo.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/cachepoint.v1.Agent/Rollback',
+                request_serializer=cachepoint_dot_v1_dot_agent__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=cachepoint_dot_v1_dot_version__pb2.VersionInfo.FromString,
+                _registered_method=True)
+        self.CollectGarbage = channel.unary_unary(
+                '/cachepoint.v1.Agent/CollectGarbage',
+                request_serializer=cachepoint_dot_v1_dot_agent__pb2.CollectGarbageRequest.SerializeToString,
+                response_deserializer=cachepoint_dot_v1_dot_agent__pb2.CollectGarbageResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -157,6 +173,25 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTag(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CollectGarbage(self, request, context):
+        """GC inside the daemon: blocks of pulls in flight and of lazily attached disks are pinned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -209,6 +244,21 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=cachepoint_dot_v1_dot_agent__pb2.RestoreRequest.FromString,
                     response_serializer=cachepoint_dot_v1_dot_version__pb2.VersionInfo.SerializeToString,
+            ),
+            'SetTag': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTag,
+                    request_deserializer=cachepoint_dot_v1_dot_catalog__pb2.SetTagRequest.FromString,
+                    response_serializer=cachepoint_dot_v1_dot_version__pb2.VersionInfo.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=cachepoint_dot_v1_dot_agent__pb2.RollbackRequest.FromString,
+                    response_serializer=cachepoint_dot_v1_dot_version__pb2.VersionInfo.SerializeToString,
+            ),
+            'CollectGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectGarbage,
+                    request_deserializer=cachepoint_dot_v1_dot_agent__pb2.CollectGarbageRequest.FromString,
+                    response_serializer=cachepoint_dot_v1_dot_agent__pb2.CollectGarbageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -481,6 +531,87 @@ class Agent:
             '/cachepoint.v1.Agent/Restore',
             cachepoint_dot_v1_dot_agent__pb2.RestoreRequest.SerializeToString,
             cachepoint_dot_v1_dot_version__pb2.VersionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachepoint.v1.Agent/SetTag',
+            cachepoint_dot_v1_dot_catalog__pb2.SetTagRequest.SerializeToString,
+            cachepoint_dot_v1_dot_version__pb2.VersionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachepoint.v1.Agent/Rollback',
+            cachepoint_dot_v1_dot_agent__pb2.RollbackRequest.SerializeToString,
+            cachepoint_dot_v1_dot_version__pb2.VersionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachepoint.v1.Agent/CollectGarbage',
+            cachepoint_dot_v1_dot_agent__pb2.CollectGarbageRequest.SerializeToString,
+            cachepoint_dot_v1_dot_agent__pb2.CollectGarbageResponse.FromString,
             options,
             channel_credentials,
             insecure,
