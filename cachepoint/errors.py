@@ -1,7 +1,7 @@
 """Errors users can see. Each class's docstring is its message, formatted with its arguments
 (as borg does), and each carries the process exit code the CLI returns for it.
 
-Exit codes (documented in docs/cli.md):
+Exit codes (documented in README.md, "Exit codes"):
   0 success · 1 unexpected failure · 2 usage error · 3 not found · 4 invalid input
   5 store busy (another writer holds it) · 6 incompatible store format · 7 out of space
   8 integrity problem found (fsck) · 9 a remote node (coordinator, peer, daemon) cannot be reached

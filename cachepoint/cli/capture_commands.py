@@ -1,8 +1,7 @@
 """The file-level capture commands of `cachepoint`: capture, watch, restore-dir.
 
-Registered on the main group by cachepoint/cli.py. Each runs here on the store, or through the
-daemon that holds it (cachepoint/capture/backend.py), which queues new user/ versions for the
-coordinator.
+Each runs here on the store, or through the daemon that holds it (cachepoint/capture/backend.py),
+which queues new user/ versions for the coordinator.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import json
 import signal
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
@@ -21,20 +19,17 @@ from cachepoint.capture.classify import parse_classes
 from cachepoint.capture.engine import CaptureReport, user_layer
 from cachepoint.capture.restore import RestoreResult, restore_dir
 from cachepoint.capture.watch import WatchOptions, watch
+from cachepoint.cli.context import Context, message_option
 from cachepoint.config import parse_duration
 from cachepoint.console import emit_json, handles_errors, human, json_option, warn
 from cachepoint.ids import Ref
 from cachepoint.progress import progress_bar
-
-if TYPE_CHECKING:
-    from cachepoint.cli import Context
 
 directory_argument = click.argument("directory", type=click.Path(path_type=Path))
 user_option = click.option("--user", required=True, help="Whose layer: user/USER/home unless --layer says.")
 layer_option = click.option(
     "--layer", default=None, metavar="LAYER", help="One of USER's layers instead, e.g. user/USER/profile."
 )
-message_option = click.option("-m", "--message", default="", help="What this version is.")
 
 
 def _where(ctx: Context) -> Where:
@@ -224,6 +219,4 @@ def _print_restore(result: RestoreResult, as_json: bool) -> None:
         warn(f"left in place (files were added while restoring): {', '.join(result.left_in_place[:10])}")
 
 
-def register(group: click.Group) -> None:
-    for command in (capture_cmd, watch_cmd, restore_dir_cmd):
-        group.add_command(command)
+COMMANDS: tuple[click.Command, ...] = (capture_cmd, watch_cmd, restore_dir_cmd)

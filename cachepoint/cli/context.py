@@ -1,0 +1,102 @@
+"""What the `cachepoint` commands share: the Context (settings, opening the store), the options that
+several commands take, going through the daemon that holds the store, and the JSON of a version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cachepoint.config import Settings
+from cachepoint.console import when
+from cachepoint.errors import StoreBusy
+from cachepoint.layers.ingest import default_author
+from cachepoint.model import LayerKind, VersionInfo
+from cachepoint.store.store import Store
+
+
+class Context:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.settings.store)
+
+    def open(self, writable: bool = False, create: bool = False) -> Store:
+        return Store.open(self.store_path, writable=writable, create=create)
+
+    @property
+    def author(self) -> str:
+        return self.settings.author or default_author()
+
+    @property
+    def device(self) -> str:
+        return self.settings.device or os.uname().nodename
+
+
+pass_ctx = click.make_pass_decorator(Context)
+kind_option = click.option(
+    "--kind", type=click.Choice(["os", "app", "user"]), default=None, help="Layer kind (new layers)."
+)
+message_option = click.option("-m", "--message", default="", help="What this version is.")
+block_size_option = click.option(
+    "--block-size", default=None, help="Block size of a new layer: 4K..4M, a power of two [64K]."
+)
+tag_option = click.option(
+    "--tag", "tags", multiple=True, help="Also point this tag at the new version (repeatable)."
+)
+
+
+def writable_or_daemon(ctx: Context) -> Store | None:
+    """The store opened for writing, or None when a running daemon holds it (then ask the daemon)."""
+    from cachepoint.errors import NotFound
+    from cachepoint.status import daemon_address
+
+    try:
+        return ctx.open(writable=True)
+    except StoreBusy as busy:
+        try:
+            daemon_address(ctx.store_path)
+        except NotFound:
+            raise busy from None  # another command holds it, not a daemon: nothing to ask
+        return None
+
+
+def via_daemon(ctx: Context, method: str, request: object) -> Any:
+    from cachepoint.status import agent_call
+
+    return asyncio.run(agent_call(ctx.store_path, method, request))
+
+
+def kind_from_name(layer: str) -> LayerKind:
+    head = layer.split("/", 1)[0]
+    return LayerKind.parse(head) if head in ("os", "app", "user") else LayerKind.APP
+
+
+def version_json(info: VersionInfo, tags: list[str]) -> dict[str, object]:
+    return {
+        "ref": info.ref,
+        "layer": info.layer,
+        "version": info.number,
+        "parent": info.parent or None,
+        "created": when(info.created_ns),
+        "created_ns": info.created_ns,
+        "author": info.author,
+        "device": info.device,
+        "message": info.message,
+        "digest": info.digest_text,
+        "kind": str(info.kind),
+        "logical_bytes": info.logical_bytes,
+        "block_size": info.block_size,
+        "restored_from": info.restored_from or None,
+        "tags": tags,
+        "labels": list(info.labels),
+        "changes": {
+            c.file_class: {"added": c.added, "changed": c.changed, "removed": c.removed} for c in info.changes
+        },
+    }

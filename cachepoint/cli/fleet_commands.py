@@ -1,0 +1,249 @@
+"""Commands between nodes and the daemon: publish, pull, serve, status, pin."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+
+from cachepoint.blocks import parse_block_size
+from cachepoint.cli.context import (
+    Context,
+    block_size_option,
+    kind_from_name,
+    kind_option,
+    message_option,
+    pass_ctx,
+    tag_option,
+)
+from cachepoint.config import parse_byte_size, parse_duration
+from cachepoint.console import emit_json, handles_errors, human, json_option
+from cachepoint.ids import Ref, validate_layer_name
+from cachepoint.layers.ingest import IngestOptions
+from cachepoint.model import LayerKind
+from cachepoint.progress import progress_bar
+from cachepoint.replication.ratelimit import class_limits
+
+
+@click.command("publish")
+@click.argument("layer")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--coordinator", "coordinator", required=True, metavar="HOST:PORT", help="The coordinator.")
+@kind_option
+@message_option
+@block_size_option
+@tag_option
+@json_option
+@pass_ctx
+@handles_errors
+def publish_cmd(
+    ctx: Context,
+    layer: str,
+    path: Path,
+    coordinator: str,
+    kind: str | None,
+    message: str,
+    block_size: str | None,
+    tags: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Ingest PATH as a new version of LAYER at the coordinator, sending only the blocks it lacks."""
+    from cachepoint.replication.publish import publish
+
+    validate_layer_name(layer)
+    options = IngestOptions(
+        layer=layer,
+        kind=LayerKind.parse(kind) if kind else kind_from_name(layer),
+        message=message,
+        author=ctx.author,
+        device=ctx.device,
+        block_size=parse_block_size(block_size) if block_size else None,
+        new_layer_block_size=parse_block_size(ctx.settings.block_size),
+        tags=tags,
+    )
+    with ctx.open(writable=True, create=True) as store:
+        with progress_bar(f"publish {layer}", not as_json) as progress:
+            result = asyncio.run(publish(store, path, options, coordinator, progress))
+    if as_json:
+        emit_json(result.as_json())
+    else:
+        click.echo(
+            f"{result.version.ref} at {coordinator}: {result.blocks_sent} blocks sent "
+            f"({human(result.bytes_sent)}), {human(result.ingest.logical_bytes)} logical"
+        )
+
+
+@click.command("pull")
+@click.argument("ref")
+@click.option("--from", "origin", required=True, metavar="HOST:PORT", help="A coordinator or a peer.")
+@click.option(
+    "--wan-rate", default=None, help="Cap on fetching across the WAN, e.g. 100Mbit [config wan_rate]."
+)
+@json_option
+@pass_ctx
+@handles_errors
+def pull_cmd(ctx: Context, ref: str, origin: str, wan_rate: str | None, as_json: bool) -> None:
+    """Fetch REF's missing blocks (nearest sources first, every block verified) and commit it here."""
+    from cachepoint.replication.pull import pull
+
+    parsed = Ref.parse(ref)
+    with ctx.open(writable=True, create=True) as store:
+        with progress_bar(f"pull {ref}", not as_json, unit="blocks") as progress:
+            limits = class_limits(wan_rate or ctx.settings.wan_rate, ctx.settings.site_rate)
+            result = asyncio.run(
+                pull(store, parsed, origin, node_id=ctx.device, progress=progress, limits=limits)
+            )
+    if as_json:
+        emit_json(result.as_json())
+        return
+    if result.already_local:
+        click.echo(f"{result.version.ref} is already here")
+        return
+    by_source = ", ".join(f"{s.name} ({s.source_class}) {s.counters.blocks}" for s in result.sources)
+    click.echo(
+        f"{result.version.ref}: {result.fetched.blocks} of {result.planned_blocks} missing blocks fetched "
+        f"({human(result.fetched.bytes)}) from {by_source}"
+    )
+
+
+@click.command("serve")
+@click.option("--listen", default=None, metavar="HOST:PORT", help="gRPC address for peers [127.0.0.1:7401].")
+@click.option("--coordinator", default=None, metavar="HOST:PORT", help="The coordinator (none: offline).")
+@click.option("--site", default=None, help="Locality label [default].")
+@click.option("--node-id", default=None, help="Name in the fleet [host name and store id].")
+@click.option("--subscribe", "subscribe", multiple=True, metavar="REF", help="Keep REF current (repeatable).")
+@click.option(
+    "--nbd",
+    is_flag=False,
+    flag_value="127.0.0.1:10809",
+    default=None,
+    metavar="[HOST:PORT]",
+    help="Serve attached disks over NBD; `--nbd` alone listens on 127.0.0.1:10809.",
+)
+@click.option(
+    "--nbd-socket", default=None, metavar="PATH", help="Serve attached disks over NBD on a Unix socket."
+)
+@click.option(
+    "--http", default=None, metavar="HOST:PORT", help="Serve versions and images over HTTP with Range."
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log pulls and reconnections.")
+@pass_ctx
+@handles_errors
+def serve_cmd(
+    ctx: Context,
+    listen: str | None,
+    coordinator: str | None,
+    site: str | None,
+    node_id: str | None,
+    subscribe: tuple[str, ...],
+    nbd: str | None,
+    nbd_socket: str | None,
+    http: str | None,
+    verbose: bool,
+) -> None:
+    """Run the cachepoint daemon: serve blocks to peers, follow subscriptions, answer `status`."""
+    import logging
+
+    from cachepoint.capture.watch import parse_watch
+    from cachepoint.daemon import Daemon, DaemonSettings
+
+    s = ctx.settings
+    for ref in (*subscribe, *s.subscribe):
+        Ref.parse(ref)
+    settings = DaemonSettings(
+        store=ctx.store_path,
+        listen=listen or s.listen,
+        coordinator=coordinator if coordinator is not None else s.coordinator,
+        site=site or s.site,
+        node_id=node_id or s.node_id,
+        subscribe=list(subscribe) or list(s.subscribe),
+        limits=class_limits(s.wan_rate, s.site_rate),
+        nbd=nbd or "",
+        nbd_socket=nbd_socket or "",
+        http=http or "",
+        snapshot_every=parse_duration(s.snapshot_every),
+        read_cache=parse_byte_size(s.read_cache, "read_cache"),
+        watches=[parse_watch(text) for text in s.watch],
+        watch_interval=parse_duration(s.watch_interval),
+        watch_debounce=parse_duration(s.watch_debounce),
+    )
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
+    )
+    asyncio.run(Daemon(settings).run())
+
+
+@click.command("status")
+@json_option
+@pass_ctx
+@handles_errors
+def status_cmd(ctx: Context, as_json: bool) -> None:
+    """What the daemon running on this store is doing: subscriptions, versions, peers, bytes by source."""
+    from cachepoint.status import daemon_status, status_json
+
+    data = status_json(asyncio.run(daemon_status(ctx.store_path)))
+    if as_json:
+        emit_json(data)
+        return
+    link = "connected" if data["coordinator_connected"] else "NOT connected"
+    click.echo(f"node {data['node_id']} (site {data['site']}) at {data['address']}")
+    click.echo(f"coordinator {data['coordinator'] or '(none)'}: {link}; peers known {data['peers_known']}")
+    for sub in data["subscriptions"]:
+        lag = f", lag {sub['lag']}" if sub["lag"] else ""
+        error = f" ({sub['last_error']})" if sub["last_error"] else ""
+        click.echo(f"  {sub['ref']}: {sub['state']}, holds @{sub['held']}{lag}{error}")
+    for name, totals in data["bytes_by_source"].items():
+        blocks, size, failures = totals["blocks"], human(totals["bytes"]), totals["failures"]
+        click.echo(f"  from {name}: {blocks} blocks, {size}, {failures} failures")
+    click.echo(f"versions held: {len(data['versions'])}; outbox depth {data['outbox_depth']}")
+
+
+@click.command("pin")
+@click.argument("target")
+@json_option
+@pass_ctx
+@handles_errors
+def pin_cmd(ctx: Context, target: str, as_json: bool) -> None:
+    """Fetch every block of TARGET (an image, or a ref) through the daemon, for offline use."""
+    from cachepoint.errors import ImageNotFound, StoreMissing
+    from cachepoint.v1 import agent_pb2
+    from cachepoint.wire import ref_to_pb, version_from_pb
+
+    try:
+        with ctx.open() as store:
+            refs = list(store.catalog.image(target).refs)
+    except (ImageNotFound, StoreMissing):
+        refs = [target]
+    pinned = []
+    for ref in refs:
+        request = agent_pb2.PullRequest(ref=ref_to_pb(Ref.parse(ref)))
+        stream = asyncio.run(_last_progress(ctx.store_path, request))
+        pinned.append({"ref": version_from_pb(stream.version).ref, "fetched_blocks": stream.blocks_done})
+    if as_json:
+        emit_json({"pinned": pinned})
+    else:
+        for item in pinned:
+            click.echo(f"{item['ref']} is here ({item['fetched_blocks']} blocks fetched)")
+
+
+async def _last_progress(store: Path, request: object) -> Any:
+    from cachepoint.rpc import channel
+    from cachepoint.rpc.client import from_rpc_error
+    from cachepoint.status import daemon_address
+    from cachepoint.v1 import agent_pb2_grpc
+
+    address = daemon_address(store)
+    last = None
+    async with channel.channel(address) as ch:
+        try:
+            async for progress in agent_pb2_grpc.AgentStub(ch).Pull(request, timeout=6 * 3600):
+                last = progress
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, address) from err
+    return last
+
+
+COMMANDS: tuple[click.Command, ...] = (publish_cmd, pull_cmd, serve_cmd, status_cmd, pin_cmd)
