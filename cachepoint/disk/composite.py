@@ -306,6 +306,8 @@ class CompositeDisk:
         entries, lower, lower_zeros = view.entries, view.lower, view.lower_zeros
         decoded = self.decoded
         full_blocks = self._size // bs  # blocks before this one are whole
+        cached: list[tuple[bytes, memoryview]] = []  # asked of the decoded cache in one call
+        cached_index: list[int] = []
         # The loop runs per 64 KiB block of every read: it stays flat (no calls it can avoid).
         for index in range(first, stop):
             length = bs if index < full_blocks else self.block_length(index)
@@ -319,17 +321,22 @@ class CompositeDisk:
             at = (index - first) * bs
             target = out[at : at + length]
             if decoded is not None:
-                if decoded.copy_into(digest, target, nowait=warm_only) >= 0:
-                    continue
-            else:
-                data = self._cache.get(digest)
-                if data is not None:
-                    n = min(len(data), length)
-                    target[:n] = memoryview(data)[:n]
-                    continue
+                cached.append((digest, target))
+                cached_index.append(index)
+                continue
+            data = self._cache.get(digest)
+            if data is not None:
+                n = min(len(data), length)
+                target[:n] = memoryview(data)[:n]
+                continue
             if warm_only:
                 return False
             wanted.setdefault(digest, []).append(index)
+        if decoded is not None and cached:
+            for position in decoded.copy_many(cached, nowait=warm_only):
+                if warm_only:
+                    return False
+                wanted.setdefault(cached[position][0], []).append(cached_index[position])
         if not wanted:
             return True
         digests = list(wanted)
@@ -345,15 +352,21 @@ class CompositeDisk:
                     self.fetch_missing(absent + ahead)
                     self.fetched_lazily += len(absent) + len(ahead)
             values = self.store.blocks.raw_many(digests)
+        verified: list[tuple[bytes, bytes]] = []
         for digest, value in zip(digests, values, strict=True):
             if value is None:
                 raise BlockMissing(BlockId(digest))
             data = decode_verified(digest, value)
-            self._remember(digest, data)
+            verified.append((digest, data))
             for index in wanted[digest]:
                 at = (index - first) * bs
                 n = min(len(data), self.block_length(index))
                 out[at : at + n] = memoryview(data)[:n]
+        if self.decoded is not None:
+            self.decoded.put_many(verified)  # together: in consecutive slots, read back together
+        else:
+            for digest, data in verified:
+                self._cache.put(digest, data)
         return True
 
     def _remember(self, digest: bytes, data: bytes) -> None:

@@ -50,48 +50,93 @@ class DecodedCache:
         self.damaged = 0
 
     def copy_into(self, digest: bytes, out: memoryview, nowait: bool = False) -> int:
-        """Copy the block into the start of ``out`` and return its length; -1 when not cached.
-        ``nowait``: -1 too when the bytes are not in the page cache (the read would wait for the
-        disk), so that an event loop can try here first and go to a thread only when it must."""
+        """Copy one block into the start of ``out`` and return its length; -1 when not cached."""
+        length = self._length_of(digest)
+        if length < 0 or self.copy_many([(digest, out)], nowait):
+            return -1
+        return length
+
+    def copy_many(self, wanted: list[tuple[bytes, memoryview]], nowait: bool = False) -> list[int]:
+        """Copy each (digest, target) block into the start of its target; returns the positions in
+        ``wanted`` that were not copied (not cached, or damaged). ``nowait``: a block whose bytes are
+        not in the page cache is not copied either (the read would wait for the disk), so that an
+        event loop can try here first and go to a thread only when it must.
+
+        Blocks in consecutive slots are read with one preadv (a sequential read fills slots in
+        order, so a later read of the same range finds them that way): one system call per run
+        instead of one per block."""
+        missing: list[int] = []
+        found: list[tuple[int, int, int, int]] = []  # position, slot, length, checksum
+        with self._lock:
+            for position, (digest, target) in enumerate(wanted):
+                slot = self._index.get(digest)
+                # A target shorter than the block (a disk's short last block over a longer layer
+                # block) is left to the store: not worth a scratch buffer.
+                if slot is None or self._length[slot] > len(target):
+                    missing.append(position)
+                    continue
+                self._used[slot] = 1
+                found.append((position, slot, self._length[slot], self._check[slot]))
+            self.misses += len(missing)
+        # Read outside the lock so that two readers' preads overlap. A slot may be recycled
+        # meanwhile; its checksum then fails and that block is read from the store instead.
+        run: list[tuple[int, int, int, int]] = []
+        for item in found:
+            if run and (item[1] != run[-1][1] + 1 or run[-1][2] != self.slot_size):
+                self._read_run(run, wanted, missing, nowait)
+                run = []
+            run.append(item)
+        if run:
+            self._read_run(run, wanted, missing, nowait)
+        return missing
+
+    def _read_run(
+        self,
+        run: list[tuple[int, int, int, int]],
+        wanted: list[tuple[bytes, memoryview]],
+        missing: list[int],
+        nowait: bool,
+    ) -> None:
+        targets = [wanted[position][1][:length] for position, _, length, _ in run]
+        try:
+            got = os.preadv(self._fd, targets, run[0][1] * self.slot_size, _NOWAIT if nowait else 0)
+        except BlockingIOError:
+            got = 0
+        for (position, slot, length, check), target in zip(run, targets, strict=True):
+            got -= length
+            if got >= 0 and xxhash.xxh3_64_intdigest(target) == check:
+                self.hits += 1
+                continue
+            missing.append(position)
+            if got >= 0:  # read whole but wrong: unless the slot was recycled, the file is damaged
+                with self._lock:
+                    if self._index.get(wanted[position][0]) == slot and self._check[slot] == check:
+                        self.damaged += 1
+                        self._forget(slot)
+
+    def _length_of(self, digest: bytes) -> int:
         with self._lock:
             slot = self._index.get(digest)
-            if slot is None:
-                self.misses += 1
-                return -1
-            length, check = self._length[slot], self._check[slot]
-            self._used[slot] = 1
-        if length > len(out):
-            return -1  # the caller wants less than the block: not worth a scratch buffer
-        # Read outside the lock so that two readers' preads overlap. The slot may be recycled
-        # meanwhile; the checksum then fails and the block is read from the store instead.
-        target = out[:length]
-        try:
-            got = os.preadv(self._fd, [target], slot * self.slot_size, _NOWAIT if nowait else 0)
-        except BlockingIOError:
-            return -1
-        if got == length and xxhash.xxh3_64_intdigest(target) == check:
-            self.hits += 1
-            return length
-        with self._lock:
-            if self._index.get(digest) == slot and self._check[slot] == check:
-                self.damaged += 1  # not recycled: the file itself is wrong
-                self._forget(slot)
-        return -1
+            return -1 if slot is None else self._length[slot]
 
     def put(self, digest: bytes, data: bytes | memoryview) -> None:
         """Keep a block whose bytes were verified against ``digest``."""
-        if len(data) > self.slot_size:
-            return  # blocks larger than a slot are not cached
+        self.put_many([(digest, data)])
+
+    def put_many(self, blocks: list[tuple[bytes, bytes | memoryview]]) -> None:
+        """Keep verified blocks, in consecutive slots where the clock allows: one read's blocks,
+        put together, can then be read back together (see ``copy_many``)."""
         with self._lock:
-            if digest in self._index:
-                return
-            slot = self._victim()
-            os.pwrite(self._fd, data, slot * self.slot_size)
-            self._index[digest] = slot
-            self._digest[slot] = digest
-            self._length[slot] = len(data)
-            self._check[slot] = xxhash.xxh3_64_intdigest(data)
-            self._used[slot] = 1
+            for digest, data in blocks:
+                if len(data) > self.slot_size or digest in self._index:
+                    continue  # larger than a slot: not cached
+                slot = self._victim()
+                os.pwrite(self._fd, data, slot * self.slot_size)
+                self._index[digest] = slot
+                self._digest[slot] = digest
+                self._length[slot] = len(data)
+                self._check[slot] = xxhash.xxh3_64_intdigest(data)
+                self._used[slot] = 1
 
     def _victim(self) -> int:
         """The next slot without a recent use (CLOCK), emptied."""
