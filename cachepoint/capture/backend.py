@@ -7,15 +7,12 @@ store locked between captures.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-
-import grpc
 
 from cachepoint.capture.engine import CaptureOptions, CaptureReport, capture
 from cachepoint.errors import NotFound, StoreBusy
@@ -83,6 +80,9 @@ class DaemonCaptures:
     def capture(
         self, layer: str, root: Path, message: str, force: bool = False, progress: ProgressFn | None = None
     ) -> CaptureReport:
+        # Imported here: a local capture does without them, and start-up time counts in every re-capture.
+        import asyncio
+
         from cachepoint.v1 import agent_pb2
 
         request = agent_pb2.CaptureRequest(
@@ -97,6 +97,8 @@ class DaemonCaptures:
         return CaptureReport.from_json(json.loads(response.result_json))
 
     async def _call(self, request: object) -> object:
+        import grpc
+
         from cachepoint.rpc import channel
         from cachepoint.rpc.client import from_rpc_error
         from cachepoint.v1 import agent_pb2_grpc

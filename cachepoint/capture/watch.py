@@ -11,7 +11,6 @@ shutdown), after ``max_captures`` new versions, or after ``run_for`` seconds.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import threading
 import time
@@ -124,6 +123,8 @@ async def watch_in_thread(
 ) -> int:
     """``watch`` on a worker thread, for the daemon: cancelling the task stops the loop and waits for
     the capture in progress to finish (the store must outlive it)."""
+    import asyncio  # only the daemon's watches need it; a command's start-up does without
+
     stop = threading.Event()
     task = asyncio.ensure_future(asyncio.to_thread(watch, root, capture_now, options, stop, on_error, store))
     try:

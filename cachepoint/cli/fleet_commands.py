@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import grpc
 
 from cachepoint.blocks import parse_block_size
 from cachepoint.cli.context import (
@@ -25,7 +24,6 @@ from cachepoint.ids import Ref, validate_layer_name
 from cachepoint.layers.ingest import IngestOptions
 from cachepoint.model import LayerKind
 from cachepoint.progress import progress_bar
-from cachepoint.replication.ratelimit import class_limits
 
 
 @click.command("publish")
@@ -88,6 +86,7 @@ def publish_cmd(
 def pull_cmd(ctx: Context, ref: str, origin: str, wan_rate: str | None, as_json: bool) -> None:
     """Fetch REF's missing blocks (nearest sources first, every block verified) and commit it here."""
     from cachepoint.replication.pull import pull
+    from cachepoint.replication.ratelimit import class_limits
 
     parsed = Ref.parse(ref)
     with ctx.open(writable=True, create=True) as store:
@@ -149,6 +148,7 @@ def serve_cmd(
 
     from cachepoint.capture.watch import parse_watch
     from cachepoint.daemon import Daemon, DaemonSettings
+    from cachepoint.replication.ratelimit import class_limits
 
     s = ctx.settings
     for ref in (*subscribe, *s.subscribe):
@@ -230,6 +230,8 @@ def pin_cmd(ctx: Context, target: str, as_json: bool) -> None:
 
 
 async def _last_progress(store: Path, request: object) -> Any:
+    import grpc
+
     from cachepoint.rpc import channel
     from cachepoint.rpc.client import from_rpc_error
     from cachepoint.status import daemon_address
