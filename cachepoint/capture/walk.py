@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cachepoint.errors import SourceUnreadable
-from cachepoint.layers.source import WHITEOUT_PREFIX
+from cachepoint.layers.source import WHITEOUT_PREFIX, special_kind
 from cachepoint.model import EntryType
 
 TEMP_PREFIX = ".cachepoint-tmp-"
@@ -49,18 +49,6 @@ class Walked(NamedTuple):
 class WalkResult:
     entries: list[Walked] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
-
-
-def _special(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISSOCK, "socket"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISBLK, "block device"),
-        (stat.S_ISFIFO, "fifo"),
-    ):
-        if test(mode):
-            return name
-    return "unsupported file type"
 
 
 @contextlib.contextmanager
@@ -173,7 +161,7 @@ def walk(root: Path, skip: Collection[tuple[int, int]] = ()) -> WalkResult:
                     )
                 )
             else:
-                skipped.append((child_rel, _special(mode)))
+                skipped.append((child_rel, special_kind(mode)))
 
     try:
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)

@@ -39,7 +39,8 @@ class SourceTree:
         return sum(f.size for f in self.files)
 
 
-def _kind_of(mode: int) -> str | None:
+def special_kind(mode: int) -> str:
+    """What a file that is not a regular file, directory or symlink is (skipped, and said so)."""
     for test, name in (
         (stat.S_ISSOCK, "socket"),
         (stat.S_ISCHR, "character device"),
@@ -48,7 +49,7 @@ def _kind_of(mode: int) -> str | None:
     ):
         if test(mode):
             return name
-    return None
+    return "unsupported file type"
 
 
 def scan(path: Path) -> SourceTree:
@@ -113,7 +114,7 @@ def _scan_tree(root: Path) -> SourceTree:
                 )
                 tree.files.append(SourceFile(index, child.path, st.st_size))
             else:
-                tree.skipped.append((child_rel, _kind_of(mode) or "unsupported file type"))
+                tree.skipped.append((child_rel, special_kind(mode)))
 
     walk(str(root), "")
     return tree
