@@ -138,3 +138,16 @@ def test_a_short_last_block_is_served_whole_from_the_cache(store: Store, tmp_pat
         assert bytes(disk.read_sync(3 * BS + 500, 500)) == data[-500:]
     assert disk.zero_runs(0, len(data), 10) == [(len(data), False)]
     cache.close()
+
+
+def test_a_cache_that_cannot_write_costs_only_the_cache(store: Store, tmp_path: Path):
+    data = os.urandom(8 * BS)
+    ref = put_layer(store, tmp_path, "os/base", data)
+    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, slot_size=BS)
+    os.close(cache._fd)  # as if the disk under the cache were full or gone: every write fails
+    cache._fd = os.open(tmp_path / "cache", os.O_RDONLY)
+    disk = open_disk(store, [ref], decoded=cache)
+    for _ in range(2):
+        assert bytes(disk.read_sync(0, len(data))) == data
+    assert cache.failed_writes >= 1 and cache.hits == 0
+    cache.close()

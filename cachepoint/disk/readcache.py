@@ -16,6 +16,7 @@ empty each time a daemon starts; it holds nothing the store does not.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -24,6 +25,7 @@ import xxhash
 
 from cachepoint.blocks import DEFAULT_BLOCK_SIZE
 
+log = logging.getLogger(__name__)
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux: fail with EAGAIN instead of waiting for the disk
 
 
@@ -48,6 +50,7 @@ class DecodedCache:
         self.hits = 0
         self.misses = 0
         self.damaged = 0
+        self.failed_writes = 0
 
     def copy_into(self, digest: bytes, out: memoryview, nowait: bool = False) -> int:
         """Copy one block into the start of ``out`` and return its length; -1 when not cached."""
@@ -100,7 +103,7 @@ class DecodedCache:
         targets = [wanted[position][1][:length] for position, _, length, _ in run]
         try:
             got = os.preadv(self._fd, targets, run[0][1] * self.slot_size, _NOWAIT if nowait else 0)
-        except BlockingIOError:
+        except OSError:  # not in the page cache (nowait), or unreadable: the store answers instead
             got = 0
         for (position, slot, length, check), target in zip(run, targets, strict=True):
             got -= length
@@ -131,7 +134,13 @@ class DecodedCache:
                 if len(data) > self.slot_size or digest in self._index:
                     continue  # larger than a slot: not cached
                 slot = self._victim()
-                os.pwrite(self._fd, data, slot * self.slot_size)
+                try:
+                    os.pwrite(self._fd, data, slot * self.slot_size)
+                except OSError as err:  # a full disk must cost the cache, never the read
+                    self.failed_writes += 1
+                    if self.failed_writes == 1:
+                        log.warning("read cache %s: cannot write (%s); blocks are not kept", self.path, err)
+                    return
                 self._index[digest] = slot
                 self._digest[slot] = digest
                 self._length[slot] = len(data)
