@@ -10,6 +10,7 @@ import click
 import grpc
 
 from cachepoint import __version__
+from cachepoint.config import parse_duration
 from cachepoint.console import emit_json, handles_errors, json_option, when
 from cachepoint.errors import InvalidInput
 from cachepoint.rpc import channel
@@ -57,7 +58,9 @@ def serve_cmd(
         rest = f"127.0.0.1:{rest}"  # loopback unless a host is named: REST has no authentication
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(serve(data, listen or settings.listen, http=rest, retention=settings.retention_rules))
+    gc_every = parse_duration(settings.gc_every)
+    rules = settings.retention_rules
+    asyncio.run(serve(data, listen or settings.listen, http=rest, retention=rules, gc_every=gc_every))
 
 
 async def _list_nodes(address: str) -> fleet_pb2.ListNodesResponse:

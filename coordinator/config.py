@@ -3,6 +3,7 @@
 data = "/srv/cachepoint/coordinator"   # the embedded store
 listen = "0.0.0.0:7400"
 http = "127.0.0.1:7480"                # REST for history, holds and audit (empty: none)
+gc_every = "1d"                        # retention GC on a schedule (default "0": only `history gc`)
 
 [retention.user]                       # see coordinator/history/retention.py
 keep_last = 10
@@ -28,6 +29,8 @@ class CoordinatorSettings:
     """HOST:PORT of the gRPC server (Catalog, BlockExchange, Fleet, History, health)."""
     http: str = ""
     """HOST:PORT of the REST server for history, holds and audit; empty: none."""
+    gc_every: str = "0"
+    """Run the retention GC this often, e.g. "1d" (0: only when `history gc` asks)."""
     retention: dict[LayerKind, RetentionPolicy] = field(default_factory=dict)
     """Retention policy per layer kind (the ``[retention.KIND]`` tables); a kind without one keeps
     every version."""

@@ -4,6 +4,7 @@ REST server; shutdown reverses it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from coordinator.history.service import History
 
 log = logging.getLogger("coordinator")
 STATE_FILE = "coordinator.json"
+SCHEDULED_GC_ACTOR = "coordinator (gc_every)"
 
 
 async def serve(
@@ -32,6 +34,7 @@ async def serve(
     stop: asyncio.Event | None = None,
     http: str = "",
     retention: Retention | None = None,
+    gc_every: float = 0.0,
 ) -> None:
     store = Store.open(data, writable=True, create=True)
     try:
@@ -55,6 +58,7 @@ async def serve(
         server.add(lambda s: history_pb2_grpc.add_HistoryServicer_to_server(HistoryService(history), s))
         address = await server.start()
         rest: web.AppRunner | None = None
+        scheduled: asyncio.Task[None] | None = None
         try:
             extra: dict[str, object] = {}
             if http:
@@ -66,11 +70,28 @@ async def serve(
                 address, data / STATE_FILE, role="coordinator", catalog_position=events.position, **extra
             )
             log.info("coordinator serving %s on %s", data, address)
+            scheduled = asyncio.create_task(scheduled_gc(history, gc_every)) if gc_every > 0 else None
             await stop.wait()
         finally:
+            if scheduled is not None:
+                scheduled.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await scheduled
             if rest is not None:
                 await rest.cleanup()
             events.close()
             await server.stop()
     finally:
         store.close()
+
+
+async def scheduled_gc(history: History, every: float) -> None:
+    """The retention GC every ``every`` seconds, audited under the actor SCHEDULED_GC_ACTOR. A run
+    that fails is logged and the next one tries again: the coordinator stays up."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            report = await history.collect(SCHEDULED_GC_ACTOR, dry_run=False)
+            log.info("scheduled gc: %d versions deleted", len(report.deleted))
+        except Exception:
+            log.exception("scheduled gc failed; the next one runs in %.0f s", every)

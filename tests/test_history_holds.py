@@ -13,7 +13,7 @@ import grpc
 from cachepoint.ids import pack_ids
 from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc, catalog_pb2, catalog_pb2_grpc
 from coordinator.history.times import iso
-from tests.fleet import BLOCK, Fleet
+from tests.fleet import BLOCK, Fleet, wait_until
 from tests.history import HOME, USER, history, history_json, make_version, sha256_text, wait_delivered
 
 
@@ -111,3 +111,27 @@ def test_a_hold_outlasts_the_policy_and_after_release_gc_deletes_the_versions_an
         ]
         assert deletion_events(address, 2) == refs[:2]
         assert history_json(address, "audit", "verify")["ok"]
+
+
+def test_gc_every_runs_the_retention_gc_on_its_own_and_audits_it(tmp_path):
+    config = tmp_path / "coordinator.toml"
+    config.write_text('gc_every = "1s"\n[retention.user]\nkeep_last = 1\n')
+    home = tmp_path / "home"
+    home.mkdir()
+    with Fleet(tmp_path / "fleet") as fleet:
+        coordinator = fleet.coordinator(extra=["--config", str(config)])
+        address = coordinator.address
+        desk = fleet.cachepoint("desk", address, subscribe=())
+        for n in (1, 2):
+            (home / "notes.txt").write_text(f"version {n}")
+            make_version(desk, home, f"version {n}")
+        wait_delivered(desk)
+
+        def only_the_latest() -> list[str] | None:
+            refs = [v["ref"] for v in history_json(address, "timeline", USER)["versions"]]
+            return refs if refs == [f"{HOME}@2"] else None
+
+        wait_until("the scheduled gc to delete the older version", only_the_latest, 60)
+        records = history_json(address, "audit", "list", "--subject", f"{HOME}@1")["records"]
+        audited = [(r["action"], r["actor"]) for r in records]
+        assert audited == [("retention.delete", "coordinator (gc_every)")]
