@@ -486,6 +486,9 @@ def test_structured_replies_carry_reads_errors_and_block_status_of_base_allocati
         assert (chunk_flags, kind, handle) == (nbd.REPLY_FLAG_DONE, nbd.REPLY_TYPE_OFFSET_DATA, 1)
         assert payload == struct.pack(">Q", 8000) + bytes(192) + b"\x5a" * 4096 + bytes(712)
 
+        send_request(sock, nbd.CMD_READ, 5, 100, 0)  # nothing to carry: a NONE chunk ends the reply
+        assert read_chunk(sock) == (nbd.REPLY_FLAG_DONE, nbd.REPLY_TYPE_NONE, 5, b"")
+
         send_request(sock, nbd.CMD_READ, 2, (1 << 20) - 10, 20)  # past the end: an error chunk
         chunk_flags, kind, handle, payload = read_chunk(sock)
         assert (chunk_flags, kind, handle) == (nbd.REPLY_FLAG_DONE, nbd.REPLY_TYPE_ERROR, 2)

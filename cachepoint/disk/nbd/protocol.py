@@ -245,20 +245,26 @@ def simple_reply(code: int, handle: int) -> bytes:
 
 def data_chunk_header(handle: int, offset: int, length: int) -> bytes:
     """The header of a final OFFSET_DATA chunk carrying ``length`` bytes read at ``offset``."""
-    chunk = CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, handle, 8 + length)
-    return chunk + OFFSET.pack(offset)
+    return final_chunk(REPLY_TYPE_OFFSET_DATA, handle, 8 + length) + OFFSET.pack(offset)
 
 
 def error_chunk(handle: int, code: int, message: str) -> bytes:
     text = message.encode()[:MAX_MESSAGE]
     payload = struct.pack(">IH", code, len(text)) + text
-    return (
-        CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, len(payload)) + payload
-    )
+    return final_chunk(REPLY_TYPE_ERROR, handle, len(payload)) + payload
+
+
+def none_chunk(handle: int) -> bytes:
+    """The reply to a read of 0 bytes: a content chunk must carry at least one."""
+    return final_chunk(REPLY_TYPE_NONE, handle, 0)
 
 
 def block_status_chunk(handle: int, context_id: int, runs: list[tuple[int, int]]) -> bytes:
     """A final BLOCK_STATUS chunk for one context: ``runs`` of (length, status flags)."""
     payload = struct.pack(">I", context_id) + b"".join(DESCRIPTOR.pack(n, flags) for n, flags in runs)
-    head = CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, handle, len(payload))
-    return head + payload
+    return final_chunk(REPLY_TYPE_BLOCK_STATUS, handle, len(payload)) + payload
+
+
+def final_chunk(reply_type: int, handle: int, length: int) -> bytes:
+    """The header of a reply's last chunk, carrying ``length`` bytes of payload."""
+    return CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, reply_type, handle, length)

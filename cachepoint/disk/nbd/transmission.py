@@ -194,9 +194,7 @@ class _Request:
         if not self.chosen.structured:
             return [p.simple_reply(0, self.handle), payload]
         if not self.length:  # a content chunk must carry at least one byte
-            return [
-                p.CHUNK.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_NONE, self.handle, 0)
-            ]
+            return [p.none_chunk(self.handle)]
         return [p.data_chunk_header(self.handle, self.offset, self.length), payload]
 
     def block_status(self) -> Reply:
@@ -208,6 +206,10 @@ class _Request:
         if not self.length:
             return self._error(p.EINVAL, "a block status request needs a length")
         limit = 1 if self.flags & p.CMD_FLAG_REQ_ONE else MAX_STATUS_RUNS
-        runs = self.chosen.device.zero_runs(self.offset, self.length, limit)
+        try:
+            runs = self.chosen.device.zero_runs(self.offset, self.length, limit)
+        except Exception as err:  # answered inline: a device's failure must not end the connection
+            log.error("nbd: block status at %d+%d failed: %s", self.offset, self.length, err)
+            return self._error(p.error_code(err), str(err))
         status = [(n, p.STATE_HOLE | p.STATE_ZERO if zeros else 0) for n, zeros in runs]
         return [p.block_status_chunk(self.handle, p.BASE_ALLOCATION_ID, status)]
