@@ -4,7 +4,9 @@ Part 1, the local store: ingest a gold image, ingest a patched version (only cha
 stored), look at the log and the diff, export and verify, roll back, check integrity, composite an
 image from layers. Part 2, the fleet on loopback: a coordinator and two cachepoints in one site; a
 published image reaches both (the second from its site peer), a changed version moves only its delta,
-and each node tells how many bytes came from peers and how many from the coordinator.
+and each node tells how many bytes came from peers and how many from the coordinator. Part 3, user
+data: a home directory captured on a blade, an application install it labels, and the user's
+history at the coordinator.
 
 Every step runs the real commands as child processes (each command is printed before it runs).
 Ctrl-C stops everything cleanly.
@@ -126,6 +128,11 @@ class Demo:
             [sys.executable, "-m", "cachepoint", *map(str, args)], env=self.env_for(store), check=True
         )
 
+    def coordinator_cli(self, *args: str) -> None:
+        print(f"$ cachepoint-coordinator {' '.join(shlex.quote(a) for a in args)}", flush=True)
+        command = [sys.executable, "-c", "from coordinator.cli import main; main()", *args]
+        subprocess.run(command, env=self.env, check=True)
+
     def check_same(self, exported: Path, source: Path) -> None:
         same = sha256_of(exported) == sha256_of(source)
         print(f"sha256 {exported.name} {'==' if same else '!='} {source.name}", flush=True)
@@ -229,18 +236,34 @@ def fleet_part(demo: Demo, v1: Path, v2: Path) -> None:
     demo.run_on(stores["blade-2"], "export", f"{layer}:production", out)
     demo.check_same(out, v2)
     print("\nfleet:", flush=True)
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from coordinator.cli import main; main()",
-            "fleet",
-            "--coordinator",
-            coordinator,
-        ],
-        env=demo.env,
-        check=True,
-    )
+    demo.coordinator_cli("fleet", "--coordinator", coordinator)
+    user_part(demo, stores["blade-1"], coordinator)
+
+
+def user_part(demo: Demo, blade: Path, coordinator: str) -> None:
+    """Part 3: a user's home directory captured on a blade (through its daemon, which sends each
+    version to the coordinator), an application install the capture notices, and the user's
+    history as the coordinator keeps it."""
+    home = demo.workdir / "alice-home"
+    (home / "Documents").mkdir(parents=True)
+    (home / "Documents" / "plan.txt").write_text("q3 plan, first draft\n")
+    (home / ".config" / "editor").mkdir(parents=True)
+    (home / ".config" / "editor" / "settings.ini").write_text("theme = dark\n")
+    demo.say("part 3: user data. alice's home directory, captured on blade-1 (only changed files are read)")
+    demo.run_on(blade, "capture", home, "--user", "alice", "-m", "first day")
+    demo.say("alice installs an application: the capture sees a new executable and labels the version")
+    app = home / "Apps" / "Editor"
+    app.mkdir(parents=True)
+    (app / "editor").write_bytes(b"\x7fELF" + bytes(60) + b"a program, as far as the capture can tell")
+    (app / "editor.conf").write_text("autosave = on\n")
+    (home / "Documents" / "plan.txt").write_text("q3 plan, second draft\n")
+    demo.run_on(blade, "capture", home, "--user", "alice", "-m", "after installing the editor")
+    deadline = time.monotonic() + 120
+    while demo.status(blade)["outbox_depth"] and time.monotonic() < deadline:
+        time.sleep(0.3)  # the blade's outbox delivers both versions to the coordinator
+    demo.say("the coordinator's timeline of alice: every version from every device, with labels")
+    demo.coordinator_cli("history", "timeline", "alice", "--coordinator", coordinator)
+    demo.coordinator_cli("history", "file", "alice", "Documents/plan.txt", "--coordinator", coordinator)
 
 
 def main() -> None:
