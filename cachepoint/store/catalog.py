@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,10 @@ class PendingCommit:
 class Catalog:
     def __init__(self, db: StoreDB) -> None:
         self._db = db
+        # Commits and tag moves read what is there (the latest number, the tag log's next record)
+        # and then write: in a daemon several run at once (ingest, capture, snapshot, pull), and two
+        # commits to one layer must not both become version N.
+        self.writing = threading.RLock()
 
     # -- layers and versions -------------------------------------------------------------------
 
@@ -167,10 +172,11 @@ class Catalog:
 
     def set_tag(self, ref: Ref | str, tag: str, actor: str) -> VersionInfo:
         validate_tag(tag)
-        info = self.resolve(ref)
-        batch = self._db.batch()
-        self._stage_tag(batch, info.layer, tag, info.number, actor, time.time_ns())
-        self._db.write(batch, sync=True)
+        with self.writing:
+            info = self.resolve(ref)
+            batch = self._db.batch()
+            self._stage_tag(batch, info.layer, tag, info.number, actor, time.time_ns())
+            self._db.write(batch, sync=True)
         return info
 
     # -- commit --------------------------------------------------------------------------------
@@ -201,49 +207,50 @@ class Catalog:
         validate_layer_name(layer)
         for tag in tags:
             validate_tag(tag)
-        existing = self.layer_or_none(layer)
-        now = time.time_ns()
-        number = (existing.latest if existing else 0) + 1
-        digest = manifest_digest(pending.manifest_bytes)
-        if parent is None:
-            parent = existing.latest if existing else 0
-        elif parent and (existing is None or parent > existing.latest):
-            raise RefNotFound(f"{layer}@{parent}", "the parent named for the new version does not exist")
-        info = VersionInfo(
-            layer=layer,
-            number=number,
-            parent=parent,
-            created_ns=created_ns or now,
-            author=author,
-            device=device,
-            message=message,
-            manifest_digest=digest,
-            kind=existing.kind if existing else kind,
-            logical_bytes=manifest.logical_bytes,
-            block_size=manifest.block_size,
-            restored_from=restored_from,
-            labels=labels,
-            changes=changes,
-        )
-        h = self._db.handle
-        batch = self._db.batch()
-        batch.put(digest, encode_block(pending.manifest_bytes), h[fmt.CF_MANIFESTS])
-        for index, packed in pending.prefilter.items():
-            batch.put(fmt.prefilter_key(digest, index), packed, h[fmt.CF_PREFILTER])
-        batch.put(fmt.version_key(layer, number), version_to_bytes(info), h[fmt.CF_VERSIONS])
-        record = {
-            "kind": str(info.kind),
-            "latest": number,
-            "created_ns": existing.created_ns if existing else now,
-        }
-        batch.put(layer.encode(), json.dumps(record).encode(), h[fmt.CF_LAYERS])
-        for tag in dict.fromkeys((LATEST, *tags)):
-            self._stage_tag(batch, layer, tag, number, author, now)
-        if pending.ingest_id is not None:
-            batch.delete(pending.ingest_id, h[fmt.CF_INGESTS])
-        if also is not None:
-            also(batch, info)
-        self._db.write(batch, sync=True)
+        with self.writing:
+            existing = self.layer_or_none(layer)
+            now = time.time_ns()
+            number = (existing.latest if existing else 0) + 1
+            digest = manifest_digest(pending.manifest_bytes)
+            if parent is None:
+                parent = existing.latest if existing else 0
+            elif parent and (existing is None or parent > existing.latest):
+                raise RefNotFound(f"{layer}@{parent}", "the parent named for the new version does not exist")
+            info = VersionInfo(
+                layer=layer,
+                number=number,
+                parent=parent,
+                created_ns=created_ns or now,
+                author=author,
+                device=device,
+                message=message,
+                manifest_digest=digest,
+                kind=existing.kind if existing else kind,
+                logical_bytes=manifest.logical_bytes,
+                block_size=manifest.block_size,
+                restored_from=restored_from,
+                labels=labels,
+                changes=changes,
+            )
+            h = self._db.handle
+            batch = self._db.batch()
+            batch.put(digest, encode_block(pending.manifest_bytes), h[fmt.CF_MANIFESTS])
+            for index, packed in pending.prefilter.items():
+                batch.put(fmt.prefilter_key(digest, index), packed, h[fmt.CF_PREFILTER])
+            batch.put(fmt.version_key(layer, number), version_to_bytes(info), h[fmt.CF_VERSIONS])
+            record = {
+                "kind": str(info.kind),
+                "latest": number,
+                "created_ns": existing.created_ns if existing else now,
+            }
+            batch.put(layer.encode(), json.dumps(record).encode(), h[fmt.CF_LAYERS])
+            for tag in dict.fromkeys((LATEST, *tags)):
+                self._stage_tag(batch, layer, tag, number, author, now)
+            if pending.ingest_id is not None:
+                batch.delete(pending.ingest_id, h[fmt.CF_INGESTS])
+            if also is not None:
+                also(batch, info)
+            self._db.write(batch, sync=True)
         return info
 
     def import_version(
@@ -255,37 +262,39 @@ class Catalog:
         cachepoint holds only the versions it follows); the layer's latest is the highest held."""
         if manifest_digest(pending.manifest_bytes) != info.manifest_digest:
             raise ValueError(f"manifest of {info.ref} does not match its digest")
-        raw = self._db.cf[fmt.CF_VERSIONS].get(fmt.version_key(info.layer, info.number))
-        if raw is not None and version_from_bytes(raw).manifest_digest != info.manifest_digest:
-            # A local version holds this number (made on this device, not yet renumbered): never overwrite it.
-            raise InvalidInput(
-                f"{info.ref} here is a different local version; it is not replaced by the coordinator's"
-            )
-        existing = self.layer_or_none(info.layer)
-        now = time.time_ns()
-        h = self._db.handle
-        batch = self._db.batch()
-        batch.put(info.manifest_digest, encode_block(pending.manifest_bytes), h[fmt.CF_MANIFESTS])
-        for index, packed in pending.prefilter.items():
-            batch.put(fmt.prefilter_key(info.manifest_digest, index), packed, h[fmt.CF_PREFILTER])
-        batch.put(fmt.version_key(info.layer, info.number), version_to_bytes(info), h[fmt.CF_VERSIONS])
-        latest = max(info.number, existing.latest if existing else 0)
-        record = {
-            "kind": str(existing.kind if existing else info.kind),
-            "latest": latest,
-            "created_ns": existing.created_ns if existing else now,
-        }
-        batch.put(info.layer.encode(), json.dumps(record).encode(), h[fmt.CF_LAYERS])
-        names = (*tags, LATEST) if latest == info.number else tags
-        for tag in dict.fromkeys(names):
-            if self.tag_target(info.layer, tag) != info.number:
-                self._stage_tag(batch, info.layer, tag, info.number, info.author, now)
-        if pending.ingest_id is not None:
-            batch.delete(pending.ingest_id, h[fmt.CF_INGESTS])
-        # It came from the coordinator, so it is not for the outbox.
-        pushed = {"number": info.number, "pushed_ns": now}
-        batch.put(fmt.version_key(info.layer, info.number), json.dumps(pushed).encode(), h[fmt.CF_PUSHED])
-        self._db.write(batch, sync=True)
+        with self.writing:
+            raw = self._db.cf[fmt.CF_VERSIONS].get(fmt.version_key(info.layer, info.number))
+            if raw is not None and version_from_bytes(raw).manifest_digest != info.manifest_digest:
+                # A local version holds this number (made on this device, not yet renumbered): never
+                # overwrite it.
+                raise InvalidInput(
+                    f"{info.ref} here is a different local version; it is not replaced by the coordinator's"
+                )
+            existing = self.layer_or_none(info.layer)
+            now = time.time_ns()
+            h = self._db.handle
+            batch = self._db.batch()
+            batch.put(info.manifest_digest, encode_block(pending.manifest_bytes), h[fmt.CF_MANIFESTS])
+            for index, packed in pending.prefilter.items():
+                batch.put(fmt.prefilter_key(info.manifest_digest, index), packed, h[fmt.CF_PREFILTER])
+            batch.put(fmt.version_key(info.layer, info.number), version_to_bytes(info), h[fmt.CF_VERSIONS])
+            latest = max(info.number, existing.latest if existing else 0)
+            record = {
+                "kind": str(existing.kind if existing else info.kind),
+                "latest": latest,
+                "created_ns": existing.created_ns if existing else now,
+            }
+            batch.put(info.layer.encode(), json.dumps(record).encode(), h[fmt.CF_LAYERS])
+            names = (*tags, LATEST) if latest == info.number else tags
+            for tag in dict.fromkeys(names):
+                if self.tag_target(info.layer, tag) != info.number:
+                    self._stage_tag(batch, info.layer, tag, info.number, info.author, now)
+            if pending.ingest_id is not None:
+                batch.delete(pending.ingest_id, h[fmt.CF_INGESTS])
+            # It came from the coordinator, so it is not for the outbox.
+            pushed = {"number": info.number, "pushed_ns": now}
+            batch.put(fmt.version_key(info.layer, info.number), json.dumps(pushed).encode(), h[fmt.CF_PUSHED])
+            self._db.write(batch, sync=True)
         return info
 
     def stage_version_deletion(
