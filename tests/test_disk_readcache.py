@@ -42,16 +42,16 @@ def test_blocks_come_back_as_put_and_the_clock_recycles_the_least_recently_used(
     for block in blocks[:3]:
         cache.put(block_digest(block), block)
     out = bytearray(BS)
-    assert cache.copy_into(block_digest(blocks[0]), memoryview(out)) == BS and out == blocks[0]
+    assert cache.copy_many([(block_digest(blocks[0]), memoryview(out))]) == [] and out == blocks[0]
     cache.put(block_digest(blocks[3]), blocks[3])  # full: a slot not used since the sweep goes
-    present = [cache.copy_into(block_digest(b), memoryview(bytearray(BS))) == BS for b in blocks]
+    present = [not cache.copy_many([(block_digest(b), memoryview(bytearray(BS)))]) for b in blocks]
     assert present.count(True) == 3 and present[3]
     short = os.urandom(100)
     cache.put(block_digest(short), short)  # a disk's short last block
     out = bytearray(BS)
-    assert cache.copy_into(block_digest(short), memoryview(out)) == 100 and out[:100] == short
+    assert cache.copy_many([(block_digest(short), memoryview(out))]) == [] and out[:100] == short
     cache.put(b"x" * 32, os.urandom(2 * BS))  # larger than a slot: not kept
-    assert cache.copy_into(b"x" * 32, memoryview(bytearray(2 * BS))) == -1
+    assert cache.copy_many([(b"x" * 32, memoryview(bytearray(2 * BS)))]) == [0]
     cache.close()
     assert not (tmp_path / "cache").exists()
 
@@ -86,7 +86,7 @@ def test_blocks_are_verified_before_they_enter_the_cache(store: Store, tmp_path:
     for _ in range(2):  # and stays refused: nothing bad was cached
         with pytest.raises(BlockCorrupt):
             disk.read_sync(0, len(data))
-    assert cache.copy_into(digest, memoryview(bytearray(BS))) == -1
+    assert cache.copy_many([(digest, memoryview(bytearray(BS)))]) == [0]
     cache.close()
 
 

@@ -52,13 +52,6 @@ class DecodedCache:
         self.damaged = 0
         self.failed_writes = 0
 
-    def copy_into(self, digest: bytes, out: memoryview, nowait: bool = False) -> int:
-        """Copy one block into the start of ``out`` and return its length; -1 when not cached."""
-        length = self._length_of(digest)
-        if length < 0 or self.copy_many([(digest, out)], nowait):
-            return -1
-        return length
-
     def copy_many(self, wanted: list[tuple[bytes, memoryview]], nowait: bool = False) -> list[int]:
         """Copy each (digest, target) block into the start of its target; returns the positions in
         ``wanted`` that were not copied (not cached, or damaged). ``nowait``: a block whose bytes are
@@ -116,11 +109,6 @@ class DecodedCache:
                     if self._index.get(wanted[position][0]) == slot and self._check[slot] == check:
                         self.damaged += 1
                         self._forget(slot)
-
-    def _length_of(self, digest: bytes) -> int:
-        with self._lock:
-            slot = self._index.get(digest)
-            return -1 if slot is None else self._length[slot]
 
     def put(self, digest: bytes, data: bytes | memoryview) -> None:
         """Keep a block whose bytes were verified against ``digest``."""
