@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
+
 from cachepoint.blocks import is_hole
+from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, version_pb2
 from tests.conftest import REPO, Run, cli_env, run_cli, sha256_file
 
 LAYER = "os/x"
@@ -133,6 +136,20 @@ def publish(admin: Path, coordinator: str, image: Path, *tags: str) -> dict[str,
 def export_digest(store: Path, ref: str, dest: Path) -> str:
     cli_json(store, "export", ref, dest)
     return sha256_file(dest)
+
+
+def coordinator_versions(address: str, layer: str) -> list[version_pb2.VersionInfo]:
+    """The versions of ``layer`` the coordinator lists (none when it does not know the layer)."""
+    with grpc.insecure_channel(address) as ch:
+        try:
+            response = catalog_pb2_grpc.CatalogStub(ch).ListVersions(
+                catalog_pb2.ListVersionsRequest(layer=layer), timeout=10
+            )
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                return []
+            raise
+    return list(response.versions)
 
 
 def fleet_nodes(coordinator: str) -> dict[str, dict[str, Any]]:

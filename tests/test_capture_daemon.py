@@ -10,27 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
-
-from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, version_pb2
+from cachepoint.v1 import version_pb2
 from tests.conftest import REPO, cli_env, run_cli
-from tests.fleet import Fleet, cachepoint_cli, wait_until
+from tests.fleet import Fleet, cachepoint_cli, coordinator_versions, wait_until
 
 ELF = b"\x7fELF\x02\x01\x01\x00" + bytes(24)
 WATCH_TIMEOUT = 60.0  # a bound for the watch to notice a change: it looks every 0.1-0.2 s
-
-
-def coordinator_versions(address: str, layer: str) -> list[version_pb2.VersionInfo]:
-    with grpc.insecure_channel(address) as ch:
-        try:
-            response = catalog_pb2_grpc.CatalogStub(ch).ListVersions(
-                catalog_pb2.ListVersionsRequest(layer=layer), timeout=10
-            )
-        except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-                return []
-            raise
-    return list(response.versions)
 
 
 def local_versions(store: Path, layer: str) -> list[dict]:

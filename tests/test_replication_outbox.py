@@ -11,21 +11,13 @@ import grpc
 
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, version_pb2
 from tests.fleet import Fleet, Node, cachepoint_cli, free_port, wait_until
+from tests.fleet import coordinator_versions as fleet_versions
 
 HOME = "user/alice/home"
 
 
 def coordinator_versions(address: str, layer: str = HOME) -> list[version_pb2.VersionInfo]:
-    with grpc.insecure_channel(address) as ch:
-        try:
-            response = catalog_pb2_grpc.CatalogStub(ch).ListVersions(
-                catalog_pb2.ListVersionsRequest(layer=layer), timeout=10
-            )
-        except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-                return []
-            raise
-    return list(response.versions)
+    return fleet_versions(address, layer)
 
 
 def write_home(root: Path, files: dict[str, str]) -> Path:
