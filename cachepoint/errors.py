@@ -34,7 +34,8 @@ class CachepointError(Exception):
 
     def __str__(self) -> str:
         doc = type(self).__doc__ or "{}"
-        return doc.strip().format(*self.args)
+        # A docstring may wrap over lines: its whitespace folds to single spaces (the arguments keep theirs).
+        return " ".join(doc.split()).format(*self.args)
 
 
 class InvalidInput(CachepointError):
@@ -149,3 +150,22 @@ class PullIncomplete(CachepointError):
     """pull of {} stopped with {} blocks still missing: {}"""
 
     exit_code = EXIT_UNREACHABLE
+
+
+class StoreDamaged(CachepointError):
+    """store {} is damaged: {} (run `cachepoint repair` to salvage it; read-only commands still work)"""
+
+    exit_code = EXIT_CORRUPT
+
+
+class CatalogUnreadable(CachepointError):
+    """{} refused: it could not prove it read the whole catalog of {}: {} (nothing was deleted; run
+    `cachepoint fsck`, then `cachepoint repair`)"""
+
+    exit_code = EXIT_CORRUPT
+
+
+class RecordsUnreadable(CachepointError):
+    """the {} records of store {} cannot be read: {}"""
+
+    exit_code = EXIT_CORRUPT

@@ -11,6 +11,7 @@ The group and `main` are here; the commands are in one module per area:
     fleet_commands.py    publish, pull, serve, status, pin: other nodes and the daemon
     disk_commands.py     attach, detach, snapshot, rebase, restore: composite disks
     capture_commands.py  capture, watch, restore-dir: file-level capture
+    repair_command.py    repair: salvage a damaged store
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from cachepoint.cli import (
     fleet_commands,
     image_commands,
     inspect_commands,
+    repair_command,
     store_commands,
 )
 from cachepoint.cli.context import Context
@@ -66,6 +68,7 @@ for _module in (
     disk_commands,
     image_commands,
     capture_commands,
+    repair_command,
 ):
     for _command in _module.COMMANDS:
         cli.add_command(_command)

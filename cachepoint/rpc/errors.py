@@ -9,6 +9,8 @@
 | NotAnOrigin (pushing to a node that does not take pushes) | PERMISSION_DENIED |
 | OutOfSpace | RESOURCE_EXHAUSTED |
 | BlockCorrupt, BlockUnreadable, IntegrityFailure (e.g. an unreadable audit record) | DATA_LOSS |
+| CatalogUnreadable (a GC that cannot prove it read the catalog), RecordsUnreadable, StoreDamaged |
+DATA_LOSS |
 | StoreBusy | UNAVAILABLE |
 | anything else | INTERNAL (logged with its traceback) |
 """
@@ -28,11 +30,14 @@ from cachepoint.errors import (
     BlockCorrupt,
     BlockUnreadable,
     CachepointError,
+    CatalogUnreadable,
     IntegrityFailure,
     InvalidInput,
     NotFound,
     OutOfSpace,
+    RecordsUnreadable,
     StoreBusy,
+    StoreDamaged,
 )
 
 log = logging.getLogger("cachepoint.rpc")
@@ -57,6 +62,9 @@ STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (BlockCorrupt, grpc.StatusCode.DATA_LOSS),
     (BlockUnreadable, grpc.StatusCode.DATA_LOSS),
     (IntegrityFailure, grpc.StatusCode.DATA_LOSS),
+    (CatalogUnreadable, grpc.StatusCode.DATA_LOSS),
+    (RecordsUnreadable, grpc.StatusCode.DATA_LOSS),
+    (StoreDamaged, grpc.StatusCode.DATA_LOSS),
     (StoreBusy, grpc.StatusCode.UNAVAILABLE),
 ]
 

@@ -1,8 +1,10 @@
-"""Opening the store's RocksDB database: creation, locking, format checks, write modes."""
+"""Opening the store's RocksDB database: creation, locking, format checks, write modes, the
+catalog journal beside it, and reads that never mistake a read error for the end of the data."""
 
 from __future__ import annotations
 
 import errno
+import logging
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +15,19 @@ from cachepoint.errors import (
     CachepointError,
     IncompatibleFormat,
     OutOfSpace,
+    RecordsUnreadable,
     StoreBusy,
+    StoreDamaged,
     StoreMissing,
 )
 from cachepoint.store import format as fmt
+from cachepoint.store import journal as jr
+
+log = logging.getLogger(__name__)
+
+# In salvage mode RocksDB opens each SST file when a read first needs it, instead of all of them at
+# open (where one damaged footer fails the whole open), and does not stop at the first damage.
+SALVAGE_MAX_OPEN_FILES = 256
 
 
 def _options(for_blocks: bool = False) -> rocksdict.Options:
@@ -40,6 +51,11 @@ def _options(for_blocks: bool = False) -> rocksdict.Options:
     return options
 
 
+def is_corruption(err: BaseException) -> bool:
+    text = str(err)
+    return any(sign in text for sign in ("Corruption", "checksum mismatch", "IO error", "Bad table magic"))
+
+
 def is_no_space(err: BaseException) -> bool:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
@@ -47,37 +63,107 @@ def is_no_space(err: BaseException) -> bool:
     return "No space left" in text or "ENOSPC" in text or "Disk quota exceeded" in text
 
 
+class Batch:
+    """A write batch that also remembers its writes to journaled families (format.JOURNALED_FAMILIES),
+    so that ``StoreDB.write`` can append them to the catalog journal."""
+
+    def __init__(self, db: StoreDB) -> None:
+        self.inner = rocksdict.WriteBatch(raw_mode=True)
+        self._names = db.handle_names
+        self.journal_ops: list[jr.Op] = []
+
+    def _journaled(self, handle: rocksdict.ColumnFamily, key: bytes) -> str | None:
+        family = self._names.get(id(handle))
+        if family not in fmt.JOURNALED_FAMILIES:
+            return None
+        if family == fmt.CF_META and key in fmt.UNJOURNALED_META:
+            return None
+        return family
+
+    def put(self, key: bytes, value: bytes, handle: rocksdict.ColumnFamily) -> None:
+        self.inner.put(key, value, handle)
+        family = self._journaled(handle, key)
+        if family is not None:
+            self.journal_ops.append((jr.OP_PUT, family, bytes(key), bytes(value)))
+
+    def delete(self, key: bytes, handle: rocksdict.ColumnFamily) -> None:
+        self.inner.delete(key, handle)
+        family = self._journaled(handle, key)
+        if family is not None:
+            self.journal_ops.append((jr.OP_DELETE, family, bytes(key), None))
+
+    def __len__(self) -> int:
+        return self.inner.len()
+
+
 class StoreDB:
     """One open RocksDB database with the store's column families.
 
     ``writable=False`` opens it read-only without taking RocksDB's lock, so read commands work
-    while a daemon or another command writes; they see what was committed when they opened.
+    while a daemon or another command writes; they see what was committed when they opened. A
+    read-only open of a database RocksDB finds damaged retries in salvage mode (``salvaged`` then
+    says why): what is readable reads, what is not raises. ``salvage=True`` asks for that mode
+    directly (repair). A writable open of a damaged database raises StoreDamaged.
     """
 
-    def __init__(self, root: Path, writable: bool, create: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        writable: bool,
+        create: bool = False,
+        *,
+        salvage: bool = False,
+        attach_journal: bool = True,
+        check_format: bool = True,
+    ) -> None:
         self.root = Path(root)
         self.path = self.root / "db"
         self.writable = writable
+        self.salvaged = ""
+        self.journal: jr.Journal | None = None
         exists = (self.path / "CURRENT").exists()
         if not exists and not (writable and create):
             raise StoreMissing(self.root)
         if writable:
             self.root.mkdir(parents=True, exist_ok=True)
-        self.db, families = self._open(exists)
+        try:
+            self.db, families = self._open(exists, salvage)
+            if salvage:
+                self.salvaged = "opened in salvage mode"
+        except StoreDamaged as err:
+            if writable or salvage:
+                raise
+            self.db, families = self._open(exists, salvage=True)
+            self.salvaged = str(err.args[1])
+            log.warning("store %s opened in salvage mode: %s", self.root, self.salvaged)
         self.cf = {name: self.db.get_column_family(name) for name in families}
         self.handle = {name: self.db.get_column_family_handle(name) for name in families}
+        self.handle_names = {id(handle): name for name, handle in self.handle.items()}
         if exists:
-            self._check_format()
+            if check_format:
+                self._check_format()
         else:
             self._initialise()
+        if writable and not salvage and attach_journal:
+            self._open_journal()
 
-    def _open(self, exists: bool) -> tuple[rocksdict.Rdict, list[str]]:
+    def _open(self, exists: bool, salvage: bool = False) -> tuple[rocksdict.Rdict, list[str]]:
         options = _options()
+        if salvage:
+            options.set_paranoid_checks(False)
+            options.set_max_open_files(SALVAGE_MAX_OPEN_FILES)
+            # A compaction would read damaged files and fail, or carry damage on into new files.
+            options.set_disable_auto_compactions(True)
         names = list(fmt.COLUMN_FAMILIES)
-        if exists and not self.writable:
+        if exists and (not self.writable or salvage):
             # A read-only open cannot create families: open those present (an older store may lack
             # some, which then read as empty; a foreign layout fails the format check).
-            present = set(rocksdict.Rdict.list_cf(str(self.path), rocksdict.Options(raw_mode=True)))
+            try:
+                present = set(rocksdict.Rdict.list_cf(str(self.path), rocksdict.Options(raw_mode=True)))
+            except Exception as err:
+                if is_corruption(err):
+                    raise StoreDamaged(self.root, str(err)) from err
+                raise CachepointError(f"cannot open store {self.root}: {err}") from err
             names = [name for name in names if name in present]
         families = {name: _options(name == fmt.CF_BLOCKS) for name in names}
         try:
@@ -100,6 +186,8 @@ class StoreDB:
                 raise OutOfSpace(self.root, text) from err
             if "Column family not found" in text or "Invalid argument" in text:
                 raise IncompatibleFormat(self.root, "unknown", sorted(fmt.SUPPORTED_VERSIONS), text) from err
+            if is_corruption(err):
+                raise StoreDamaged(self.root, text) from err
             raise CachepointError(f"cannot open store {self.root}: {text}") from err
 
     def _check_format(self) -> None:
@@ -107,7 +195,14 @@ class StoreDB:
             raise IncompatibleFormat(
                 self.root, "unknown", sorted(fmt.SUPPORTED_VERSIONS), "not a cachepoint store"
             )
-        raw = self.cf[fmt.CF_META].get(fmt.META_FORMAT_VERSION)
+        try:
+            raw = self.get(fmt.CF_META, fmt.META_FORMAT_VERSION)
+        except RecordsUnreadable:
+            if self.salvaged:
+                return  # salvage reads what it can; the format record is one more damaged record
+            raise
+        if raw is None and self.salvaged:
+            return
         if raw is None:
             raise IncompatibleFormat(self.root, "unknown", sorted(fmt.SUPPORTED_VERSIONS), "no format record")
         version = fmt.read_u32(raw)
@@ -124,12 +219,109 @@ class StoreDB:
         batch.put(fmt.META_PREFILTER_SEED, fmt.u64(secrets.randbits(64)), meta)
         self.write(batch, sync=True)
 
+    def writer_active(self) -> bool:
+        """Whether some process holds the database open for writing (RocksDB's lock on db/LOCK).
+
+        Read from /proc/locks: opening and closing LOCK here to test it would drop every POSIX lock
+        this process holds on it, RocksDB's own included."""
+        try:
+            stat = (self.path / "LOCK").stat()
+            with open("/proc/locks") as locks:
+                lines = locks.read().splitlines()
+        except OSError:
+            return True  # cannot tell: assume a writer, the cautious answer for a reader
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 5 and fields[5].count(":") == 2:
+                if int(fields[5].rsplit(":", 1)[1]) == stat.st_ino:
+                    return True
+        return False
+
+    # -- the catalog journal -------------------------------------------------------------------
+
+    def journal_seq(self) -> int:
+        raw = self.get(fmt.CF_META, fmt.META_JOURNAL_SEQ)
+        return fmt.read_u64(raw) if raw else 0
+
+    def _open_journal(self) -> None:
+        """Open the journal for appending and bring the database up to it (records it has that the
+        database lacks: a crash between the two writes, or a WAL tail RocksDB dropped)."""
+        store_id = self.meta(fmt.META_STORE_ID) or b""
+        journal = jr.Journal(self.root, store_id)
+        db_seq = self.journal_seq()
+        if not journal.path.exists():
+            # A store older than the journal, or one whose journal was removed: start it from what the
+            # database holds now (every record read with checks; a damaged catalog cannot be copied).
+            journal.checkpoint(self.journaled_state(), db_seq)
+            self.journal = journal
+            return
+        try:
+            tail = jr.read_tail(journal.path, store_id, after_seq=db_seq)
+        except jr.JournalError as err:
+            raise StoreDamaged(self.root, str(err)) from err
+        journal.open(max(tail.last_seq, db_seq), tail.torn_at)
+        self.journal = journal
+        for seq, ops in tail.records:
+            batch = Batch(self)
+            for code, family, key, value in ops:
+                if family not in self.handle:
+                    continue
+                if code == jr.OP_PUT:
+                    assert value is not None
+                    batch.inner.put(key, value, self.handle[family])
+                else:
+                    batch.inner.delete(key, self.handle[family])
+            batch.inner.put(fmt.META_JOURNAL_SEQ, fmt.u64(seq), self.handle[fmt.CF_META])
+            self._write_inner(batch.inner, sync=True, wal=True)
+            log.warning("store %s: applied journal record %d that the database lacked", self.root, seq)
+
+    def checkpoint_journal(self) -> None:
+        """Rewrite the journal as one snapshot of the journaled families (after deletions that must not
+        linger in it, and after repair)."""
+        if self.journal is None:
+            return
+        with self.journal.lock:
+            self.journal.checkpoint(self.journaled_state(), self.journal_seq())
+
+    def journaled_state(self) -> dict[str, dict[bytes, bytes]]:
+        """Every journaled family as the database holds it (checked reads: raises when it cannot)."""
+        state: dict[str, dict[bytes, bytes]] = {}
+        for family in sorted(fmt.JOURNALED_FAMILIES):
+            records = dict(self.scan(family))
+            if family == fmt.CF_META:
+                for key in fmt.UNJOURNALED_META:
+                    records.pop(key, None)
+            state[family] = records
+        return state
+
     # -- writing -------------------------------------------------------------------------------
 
-    def batch(self) -> rocksdict.WriteBatch:
-        return rocksdict.WriteBatch(raw_mode=True)
+    def batch(self) -> Batch:
+        return Batch(self)
 
-    def write(self, batch: rocksdict.WriteBatch, *, sync: bool = False, wal: bool = True) -> None:
+    def write(self, batch: Batch, *, sync: bool = False, wal: bool = True) -> None:
+        """Apply a batch. One that touches journaled families is appended to the journal first and
+        then written synced with the WAL, carrying its journal seq; if the database write fails the
+        journal record is taken back."""
+        if not batch.journal_ops or self.journal is None:
+            self._write_inner(batch.inner, sync=sync, wal=wal)
+            return
+        journal = self.journal
+        with journal.lock:
+            try:
+                seq, size_before = journal.append(batch.journal_ops)
+            except OSError as err:
+                if is_no_space(err):
+                    raise OutOfSpace(self.root, f"catalog journal: {err}") from err
+                raise
+            batch.inner.put(fmt.META_JOURNAL_SEQ, fmt.u64(seq), self.handle[fmt.CF_META])
+            try:
+                self._write_inner(batch.inner, sync=True, wal=True)
+            except BaseException:
+                journal.undo(seq, size_before)
+                raise
+
+    def _write_inner(self, batch: rocksdict.WriteBatch, *, sync: bool, wal: bool) -> None:
         options = rocksdict.WriteOptions()
         options.sync = sync
         options.disable_wal = not wal
@@ -151,26 +343,86 @@ class StoreDB:
 
     # -- reading -------------------------------------------------------------------------------
 
+    # rocksdict's items() and keys() end quietly when RocksDB hits damage: the iterator just stops.
+    # Each scan therefore checks, once it has seen the last record, that the end it reached is the
+    # real end: a fresh iterator placed on the last key read must step past it without an error.
+    # That costs one seek per scan, where iterating with status checks costs 50% more per record.
+
     def scan(self, family: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """Records of a family in key order; raises RecordsUnreadable when RocksDB cannot read them
+        all (never a silently shorter answer)."""
         if family not in self.cf:  # a family this (older, read-only) store does not have yet
             return
-        for key, value in self.cf[family].items(from_key=prefix):
-            if not key.startswith(prefix):
-                break
-            yield key, value
+        last: bytes | None = None
+        try:
+            for key, value in self.cf[family].items(from_key=prefix):
+                if not key.startswith(prefix):
+                    return
+                last = key
+                yield key, value
+        except RecordsUnreadable:
+            raise
+        except Exception as err:
+            raise RecordsUnreadable(family, self.root, err) from err
+        self._check_end(family, prefix, last)
 
     def scan_keys(self, family: str, prefix: bytes = b"") -> Iterator[bytes]:
         if family not in self.cf:
             return
-        for key in self.cf[family].keys(from_key=prefix):
-            if not key.startswith(prefix):
-                break
-            yield key
+        last: bytes | None = None
+        try:
+            for key in self.cf[family].keys(from_key=prefix):
+                if not key.startswith(prefix):
+                    return
+                last = key
+                yield key
+        except Exception as err:
+            raise RecordsUnreadable(family, self.root, err) from err
+        self._check_end(family, prefix, last)
+
+    def last_key(self, family: str) -> bytes | None:
+        """The greatest key of a family (checked like a scan)."""
+        if family not in self.cf:
+            return None
+        iterator = self.cf[family].iter()
+        iterator.seek_to_last()
+        key = iterator.key() if iterator.valid() else None
+        try:
+            iterator.status()
+        except Exception as err:
+            raise RecordsUnreadable(family, self.root, err) from err
+        return key
+
+    def _check_end(self, family: str, prefix: bytes, last: bytes | None) -> None:
+        iterator = self.cf[family].iter()
+        iterator.seek(prefix if last is None else last)
+        if last is not None and iterator.valid() and iterator.key() == last:
+            iterator.next()
+        try:
+            iterator.status()
+        except Exception as err:
+            raise RecordsUnreadable(family, self.root, err) from err
+        if iterator.valid() and iterator.key().startswith(prefix):
+            raise RecordsUnreadable(
+                family, self.root, f"the scan stopped early at {iterator.key()[:40]!r}"
+            )
+
+    def get(self, family: str, key: bytes) -> bytes | None:
+        """One record, or None when absent; raises RecordsUnreadable when RocksDB cannot read it."""
+        if family not in self.cf:
+            return None
+        try:
+            return self.cf[family].get(key)
+        except Exception as err:
+            raise RecordsUnreadable(family, self.root, err) from err
 
     def meta(self, key: bytes) -> bytes | None:
-        return self.cf[fmt.CF_META].get(key)
+        return self.get(fmt.CF_META, key)
 
     def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
         # Every column-family object keeps the database and its LOCK alive: drop them first.
         self.cf.clear()
         self.handle.clear()

@@ -6,6 +6,8 @@ A store is a directory holding ``db/``, one RocksDB database opened through rock
 Column families, key layout and values (sizes in bytes):
 
 ``meta``       b"format_version" -> u32 BE             (FORMAT_VERSION of the writer)
+               b"journal_seq"    -> u64 BE             (seq of the last catalog-journal record this
+                                                        database applied; see cachepoint/store/journal.py)
                b"store_id"       -> 16 random bytes    (names this store in logs and peers)
                b"prefilter_seed" -> u64 BE             (per-store secret seed of the xxh3 pre-filter)
 ``blocks``     digest[32]        -> codec[1] payload   (codec 0 raw, 1 zstd; see cachepoint/blocks.py)
@@ -108,6 +110,31 @@ COLUMN_FAMILIES = (
 META_FORMAT_VERSION = b"format_version"
 META_STORE_ID = b"store_id"
 META_PREFILTER_SEED = b"prefilter_seed"
+META_JOURNAL_SEQ = b"journal_seq"
+
+# Families whose every write is also appended to the catalog journal (cachepoint/store/journal.py),
+# so that repair can rebuild them. The others are bulk data (blocks: verified by their ids and
+# re-fetchable), derived state (prefilter, file_classes, capture_index: rebuildable), transient
+# records (ingests) or an attached disk's map since its last snapshot (working: written at every
+# FLUSH, so journaling it would double the cost of a guest's fsync; a snapshot bounds what it holds).
+JOURNALED_FAMILIES = frozenset(
+    {
+        CF_META,
+        CF_MANIFESTS,
+        CF_LAYERS,
+        CF_VERSIONS,
+        CF_TAGS,
+        CF_TAG_LOG,
+        CF_IMAGES,
+        CF_EVENTS,
+        CF_COMMIT_IDS,
+        CF_PUSHED,
+        CF_AUDIT,
+        CF_HOLDS,
+    }
+)
+# Meta keys that are the database's own bookkeeping, not catalog content.
+UNJOURNALED_META = frozenset({META_JOURNAL_SEQ})
 
 SEP = b"\x00"
 PREFILTER_DIGEST_SIZE = 16

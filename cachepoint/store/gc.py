@@ -1,5 +1,9 @@
 """Mark-and-sweep garbage collection of blocks no version references.
 
+Proof first: the mark is built from a census of the catalog (cachepoint/store/census.py), and GC
+refuses (CatalogUnreadable, exit 8, naming what it could not read) unless that census is complete. A
+read error must never look like "no version references this block".
+
 Mark: every block of every version's manifest, plus the blocks pinned by ingests running in this
 process. Sweep: candidates are re-checked against the pins and deleted under the store's lock, the
 same lock an ingest takes to pin a block before it asks whether the block exists; so a block an
@@ -11,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cachepoint.store import census
 from cachepoint.store import format as fmt
 from cachepoint.store.store import Store
 
@@ -35,15 +40,14 @@ class GcResult:
         }
 
 
-def referenced_blocks(store: Store) -> tuple[set[bytes], set[bytes]]:
+def referenced_blocks(store: Store, action: str = "gc") -> tuple[set[bytes], set[bytes]]:
     """(block ids, manifest digests) referenced by any version or by an attached disk's working map
-    (a disk's writes since its last snapshot, kept whether or not the disk is attached now)."""
-    manifests = {info.manifest_digest for info in store.catalog.all_versions()}
-    blocks: set[bytes] = set()
-    for digest in manifests:
-        blocks |= store.catalog.manifest(digest).block_ids()
-    blocks |= store.working_block_ids()
-    return blocks, manifests
+    (a disk's writes since its last snapshot, kept whether or not the disk is attached now). Raises
+    CatalogUnreadable unless every record they come from was read."""
+    found = census.take(store)
+    found.require_complete(action, store.root)
+    blocks = found.referenced_blocks() | store.working_block_ids()
+    return blocks, set(found.manifests)
 
 
 def collect(store: Store, before_sweep: Callable[[], None] | None = None) -> GcResult:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cachepoint.model import VersionInfo
+from cachepoint.store import census
 from cachepoint.store import format as fmt
 from cachepoint.store.gc import collect
 from cachepoint.store.store import Store
@@ -91,7 +92,11 @@ class CoordinatorGc:
         self.retention = retention
 
     def run(self, actor: str, dry_run: bool) -> GcReport:
-        """Call with the catalog write lock held (see the module docstring); announce the events after."""
+        """Call with the catalog write lock held (see the module docstring); announce the events after.
+
+        Refuses (CatalogUnreadable) unless every catalog record was read: a layer, hold or version
+        that reads as absent would be a deletion nobody decided."""
+        census.take(self.store).require_complete("history gc", self.store.root)
         planned = plan(self.store, self.retention, self.holds.held_users(), time.time_ns())
         deleted = tuple(info.ref for info in planned.delete)
         held = tuple(info.ref for info in planned.held)
@@ -104,6 +109,9 @@ class CoordinatorGc:
                 info, actor, manifest_users, commit_ids.get(fmt.version_key(info.layer, info.number), [])
             )
         swept = collect(self.store)
+        if deleted:
+            # The journal would otherwise keep the deleted versions' file lists: retention must forget.
+            self.store.db.checkpoint_journal()
         details = {
             "versions_deleted": len(deleted),
             "blocks_removed": swept.blocks_removed,
