@@ -15,6 +15,7 @@ from cachepoint.console import emit_json, handles_errors, json_option, when
 from cachepoint.errors import InvalidInput
 from cachepoint.rpc import channel
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
+from cachepoint.store.store import Store
 from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc
 from coordinator.history.cli import coordinator_option, history_group
 
@@ -103,6 +104,34 @@ def fleet_cmd(address: str, as_json: bool) -> None:
             f"{n['node_id']:<20} {n['site']:<10} {n['address']:<22} {n['last_seen']} {state:<5} "
             f"{' '.join(n['versions'])}"
         )
+
+
+@cli.command("repair")
+@click.option(
+    "--data", "data", type=click.Path(path_type=Path), required=True, help="The coordinator's data directory."
+)
+@json_option
+@handles_errors
+def repair_cmd(data: Path, as_json: bool) -> None:
+    """Salvage damaged coordinator data (run it with the coordinator stopped): the database rebuilt
+    from its readable files, the catalog, holds and audit log from the catalog journal; then the audit
+    chain is verified. Lists what was recovered and what was lost (exit 8 when anything was lost)."""
+    from cachepoint.cli.repair_command import print_report
+    from cachepoint.errors import EXIT_CORRUPT
+    from cachepoint.store.repair import repair
+    from coordinator.history.audit import AuditLog
+
+    report = repair(data)
+    with Store.open(data) as store:
+        verdict = AuditLog(store.db).verify()
+    if as_json:
+        emit_json({**report.as_json(), "audit": verdict.as_json()})
+    else:
+        print_report(report)
+        state = "verifies" if verdict.ok else f"is broken at record {verdict.first_broken}: {verdict.problem}"
+        click.echo(f"  audit log: {verdict.records} records, the chain {state}")
+    if not report.ok or not verdict.ok:
+        raise SystemExit(EXIT_CORRUPT)
 
 
 cli.add_command(history_group)

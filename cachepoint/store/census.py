@@ -23,18 +23,9 @@ from cachepoint.store.db import StoreDB
 from cachepoint.store.store import Store
 from cachepoint.wire import manifest_digest, manifest_from_bytes, version_from_bytes
 
-# Families whose loss would make a GC delete what it must keep, or lose history.
-CATALOG_FAMILIES = (
-    fmt.CF_LAYERS,
-    fmt.CF_VERSIONS,
-    fmt.CF_TAGS,
-    fmt.CF_MANIFESTS,
-    fmt.CF_TAG_LOG,
-    fmt.CF_IMAGES,
-    fmt.CF_WORKING,
-    fmt.CF_HOLDS,
-    fmt.CF_AUDIT,
-)
+# Every family whose loss would make a GC delete what it must keep or lose history: the journaled
+# ones, and the working maps of attached disks (blocks GC must keep).
+CATALOG_FAMILIES = (*sorted(fmt.JOURNALED_FAMILIES), fmt.CF_WORKING)
 
 
 @dataclass(frozen=True, slots=True)

@@ -263,10 +263,12 @@ def _merge_catalog(store: Store, report: RepairReport) -> None:
     db = store.db
     path = store.root / jr.FILE_NAME
     state = jr.read_state(path) if path.exists() else jr.JournalState()
+    # Damage to the journal alone loses nothing while the database holds the same records; it is
+    # named, and the journal is rewritten at the end.
     for damage in state.damage:
-        report.lost_records.append(f"journal {damage}")
+        report.damage.append(f"journal: {damage}")
     for first, last in state.gaps:
-        report.lost_records.append(f"journal records {first}..{last} are missing")
+        report.damage.append(f"journal: records {first}..{last} are missing")
     db_seq = db.journal_seq()
     journal_newer = state.last_seq >= db_seq
     batch = db.batch()
