@@ -11,6 +11,7 @@ The group and `main` are here; the commands are in one module per area:
     fleet_commands.py    publish, pull, serve, status, pin: other nodes and the daemon
     disk_commands.py     attach, detach, snapshot, rebase, restore: composite disks
     capture_commands.py  capture, watch, restore-dir: file-level capture
+    scrub_commands.py    scrub: verify every stored block, heal bad ones from the fleet
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from cachepoint.cli import (
     fleet_commands,
     image_commands,
     inspect_commands,
+    scrub_commands,
     store_commands,
 )
 from cachepoint.cli.context import Context
@@ -66,6 +68,7 @@ for _module in (
     disk_commands,
     image_commands,
     capture_commands,
+    scrub_commands,
 ):
     for _command in _module.COMMANDS:
         cli.add_command(_command)

@@ -8,6 +8,10 @@ Column families, key layout and values (sizes in bytes):
 ``meta``       b"format_version" -> u32 BE             (FORMAT_VERSION of the writer)
                b"store_id"       -> 16 random bytes    (names this store in logs and peers)
                b"prefilter_seed" -> u64 BE             (per-store secret seed of the xxh3 pre-filter)
+               b"scrub"          -> JSON {"format", "last", "current", "armed_ns"}: the last finished
+                                    scrub's result, the pass in progress (cursor, counters, bad blocks
+                                    found so far, so an interrupted pass resumes), and when scheduled
+                                    scrubs started (see cachepoint/store/scrub.py). Store-local.
 ``blocks``     digest[32]        -> codec[1] payload   (codec 0 raw, 1 zstd; see cachepoint/blocks.py)
 ``manifests``  digest[32]        -> codec[1] payload   (a serialized cachepoint.v1.Manifest; the digest
                                                         is SHA-256 of the uncompressed serialization)
@@ -108,6 +112,7 @@ COLUMN_FAMILIES = (
 META_FORMAT_VERSION = b"format_version"
 META_STORE_ID = b"store_id"
 META_PREFILTER_SEED = b"prefilter_seed"
+META_SCRUB = b"scrub"
 
 SEP = b"\x00"
 PREFILTER_DIGEST_SIZE = 16
