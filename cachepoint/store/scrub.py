@@ -15,7 +15,7 @@ from typing import Any
 
 from cachepoint.blocks import decode_verified
 from cachepoint.errors import BlockCorrupt, BlockUnreadable
-from cachepoint.ids import BlockId
+from cachepoint.ids import DIGEST_SIZE, BlockId
 from cachepoint.store import format as fmt
 from cachepoint.store.store import Store
 
@@ -54,6 +54,9 @@ def check_batch(store: Store, after: bytes | None, limit: int) -> BatchCheck:
     values, error = store.blocks.scan_unchecked(after, limit)
     check = BatchCheck(values[-1][0] if values else None, error=error)
     for digest, value in values:
+        if len(digest) != DIGEST_SIZE:  # read without checksums, a damaged data block can yield this
+            check.error = f"a damaged key in the blocks family ({len(digest)} bytes: {digest[:40].hex()})"
+            break
         check.blocks += 1
         check.bytes += len(value)
         try:
