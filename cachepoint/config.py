@@ -17,6 +17,8 @@ The TOML keys are the field names, e.g.::
     watch = ["alice=/home/alice", "user/bob/profile=/srv/profiles/bob"]
     watch_interval = "5s"
     watch_debounce = "2s"
+    scrub_every = "7d"
+    scrub_rate = "50MiB/s"
 """
 
 from __future__ import annotations
@@ -77,6 +79,11 @@ class Settings:
     """`serve`: how often each watched directory is looked at."""
     watch_debounce: str = "2s"
     """`serve`: how long a watched directory must stay unchanged before it is captured."""
+    scrub_every: str = "7d"
+    """`serve`: read and verify every stored block this often, healing bad ones from the fleet (0: never).
+    The first pass comes one interval after a daemon first runs on the store."""
+    scrub_rate: str = "50MiB/s"
+    """`serve`, `scrub`: stored bytes a scrub reads per second, e.g. "50MiB/s" (0: unlimited)."""
 
 
 def apply_toml(settings: object, path: Path) -> None:

@@ -33,6 +33,7 @@ from cachepoint.ids import LATEST, Ref
 from cachepoint.model import Manifest, VersionInfo
 from cachepoint.replication import outbox
 from cachepoint.replication.fetcher import Fetcher
+from cachepoint.replication.heal import HealResult, heal_blocks
 from cachepoint.replication.pull import PullResult, fetch_manifest, find_peers, pull, resolve
 from cachepoint.replication.sources import Source, SourceClass
 from cachepoint.rpc import channel
@@ -41,6 +42,8 @@ from cachepoint.rpc.block_exchange import BlockExchangeService, ServeCounters
 from cachepoint.rpc.catalog_read import CatalogReadService
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
 from cachepoint.rpc.serving import Server, announce, stop_event_on_signals
+from cachepoint.scrub import DEFAULT_EVERY, DEFAULT_RATE, ProgressFn, ScrubProgress, ScrubResult, scrub
+from cachepoint.scrub import schedule as scrub_schedule
 from cachepoint.store import format as fmt
 from cachepoint.store.store import Store
 from cachepoint.v1 import (
@@ -61,6 +64,7 @@ HEARTBEAT_BACKOFF_MAX = 4.0
 REGISTER_WAIT = 5.0
 SUSPECT_SECONDS = 600.0
 LAZY_FETCH_TIMEOUT = 120.0  # a read waiting on the network longer than this fails with EIO
+SCRUB_STOP_WAIT = 10.0  # at shutdown, a scrub's batch in flight is waited for this long at most
 
 
 @dataclass
@@ -94,6 +98,10 @@ class DaemonSettings:
     """Seconds between looks at each watched directory."""
     watch_debounce: float = 2.0
     """Seconds a watched directory must stay unchanged before it is captured."""
+    scrub_every: float = DEFAULT_EVERY
+    """Seconds between scrubs of the store (0: none; see cachepoint/scrub.py)."""
+    scrub_rate: float = DEFAULT_RATE
+    """Stored bytes a scrub reads per second (0: unlimited)."""
 
 
 @dataclass
@@ -133,6 +141,9 @@ class Daemon:
         # Captures run on worker threads (Agent calls, watches): one at a time, so two of the same layer
         # cannot both take its next version number.
         self.capture_lock = threading.Lock()
+        self._scrub_lock = asyncio.Lock()  # one scrub pass at a time, scheduled or asked for
+        self.scrub_stop = asyncio.Event()
+        self.scrub_progress: ScrubProgress | None = None
 
     # -- pulls ---------------------------------------------------------------------------------
 
@@ -209,6 +220,44 @@ class Daemon:
     def held_refs(self) -> list[tuple[str, int]]:
         assert self.store is not None
         return [(v.layer, v.number) for v in self.store.catalog.all_versions()]
+
+    # -- scrub -----------------------------------------------------------------------------------
+
+    async def heal(self, digests: list[bytes]) -> HealResult:
+        """Fetch ``digests`` again from the fleet over the bad local copies (site peers first)."""
+        assert self.store is not None
+        result = await heal_blocks(
+            self.store,
+            digests,
+            self.settings.coordinator,
+            node_id=self.node_id,
+            own_address=self.address,
+            avoid=self._avoided(),
+            limits=self.settings.limits,
+        )
+        self._account(result.sources)
+        return result
+
+    async def scrub(self, rate: float | None = None, progress: ProgressFn | None = None) -> ScrubResult:
+        """One scrub pass, healing from the fleet; ``rate`` None: the configured scrub_rate."""
+        assert self.store is not None
+
+        def track(now: ScrubProgress) -> None:
+            self.scrub_progress = now
+            if progress is not None:
+                progress(now)
+
+        async with self._scrub_lock:
+            try:
+                return await scrub(
+                    self.store,
+                    rate=self.settings.scrub_rate if rate is None else rate,
+                    heal=self.heal,
+                    progress=track,
+                    stop=self.scrub_stop,
+                )
+            finally:
+                self.scrub_progress = None
 
     # -- background tasks ------------------------------------------------------------------------
 
@@ -418,6 +467,9 @@ class Daemon:
 
                 http_runner, extra["http"] = await start_http(store, self.settings.http)
             stop = stop or stop_event_on_signals()
+            if self.settings.scrub_every > 0:
+                task = scrub_schedule(store, self.settings.scrub_every, self.scrub)
+                tasks.append(asyncio.create_task(task, name="scrub"))
             if self.settings.snapshot_every > 0:
                 tasks.append(asyncio.create_task(self.scheduled_snapshots(), name="snapshots"))
             for spec in self.settings.watches:
@@ -447,6 +499,7 @@ class Daemon:
                         raise task.exception()  # type: ignore[misc]
             stopper.cancel()
         finally:
+            self.scrub_stop.set()  # a pass asked for over the Agent stops at its next batch
             for task in reversed(tasks):
                 task.cancel()
             for task in tasks:
@@ -456,6 +509,8 @@ class Daemon:
                 await http_runner.cleanup()
             await self.disks.close()
             await server.stop()
+            with contextlib.suppress(TimeoutError):  # the store must not close under a scrub's read
+                await asyncio.wait_for(self._scrub_lock.acquire(), SCRUB_STOP_WAIT)
             with contextlib.suppress(OSError):
                 (self.settings.store / STATE_FILE).unlink()
             self.store.close()

@@ -62,6 +62,7 @@ async def ingest_via_daemon(store: Path, path: Path, options: IngestOptions) -> 
 
 
 def status_json(s: agent_pb2.StatusResponse) -> dict[str, object]:
+    scrub = json.loads(s.scrub_json) if s.scrub_json else {}
     return {
         "node_id": s.node_id,
         "site": s.site,
@@ -86,6 +87,9 @@ def status_json(s: agent_pb2.StatusResponse) -> dict[str, object]:
         "bytes_by_source": {
             c.source_class: {"blocks": c.blocks, "bytes": c.bytes, "failures": c.failures} for c in s.sources
         },
+        # The last finished scrub pass (cachepoint/scrub.py) and the one running now, if any.
+        "scrub": scrub.get("last"),
+        "scrub_running": scrub.get("running"),
     }
 
 

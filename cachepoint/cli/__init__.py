@@ -12,6 +12,7 @@ The group and `main` are here; the commands are in one module per area:
     disk_commands.py     attach, detach, snapshot, rebase, restore: composite disks
     capture_commands.py  capture, watch, restore-dir: file-level capture
     repair_command.py    repair: salvage a damaged store
+    scrub_commands.py    scrub: verify every stored block, heal bad ones from the fleet
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cachepoint.cli import (
     image_commands,
     inspect_commands,
     repair_command,
+    scrub_commands,
     store_commands,
 )
 from cachepoint.cli.context import Context
@@ -69,6 +71,7 @@ for _module in (
     image_commands,
     capture_commands,
     repair_command,
+    scrub_commands,
 ):
     for _command in _module.COMMANDS:
         cli.add_command(_command)

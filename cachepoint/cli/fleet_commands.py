@@ -148,7 +148,7 @@ def serve_cmd(
 
     from cachepoint.capture.watch import parse_watch
     from cachepoint.daemon import Daemon, DaemonSettings
-    from cachepoint.replication.ratelimit import class_limits
+    from cachepoint.replication.ratelimit import class_limits, parse_rate
 
     s = ctx.settings
     for ref in (*subscribe, *s.subscribe):
@@ -169,6 +169,8 @@ def serve_cmd(
         watches=[parse_watch(text) for text in s.watch],
         watch_interval=parse_duration(s.watch_interval),
         watch_debounce=parse_duration(s.watch_debounce),
+        scrub_every=parse_duration(s.scrub_every),
+        scrub_rate=parse_rate(s.scrub_rate),
     )
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
@@ -182,6 +184,7 @@ def serve_cmd(
 @handles_errors
 def status_cmd(ctx: Context, as_json: bool) -> None:
     """What the daemon running on this store is doing: subscriptions, versions, peers, bytes by source."""
+    from cachepoint.cli.scrub_commands import scrub_line
     from cachepoint.status import daemon_status, status_json
 
     data = status_json(asyncio.run(daemon_status(ctx.store_path)))
@@ -199,6 +202,7 @@ def status_cmd(ctx: Context, as_json: bool) -> None:
         blocks, size, failures = totals["blocks"], human(totals["bytes"]), totals["failures"]
         click.echo(f"  from {name}: {blocks} blocks, {size}, {failures} failures")
     click.echo(f"versions held: {len(data['versions'])}; outbox depth {data['outbox_depth']}")
+    click.echo(scrub_line(data["scrub"], data["scrub_running"]))
 
 
 @click.command("pin")

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cachepoint.cli.context import Context, pass_ctx, version_json
+from cachepoint.cli.scrub_commands import scrub_line
 from cachepoint.console import emit_json, handles_errors, human, json_option, when
 from cachepoint.errors import EXIT_CORRUPT
 from cachepoint.ids import validate_layer_name
@@ -15,6 +16,7 @@ from cachepoint.layers.diff import diff_manifests
 from cachepoint.layers.export import export_manifest
 from cachepoint.progress import progress_bar
 from cachepoint.store.fsck import fsck
+from cachepoint.store.scrub import load_record
 from cachepoint.store.stats import store_stats
 from cachepoint.store.store import Store
 
@@ -217,8 +219,9 @@ def fsck_cmd(ctx: Context, as_json: bool) -> None:
     """Verify every block and every reference; exit 8 when something is wrong."""
     with ctx.open() as store, progress_bar("fsck", not as_json, unit="blocks") as progress:
         report = fsck(store, progress)
+        last_scrub = load_record(store).last  # the last scrub pass's result (cachepoint/scrub.py)
     if as_json:
-        emit_json(report.as_json())
+        emit_json({**report.as_json(), "scrub": last_scrub})
     else:
         click.echo(
             f"{report.versions} versions, {report.blocks_checked} blocks "
@@ -230,6 +233,7 @@ def fsck_cmd(ctx: Context, as_json: bool) -> None:
         for p in report.problems:
             versions = f" — touches {', '.join(p.versions)}" if p.versions else ""
             click.echo(f"PROBLEM {p.kind}: {p.subject}: {p.detail}{versions}")
+        click.echo(scrub_line(last_scrub))
         click.echo("ok" if report.ok else f"{len(report.problems)} problems")
     if not report.ok:
         sys.exit(EXIT_CORRUPT)

@@ -8,7 +8,8 @@ from cachepoint.cli.context import Context, pass_ctx
 from cachepoint.console import emit_json, handles_errors, json_option
 from cachepoint.errors import EXIT_CORRUPT
 from cachepoint.progress import progress_bar
-from cachepoint.store.repair import RepairReport, repair
+from cachepoint.store.repair import HealFn, RepairReport, repair
+from cachepoint.store.store import Store
 
 
 def print_report(report: RepairReport) -> None:
@@ -48,16 +49,39 @@ def print_report(report: RepairReport) -> None:
     )
 
 
+def heal_from(coordinator: str, ctx: Context) -> HealFn:
+    """Re-fetch bad or missing blocks from the fleet behind ``coordinator`` (site peers first)."""
+
+    def heal(store: Store, digests: list[bytes]) -> set[bytes]:
+        import asyncio
+
+        from cachepoint.replication.heal import heal_blocks
+
+        result = asyncio.run(heal_blocks(store, digests, coordinator, node_id=ctx.settings.node_id))
+        return set(result.healed)
+
+    return heal
+
+
 @click.command("repair")
+@click.option(
+    "--coordinator",
+    "coordinator",
+    metavar="HOST:PORT",
+    default=None,
+    help="Re-fetch damaged or lost blocks from this coordinator's fleet [config coordinator].",
+)
 @json_option
 @pass_ctx
 @handles_errors
-def repair_cmd(ctx: Context, as_json: bool) -> None:
+def repair_cmd(ctx: Context, coordinator: str | None, as_json: bool) -> None:
     """Salvage a damaged store: rebuild the database from its readable files, the catalog from its
-    journal, and list exactly what was recovered and what was lost (exit 8 when anything was lost).
-    Run it with the daemon stopped."""
+    journal, re-fetch bad blocks from the fleet, and list exactly what was recovered and what was lost
+    (exit 8 when anything was lost). Run it with the daemon stopped."""
+    origin = coordinator or ctx.settings.coordinator
+    heal = heal_from(origin, ctx) if origin else None
     with progress_bar("repair: verifying blocks", not as_json, unit="blocks") as progress:
-        report = repair(ctx.store_path, progress=progress)
+        report = repair(ctx.store_path, heal=heal, progress=progress)
     if as_json:
         emit_json(report.as_json())
     else:

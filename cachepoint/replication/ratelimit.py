@@ -10,17 +10,20 @@ import time
 from cachepoint.errors import InvalidInput
 from cachepoint.replication.sources import SourceClass
 
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(bit|b|byte|bytes)?(?:/s|ps)?\s*$", re.IGNORECASE)
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(i?)(bit|b|byte|bytes)?(?:/s|ps)?\s*$", re.IGNORECASE)
 _SCALE = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
+_BINARY_SCALE = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def parse_rate(text: str) -> float:
-    """Bytes per second from ``100Mbit``, ``20MB``, ``1.5Gbit/s``, ``500k`` (bytes). 0 = unlimited."""
+    """Bytes per second from ``100Mbit``, ``20MB``, ``1.5Gbit/s``, ``500k`` (bytes), ``50MiB/s``
+    (binary). 0 = unlimited."""
     match = _RATE_RE.match(text)
     if not match:
-        raise InvalidInput(f"rate {text!r}: write it like 100Mbit, 20MB or 0 (unlimited)")
-    value = float(match.group(1)) * _SCALE[match.group(2).lower()]
-    unit = (match.group(3) or "b").lower()
+        raise InvalidInput(f"rate {text!r}: write it like 100Mbit, 20MB, 50MiB/s or 0 (unlimited)")
+    scale = _BINARY_SCALE if match.group(3) else _SCALE
+    value = float(match.group(1)) * scale[match.group(2).lower()]
+    unit = (match.group(4) or "b").lower()
     return value / 8 if unit == "bit" else value
 
 

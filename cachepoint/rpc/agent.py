@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -18,13 +19,16 @@ from cachepoint.layers.ingest import IngestOptions, ingest
 from cachepoint.layers.rollback import rollback
 from cachepoint.model import LayerKind
 from cachepoint.replication import outbox
+from cachepoint.replication.ratelimit import parse_rate
 from cachepoint.rpc.errors import rpc_errors
 from cachepoint.store.gc import collect
+from cachepoint.store.scrub import load_record
 from cachepoint.v1 import agent_pb2, agent_pb2_grpc, catalog_pb2, version_pb2
 from cachepoint.wire import ref_from_pb, version_to_pb
 
 if TYPE_CHECKING:
     from cachepoint.daemon import Daemon
+    from cachepoint.scrub import ScrubProgress
 
 
 class AgentService(agent_pb2_grpc.AgentServicer):
@@ -47,6 +51,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             peers_known=d.peers_known,
             catalog_position=d.catalog_position,
         )
+        record = await asyncio.to_thread(load_record, d.store)
+        running = d.scrub_progress.as_json() if d.scrub_progress is not None else None
+        response.scrub_json = json.dumps({"last": record.last, "running": running})
         for sub in d.subscriptions:
             response.subscriptions.add(
                 ref=str(sub.ref), wanted=sub.wanted, held=sub.held, state=sub.state, last_error=sub.last_error
@@ -215,3 +222,33 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         assert store is not None
         result = await asyncio.to_thread(collect, store)
         return agent_pb2.CollectGarbageResponse(result_json=json.dumps(result.as_json()))
+
+    @rpc_errors
+    async def Scrub(  # noqa: N802
+        self, request: agent_pb2.ScrubRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_pb2.ScrubProgress]:
+        rate = parse_rate(request.rate) if request.rate else None
+        updates: asyncio.Queue[ScrubProgress | None] = asyncio.Queue()
+        task = asyncio.create_task(self.daemon.scrub(rate, progress=updates.put_nowait))
+        task.add_done_callback(lambda _: updates.put_nowait(None))
+        try:
+            while (update := await updates.get()) is not None:
+                if not updates.empty():
+                    continue  # the caller only needs the latest figures
+                yield agent_pb2.ScrubProgress(
+                    blocks_done=update.blocks_done,
+                    blocks_total=update.blocks_total,
+                    bytes_done=update.bytes_done,
+                )
+            result = task.result()
+        finally:
+            if not task.done():  # the caller went away: stop the pass (it resumes next time)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        yield agent_pb2.ScrubProgress(
+            blocks_done=result.blocks_checked,
+            bytes_done=result.bytes_checked,
+            finished=True,
+            result_json=json.dumps(result.as_json()),
+        )

@@ -90,3 +90,36 @@ class BlockStore:
 
     def scan_ids(self) -> Iterator[bytes]:
         return self._db.scan_keys(fmt.CF_BLOCKS)
+
+    def scan_unchecked(self, after: bytes | None, limit: int) -> tuple[list[tuple[bytes, bytes]], str]:
+        """Up to ``limit`` stored (id, value) pairs in key order, after ``after`` (None: from the
+        first), read with RocksDB's block checksums off and without filling its block cache; and the
+        iterator's error text ("" if none), when it could not go on.
+
+        For the scrub, which verifies every value against its id (SHA-256, stronger than RocksDB's
+        CRC): with checksums on, an iterator stops dead at the first damaged data block (rocksdict
+        then simply ends the iteration), so every block after it would go unchecked. A fresh
+        iterator per call pins SST files only for the duration of one batch."""
+        options = rocksdict.ReadOptions()
+        options.set_verify_checksums(False)
+        options.fill_cache(False)
+        iterator = self._cf.iter(options)
+        found: list[tuple[bytes, bytes]] = []
+        error = ""
+        try:
+            if after is None:
+                iterator.seek_to_first()
+            else:
+                iterator.seek(after)
+                if iterator.valid() and iterator.key() == after:
+                    iterator.next()
+            while iterator.valid() and len(found) < limit:
+                found.append((iterator.key(), iterator.value()))
+                iterator.next()
+            try:
+                iterator.status()
+            except Exception as err:  # RocksDB's status text: the family cannot be read past here
+                error = str(err)
+        finally:
+            del iterator  # it keeps the database open: never let it outlive the call
+        return found, error

@@ -10,6 +10,10 @@ Column families, key layout and values (sizes in bytes):
                                                         database applied; see cachepoint/store/journal.py)
                b"store_id"       -> 16 random bytes    (names this store in logs and peers)
                b"prefilter_seed" -> u64 BE             (per-store secret seed of the xxh3 pre-filter)
+               b"scrub"          -> JSON {"format", "last", "current", "armed_ns"}: the last finished
+                                    scrub's result, the pass in progress (cursor, counters, bad blocks
+                                    found so far, so an interrupted pass resumes), and when scheduled
+                                    scrubs started (see cachepoint/store/scrub.py). Store-local.
 ``blocks``     digest[32]        -> codec[1] payload   (codec 0 raw, 1 zstd; see cachepoint/blocks.py)
 ``manifests``  digest[32]        -> codec[1] payload   (a serialized cachepoint.v1.Manifest; the digest
                                                         is SHA-256 of the uncompressed serialization)
@@ -133,8 +137,10 @@ JOURNALED_FAMILIES = frozenset(
         CF_HOLDS,
     }
 )
-# Meta keys that are the database's own bookkeeping, not catalog content.
-UNJOURNALED_META = frozenset({META_JOURNAL_SEQ})
+META_SCRUB = b"scrub"
+# Meta keys that are the database's own bookkeeping, not catalog content (the scrub record is
+# rewritten every few seconds while a scrub runs: journaling it would cost an fsync each time).
+UNJOURNALED_META = frozenset({META_JOURNAL_SEQ, META_SCRUB})
 
 SEP = b"\x00"
 PREFILTER_DIGEST_SIZE = 16

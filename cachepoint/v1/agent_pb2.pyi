@@ -39,7 +39,7 @@ class Subscription(_message.Message):
     def __init__(self, ref: _Optional[str] = ..., wanted: _Optional[int] = ..., held: _Optional[int] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "site", "address", "coordinator", "coordinator_connected", "subscriptions", "versions", "outbox_depth", "peers_known", "sources", "catalog_position")
+    __slots__ = ("node_id", "site", "address", "coordinator", "coordinator_connected", "subscriptions", "versions", "outbox_depth", "peers_known", "sources", "catalog_position", "scrub_json")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class StatusResponse(_message.Message):
     PEERS_KNOWN_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     CATALOG_POSITION_FIELD_NUMBER: _ClassVar[int]
+    SCRUB_JSON_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     site: str
     address: str
@@ -62,7 +63,8 @@ class StatusResponse(_message.Message):
     peers_known: int
     sources: _containers.RepeatedCompositeFieldContainer[SourceCounters]
     catalog_position: int
-    def __init__(self, node_id: _Optional[str] = ..., site: _Optional[str] = ..., address: _Optional[str] = ..., coordinator: _Optional[str] = ..., coordinator_connected: _Optional[bool] = ..., subscriptions: _Optional[_Iterable[_Union[Subscription, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[_version_pb2.VersionInfo, _Mapping]]] = ..., outbox_depth: _Optional[int] = ..., peers_known: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceCounters, _Mapping]]] = ..., catalog_position: _Optional[int] = ...) -> None: ...
+    scrub_json: str
+    def __init__(self, node_id: _Optional[str] = ..., site: _Optional[str] = ..., address: _Optional[str] = ..., coordinator: _Optional[str] = ..., coordinator_connected: _Optional[bool] = ..., subscriptions: _Optional[_Iterable[_Union[Subscription, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[_version_pb2.VersionInfo, _Mapping]]] = ..., outbox_depth: _Optional[int] = ..., peers_known: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceCounters, _Mapping]]] = ..., catalog_position: _Optional[int] = ..., scrub_json: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("ref",)
@@ -213,6 +215,26 @@ class CollectGarbageResponse(_message.Message):
     RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     result_json: str
     def __init__(self, result_json: _Optional[str] = ...) -> None: ...
+
+class ScrubRequest(_message.Message):
+    __slots__ = ("rate",)
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    rate: str
+    def __init__(self, rate: _Optional[str] = ...) -> None: ...
+
+class ScrubProgress(_message.Message):
+    __slots__ = ("blocks_done", "blocks_total", "bytes_done", "finished", "result_json")
+    BLOCKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    blocks_done: int
+    blocks_total: int
+    bytes_done: int
+    finished: bool
+    result_json: str
+    def __init__(self, blocks_done: _Optional[int] = ..., blocks_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., finished: _Optional[bool] = ..., result_json: _Optional[str] = ...) -> None: ...
 
 class CaptureRequest(_message.Message):
     __slots__ = ("layer", "path", "message", "author", "force", "block_size")

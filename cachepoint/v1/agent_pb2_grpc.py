@@ -101,6 +101,11 @@ class AgentStub:
                 request_serializer=cachepoint_dot_v1_dot_agent__pb2.CollectGarbageRequest.SerializeToString,
                 response_deserializer=cachepoint_dot_v1_dot_agent__pb2.CollectGarbageResponse.FromString,
                 _registered_method=True)
+        self.Scrub = channel.unary_stream(
+                '/cachepoint.v1.Agent/Scrub',
+                request_serializer=cachepoint_dot_v1_dot_agent__pb2.ScrubRequest.SerializeToString,
+                response_deserializer=cachepoint_dot_v1_dot_agent__pb2.ScrubProgress.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -192,6 +197,15 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Scrub(self, request, context):
+        """Read every stored block back and verify it; heal the bad ones from the fleet (site peers first,
+        then the coordinator). Streams progress; the last message carries the result. One pass at a
+        time: a call made while a scheduled pass runs waits for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -259,6 +273,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.CollectGarbage,
                     request_deserializer=cachepoint_dot_v1_dot_agent__pb2.CollectGarbageRequest.FromString,
                     response_serializer=cachepoint_dot_v1_dot_agent__pb2.CollectGarbageResponse.SerializeToString,
+            ),
+            'Scrub': grpc.unary_stream_rpc_method_handler(
+                    servicer.Scrub,
+                    request_deserializer=cachepoint_dot_v1_dot_agent__pb2.ScrubRequest.FromString,
+                    response_serializer=cachepoint_dot_v1_dot_agent__pb2.ScrubProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -612,6 +631,33 @@ class Agent:
             '/cachepoint.v1.Agent/CollectGarbage',
             cachepoint_dot_v1_dot_agent__pb2.CollectGarbageRequest.SerializeToString,
             cachepoint_dot_v1_dot_agent__pb2.CollectGarbageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scrub(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cachepoint.v1.Agent/Scrub',
+            cachepoint_dot_v1_dot_agent__pb2.ScrubRequest.SerializeToString,
+            cachepoint_dot_v1_dot_agent__pb2.ScrubProgress.FromString,
             options,
             channel_credentials,
             insecure,
