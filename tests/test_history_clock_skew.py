@@ -16,7 +16,7 @@ import pytest
 from cachepoint.model import LayerKind, Manifest
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc
 from cachepoint.wire import manifest_digest, manifest_to_bytes
-from coordinator.catalog.clock import MAX_CLOCK_SKEW_DAYS
+from coordinator.catalog.clock import MAX_CLOCK_SKEW_DAYS, ClockTooFarOff, place
 from coordinator.history.times import iso
 from tests.fleet import Fleet, Node, wait_until
 from tests.history import HOME, USER, history, history_json, make_version, wait_delivered
@@ -33,6 +33,26 @@ def clock_off(offset: str) -> dict[str, str]:
         pytest.skip("libfaketime is not installed (Debian package faketime; `make test` installs it)")
     # The monotonic clock stays real: timers and deadlines are not what is under test.
     return {"LD_PRELOAD": FAKETIME_LIBRARIES[0], "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+def test_a_version_is_placed_on_the_coordinators_clock_never_after_arrival_nor_before_its_parent() -> None:
+    now = 1_800_000_000 * SECOND
+    ago = now - 10 * SECOND  # when each version below was really made
+
+    def placed(created: int, sent: int, parent: int = 0) -> tuple[int, bool]:
+        placement = place("user/alice/home", "desk", created, sent, now, parent)
+        assert placement.arrival.received_ns == now and placement.arrival.device_created_ns == created
+        return placement.created_ns, placement.corrected
+
+    assert placed(ago + SECOND, now + SECOND) == (ago + SECOND, False), "a second off: kept as it is"
+    assert placed(ago + DAY, now + DAY) == (ago, True)
+    assert placed(ago - DAY, now - DAY) == (ago, True)
+    assert placed(now + 3600 * SECOND, 0) == (now, False), "unmeasured, and in the future: arrival"
+    assert placed(0, 0) == (now, False), "no time given: arrival"
+    assert placed(now - 3600 * SECOND, now, parent=ago) == (ago, False), "not before its parent"
+    assert place("l", "d", ago, now + DAY, now, 0).arrival.clock_skew_ns == DAY
+    with pytest.raises(ClockTooFarOff, match=r"device 'desk''s clock says .* \(31 days, 0:00:00 apart"):
+        placed(ago - 31 * DAY, now - 31 * DAY)
 
 
 def retention_config(tmp_path: Path) -> Path:
