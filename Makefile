@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 .PHONY: run test test-tools bench proto lint clean
 
 # Debian packages some tests drive as real clients (command:package). Installed when missing.
-TEST_TOOLS := qemu-img:qemu-utils qemu-io:qemu-utils mkfs.ext4:e2fsprogs debugfs:e2fsprogs curl:curl setpriv:util-linux
+TEST_TOOLS := qemu-img:qemu-utils qemu-io:qemu-utils mkfs.ext4:e2fsprogs debugfs:e2fsprogs curl:curl setpriv:util-linux \
+	ip:iproute2 tc:iproute2 faketime:faketime
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH"; exit 1; }

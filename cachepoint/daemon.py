@@ -159,8 +159,8 @@ class Daemon:
                 progress=progress,  # type: ignore[arg-type]
                 limits=self.settings.limits,
                 avoid=self._avoided(),
+                account=self._account,  # a pull that fails half-way is counted too
             )
-        self._account(result.sources)
         self.peers_known = max(self.peers_known, sum(1 for s in result.sources if s.name != "origin"))
         if not result.already_local:
             log.info(
@@ -197,8 +197,10 @@ class Daemon:
         avoided = self._avoided()
         sources = [p for p in peers if p.address not in avoided]
         sources.append(Source("origin", self.settings.coordinator, SourceClass.ORIGIN))
-        await Fetcher(self.store, sources, limits=self.settings.limits).fetch(ids, info.ref)  # type: ignore[arg-type]
-        self._account(sources)
+        try:
+            await Fetcher(self.store, sources, limits=self.settings.limits).fetch(ids, info.ref)  # type: ignore[arg-type]
+        finally:
+            self._account(sources)
 
     def _account(self, sources: list[Source]) -> None:
         """Add a fetch's per-source counters to the daemon's totals, and avoid for a while every

@@ -101,6 +101,18 @@ class ClassChanges:
 
 
 @dataclass(frozen=True, slots=True)
+class Arrival:
+    """How a coordinator placed a device's version in its own time (coordinator/catalog/clock.py)."""
+
+    received_ns: int
+    """The coordinator's clock when the version arrived."""
+    device_created_ns: int
+    """What the device's clock said when it made the version (0: it did not say)."""
+    clock_skew_ns: int
+    """The device's clock minus the coordinator's, measured at arrival (0: not measured)."""
+
+
+@dataclass(frozen=True, slots=True)
 class VersionInfo:
     layer: str
     number: int
@@ -116,6 +128,10 @@ class VersionInfo:
     restored_from: int = 0
     labels: tuple[str, ...] = ()  # the software timeline: "app installed: DIR", "app removed: DIR"
     changes: tuple[ClassChanges, ...] = ()  # per class of file, for file-level captures
+    # Set by a coordinator when it records a device's version (see Arrival); 0 everywhere else.
+    received_ns: int = 0
+    device_created_ns: int = 0
+    clock_skew_ns: int = 0
 
     def __post_init__(self) -> None:
         validate_layer_name(self.layer)

@@ -176,6 +176,9 @@ def version_to_pb(info: VersionInfo) -> version_pb2.VersionInfo:
             )
             for c in info.changes
         ],
+        received_ns=info.received_ns,
+        device_created_ns=info.device_created_ns,
+        clock_skew_ns=info.clock_skew_ns,
     )
 
 
@@ -204,6 +207,9 @@ def version_from_pb(m: version_pb2.VersionInfo) -> VersionInfo:
             ClassChanges(file_class=c.file_class, added=c.added, changed=c.changed, removed=c.removed)
             for c in m.changes
         ),
+        received_ns=m.received_ns,
+        device_created_ns=m.device_created_ns,
+        clock_skew_ns=m.clock_skew_ns,
     )
 
 

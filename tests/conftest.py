@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +46,12 @@ def cli_env(store: Path) -> dict[str, str]:
     return env
 
 
-def run_cli(store: Path, *args: str | Path, check: bool = True, timeout: float = 300) -> Run:
+def run_cli(
+    store: Path, *args: str | Path, check: bool = True, timeout: float = 300, prefix: Sequence[str] = ()
+) -> Run:
+    """``prefix``: a command the CLI runs under, e.g. `ip netns exec NAME` (tests/netns.py)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "cachepoint", *map(str, args)],
+        [*prefix, sys.executable, "-m", "cachepoint", *map(str, args)],
         env=cli_env(store),
         capture_output=True,
         text=True,

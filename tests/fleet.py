@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -102,20 +102,29 @@ def wait_until(
         time.sleep(interval)
 
 
-def cachepoint_cli(store: Path, *args: str | Path, check: bool = True, timeout: float = CLI_TIMEOUT) -> Run:
-    return run_cli(store, *args, check=check, timeout=timeout)
+def cachepoint_cli(
+    store: Path,
+    *args: str | Path,
+    check: bool = True,
+    timeout: float = CLI_TIMEOUT,
+    prefix: Sequence[str] = (),
+) -> Run:
+    """``prefix``: run it under a command, e.g. inside a network namespace (tests/netns.py)."""
+    return run_cli(store, *args, check=check, timeout=timeout, prefix=prefix)
 
 
-def cli_json(store: Path, *args: str | Path) -> dict[str, Any]:
+def cli_json(store: Path, *args: str | Path, prefix: Sequence[str] = ()) -> dict[str, Any]:
     """Run a `cachepoint` command that must succeed with --json, and return what it printed."""
-    data = cachepoint_cli(store, *args, "--json").json()
+    data = cachepoint_cli(store, *args, "--json", prefix=prefix).json()
     assert isinstance(data, dict), data
     return data
 
 
-def coordinator_cli(*args: str, check: bool = True, timeout: float = CLI_TIMEOUT) -> Run:
+def coordinator_cli(
+    *args: str, check: bool = True, timeout: float = CLI_TIMEOUT, prefix: Sequence[str] = ()
+) -> Run:
     proc = subprocess.run(
-        [sys.executable, "-c", COORDINATOR_MAIN, *args],
+        [*prefix, sys.executable, "-c", COORDINATOR_MAIN, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -152,9 +161,9 @@ def coordinator_versions(address: str, layer: str) -> list[version_pb2.VersionIn
     return list(response.versions)
 
 
-def fleet_nodes(coordinator: str) -> dict[str, dict[str, Any]]:
+def fleet_nodes(coordinator: str, prefix: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """The coordinator's view of the fleet, by node id."""
-    data = coordinator_cli("fleet", "--coordinator", coordinator, "--json").json()
+    data = coordinator_cli("fleet", "--coordinator", coordinator, "--json", prefix=prefix).json()
     assert isinstance(data, dict), data
     return {n["node_id"]: n for n in data["nodes"]}
 
@@ -172,6 +181,7 @@ class Child:
     stdout_path: Path
     stderr_path: Path
     ready: dict[str, Any] = field(default_factory=dict)
+    prefix: tuple[str, ...] = ()  # the command it runs under (a network namespace); so do CLI calls to it
 
     @property
     def address(self) -> str:
@@ -215,7 +225,11 @@ class Node(Child):
     site: str = ""
 
     def status(self) -> dict[str, Any]:
-        return cli_json(self.store, "status")
+        return self.cli_json("status")
+
+    def cli_json(self, *args: str | Path) -> dict[str, Any]:
+        """A `cachepoint` command on this node's store, where the node runs (its namespace)."""
+        return cli_json(self.store, *args, prefix=self.prefix)
 
     def subscription(self, status: dict[str, Any], ref: str = PRODUCTION) -> dict[str, Any]:
         return next(s for s in status["subscriptions"] if s["ref"] == ref)
@@ -256,15 +270,23 @@ class Fleet:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str], kind: type[Child], **extra: Any) -> Any:
+    def _spawn(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str],
+        kind: type[Child],
+        prefix: Sequence[str] = (),
+        **extra: Any,
+    ) -> Any:
         self._starts += 1
         stem = self.root / "logs" / f"{self._starts:02d}-{name}"
         out_path, err_path = stem.with_suffix(".out"), stem.with_suffix(".err")
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             popen = subprocess.Popen(
-                args, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=REPO, env=env
+                [*prefix, *args], stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=REPO, env=env
             )
-        child = kind(name, popen, out_path, err_path, **extra)
+        child = kind(name, popen, out_path, err_path, prefix=tuple(prefix), **extra)
         self.children.append(child)
         child.ready = _wait_ready(child, READY_TIMEOUT)
         return child
@@ -275,8 +297,10 @@ class Fleet:
         listen: str = "127.0.0.1:0",
         name: str = "coordinator",
         extra: Iterable[str] = (),
+        prefix: Sequence[str] = (),
     ) -> Child:
-        """A coordinator on ``data``; ``extra`` adds options of `serve` (``--config FILE``, ``--http 0``)."""
+        """A coordinator on ``data``; ``extra`` adds options of `serve` (``--config FILE``, ``--http 0``);
+        ``prefix`` runs it under a command (`ip netns exec NAME`)."""
         data = data or self.root / name
         args = [
             sys.executable,
@@ -290,7 +314,7 @@ class Fleet:
             "-v",
             *extra,
         ]
-        child: Child = self._spawn(name, args, cli_env(data), Child)
+        child: Child = self._spawn(name, args, cli_env(data), Child, prefix)
         assert child.ready.get("role") == "coordinator", child.ready
         return child
 
@@ -301,17 +325,27 @@ class Fleet:
         site: str = "default",
         subscribe: Iterable[str] = (PRODUCTION,),
         store: Path | None = None,
+        listen: str = "127.0.0.1:0",
+        prefix: Sequence[str] = (),
+        config: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> Node:
         """A daemon whose node id is ``name``; its store defaults to ``root/name`` (so a restart under
-        the same name comes back with what it held)."""
+        the same name comes back with what it held). ``prefix`` runs it (and CLI calls to it) under a
+        command, e.g. `ip netns exec NAME`; ``config`` is its own TOML settings file (wan_rate,
+        site_rate...); ``env`` adds variables (e.g. libfaketime's)."""
         store = store or self.root / name
-        args = [sys.executable, "-m", "cachepoint", "serve", "--listen", "127.0.0.1:0", "--node-id", name]
+        args = [sys.executable, "-m", "cachepoint", "serve", "--listen", listen, "--node-id", name]
         args += ["--site", site, "-v"]
         if coordinator:
             args += ["--coordinator", coordinator]
         for ref in subscribe:
             args += ["--subscribe", ref]
-        node: Node = self._spawn(name, args, cli_env(store), Node, store=store, node_id=name, site=site)
+        child_env = cli_env(store)
+        if config is not None:
+            child_env["CACHEPOINT_CONFIG"] = str(config)
+        child_env.update(env or {})
+        node: Node = self._spawn(name, args, child_env, Node, prefix, store=store, node_id=name, site=site)
         assert node.ready.get("node_id") == name, node.ready
         return node
 
@@ -360,12 +394,19 @@ class Fleet:
             logs=self.logs,
         )
 
-    def wait_fleet_holds(self, coordinator: str, node_id: str, version: str, timeout: float = 30.0) -> None:
+    def wait_fleet_holds(
+        self,
+        coordinator: str,
+        node_id: str,
+        version: str,
+        timeout: float = 30.0,
+        prefix: Sequence[str] = (),
+    ) -> None:
         """Until the coordinator offers ``node_id`` as a healthy holder of ``version`` (its heartbeat
         has reported it), so that a pull starting now will find it through FindPeers."""
 
         def probe() -> bool:
-            node = fleet_nodes(coordinator).get(node_id)
+            node = fleet_nodes(coordinator, prefix).get(node_id)
             return bool(node and node["healthy"] and version in node["versions"])
 
         wait_until(f"the coordinator to list {node_id} holding {version}", probe, timeout, logs=self.logs)

@@ -95,6 +95,9 @@ async def drain(store: Store, coordinator: str) -> list[Delivered]:
                 # The software timeline of a capture travels with the version.
                 labels=list(info.labels),
                 changes=version_to_pb(info).changes,
+                # This device's clock now: the coordinator measures its skew and places the version in
+                # its own time (a device a day off still lands in the right order).
+                sent_ns=time.time_ns(),
             )
             remote = version_from_pb(await catalog.Commit(request, timeout=UNARY_DEADLINE))
             await asyncio.to_thread(_mark_pushed, store, info, remote.number)

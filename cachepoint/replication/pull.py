@@ -4,6 +4,7 @@ sources, verify, and commit the version locally only when it is complete."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -68,20 +69,32 @@ async def fetch_manifest(catalog: catalog_pb2_grpc.CatalogStub, info: VersionInf
 
 
 async def find_peers(ch: grpc.aio.Channel, node_id: str, info: VersionInfo, own_address: str) -> list[Source]:
-    """Holders of the version, same site first. A catalog without Fleet (a plain peer) has none."""
+    """Holders of the version, then holders of its parent, same site first (the fetcher orders them by
+    class). A node one version behind holds most of the blocks of the next: its site's nodes take those
+    from it instead of the WAN, and while the WAN is down they still can; what it lacks is asked of the
+    next source. A catalog without Fleet (a plain peer) has none."""
+    found = await _holders(ch, node_id, info.layer, info.number)
+    if found is not None and info.parent:
+        named = {source.name for source in found}
+        parent_holders = await _holders(ch, node_id, info.layer, info.parent) or []
+        found += [source for source in parent_holders if source.name not in named]
+    return [source for source in found or [] if source.address != own_address]
+
+
+async def _holders(ch: grpc.aio.Channel, node_id: str, layer: str, number: int) -> list[Source] | None:
+    """Nodes holding ``layer@number`` complete; None when the catalog has no Fleet service."""
     request = fleet_pb2.FindPeersRequest(
-        requester_id=node_id, version=version_pb2.Ref(layer=info.layer, number=info.number)
+        requester_id=node_id, version=version_pb2.Ref(layer=layer, number=number)
     )
     try:
         response = await fleet_pb2_grpc.FleetStub(ch).FindPeers(request, timeout=UNARY_DEADLINE)
     except grpc.aio.AioRpcError as err:
         if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-            return []
+            return None
         raise
     return [
         Source(p.node.node_id, p.node.address, SourceClass.SITE if p.same_site else SourceClass.PEER)
         for p in response.peers
-        if p.node.address != own_address
     ]
 
 
@@ -96,8 +109,11 @@ async def pull(
     extra_sources: list[Source] | None = None,
     limits: dict[SourceClass, float] | None = None,
     avoid: set[str] | frozenset[str] = frozenset(),
+    account: Callable[[list[Source]], None] | None = None,
 ) -> PullResult:
-    """``avoid``: addresses of peers not to use (e.g. ones that recently sent corrupt blocks)."""
+    """``avoid``: addresses of peers not to use (e.g. ones that recently sent corrupt blocks).
+    ``account`` is handed the sources once the fetch ends, complete or not: their counters say what
+    was fetched from each, and a pull that fails half-way has still moved those bytes."""
     try:
         async with channel.channel(origin) as ch:
             catalog = catalog_pb2_grpc.CatalogStub(ch)
@@ -126,7 +142,11 @@ async def pull(
                 sources.append(Source("origin", origin, SourceClass.ORIGIN))
                 result = PullResult(info, planned_blocks=len(missing), sources=sources)
                 fetcher = Fetcher(store, sources, progress, limits=limits)
-                result.fetched = await fetcher.fetch(missing, info.ref)
+                try:
+                    result.fetched = await fetcher.fetch(missing, info.ref)
+                finally:
+                    if account is not None:
+                        account(sources)
                 pending = PendingCommit(manifest_raw, {})
                 await asyncio.to_thread(store.catalog.import_version, info, pending, tags)
                 committed = True

@@ -5,7 +5,7 @@
 | AlreadyExists (a legal hold on a user already held) | ALREADY_EXISTS |
 | InvalidInput, ValueError (malformed names, refs, ids, manifests) | INVALID_ARGUMENT |
 | NotFound (layer, version, tag, manifest, block) | NOT_FOUND |
-| MissingBlocks (a commit naming blocks the node lacks) | FAILED_PRECONDITION |
+| MissingBlocks (a commit naming blocks the node lacks), PreconditionFailed | FAILED_PRECONDITION |
 | NotAnOrigin (pushing to a node that does not take pushes) | PERMISSION_DENIED |
 | OutOfSpace | RESOURCE_EXHAUSTED |
 | BlockCorrupt, BlockUnreadable, IntegrityFailure (e.g. an unreadable audit record) | DATA_LOSS |
@@ -47,6 +47,10 @@ class MissingBlocks(CachepointError):
     """{} of the blocks named by the manifest are not here (first: {}); push them first"""
 
 
+class PreconditionFailed(CachepointError):
+    """{}"""
+
+
 class NotAnOrigin(CachepointError):
     """this node serves blocks but does not take pushes; push to the coordinator"""
 
@@ -57,6 +61,7 @@ STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (MissingBlocks, grpc.StatusCode.FAILED_PRECONDITION),
+    (PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
     (NotAnOrigin, grpc.StatusCode.PERMISSION_DENIED),
     (OutOfSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (BlockCorrupt, grpc.StatusCode.DATA_LOSS),

@@ -6,7 +6,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import rocksdict
@@ -14,7 +14,7 @@ import rocksdict
 from cachepoint.blocks import decode_block, encode_block
 from cachepoint.errors import ImageNotFound, InvalidInput, LayerNotFound, RefNotFound
 from cachepoint.ids import LATEST, Ref, validate_layer_name, validate_tag
-from cachepoint.model import ClassChanges, ImageSpec, LayerKind, Manifest, VersionInfo
+from cachepoint.model import Arrival, ClassChanges, ImageSpec, LayerKind, Manifest, VersionInfo
 from cachepoint.store import format as fmt
 from cachepoint.store.db import StoreDB
 from cachepoint.wire import (
@@ -197,6 +197,7 @@ class Catalog:
         changes: tuple[ClassChanges, ...] = (),
         parent: int | None = None,
         created_ns: int | None = None,
+        arrival: Arrival | None = None,
         also: Callable[[rocksdict.WriteBatch, VersionInfo], None] | None = None,
     ) -> VersionInfo:
         """Record a new version in one synced batch. Its blocks must already be persisted.
@@ -231,6 +232,7 @@ class Catalog:
                 restored_from=restored_from,
                 labels=labels,
                 changes=changes,
+                **(asdict(arrival) if arrival else {}),
             )
             h = self._db.handle
             batch = self._db.batch()

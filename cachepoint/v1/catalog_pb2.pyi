@@ -69,7 +69,7 @@ class ManifestBlob(_message.Message):
     def __init__(self, digest: _Optional[bytes] = ..., manifest: _Optional[bytes] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("layer", "kind", "manifest", "parent", "author", "device", "message", "tags", "created_ns", "commit_id", "no_parent", "labels", "changes")
+    __slots__ = ("layer", "kind", "manifest", "parent", "author", "device", "message", "tags", "created_ns", "commit_id", "no_parent", "labels", "changes", "sent_ns")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class CommitRequest(_message.Message):
     NO_PARENT_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CHANGES_FIELD_NUMBER: _ClassVar[int]
+    SENT_NS_FIELD_NUMBER: _ClassVar[int]
     layer: str
     kind: _version_pb2.LayerKind
     manifest: ManifestBlob
@@ -96,7 +97,8 @@ class CommitRequest(_message.Message):
     no_parent: bool
     labels: _containers.RepeatedScalarFieldContainer[str]
     changes: _containers.RepeatedCompositeFieldContainer[_version_pb2.ClassChanges]
-    def __init__(self, layer: _Optional[str] = ..., kind: _Optional[_Union[_version_pb2.LayerKind, str]] = ..., manifest: _Optional[_Union[ManifestBlob, _Mapping]] = ..., parent: _Optional[int] = ..., author: _Optional[str] = ..., device: _Optional[str] = ..., message: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., created_ns: _Optional[int] = ..., commit_id: _Optional[str] = ..., no_parent: _Optional[bool] = ..., labels: _Optional[_Iterable[str]] = ..., changes: _Optional[_Iterable[_Union[_version_pb2.ClassChanges, _Mapping]]] = ...) -> None: ...
+    sent_ns: int
+    def __init__(self, layer: _Optional[str] = ..., kind: _Optional[_Union[_version_pb2.LayerKind, str]] = ..., manifest: _Optional[_Union[ManifestBlob, _Mapping]] = ..., parent: _Optional[int] = ..., author: _Optional[str] = ..., device: _Optional[str] = ..., message: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., created_ns: _Optional[int] = ..., commit_id: _Optional[str] = ..., no_parent: _Optional[bool] = ..., labels: _Optional[_Iterable[str]] = ..., changes: _Optional[_Iterable[_Union[_version_pb2.ClassChanges, _Mapping]]] = ..., sent_ns: _Optional[int] = ...) -> None: ...
 
 class SetTagRequest(_message.Message):
     __slots__ = ("ref", "tag", "actor")

@@ -108,7 +108,9 @@ class CatalogServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Commit(self, request, context):
-        """Fails with FAILED_PRECONDITION when a block the manifest names is not present.
+        """Fails with FAILED_PRECONDITION when a block the manifest names is not present, or when the sender's
+        clock (sent_ns) is further from the coordinator's than the limit (the message names the device,
+        both clocks and the limit; the device keeps the version and delivers it once its clock is set).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -19,7 +19,7 @@ LAYER_KIND_APP: LayerKind
 LAYER_KIND_USER: LayerKind
 
 class VersionInfo(_message.Message):
-    __slots__ = ("layer", "number", "parent", "created_ns", "author", "device", "message", "manifest_digest", "kind", "logical_bytes", "restored_from", "block_size", "labels", "changes")
+    __slots__ = ("layer", "number", "parent", "created_ns", "author", "device", "message", "manifest_digest", "kind", "logical_bytes", "restored_from", "block_size", "labels", "changes", "received_ns", "device_created_ns", "clock_skew_ns")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,9 @@ class VersionInfo(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CHANGES_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_NS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CREATED_NS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_SKEW_NS_FIELD_NUMBER: _ClassVar[int]
     layer: str
     number: int
     parent: int
@@ -48,7 +51,10 @@ class VersionInfo(_message.Message):
     block_size: int
     labels: _containers.RepeatedScalarFieldContainer[str]
     changes: _containers.RepeatedCompositeFieldContainer[ClassChanges]
-    def __init__(self, layer: _Optional[str] = ..., number: _Optional[int] = ..., parent: _Optional[int] = ..., created_ns: _Optional[int] = ..., author: _Optional[str] = ..., device: _Optional[str] = ..., message: _Optional[str] = ..., manifest_digest: _Optional[bytes] = ..., kind: _Optional[_Union[LayerKind, str]] = ..., logical_bytes: _Optional[int] = ..., restored_from: _Optional[int] = ..., block_size: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., changes: _Optional[_Iterable[_Union[ClassChanges, _Mapping]]] = ...) -> None: ...
+    received_ns: int
+    device_created_ns: int
+    clock_skew_ns: int
+    def __init__(self, layer: _Optional[str] = ..., number: _Optional[int] = ..., parent: _Optional[int] = ..., created_ns: _Optional[int] = ..., author: _Optional[str] = ..., device: _Optional[str] = ..., message: _Optional[str] = ..., manifest_digest: _Optional[bytes] = ..., kind: _Optional[_Union[LayerKind, str]] = ..., logical_bytes: _Optional[int] = ..., restored_from: _Optional[int] = ..., block_size: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., changes: _Optional[_Iterable[_Union[ClassChanges, _Mapping]]] = ..., received_ns: _Optional[int] = ..., device_created_ns: _Optional[int] = ..., clock_skew_ns: _Optional[int] = ...) -> None: ...
 
 class ClassChanges(_message.Message):
     __slots__ = ("file_class", "added", "changed", "removed")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 import rocksdict
 
-from cachepoint.errors import InvalidInput
+from cachepoint.errors import InvalidInput, RefNotFound
 from cachepoint.ids import DIGEST_SIZE, LATEST, BlockId, validate_layer_name, validate_tag
 from cachepoint.model import ClassChanges, LayerKind, VersionInfo
 from cachepoint.rpc.catalog_read import CatalogReadService
@@ -19,8 +20,10 @@ from cachepoint.store.catalog import PendingCommit
 from cachepoint.store.store import Store
 from cachepoint.v1 import catalog_pb2, version_pb2
 from cachepoint.wire import manifest_digest, manifest_from_bytes, ref_from_pb, version_to_pb
+from coordinator.catalog.clock import Placement, place, span
 from coordinator.catalog.events import EventLog
 from coordinator.history.audit import TAG_MOVE, AuditAppender, AuditEntry, AuditLog, recorded_actor
+from coordinator.history.times import iso
 
 log = logging.getLogger("coordinator.catalog")
 WATCH_KEEPALIVE = 15.0  # seconds a quiet Watch stream waits before looking at the log again
@@ -42,7 +45,32 @@ class CatalogService(CatalogReadService):
         layer, number = fmt.split_version_key(raw)
         return self.store.catalog.version(layer, number)
 
-    def _commit(self, request: catalog_pb2.CommitRequest) -> VersionInfo:
+    def _placement(self, request: catalog_pb2.CommitRequest, received_ns: int) -> Placement:
+        """The version's time on this coordinator's clock (clock.py), from the device's two readings."""
+        parent = request.parent
+        if not parent and not request.no_parent:
+            layer = self.store.catalog.layer_or_none(request.layer)
+            parent = layer.latest if layer else 0
+        try:
+            parent_ns = self.store.catalog.version(request.layer, parent).created_ns if parent else 0
+        except RefNotFound:  # deleted by retention, or never there (the commit itself says which)
+            parent_ns = 0
+        placement = place(
+            request.layer, request.device, request.created_ns, request.sent_ns, received_ns, parent_ns
+        )
+        if placement.corrected:
+            log.warning(
+                "commit of %s from device %r: its clock is %s the coordinator's (it says %s, the "
+                "coordinator %s); kept at the coordinator's time",
+                request.layer,
+                request.device,
+                span(placement.arrival.clock_skew_ns),
+                iso(request.sent_ns),
+                iso(received_ns),
+            )
+        return placement
+
+    def _commit(self, request: catalog_pb2.CommitRequest, received_ns: int) -> VersionInfo:
         validate_layer_name(request.layer)
         if len(request.commit_id) > 512:
             raise InvalidInput(f"commit of {request.layer}: commit_id is longer than 512 characters")
@@ -60,6 +88,7 @@ class CatalogService(CatalogReadService):
         missing = [d for d in manifest.block_ids() if not self.store.blocks.has(d)]
         if missing:
             raise MissingBlocks(len(missing), BlockId(missing[0]))
+        placement = self._placement(request, received_ns)
         kind = LayerKind(request.kind) if request.kind else LayerKind.APP
         changes = tuple(ClassChanges(c.file_class, c.added, c.changed, c.removed) for c in request.changes)
 
@@ -92,7 +121,8 @@ class CatalogService(CatalogReadService):
                 labels=tuple(request.labels),
                 changes=changes,
                 parent=0 if request.no_parent else (request.parent or None),
-                created_ns=request.created_ns or None,
+                created_ns=placement.created_ns,
+                arrival=placement.arrival,
                 also=lambda batch, info: record(batch, info, audit),
             )
 
@@ -100,8 +130,9 @@ class CatalogService(CatalogReadService):
     async def Commit(  # noqa: N802 - gRPC method name
         self, request: catalog_pb2.CommitRequest, context: grpc.aio.ServicerContext
     ) -> version_pb2.VersionInfo:
+        received_ns = time.time_ns()  # before waiting for the lock: the skew reading is the arrival's
         async with self._commit_lock:
-            info = await asyncio.to_thread(self._commit, request)
+            info = await asyncio.to_thread(self._commit, request, received_ns)
         await self.events.published()
         log.info("committed %s (%d bytes) by %s@%s", info.ref, info.logical_bytes, info.author, info.device)
         return version_to_pb(info)

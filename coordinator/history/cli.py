@@ -19,6 +19,7 @@ from cachepoint.ids import Ref
 from cachepoint.layers.ingest import default_author
 from cachepoint.progress import progress_bar
 from cachepoint.store.store import Store
+from coordinator.catalog.clock import CLOCK_TOLERANCE_NS, span
 from coordinator.history.audit import AuditLog, AuditRecord, Verdict
 from coordinator.history.client import HistoryClient
 from coordinator.history.destination import file_target, receive
@@ -110,6 +111,8 @@ def timeline_cmd(
             f"{when(v['created_ns'])}  {v['ref']}{tags}  {v['device'] or '?'}  {v['author']}  "
             f"{human(v['logical_bytes'])}  {v['message'] or '(no message)'}"
         )
+        if abs(v["clock_skew_ns"]) > CLOCK_TOLERANCE_NS:
+            click.echo(f"    device clock {span(v['clock_skew_ns'])}: it said {when(v['device_created_ns'])}")
         for label in v["labels"]:
             click.echo(f"    {label}")
         if v["changes"]:

@@ -63,6 +63,11 @@ def version_json(info: VersionInfo, tags: tuple[str, ...] = ()) -> dict[str, Any
         "digest": info.digest_text,
         "restored_from": info.restored_from or None,
         "tags": list(tags),
+        # "created" is on the coordinator's clock; the device's own reading and its skew are kept beside.
+        "received": iso(info.received_ns) if info.received_ns else None,
+        "device_created": iso(info.device_created_ns) if info.device_created_ns else None,
+        "device_created_ns": info.device_created_ns,
+        "clock_skew_ns": info.clock_skew_ns,
     }
 
 
@@ -145,8 +150,9 @@ class DiffResult:
 
 
 def by_time(versions: list[VersionInfo]) -> list[VersionInfo]:
-    """Oldest first by when the device made each version; ties (and clocks that disagree) by layer and
-    number, so the order is the same on every call."""
+    """Oldest first by when each version was made on the coordinator's clock (a device's time corrected
+    for its skew, coordinator/catalog/clock.py); ties by layer and number, so the order is the same on
+    every call."""
     return sorted(versions, key=lambda v: (v.created_ns, v.layer, v.number))
 
 

@@ -17,7 +17,7 @@ This module only decides; gc.py deletes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -108,7 +108,24 @@ def _week(ns: int) -> object:
 def reasons_to_keep(
     versions: Iterable[VersionInfo], policy: RetentionPolicy, now_ns: int
 ) -> dict[int, list[str]]:
-    """For each version of ONE layer, the rules that keep it (an empty list: no rule does)."""
+    """For each version of ONE layer, the rules that keep it (an empty list: no rule does).
+
+    Ages are judged on the coordinator's clock: by each version's kept time (a device's time corrected
+    for its skew, coordinator/catalog/clock.py), and again by its arrival. A clock set between making a
+    version and delivering it (a reset clock fixed by NTP) leaves a kept time in the past that no
+    reading could correct; a version made before it arrived is never younger than its arrival says, so
+    a version kept by either view is kept. (Versions recorded before arrival times were kept have one
+    view.)"""
+    versions = list(versions)
+    reasons = _reasons(versions, policy, now_ns)
+    if any(v.received_ns for v in versions):
+        by_arrival = [replace(v, created_ns=v.received_ns or v.created_ns) for v in versions]
+        for number, rules in _reasons(by_arrival, policy, now_ns).items():
+            reasons[number] += [f"{rule} (by arrival)" for rule in rules if rule not in reasons[number]]
+    return reasons
+
+
+def _reasons(versions: list[VersionInfo], policy: RetentionPolicy, now_ns: int) -> dict[int, list[str]]:
     newest_first = sorted(versions, key=lambda v: (v.created_ns, v.number), reverse=True)
     reasons: dict[int, list[str]] = {v.number: [] for v in newest_first}
     if policy.keep_all:
