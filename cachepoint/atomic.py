@@ -81,7 +81,7 @@ def sync_directory(path: Path | str, dir_fd: int | None = None) -> None:
         os.close(fd)
 
 
-def inspect(dest: Path, *, tree: bool, force: bool) -> Existing:
+def check_destination(dest: Path, *, tree: bool, force: bool) -> Existing:
     """Apply the destination rules (module docstring) to what is at ``dest`` now."""
     try:
         st = os.lstat(dest)
@@ -193,7 +193,7 @@ def new_file(dest: Path, *, force: bool, mode: int | None = None) -> Iterator[in
     and takes the name ``dest`` (within the rules above); when it raises, the content vanishes.
     ``mode`` (permission bits only) is applied before the sync; else the file stays 0600 unless the
     caller changes it through the descriptor."""
-    existing = inspect(dest, tree=False, force=force)
+    existing = check_destination(dest, tree=False, force=force)
     made = _make_parents(dest.parent)
     try:
         dir_fd = os.open(dest.parent, _DIRECTORY_FLAGS)
@@ -254,7 +254,7 @@ def new_tree(dest: Path, *, force: bool) -> Iterator[Path]:
     """A new directory beside ``dest`` to build a tree in. The caller syncs what it writes (each file;
     each directory it creates, with ``sync_directory``); when the block ends the root is synced and
     takes the name ``dest`` (within the rules above); when it raises, the whole tree vanishes."""
-    existing = inspect(dest, tree=True, force=force)
+    existing = check_destination(dest, tree=True, force=force)
     made = _make_parents(dest.parent)
     temp = dest.parent / temp_name(dest.name)
     try:

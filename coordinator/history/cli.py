@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import click
 
-from cachepoint.atomic import inspect
+from cachepoint.atomic import check_destination
 from cachepoint.console import emit_json, fail, handles_errors, human, json_option, when
 from cachepoint.errors import EXIT_CORRUPT, InvalidInput
 from cachepoint.ids import Ref
@@ -204,7 +204,7 @@ def get_cmd(
     at_ns = parse_time(at_text, "--at", end=True) if at_text else 0
     target = file_target(output, path) if output is not None else None
     if target is not None:
-        inspect(target, tree=False, force=force)  # refused before the coordinator is asked (and audits)
+        check_destination(target, tree=False, force=force)  # before the coordinator is asked (and audits)
 
     async def work(client: HistoryClient) -> tuple[FileVersion, _Tally]:
         header, chunks = await client.get_file(user, layer, path, at_ns, actor or default_author())
@@ -417,7 +417,7 @@ def export_cmd(
     from_ns, to_ns = _times(from_text, to_text)
     if out.is_dir() or not out.parent.is_dir():
         raise InvalidInput(f"cannot write {out}: name a new file in an existing directory")
-    inspect(out, tree=False, force=False)
+    check_destination(out, tree=False, force=False)
 
     async def work(client: HistoryClient) -> int:
         with progress_bar(f"export {user}", not as_json) as progress:
