@@ -112,6 +112,12 @@ class OutOfSpace(CachepointError):
     exit_code = EXIT_NO_SPACE
 
 
+class DestinationFull(CachepointError):
+    """out of space while writing {}: {} (nothing was left behind; free space and retry)"""
+
+    exit_code = EXIT_NO_SPACE
+
+
 class BlockCorrupt(CachepointError):
     """block {} is corrupt: its bytes hash to {}"""
 

@@ -52,6 +52,7 @@ async def ingest_via_daemon(store: Path, path: Path, options: IngestOptions) -> 
         tags=list(options.tags),
         block_size=options.block_size or 0,
         author=options.author,
+        allow_same=options.allow_same,
     )
     async with channel.channel(address) as ch:
         try:

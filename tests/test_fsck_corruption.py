@@ -121,7 +121,7 @@ def test_fsck_names_a_block_flipped_inside_an_sst_file_and_the_versions_using_it
     assert problem["versions"] == TOUCHED
 
     # The version without the block is unaffected.
-    out = tmp_path / "x2.img"
+    out = tmp_path / "x2-exported.img"  # not the source image itself (fixture images)
     run_cli(populated, "export", "os/x@2", out)
     assert sha256_file(out) == sha256_file(images["x2"])
 
@@ -166,6 +166,6 @@ def test_fsck_names_a_block_whose_bytes_rotted_below_the_database_and_export_ref
         assert failed.code != 0, f"export of {ref} succeeded with a corrupt block"
         assert str(BlockId(victim)) in failed.err and "corrupt" in failed.err, failed.err
         assert "internal error" not in failed.err
-    out = tmp_path / "x2.img"
+    out = tmp_path / "x2-exported.img"  # not the source image itself (fixture images)
     run_cli(populated, "export", "os/x@2", out)
     assert sha256_file(out) == sha256_file(images["x2"])

@@ -177,9 +177,11 @@ def test_history_get_never_writes_outside_its_destination(fleet_with_history, tm
     for bad in ("../outside.txt", "/etc/passwd", "docs/../../outside.txt", "docs//x"):
         result = history(address, "get", USER, bad, "-o", dest, check=False)
         assert result.code == 4, (bad, result.err)
-    # A symlink waiting at the destination name is replaced, never followed.
+    # A symlink waiting at the destination name is refused, and with --force replaced: never followed.
     os.symlink(outside, dest / "notes.txt")
-    history(address, "get", USER, "notes.txt", "-o", dest)
+    refused = history(address, "get", USER, "notes.txt", "-o", dest, check=False)
+    assert refused.code == 4 and "is a symlink" in refused.err and (dest / "notes.txt").is_symlink()
+    history(address, "get", USER, "notes.txt", "-o", dest, "--force")
     assert outside.read_text() == "untouched"
     assert not (dest / "notes.txt").is_symlink() and (dest / "notes.txt").read_text() == "second, longer"
     # A file in a subdirectory is written under its own name, inside the destination.

@@ -97,7 +97,7 @@ def test_a_hold_outlasts_the_policy_and_after_release_gc_deletes_the_versions_an
         assert [v["ref"] for v in history_json(address, "timeline", USER)["versions"]] == refs[2:]
         gone = history(address, "get", USER, "mine.bin", "--at", iso(versions[1]["created_ns"]), check=False)
         assert gone.code == 3, gone.err
-        history_json(address, "get", USER, "mine.bin", "-o", got)
+        history_json(address, "get", USER, "mine.bin", "-o", got, "--force")  # over the earlier one
         assert got.read_bytes() == uniques[2]
         assert history_json(address, "gc")["deleted"] == [], "the latest version always survives"
 

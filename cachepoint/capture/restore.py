@@ -145,8 +145,13 @@ def _write_files(
             for temp in temps:
                 tree.discard_temp(temp)
             raise
-        for entry, temp in zip(batch, temps, strict=True):
-            tree.finish_temp(temp, entry.mode, entry.mtime_ns)
+        for index, (entry, temp) in enumerate(zip(batch, temps, strict=True)):
+            try:
+                tree.finish_temp(temp, entry.mode, entry.mtime_ns)  # removes its temporary if it fails
+            except BaseException:
+                for rest in temps[index + 1 :]:
+                    tree.discard_temp(rest)
+                raise
 
 
 def apply_plan(
@@ -169,6 +174,7 @@ def apply_plan(
         for entry in reversed(plan.entries):  # deepest first: filling a directory moves its mtime
             if entry.type == DIRECTORY:
                 tree.set_directory(entry.path, entry.mode, entry.mtime_ns)
+        tree.sync()
     return Applied(len(plan.write), len(plan.remove) - len(left), left)
 
 

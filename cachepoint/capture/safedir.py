@@ -7,28 +7,27 @@ the directory it happens in. A symlink anywhere on the way, even one planted whi
 is therefore never followed: the open fails and the path is refused with ``UnsafePath``. Only the
 root is followed, once, when it is itself a symlink (the user named it).
 
-Files and symlinks are written under a temporary name in their final directory, made durable, given
-their mode and mtime, then renamed over the old entry: a crash leaves either the old entry or the
-new one, plus perhaps a ``TEMP_PREFIX`` file that captures ignore.
+Files and symlinks are written under a temporary name in their final directory (``cachepoint.atomic``),
+given their mode and mtime, made durable, then renamed over the old entry; ``sync`` makes the renames
+durable. A failure removes the temporary; a crash leaves either the old entry or the new one, plus
+perhaps a ``TEMP_PREFIX`` file that captures ignore.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from cachepoint.capture.walk import TEMP_PREFIX
+from cachepoint.atomic import create_temp, discard, temp_name
 from cachepoint.errors import SourceUnreadable, UnsafePath
 from cachepoint.model import check_relative_path
 
 OPEN_DIRECTORIES = 64  # descriptors kept open for reuse: siblings share their parent's
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +47,7 @@ class SafeDir:
         except OSError as err:
             raise SourceUnreadable(str(root), err.strerror or str(err)) from err
         self._open: OrderedDict[str, int] = OrderedDict()
+        self._renamed_in: set[str] = set()  # directories whose names changed since the last sync
 
     def __enter__(self) -> SafeDir:
         return self
@@ -135,45 +135,56 @@ class SafeDir:
         return True
 
     def create_temp(self, path: str) -> TempFile:
-        fd, _ = self._parent(path)
-        name = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-        return TempFile(path, name, os.open(name, _TEMP_FLAGS, 0o600, dir_fd=fd))
+        fd, name = self._parent(path)
+        temp, temp_fd = create_temp(fd, name)
+        return TempFile(path, temp, temp_fd)
 
     def finish_temp(self, temp: TempFile, mode: int, mtime_ns: int) -> None:
-        """Make the written file durable, give it its mode and mtime, close it and rename it into place
-        (a rename replaces a symlink at the destination; it never writes through one)."""
+        """Give the written file its mode and mtime, make it durable, close it and rename it into place
+        (a rename replaces a symlink at the destination; it never writes through one). On a failure
+        the temporary is removed."""
         try:
             os.fchmod(temp.fd, mode)
             os.utime(temp.fd, ns=(mtime_ns, mtime_ns))
             os.fsync(temp.fd)
-        finally:
-            os.close(temp.fd)
+        except BaseException:
+            self.discard_temp(temp)
+            raise
+        os.close(temp.fd)
         self._install(temp.path, temp.name)
 
     def discard_temp(self, temp: TempFile) -> None:
         os.close(temp.fd)
         fd, _ = self._parent(temp.path)
-        try:
-            os.unlink(temp.name, dir_fd=fd)
-        except FileNotFoundError:
-            pass
+        discard(fd, temp.name)
 
-    def _install(self, path: str, temp_name: str) -> None:
+    def _install(self, path: str, temp: str) -> None:
         fd, name = self._parent(path)
         try:
-            os.rename(temp_name, name, src_dir_fd=fd, dst_dir_fd=fd)
+            os.rename(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
         except OSError as err:
-            os.unlink(temp_name, dir_fd=fd)
+            discard(fd, temp)
             if err.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
                 raise self._refuse(path, "a directory is in the way") from err
             raise
+        self._renamed_in.add(path.rpartition("/")[0])
 
     def symlink(self, path: str, target: str, mtime_ns: int) -> None:
-        fd, _ = self._parent(path)
-        name = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        fd, final = self._parent(path)
+        name = temp_name(final)
         os.symlink(target, name, dir_fd=fd)
-        os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=fd, follow_symlinks=False)
+        try:
+            os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=fd, follow_symlinks=False)
+        except BaseException:
+            discard(fd, name)
+            raise
         self._install(path, name)
+
+    def sync(self) -> None:
+        """Make the renames so far durable: fsync each directory they happened in."""
+        for rel in sorted(self._renamed_in):
+            os.fsync(self.directory(rel))
+        self._renamed_in.clear()
 
     def set_directory(self, path: str, mode: int, mtime_ns: int) -> None:
         fd = self.directory(path)

@@ -8,8 +8,9 @@ while the walk runs is not entered; the inode and device recorded for each file 
 that it opens the same file (``SourceFile.identity``). Entries that
 cannot be kept are listed as skipped with the reason: sockets, fifos, devices, names that are not
 UTF-8 (a manifest path is UTF-8 on every node), directories that cannot be listed. Names starting
-with ``TEMP_PREFIX`` are restore-dir's files in flight, and the directories in ``skip`` (the store:
-by default it lives in the home directory, under ~/.local/share) are not part of the tree.
+with ``TEMP_PREFIX`` are files in flight (restore-dir's, an export's), and the directories in
+``skip`` (the store: by default it lives in the home directory, under ~/.local/share) are not part of
+the tree.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from cachepoint.atomic import TEMP_PREFIX
 from cachepoint.errors import SourceUnreadable
 from cachepoint.layers.source import WHITEOUT_PREFIX, special_kind
 from cachepoint.model import EntryType
 
-TEMP_PREFIX = ".cachepoint-tmp-"
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 

@@ -50,6 +50,17 @@ block_size_option = click.option(
 tag_option = click.option(
     "--tag", "tags", multiple=True, help="Also point this tag at the new version (repeatable)."
 )
+force_option = click.option(
+    "--force",
+    is_flag=True,
+    help="Replace DEST if it exists (the old one stays until the new one is complete; "
+    "a symlink is replaced, never followed).",
+)
+allow_same_option = click.option(
+    "--allow-same",
+    is_flag=True,
+    help="Make a new version even when the tag (--tag, else latest) already names this content.",
+)
 
 
 def writable_or_daemon(ctx: Context) -> Store | None:

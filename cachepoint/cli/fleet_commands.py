@@ -11,6 +11,7 @@ import click
 from cachepoint.blocks import parse_block_size
 from cachepoint.cli.context import (
     Context,
+    allow_same_option,
     block_size_option,
     kind_from_name,
     kind_option,
@@ -22,6 +23,7 @@ from cachepoint.config import parse_byte_size, parse_duration
 from cachepoint.console import emit_json, handles_errors, human, json_option
 from cachepoint.ids import Ref, validate_layer_name
 from cachepoint.layers.ingest import IngestOptions
+from cachepoint.layers.unchanged import unchanged_line
 from cachepoint.model import LayerKind
 from cachepoint.progress import progress_bar
 
@@ -34,6 +36,7 @@ from cachepoint.progress import progress_bar
 @message_option
 @block_size_option
 @tag_option
+@allow_same_option
 @json_option
 @pass_ctx
 @handles_errors
@@ -46,9 +49,11 @@ def publish_cmd(
     message: str,
     block_size: str | None,
     tags: tuple[str, ...],
+    allow_same: bool,
     as_json: bool,
 ) -> None:
-    """Ingest PATH as a new version of LAYER at the coordinator, sending only the blocks it lacks."""
+    """Ingest PATH as a new version of LAYER at the coordinator, sending only the blocks it lacks.
+    Content the tag (--tag, else latest) already names there makes no new version (--allow-same does)."""
     from cachepoint.replication.publish import publish
 
     validate_layer_name(layer)
@@ -61,12 +66,15 @@ def publish_cmd(
         block_size=parse_block_size(block_size) if block_size else None,
         new_layer_block_size=parse_block_size(ctx.settings.block_size),
         tags=tags,
+        allow_same=allow_same,
     )
     with ctx.open(writable=True, create=True) as store:
         with progress_bar(f"publish {layer}", not as_json) as progress:
             result = asyncio.run(publish(store, path, options, coordinator, progress))
     if as_json:
         emit_json(result.as_json())
+    elif result.unchanged:
+        click.echo(unchanged_line(result.version.ref))
     else:
         click.echo(
             f"{result.version.ref} at {coordinator}: {result.blocks_sent} blocks sent "

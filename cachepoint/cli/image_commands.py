@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cachepoint.cli.context import Context, pass_ctx, via_daemon, writable_or_daemon
+from cachepoint.cli.context import Context, force_option, pass_ctx, via_daemon, writable_or_daemon
 from cachepoint.console import emit_json, handles_errors, json_option
 from cachepoint.disk.attach import resolve_stack
 from cachepoint.ids import Ref
@@ -64,19 +64,21 @@ def image_ls(ctx: Context, as_json: bool) -> None:
 @image_group.command("export")
 @click.argument("name")
 @click.argument("dest", type=click.Path(path_type=Path))
+@force_option
 @json_option
 @pass_ctx
 @handles_errors
-def image_export(ctx: Context, name: str, dest: Path, as_json: bool) -> None:
-    """Composite image NAME into DEST (upper layers win; whiteouts hide lower paths)."""
+def image_export(ctx: Context, name: str, dest: Path, force: bool, as_json: bool) -> None:
+    """Composite image NAME into DEST (upper layers win; whiteouts hide lower paths). DEST must be new
+    or empty unless --force; it appears only when complete."""
     with ctx.open() as store:
         stack = resolve_stack(store, store.catalog.image(name).refs)
         merged = composite(stack)
         with progress_bar(f"export {name}", not as_json) as progress:
             if merged.single_file:
-                result = export_single(store, merged.entries[0], dest, progress)
+                result = export_single(store, merged.entries[0], dest, progress, force)
             else:
-                result = export_tree(store, merged.entries, dest, progress)
+                result = export_tree(store, merged.entries, dest, progress, force)
     resolved = [info.ref for info, _ in stack]
     if as_json:
         emit_json({"image": name, "layers": resolved, **result.as_json()})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cachepoint.cli.context import Context, pass_ctx, version_json
+from cachepoint.cli.context import Context, force_option, pass_ctx, version_json
 from cachepoint.cli.scrub_commands import scrub_line
 from cachepoint.console import emit_json, handles_errors, human, json_option, when
 from cachepoint.errors import EXIT_CORRUPT
@@ -165,16 +165,18 @@ def show_cmd(ctx: Context, ref: str, files: bool, as_json: bool) -> None:
 @click.command("export")
 @click.argument("ref")
 @click.argument("dest", type=click.Path(path_type=Path))
+@force_option
 @json_option
 @pass_ctx
 @handles_errors
-def export_cmd(ctx: Context, ref: str, dest: Path, as_json: bool) -> None:
-    """Write REF out to DEST: a disk image file, or a directory tree (DEST must be new or empty)."""
+def export_cmd(ctx: Context, ref: str, dest: Path, force: bool, as_json: bool) -> None:
+    """Write REF out to DEST: a disk image file, or a directory tree (DEST must be new or empty unless
+    --force). It appears only when complete: a failed export leaves nothing behind."""
     with ctx.open() as store:
         info = store.catalog.resolve(ref)
         manifest = store.catalog.manifest(info.manifest_digest)
         with progress_bar(f"export {info.ref}", not as_json) as progress:
-            result = export_manifest(store, manifest, dest, progress)
+            result = export_manifest(store, manifest, dest, progress, force)
     if as_json:
         emit_json({"ref": info.ref, "digest": info.digest_text, **result.as_json()})
     else:

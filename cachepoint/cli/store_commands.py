@@ -14,6 +14,7 @@ import click
 from cachepoint.blocks import parse_block_size
 from cachepoint.cli.context import (
     Context,
+    allow_same_option,
     block_size_option,
     kind_from_name,
     kind_option,
@@ -29,6 +30,7 @@ from cachepoint.errors import InvalidInput, StoreBusy
 from cachepoint.ids import Ref, validate_layer_name
 from cachepoint.layers.ingest import IngestOptions, ingest
 from cachepoint.layers.rollback import rollback
+from cachepoint.layers.unchanged import unchanged_line
 from cachepoint.model import LayerKind
 from cachepoint.progress import progress_bar
 from cachepoint.store.gc import collect
@@ -55,6 +57,7 @@ def init_cmd(ctx: Context, as_json: bool) -> None:
 @message_option
 @block_size_option
 @tag_option
+@allow_same_option
 @json_option
 @pass_ctx
 @handles_errors
@@ -66,9 +69,11 @@ def ingest_cmd(
     message: str,
     block_size: str | None,
     tags: tuple[str, ...],
+    allow_same: bool,
     as_json: bool,
 ) -> None:
-    """Make a new version of LAYER from PATH (a disk image file or a directory tree)."""
+    """Make a new version of LAYER from PATH (a disk image file or a directory tree). Content the tag
+    (--tag, else latest) already names makes no new version (--allow-same does)."""
     validate_layer_name(layer)
     requested = parse_block_size(block_size) if block_size else None
     layer_kind = LayerKind.parse(kind) if kind else kind_from_name(layer)
@@ -81,6 +86,7 @@ def ingest_cmd(
         block_size=requested,
         new_layer_block_size=parse_block_size(ctx.settings.block_size),
         tags=tags,
+        allow_same=allow_same,
     )
     try:
         store = ctx.open(writable=True, create=True)
@@ -91,6 +97,8 @@ def ingest_cmd(
         data = asyncio.run(ingest_via_daemon(ctx.store_path, path, options))
         if as_json:
             emit_json(data)
+        elif data.get("unchanged"):
+            click.echo(unchanged_line(str(data["ref"])) + " (through the daemon)")
         else:
             click.echo(
                 f"{data['ref']}  {human(data['logical_bytes'])} logical, {human(data['new_bytes'])} new "
@@ -108,6 +116,9 @@ def ingest_cmd(
         return
     v = result.version
     assert v is not None
+    if result.unchanged:
+        click.echo(unchanged_line(v.ref))
+        return
     click.echo(
         f"{v.ref}  {human(result.logical_bytes)} logical, {human(result.new_bytes)} new "
         f"({human(result.new_stored_bytes)} stored), {result.reused} unchanged blocks skipped, "

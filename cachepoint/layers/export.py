@@ -2,6 +2,8 @@
 
 Worker threads fetch blocks, verify each against its id (zstd and SHA-256 release the GIL) and
 pwrite them; a hole is never written, the file is sized with ftruncate so it stays sparse.
+Everything is written beside DEST and renamed into place once synced (``cachepoint.atomic``): a
+failed export leaves nothing behind, and what was at DEST (with ``force``) stays until the end.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from cachepoint.atomic import new_file, new_tree, sync_directory
 from cachepoint.blocks import decode_verified
 from cachepoint.errors import BlockMissing, InvalidInput
 from cachepoint.ids import HOLE_DIGEST, BlockId
@@ -20,6 +23,7 @@ from cachepoint.model import EntryType, FileEntry, Manifest
 from cachepoint.store.store import Store
 
 JOB_BLOCKS_BYTES = 4 * 1024 * 1024
+OPEN_FILES = 256  # files of a tree open at once while their blocks are written (well under ulimit -n)
 ProgressFn = Callable[[int, int], None]
 
 
@@ -71,30 +75,54 @@ class _Writer:
         return written
 
 
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def write_files(
     store: Store, targets: list[tuple[PlacedFile, Path]], progress: ProgressFn | None = None
 ) -> int:
-    """Write each file's blocks in parallel; returns the bytes written (holes excluded)."""
-    fds: list[int] = []
-    try:
-        for _, path in targets:
-            fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600))
-        placed = [(p, fd) for (p, _), fd in zip(targets, fds, strict=True)]
-        return write_open_files(store, placed, progress)
-    finally:
-        for fd in fds:
-            os.close(fd)
+    """Create each file (new: O_EXCL), write its blocks in parallel, give it its mode and mtime and
+    sync it; returns the bytes written (holes excluded). At most OPEN_FILES are open at once."""
+    total = sum(p.entry.size for p, _ in targets)
+    overall = None if progress is None else lambda done, _: progress(done, total)
+    done = 0
+    for start in range(0, len(targets), OPEN_FILES):
+        fds: list[int] = []
+        try:
+            batch = targets[start : start + OPEN_FILES]
+            for _, path in batch:
+                fds.append(os.open(path, _NEW_FILE, 0o600))
+            placed = [(p, fd) for (p, _), fd in zip(batch, fds, strict=True)]
+            done += write_open_files(store, placed, overall, done, finish=True)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    return done
+
+
+def _finish(target: tuple[PlacedFile, int]) -> None:
+    placed, fd = target
+    os.fchmod(fd, placed.entry.mode)
+    os.utime(fd, ns=(placed.entry.mtime_ns, placed.entry.mtime_ns))
+    os.fsync(fd)
 
 
 def write_open_files(
-    store: Store, targets: list[tuple[PlacedFile, int]], progress: ProgressFn | None = None, done: int = 0
+    store: Store,
+    targets: list[tuple[PlacedFile, int]],
+    progress: ProgressFn | None = None,
+    done: int = 0,
+    finish: bool = False,
 ) -> int:
     """Write each file's blocks through descriptors the caller opened (and closes); sizes them with
-    ftruncate so holes stay holes. Returns the bytes written; ``done`` offsets the progress figures."""
+    ftruncate so holes stay holes. With ``finish``, then sets each file's mode and mtime and syncs it
+    (in parallel: a file system commits concurrent fsyncs together). Returns the bytes written;
+    ``done`` offsets the progress figures."""
     total = done + sum(p.entry.size for p, _ in targets)
     start = done
     writer = _Writer(store)
-    with ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="export") as pool:
+    pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="export")
+    try:
         jobs = []
         for placed, fd in targets:
             os.ftruncate(fd, placed.entry.size)
@@ -103,38 +131,51 @@ def write_open_files(
             done += written
             if progress is not None:
                 progress(done, total)
+        if finish:
+            list(pool.map(_finish, targets))
+    finally:
+        # On a failure (a bad block, Ctrl-C) the queued jobs are dropped, not run to the end; the
+        # running ones finish before the caller closes and removes their files.
+        pool.shutdown(wait=True, cancel_futures=True)
     return done - start
 
 
 def export_single(
-    store: Store, placed: PlacedFile, dest: Path, progress: ProgressFn | None = None
+    store: Store,
+    placed: PlacedFile,
+    dest: Path,
+    progress: ProgressFn | None = None,
+    force: bool = False,
 ) -> ExportResult:
+    """Write one file at ``dest``, or under its own name in ``dest`` when that is a directory (or a
+    symlink to one, as cp does); ``force`` replaces what is there (see ``cachepoint.atomic``)."""
     if dest.is_dir():
         dest = dest / placed.entry.path
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    written = write_files(store, [(placed, dest)], progress)
-    os.chmod(dest, placed.entry.mode)
-    os.utime(dest, ns=(placed.entry.mtime_ns, placed.entry.mtime_ns))
+    with new_file(dest, force=force) as fd:
+        written = write_open_files(store, [(placed, fd)], progress, finish=True)
     return ExportResult(str(dest), 1, written, placed.entry.size)
 
 
-def _prepare_dest(dest: Path) -> None:
-    if dest.exists() or dest.is_symlink():
-        if not dest.is_dir() or dest.is_symlink():
-            raise InvalidInput(f"cannot export a tree to {dest}: it exists and is not a directory")
-        if any(dest.iterdir()):
-            raise InvalidInput(f"cannot export a tree to {dest}: the directory is not empty")
-    else:
-        dest.mkdir(parents=True)
-
-
 def export_tree(
-    store: Store, entries: list[PlacedFile], dest: Path, progress: ProgressFn | None = None
+    store: Store,
+    entries: list[PlacedFile],
+    dest: Path,
+    progress: ProgressFn | None = None,
+    force: bool = False,
 ) -> ExportResult:
-    """Restore a tree under dest. A path can never land outside dest: manifest paths are relative
-    without '..', and each entry's parent must be a directory this export created itself (so a
-    symlink in the tree is never followed)."""
-    _prepare_dest(dest)
+    """Restore a tree at dest (new, or an empty directory; ``force`` replaces anything but a device).
+    It is built beside dest and renamed into place when complete and synced. A path can never land
+    outside the tree: manifest paths are relative without '..', and each entry's parent must be a
+    directory this export created itself (so a symlink in the tree is never followed)."""
+    with new_tree(dest, force=force) as root:
+        files, written = _build_tree(store, entries, root, progress)
+    logical = sum(p.entry.size for p, _ in files)
+    return ExportResult(str(dest), len(files), written, logical)
+
+
+def _build_tree(
+    store: Store, entries: list[PlacedFile], dest: Path, progress: ProgressFn | None
+) -> tuple[list[tuple[PlacedFile, Path]], int]:
     directories = {""}
     files: list[tuple[PlacedFile, Path]] = []
     for placed in entries:
@@ -156,18 +197,19 @@ def export_tree(
             os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         elif entry.type == EntryType.FILE:
             files.append((placed, target))
-    written = write_files(store, files, progress)
-    # Metadata last, deepest first: creating children changes a directory's mtime.
+    written = write_files(store, files, progress)  # files get their mode and mtime, and are synced
+    # Directories last, deepest first (creating children changes a directory's mtime); each is synced
+    # so the names in it are durable before the tree takes its final name.
     for placed in reversed(entries):
         entry = placed.entry
         target = dest / entry.path
         if entry.type == EntryType.SYMLINK:
             os.utime(target, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
-        elif entry.type in (EntryType.FILE, EntryType.DIRECTORY):
+        elif entry.type == EntryType.DIRECTORY:
+            sync_directory(target)
             os.chmod(target, entry.mode)
             os.utime(target, ns=(entry.mtime_ns, entry.mtime_ns))
-    logical = sum(p.entry.size for p, _ in files)
-    return ExportResult(str(dest), len(files), written, logical)
+    return files, written
 
 
 def place(manifest: Manifest) -> list[PlacedFile]:
@@ -175,8 +217,13 @@ def place(manifest: Manifest) -> list[PlacedFile]:
 
 
 def export_manifest(
-    store: Store, manifest: Manifest, dest: Path, progress: ProgressFn | None = None
+    store: Store,
+    manifest: Manifest,
+    dest: Path,
+    progress: ProgressFn | None = None,
+    force: bool = False,
 ) -> ExportResult:
     if manifest.single_file:
-        return export_single(store, PlacedFile(manifest.entries[0], manifest.block_size), dest, progress)
-    return export_tree(store, place(manifest), dest, progress)
+        placed = PlacedFile(manifest.entries[0], manifest.block_size)
+        return export_single(store, placed, dest, progress, force)
+    return export_tree(store, place(manifest), dest, progress, force)

@@ -22,14 +22,15 @@ from pathlib import Path
 import xxhash
 
 from cachepoint.blocks import DEFAULT_BLOCK_SIZE, encode_block, is_hole
-from cachepoint.errors import InvalidBlockSize, SourceUnreadable
-from cachepoint.ids import DIGEST_SIZE, HOLE_DIGEST, validate_layer_name, validate_tag
+from cachepoint.errors import InvalidBlockSize, NotFound, SourceUnreadable
+from cachepoint.ids import DIGEST_SIZE, HOLE_DIGEST, Ref, validate_layer_name, validate_tag
 from cachepoint.layers.source import SourceFile, scan
+from cachepoint.layers.unchanged import named_by_all, same_content, target_tags
 from cachepoint.model import EntryType, FileEntry, LayerKind, Manifest, VersionInfo
 from cachepoint.store import format as fmt
 from cachepoint.store.catalog import PendingCommit
 from cachepoint.store.store import IngestPins, Store
-from cachepoint.wire import manifest_to_bytes
+from cachepoint.wire import manifest_digest, manifest_to_bytes
 
 JOB_BYTES = 4 * 1024 * 1024  # one job: enough work to amortise the hand-off, small enough to pipeline
 PREFILTER_MIN_BLOCKS = 4  # smaller files re-hash faster than they look up a prefilter record
@@ -51,6 +52,7 @@ class IngestOptions:
     new_layer_block_size: int = DEFAULT_BLOCK_SIZE
     tags: tuple[str, ...] = ()
     workers: int = 0  # 0: one per core
+    allow_same: bool = False  # False: no new version when the target tag already names this content
 
 
 @dataclass
@@ -67,6 +69,7 @@ class IngestResult:
     bytes_read: int = 0  # from the source files (holes of sparse files are not read)
     seconds: float = 0.0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    unchanged: bool = False  # ``version`` is the existing one its tag names: no version was made
 
     def as_json(self) -> dict[str, object]:
         v = self.version
@@ -77,6 +80,7 @@ class IngestResult:
             "ref": v.ref,
             "digest": v.digest_text,
             "parent": v.parent or None,
+            "unchanged": self.unchanged,
             "logical_bytes": self.logical_bytes,
             "new_bytes": self.new_bytes,
             "new_stored_bytes": self.new_stored_bytes,
@@ -440,13 +444,39 @@ def prepare(
     return PreparedVersion(manifest, manifest_to_bytes(manifest), cut.prefilter, cut.pins, stats, started)
 
 
+def unchanged_here(store: Store, options: IngestOptions, prepared: PreparedVersion) -> VersionInfo | None:
+    """The version of this store the target tags name, if it has the prepared content (see
+    ``cachepoint.layers.unchanged``)."""
+
+    def named(tag: str) -> VersionInfo | None:
+        try:
+            return store.catalog.resolve(Ref(options.layer, tag=tag))
+        except NotFound:
+            return None
+
+    existing = named_by_all(named(tag) for tag in target_tags(options.tags))
+    if existing is None:
+        return None
+    if existing.manifest_digest == manifest_digest(prepared.manifest_bytes):
+        return existing
+    old = store.catalog.manifest(existing.manifest_digest)
+    return existing if same_content(old, prepared.manifest) else None
+
+
 def ingest(
     store: Store, path: Path | str, options: IngestOptions, progress: ProgressFn | None = None
 ) -> IngestResult:
-    """Make a new version of a layer from a file or a tree: prepare, then commit it locally."""
+    """Make a new version of a layer from a file or a tree: prepare, then commit it locally (unless
+    the target tag already names this content and ``allow_same`` is off: then the result names that
+    version and says ``unchanged``)."""
     prepared = prepare(store, path, options, progress)
+    result = prepared.result
     committed = False
     try:
+        if not options.allow_same and (same := unchanged_here(store, options, prepared)) is not None:
+            result.version, result.unchanged = same, True
+            result.seconds = time.monotonic() - prepared.started
+            return result
         info = store.catalog.commit(
             layer=options.layer,
             kind=options.kind,
@@ -460,7 +490,6 @@ def ingest(
         committed = True
     finally:
         prepared.release(store, committed)
-    result = prepared.result
     result.version = info
     result.seconds = time.monotonic() - prepared.started
     return result

@@ -2,6 +2,12 @@
 
 The local store records the coordinator's version (its number and metadata), so the next publish of
 the layer starts from it and its xxh3 pre-filter skips the unchanged blocks.
+
+Content the target tag already names at the coordinator makes no new version (unless ``allow_same``;
+the rule is in ``cachepoint.layers.unchanged``). The client asks (Resolve each target tag, then
+GetManifest only when the manifests' digests differ) before pushing anything: no wire change, and an
+unchanged publish sends no block. Two publishers racing with the same content can both make a
+version, as before; nothing is lost either way.
 """
 
 from __future__ import annotations
@@ -14,9 +20,17 @@ from pathlib import Path
 
 import grpc
 
-from cachepoint.errors import RemoteRefused
-from cachepoint.ids import BlockId
-from cachepoint.layers.ingest import IngestOptions, IngestResult, ProgressFn, default_author, prepare
+from cachepoint.errors import IntegrityFailure, RemoteRefused
+from cachepoint.ids import BlockId, Ref
+from cachepoint.layers.ingest import (
+    IngestOptions,
+    IngestResult,
+    PreparedVersion,
+    ProgressFn,
+    default_author,
+    prepare,
+)
+from cachepoint.layers.unchanged import named_by_all, same_content, target_tags
 from cachepoint.model import VersionInfo
 from cachepoint.rpc import channel
 from cachepoint.rpc.channel import BATCH_BYTES, MAX_HAS_IDS
@@ -24,7 +38,13 @@ from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
 from cachepoint.store.catalog import PendingCommit
 from cachepoint.store.store import Store
 from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc, catalog_pb2, catalog_pb2_grpc
-from cachepoint.wire import manifest_digest, stored_block_to_pb, version_from_pb
+from cachepoint.wire import (
+    manifest_digest,
+    manifest_from_bytes,
+    ref_to_pb,
+    stored_block_to_pb,
+    version_from_pb,
+)
 
 PUSH_DEADLINE = 3600.0
 
@@ -35,6 +55,7 @@ class PublishResult:
     ingest: IngestResult
     blocks_sent: int
     bytes_sent: int
+    unchanged: bool = False  # ``version`` is the coordinator's existing one: nothing was committed
 
     def as_json(self) -> dict[str, object]:
         data = self.ingest.as_json()
@@ -45,6 +66,7 @@ class PublishResult:
                 "ref": self.version.ref,
                 "digest": self.version.digest_text,
                 "parent": self.version.parent or None,
+                "unchanged": self.unchanged,
                 "blocks_sent": self.blocks_sent,
                 "bytes_sent": self.bytes_sent,
             }
@@ -102,6 +124,36 @@ async def push_blocks(store: Store, coordinator: grpc.aio.Channel, ids: list[byt
     return sent[0], sent[1]
 
 
+async def unchanged_at(
+    coordinator: grpc.aio.Channel, options: IngestOptions, prepared: PreparedVersion
+) -> tuple[VersionInfo, bytes] | None:
+    """The coordinator's version the target tags name and its manifest's bytes, if it has the
+    prepared content; None when a tag names nothing there or the content differs."""
+    stub = catalog_pb2_grpc.CatalogStub(coordinator)
+    found: list[VersionInfo | None] = []
+    for tag in target_tags(options.tags):
+        request = catalog_pb2.ResolveRequest(ref=ref_to_pb(Ref(options.layer, tag=tag)))
+        try:
+            found.append(version_from_pb(await stub.Resolve(request, timeout=UNARY_DEADLINE)))
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                raise
+            return None  # a new layer, or a tag not set yet
+    existing = named_by_all(found)
+    if existing is None:
+        return None
+    if existing.manifest_digest == manifest_digest(prepared.manifest_bytes):
+        return existing, prepared.manifest_bytes
+    blob = await stub.GetManifest(
+        catalog_pb2.GetManifestRequest(digest=existing.manifest_digest), timeout=UNARY_DEADLINE
+    )
+    if manifest_digest(blob.manifest) != existing.manifest_digest:
+        raise IntegrityFailure(f"the coordinator's manifest of {existing.ref} does not match its digest")
+    if not same_content(manifest_from_bytes(blob.manifest), prepared.manifest):
+        return None
+    return existing, bytes(blob.manifest)
+
+
 async def publish(
     store: Store,
     path: Path | str,
@@ -111,25 +163,18 @@ async def publish(
 ) -> PublishResult:
     prepared = await asyncio.to_thread(prepare, store, path, options, progress)
     committed = False
+    blocks = size = 0
     try:
         async with channel.channel(coordinator) as ch:
-            blocks, size = await push_blocks(store, ch, sorted(prepared.manifest.block_ids()))
-            request = catalog_pb2.CommitRequest(
-                layer=options.layer,
-                kind=int(options.kind),
-                manifest=catalog_pb2.ManifestBlob(
-                    digest=manifest_digest(prepared.manifest_bytes),
-                    manifest=prepared.manifest_bytes,
-                ),
-                author=options.author or default_author(),
-                device=options.device,
-                message=options.message,
-                tags=list(options.tags),
-            )
-            info = version_from_pb(
-                await catalog_pb2_grpc.CatalogStub(ch).Commit(request, timeout=UNARY_DEADLINE)
-            )
-        pending = PendingCommit(prepared.manifest_bytes, prepared.prefilter, prepared.pins.ingest_id)
+            same = None if options.allow_same else await unchanged_at(ch, options, prepared)
+            if same is not None:
+                info, manifest_bytes = same
+            else:
+                blocks, size = await push_blocks(store, ch, sorted(prepared.manifest.block_ids()))
+                info = await _commit(ch, options, prepared)
+                manifest_bytes = prepared.manifest_bytes
+        # Recorded here either way, so the next publish of the layer starts from it.
+        pending = PendingCommit(manifest_bytes, prepared.prefilter, prepared.pins.ingest_id)
         await asyncio.to_thread(store.catalog.import_version, info, pending, options.tags)
         committed = True
     except grpc.RpcError as err:
@@ -138,5 +183,22 @@ async def publish(
         prepared.release(store, committed)
     result = prepared.result
     result.version = info
+    result.unchanged = same is not None
     result.seconds = time.monotonic() - prepared.started
-    return PublishResult(info, result, blocks, size)
+    return PublishResult(info, result, blocks, size, unchanged=result.unchanged)
+
+
+async def _commit(ch: grpc.aio.Channel, options: IngestOptions, prepared: PreparedVersion) -> VersionInfo:
+    request = catalog_pb2.CommitRequest(
+        layer=options.layer,
+        kind=int(options.kind),
+        manifest=catalog_pb2.ManifestBlob(
+            digest=manifest_digest(prepared.manifest_bytes),
+            manifest=prepared.manifest_bytes,
+        ),
+        author=options.author or default_author(),
+        device=options.device,
+        message=options.message,
+        tags=list(options.tags),
+    )
+    return version_from_pb(await catalog_pb2_grpc.CatalogStub(ch).Commit(request, timeout=UNARY_DEADLINE))

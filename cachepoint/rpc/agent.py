@@ -79,10 +79,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             device=d.settings.node_id or os.uname().nodename,
             block_size=request.block_size or None,
             tags=tuple(request.tags),
+            allow_same=request.allow_same,
         )
         result = await asyncio.to_thread(ingest, d.store, Path(request.path), options)
         assert result.version is not None
-        if result.version.layer.startswith(outbox.USER_PREFIX):
+        if result.version.layer.startswith(outbox.USER_PREFIX) and not result.unchanged:
             d.outbox_wakeup.set()
         return agent_pb2.IngestResponse(
             version=version_to_pb(result.version), result_json=json.dumps(result.as_json())

@@ -26,7 +26,7 @@ from cachepoint.v1 import catalog_pb2 as cachepoint_dot_v1_dot_catalog__pb2
 from cachepoint.v1 import version_pb2 as cachepoint_dot_v1_dot_version__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x61\x63hepoint/v1/agent.proto\x12\rcachepoint.v1\x1a\x1b\x63\x61\x63hepoint/v1/catalog.proto\x1a\x1b\x63\x61\x63hepoint/v1/version.proto\"\x0f\n\rStatusRequest\"W\n\x0eSourceCounters\x12\x14\n\x0csource_class\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x04 \x01(\x04\"\\\n\x0cSubscription\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06wanted\x18\x02 \x01(\x04\x12\x0c\n\x04held\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\x12\x12\n\nlast_error\x18\x05 \x01(\t\"\xdf\x02\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0b\x63oordinator\x18\x04 \x01(\t\x12\x1d\n\x15\x63oordinator_connected\x18\x05 \x01(\x08\x12\x32\n\rsubscriptions\x18\x06 \x03(\x0b\x32\x1b.cachepoint.v1.Subscription\x12,\n\x08versions\x18\x07 \x03(\x0b\x32\x1a.cachepoint.v1.VersionInfo\x12\x14\n\x0coutbox_depth\x18\x08 \x01(\r\x12\x13\n\x0bpeers_known\x18\t \x01(\r\x12.\n\x07sources\x18\n \x03(\x0b\x32\x1d.cachepoint.v1.SourceCounters\x12\x18\n\x10\x63\x61talog_position\x18\x0b \x01(\x04\x12\x12\n\nscrub_json\x18\x0c \x01(\t\".\n\x0bPullRequest\x12\x1f\n\x03ref\x18\x01 \x01(\x0b\x32\x12.cachepoint.v1.Ref\"\x8c\x01\n\x0cPullProgress\x12\x14\n\x0c\x62locks_total\x18\x01 \x01(\x04\x12\x13\n\x0b\x62locks_done\x18\x02 \x01(\x04\x12\x12\n\nbytes_done\x18\x03 \x01(\x04\x12+\n\x07version\x18\x04 \x01(\x0b\x32\x1a.cachepoint.v1.VersionInfo\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\"\x97\x01\n\rIngestRequest\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.cachepoint.v1.LayerKind\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0c\n\x04tags\x18\x05 \x03(\t\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x0e\n\x06\x61uthor\x18\x07 \x01(\t\"R\n\x0eIngestResponse\x12+\n\x07version\x18\x01 \x01(\x0b\x32\x1a.cachepoint.v1.VersionInfo\x12\x13\n\x0bresult_json\x18\x02 \x01(\t\",\n\rAttachRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\"Y\n\x0e\x41ttachResponse\x12\x13\n\x0b\x65xport_name\x18\x01 \x01(\t\x12\x0b\n\x03nbd\x18\x02 \x03(\t\x12\x11\n\tread_only\x18\x03 \x01(\x08\x12\x12\n\nuser_layer\x18\x04 \x01(\t\"5\n\rDetachRequest\x12\x13\n\x0b\x65xport_name\x18\x01 \x01(\t\x12\x0f\n\x07\x64iscard\x18\x02 \x01(\x08\"\x10\n\x0e\x44\x65tachResponse\"G\n\x0fSnapshotRequest\x12\x13\n\x0b\x65xport_name\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\"0\n\x12\x43reateImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04refs\x18\x02 \x03(\t\":\n\nImageReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04refs\x18\x02 \x03(\t\x12\x10\n\x08replaced\x18\x03 \x01(\t\">\n\rRebaseRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x1e\n\x02to\x18\x02 \x01(\x0b\x32\x12.cachepoint.v1.Ref\"n\n\x0eRestoreRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x1e\n\x02to\x18\x03 \x01(\x0b\x32\x12.cachepoint.v1.Ref\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x05 \x01(\t\"a\n\x0fRollbackRequest\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x1e\n\x02to\x18\x02 \x01(\x0b\x32\x12.cachepoint.v1.Ref\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\"\x17\n\x15\x43ollectGarbageRequest\"-\n\x16\x43ollectGarbageResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\"\x1c\n\x0cScrubRequest\x12\x0c\n\x04rate\x18\x01 \x01(\t\"u\n\rScrubProgress\x12\x13\n\x0b\x62locks_done\x18\x01 \x01(\x04\x12\x14\n\x0c\x62locks_total\x18\x02 \x01(\x04\x12\x12\n\nbytes_done\x18\x03 \x01(\x04\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x13\n\x0bresult_json\x18\x05 \x01(\t\"q\n\x0e\x43\x61ptureRequest\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\x12\r\n\x05\x66orce\x18\x05 \x01(\x08\x12\x12\n\nblock_size\x18\x06 \x01(\r\"&\n\x0f\x43\x61ptureResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\t2\xff\x07\n\x05\x41gent\x12\x45\n\x06Status\x12\x1c.cachepoint.v1.StatusRequest\x1a\x1d.cachepoint.v1.StatusResponse\x12\x45\n\x06Ingest\x12\x1c.cachepoint.v1.IngestRequest\x1a\x1d.cachepoint.v1.IngestResponse\x12H\n\x07\x43\x61pture\x12\x1d.cachepoint.v1.CaptureRequest\x1a\x1e.cachepoint.v1.CaptureResponse\x12\x41\n\x04Pull\x12\x1a.cachepoint.v1.PullRequest\x1a\x1b.cachepoint.v1.PullProgress0\x01\x12\x45\n\x06\x41ttach\x12\x1c.cachepoint.v1.AttachRequest\x1a\x1d.cachepoint.v1.AttachResponse\x12\x45\n\x06\x44\x65tach\x12\x1c.cachepoint.v1.DetachRequest\x1a\x1d.cachepoint.v1.DetachResponse\x12\x46\n\x08Snapshot\x12\x1e.cachepoint.v1.SnapshotRequest\x1a\x1a.cachepoint.v1.VersionInfo\x12K\n\x0b\x43reateImage\x12!.cachepoint.v1.CreateImageRequest\x1a\x19.cachepoint.v1.ImageReply\x12\x41\n\x06Rebase\x12\x1c.cachepoint.v1.RebaseRequest\x1a\x19.cachepoint.v1.ImageReply\x12\x44\n\x07Restore\x12\x1d.cachepoint.v1.RestoreRequest\x1a\x1a.cachepoint.v1.VersionInfo\x12\x42\n\x06SetTag\x12\x1c.cachepoint.v1.SetTagRequest\x1a\x1a.cachepoint.v1.VersionInfo\x12\x46\n\x08Rollback\x12\x1e.cachepoint.v1.RollbackRequest\x1a\x1a.cachepoint.v1.VersionInfo\x12]\n\x0e\x43ollectGarbage\x12$.cachepoint.v1.CollectGarbageRequest\x1a%.cachepoint.v1.CollectGarbageResponse\x12\x44\n\x05Scrub\x12\x1b.cachepoint.v1.ScrubRequest\x1a\x1c.cachepoint.v1.ScrubProgress0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x61\x63hepoint/v1/agent.proto\x12\rcachepoint.v1\x1a\x1b\x63\x61\x63hepoint/v1/catalog.proto\x1a\x1b\x63\x61\x63hepoint/v1/version.proto\"\x0f\n\rStatusRequest\"W\n\x0eSourceCounters\x12\x14\n\x0csource_class\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x04 \x01(\x04\"\\\n\x0cSubscription\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06wanted\x18\x02 \x01(\x04\x12\x0c\n\x04held\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\x12\x12\n\nlast_error\x18\x05 \x01(\t\"\xdf\x02\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0b\x63oordinator\x18\x04 \x01(\t\x12\x1d\n\x15\x63oordinator_connected\x18\x05 \x01(\x08\x12\x32\n\rsubscriptions\x18\x06 \x03(\x0b\x32\x1b.cachepoint.v1.Subscription\x12,\n\x08versions\x18\x07 \x03(\x0b\x32\x1a.cachepoint.v1.VersionInfo\x12\x14\n\x0coutbox_depth\x18\x08 \x01(\r\x12\x13\n\x0bpeers_known\x18\t \x01(\r\x12.\n\x07sources\x18\n \x03(\x0b\x32\x1d.cachepoint.v1.SourceCounters\x12\x18\n\x10\x63\x61talog_position\x18\x0b \x01(\x04\x12\x12\n\nscrub_json\x18\x0c \x01(\t\".\n\x0bPullRequest\x12\x1f\n\x03ref\x18\x01 \x01(\x0b\x32\x12.cachepoint.v1.Ref\"\x8c\x01\n\x0cPullProgress\x12\x14\n\x0c\x62locks_total\x18\x01 \x01(\x04\x12\x13\n\x0b\x62locks_done\x18\x02 \x01(\x04\x12\x12\n\nbytes_done\x18\x03 \x01(\x04\x12+\n\x07version\x18\x04 \x01(\x0b\x32\x1a.cachepoint.v1.VersionInfo\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\"\xab\x01\n\rIngestRequest\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.cachepoint.v1.LayerKind\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0c\n\x04tags\x18\x05 \x03(\t\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x0e\n\x06\x61uthor\x18\x07 \x01(\t\x12\x12\n\nallow_same\x18\x08 \x01(\x08\"R\n\x0eIngestResponse\x12+\n\x07version\x18\x01 \x01(\x0b\x32\x1a.cachepoint.v1.VersionInfo\x12\x13\n\x0bresult_json\x18\x02 \x01(\t\",\n\rAttachRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\"Y\n\x0e\x41ttachResponse\x12\x13\n\x0b\x65xport_name\x18\x01 \x01(\t\x12\x0b\n\x03nbd\x18\x02 \x03(\t\x12\x11\n\tread_only\x18\x03 \x01(\x08\x12\x12\n\nuser_layer\x18\x04 \x01(\t\"5\n\rDetachRequest\x12\x13\n\x0b\x65xport_name\x18\x01 \x01(\t\x12\x0f\n\x07\x64iscard\x18\x02 \x01(\x08\"\x10\n\x0e\x44\x65tachResponse\"G\n\x0fSnapshotRequest\x12\x13\n\x0b\x65xport_name\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\"0\n\x12\x43reateImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04refs\x18\x02 \x03(\t\":\n\nImageReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04refs\x18\x02 \x03(\t\x12\x10\n\x08replaced\x18\x03 \x01(\t\">\n\rRebaseRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x1e\n\x02to\x18\x02 \x01(\x0b\x32\x12.cachepoint.v1.Ref\"n\n\x0eRestoreRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x1e\n\x02to\x18\x03 \x01(\x0b\x32\x12.cachepoint.v1.Ref\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x05 \x01(\t\"a\n\x0fRollbackRequest\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x1e\n\x02to\x18\x02 \x01(\x0b\x32\x12.cachepoint.v1.Ref\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\"\x17\n\x15\x43ollectGarbageRequest\"-\n\x16\x43ollectGarbageResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\"\x1c\n\x0cScrubRequest\x12\x0c\n\x04rate\x18\x01 \x01(\t\"u\n\rScrubProgress\x12\x13\n\x0b\x62locks_done\x18\x01 \x01(\x04\x12\x14\n\x0c\x62locks_total\x18\x02 \x01(\x04\x12\x12\n\nbytes_done\x18\x03 \x01(\x04\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x13\n\x0bresult_json\x18\x05 \x01(\t\"q\n\x0e\x43\x61ptureRequest\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\x12\r\n\x05\x66orce\x18\x05 \x01(\x08\x12\x12\n\nblock_size\x18\x06 \x01(\r\"&\n\x0f\x43\x61ptureResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\t2\xff\x07\n\x05\x41gent\x12\x45\n\x06Status\x12\x1c.cachepoint.v1.StatusRequest\x1a\x1d.cachepoint.v1.StatusResponse\x12\x45\n\x06Ingest\x12\x1c.cachepoint.v1.IngestRequest\x1a\x1d.cachepoint.v1.IngestResponse\x12H\n\x07\x43\x61pture\x12\x1d.cachepoint.v1.CaptureRequest\x1a\x1e.cachepoint.v1.CaptureResponse\x12\x41\n\x04Pull\x12\x1a.cachepoint.v1.PullRequest\x1a\x1b.cachepoint.v1.PullProgress0\x01\x12\x45\n\x06\x41ttach\x12\x1c.cachepoint.v1.AttachRequest\x1a\x1d.cachepoint.v1.AttachResponse\x12\x45\n\x06\x44\x65tach\x12\x1c.cachepoint.v1.DetachRequest\x1a\x1d.cachepoint.v1.DetachResponse\x12\x46\n\x08Snapshot\x12\x1e.cachepoint.v1.SnapshotRequest\x1a\x1a.cachepoint.v1.VersionInfo\x12K\n\x0b\x43reateImage\x12!.cachepoint.v1.CreateImageRequest\x1a\x19.cachepoint.v1.ImageReply\x12\x41\n\x06Rebase\x12\x1c.cachepoint.v1.RebaseRequest\x1a\x19.cachepoint.v1.ImageReply\x12\x44\n\x07Restore\x12\x1d.cachepoint.v1.RestoreRequest\x1a\x1a.cachepoint.v1.VersionInfo\x12\x42\n\x06SetTag\x12\x1c.cachepoint.v1.SetTagRequest\x1a\x1a.cachepoint.v1.VersionInfo\x12\x46\n\x08Rollback\x12\x1e.cachepoint.v1.RollbackRequest\x1a\x1a.cachepoint.v1.VersionInfo\x12]\n\x0e\x43ollectGarbage\x12$.cachepoint.v1.CollectGarbageRequest\x1a%.cachepoint.v1.CollectGarbageResponse\x12\x44\n\x05Scrub\x12\x1b.cachepoint.v1.ScrubRequest\x1a\x1c.cachepoint.v1.ScrubProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,41 +46,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PULLPROGRESS']._serialized_start=705
   _globals['_PULLPROGRESS']._serialized_end=845
   _globals['_INGESTREQUEST']._serialized_start=848
-  _globals['_INGESTREQUEST']._serialized_end=999
-  _globals['_INGESTRESPONSE']._serialized_start=1001
-  _globals['_INGESTRESPONSE']._serialized_end=1083
-  _globals['_ATTACHREQUEST']._serialized_start=1085
-  _globals['_ATTACHREQUEST']._serialized_end=1129
-  _globals['_ATTACHRESPONSE']._serialized_start=1131
-  _globals['_ATTACHRESPONSE']._serialized_end=1220
-  _globals['_DETACHREQUEST']._serialized_start=1222
-  _globals['_DETACHREQUEST']._serialized_end=1275
-  _globals['_DETACHRESPONSE']._serialized_start=1277
-  _globals['_DETACHRESPONSE']._serialized_end=1293
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1295
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1366
-  _globals['_CREATEIMAGEREQUEST']._serialized_start=1368
-  _globals['_CREATEIMAGEREQUEST']._serialized_end=1416
-  _globals['_IMAGEREPLY']._serialized_start=1418
-  _globals['_IMAGEREPLY']._serialized_end=1476
-  _globals['_REBASEREQUEST']._serialized_start=1478
-  _globals['_REBASEREQUEST']._serialized_end=1540
-  _globals['_RESTOREREQUEST']._serialized_start=1542
-  _globals['_RESTOREREQUEST']._serialized_end=1652
-  _globals['_ROLLBACKREQUEST']._serialized_start=1654
-  _globals['_ROLLBACKREQUEST']._serialized_end=1751
-  _globals['_COLLECTGARBAGEREQUEST']._serialized_start=1753
-  _globals['_COLLECTGARBAGEREQUEST']._serialized_end=1776
-  _globals['_COLLECTGARBAGERESPONSE']._serialized_start=1778
-  _globals['_COLLECTGARBAGERESPONSE']._serialized_end=1823
-  _globals['_SCRUBREQUEST']._serialized_start=1825
-  _globals['_SCRUBREQUEST']._serialized_end=1853
-  _globals['_SCRUBPROGRESS']._serialized_start=1855
-  _globals['_SCRUBPROGRESS']._serialized_end=1972
-  _globals['_CAPTUREREQUEST']._serialized_start=1974
-  _globals['_CAPTUREREQUEST']._serialized_end=2087
-  _globals['_CAPTURERESPONSE']._serialized_start=2089
-  _globals['_CAPTURERESPONSE']._serialized_end=2127
-  _globals['_AGENT']._serialized_start=2130
-  _globals['_AGENT']._serialized_end=3153
+  _globals['_INGESTREQUEST']._serialized_end=1019
+  _globals['_INGESTRESPONSE']._serialized_start=1021
+  _globals['_INGESTRESPONSE']._serialized_end=1103
+  _globals['_ATTACHREQUEST']._serialized_start=1105
+  _globals['_ATTACHREQUEST']._serialized_end=1149
+  _globals['_ATTACHRESPONSE']._serialized_start=1151
+  _globals['_ATTACHRESPONSE']._serialized_end=1240
+  _globals['_DETACHREQUEST']._serialized_start=1242
+  _globals['_DETACHREQUEST']._serialized_end=1295
+  _globals['_DETACHRESPONSE']._serialized_start=1297
+  _globals['_DETACHRESPONSE']._serialized_end=1313
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1315
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1386
+  _globals['_CREATEIMAGEREQUEST']._serialized_start=1388
+  _globals['_CREATEIMAGEREQUEST']._serialized_end=1436
+  _globals['_IMAGEREPLY']._serialized_start=1438
+  _globals['_IMAGEREPLY']._serialized_end=1496
+  _globals['_REBASEREQUEST']._serialized_start=1498
+  _globals['_REBASEREQUEST']._serialized_end=1560
+  _globals['_RESTOREREQUEST']._serialized_start=1562
+  _globals['_RESTOREREQUEST']._serialized_end=1672
+  _globals['_ROLLBACKREQUEST']._serialized_start=1674
+  _globals['_ROLLBACKREQUEST']._serialized_end=1771
+  _globals['_COLLECTGARBAGEREQUEST']._serialized_start=1773
+  _globals['_COLLECTGARBAGEREQUEST']._serialized_end=1796
+  _globals['_COLLECTGARBAGERESPONSE']._serialized_start=1798
+  _globals['_COLLECTGARBAGERESPONSE']._serialized_end=1843
+  _globals['_SCRUBREQUEST']._serialized_start=1845
+  _globals['_SCRUBREQUEST']._serialized_end=1873
+  _globals['_SCRUBPROGRESS']._serialized_start=1875
+  _globals['_SCRUBPROGRESS']._serialized_end=1992
+  _globals['_CAPTUREREQUEST']._serialized_start=1994
+  _globals['_CAPTUREREQUEST']._serialized_end=2107
+  _globals['_CAPTURERESPONSE']._serialized_start=2109
+  _globals['_CAPTURERESPONSE']._serialized_end=2147
+  _globals['_AGENT']._serialized_start=2150
+  _globals['_AGENT']._serialized_end=3173
 # @@protoc_insertion_point(module_scope)

@@ -87,7 +87,7 @@ class PullProgress(_message.Message):
     def __init__(self, blocks_total: _Optional[int] = ..., blocks_done: _Optional[int] = ..., bytes_done: _Optional[int] = ..., version: _Optional[_Union[_version_pb2.VersionInfo, _Mapping]] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class IngestRequest(_message.Message):
-    __slots__ = ("layer", "path", "kind", "message", "tags", "block_size", "author")
+    __slots__ = ("layer", "path", "kind", "message", "tags", "block_size", "author", "allow_same")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class IngestRequest(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_SAME_FIELD_NUMBER: _ClassVar[int]
     layer: str
     path: str
     kind: _version_pb2.LayerKind
@@ -102,7 +103,8 @@ class IngestRequest(_message.Message):
     tags: _containers.RepeatedScalarFieldContainer[str]
     block_size: int
     author: str
-    def __init__(self, layer: _Optional[str] = ..., path: _Optional[str] = ..., kind: _Optional[_Union[_version_pb2.LayerKind, str]] = ..., message: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., block_size: _Optional[int] = ..., author: _Optional[str] = ...) -> None: ...
+    allow_same: bool
+    def __init__(self, layer: _Optional[str] = ..., path: _Optional[str] = ..., kind: _Optional[_Union[_version_pb2.LayerKind, str]] = ..., message: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., block_size: _Optional[int] = ..., author: _Optional[str] = ..., allow_same: _Optional[bool] = ...) -> None: ...
 
 class IngestResponse(_message.Message):
     __slots__ = ("version", "result_json")

@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import click
 
+from cachepoint.atomic import check_destination
 from cachepoint.console import emit_json, fail, handles_errors, human, json_option, when
 from cachepoint.errors import EXIT_CORRUPT, InvalidInput
 from cachepoint.ids import Ref
@@ -178,6 +179,11 @@ def diff_cmd(old: str, new: str, address: str, as_json: bool) -> None:
     default=None,
     help="A file to write, or a directory to write it into under its own name [standard output].",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace the output file if it exists (it stays as it was until the new one is complete).",
+)
 @actor_option
 @coordinator_option
 @json_option
@@ -188,6 +194,7 @@ def get_cmd(
     at_text: str | None,
     layer: str,
     output: Path | None,
+    force: bool,
     actor: str | None,
     address: str,
     as_json: bool,
@@ -199,6 +206,8 @@ def get_cmd(
         raise InvalidInput("--json prints a summary: say where the file goes with -o/--output")
     at_ns = parse_time(at_text, "--at", end=True) if at_text else 0
     target = file_target(output, path) if output is not None else None
+    if target is not None:
+        check_destination(target, tree=False, force=force)  # before the coordinator is asked (and audits)
 
     async def work(client: HistoryClient) -> tuple[FileVersion, _Tally]:
         header, chunks = await client.get_file(user, layer, path, at_ns, actor or default_author())
@@ -209,7 +218,7 @@ def get_cmd(
                     sys.stdout.buffer.write(chunk)
                 sys.stdout.buffer.flush()
             else:
-                await receive(tally.count(chunks), target, overwrite=True, mode=header.mode)
+                await receive(tally.count(chunks), target, force=force, mode=header.mode)
         return header, tally
 
     header, tally = _call(address, work)
@@ -411,11 +420,12 @@ def export_cmd(
     from_ns, to_ns = _times(from_text, to_text)
     if out.is_dir() or not out.parent.is_dir():
         raise InvalidInput(f"cannot write {out}: name a new file in an existing directory")
+    check_destination(out, tree=False, force=False)
 
     async def work(client: HistoryClient) -> int:
         with progress_bar(f"export {user}", not as_json) as progress:
             chunks = client.export(user, from_ns, to_ns, actor or default_author(), progress)
-            return await receive(chunks, out, overwrite=False)
+            return await receive(chunks, out, force=False)  # evidence is never written over
 
     written = _call(address, work)
     check = verify_evidence(str(out))  # what arrived is what the coordinator built

@@ -1,23 +1,21 @@
 """Writing what the coordinator sends (a file of `history get`, an export's tar) on the client, never
 outside the destination the user named.
 
-The bytes go to a temporary file created exclusively in the destination directory, then take their
-final name with a rename (which replaces a symlink itself, never what it points at) or, for exports,
-with a hard link that fails when the name exists (never overwriting evidence). A transfer that stops
-midway leaves no file under the final name.
+The bytes go to a temporary file beside the destination and take its name only once complete and
+synced (``cachepoint.atomic``, whose rules say what may be replaced: nothing non-empty without
+``force``, a symlink replaced and never followed, never a device). A transfer that stops midway leaves
+nothing behind, and a file it was to replace is left as it was.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from cachepoint.atomic import new_file
 from cachepoint.errors import InvalidInput
 from cachepoint.model import check_relative_path
-
-TEMP_PREFIX = ".cachepoint-partial-"
 
 
 def file_target(dest: Path, path: str) -> Path:
@@ -32,33 +30,14 @@ def file_target(dest: Path, path: str) -> Path:
     return dest
 
 
-async def receive(chunks: AsyncIterator[bytes], target: Path, *, overwrite: bool, mode: int = 0o600) -> int:
+async def receive(chunks: AsyncIterator[bytes], target: Path, *, force: bool, mode: int = 0o600) -> int:
     """Write the chunks next to ``target`` and give them its name at the end; returns bytes written.
     ``mode`` keeps permission bits only (no setuid, setgid or sticky bit from a stored file)."""
-    if target.is_dir() and not target.is_symlink():
-        raise InvalidInput(f"cannot write {target}: it is a directory")
-    if not overwrite and os.path.lexists(target):
-        raise InvalidInput(f"{target} exists: choose a new name (an export never overwrites a file)")
-    fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=target.parent)
     written = 0
-    try:
-        with os.fdopen(fd, "wb") as out:
-            async for chunk in chunks:
-                out.write(chunk)
-                written += len(chunk)
-            out.flush()
-            os.fchmod(out.fileno(), mode & 0o777)
-            os.fsync(out.fileno())
-        if overwrite:
-            os.replace(temp, target)
-        else:
-            try:
-                os.link(temp, target)
-            except FileExistsError as err:
-                raise InvalidInput(f"{target} exists: choose a new name") from err
-            os.unlink(temp)
-    except BaseException:
-        if os.path.lexists(temp):
-            os.unlink(temp)
-        raise
+    with new_file(target, force=force, mode=mode & 0o777) as fd:
+        async for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+            written += len(chunk)
     return written
