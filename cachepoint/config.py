@@ -17,6 +17,8 @@ The TOML keys are the field names, e.g.::
     watch = ["alice=/home/alice", "user/bob/profile=/srv/profiles/bob"]
     watch_interval = "5s"
     watch_debounce = "2s"
+    min_free = "5%"
+    reserve = "64M"
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ class Settings:
     """`serve`: how often each watched directory is looked at."""
     watch_debounce: str = "2s"
     """`serve`: how long a watched directory must stay unchanged before it is captured."""
+    min_free: str = "5%"
+    """`serve`: pulls pause while less than this is free on the store's file system ("5%" or "2G")."""
+    reserve: str = "64M"
+    """Held back in STORE/reserve so gc runs on a full disk; at most 1% of the file system (0: none)."""
 
 
 def apply_toml(settings: object, path: Path) -> None:

@@ -111,6 +111,10 @@ class OutOfSpace(CachepointError):
     exit_code = EXIT_NO_SPACE
 
 
+class PullsPaused(OutOfSpace):
+    """pulls paused: {} free, below min_free {} ({}) on store {}; they resume when space returns"""
+
+
 class BlockCorrupt(CachepointError):
     """block {} is corrupt: its bytes hash to {}"""
 

@@ -86,6 +86,29 @@ def status_json(s: agent_pb2.StatusResponse) -> dict[str, object]:
         "bytes_by_source": {
             c.source_class: {"blocks": c.blocks, "bytes": c.bytes, "failures": c.failures} for c in s.sources
         },
+        "space": space_json(s.space) if s.HasField("space") else None,
+    }
+
+
+def space_json(space: agent_pb2.DiskSpace) -> dict[str, object]:
+    from cachepoint.console import human
+
+    paused = (
+        f"pulls paused: {human(space.available_bytes)} free, below min_free {space.min_free} "
+        f"({human(space.min_free_bytes)})"
+    )
+    return {
+        "available_bytes": space.available_bytes,
+        "total_bytes": space.total_bytes,
+        "free_bytes": space.free_bytes,
+        "min_free": space.min_free,
+        "min_free_bytes": space.min_free_bytes,
+        "pulls_paused": space.pulls_paused,
+        "reserve_bytes": space.reserve_bytes,
+        "reserve_target_bytes": space.reserve_target_bytes,
+        "summary": paused
+        if space.pulls_paused
+        else f"{human(space.available_bytes)} free for pulls (min_free {space.min_free})",
     }
 
 

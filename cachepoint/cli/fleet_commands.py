@@ -149,6 +149,7 @@ def serve_cmd(
     from cachepoint.capture.watch import parse_watch
     from cachepoint.daemon import Daemon, DaemonSettings
     from cachepoint.replication.ratelimit import class_limits
+    from cachepoint.store.space import SpaceLimit
 
     s = ctx.settings
     for ref in (*subscribe, *s.subscribe):
@@ -169,6 +170,8 @@ def serve_cmd(
         watches=[parse_watch(text) for text in s.watch],
         watch_interval=parse_duration(s.watch_interval),
         watch_debounce=parse_duration(s.watch_debounce),
+        min_free=SpaceLimit.parse(s.min_free, "min_free"),
+        reserve=parse_byte_size(s.reserve, "reserve"),
     )
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
@@ -199,6 +202,8 @@ def status_cmd(ctx: Context, as_json: bool) -> None:
         blocks, size, failures = totals["blocks"], human(totals["bytes"]), totals["failures"]
         click.echo(f"  from {name}: {blocks} blocks, {size}, {failures} failures")
     click.echo(f"versions held: {len(data['versions'])}; outbox depth {data['outbox_depth']}")
+    if data["space"]:
+        click.echo(data["space"]["summary"])
 
 
 @click.command("pin")

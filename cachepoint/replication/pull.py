@@ -11,7 +11,7 @@ import grpc
 from cachepoint.errors import InvalidInput
 from cachepoint.ids import Ref
 from cachepoint.model import VersionInfo
-from cachepoint.replication.fetcher import Fetcher, FetchResult, ProgressFn
+from cachepoint.replication.fetcher import Fetcher, FetchResult, ProgressFn, RoomFn
 from cachepoint.replication.sources import Source, SourceClass
 from cachepoint.rpc import channel
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
@@ -96,8 +96,11 @@ async def pull(
     extra_sources: list[Source] | None = None,
     limits: dict[SourceClass, float] | None = None,
     avoid: set[str] | frozenset[str] = frozenset(),
+    room: RoomFn | None = None,
 ) -> PullResult:
-    """``avoid``: addresses of peers not to use (e.g. ones that recently sent corrupt blocks)."""
+    """``avoid``: addresses of peers not to use (e.g. ones that recently sent corrupt blocks).
+    ``room``: asked before each batch is stored (see Fetcher); what it raises ends the pull, which
+    unpins its blocks: a later GC may collect them, and the next pull fetches only what is missing."""
     try:
         async with channel.channel(origin) as ch:
             catalog = catalog_pb2_grpc.CatalogStub(ch)
@@ -125,7 +128,7 @@ async def pull(
                     sources += [peer for peer in peers if peer.address not in avoid]
                 sources.append(Source("origin", origin, SourceClass.ORIGIN))
                 result = PullResult(info, planned_blocks=len(missing), sources=sources)
-                fetcher = Fetcher(store, sources, progress, limits=limits)
+                fetcher = Fetcher(store, sources, progress, limits=limits, room=room)
                 result.fetched = await fetcher.fetch(missing, info.ref)
                 pending = PendingCommit(manifest_raw, {})
                 await asyncio.to_thread(store.catalog.import_version, info, pending, tags)
