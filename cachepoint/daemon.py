@@ -43,7 +43,7 @@ from cachepoint.rpc.catalog_read import CatalogReadService
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
 from cachepoint.rpc.serving import Server, announce, stop_event_on_signals
 from cachepoint.store import format as fmt
-from cachepoint.store.headroom import DEFAULT_RESERVE, ensure_reserve, reserve_size
+from cachepoint.store.headroom import DEFAULT_RESERVE, ensure_reserve
 from cachepoint.store.space import SpaceLimit
 from cachepoint.store.store import Store
 from cachepoint.v1 import (
@@ -421,8 +421,7 @@ class Daemon:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         self.store = Store.open(self.settings.store, writable=True, create=True)
         ensure_reserve(self.settings.store, self.settings.reserve)
-        reserve_target = reserve_size(self.settings.store, self.settings.reserve)
-        self.gate = PullGate(self.store, self.settings.min_free, reserve_target)
+        self.gate = PullGate(self.store, self.settings.min_free, self.settings.reserve)
         store_id = (self.store.db.meta(fmt.META_STORE_ID) or b"").hex()[:8]
         self.node_id = self.node_id or f"{os.uname().nodename}-{store_id}"
         server = Server(self.settings.listen, "cachepoint.v1.BlockExchange")

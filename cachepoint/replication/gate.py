@@ -2,11 +2,14 @@
 
 ``check`` runs before every batch of fetched blocks is written (and before a pull starts): when the
 batch would leave less than ``min_free`` available (cachepoint/store/space.py says what counts), it
-first flushes the memtables if that would help (blocks received from peers are in the WAL and in a
-memtable until a flush; after it the WAL is deleted, so they count once), and otherwise raises
-PullsPaused. The pull then gives up and unpins what it fetched (a GC may collect it); the next pull
-plans again and fetches only what is missing. ``watch`` measures on a timer and opens the gate again
-once ``min_free`` plus a margin is available, so a pull that resumes has room for more than a batch.
+first flushes the memtables (blocks received from peers are in the WAL and in a memtable until a
+flush; after it the WAL is deleted, so they count once), and if that is not enough raises
+PullsPaused. So a paused store has nothing left in its WAL: reopening it (a GC after the daemon
+stopped, on a disk someone else filled meanwhile) does not have to write a memtable out first.
+
+The pull then gives up and unpins what it fetched (a GC may collect it); the next pull plans again
+and fetches only what is missing. ``watch`` measures on a timer and opens the gate again once
+``min_free`` plus a margin is available, so a pull that resumes has room for more than a batch.
 
 Not guarded: reads of lazily attached disks (a read never fails because of ``min_free``; it fetches
 only what it reads) and RocksDB's own compactions, which need room for what they rewrite.
@@ -20,6 +23,7 @@ import threading
 
 from cachepoint.console import human
 from cachepoint.errors import PullsPaused
+from cachepoint.store.headroom import ensure_reserve, reserve_size
 from cachepoint.store.space import Room, SpaceLimit, measure
 from cachepoint.store.store import Store
 
@@ -28,14 +32,14 @@ log = logging.getLogger("cachepoint.daemon")
 CHECK_SECONDS = 2.0
 RESUME_SHARE = 100  # pulls resume once min_free plus 1% of the file system...
 RESUME_MAX = 1 << 30  # ...(at most 1 GiB more) is available
-FLUSH_WORTH = 1 << 20  # memtables smaller than this are not worth a flush to make room
 
 
 class PullGate:
-    def __init__(self, store: Store, min_free: SpaceLimit, reserve_target: int) -> None:
+    def __init__(self, store: Store, min_free: SpaceLimit, reserve: int) -> None:
         self.store = store
         self.min_free = min_free
-        self.reserve_target = reserve_target
+        self.reserve = reserve  # as configured; the reserve's size follows the store's (headroom.py)
+        self.reserve_target = reserve_size(store.root, reserve)
         self.paused: PullsPaused | None = None
         self.last: Room | None = None
         self._open = asyncio.Event()
@@ -60,7 +64,7 @@ class PullGate:
         if room.available - incoming >= self.limit(room):
             return
         # The flush writes the memtables out before the WAL goes, so it needs them free once more.
-        if room.unflushed >= FLUSH_WORTH and room.free - room.reserve_missing >= room.unflushed:
+        if room.unflushed and room.free - room.reserve_missing >= room.unflushed:
             with self._flush_lock:
                 for family in list(self.store.db.cf):
                     self.store.db.flush(family)
@@ -80,8 +84,11 @@ class PullGate:
         await self._open.wait()
 
     async def watch(self) -> None:
-        """Measure every CHECK_SECONDS: pause when space runs low, resume when it is back."""
+        """Every CHECK_SECONDS: grow the reserve with the store when space allows, then pause pulls
+        when space runs low and resume them when it is back."""
         while True:
+            self.reserve_target = await asyncio.to_thread(reserve_size, self.store.root, self.reserve)
+            await asyncio.to_thread(ensure_reserve, self.store.root, self.reserve)
             room = await asyncio.to_thread(self.measure)
             limit = self.limit(room)
             if self.paused is not None:

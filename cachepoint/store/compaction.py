@@ -3,15 +3,16 @@
 Deleting a block writes a tombstone; its bytes leave the disk only when a compaction rewrites the
 files that hold them. A compaction writes its output before it deletes its input, so it needs free
 space for every live block it rewrites. Keys are random digests, so every level-0 file spans the
-whole key space and any compaction that touches level 0 rewrites level 0 and the whole level below:
-a compaction cannot be bounded to a slice of the store. What it needs is therefore estimated as the
-live block bytes (counted by the GC's own scan) plus what the memtables will flush, plus a margin.
+whole key space and any compaction that touches level 0 takes all of level 0 and the whole level
+below: it cannot be cut into bounded key ranges. What it needs is therefore estimated as the live
+block bytes (counted by the GC's own scan) plus what the memtables will flush, plus a margin.
 
 When that much is not free, the compaction is skipped and the result says so. It must not be tried
-"to see": measured with RocksDB 9 (rocksdict 0.3), a compaction that runs out of space records a
-background error, ``compact_range`` still returns normally, and from then on RocksDB silently
-compacts nothing until the database is reopened. The tombstones stay, so the next GC with room
-(even one that deletes nothing) compacts and gives the space back.
+"to see": measured with rocksdict 0.3.29, a compaction that runs out of space only raises the
+database-wide ``rocksdb.background-errors`` count (``compact_range`` returns normally), and from then
+on manual compactions do nothing, even once space is back, until the database is reopened. The
+tombstones stay, so the next GC with room (even one that deletes nothing) compacts and gives the
+space back.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from cachepoint.store.space import file_system, unflushed_bytes
 from cachepoint.store.store import Store
 
 MARGIN_SHARE = 50  # index and filter blocks, new OPTIONS/MANIFEST/LOG: 2% of the output...
-MARGIN_MIN = 512 << 10  # ...and at least this much
+MARGIN_MIN = 128 << 10  # ...and at least this much
 MiB = 1 << 20
 _DELETIONS_RE = re.compile(r"# deletions=(\d+)")
 
@@ -56,7 +57,8 @@ def pending_deletions(store: Store) -> int:
 
 
 def background_errors(store: Store) -> int:
-    return int(store.db.cf[fmt.CF_BLOCKS].property_int_value("rocksdb.background-errors") or 0)
+    # A database-wide count: asked of a column family, RocksDB answers 0 whatever happened.
+    return int(store.db.db.property_int_value("rocksdb.background-errors") or 0)
 
 
 def compact_blocks(store: Store, live_bytes: int) -> Compaction | None:

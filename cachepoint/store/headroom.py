@@ -10,8 +10,12 @@ it again afterwards when space allows::
         with Store.open(store_root, writable=True) as store:
             ...  # writes that free space
 
-Size: ``reserve`` in the settings (default 64 MiB), but at most 1% of the file system (and at least
-1 MiB of it, when the setting allows), so that small file systems keep their space. The file is
+Size: ``reserve`` in the settings (default 64 MiB), but no more than 1% of the file system nor more
+than the database itself takes (a GC's compaction rewrites at most that much), and at least 1 MiB
+(opening the database for writing takes about half of that) when the setting allows. So a large
+store on a large disk holds 64 MiB back, a small file system keeps its space, and the many small
+stores of a test run do not each take 64 MiB. It grows with the store at later writable opens. The
+file is
 written with real blocks (``posix_fallocate``, which writes zeros where a file system cannot
 preallocate), never sparse: a sparse file would hold nothing back. It is (re)created only while at
 least as much again stays free, so making it never fills a disk by itself; on a disk that is already
@@ -37,8 +41,8 @@ log = logging.getLogger("cachepoint.store")
 
 RESERVE_FILE = "reserve"
 DEFAULT_RESERVE = 64 << 20
-MAX_SHARE = 100  # the reserve is at most 1/MAX_SHARE of the file system...
-MIN_SIZE = 1 << 20  # ...but may take this much of it however small the file system is
+MAX_SHARE = 100  # the reserve is at most 1/MAX_SHARE of the file system and the database's size...
+MIN_SIZE = 1 << 20  # ...but may take this much however small they are
 _ALIGN = 4096
 
 _lock = threading.Lock()
@@ -49,12 +53,26 @@ def reserve_path(root: Path) -> Path:
     return Path(root) / RESERVE_FILE
 
 
+def database_bytes(root: Path) -> int:
+    """What the store's RocksDB files take (their sizes; the directory is flat)."""
+    total = 0
+    try:
+        with os.scandir(Path(root) / "db") as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    total += entry.stat(follow_symlinks=False).st_size
+    except OSError:
+        return 0
+    return total
+
+
 def reserve_size(root: Path, configured: int) -> int:
     """The reserve's size for a store at ``root`` with ``reserve = configured`` in the settings."""
     if configured <= 0:
         return 0
     total, _ = file_system(Path(root))
-    return min(configured, max(total // MAX_SHARE, MIN_SIZE)) // _ALIGN * _ALIGN
+    scale = min(total // MAX_SHARE, database_bytes(root))
+    return min(configured, max(scale, MIN_SIZE)) // _ALIGN * _ALIGN
 
 
 def reserve_on_disk(root: Path) -> int:
