@@ -30,11 +30,12 @@ class Context:
         return Path(self.settings.store)
 
     def open(self, writable: bool = False, create: bool = False) -> Store:
+        reserve = self.reserve_bytes if writable else 0  # a bad setting is refused before the open
         store = Store.open(self.store_path, writable=writable, create=create)
         if writable:
             from cachepoint.store.headroom import ensure_reserve
 
-            ensure_reserve(self.store_path, self.reserve_bytes)
+            ensure_reserve(self.store_path, reserve)
         return store
 
     @property
