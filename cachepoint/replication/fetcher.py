@@ -73,7 +73,7 @@ class Fetcher:
         self.store = store
         self.room = room
         self._halt: Exception | None = None  # what ``room`` raised: no stream takes more work
-        self._writing = asyncio.Lock()  # a room check and its write are one step, so checks see writes
+        self._unwritten = 0  # bytes of batches checked by ``room`` and not yet written
         # Bytes per second per class of source (e.g. the WAN: peers of other sites and the origin).
         self.buckets = {cls: TokenBucket(rate) for cls, rate in (limits or {}).items() if rate > 0}
         self.sources = sorted(sources, key=lambda s: s.source_class)
@@ -175,17 +175,22 @@ class Fetcher:
         if self.room is None:
             await asyncio.to_thread(self.store.blocks.put_many, good, True)
             return True
-        async with self._writing:
-            if self._halt is not None:
-                return False
+        if self._halt is not None:
+            return False
+        size = sum(len(v) for _, v in good)
+        # Counted before the check, so concurrent streams' checks also count this batch.
+        self._unwritten += size
+        try:
             try:
-                await asyncio.to_thread(self.room, sum(len(v) for _, v in good))
+                await asyncio.to_thread(self.room, self._unwritten)
             except Exception as err:
                 async with self._changed:
                     self._halt = err
                     self._changed.notify_all()
                 return False
             await asyncio.to_thread(self.store.blocks.put_many, good, True)
+        finally:
+            self._unwritten -= size
         return True
 
     async def fetch(self, missing: list[bytes], label: str) -> FetchResult:

@@ -31,7 +31,8 @@ log = logging.getLogger("cachepoint.daemon")
 
 CHECK_SECONDS = 2.0
 RESUME_SHARE = 100  # pulls resume once min_free plus 1% of the file system...
-RESUME_MAX = 1 << 30  # ...(at most 1 GiB more) is available
+RESUME_MIN = 16 << 20  # ...but at least this much more (several batches in flight pause it earlier)...
+RESUME_MAX = 1 << 30  # ...and at most this much more is available
 
 
 class PullGate:
@@ -44,9 +45,15 @@ class PullGate:
         self.last: Room | None = None
         self._open = asyncio.Event()
         self._open.set()
-        self._flush_lock = threading.Lock()
+        # One check at a time, and no measurement while a check flushes: mid-flush the memtable is both
+        # in the new SST file and still counted as unflushed, so the disk would look full.
+        self._lock = threading.Lock()
 
     def measure(self) -> Room:
+        with self._lock:
+            return self._measure()
+
+    def _measure(self) -> Room:
         self.last = measure(self.store, self.reserve_target)
         return self.last
 
@@ -60,18 +67,19 @@ class PullGate:
     def check(self, incoming: int = 0) -> None:
         """Raise PullsPaused unless ``incoming`` more bytes leave ``min_free`` available (blocking:
         call it on a worker thread)."""
-        room = self.measure()
-        if room.available - incoming >= self.limit(room):
-            return
-        # The flush writes the memtables out before the WAL goes, so it needs them free once more.
-        if room.unflushed and room.free - room.reserve_missing >= room.unflushed:
-            with self._flush_lock:
+        with self._lock:
+            room = self._measure()
+            # Until the next flush, received blocks take their size twice: in the WAL and in a memtable.
+            if room.available - 2 * incoming >= self.limit(room):
+                return
+            # The flush writes the memtables out before the WAL goes, so it needs them free once more.
+            if room.unflushed and room.free - room.reserve_missing >= room.unflushed:
                 for family in list(self.store.db.cf):
                     self.store.db.flush(family)
-            room = self.measure()
-            if room.available - incoming >= self.limit(room):
-                return
-        raise self._paused(room)
+                room = self._measure()
+                if room.available - 2 * incoming >= self.limit(room):
+                    return
+            raise self._paused(room)
 
     def note_paused(self, err: PullsPaused) -> None:
         """Record a pause a pull ran into (call on the event loop)."""
@@ -92,7 +100,8 @@ class PullGate:
             room = await asyncio.to_thread(self.measure)
             limit = self.limit(room)
             if self.paused is not None:
-                if room.available >= limit + min(room.total // RESUME_SHARE, RESUME_MAX):
+                margin = min(max(room.total // RESUME_SHARE, RESUME_MIN), RESUME_MAX)
+                if room.available >= limit + margin:
                     log.warning(
                         "pulls resumed: %s free, min_free %s (%s)",
                         human(room.available),
