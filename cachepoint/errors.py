@@ -112,7 +112,7 @@ class OutOfSpace(CachepointError):
 
 
 class PullsPaused(OutOfSpace):
-    """pulls paused: {} free, below min_free {} ({}) on store {}; they resume when space returns"""
+    """pulls paused: {} free, at min_free {} ({}) on store {}; they resume when space returns"""
 
 
 class BlockCorrupt(CachepointError):

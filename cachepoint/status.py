@@ -94,7 +94,7 @@ def space_json(space: agent_pb2.DiskSpace) -> dict[str, object]:
     from cachepoint.console import human
 
     paused = (
-        f"pulls paused: {human(space.available_bytes)} free, below min_free {space.min_free} "
+        f"pulls paused: {human(space.available_bytes)} free, at min_free {space.min_free} "
         f"({human(space.min_free_bytes)})"
     )
     return {

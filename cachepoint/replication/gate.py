@@ -4,8 +4,11 @@
 batch would leave less than ``min_free`` available (cachepoint/store/space.py says what counts), it
 first flushes the memtables (blocks received from peers are in the WAL and in a memtable until a
 flush; after it the WAL is deleted, so they count once), and if that is not enough raises
-PullsPaused. So a paused store has nothing left in its WAL: reopening it (a GC after the daemon
-stopped, on a disk someone else filled meanwhile) does not have to write a memtable out first.
+PullsPaused. So a paused store holds little in its WAL (the batches that were being written when
+the pull stopped): reopening it (a GC after the daemon stopped, on a disk someone else filled
+meanwhile) does not have to write a large memtable out first. A batch counts twice until a flush (in
+the WAL and in a memtable), and batches of other streams being written count too, so a pull pauses
+up to a few batches before ``min_free`` is reached.
 
 The pull then gives up and unpins what it fetched (a GC may collect it); the next pull plans again
 and fetches only what is missing. ``watch`` measures on a timer and opens the gate again once
