@@ -19,6 +19,8 @@ The TOML keys are the field names, e.g.::
     watch_debounce = "2s"
     scrub_every = "7d"
     scrub_rate = "50MiB/s"
+    min_free = "5%"
+    reserve = "64M"
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ class Settings:
     The first pass comes one interval after a daemon first runs on the store."""
     scrub_rate: str = "50MiB/s"
     """`serve`, `scrub`: stored bytes a scrub reads per second, e.g. "50MiB/s" (0: unlimited)."""
+    min_free: str = "5%"
+    """`serve`: pulls pause while less than this is free on the store's file system ("5%" or "2G")."""
+    reserve: str = "64M"
+    """Held back in STORE/reserve so gc runs on a full disk; at most 1% of the file system (0: none)."""
 
 
 def apply_toml(settings: object, path: Path) -> None:

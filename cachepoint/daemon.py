@@ -28,11 +28,12 @@ from cachepoint.blocks import DEFAULT_BLOCK_SIZE
 from cachepoint.capture.engine import CaptureOptions, CaptureReport, capture
 from cachepoint.capture.watch import WatchOptions, WatchSpec, watch_in_thread
 from cachepoint.disk.exports import Disks
-from cachepoint.errors import CachepointError, NotFound
+from cachepoint.errors import CachepointError, NotFound, PullsPaused
 from cachepoint.ids import LATEST, Ref
 from cachepoint.model import Manifest, VersionInfo
 from cachepoint.replication import outbox
 from cachepoint.replication.fetcher import Fetcher
+from cachepoint.replication.gate import PullGate
 from cachepoint.replication.heal import HealResult, heal_blocks
 from cachepoint.replication.pull import PullResult, fetch_manifest, find_peers, pull, resolve
 from cachepoint.replication.sources import Source, SourceClass
@@ -45,6 +46,8 @@ from cachepoint.rpc.serving import Server, announce, stop_event_on_signals
 from cachepoint.scrub import DEFAULT_EVERY, DEFAULT_RATE, ProgressFn, ScrubProgress, ScrubResult, scrub
 from cachepoint.scrub import schedule as scrub_schedule
 from cachepoint.store import format as fmt
+from cachepoint.store.headroom import DEFAULT_RESERVE, ensure_reserve
+from cachepoint.store.space import SpaceLimit
 from cachepoint.store.store import Store
 from cachepoint.v1 import (
     agent_pb2_grpc,
@@ -102,6 +105,10 @@ class DaemonSettings:
     """Seconds between scrubs of the store (0: none; see cachepoint/scrub.py)."""
     scrub_rate: float = DEFAULT_RATE
     """Stored bytes a scrub reads per second (0: unlimited)."""
+    min_free: SpaceLimit = field(default_factory=lambda: SpaceLimit.parse("5%", "min_free"))
+    """Pulls stop while less than this is free on the store's file system (cachepoint/replication/gate.py)."""
+    reserve: int = DEFAULT_RESERVE
+    """Bytes held back in STORE/reserve for GC on a full disk (cachepoint/store/headroom.py)."""
 
 
 @dataclass
@@ -144,23 +151,30 @@ class Daemon:
         self._scrub_lock = asyncio.Lock()  # one scrub pass at a time, scheduled or asked for
         self.scrub_stop = asyncio.Event()
         self.scrub_progress: ScrubProgress | None = None
+        self.gate: PullGate | None = None  # set once the store is open
 
     # -- pulls ---------------------------------------------------------------------------------
 
     async def pull(self, ref: Ref, progress: object = None) -> PullResult:
         assert self.store is not None
+        assert self.gate is not None
         async with self._pull_lock:
-            result = await pull(
-                self.store,
-                ref,
-                self.settings.coordinator,
-                node_id=self.node_id,
-                own_address=self.address,
-                progress=progress,  # type: ignore[arg-type]
-                limits=self.settings.limits,
-                avoid=self._avoided(),
-                account=self._account,  # a pull that fails half-way is counted too
-            )
+            try:
+                result = await pull(
+                    self.store,
+                    ref,
+                    self.settings.coordinator,
+                    node_id=self.node_id,
+                    own_address=self.address,
+                    progress=progress,  # type: ignore[arg-type]
+                    limits=self.settings.limits,
+                    avoid=self._avoided(),
+                    account=self._account,  # a pull that fails half-way is counted too
+                    room=self.gate.check,
+                )
+            except PullsPaused as err:
+                self.gate.note_paused(err)
+                raise
         self.peers_known = max(self.peers_known, sum(1 for s in result.sources if s.name != "origin"))
         if not result.already_local:
             log.info(
@@ -418,6 +432,13 @@ class Daemon:
             try:
                 try:
                     await self._sync(sub)
+                except PullsPaused as err:
+                    # Not an error to back off from: wait for space, then plan again (only what is missing).
+                    sub.state = "paused"
+                    sub.last_error = str(err)
+                    assert self.gate is not None
+                    await self.gate.wait_for_room()
+                    continue
                 except NotFound as err:
                     # Nothing published under this ref yet: not an error to retry, just wait for it.
                     sub.state = "waiting for a first version"
@@ -434,6 +455,11 @@ class Daemon:
                         if self._moves(sub, event):
                             sub.wanted = event.tag_moved.number
                             await self._sync(sub)
+            except PullsPaused as err:  # a pull on a moved tag, inside the Watch stream
+                sub.state = "paused"
+                sub.last_error = str(err)
+                assert self.gate is not None
+                await self.gate.wait_for_room()
             except (grpc.aio.AioRpcError, CachepointError) as err:
                 sub.state = "waiting"
                 sub.last_error = str(err.details() if isinstance(err, grpc.aio.AioRpcError) else err)
@@ -445,6 +471,8 @@ class Daemon:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         self.store = Store.open(self.settings.store, writable=True, create=True)
+        ensure_reserve(self.settings.store, self.settings.reserve)
+        self.gate = PullGate(self.store, self.settings.min_free, self.settings.reserve)
         store_id = (self.store.db.meta(fmt.META_STORE_ID) or b"").hex()[:8]
         self.node_id = self.node_id or f"{os.uname().nodename}-{store_id}"
         server = Server(self.settings.listen, "cachepoint.v1.BlockExchange")
@@ -479,6 +507,7 @@ class Daemon:
             if self.settings.coordinator:
                 tasks.append(asyncio.create_task(self.heartbeat(), name="heartbeat"))
                 tasks.append(asyncio.create_task(self.deliver(), name="outbox"))
+                tasks.append(asyncio.create_task(self.gate.watch(), name="space"))
                 for sub in self.subscriptions:
                     tasks.append(asyncio.create_task(self.follow(sub), name=f"follow {sub.ref}"))
             announce(

@@ -91,6 +91,29 @@ def status_json(s: agent_pb2.StatusResponse) -> dict[str, object]:
         # The last finished scrub pass (cachepoint/scrub.py) and the one running now, if any.
         "scrub": scrub.get("last"),
         "scrub_running": scrub.get("running"),
+        "space": space_json(s.space) if s.HasField("space") else None,
+    }
+
+
+def space_json(space: agent_pb2.DiskSpace) -> dict[str, object]:
+    from cachepoint.console import human
+
+    paused = (
+        f"pulls paused: {human(space.available_bytes)} free, at min_free {space.min_free} "
+        f"({human(space.min_free_bytes)})"
+    )
+    return {
+        "available_bytes": space.available_bytes,
+        "total_bytes": space.total_bytes,
+        "free_bytes": space.free_bytes,
+        "min_free": space.min_free,
+        "min_free_bytes": space.min_free_bytes,
+        "pulls_paused": space.pulls_paused,
+        "reserve_bytes": space.reserve_bytes,
+        "reserve_target_bytes": space.reserve_target_bytes,
+        "summary": paused
+        if space.pulls_paused
+        else f"{human(space.available_bytes)} free for pulls (min_free {space.min_free})",
     }
 
 

@@ -5,13 +5,15 @@ several commands take, going through the daemon that holds the store, and the JS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from cachepoint.config import Settings
+from cachepoint.config import Settings, parse_byte_size
 from cachepoint.console import when
 from cachepoint.errors import StoreBusy
 from cachepoint.layers.ingest import default_author
@@ -28,7 +30,26 @@ class Context:
         return Path(self.settings.store)
 
     def open(self, writable: bool = False, create: bool = False) -> Store:
-        return Store.open(self.store_path, writable=writable, create=create)
+        reserve = self.reserve_bytes if writable else 0  # a bad setting is refused before the open
+        store = Store.open(self.store_path, writable=writable, create=create)
+        if writable:
+            from cachepoint.store.headroom import ensure_reserve
+
+            ensure_reserve(self.store_path, reserve)
+        return store
+
+    @property
+    def reserve_bytes(self) -> int:
+        return parse_byte_size(self.settings.reserve, "reserve")
+
+    @contextlib.contextmanager
+    def headroom(self) -> Iterator[int]:
+        """Release the store's reserve for a command that frees space (gc, repair), so it runs on a
+        full disk; open the store inside. See cachepoint/store/headroom.py."""
+        from cachepoint.store.headroom import headroom
+
+        with headroom(self.store_path, self.reserve_bytes) as released:
+            yield released
 
     @property
     def author(self) -> str:

@@ -157,6 +157,7 @@ def serve_cmd(
     from cachepoint.capture.watch import parse_watch
     from cachepoint.daemon import Daemon, DaemonSettings
     from cachepoint.replication.ratelimit import class_limits, parse_rate
+    from cachepoint.store.space import SpaceLimit
 
     s = ctx.settings
     for ref in (*subscribe, *s.subscribe):
@@ -179,6 +180,8 @@ def serve_cmd(
         watch_debounce=parse_duration(s.watch_debounce),
         scrub_every=parse_duration(s.scrub_every),
         scrub_rate=parse_rate(s.scrub_rate),
+        min_free=SpaceLimit.parse(s.min_free, "min_free"),
+        reserve=parse_byte_size(s.reserve, "reserve"),
     )
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
@@ -211,6 +214,8 @@ def status_cmd(ctx: Context, as_json: bool) -> None:
         click.echo(f"  from {name}: {blocks} blocks, {size}, {failures} failures")
     click.echo(f"versions held: {len(data['versions'])}; outbox depth {data['outbox_depth']}")
     click.echo(scrub_line(data["scrub"], data["scrub_running"]))
+    if data["space"]:
+        click.echo(data["space"]["summary"])
 
 
 @click.command("pin")

@@ -80,7 +80,8 @@ def repair_cmd(ctx: Context, coordinator: str | None, as_json: bool) -> None:
     (exit 8 when anything was lost). Run it with the daemon stopped."""
     origin = coordinator or ctx.settings.coordinator
     heal = heal_from(origin, ctx) if origin else None
-    with progress_bar("repair: verifying blocks", not as_json, unit="blocks") as progress:
+    # The reserve is released first, so repair runs on a full disk too (cachepoint/store/headroom.py).
+    with ctx.headroom(), progress_bar("repair: verifying blocks", not as_json, unit="blocks") as progress:
         report = repair(ctx.store_path, heal=heal, progress=progress)
     if as_json:
         emit_json(report.as_json())

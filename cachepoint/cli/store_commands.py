@@ -189,15 +189,20 @@ def rollback_cmd(ctx: Context, layer: str, to: str, message: str, as_json: bool)
 @handles_errors
 def gc_cmd(ctx: Context, as_json: bool) -> None:
     """Remove blocks that no version references (through the daemon when it holds the store)."""
-    store = writable_or_daemon(ctx)
-    if store is None:
-        from cachepoint.v1 import agent_pb2
+    # The store's reserve is released first: on a full disk RocksDB needs room to open and log deletions.
+    with ctx.headroom():
+        store = writable_or_daemon(ctx)
+        if store is None:
+            from cachepoint.v1 import agent_pb2
 
-        reply = via_daemon(ctx, "CollectGarbage", agent_pb2.CollectGarbageRequest())
-        figures = json.loads(reply.result_json)
-    else:
-        with store:
-            figures = collect(store).as_json()
+            reply = via_daemon(ctx, "CollectGarbage", agent_pb2.CollectGarbageRequest())
+            figures = json.loads(reply.result_json)
+        else:
+            with store:
+                figures = collect(store).as_json()
+    compaction = figures.get("compaction")
+    if compaction and not compaction["ran"]:
+        warn(f"space not given back yet: {compaction['reason']}")
     if as_json:
         emit_json(figures)
     else:

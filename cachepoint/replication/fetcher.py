@@ -6,7 +6,9 @@ already said it lacks the unit, so the origin is asked only for what no peer cou
 comes back short is re-queued for the next class. A source that stalls past the deadline, fails, or
 sends a block whose bytes do not hash to its id is dropped and its unit re-planned. Verified blocks
 are written with the WAL on as they arrive, so a killed pull keeps them and asks again only for the
-units that were in flight.
+units that were in flight. ``room``, when given, is asked before each write whether the disk can take
+the batch (the daemon's min_free, cachepoint/replication/gate.py); when it raises, every stream stops
+and the fetch raises that error.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ UNIT_BLOCKS = 64  # ~2-4 MiB of raw data per request: enough to stream, small en
 STREAMS_PER_SOURCE = 2
 STALL_SECONDS = 10.0
 ProgressFn = Callable[[int, int], None]
+RoomFn = Callable[[int], None]  # raises when the disk cannot take that many more bytes
 
 
 @dataclass
@@ -65,8 +68,12 @@ class Fetcher:
         progress: ProgressFn | None = None,
         stall: float = STALL_SECONDS,
         limits: dict[SourceClass, float] | None = None,
+        room: RoomFn | None = None,
     ) -> None:
         self.store = store
+        self.room = room
+        self._halt: Exception | None = None  # what ``room`` raised: no stream takes more work
+        self._unwritten = 0  # bytes of batches checked by ``room`` and not yet written
         # Bytes per second per class of source (e.g. the WAN: peers of other sites and the origin).
         self.buckets = {cls: TokenBucket(rate) for cls, rate in (limits or {}).items() if rate > 0}
         self.sources = sorted(sources, key=lambda s: s.source_class)
@@ -97,7 +104,7 @@ class Fetcher:
     async def _take(self, source: Source) -> _Unit | None:
         async with self._changed:
             while True:
-                if not self._wanted or not source.alive:
+                if not self._wanted or not source.alive or self._halt is not None:
                     return None
                 for index, unit in enumerate(self._queue):
                     if self._eligible(unit, source):
@@ -133,7 +140,8 @@ class Fetcher:
                         await bucket.pay(sum(len(v) for _, v in values))
                     good, bad = await asyncio.to_thread(_verify, [v for v in values if v[0] in self._wanted])
                     if good:
-                        await asyncio.to_thread(self.store.blocks.put_many, good, True)
+                        if not await self._store(good):
+                            break  # no room: the fetch is halting
                         async with self._changed:
                             for digest, value in good:
                                 if digest in self._wanted:
@@ -162,18 +170,48 @@ class Fetcher:
             finally:
                 await self._give_back(unit, source)
 
+    async def _store(self, good: list[tuple[bytes, bytes]]) -> bool:
+        """Write verified blocks; False when the fetch is halting (no room)."""
+        if self.room is None:
+            await asyncio.to_thread(self.store.blocks.put_many, good, True)
+            return True
+        if self._halt is not None:
+            return False
+        size = sum(len(v) for _, v in good)
+        # Counted before the check, so concurrent streams' checks also count this batch.
+        self._unwritten += size
+        try:
+            try:
+                await asyncio.to_thread(self.room, self._unwritten)
+            except Exception as err:
+                async with self._changed:
+                    self._halt = err
+                    self._changed.notify_all()
+                return False
+            await asyncio.to_thread(self.store.blocks.put_many, good, True)
+        finally:
+            self._unwritten -= size
+        return True
+
     async def fetch(self, missing: list[bytes], label: str) -> FetchResult:
         unique = list(dict.fromkeys(missing))
         self._wanted = set(unique)
         self._queue = [_Unit(unique[i : i + UNIT_BLOCKS]) for i in range(0, len(unique), UNIT_BLOCKS)]
         total = len(unique)
-        if total:
+        if total and self.room is not None:
+            try:
+                await asyncio.to_thread(self.room, 0)
+            except Exception as err:
+                self._halt = err
+        if total and self._halt is None:
             streams = [
                 self._stream(source, total) for source in self.sources for _ in range(STREAMS_PER_SOURCE)
             ]
             await asyncio.gather(*streams)
         for source in self.sources:
             await source.close()
+        if self._halt is not None:
+            raise self._halt
         if self._wanted:
             reasons = (
                 "; ".join(f"{s.name}: {s.dropped or 'did not have them'}" for s in self.sources)

@@ -12,7 +12,7 @@ import grpc
 from cachepoint.errors import InvalidInput
 from cachepoint.ids import Ref
 from cachepoint.model import VersionInfo
-from cachepoint.replication.fetcher import Fetcher, FetchResult, ProgressFn
+from cachepoint.replication.fetcher import Fetcher, FetchResult, ProgressFn, RoomFn
 from cachepoint.replication.sources import Source, SourceClass
 from cachepoint.rpc import channel
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
@@ -110,10 +110,13 @@ async def pull(
     limits: dict[SourceClass, float] | None = None,
     avoid: set[str] | frozenset[str] = frozenset(),
     account: Callable[[list[Source]], None] | None = None,
+    room: RoomFn | None = None,
 ) -> PullResult:
     """``avoid``: addresses of peers not to use (e.g. ones that recently sent corrupt blocks).
     ``account`` is handed the sources once the fetch ends, complete or not: their counters say what
-    was fetched from each, and a pull that fails half-way has still moved those bytes."""
+    was fetched from each, and a pull that fails half-way has still moved those bytes.
+    ``room``: asked before each batch is stored (see Fetcher); what it raises ends the pull, which
+    unpins its blocks: a later GC may collect them, and the next pull fetches only what is missing."""
     try:
         async with channel.channel(origin) as ch:
             catalog = catalog_pb2_grpc.CatalogStub(ch)
@@ -141,7 +144,7 @@ async def pull(
                     sources += [peer for peer in peers if peer.address not in avoid]
                 sources.append(Source("origin", origin, SourceClass.ORIGIN))
                 result = PullResult(info, planned_blocks=len(missing), sources=sources)
-                fetcher = Fetcher(store, sources, progress, limits=limits)
+                fetcher = Fetcher(store, sources, progress, limits=limits, room=room)
                 try:
                     result.fetched = await fetcher.fetch(missing, info.ref)
                 finally:

@@ -21,7 +21,8 @@ from cachepoint.model import LayerKind
 from cachepoint.replication import outbox
 from cachepoint.replication.ratelimit import parse_rate
 from cachepoint.rpc.errors import rpc_errors
-from cachepoint.store.gc import collect
+from cachepoint.store.gc import GcResult, collect
+from cachepoint.store.headroom import headroom, reserve_on_disk
 from cachepoint.store.scrub import load_record
 from cachepoint.v1 import agent_pb2, agent_pb2_grpc, catalog_pb2, version_pb2
 from cachepoint.wire import ref_from_pb, version_to_pb
@@ -62,6 +63,20 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         for name, totals in sorted(d.sources.items()):
             response.sources.add(
                 source_class=name, blocks=totals.blocks, bytes=totals.bytes, failures=totals.failures
+            )
+        if d.gate is not None:
+            room = await asyncio.to_thread(d.gate.measure)
+            response.space.CopyFrom(
+                agent_pb2.DiskSpace(
+                    available_bytes=room.available,
+                    total_bytes=room.total,
+                    free_bytes=room.free,
+                    min_free=str(d.gate.min_free),
+                    min_free_bytes=d.gate.limit(room),
+                    pulls_paused=d.gate.paused is not None,
+                    reserve_bytes=reserve_on_disk(d.store.root),
+                    reserve_target_bytes=d.gate.reserve_target,
+                )
             )
         return response
 
@@ -221,7 +236,13 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     ) -> agent_pb2.CollectGarbageResponse:
         store = self.daemon.store
         assert store is not None
-        result = await asyncio.to_thread(collect, store)
+        reserve = self.daemon.settings.reserve
+
+        def collect_with_headroom() -> GcResult:
+            with headroom(store.root, reserve):  # the reserve's space lets GC write on a full disk
+                return collect(store)
+
+        result = await asyncio.to_thread(collect_with_headroom)
         return agent_pb2.CollectGarbageResponse(result_json=json.dumps(result.as_json()))
 
     @rpc_errors

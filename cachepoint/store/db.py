@@ -29,10 +29,15 @@ log = logging.getLogger(__name__)
 # open (where one damaged footer fails the whole open), and does not stop at the first damage.
 SALVAGE_MAX_OPEN_FILES = 256
 
+KEEP_INFO_LOGS = 8
+
 
 def _options(for_blocks: bool = False) -> rocksdict.Options:
     options = rocksdict.Options(raw_mode=True)
     options.set_compression_type(rocksdict.DBCompressionType.none())
+    # Every writable open starts a new info LOG (~200 KiB: it lists every family's options) and keeps
+    # the old one; RocksDB keeps 1000 by default, a quarter of a GiB for a store written by commands.
+    options.set_keep_log_file_num(KEEP_INFO_LOGS)
     if for_blocks:
         # Every ingest asks "is this block here?" for each new block; a bloom filter answers the
         # common "no" without touching SST data.

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from cachepoint.store import census
 from cachepoint.store import format as fmt
+from cachepoint.store.compaction import Compaction, compact_blocks
 from cachepoint.store.store import Store
 
 SWEEP_BATCH = 1024
@@ -29,6 +30,7 @@ class GcResult:
     blocks_kept: int
     interrupted_ingests_cleared: int
     prefilter_records_removed: int
+    compaction: Compaction | None = None  # None: no deleted blocks to compact
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -37,6 +39,8 @@ class GcResult:
             "blocks_kept": self.blocks_kept,
             "interrupted_ingests_cleared": self.interrupted_ingests_cleared,
             "prefilter_records_removed": self.prefilter_records_removed,
+            "space_given_back": self.compaction is not None and self.compaction.ran,
+            "compaction": self.compaction.as_json() if self.compaction else None,
         }
 
 
@@ -63,7 +67,7 @@ def _collect(store: Store, before_sweep: Callable[[], None] | None) -> GcResult:
     live, manifests = referenced_blocks(store)
     if before_sweep is not None:
         before_sweep()  # a test hook: lets a concurrent ingest run between mark and sweep
-    removed = freed = kept = 0
+    removed = freed = kept = scanned_bytes = 0
     candidates: list[tuple[bytes, int]] = []
 
     def sweep() -> None:
@@ -76,6 +80,7 @@ def _collect(store: Store, before_sweep: Callable[[], None] | None) -> GcResult:
         candidates.clear()
 
     for digest, value in store.blocks.scan():
+        scanned_bytes += len(value)
         if digest in live:
             kept += 1
             continue
@@ -96,6 +101,7 @@ def _collect(store: Store, before_sweep: Callable[[], None] | None) -> GcResult:
         store.db.write(batch, sync=True)
     if interrupted:
         store.forget_interrupted(interrupted)
-    if removed:
-        store.db.cf[fmt.CF_BLOCKS].compact_range(None, None)  # give the space back to the filesystem
-    return GcResult(removed, freed, kept, len(interrupted), len(stale_prefilter))
+    # Give the space back, only if the disk has room for the rewrite (a compaction that runs out of
+    # space stops RocksDB compacting until the store is reopened).
+    compaction = compact_blocks(store, live_bytes=scanned_bytes - freed)
+    return GcResult(removed, freed, kept, len(interrupted), len(stale_prefilter), compaction)

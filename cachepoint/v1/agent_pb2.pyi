@@ -39,7 +39,7 @@ class Subscription(_message.Message):
     def __init__(self, ref: _Optional[str] = ..., wanted: _Optional[int] = ..., held: _Optional[int] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "site", "address", "coordinator", "coordinator_connected", "subscriptions", "versions", "outbox_depth", "peers_known", "sources", "catalog_position", "scrub_json")
+    __slots__ = ("node_id", "site", "address", "coordinator", "coordinator_connected", "subscriptions", "versions", "outbox_depth", "peers_known", "sources", "catalog_position", "scrub_json", "space")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class StatusResponse(_message.Message):
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     CATALOG_POSITION_FIELD_NUMBER: _ClassVar[int]
     SCRUB_JSON_FIELD_NUMBER: _ClassVar[int]
+    SPACE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     site: str
     address: str
@@ -64,7 +65,28 @@ class StatusResponse(_message.Message):
     sources: _containers.RepeatedCompositeFieldContainer[SourceCounters]
     catalog_position: int
     scrub_json: str
-    def __init__(self, node_id: _Optional[str] = ..., site: _Optional[str] = ..., address: _Optional[str] = ..., coordinator: _Optional[str] = ..., coordinator_connected: _Optional[bool] = ..., subscriptions: _Optional[_Iterable[_Union[Subscription, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[_version_pb2.VersionInfo, _Mapping]]] = ..., outbox_depth: _Optional[int] = ..., peers_known: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceCounters, _Mapping]]] = ..., catalog_position: _Optional[int] = ..., scrub_json: _Optional[str] = ...) -> None: ...
+    space: DiskSpace
+    def __init__(self, node_id: _Optional[str] = ..., site: _Optional[str] = ..., address: _Optional[str] = ..., coordinator: _Optional[str] = ..., coordinator_connected: _Optional[bool] = ..., subscriptions: _Optional[_Iterable[_Union[Subscription, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[_version_pb2.VersionInfo, _Mapping]]] = ..., outbox_depth: _Optional[int] = ..., peers_known: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceCounters, _Mapping]]] = ..., catalog_position: _Optional[int] = ..., scrub_json: _Optional[str] = ..., space: _Optional[_Union[DiskSpace, _Mapping]] = ...) -> None: ...
+
+class DiskSpace(_message.Message):
+    __slots__ = ("available_bytes", "total_bytes", "free_bytes", "min_free", "min_free_bytes", "pulls_paused", "reserve_bytes", "reserve_target_bytes")
+    AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIN_FREE_FIELD_NUMBER: _ClassVar[int]
+    MIN_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PULLS_PAUSED_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_TARGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    available_bytes: int
+    total_bytes: int
+    free_bytes: int
+    min_free: str
+    min_free_bytes: int
+    pulls_paused: bool
+    reserve_bytes: int
+    reserve_target_bytes: int
+    def __init__(self, available_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., min_free: _Optional[str] = ..., min_free_bytes: _Optional[int] = ..., pulls_paused: _Optional[bool] = ..., reserve_bytes: _Optional[int] = ..., reserve_target_bytes: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("ref",)
