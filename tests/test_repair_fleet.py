@@ -41,3 +41,23 @@ def test_repair_fetches_blocks_lost_with_a_damaged_sst_again_from_the_coordinato
 
     assert run_cli(admin, "fsck", "--json").json()["ok"]  # type: ignore[index]
     assert export_digest(admin, f"{LAYER}@1", tmp_path / "out.img") == sha256_file(image)
+
+
+def test_a_store_whose_database_is_gone_is_rebuilt_from_its_journal_and_the_fleet(tmp_path: Path) -> None:
+    admin = tmp_path / "admin"
+    image = tmp_path / "disk.img"
+    generate(image, IMAGE_SIZE, seed=22)
+    with Fleet(tmp_path / "fleet") as fleet:
+        coordinator = fleet.coordinator()
+        publish(admin, coordinator.address, image, "production")
+        run_cli(admin, "tag", f"{LAYER}@1", "golden", "--json")  # a local tag only the journal remembers
+        shutil.rmtree(admin / "db")
+
+        result = run_cli(admin, "repair", "--coordinator", coordinator.address, "--json", check=False)
+        assert result.code == 0, f"repair exited {result.code}:\n{result.out}\n{result.err}"
+        report = result.json()
+        assert report["database"] == "made anew from the catalog journal", report  # type: ignore[index]
+        assert report["blocks_healed"] == report["blocks_bad"] > 0 and report["ok"], report  # type: ignore[index]
+
+    assert run_cli(admin, "fsck", "--json").json()["ok"]  # type: ignore[index]
+    assert export_digest(admin, f"{LAYER}:golden", tmp_path / "out.img") == sha256_file(image)

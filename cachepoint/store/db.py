@@ -146,7 +146,7 @@ class StoreDB:
         self.handle_names = {id(handle): name for name, handle in self.handle.items()}
         if exists:
             if check_format:
-                self._check_format()
+                self.check_format()
         else:
             self._initialise()
         if writable and not salvage and attach_journal:
@@ -195,7 +195,7 @@ class StoreDB:
                 raise StoreDamaged(self.root, text) from err
             raise CachepointError(f"cannot open store {self.root}: {text}") from err
 
-    def _check_format(self) -> None:
+    def check_format(self) -> None:
         if fmt.CF_META not in self.cf or fmt.CF_BLOCKS not in self.cf:
             raise IncompatibleFormat(
                 self.root, "unknown", sorted(fmt.SUPPORTED_VERSIONS), "not a cachepoint store"
@@ -277,14 +277,14 @@ class StoreDB:
                 else:
                     batch.inner.delete(key, self.handle[family])
             batch.inner.put(fmt.META_JOURNAL_SEQ, fmt.u64(seq), self.handle[fmt.CF_META])
-            self._write_inner(batch.inner, sync=True, wal=True)
+            self.write_unjournaled(batch.inner, sync=True, wal=True)
             log.warning("store %s: applied journal record %d that the database lacked", self.root, seq)
 
     def checkpoint_journal(self) -> None:
         """Rewrite the journal as one snapshot of the journaled families (after deletions that must not
-        linger in it, and after repair)."""
+        linger in it, and after repair, which opens the store without its journal)."""
         if self.journal is None:
-            return
+            self.journal = jr.Journal(self.root, self.meta(fmt.META_STORE_ID) or b"")
         with self.journal.lock:
             self.journal.checkpoint(self.journaled_state(), self.journal_seq())
 
@@ -309,7 +309,7 @@ class StoreDB:
         then written synced with the WAL, carrying its journal seq; if the database write fails the
         journal record is taken back."""
         if not batch.journal_ops or self.journal is None:
-            self._write_inner(batch.inner, sync=sync, wal=wal)
+            self.write_unjournaled(batch.inner, sync=sync, wal=wal)
             return
         journal = self.journal
         with journal.lock:
@@ -321,12 +321,14 @@ class StoreDB:
                 raise
             batch.inner.put(fmt.META_JOURNAL_SEQ, fmt.u64(seq), self.handle[fmt.CF_META])
             try:
-                self._write_inner(batch.inner, sync=True, wal=True)
+                self.write_unjournaled(batch.inner, sync=True, wal=True)
             except BaseException:
                 journal.undo(seq, size_before)
                 raise
 
-    def _write_inner(self, batch: rocksdict.WriteBatch, *, sync: bool, wal: bool) -> None:
+    def write_unjournaled(self, batch: rocksdict.WriteBatch, *, sync: bool, wal: bool) -> None:
+        """Apply a raw batch without the journal: for records the journal already holds (a writable
+        open applying it) and for repair, which rewrites the journal itself afterwards."""
         options = rocksdict.WriteOptions()
         options.sync = sync
         options.disable_wal = not wal

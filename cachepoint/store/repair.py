@@ -103,21 +103,23 @@ class RepairReport:
 def repair(root: Path | str, heal: HealFn | None = None, progress: ProgressFn | None = None) -> RepairReport:
     root = Path(root)
     report = RepairReport(str(root))
-    if not (root / "db" / "CURRENT").exists() and not (root / jr.FILE_NAME).exists():
+    if (root / "db" / "CURRENT").exists():
+        if _find_damage(root, report):
+            _salvage(root, report)
+    elif (root / jr.FILE_NAME).exists():
+        # The database is gone altogether: the catalog comes back from the journal, blocks from the fleet.
+        report.damage.append("the database is missing")
+        report.database = "made anew from the catalog journal"
+    else:
         StoreDB(root, writable=False)  # raises StoreMissing with the usual message
-    damage = _find_damage(root, report)
-    if damage:
-        _salvage(root, report)
     # The format record itself may be among the damage: the journal holds it too (checked after).
     store = Store(StoreDB(root, writable=True, create=True, attach_journal=False, check_format=False))
     try:
         _merge_catalog(store, report)
-        store.db._check_format()
+        store.db.check_format()
         _check_blocks(store, report, heal, progress)
-        store.db.journal = jr.Journal(root, store.db.meta(fmt.META_STORE_ID) or b"")
-        seq = store.db.journal_seq()
-        store.db.journal.checkpoint(store.db.journaled_state(), seq)
-        report.journal = f"rewritten as a checkpoint at record {seq}"
+        store.db.checkpoint_journal()
+        report.journal = f"rewritten as a checkpoint at record {store.db.journal_seq()}"
     finally:
         store.close()
     return report
@@ -226,7 +228,7 @@ def _salvage_keys(root: Path, scratch: Path, damaged: list[str], report: RepairR
                     else:
                         report.records_salvaged += 1
                 if count:
-                    target._write_inner(batch.inner, sync=True, wal=True)
+                    target.write_unjournaled(batch.inner, sync=True, wal=True)
         finally:
             target.close()
     finally:
@@ -289,7 +291,7 @@ def _merge_catalog(store: Store, report: RepairReport) -> None:
         if extra and path.exists():
             report.kept_not_in_journal[family] = extra
     batch.inner.put(fmt.META_JOURNAL_SEQ, fmt.u64(max(db_seq, state.last_seq)), db.handle[fmt.CF_META])
-    db._write_inner(batch.inner, sync=True, wal=True)
+    db.write_unjournaled(batch.inner, sync=True, wal=True)
     _make_consistent(store, report)
 
 
@@ -349,7 +351,7 @@ def _make_consistent(store: Store, report: RepairReport) -> None:
             batch.inner.delete(key, db.handle[fmt.CF_TAGS])
             report.lost_records.append(f"tag {name}:{tag.decode()} (it pointed at @{number}, which is gone)")
     if len(batch):
-        db._write_inner(batch.inner, sync=True, wal=True)
+        db.write_unjournaled(batch.inner, sync=True, wal=True)
 
 
 # -- 4. blocks --------------------------------------------------------------------------------------
