@@ -24,8 +24,10 @@ from cachepoint.store.store import Store
 from cachepoint.wire import manifest_digest, manifest_from_bytes, version_from_bytes
 
 # Every family whose loss would make a GC delete what it must keep or lose history: the journaled
-# ones, and the working maps of attached disks (blocks GC must keep).
-CATALOG_FAMILIES = (*sorted(fmt.JOURNALED_FAMILIES), fmt.CF_WORKING)
+# ones, and the working maps of attached disks (blocks GC must keep). Read in this order, which
+# matters next to a writer: layers and tags before versions (a record they name was committed before
+# them), manifests before versions (a version's manifest missing from the scan is looked up again).
+CATALOG_FAMILIES = (*sorted(fmt.JOURNALED_FAMILIES - {fmt.CF_VERSIONS}), fmt.CF_VERSIONS, fmt.CF_WORKING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,14 @@ def _read_family(db: StoreDB, family: str, census: Census) -> dict[bytes, bytes]
         return None
 
 
+def _get_or_finding(db: StoreDB, family: str, key: bytes, census: Census) -> bytes | None:
+    try:
+        return db.get(family, key)
+    except RecordsUnreadable as err:
+        census.findings.append(Finding("unreadable-records", family, str(err.args[2])))
+        return b""
+
+
 def take(store: Store, *, with_journal: bool = True) -> Census:
     """Read the whole catalog; never raises for damage, records it as findings."""
     db = store.db
@@ -110,7 +120,9 @@ def take(store: Store, *, with_journal: bool = True) -> Census:
                     Finding("layer", name, f"records latest version {latest}, which has no version record")
                 )
         for name in numbers.keys() - {k.decode(errors="replace") for k in layers}:
-            census.findings.append(Finding("layer", name, "has versions but no layer record"))
+            # (versions are read after layers: a layer made in between has its record by now)
+            if _get_or_finding(db, fmt.CF_LAYERS, name.encode(), census) is None:
+                census.findings.append(Finding("layer", name, "has versions but no layer record"))
     if families[fmt.CF_TAGS] is not None and families[fmt.CF_VERSIONS] is not None:
         for key, raw in tags.items():
             layer, _, tag = key.partition(fmt.SEP)
@@ -126,9 +138,8 @@ def take(store: Store, *, with_journal: bool = True) -> Census:
     for digest, refs in census.users.items():
         subject = str(BlockId(digest))
         try:
-            if manifests_raw is not None:
-                stored = manifests_raw.get(digest)
-            else:
+            stored = manifests_raw.get(digest) if manifests_raw is not None else None
+            if stored is None:  # (manifests are read before versions: one committed in between)
                 stored = db.get(fmt.CF_MANIFESTS, digest)
             if stored is None:
                 raise ValueError("no manifest record")
