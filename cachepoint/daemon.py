@@ -162,6 +162,7 @@ class Daemon:
                 )
             except PullsPaused as err:
                 self.gate.note_paused(err)
+                await asyncio.to_thread(self.gate.settle)
                 raise
         self._account(result.sources)
         self.peers_known = max(self.peers_known, sum(1 for s in result.sources if s.name != "origin"))
