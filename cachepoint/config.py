@@ -89,7 +89,7 @@ class Settings:
     min_free: str = "5%"
     """`serve`: pulls pause while less than this is free on the store's file system ("5%" or "2G")."""
     reserve: str = "64M"
-    """Held back in STORE/reserve so gc runs on a full disk; at most 1% of the file system (0: none)."""
+    """Held back in STORE/reserve so gc runs on a full disk; at most 1% of the fs and the db size, 0: off."""
 
 
 def apply_toml(settings: object, path: Path) -> None:

@@ -174,6 +174,7 @@ class Daemon:
                 )
             except PullsPaused as err:
                 self.gate.note_paused(err)
+                await asyncio.to_thread(self.gate.settle)
                 raise
         self.peers_known = max(self.peers_known, sum(1 for s in result.sources if s.name != "origin"))
         if not result.already_local:

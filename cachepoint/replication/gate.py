@@ -4,11 +4,11 @@
 batch would leave less than ``min_free`` available (cachepoint/store/space.py says what counts), it
 first flushes the memtables (blocks received from peers are in the WAL and in a memtable until a
 flush; after it the WAL is deleted, so they count once), and if that is not enough raises
-PullsPaused. So a paused store holds little in its WAL (the batches that were being written when
-the pull stopped): reopening it (a GC after the daemon stopped, on a disk someone else filled
-meanwhile) does not have to write a large memtable out first. A batch counts twice until a flush (in
-the WAL and in a memtable), and batches of other streams being written count too, so a pull pauses
-up to a few batches before ``min_free`` is reached.
+PullsPaused. When the pull has stopped, ``settle`` flushes what the batches still in flight left in
+the WAL, room permitting, so a paused store's WAL holds (nearly) nothing: reopening it (a GC after
+the daemon stopped, on a disk someone else filled meanwhile) does not have to write a large memtable
+out first. A batch counts twice until a flush (in the WAL and in a memtable), and batches of other
+streams being written count too, so a pull pauses up to a few batches before ``min_free`` is reached.
 
 The pull then gives up and unpins what it fetched (a GC may collect it); the next pull plans again
 and fetches only what is missing. ``watch`` measures on a timer and opens the gate again once
@@ -75,14 +75,25 @@ class PullGate:
             # Until the next flush, received blocks take their size twice: in the WAL and in a memtable.
             if room.available - 2 * incoming >= self.limit(room):
                 return
-            # The flush writes the memtables out before the WAL goes, so it needs them free once more.
-            if room.unflushed and room.free - room.reserve_missing >= room.unflushed:
-                for family in list(self.store.db.cf):
-                    self.store.db.flush(family)
+            if self._flush_if_room(room):
                 room = self._measure()
                 if room.available - 2 * incoming >= self.limit(room):
                     return
             raise self._paused(room)
+
+    def settle(self) -> None:
+        """After a pull paused: flush what the batches still being written when it stopped left in
+        the WAL, when there is room (blocking: call it on a worker thread)."""
+        with self._lock:
+            self._flush_if_room(self._measure())
+
+    def _flush_if_room(self, room: Room) -> bool:
+        # The flush writes the memtables out before the WAL goes, so it needs them free once more.
+        if not room.unflushed or room.free - room.reserve_missing < room.unflushed:
+            return False
+        for family in list(self.store.db.cf):
+            self.store.db.flush(family)
+        return True
 
     def note_paused(self, err: PullsPaused) -> None:
         """Record a pause a pull ran into (call on the event loop)."""
