@@ -228,3 +228,34 @@ def test_gc_on_a_full_disk_says_when_it_has_no_room_to_give_space_back_and_a_lat
     # Compacted away: the next gc has nothing to compact.
     assert cli_json(scene.store, "gc")["compaction"] is None
     assert export_digest(scene.store, "os/x@1", scene.images / "out.img") == sha256_file(held)
+
+
+def test_repair_runs_on_a_completely_full_disk_and_brings_the_damaged_catalog_back(scene: Scene) -> None:
+    held, _ = abandon_a_pull_on_a_full_disk(scene, held_size=4 * BLOCK)
+    # Damage the SST files that hold the version record and its "pushed" record (same key, two
+    # families): one flipped byte in each data block.
+    from cachepoint.store.store import Store
+
+    wanted = b"os/x\x00" + (1).to_bytes(8, "big")
+    with Store.open(scene.store) as store:
+        names = [m["name"].lstrip("/") for m in store.db.db.live_files() if m["start_key"] == wanted]
+    assert len(names) == 2, names
+    for name in names:
+        sst = scene.store / "db" / name
+        data = bytearray(sst.read_bytes())
+        data[40] ^= 0xFF
+        sst.write_bytes(bytes(data))
+    assert scene.fs.free() == 0
+    assert cachepoint_cli(scene.store, "gc", "--json", check=False).code == 8  # refuses: cannot prove
+
+    run = cachepoint_cli(scene.store, "repair", "--json", check=False)
+    assert run.code == 0, f"repair on a full disk exited {run.code}:\n{run.out}\n{run.err}"
+    report = run.json()
+    assert isinstance(report, dict)
+    assert report["recovered_from_journal"] == {"versions": 1, "pushed": 1}, report
+    assert fsck(scene.store)["versions"] == 1
+    # The repair used the reserve; once space returns, gc (which can prove the catalog again) runs.
+    for name in ("filler", "filler-2"):
+        (scene.fs.path / name).unlink()
+    assert cachepoint_cli(scene.store, "gc", "--json").code == 0
+    assert export_digest(scene.store, "os/x@1", scene.images / "out.img") == sha256_file(held)

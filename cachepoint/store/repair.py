@@ -178,17 +178,15 @@ def _salvage(root: Path, report: RepairReport) -> None:
 
 
 def _link_copy(source: Path, target: Path) -> None:
-    """A copy of the database directory as it was: SST files hard-linked (immutable, so sharing them
-    costs no space), the small files (MANIFEST, WAL, OPTIONS) copied."""
+    """A copy of the database directory as it was, made of hard links: it costs no space, which a
+    repair on a full disk does not have. Safe because RocksDB never rewrites a file in place: SST
+    files are immutable, and its repair replaces MANIFEST, CURRENT and the WAL by new files and
+    renames. RocksDB's info logs (LOG*) are left out: nothing reads them back."""
     target.mkdir()
     for entry in os.scandir(source):
-        if not entry.is_file():
+        if not entry.is_file() or entry.name == "LOCK" or entry.name.startswith("LOG"):
             continue
-        destination = target / entry.name
-        if entry.name.endswith(".sst"):
-            os.link(entry.path, destination)
-        elif entry.name != "LOCK":
-            shutil.copyfile(entry.path, destination)
+        os.link(entry.path, target / entry.name)
 
 
 def _salvage_keys(root: Path, scratch: Path, damaged: list[str], report: RepairReport) -> None:
