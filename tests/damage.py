@@ -43,11 +43,9 @@ def rot(store_dir: Path) -> bytes:
     return victim
 
 
-def flip_in_sst(store_dir: Path) -> bytes:
-    with Store.open(store_dir, writable=True) as store:
-        store.blocks.persist()  # blocks a daemon received may still be in its WAL only
-        victim, value = _victim(store, CODEC_RAW)
-    # RocksDB compression is off, so the value's bytes sit verbatim in exactly one SST file.
+def flip_value_in_sst(store_dir: Path, value: bytes) -> None:
+    """Flip 16 bytes of a raw stored value inside the one SST file that holds it (RocksDB's
+    compression is off, so the value's bytes sit there verbatim)."""
     needle = value[20_000:20_064]
     hits = []
     for sst in sorted((store_dir / "db").glob("*.sst")):
@@ -61,6 +59,13 @@ def flip_in_sst(store_dir: Path) -> bytes:
     with open(sst, "r+b") as f:
         f.seek(at)
         f.write(bytes(b ^ 0xFF for b in needle[:16]))
+
+
+def flip_in_sst(store_dir: Path) -> bytes:
+    with Store.open(store_dir, writable=True) as store:
+        store.blocks.persist()  # blocks a daemon received may still be in its WAL only
+        victim, value = _victim(store, CODEC_RAW)
+    flip_value_in_sst(store_dir, value)
     with Store.open(store_dir) as store, pytest.raises(BlockUnreadable):
         store.blocks.raw(victim)
     return victim

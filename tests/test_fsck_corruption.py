@@ -18,6 +18,7 @@ from cachepoint.blocks import CODEC_RAW, CODEC_ZSTD
 from cachepoint.ids import BlockId
 from cachepoint.store.store import Store
 from tests.conftest import run_cli, sha256_file
+from tests.damage import flip_value_in_sst
 
 BLOCK = 64 * 1024
 ZERO = bytes(BLOCK)
@@ -92,20 +93,7 @@ def flipped(populated: Path) -> bytes:
     with Store.open(populated) as store:
         stored = store.blocks.raw(victim)
     assert stored is not None and stored[0] == CODEC_RAW  # random data is kept raw
-    # RocksDB compression is off, so the value's bytes sit verbatim in exactly one SST file.
-    needle = stored[20_000:20_064]
-    hits = []
-    for sst in sorted((populated / "db").glob("*.sst")):
-        data = sst.read_bytes()
-        at = data.find(needle)
-        if at >= 0:
-            assert data.find(needle, at + 1) < 0
-            hits.append((sst, at))
-    assert len(hits) == 1, f"the block's bytes are in {len(hits)} SST files"
-    sst, at = hits[0]
-    with open(sst, "r+b") as f:
-        f.seek(at)
-        f.write(bytes(b ^ 0xFF for b in needle[:16]))
+    flip_value_in_sst(populated, stored)
     return victim
 
 
