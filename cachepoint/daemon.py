@@ -201,22 +201,24 @@ class Daemon:
             except grpc.aio.AioRpcError as err:
                 raise from_rpc_error(err, coordinator) from err
         loop = asyncio.get_running_loop()
+        manifest = manifest_from_bytes(manifest_raw)
 
         def fetch(ids: list[bytes]) -> None:
-            asyncio.run_coroutine_threadsafe(self._fetch_for(info, ids), loop).result(
+            asyncio.run_coroutine_threadsafe(self._fetch_for(info, ids, manifest.block_size), loop).result(
                 timeout=LAZY_FETCH_TIMEOUT
             )
 
-        return info, manifest_from_bytes(manifest_raw), fetch
+        return info, manifest, fetch
 
-    async def _fetch_for(self, info: VersionInfo, ids: list[bytes]) -> None:
+    async def _fetch_for(self, info: VersionInfo, ids: list[bytes], block_size: int) -> None:
         async with channel.channel(self.settings.coordinator) as ch:
             peers = await find_peers(ch, self.node_id, info, self.address)
         avoided = self._avoided()
         sources = [p for p in peers if p.address not in avoided]
         sources.append(Source("origin", self.settings.coordinator, SourceClass.ORIGIN))
         try:
-            await Fetcher(self.store, sources, limits=self.settings.limits).fetch(ids, info.ref)  # type: ignore[arg-type]
+            fetcher = Fetcher(self.store, sources, limits=self.settings.limits, block_size=block_size)  # type: ignore[arg-type]
+            await fetcher.fetch(ids, info.ref)
         finally:
             self._account(sources)
 

@@ -15,9 +15,19 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from cachepoint.blocks import MAX_STORED_SIZE
 from cachepoint.rpc import channel
 from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc
 from cachepoint.wire import stored_value_from_pb
+
+# A FetchBlocks batch is ~1 MiB of stored blocks and ends with the block that crossed that mark, so
+# no honest batch exceeds BATCH_BYTES + one largest block; the margin covers the framing of up to
+# MAX_FETCH_IDS blocks (~48 bytes each). A bigger message is refused by gRPC before it is kept.
+FETCH_MAX_MESSAGE = channel.BATCH_BYTES + MAX_STORED_SIZE + 512 * 1024
+FETCH_OPTIONS = [
+    *[(key, value) for key, value in channel.OPTIONS if key != "grpc.max_receive_message_length"],
+    ("grpc.max_receive_message_length", FETCH_MAX_MESSAGE),
+]
 
 
 class SourceClass(enum.IntEnum):
@@ -54,7 +64,7 @@ class Source:
 
     def stub(self) -> blocks_pb2_grpc.BlockExchangeStub:
         if self._channel is None:
-            self._channel = channel.channel(self.address)
+            self._channel = grpc.aio.insecure_channel(self.address, options=FETCH_OPTIONS)
         return blocks_pb2_grpc.BlockExchangeStub(self._channel)
 
     async def fetch(self, ids: list[bytes], stall: float) -> AsyncIterator[list[tuple[bytes, bytes]]]:

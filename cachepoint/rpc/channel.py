@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+from cachepoint.rpc.guards import RequestGuard
+
 # Batches are ~1 MiB of stored blocks; a manifest of a 1 TiB image at 64 KiB blocks is 512 MiB of ids,
 # far more than we ever send in one message, so manifests above this limit are refused, not truncated.
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -34,4 +36,5 @@ def channel(address: str) -> grpc.aio.Channel:
 
 
 def server() -> grpc.aio.Server:
-    return grpc.aio.server(options=SERVER_OPTIONS)
+    # Every server refuses malformed requests and caps block streams per peer (guards.py).
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[RequestGuard()])
