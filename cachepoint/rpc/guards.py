@@ -8,9 +8,10 @@ One interceptor, installed on every server (cachepoint/rpc/channel.py):
 - ``FetchBlocks`` and ``PushBlocks`` are capped at PEER_STREAMS streams at once per peer address
   (the IP from ``context.peer()``, whatever its port: a peer cannot get more by opening
   connections), each method on its own. One more is refused at once with RESOURCE_EXHAUSTED; the
-  fetcher takes that as "busy" and asks again a little later. A stream costs the server about two
-  batches (~2 MiB) while it runs, so one address can hold at most ~16 MiB of a node's memory in
-  fetches. A site behind one NAT address shares that share.
+  fetcher takes that as "busy" and asks again a little later. A FetchBlocks stream costs the server
+  about two batches (~2 MiB) while it runs, so one address holds at most ~16 MiB of a node's memory
+  in fetches; a PushBlocks stream holds the batch being checked (~1 MiB from an honest pusher, the
+  server's message limit at most). A site behind one NAT address shares one share.
 """
 
 from __future__ import annotations
