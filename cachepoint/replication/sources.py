@@ -24,10 +24,6 @@ from cachepoint.wire import stored_value_from_pb
 # no honest batch exceeds BATCH_BYTES + one largest block; the margin covers the framing of up to
 # MAX_FETCH_IDS blocks (~48 bytes each). A bigger message is refused by gRPC before it is kept.
 FETCH_MAX_MESSAGE = channel.BATCH_BYTES + MAX_STORED_SIZE + 512 * 1024
-FETCH_OPTIONS = [
-    *[(key, value) for key, value in channel.OPTIONS if key != "grpc.max_receive_message_length"],
-    ("grpc.max_receive_message_length", FETCH_MAX_MESSAGE),
-]
 
 
 class SourceClass(enum.IntEnum):
@@ -64,7 +60,7 @@ class Source:
 
     def stub(self) -> blocks_pb2_grpc.BlockExchangeStub:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=FETCH_OPTIONS)
+            self._channel = channel.channel(self.address, max_receive=FETCH_MAX_MESSAGE)
         return blocks_pb2_grpc.BlockExchangeStub(self._channel)
 
     async def fetch(self, ids: list[bytes], stall: float) -> AsyncIterator[list[tuple[bytes, bytes]]]:

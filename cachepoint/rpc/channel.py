@@ -31,8 +31,12 @@ SERVER_OPTIONS = [
 ]
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=OPTIONS)
+def channel(address: str, max_receive: int = MAX_MESSAGE) -> grpc.aio.Channel:
+    """``max_receive``: a smaller bound on each message received, for a channel that only takes
+    messages of a known size (a fetch of blocks)."""
+    options = [(key, value) for key, value in OPTIONS if key != "grpc.max_receive_message_length"]
+    options.append(("grpc.max_receive_message_length", max_receive))
+    return grpc.aio.insecure_channel(address, options=options)
 
 
 def server() -> grpc.aio.Server:
