@@ -14,7 +14,7 @@ import threading
 
 import zstandard
 
-from cachepoint.errors import BlockCorrupt, InvalidBlockSize
+from cachepoint.errors import BlockCorrupt, BlockOversized, InvalidBlockSize
 from cachepoint.ids import BlockId
 
 KiB = 1024
@@ -92,10 +92,49 @@ def decode_block(value: bytes, max_size: int = MAX_BLOCK_SIZE) -> bytes:
     raise ValueError(f"unknown block codec {codec}")
 
 
-def decode_verified(digest: bytes, value: bytes) -> bytes:
-    """Decode a stored value and check it against its id: every read is verified."""
+def stored_size_limit(block_size: int) -> int:
+    """The most bytes a stored value of a block of ``block_size`` bytes may take: the codec byte and
+    zstd's worst case for data it cannot shrink (ZSTD_compressBound: our encoder stores such a block
+    raw, another writer may not)."""
+    small = (128 * KiB - block_size) >> 11 if block_size < 128 * KiB else 0
+    return 1 + block_size + (block_size >> 8) + small
+
+
+MAX_STORED_SIZE = stored_size_limit(MAX_BLOCK_SIZE)  # 4 MiB + 16 KiB + 1: any block on the wire or at rest
+
+
+def size_problem(value: bytes, block_size: int = MAX_BLOCK_SIZE, *, at_rest: bool = False) -> str:
+    """Why the stored value ``value`` cannot be a block of at most ``block_size`` bytes, or "" when it
+    can. Cheap (a length and a frame header), so it runs before a received value is hashed, decoded
+    or stored. A decoded size is what a zstd frame declares. From the network, a frame that declares
+    none (our encoder always declares it) or whose header cannot be read is refused: the size must be
+    known before the bytes are kept. ``at_rest``: those are left to the decoder, which stops at
+    ``block_size`` anyway and reports them as undecodable."""
+    limit = stored_size_limit(block_size)
+    if len(value) > limit:
+        return f"{len(value)} stored bytes, over {limit}, the most a block of block size {block_size} takes"
+    if not value:
+        return "an empty value (no codec byte)"
+    if value[0] == CODEC_ZSTD:
+        try:
+            declared = zstandard.frame_content_size(memoryview(value)[1:])
+        except zstandard.ZstdError as err:
+            return "" if at_rest else f"an unreadable zstd frame ({err})"
+        if declared < 0 and not at_rest:
+            return "a zstd frame that does not declare its size"
+        if declared > block_size:
+            return f"it decodes to {declared} bytes, more than the block size {block_size}"
+    return ""
+
+
+def decode_verified(digest: bytes, value: bytes, block_size: int = MAX_BLOCK_SIZE) -> bytes:
+    """Decode a stored value and check it against its id: every read is verified. A value that would
+    decode to more than ``block_size`` bytes is refused before it is decoded (a zstd frame of a few
+    bytes can declare gigabytes)."""
+    if problem := size_problem(value, block_size, at_rest=True):
+        raise BlockOversized(BlockId(digest), problem)
     try:
-        data = decode_block(value)
+        data = decode_block(value, block_size)
     except (ValueError, zstandard.ZstdError) as err:
         raise BlockCorrupt(BlockId(digest), f"undecodable ({err})") from err
     actual = block_digest(data)

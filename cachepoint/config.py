@@ -21,6 +21,7 @@ The TOML keys are the field names, e.g.::
     scrub_rate = "50MiB/s"
     min_free = "5%"
     reserve = "64M"
+    agent_group = "cachepoint"
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ class Settings:
     """`serve`: pulls pause while less than this is free on the store's file system ("5%" or "2G")."""
     reserve: str = "64M"
     """Held back in STORE/reserve so gc runs on a full disk; at most 1% of the fs and the db size, 0: off."""
+    agent_group: str = ""
+    """`serve`: members of this group may use the daemon's local control socket STORE/agent.sock (mode
+    0660); empty: only the daemon's own user (0600). The Agent is never served on the network."""
 
 
 def apply_toml(settings: object, path: Path) -> None:

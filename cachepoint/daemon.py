@@ -1,8 +1,9 @@
 """The cachepoint daemon: wiring and lifecycle.
 
-Startup: store, gRPC server (BlockExchange and the Catalog reads for peers, Agent for local commands,
-health), then background tasks started in one place: the fleet heartbeat and one follower per
-subscription. If a task dies the daemon stops; shutdown reverses startup.
+Startup: store, gRPC server for peers (BlockExchange, the Catalog reads, health), the Agent for local
+commands on a server of its own on STORE/agent.sock (never on the network: rpc/agent_socket.py),
+then background tasks started in one place: the fleet heartbeat and one follower per subscription.
+If a task dies the daemon stops; shutdown reverses startup.
 
 A subscription (``os/win10:production``) is kept current through the coordinator's Watch stream:
 on every (re)connection the follower first pulls whatever the ref names now, then pulls again on
@@ -39,6 +40,7 @@ from cachepoint.replication.pull import PullResult, fetch_manifest, find_peers, 
 from cachepoint.replication.sources import Source, SourceClass
 from cachepoint.rpc import channel
 from cachepoint.rpc.agent import AgentService
+from cachepoint.rpc.agent_socket import AgentServer
 from cachepoint.rpc.block_exchange import BlockExchangeService, ServeCounters
 from cachepoint.rpc.catalog_read import CatalogReadService
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
@@ -109,6 +111,8 @@ class DaemonSettings:
     """Pulls stop while less than this is free on the store's file system (cachepoint/replication/gate.py)."""
     reserve: int = DEFAULT_RESERVE
     """Bytes held back in STORE/reserve for GC on a full disk (cachepoint/store/headroom.py)."""
+    agent_group: str = ""
+    """Group whose members may use the Agent socket (mode 0660); empty: the daemon's user only (0600)."""
 
 
 @dataclass
@@ -198,22 +202,24 @@ class Daemon:
             except grpc.aio.AioRpcError as err:
                 raise from_rpc_error(err, coordinator) from err
         loop = asyncio.get_running_loop()
+        manifest = manifest_from_bytes(manifest_raw)
 
         def fetch(ids: list[bytes]) -> None:
-            asyncio.run_coroutine_threadsafe(self._fetch_for(info, ids), loop).result(
+            asyncio.run_coroutine_threadsafe(self._fetch_for(info, ids, manifest.block_size), loop).result(
                 timeout=LAZY_FETCH_TIMEOUT
             )
 
-        return info, manifest_from_bytes(manifest_raw), fetch
+        return info, manifest, fetch
 
-    async def _fetch_for(self, info: VersionInfo, ids: list[bytes]) -> None:
+    async def _fetch_for(self, info: VersionInfo, ids: list[bytes], block_size: int) -> None:
         async with channel.channel(self.settings.coordinator) as ch:
             peers = await find_peers(ch, self.node_id, info, self.address)
         avoided = self._avoided()
         sources = [p for p in peers if p.address not in avoided]
         sources.append(Source("origin", self.settings.coordinator, SourceClass.ORIGIN))
         try:
-            await Fetcher(self.store, sources, limits=self.settings.limits).fetch(ids, info.ref)  # type: ignore[arg-type]
+            fetcher = Fetcher(self.store, sources, limits=self.settings.limits, block_size=block_size)  # type: ignore[arg-type]
+            await fetcher.fetch(ids, info.ref)
         finally:
             self._account(sources)
 
@@ -471,6 +477,8 @@ class Daemon:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
+        # A new store gets a directory no other user may write, whatever the umask: it holds the agent socket.
+        self.settings.store.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.store = Store.open(self.settings.store, writable=True, create=True)
         ensure_reserve(self.settings.store, self.settings.reserve)
         self.gate = PullGate(self.store, self.settings.min_free, self.settings.reserve)
@@ -481,14 +489,19 @@ class Daemon:
         blocks = BlockExchangeService(store, self.serve_counters, accepts_pushes=False)
         server.add(lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(blocks, s))
         server.add(lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogReadService(store), s))
-        server.add(lambda s: agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self), s))
         tasks: list[asyncio.Task[None]] = []
         remote = self.open_remote if self.settings.coordinator else None
         self.disks = Disks(store, remote, read_cache=self.settings.read_cache)
+        agent = AgentServer(
+            self.settings.store,
+            lambda s: agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self), s),
+            self.settings.agent_group,
+        )
         http_runner = None
         extra: dict[str, object] = {}
         try:
             self.address = await server.start()
+            extra["agent"] = str(await agent.start())
             if self.settings.nbd or self.settings.nbd_socket:
                 extra["nbd"] = await self.disks.serve(
                     self.settings.nbd or None, self.settings.nbd_socket or None
@@ -532,6 +545,7 @@ class Daemon:
             stopper.cancel()
         finally:
             self.scrub_stop.set()  # a pass asked for over the Agent stops at its next batch
+            await agent.stop()  # no local command starts while the rest stops
             for task in reversed(tasks):
                 task.cancel()
             for task in tasks:

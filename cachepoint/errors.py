@@ -126,6 +126,10 @@ class BlockCorrupt(CachepointError):
     exit_code = EXIT_CORRUPT
 
 
+class BlockOversized(BlockCorrupt):
+    """block {} is refused: {}"""
+
+
 class BlockUnreadable(CachepointError):
     """block {} cannot be read from the store: {} (run `cachepoint fsck` to see which versions it touches)"""
 

@@ -1,4 +1,4 @@
-"""Finding the daemon that owns a store and asking it how it is doing."""
+"""Finding the daemon that owns a store and asking it how it is doing, over its Agent socket."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import grpc
 
 from cachepoint.errors import NotFound, StoreBusy
 from cachepoint.layers.ingest import IngestOptions
-from cachepoint.rpc import channel
+from cachepoint.rpc.agent_socket import agent_channel
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
 from cachepoint.v1 import agent_pb2, agent_pb2_grpc
 
@@ -17,31 +17,32 @@ STATE_FILE = "daemon.json"
 INGEST_DEADLINE = 6 * 3600.0
 
 
-def daemon_address(store: Path) -> str:
-    """The address the daemon serving ``store`` announced when it started."""
+def agent_socket(store: Path) -> Path:
+    """The Agent socket the daemon serving ``store`` announced when it started (STORE/agent.sock):
+    local commands reach the daemon there only, never over its network port."""
     try:
-        return str(json.loads((store / STATE_FILE).read_text())["listening"])
-    except (OSError, ValueError, KeyError) as err:
+        return Path(json.loads((store / STATE_FILE).read_text())["agent"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise NotFound(
             f"no cachepoint daemon is running on store {store} (start one with `cachepoint serve`)"
         ) from err
 
 
 async def daemon_status(store: Path) -> agent_pb2.StatusResponse:
-    address = daemon_address(store)
-    async with channel.channel(address) as ch:
+    address = agent_socket(store)
+    async with agent_channel(address) as ch:
         try:
             return await agent_pb2_grpc.AgentStub(ch).Status(
                 agent_pb2.StatusRequest(), timeout=UNARY_DEADLINE
             )
         except grpc.RpcError as err:
-            raise from_rpc_error(err, address) from err
+            raise from_rpc_error(err, str(address)) from err
 
 
 async def ingest_via_daemon(store: Path, path: Path, options: IngestOptions) -> dict[str, object]:
     """Ask the daemon that holds ``store`` to ingest ``path`` (a path on this host)."""
     try:
-        address = daemon_address(store)
+        address = agent_socket(store)
     except NotFound as err:
         raise StoreBusy(store, "another process holds it and no daemon is announced") from err
     request = agent_pb2.IngestRequest(
@@ -54,11 +55,11 @@ async def ingest_via_daemon(store: Path, path: Path, options: IngestOptions) -> 
         author=options.author,
         allow_same=options.allow_same,
     )
-    async with channel.channel(address) as ch:
+    async with agent_channel(address) as ch:
         try:
             response = await agent_pb2_grpc.AgentStub(ch).Ingest(request, timeout=INGEST_DEADLINE)
         except grpc.RpcError as err:
-            raise from_rpc_error(err, address) from err
+            raise from_rpc_error(err, str(address)) from err
     return dict(json.loads(response.result_json))
 
 
@@ -119,9 +120,9 @@ def space_json(space: agent_pb2.DiskSpace) -> dict[str, object]:
 
 async def agent_call(store: Path, method: str, request: object, timeout: float = UNARY_DEADLINE) -> object:
     """Call one Agent method on the daemon that holds ``store``."""
-    address = daemon_address(store)
-    async with channel.channel(address) as ch:
+    address = agent_socket(store)
+    async with agent_channel(address) as ch:
         try:
             return await getattr(agent_pb2_grpc.AgentStub(ch), method)(request, timeout=timeout)
         except grpc.RpcError as err:
-            raise from_rpc_error(err, address) from err
+            raise from_rpc_error(err, str(address)) from err

@@ -73,8 +73,8 @@ class LocalCaptures:
 class DaemonCaptures:
     through_daemon = True
 
-    def __init__(self, address: str, where: Where) -> None:
-        self.address = address
+    def __init__(self, socket: Path, where: Where) -> None:
+        self.socket = socket
         self.where = where
 
     def capture(
@@ -99,15 +99,15 @@ class DaemonCaptures:
     async def _call(self, request: object) -> object:
         import grpc
 
-        from cachepoint.rpc import channel
+        from cachepoint.rpc.agent_socket import agent_channel
         from cachepoint.rpc.client import from_rpc_error
         from cachepoint.v1 import agent_pb2_grpc
 
-        async with channel.channel(self.address) as ch:
+        async with agent_channel(self.socket) as ch:
             try:
                 return await agent_pb2_grpc.AgentStub(ch).Capture(request, timeout=CAPTURE_DEADLINE)
             except grpc.RpcError as err:
-                raise from_rpc_error(err, self.address) from err
+                raise from_rpc_error(err, str(self.socket)) from err
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Store]:
@@ -119,16 +119,16 @@ class DaemonCaptures:
 @contextlib.contextmanager
 def captures(where: Where) -> Iterator[Captures]:
     """The store opened for writing, or the daemon that holds it; another writer is StoreBusy."""
-    from cachepoint.status import daemon_address
+    from cachepoint.status import agent_socket
 
     try:
         store = Store.open(where.store, writable=True, create=True)
     except StoreBusy as busy:
         try:
-            address = daemon_address(where.store)
+            socket = agent_socket(where.store)
         except NotFound:
             raise busy from None  # another command holds it, not a daemon: nothing to ask
-        yield DaemonCaptures(address, where)
+        yield DaemonCaptures(socket, where)
         return
     with store:
         yield LocalCaptures(store, where)

@@ -87,13 +87,13 @@ allow_same_option = click.option(
 def writable_or_daemon(ctx: Context) -> Store | None:
     """The store opened for writing, or None when a running daemon holds it (then ask the daemon)."""
     from cachepoint.errors import NotFound
-    from cachepoint.status import daemon_address
+    from cachepoint.status import agent_socket
 
     try:
         return ctx.open(writable=True)
     except StoreBusy as busy:
         try:
-            daemon_address(ctx.store_path)
+            agent_socket(ctx.store_path)
         except NotFound:
             raise busy from None  # another command holds it, not a daemon: nothing to ask
         return None

@@ -182,6 +182,7 @@ def serve_cmd(
         scrub_rate=parse_rate(s.scrub_rate),
         min_free=SpaceLimit.parse(s.min_free, "min_free"),
         reserve=parse_byte_size(s.reserve, "reserve"),
+        agent_group=s.agent_group,
     )
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
@@ -249,19 +250,19 @@ def pin_cmd(ctx: Context, target: str, as_json: bool) -> None:
 async def _last_progress(store: Path, request: object) -> Any:
     import grpc
 
-    from cachepoint.rpc import channel
+    from cachepoint.rpc.agent_socket import agent_channel
     from cachepoint.rpc.client import from_rpc_error
-    from cachepoint.status import daemon_address
+    from cachepoint.status import agent_socket
     from cachepoint.v1 import agent_pb2_grpc
 
-    address = daemon_address(store)
+    address = agent_socket(store)
     last = None
-    async with channel.channel(address) as ch:
+    async with agent_channel(address) as ch:
         try:
             async for progress in agent_pb2_grpc.AgentStub(ch).Pull(request, timeout=6 * 3600):
                 last = progress
         except grpc.RpcError as err:
-            raise from_rpc_error(err, address) from err
+            raise from_rpc_error(err, str(address)) from err
     return last
 
 

@@ -82,13 +82,13 @@ async def _here(
 async def _through_daemon(store: Path, rate: str, progress: ProgressFn | None) -> dict[str, Any]:
     import grpc
 
-    from cachepoint.rpc import channel
+    from cachepoint.rpc.agent_socket import agent_channel
     from cachepoint.rpc.client import from_rpc_error
-    from cachepoint.status import daemon_address
+    from cachepoint.status import agent_socket
     from cachepoint.v1 import agent_pb2, agent_pb2_grpc
 
-    address = daemon_address(store)
-    async with channel.channel(address) as ch:
+    address = agent_socket(store)
+    async with agent_channel(address) as ch:
         call = agent_pb2_grpc.AgentStub(ch).Scrub(agent_pb2.ScrubRequest(rate=rate), timeout=SCRUB_DEADLINE)
         try:
             async for update in call:
@@ -97,7 +97,7 @@ async def _through_daemon(store: Path, rate: str, progress: ProgressFn | None) -
                 if progress is not None:
                     progress(update.blocks_done, update.blocks_total)
         except grpc.RpcError as err:
-            raise from_rpc_error(err, address) from err
+            raise from_rpc_error(err, str(address)) from err
     raise RuntimeError(f"the daemon at {address} ended the scrub without a result")
 
 

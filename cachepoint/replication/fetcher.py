@@ -4,11 +4,14 @@ The missing ids are cut into units. Each source runs a few streams; a stream tak
 is *eligible* for: a unit goes to the nearest class of sources that is still alive and has not
 already said it lacks the unit, so the origin is asked only for what no peer could give. A unit that
 comes back short is re-queued for the next class. A source that stalls past the deadline, fails, or
-sends a block whose bytes do not hash to its id is dropped and its unit re-planned. Verified blocks
-are written with the WAL on as they arrive, so a killed pull keeps them and asks again only for the
-units that were in flight. ``room``, when given, is asked before each write whether the disk can take
-the batch (the daemon's min_free, cachepoint/replication/gate.py); when it raises, every stream stops
-and the fetch raises that error.
+sends a block whose bytes do not hash to its id, or a block larger than the layer's block size, is
+dropped and its unit re-planned. A source at its limit of streams for this peer (RESOURCE_EXHAUSTED,
+cachepoint/rpc/guards.py) is busy, not broken: the unit goes back unblamed and the stream asks again
+after a pause, BUSY_RETRIES times in a row at most. Verified blocks are written with the WAL on as
+they arrive, so a killed pull keeps them and asks again only for the units that were in flight.
+``room``, when given, is asked before each write whether the disk can take the batch (the daemon's
+min_free, cachepoint/replication/gate.py); when it raises, every stream stops and the fetch raises
+that error.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from cachepoint.blocks import decode_verified
+from cachepoint.blocks import MAX_BLOCK_SIZE, decode_verified, size_problem
 from cachepoint.errors import BlockCorrupt, PullIncomplete
 from cachepoint.ids import BlockId
 from cachepoint.replication.ratelimit import TokenBucket
 from cachepoint.replication.sources import Source, SourceClass
+from cachepoint.rpc.guards import BUSY_KEY
 from cachepoint.store.store import Store
 
 log = logging.getLogger("cachepoint.replication")
@@ -32,6 +36,8 @@ log = logging.getLogger("cachepoint.replication")
 UNIT_BLOCKS = 64  # ~2-4 MiB of raw data per request: enough to stream, small enough to spread
 STREAMS_PER_SOURCE = 2
 STALL_SECONDS = 10.0
+BUSY_PAUSE = 0.25  # seconds before asking a busy source again, times the refusals in a row
+BUSY_RETRIES = 12  # refusals in a row (~20 s of pauses) before a busy source is dropped
 ProgressFn = Callable[[int, int], None]
 RoomFn = Callable[[int], None]  # raises when the disk cannot take that many more bytes
 
@@ -49,15 +55,27 @@ class FetchResult:
     bad_blocks: int = 0
 
 
-def _verify(values: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, str]]]:
+def _verify(
+    values: list[tuple[bytes, bytes]], block_size: int
+) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, str]]]:
     good, bad = [], []
     for digest, value in values:
+        if problem := size_problem(value, block_size):  # before hashing or keeping a byte of it
+            bad.append((digest, f"block {BlockId(digest)} is refused: {problem}"))
+            continue
         try:
-            decode_verified(digest, value)
+            decode_verified(digest, value, block_size)
             good.append((digest, value))
         except BlockCorrupt as err:
             bad.append((digest, str(err)))
     return good, bad
+
+
+def _busy(err: grpc.RpcError) -> bool:
+    """A refusal for the source's limit of streams per peer (not a full disk, not an oversized message)."""
+    if not isinstance(err, grpc.aio.AioRpcError) or err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    return any(key == BUSY_KEY for key, _ in err.trailing_metadata() or ())
 
 
 class Fetcher:
@@ -69,8 +87,11 @@ class Fetcher:
         stall: float = STALL_SECONDS,
         limits: dict[SourceClass, float] | None = None,
         room: RoomFn | None = None,
+        block_size: int = MAX_BLOCK_SIZE,
     ) -> None:
+        """``block_size``: the layer's, when the blocks are a version's; larger blocks are refused."""
         self.store = store
+        self.block_size = block_size
         self.room = room
         self._halt: Exception | None = None  # what ``room`` raised: no stream takes more work
         self._unwritten = 0  # bytes of batches checked by ``room`` and not yet written
@@ -115,13 +136,14 @@ class Fetcher:
                     return None
                 await self._changed.wait()
 
-    async def _give_back(self, unit: _Unit, source: Source) -> None:
+    async def _give_back(self, unit: _Unit, source: Source, blame: bool = True) -> None:
         async with self._changed:
             self._inflight -= 1
             rest = [d for d in unit.ids if d in self._wanted]
             if rest:
                 unit.ids = rest
-                unit.tried.add(source.name)
+                if blame:
+                    unit.tried.add(source.name)
                 self._queue.append(unit)
             self._changed.notify_all()
 
@@ -132,13 +154,17 @@ class Fetcher:
             log.warning("dropping source %s (%s): %s", source.name, source.address, why)
 
     async def _stream(self, source: Source, total: int) -> None:
+        busy = 0  # refusals in a row for the source's limit of streams per peer
         while (unit := await self._take(source)) is not None:
             bucket = self.buckets.get(source.source_class)
+            blame = True
             try:
                 async for values in source.fetch(unit.ids, self.stall):
+                    busy = 0
                     if bucket is not None:
                         await bucket.pay(sum(len(v) for _, v in values))
-                    good, bad = await asyncio.to_thread(_verify, [v for v in values if v[0] in self._wanted])
+                    wanted = [v for v in values if v[0] in self._wanted]
+                    good, bad = await asyncio.to_thread(_verify, wanted, self.block_size)
                     if good:
                         if not await self._store(good):
                             break  # no room: the fetch is halting
@@ -163,12 +189,18 @@ class Fetcher:
             except TimeoutError:
                 self._drop(source, f"stalled for more than {self.stall:.0f}s")
             except grpc.RpcError as err:
-                code = err.code().name if isinstance(err, grpc.aio.AioRpcError) else "ERROR"
-                self._drop(
-                    source, f"{code}: {err.details() if isinstance(err, grpc.aio.AioRpcError) else err}"
-                )
+                if _busy(err) and busy < BUSY_RETRIES:
+                    busy += 1
+                    blame = False
+                else:
+                    code = err.code().name if isinstance(err, grpc.aio.AioRpcError) else "ERROR"
+                    self._drop(
+                        source, f"{code}: {err.details() if isinstance(err, grpc.aio.AioRpcError) else err}"
+                    )
             finally:
-                await self._give_back(unit, source)
+                await self._give_back(unit, source, blame)
+            if not blame:
+                await asyncio.sleep(BUSY_PAUSE * busy)
 
     async def _store(self, good: list[tuple[bytes, bytes]]) -> bool:
         """Write verified blocks; False when the fetch is halting (no room)."""

@@ -144,7 +144,9 @@ async def pull(
                     sources += [peer for peer in peers if peer.address not in avoid]
                 sources.append(Source("origin", origin, SourceClass.ORIGIN))
                 result = PullResult(info, planned_blocks=len(missing), sources=sources)
-                fetcher = Fetcher(store, sources, progress, limits=limits, room=room)
+                fetcher = Fetcher(
+                    store, sources, progress, limits=limits, room=room, block_size=manifest.block_size
+                )
                 try:
                     result.fetched = await fetcher.fetch(missing, info.ref)
                 finally:

@@ -15,9 +15,15 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from cachepoint.blocks import MAX_STORED_SIZE
 from cachepoint.rpc import channel
 from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc
 from cachepoint.wire import stored_value_from_pb
+
+# A FetchBlocks batch is ~1 MiB of stored blocks and ends with the block that crossed that mark, so
+# no honest batch exceeds BATCH_BYTES + one largest block; the margin covers the framing of up to
+# MAX_FETCH_IDS blocks (~48 bytes each). A bigger message is refused by gRPC before it is kept.
+FETCH_MAX_MESSAGE = channel.BATCH_BYTES + MAX_STORED_SIZE + 512 * 1024
 
 
 class SourceClass(enum.IntEnum):
@@ -54,7 +60,7 @@ class Source:
 
     def stub(self) -> blocks_pb2_grpc.BlockExchangeStub:
         if self._channel is None:
-            self._channel = channel.channel(self.address)
+            self._channel = channel.channel(self.address, max_receive=FETCH_MAX_MESSAGE)
         return blocks_pb2_grpc.BlockExchangeStub(self._channel)
 
     async def fetch(self, ids: list[bytes], stall: float) -> AsyncIterator[list[tuple[bytes, bytes]]]:

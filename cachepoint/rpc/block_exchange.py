@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from cachepoint.blocks import decode_verified
+from cachepoint.blocks import decode_verified, size_problem
 from cachepoint.errors import BlockCorrupt, InvalidInput
-from cachepoint.ids import DIGEST_SIZE, unpack_ids
+from cachepoint.ids import DIGEST_SIZE, BlockId, unpack_ids
 from cachepoint.rpc.channel import BATCH_BYTES, MAX_FETCH_IDS, MAX_HAS_IDS
 from cachepoint.rpc.errors import NotAnOrigin, rpc_errors
 from cachepoint.store.store import Store
@@ -104,7 +104,10 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
                     raise InvalidInput(
                         f"PushBlocks: a block id has {len(block.id)} bytes, expected {DIGEST_SIZE}"
                     )
-                values.append((block.id, stored_value_from_pb(block)))
+                value = stored_value_from_pb(block)
+                if problem := size_problem(value):  # no layer here: the largest block size bounds it
+                    raise InvalidInput(f"PushBlocks: block {BlockId(block.id)} is refused: {problem}")
+                values.append((block.id, value))
             good, bad = await asyncio.to_thread(_verify_batch, values)
             if good:
                 await asyncio.to_thread(self.store.blocks.put_many, good, True)

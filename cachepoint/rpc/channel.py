@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+from cachepoint.rpc.guards import RequestGuard
+
 # Batches are ~1 MiB of stored blocks; a manifest of a 1 TiB image at 64 KiB blocks is 512 MiB of ids,
 # far more than we ever send in one message, so manifests above this limit are refused, not truncated.
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -29,9 +31,14 @@ SERVER_OPTIONS = [
 ]
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=OPTIONS)
+def channel(address: str, max_receive: int = MAX_MESSAGE) -> grpc.aio.Channel:
+    """``max_receive``: a smaller bound on each message received, for a channel that only takes
+    messages of a known size (a fetch of blocks)."""
+    options = [(key, value) for key, value in OPTIONS if key != "grpc.max_receive_message_length"]
+    options.append(("grpc.max_receive_message_length", max_receive))
+    return grpc.aio.insecure_channel(address, options=options)
 
 
 def server() -> grpc.aio.Server:
-    return grpc.aio.server(options=SERVER_OPTIONS)
+    # Every server refuses malformed requests and caps block streams per peer (guards.py).
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[RequestGuard()])

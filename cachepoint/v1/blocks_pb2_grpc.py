@@ -26,8 +26,11 @@ if _version_not_supported:
 
 
 class BlockExchangeStub:
-    """Status codes: INVALID_ARGUMENT for malformed ids or too many of them; RESOURCE_EXHAUSTED for an
-    oversized message; PERMISSION_DENIED for PushBlocks to a node that is not an origin.
+    """Status codes: INVALID_ARGUMENT for malformed ids or too many of them, for request bytes that are
+    not the method's message, and for a pushed block over the largest block size (4 MiB decoded);
+    RESOURCE_EXHAUSTED for an oversized message, and for a ninth FetchBlocks or PushBlocks stream at
+    once from one peer address (trailing metadata "cachepoint-busy": ask again later);
+    PERMISSION_DENIED for PushBlocks to a node that is not an origin.
     """
 
     def __init__(self, channel):
@@ -54,8 +57,11 @@ class BlockExchangeStub:
 
 
 class BlockExchangeServicer:
-    """Status codes: INVALID_ARGUMENT for malformed ids or too many of them; RESOURCE_EXHAUSTED for an
-    oversized message; PERMISSION_DENIED for PushBlocks to a node that is not an origin.
+    """Status codes: INVALID_ARGUMENT for malformed ids or too many of them, for request bytes that are
+    not the method's message, and for a pushed block over the largest block size (4 MiB decoded);
+    RESOURCE_EXHAUSTED for an oversized message, and for a ninth FetchBlocks or PushBlocks stream at
+    once from one peer address (trailing metadata "cachepoint-busy": ask again later);
+    PERMISSION_DENIED for PushBlocks to a node that is not an origin.
     """
 
     def HasBlocks(self, request, context):
@@ -104,8 +110,11 @@ def add_BlockExchangeServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class BlockExchange:
-    """Status codes: INVALID_ARGUMENT for malformed ids or too many of them; RESOURCE_EXHAUSTED for an
-    oversized message; PERMISSION_DENIED for PushBlocks to a node that is not an origin.
+    """Status codes: INVALID_ARGUMENT for malformed ids or too many of them, for request bytes that are
+    not the method's message, and for a pushed block over the largest block size (4 MiB decoded);
+    RESOURCE_EXHAUSTED for an oversized message, and for a ninth FetchBlocks or PushBlocks stream at
+    once from one peer address (trailing metadata "cachepoint-busy": ask again later);
+    PERMISSION_DENIED for PushBlocks to a node that is not an origin.
     """
 
     @staticmethod

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 import rocksdict
 
+from cachepoint.blocks import size_problem
 from cachepoint.errors import InvalidInput, RefNotFound
 from cachepoint.ids import DIGEST_SIZE, LATEST, BlockId, validate_layer_name, validate_tag
 from cachepoint.model import ClassChanges, LayerKind, VersionInfo
@@ -27,6 +28,7 @@ from coordinator.history.times import iso
 
 log = logging.getLogger("coordinator.catalog")
 WATCH_KEEPALIVE = 15.0  # seconds a quiet Watch stream waits before looking at the log again
+CHECK_CHUNK = 256  # blocks read at once while a commit checks its manifest's blocks
 
 
 class CatalogService(CatalogReadService):
@@ -44,6 +46,22 @@ class CatalogService(CatalogReadService):
             return None
         layer, number = fmt.split_version_key(raw)
         return self.store.catalog.version(layer, number)
+
+    def _check_blocks(self, ids: set[bytes], block_size: int) -> tuple[list[bytes], tuple[bytes, str] | None]:
+        """The blocks of a manifest that are not here, and the first one that is larger than the
+        manifest's block size (pushes are bounded only by the largest block size: a push names no
+        layer). Reading each value costs what the presence check did (it read the value too)."""
+        missing: list[bytes] = []
+        oversized: tuple[bytes, str] | None = None
+        ordered = sorted(ids)
+        for start in range(0, len(ordered), CHECK_CHUNK):
+            chunk = ordered[start : start + CHECK_CHUNK]
+            for digest, value in zip(chunk, self.store.blocks.raw_many(chunk), strict=True):
+                if value is None:
+                    missing.append(digest)
+                elif oversized is None and (problem := size_problem(value, block_size)):
+                    oversized = (digest, problem)
+        return missing, oversized
 
     def _placement(self, request: catalog_pb2.CommitRequest, received_ns: int) -> Placement:
         """The version's time on this coordinator's clock (clock.py), from the device's two readings."""
@@ -85,9 +103,14 @@ class CatalogService(CatalogReadService):
             manifest = manifest_from_bytes(raw)
         except Exception as err:  # protobuf decode errors, bad paths, bad packed ids
             raise InvalidInput(f"commit of {request.layer}: malformed manifest ({err})") from err
-        missing = [d for d in manifest.block_ids() if not self.store.blocks.has(d)]
+        missing, oversized = self._check_blocks(manifest.block_ids(), manifest.block_size)
         if missing:
             raise MissingBlocks(len(missing), BlockId(missing[0]))
+        if oversized:
+            digest, problem = oversized
+            raise InvalidInput(
+                f"commit of {request.layer}: block {BlockId(digest)} does not fit the manifest: {problem}"
+            )
         placement = self._placement(request, received_ns)
         kind = LayerKind(request.kind) if request.kind else LayerKind.APP
         changes = tuple(ClassChanges(c.file_class, c.added, c.changed, c.removed) for c in request.changes)
