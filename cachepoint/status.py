@@ -29,7 +29,7 @@ def daemon_address(store: Path) -> str:
 
 async def daemon_status(store: Path) -> agent_pb2.StatusResponse:
     address = daemon_address(store)
-    async with channel.channel(address) as ch:
+    async with channel.channel(address, peer=True) as ch:
         try:
             return await agent_pb2_grpc.AgentStub(ch).Status(
                 agent_pb2.StatusRequest(), timeout=UNARY_DEADLINE
@@ -54,7 +54,7 @@ async def ingest_via_daemon(store: Path, path: Path, options: IngestOptions) -> 
         author=options.author,
         allow_same=options.allow_same,
     )
-    async with channel.channel(address) as ch:
+    async with channel.channel(address, peer=True) as ch:
         try:
             response = await agent_pb2_grpc.AgentStub(ch).Ingest(request, timeout=INGEST_DEADLINE)
         except grpc.RpcError as err:
@@ -120,7 +120,7 @@ def space_json(space: agent_pb2.DiskSpace) -> dict[str, object]:
 async def agent_call(store: Path, method: str, request: object, timeout: float = UNARY_DEADLINE) -> object:
     """Call one Agent method on the daemon that holds ``store``."""
     address = daemon_address(store)
-    async with channel.channel(address) as ch:
+    async with channel.channel(address, peer=True) as ch:
         try:
             return await getattr(agent_pb2_grpc.AgentStub(ch), method)(request, timeout=timeout)
         except grpc.RpcError as err:

@@ -103,7 +103,7 @@ class DaemonCaptures:
         from cachepoint.rpc.client import from_rpc_error
         from cachepoint.v1 import agent_pb2_grpc
 
-        async with channel.channel(self.address) as ch:
+        async with channel.channel(self.address, peer=True) as ch:
             try:
                 return await agent_pb2_grpc.AgentStub(ch).Capture(request, timeout=CAPTURE_DEADLINE)
             except grpc.RpcError as err:

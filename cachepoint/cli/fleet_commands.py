@@ -256,7 +256,7 @@ async def _last_progress(store: Path, request: object) -> Any:
 
     address = daemon_address(store)
     last = None
-    async with channel.channel(address) as ch:
+    async with channel.channel(address, peer=True) as ch:
         try:
             async for progress in agent_pb2_grpc.AgentStub(ch).Pull(request, timeout=6 * 3600):
                 last = progress

@@ -88,7 +88,7 @@ async def _through_daemon(store: Path, rate: str, progress: ProgressFn | None) -
     from cachepoint.v1 import agent_pb2, agent_pb2_grpc
 
     address = daemon_address(store)
-    async with channel.channel(address) as ch:
+    async with channel.channel(address, peer=True) as ch:
         call = agent_pb2_grpc.AgentStub(ch).Scrub(agent_pb2.ScrubRequest(rate=rate), timeout=SCRUB_DEADLINE)
         try:
             async for update in call:

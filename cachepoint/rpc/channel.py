@@ -1,6 +1,10 @@
-"""Channel and server settings shared by every node: explicit message limits, keepalive."""
+"""Channel and server settings shared by every node: explicit message limits, keepalive, and the
+process's TLS identity when it has one (cachepoint/trust/identity.py)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
 
 import grpc
 
@@ -29,9 +33,40 @@ SERVER_OPTIONS = [
 ]
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=OPTIONS)
+class TlsIdentity(Protocol):
+    generation: int  # grows at each renewal: channels made before present the old certificate
+
+    def channel_credentials(self) -> grpc.ChannelCredentials: ...
 
 
-def server() -> grpc.aio.Server:
-    return grpc.aio.server(options=SERVER_OPTIONS)
+# Set once by a command or daemon that has an identity; every channel it makes then presents it.
+# Plaintext while None, as before enrollment existed.
+_identity: TlsIdentity | None = None
+PEER_TLS_NAME = "peer.cachepoint.invalid"  # = cachepoint.trust.principal.PEER_TLS_NAME (no grpc there)
+
+
+def use_identity(identity: TlsIdentity | None) -> None:
+    global _identity
+    _identity = identity
+
+
+def identity() -> TlsIdentity | None:
+    return _identity
+
+
+def generation() -> int:
+    """Changes when the identity's certificate is renewed: a long-lived channel is then made again."""
+    return _identity.generation if _identity is not None else 0
+
+
+def channel(address: str, peer: bool = False) -> grpc.aio.Channel:
+    """A channel to ``address``; with an identity, mutual TLS. A ``peer`` (another node, dialled by an
+    address its certificate cannot name) is checked for the name every node's certificate carries."""
+    if _identity is None:
+        return grpc.aio.insecure_channel(address, options=OPTIONS)
+    options = [*OPTIONS, ("grpc.ssl_target_name_override", PEER_TLS_NAME)] if peer else OPTIONS
+    return grpc.aio.secure_channel(address, _identity.channel_credentials(), options=options)
+
+
+def server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors or None)
