@@ -3,7 +3,10 @@ Renew gives the caller (authenticated by its current certificate) a new one for 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,16 +21,20 @@ from cachepoint.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coordinator.pki import tokens
 from coordinator.pki.ca import CertificateAuthority
 from coordinator.pki.guard import Refused, peer_principal
+from coordinator.pki.revocation import Revocations
 
 log = logging.getLogger("coordinator.pki")
 MAX_CSR = 16 * 1024
 
 
 class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
-    def __init__(self, data: Path, ca: CertificateAuthority, lifetime: timedelta) -> None:
+    def __init__(
+        self, data: Path, ca: CertificateAuthority, lifetime: timedelta, revocations: Revocations
+    ) -> None:
         self.data = data
         self.ca = ca
         self.lifetime = lifetime
+        self.revocations = revocations
 
     async def _public_key(
         self, csr_pem: bytes, context: grpc.aio.ServicerContext
@@ -61,9 +68,18 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             log.warning("enrollment refused from %s: %s", context.peer(), err)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
         principal = Principal(entry.name, (Role.parse(entry.role),), entry.site)
+        await self._after_revocation(entry.name)
         cert = self.ca.issue(key, principal, self.lifetime)
         log.warning("enrolled %s as %s (site %r) from %s", entry.name, entry.role, entry.site, context.peer())
         return self._response(cert)
+
+    async def _after_revocation(self, name: str) -> None:
+        """Certificates carry their issue time in whole seconds, and a revocation refuses every one
+        issued up to its second: a name enrolled again in that same second waits for the next one."""
+        self.revocations.refresh()
+        at = self.revocations.revoked.get(name)
+        if at is not None:
+            await asyncio.sleep(max(0.0, math.floor(at) + 1 - time.time()))
 
     async def Renew(  # noqa: N802
         self, request: enrollment_pb2.RenewRequest, context: grpc.aio.ServicerContext

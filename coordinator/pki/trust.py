@@ -44,8 +44,9 @@ class FleetTrust:
         self.settings = settings
         host, _ = split_address(listen)
         self.tls = CoordinatorTls(settings.ca, server_hosts(host, settings.tls_names), settings.lifetime)
-        self.guard = Guard(Revocations(data))
-        self.enrollment = EnrollmentService(data, settings.ca, settings.lifetime)
+        revocations = Revocations(data)
+        self.guard = Guard(revocations)
+        self.enrollment = EnrollmentService(data, settings.ca, settings.lifetime, revocations)
         self.enroll_server = Server(
             enroll_address(listen, settings.enroll_listen),
             "cachepoint.v1.Enrollment",
