@@ -180,6 +180,18 @@ def test_an_enrolled_node_follows_a_publish_by_an_enrolled_publisher_over_mutual
         assert status["bytes_by_source"].get("site", {}).get("blocks", 0) > 0, status["bytes_by_source"]
         assert sha256_file(_export(peer_store, tmp_path / "n2.img")) == sha256_file(image)
 
+        # A person's one-off pull presents their identity to the coordinator and to the peers.
+        laptop = tmp_path / "laptop"
+        enroll(
+            laptop, coordinator, token(fleet, "alice", "--role", "user:alice"), "--identity", laptop / "id"
+        )
+        pulled = cli_json(
+            laptop, "--identity", laptop / "id", "pull", PRODUCTION, "--from", coordinator.address
+        )
+        assert pulled["ref"] == f"{LAYER}@1", pulled
+        assert sum(s["blocks"] for s in pulled["sources"] if s["class"] != "origin") > 0, pulled
+        assert sha256_file(_export(laptop, tmp_path / "laptop.img")) == sha256_file(image)
+
 
 def _export(store: Path, dest: Path) -> Path:
     cli_json(store, "export", PRODUCTION, dest)
@@ -284,6 +296,18 @@ def test_a_revoked_principal_is_refused_at_once_and_can_be_enrolled_again(tmp_pa
         with grpc.secure_channel(coordinator.address, creds) as channel:
             stub = fleet_pb2_grpc.FleetStub(channel)
             stub.ListNodes(fleet_pb2.ListNodesRequest(), timeout=10)
+            # `history` commands present the identity too (carol has no layers yet: NOT_FOUND, past TLS).
+            history = coordinator_cli(
+                "--identity",
+                str(tmp_path / "carol-id"),
+                "history",
+                "timeline",
+                "carol",
+                "--coordinator",
+                coordinator.address,
+                check=False,
+            )
+            assert history.code == 3 and "has no layers" in history.err, history.err
             revoked = coordinator_cli("revoke", "carol", "--data", str(data_of(fleet)), "--json").json()
             assert revoked["revoked"] == "carol", revoked  # type: ignore[index]
             with pytest.raises(grpc.RpcError) as refused:  # the same open connection
