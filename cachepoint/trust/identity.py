@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from cachepoint import atomic
+from cachepoint.console import warn
 from cachepoint.errors import InvalidInput
 from cachepoint.trust.principal import Principal, principal_of
 
@@ -65,21 +67,18 @@ def identity_dir(flag: str | None, store: Path | None) -> Path | None:
     return None
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Put a small file in place whole, with ``mode`` from its first byte on (a key is never readable
+    by others, not even for a moment): cachepoint/atomic.py's temp, fsync, rename."""
+    with atomic.new_file(path, force=True, mode=mode) as fd, os.fdopen(fd, "wb", closefd=False) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 class Identity:
     def __init__(self, directory: Path, key: bytes, cert: bytes, ca: bytes) -> None:
         self.directory = directory
         self._lock = threading.Lock()  # the server's certificate fetcher runs on gRPC's threads
+        self.generation = 0  # grows with each pair set: channels made before present the old one
         self._set(key, cert, ca)
 
     def _set(self, key: bytes, cert: bytes, ca: bytes) -> None:
@@ -88,7 +87,7 @@ class Identity:
             self.key_pem, self.cert_pem, self.ca_pem = key, cert, ca
             self.certificate = parsed
             self.principal: Principal = principal_of(parsed)
-            self.generation = getattr(self, "generation", 0) + 1
+            self.generation += 1
             self._channel_credentials: grpc.ChannelCredentials | None = None
 
     @classmethod
@@ -120,16 +119,16 @@ class Identity:
     def _write(self) -> None:
         # Key and certificate must change together: both are staged as *.new, then renamed key first.
         # A crash between the two renames leaves cert.pem.new beside a key it matches; load() finishes.
-        _write(self.directory / CA_FILE, self.ca_pem, 0o644)
-        _write(self.directory / (KEY_FILE + ".new"), self.key_pem, 0o600)
-        _write(self.directory / (CERT_FILE + ".new"), self.cert_pem, 0o644)
+        write_file(self.directory / CA_FILE, self.ca_pem, 0o644)
+        write_file(self.directory / (KEY_FILE + ".new"), self.key_pem, 0o600)
+        write_file(self.directory / (CERT_FILE + ".new"), self.cert_pem, 0o644)
         (self.directory / (KEY_FILE + ".new")).replace(self.directory / KEY_FILE)
         (self.directory / (CERT_FILE + ".new")).replace(self.directory / CERT_FILE)
 
     def replace(self, key: bytes, cert: bytes) -> None:
         """A renewed pair: written, then served and presented from now on."""
+        Identity(self.directory, key, cert, self.ca_pem)._write()  # parsed first: a bad one is refused
         self._set(key, cert, self.ca_pem)
-        self._write()
 
     # -- lifetime ----------------------------------------------------------------------------------
 
@@ -182,13 +181,10 @@ def activate(flag: str | None, store: Path | None) -> Identity | None:
         return None
     identity = Identity.load(directory)
     if identity.not_after <= datetime.now(UTC):
-        import click
-
-        click.echo(
-            f"cachepoint: warning: identity {directory}: the certificate of {identity.principal.name!r} "
-            f"expired at {identity.not_after:%Y-%m-%d %H:%M:%S} UTC: the fleet refuses it "
-            "(enroll again with a new token)",
-            err=True,
+        warn(
+            f"identity {directory}: the certificate of {identity.principal.name!r} expired at "
+            f"{identity.not_after:%Y-%m-%d %H:%M:%S} UTC: the fleet refuses it "
+            "(enroll again with a new token)"
         )
     channel.use_identity(identity)
     return identity

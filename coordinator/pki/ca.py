@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import os
 import secrets
 import socket
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cachepoint.errors import InvalidInput
+from cachepoint.trust.identity import write_file
 from cachepoint.trust.principal import BACKDATE, PEER_TLS_NAME, Principal, subject_of, uris_of
 
 CA_DIR = "ca"
@@ -36,18 +36,6 @@ def _public_der(key: object) -> bytes:
     return key.public_bytes(  # type: ignore[attr-defined]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a private key readable by its owner only, from the first byte on (no chmod after)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 @dataclass
@@ -160,15 +148,11 @@ class CertificateAuthority:
         return cls.create(data) if tls else None
 
     def _save(self) -> None:
-        _write_private(
-            self.directory / KEY_FILE,
-            self.key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
+        key = self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        tmp = self.directory / (CERT_FILE + ".tmp")
-        tmp.write_bytes(self.cert_pem)
-        tmp.replace(self.directory / CERT_FILE)
+        write_file(self.directory / KEY_FILE, key, 0o600)
+        write_file(self.directory / CERT_FILE, self.cert_pem, 0o644)
 
     # -- what it issues ----------------------------------------------------------------------------
 

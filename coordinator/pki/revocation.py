@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from cachepoint.errors import InvalidInput
+from cachepoint.trust.identity import write_file
 from cachepoint.trust.principal import Principal
 from coordinator.pki.ca import CA_DIR
 
@@ -46,9 +47,7 @@ def revoke(data: Path, name: str, now: float | None = None) -> float:
         fcntl.flock(lock, fcntl.LOCK_EX)
         revoked = read(data)
         revoked[name] = at
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(revoked, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_file(path, json.dumps(revoked, indent=1, sort_keys=True).encode(), 0o644)
     return at
 
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cachepoint.trust.identity import write_file
 from cachepoint.trust.principal import Role, check_name
 from coordinator.pki.ca import CA_DIR
 
@@ -48,9 +49,7 @@ def _dir(data: Path) -> Path:
 def record(data: Path, secret_hash: str, entry: TokenRecord) -> None:
     directory = _dir(data)
     (directory / USED_DIR).mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = directory / f".{secret_hash}.tmp"
-    tmp.write_text(json.dumps(asdict(entry)))
-    tmp.replace(directory / f"{secret_hash}.json")
+    write_file(directory / f"{secret_hash}.json", json.dumps(asdict(entry)).encode(), 0o600)
     purge(data)
 
 
