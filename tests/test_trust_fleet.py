@@ -282,7 +282,9 @@ def test_calls_without_a_current_certificate_of_the_fleet_are_refused(tmp_path: 
         assert run.code == 9 and "TLS handshake failed" in run.err, run.err
 
 
-def test_a_revoked_principal_is_refused_at_once_and_can_be_enrolled_again(tmp_path: Path) -> None:
+def test_a_revoked_principal_is_refused_at_once_and_can_be_enrolled_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with Fleet(tmp_path) as fleet:
         coordinator = tls_coordinator(fleet)
         enroll(
@@ -296,17 +298,13 @@ def test_a_revoked_principal_is_refused_at_once_and_can_be_enrolled_again(tmp_pa
         with grpc.secure_channel(coordinator.address, creds) as channel:
             stub = fleet_pb2_grpc.FleetStub(channel)
             stub.ListNodes(fleet_pb2.ListNodesRequest(), timeout=10)
-            # `history` commands present the identity too (carol has no layers yet: NOT_FOUND, past TLS).
+            # `history` commands present the identity named by the environment too (carol has no
+            # layers yet: NOT_FOUND, which only a call past TLS and the guard can get).
+            monkeypatch.setenv("CACHEPOINT_IDENTITY", str(tmp_path / "carol-id"))
             history = coordinator_cli(
-                "--identity",
-                str(tmp_path / "carol-id"),
-                "history",
-                "timeline",
-                "carol",
-                "--coordinator",
-                coordinator.address,
-                check=False,
+                "history", "timeline", "carol", "--coordinator", coordinator.address, check=False
             )
+            monkeypatch.delenv("CACHEPOINT_IDENTITY")
             assert history.code == 3 and "has no layers" in history.err, history.err
             revoked = coordinator_cli("revoke", "carol", "--data", str(data_of(fleet)), "--json").json()
             assert revoked["revoked"] == "carol", revoked  # type: ignore[index]

@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cachepoint.errors import InvalidInput
@@ -16,7 +17,7 @@ from cachepoint.trust.identity import CERT_FILE, KEY_FILE, Identity, key_pem, ne
 from cachepoint.trust.principal import NotAPrincipal, Principal, Role, principal_of
 from cachepoint.trust.token import JoinToken
 from coordinator.pki import revocation, tokens
-from coordinator.pki.ca import CertificateAuthority
+from coordinator.pki.ca import CertificateAuthority, server_hosts
 from coordinator.pki.revocation import Revocations
 
 
@@ -110,3 +111,13 @@ def test_an_identity_whose_renewal_stopped_between_its_renames_loads_the_new_pai
     loaded = Identity.load(identity.directory)
     assert loaded.certificate.serial_number == second.serial_number
     assert not (identity.directory / (CERT_FILE + ".new")).exists()
+
+
+def test_the_coordinators_certificate_names_its_hosts_and_tls_names(tmp_path: Path) -> None:
+    ca = CertificateAuthority.create(tmp_path)
+    hosts = server_hosts("10.1.2.3", ["coord.example", "192.0.2.7"])
+    cert = ca.issue_server(new_key().public_key(), hosts, timedelta(hours=1))
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"coord.example", "localhost"} <= set(names.get_values_for_type(x509.DNSName))
+    ips = {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}
+    assert {"10.1.2.3", "192.0.2.7", "127.0.0.1", "::1"} <= ips
