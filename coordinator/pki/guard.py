@@ -13,6 +13,7 @@ certificate without also requiring and verifying it; see docs/design.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -110,34 +111,36 @@ class Guard(grpc.aio.ServerInterceptor):
 
     def _unary(self, behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = await self._enter(context)
-            try:
+            async with self._tracked(context):
                 return await behavior(request, context)
-            except asyncio.CancelledError:
-                await self._end(context, call)
-                raise
-            finally:
-                self.open.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
 
         return guarded
 
     def _stream(self, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = await self._enter(context)
-            try:
+            async with self._tracked(context):
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
                         yield item
                 else:
                     await result
-            except asyncio.CancelledError:
-                await self._end(context, call)
-                raise
-            finally:
-                self.open.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
 
         return guarded
+
+    @contextlib.asynccontextmanager
+    async def _tracked(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Checked on entry, known as open while it runs; a call cancelled by close_revoked ends
+        with PERMISSION_DENIED, any other cancellation (the client went away) stays a cancellation."""
+        call = await self._enter(context)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if call.ended_because:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, call.ended_because)
+            raise
+        finally:
+            self.open.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
 
     async def _enter(self, context: grpc.aio.ServicerContext) -> OpenCall:
         try:
@@ -148,13 +151,6 @@ class Guard(grpc.aio.ServerInterceptor):
         if task is not None:
             self.open[task] = call
         return call
-
-    @staticmethod
-    async def _end(context: grpc.aio.ServicerContext, call: OpenCall) -> None:
-        """A call cancelled by close_revoked ends with PERMISSION_DENIED; any other cancellation
-        (the client went away) stays a cancellation."""
-        if call.ended_because:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, call.ended_because)
 
     def close_revoked(self) -> int:
         """End the open calls of revoked principals; returns how many."""
