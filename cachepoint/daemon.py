@@ -51,6 +51,7 @@ from cachepoint.store import format as fmt
 from cachepoint.store.headroom import DEFAULT_RESERVE, ensure_reserve
 from cachepoint.store.space import SpaceLimit
 from cachepoint.store.store import Store
+from cachepoint.trust.node import daemon_identity, keep_renewed, names
 from cachepoint.v1 import (
     agent_pb2_grpc,
     blocks_pb2_grpc,
@@ -306,37 +307,39 @@ class Daemon:
 
     async def heartbeat(self) -> None:
         backoff = BACKOFF_START
-        async with channel.channel(self.settings.coordinator) as ch:
-            fleet = fleet_pb2_grpc.FleetStub(ch)
-            registered = False
-            interval = 2.0
-            while True:
-                try:
-                    if not registered:
-                        node = fleet_pb2.NodeInfo(
-                            node_id=self.node_id, site=self.settings.site, address=self.address
-                        )
-                        response = await fleet.Register(
-                            fleet_pb2.RegisterRequest(node=node), timeout=UNARY_DEADLINE
-                        )
-                        interval = max(response.heartbeat_interval_ms / 1000, 0.2)
-                        registered = True
-                        self.registered.set()
-                    await fleet.Heartbeat(await self._heartbeat_request(), timeout=UNARY_DEADLINE)
-                    if not self.connected:
-                        self.outbox_wakeup.set()  # back online: deliver what waited
-                    self.connected = True
-                    backoff = BACKOFF_START
-                    await asyncio.sleep(interval)
-                except grpc.aio.AioRpcError as err:
-                    if err.code() == grpc.StatusCode.NOT_FOUND:
-                        registered = False  # the coordinator restarted and forgot us
-                        continue
-                    self.connected = False
-                    registered = False
-                    # Heartbeats are cheap: retry often, so a returning coordinator sees us quickly.
-                    await asyncio.sleep(backoff * (1 + random.random() / 2))
-                    backoff = min(backoff * 2, HEARTBEAT_BACKOFF_MAX)
+        registered = False
+        interval = 2.0
+        while True:  # a renewed certificate: the channel is made again, presenting it
+            async with channel.channel(self.settings.coordinator) as ch:
+                fleet = fleet_pb2_grpc.FleetStub(ch)
+                made_with = channel.generation()
+                while made_with == channel.generation():
+                    try:
+                        if not registered:
+                            node = fleet_pb2.NodeInfo(
+                                node_id=self.node_id, site=self.settings.site, address=self.address
+                            )
+                            response = await fleet.Register(
+                                fleet_pb2.RegisterRequest(node=node), timeout=UNARY_DEADLINE
+                            )
+                            interval = max(response.heartbeat_interval_ms / 1000, 0.2)
+                            registered = True
+                            self.registered.set()
+                        await fleet.Heartbeat(await self._heartbeat_request(), timeout=UNARY_DEADLINE)
+                        if not self.connected:
+                            self.outbox_wakeup.set()  # back online: deliver what waited
+                        self.connected = True
+                        backoff = BACKOFF_START
+                        await asyncio.sleep(interval)
+                    except grpc.aio.AioRpcError as err:
+                        if err.code() == grpc.StatusCode.NOT_FOUND:
+                            registered = False  # the coordinator restarted and forgot us
+                            continue
+                        self.connected = False
+                        registered = False
+                        # Heartbeats are cheap: retry often, so a returning coordinator sees us quickly.
+                        await asyncio.sleep(backoff * (1 + random.random() / 2))
+                        backoff = min(backoff * 2, HEARTBEAT_BACKOFF_MAX)
 
     async def deliver(self) -> None:
         """Drain the outbox whenever there may be something to send; retry with backoff while the
@@ -483,8 +486,12 @@ class Daemon:
         ensure_reserve(self.settings.store, self.settings.reserve)
         self.gate = PullGate(self.store, self.settings.min_free, self.settings.reserve)
         store_id = (self.store.db.meta(fmt.META_STORE_ID) or b"").hex()[:8]
+        identity = daemon_identity()
+        if identity is not None:
+            self.node_id, self.settings.site = names(identity, self.node_id, self.settings.site, "default")
         self.node_id = self.node_id or f"{os.uname().nodename}-{store_id}"
-        server = Server(self.settings.listen, "cachepoint.v1.BlockExchange")
+        credentials = identity.server_credentials() if identity is not None else None
+        server = Server(self.settings.listen, "cachepoint.v1.BlockExchange", credentials)
         store = self.store
         blocks = BlockExchangeService(store, self.serve_counters, accepts_pushes=False)
         server.add(lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(blocks, s))
@@ -524,6 +531,9 @@ class Daemon:
                 tasks.append(asyncio.create_task(self.gate.watch(), name="space"))
                 for sub in self.subscriptions:
                     tasks.append(asyncio.create_task(self.follow(sub), name=f"follow {sub.ref}"))
+                if identity is not None:
+                    renewal = keep_renewed(identity, self.settings.coordinator)
+                    tasks.append(asyncio.create_task(renewal, name="renew"))
             announce(
                 self.address,
                 self.settings.store / STATE_FILE,

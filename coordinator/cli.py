@@ -16,14 +16,24 @@ from cachepoint.errors import InvalidInput
 from cachepoint.rpc import channel
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
 from cachepoint.store.store import Store
+from cachepoint.trust.identity import activate
 from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc
 from coordinator.history.cli import coordinator_option, history_group
+from coordinator.pki.cli import COMMANDS as pki_commands
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--identity",
+    "identity",
+    metavar="DIR",
+    help="Key and certificates to call the coordinator with (fleet, history) [env CACHEPOINT_IDENTITY].",
+)
 @click.version_option(__version__, prog_name="cachepoint-coordinator")
-def cli() -> None:
+@handles_errors
+def cli(identity: str | None) -> None:
     """The coordinator: catalog of layers and versions, fleet membership, origin of every block."""
+    activate(identity, None)
 
 
 @cli.command("serve")
@@ -41,13 +51,35 @@ def cli() -> None:
     metavar="[HOST:]PORT",
     help="Also serve history, holds and audit as REST/JSON here (a bare PORT: on 127.0.0.1) [none].",
 )
+@click.option("--tls", is_flag=True, help="Serve mutual TLS, making the fleet's CA in DATA/ca/ if none.")
+@click.option(
+    "--ca-cert", type=click.Path(path_type=Path), help="Import this CA certificate (PEM) into DATA/ca/."
+)
+@click.option("--ca-key", type=click.Path(path_type=Path), help="The key of --ca-cert (unencrypted PEM).")
+@click.option(
+    "--tls-name", "tls_names", multiple=True, help="Another name or address in the server certificate."
+)
+@click.option(
+    "--enroll-listen", default=None, help="HOST:PORT of the enrollment port [the port after --listen]."
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every commit.")
 @handles_errors
 def serve_cmd(
-    config: Path | None, data: Path | None, listen: str | None, http: str | None, verbose: bool
+    config: Path | None,
+    data: Path | None,
+    listen: str | None,
+    http: str | None,
+    tls: bool,
+    ca_cert: Path | None,
+    ca_key: Path | None,
+    tls_names: tuple[str, ...],
+    enroll_listen: str | None,
+    verbose: bool,
 ) -> None:
-    """Serve Catalog, BlockExchange, Fleet, History and health over gRPC until SIGINT or SIGTERM."""
-    from coordinator.config import load
+    """Serve Catalog, BlockExchange, Fleet, History and health over gRPC until SIGINT or SIGTERM.
+    With a CA (--tls, --ca-cert/--ca-key, or DATA/ca/ from an earlier start): mutual TLS, and an
+    enrollment port for `cachepoint enroll`."""
+    from coordinator.config import load, trust_settings
     from coordinator.daemon import serve
 
     settings = load(config)
@@ -61,7 +93,17 @@ def serve_cmd(
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
     gc_every = parse_duration(settings.gc_every)
     rules = settings.retention_rules
-    asyncio.run(serve(data, listen or settings.listen, http=rest, retention=rules, gc_every=gc_every))
+    trust = trust_settings(settings, data, tls, ca_cert, ca_key, list(tls_names), enroll_listen)
+    asyncio.run(
+        serve(
+            data,
+            listen or settings.listen,
+            http=rest,
+            retention=rules,
+            gc_every=gc_every,
+            trust_settings=trust,
+        )
+    )
 
 
 async def _list_nodes(address: str) -> fleet_pb2.ListNodesResponse:
@@ -135,6 +177,8 @@ def repair_cmd(data: Path, as_json: bool) -> None:
 
 
 cli.add_command(history_group)
+for _command in pki_commands:
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -4,6 +4,10 @@ data = "/srv/cachepoint/coordinator"   # the embedded store
 listen = "0.0.0.0:7400"
 http = "127.0.0.1:7480"                # REST for history, holds and audit (empty: none)
 gc_every = "1d"                        # retention GC on a schedule (default "0": only `history gc`)
+tls = "on"                             # mutual TLS with the fleet's CA in DATA/ca/ (made if missing)
+cert_lifetime = "3d"                   # of every certificate the CA issues
+enroll_listen = "0.0.0.0:7401"         # the enrollment port (default: the port after listen)
+tls_name = "coord.example,10.0.0.5"    # more names in the coordinator's certificate
 
 [retention.user]                       # see coordinator/history/retention.py
 keep_last = 10
@@ -14,11 +18,15 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 
+from cachepoint.config import parse_duration
 from cachepoint.errors import InvalidInput
 from cachepoint.model import LayerKind
 from coordinator.history.retention import Retention, RetentionPolicy, parse_policies
+from coordinator.pki.ca import CertificateAuthority
+from coordinator.pki.trust import TrustSettings
 
 
 @dataclass
@@ -31,6 +39,15 @@ class CoordinatorSettings:
     """HOST:PORT of the REST server for history, holds and audit; empty: none."""
     gc_every: str = "0"
     """Run the retention GC this often, e.g. "1d" (0: only when `history gc` asks)."""
+    tls: str = "off"
+    """"on": serve mutual TLS, making the fleet's CA in DATA/ca/ when there is none (a CA already in
+    DATA/ca/ turns TLS on by itself)."""
+    cert_lifetime: str = "3d"
+    """Lifetime of the certificates the CA issues; holders renew at 2/3 of it."""
+    enroll_listen: str = ""
+    """HOST:PORT of the enrollment port (TLS, no client certificate); empty: the port after listen."""
+    tls_name: str = ""
+    """More names or addresses for the coordinator's certificate, comma-separated."""
     retention: dict[LayerKind, RetentionPolicy] = field(default_factory=dict)
     """Retention policy per layer kind (the ``[retention.KIND]`` tables); a kind without one keeps
     every version."""
@@ -60,3 +77,25 @@ def load(path: Path | None) -> CoordinatorSettings:
         else:
             setattr(settings, key, str(value))
     return settings
+
+
+def trust_settings(
+    settings: CoordinatorSettings,
+    data: Path,
+    tls_flag: bool,
+    ca_cert: Path | None,
+    ca_key: Path | None,
+    tls_names: list[str],
+    enroll_listen: str | None,
+) -> TrustSettings | None:
+    """The fleet's trust for `serve`, or None (plaintext) when there is no CA and none is asked for."""
+    if settings.tls not in ("on", "off"):
+        raise InvalidInput(f"config tls = {settings.tls!r}: write \"on\" or \"off\"")
+    ca = CertificateAuthority.for_serve(data, ca_cert, ca_key, tls_flag or settings.tls == "on")
+    if ca is None:
+        return None
+    lifetime = parse_duration(settings.cert_lifetime)
+    if lifetime < 1:
+        raise InvalidInput(f"cert_lifetime {settings.cert_lifetime!r}: at least 1s (default 3d)")
+    names = [n.strip() for n in settings.tls_name.split(",") if n.strip()] + tls_names
+    return TrustSettings(ca, timedelta(seconds=lifetime), enroll_listen or settings.enroll_listen, names)

@@ -22,9 +22,11 @@ from coordinator.history.audit import AuditLog
 from coordinator.history.retention import Retention
 from coordinator.history.rpc import HistoryService
 from coordinator.history.service import History
+from coordinator.pki.trust import FleetTrust, TrustSettings
 
 log = logging.getLogger("coordinator")
 STATE_FILE = "coordinator.json"
+CATALOG = "cachepoint.v1.Catalog"
 SCHEDULED_GC_ACTOR = "coordinator (gc_every)"
 
 
@@ -35,7 +37,9 @@ async def serve(
     http: str = "",
     retention: Retention | None = None,
     gc_every: float = 0.0,
+    trust_settings: TrustSettings | None = None,
 ) -> None:
+    """``trust_settings`` None: plaintext, as before the fleet had a CA."""
     store = Store.open(data, writable=True, create=True)
     try:
         counters = ServeCounters()
@@ -43,7 +47,8 @@ async def serve(
         audit = AuditLog(store.db)
         writes = asyncio.Lock()  # commits, tag moves, holds and the history GC, one at a time
         history = History(store, events, audit, writes, retention or Retention({}))
-        server = Server(listen, "cachepoint.v1.Catalog")
+        trust = FleetTrust(data, trust_settings, listen) if trust_settings is not None else None
+        server = trust.main_server(listen, CATALOG) if trust is not None else Server(listen, CATALOG)
         server.add(
             lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(
                 BlockExchangeService(store, counters, accepts_pushes=True), s
@@ -61,6 +66,8 @@ async def serve(
         scheduled: asyncio.Task[None] | None = None
         try:
             extra: dict[str, object] = {}
+            if trust is not None:
+                extra |= await trust.start()
             if http:
                 from coordinator.history.rest import start_rest
 
@@ -80,6 +87,8 @@ async def serve(
             if rest is not None:
                 await rest.cleanup()
             events.close()
+            if trust is not None:
+                await trust.stop()
             await server.stop()
     finally:
         store.close()

@@ -13,6 +13,7 @@ The group and `main` are here; the commands are in one module per area:
     capture_commands.py  capture, watch, restore-dir: file-level capture
     repair_command.py    repair: salvage a damaged store
     scrub_commands.py    scrub: verify every stored block, heal bad ones from the fleet
+    trust_commands.py    enroll: join the fleet's PKI with a one-time token
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from cachepoint.cli import (
     repair_command,
     scrub_commands,
     store_commands,
+    trust_commands,
 )
 from cachepoint.cli.context import Context
 from cachepoint.config import load_settings
 from cachepoint.console import fail
 from cachepoint.errors import EXIT_FAILURE, CachepointError
+from cachepoint.trust.identity import activate
 
 __all__ = ["Context", "cli", "main"]
 
@@ -50,15 +53,23 @@ __all__ = ["Context", "cli", "main"]
     help="Store directory [env CACHEPOINT_STORE].",
 )
 @click.option("--config", "config", metavar="FILE", help="TOML config [env CACHEPOINT_CONFIG].")
+@click.option(
+    "--identity",
+    "identity",
+    metavar="DIR",
+    help="Key and certificates to call the fleet with [env CACHEPOINT_IDENTITY; else STORE/identity].",
+)
 @click.version_option(__version__, prog_name="cachepoint")
 @click.pass_context
-def cli(click_ctx: click.Context, store: str | None, config: str | None) -> None:
+def cli(click_ctx: click.Context, store: str | None, config: str | None, identity: str | None) -> None:
     """Versioned, deduplicated, layered disk images.
 
     Refs name versions: LAYER@N (a number), LAYER:TAG (a tag), LAYER (= LAYER:latest).
     """
     try:
         click_ctx.obj = Context(load_settings(config, store))
+        if click_ctx.invoked_subcommand != "enroll":  # enroll makes the identity: nothing to present yet
+            activate(identity, click_ctx.obj.store_path)
     except CachepointError as err:
         fail(str(err), err.exit_code, False)
 
@@ -72,6 +83,7 @@ for _module in (
     capture_commands,
     repair_command,
     scrub_commands,
+    trust_commands,
 ):
     for _command in _module.COMMANDS:
         cli.add_command(_command)

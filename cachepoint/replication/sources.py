@@ -60,7 +60,9 @@ class Source:
 
     def stub(self) -> blocks_pb2_grpc.BlockExchangeStub:
         if self._channel is None:
-            self._channel = channel.channel(self.address, max_receive=FETCH_MAX_MESSAGE)
+            self._channel = channel.channel(
+                self.address, peer=self.source_class != SourceClass.ORIGIN, max_receive=FETCH_MAX_MESSAGE
+            )
         return blocks_pb2_grpc.BlockExchangeStub(self._channel)
 
     async def fetch(self, ids: list[bytes], stall: float) -> AsyncIterator[list[tuple[bytes, bytes]]]:

@@ -1,6 +1,10 @@
-"""Channel and server settings shared by every node: explicit message limits, keepalive."""
+"""Channel and server settings shared by every node: explicit message limits, keepalive, and the
+process's TLS identity when it has one (cachepoint/trust/identity.py)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
 
 import grpc
 
@@ -31,14 +35,46 @@ SERVER_OPTIONS = [
 ]
 
 
-def channel(address: str, max_receive: int = MAX_MESSAGE) -> grpc.aio.Channel:
-    """``max_receive``: a smaller bound on each message received, for a channel that only takes
-    messages of a known size (a fetch of blocks)."""
+class TlsIdentity(Protocol):
+    generation: int  # grows at each renewal: channels made before present the old certificate
+
+    def channel_credentials(self) -> grpc.ChannelCredentials: ...
+
+
+# Set once by a command or daemon that has an identity; every channel it makes then presents it.
+# Plaintext while None, as before enrollment existed.
+_identity: TlsIdentity | None = None
+PEER_TLS_NAME = "peer.cachepoint.invalid"  # = cachepoint.trust.principal.PEER_TLS_NAME (no grpc there)
+
+
+def use_identity(identity: TlsIdentity | None) -> None:
+    global _identity
+    _identity = identity
+
+
+def identity() -> TlsIdentity | None:
+    return _identity
+
+
+def generation() -> int:
+    """Changes when the identity's certificate is renewed: a long-lived channel is then made again."""
+    return _identity.generation if _identity is not None else 0
+
+
+def channel(address: str, peer: bool = False, max_receive: int = MAX_MESSAGE) -> grpc.aio.Channel:
+    """A channel to ``address``; with an identity, mutual TLS. A ``peer`` (another node, dialled by an
+    address its certificate cannot name) is checked for the name every node's certificate carries.
+    ``max_receive``: a smaller bound on each message received, for a channel that only takes messages
+    of a known size (a fetch of blocks)."""
     options = [(key, value) for key, value in OPTIONS if key != "grpc.max_receive_message_length"]
     options.append(("grpc.max_receive_message_length", max_receive))
-    return grpc.aio.insecure_channel(address, options=options)
+    if _identity is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    if peer:
+        options.append(("grpc.ssl_target_name_override", PEER_TLS_NAME))
+    return grpc.aio.secure_channel(address, _identity.channel_credentials(), options=options)
 
 
-def server() -> grpc.aio.Server:
+def server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
     # Every server refuses malformed requests and caps block streams per peer (guards.py).
-    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[RequestGuard()])
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[RequestGuard(), *interceptors])

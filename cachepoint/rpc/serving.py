@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -30,11 +30,18 @@ def split_address(text: str) -> tuple[str, int]:
 class Server:
     """A grpc.aio server with the standard health service, bound to one address."""
 
-    def __init__(self, listen: str, name: str) -> None:
+    def __init__(
+        self,
+        listen: str,
+        name: str,
+        credentials: grpc.ServerCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
         split_address(listen)
         self.listen = listen
         self.name = name
-        self.grpc = channel.server()
+        self.credentials = credentials  # None: plaintext
+        self.grpc = channel.server(interceptors)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self.address = ""
@@ -45,7 +52,10 @@ class Server:
     async def start(self) -> str:
         host, _ = split_address(self.listen)
         try:
-            port = self.grpc.add_insecure_port(self.listen)
+            if self.credentials is None:
+                port = self.grpc.add_insecure_port(self.listen)
+            else:
+                port = self.grpc.add_secure_port(self.listen, self.credentials)
         except RuntimeError as err:
             raise InvalidInput(f"cannot listen on {self.listen}: {err}") from err
         if port == 0:

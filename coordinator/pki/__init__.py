@@ -1,0 +1,6 @@
+"""The fleet's certificate authority at the coordinator: the CA itself (ca.py), one-time join tokens
+(tokens.py), revocations (revocation.py), the Enrollment service (service.py), the check of every
+call's peer certificate (guard.py) and the commands that manage them (cli.py).
+
+Everything lives under DATA/ca/, beside the store and not in it: see docs/design.md, "Fleet trust".
+"""

@@ -1,0 +1,109 @@
+"""`cachepoint-coordinator enroll` and `revoke`: they work on DATA/ca/ directly, so they run beside a
+running coordinator (which reads what they write at its next enrollment or call)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from cachepoint.config import parse_duration
+from cachepoint.console import emit_json, handles_errors, json_option, when
+from cachepoint.errors import InvalidInput, NotFound
+from cachepoint.rpc.serving import split_address
+from cachepoint.trust.principal import Role, check_name
+from cachepoint.trust.token import JoinToken
+from coordinator.pki import revocation, tokens
+from coordinator.pki.ca import CertificateAuthority
+
+data_option = click.option(
+    "--data", "data", type=click.Path(path_type=Path), required=True, help="The coordinator's data directory."
+)
+
+
+def _enroll_port(data: Path) -> int:
+    """The running coordinator's enrollment port, as it announced it (0: not known)."""
+    from coordinator.daemon import STATE_FILE
+
+    try:
+        return split_address(str(json.loads((data / STATE_FILE).read_text())["enroll"]))[1]
+    except (OSError, ValueError, KeyError, InvalidInput):
+        return 0
+
+
+def _checked(name: str, what: str) -> str:
+    try:
+        return check_name(name, what)
+    except ValueError as err:
+        raise InvalidInput(str(err)) from err
+
+
+@click.command("enroll")
+@click.argument("name")
+@data_option
+@click.option("--site", default="", help="The site of a node (its locality label).")
+@click.option(
+    "--role",
+    default="node",
+    show_default=True,
+    help="node, publisher, auditor, admin or user:NAME.",
+)
+@click.option("--ttl", default="1h", show_default=True, help="How long the token can be used (once).")
+@json_option
+@handles_errors
+def enroll_cmd(name: str, data: Path, site: str, role: str, ttl: str, as_json: bool) -> None:
+    """Print a one-time join token for NAME (a node's id, a person's or a tool's name); spend it on
+    that machine with `cachepoint enroll --coordinator HOST:PORT --token TOKEN`."""
+    _checked(name, "name")
+    if site:
+        _checked(site, "site")
+    try:
+        parsed_role = Role.parse(role)
+    except ValueError as err:
+        raise InvalidInput(str(err)) from err
+    seconds = parse_duration(ttl)
+    if seconds <= 0:
+        raise InvalidInput(f"--ttl {ttl!r}: a token must live a while, e.g. 10m or 1h")
+    if not CertificateAuthority.exists(data):
+        raise NotFound(
+            f"{data} has no CA yet: start the coordinator once with --tls "
+            "(or import one with --ca-cert, --ca-key)"
+        )
+    ca = CertificateAuthority.load(data)
+    token = JoinToken.new(ca.fingerprint, _enroll_port(data))
+    now = time.time()
+    entry = tokens.TokenRecord(name, str(parsed_role), site, now + seconds, now)
+    tokens.record(data, token.secret_hash, entry)
+    if as_json:
+        emit_json(
+            {
+                "token": token.encode(),
+                "name": name,
+                "role": str(parsed_role),
+                "site": site or None,
+                "expires": when(int(entry.expires_at * 1e9)),
+            }
+        )
+        return
+    click.echo(token.encode())
+
+
+@click.command("revoke")
+@click.argument("name")
+@data_option
+@json_option
+@handles_errors
+def revoke_cmd(name: str, data: Path, as_json: bool) -> None:
+    """Refuse NAME's certificates from now on: its new calls at once, its open streams within a
+    heartbeat interval. Enrolling NAME again with a new token gives it a certificate that works."""
+    _checked(name, "name")
+    at = revocation.revoke(data, name)
+    if as_json:
+        emit_json({"revoked": name, "at": when(int(at * 1e9))})
+        return
+    click.echo(f"revoked {name} at {when(int(at * 1e9))} UTC")
+
+
+COMMANDS = (enroll_cmd, revoke_cmd)

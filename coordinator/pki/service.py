@@ -1,0 +1,98 @@
+"""The Enrollment service: Enroll spends a join token for a certificate naming the token's principal;
+Renew gives the caller (authenticated by its current certificate) a new one for a new key."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from cachepoint.trust.principal import Principal, Role
+from cachepoint.trust.token import secret_hash
+from cachepoint.v1 import enrollment_pb2, enrollment_pb2_grpc
+from coordinator.pki import tokens
+from coordinator.pki.ca import CertificateAuthority
+from coordinator.pki.guard import Refused, peer_principal
+from coordinator.pki.revocation import Revocations
+
+log = logging.getLogger("coordinator.pki")
+MAX_CSR = 16 * 1024
+
+
+class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
+    def __init__(
+        self, data: Path, ca: CertificateAuthority, lifetime: timedelta, revocations: Revocations
+    ) -> None:
+        self.data = data
+        self.ca = ca
+        self.lifetime = lifetime
+        self.revocations = revocations
+
+    async def _public_key(
+        self, csr_pem: bytes, context: grpc.aio.ServicerContext
+    ) -> ec.EllipticCurvePublicKey:
+        """The key of a well-formed, self-signed EC P-256 request (the kind `cachepoint enroll` makes)."""
+        try:
+            if len(csr_pem) > MAX_CSR:
+                raise ValueError(f"{len(csr_pem)} bytes, more than {MAX_CSR}")
+            csr = x509.load_pem_x509_csr(csr_pem)
+            if not csr.is_signature_valid:
+                raise ValueError("its signature does not verify")
+            key = csr.public_key()
+            if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+                raise ValueError("the key must be EC P-256")
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"certificate request refused: {err}")
+        return key
+
+    def _response(self, cert: x509.Certificate) -> enrollment_pb2.EnrollResponse:
+        return enrollment_pb2.EnrollResponse(
+            certificate_pem=cert.public_bytes(serialization.Encoding.PEM), ca_certificate_pem=self.ca.cert_pem
+        )
+
+    async def Enroll(  # noqa: N802 - gRPC method name
+        self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+    ) -> enrollment_pb2.EnrollResponse:
+        key = await self._public_key(request.csr_pem, context)  # a bad request does not spend the token
+        try:
+            entry = tokens.spend(self.data, secret_hash(request.token_secret))
+        except tokens.TokenRefused as err:
+            log.warning("enrollment refused from %s: %s", context.peer(), err)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
+        principal = Principal(entry.name, (Role.parse(entry.role),), entry.site)
+        await self._after_revocation(entry.name)
+        cert = self.ca.issue(key, principal, self.lifetime)
+        log.warning("enrolled %s as %s (site %r) from %s", entry.name, entry.role, entry.site, context.peer())
+        return self._response(cert)
+
+    async def _after_revocation(self, name: str) -> None:
+        """Certificates carry their issue time in whole seconds, and a revocation refuses every one
+        issued up to its second: a name enrolled again in that same second waits for the next one."""
+        self.revocations.refresh()
+        at = self.revocations.revoked.get(name)
+        if at is not None:
+            await asyncio.sleep(max(0.0, math.floor(at) + 1 - time.time()))
+
+    async def Renew(  # noqa: N802
+        self, request: enrollment_pb2.RenewRequest, context: grpc.aio.ServicerContext
+    ) -> enrollment_pb2.EnrollResponse:
+        try:
+            current = peer_principal(context)  # on the main port the Guard has checked it already
+        except Refused as refused:
+            await context.abort(refused.code, str(refused))
+        key = await self._public_key(request.csr_pem, context)
+        cert = self.ca.issue(key, Principal(current.name, current.roles, current.site), self.lifetime)
+        log.info("renewed the certificate of %s until %s", current.name, cert.not_valid_after_utc)
+        return self._response(cert)
+
+
+def register(server: grpc.aio.Server, service: EnrollmentService) -> None:
+    enrollment_pb2_grpc.add_EnrollmentServicer_to_server(service, server)
