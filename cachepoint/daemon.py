@@ -28,6 +28,7 @@ from cachepoint.blocks import DEFAULT_BLOCK_SIZE
 from cachepoint.capture.engine import CaptureOptions, CaptureReport, capture
 from cachepoint.capture.watch import WatchOptions, WatchSpec, watch_in_thread
 from cachepoint.disk.exports import Disks
+from cachepoint.disk.nbd import NbdLimits
 from cachepoint.errors import CachepointError, NotFound
 from cachepoint.ids import LATEST, Ref
 from cachepoint.model import Manifest, VersionInfo
@@ -88,6 +89,8 @@ class DaemonSettings:
     """Seconds between scheduled snapshots of attached user disks with new writes (0: none)."""
     read_cache: int = 1 << 30
     """Bytes of decoded blocks kept for attached disks (cachepoint/disk/readcache.py; 0: none)."""
+    nbd_limits: NbdLimits = field(default_factory=NbdLimits)
+    """What the NBD server may hold in memory, and how long a client may stall mid-request."""
     watches: list[WatchSpec] = field(default_factory=list)
     """Directories kept captured into their user layers (cachepoint/capture/watch.py)."""
     watch_interval: float = 5.0
@@ -411,7 +414,7 @@ class Daemon:
             self.address = await server.start()
             if self.settings.nbd or self.settings.nbd_socket:
                 extra["nbd"] = await self.disks.serve(
-                    self.settings.nbd or None, self.settings.nbd_socket or None
+                    self.settings.nbd or None, self.settings.nbd_socket or None, self.settings.nbd_limits
                 )
             if self.settings.http:
                 from cachepoint.http.app import start_http
