@@ -399,9 +399,11 @@ class Daemon:
         self.store = Store.open(self.settings.store, writable=True, create=True)
         store_id = (self.store.db.meta(fmt.META_STORE_ID) or b"").hex()[:8]
         self.node_id = self.node_id or f"{os.uname().nodename}-{store_id}"
-        server = Server(self.settings.listen, "cachepoint.v1.BlockExchange")
+        server = Server(self.settings.listen, "cachepoint.v1.BlockExchange", node=True)
         store = self.store
-        blocks = BlockExchangeService(store, self.serve_counters, accepts_pushes=False)
+        blocks = BlockExchangeService(
+            store, self.serve_counters, accepts_pushes=False, fetch_limits=channel.NODE_FETCH_LIMITS
+        )
         server.add(lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(blocks, s))
         server.add(lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogReadService(store), s))
         server.add(lambda s: agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self), s))

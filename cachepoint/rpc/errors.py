@@ -7,7 +7,8 @@
 | NotFound (layer, version, tag, manifest, block) | NOT_FOUND |
 | MissingBlocks (a commit naming blocks the node lacks) | FAILED_PRECONDITION |
 | NotAnOrigin (pushing to a node that does not take pushes) | PERMISSION_DENIED |
-| OutOfSpace | RESOURCE_EXHAUSTED |
+| OutOfSpace, TooManyStreams (a peer or the node at its limit of streams) | RESOURCE_EXHAUSTED |
+| PeerStalled (a caller that read nothing of a stream for its stall time) | DEADLINE_EXCEEDED |
 | BlockCorrupt, BlockUnreadable, IntegrityFailure (e.g. an unreadable audit record) | DATA_LOSS |
 | StoreBusy | UNAVAILABLE |
 | anything else | INTERNAL (logged with its traceback) |
@@ -46,6 +47,14 @@ class NotAnOrigin(CachepointError):
     """this node serves blocks but does not take pushes; push to the coordinator"""
 
 
+class TooManyStreams(CachepointError):
+    """{}: {} (the limit {}); try again later"""
+
+
+class PeerStalled(CachepointError):
+    """{}: the caller read nothing for {:g} s; the stream is ended"""
+
+
 STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
@@ -54,6 +63,8 @@ STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (MissingBlocks, grpc.StatusCode.FAILED_PRECONDITION),
     (NotAnOrigin, grpc.StatusCode.PERMISSION_DENIED),
     (OutOfSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TooManyStreams, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PeerStalled, grpc.StatusCode.DEADLINE_EXCEEDED),
     (BlockCorrupt, grpc.StatusCode.DATA_LOSS),
     (BlockUnreadable, grpc.StatusCode.DATA_LOSS),
     (IntegrityFailure, grpc.StatusCode.DATA_LOSS),

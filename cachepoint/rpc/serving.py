@@ -30,11 +30,11 @@ def split_address(text: str) -> tuple[str, int]:
 class Server:
     """A grpc.aio server with the standard health service, bound to one address."""
 
-    def __init__(self, listen: str, name: str) -> None:
+    def __init__(self, listen: str, name: str, node: bool = False) -> None:
         split_address(listen)
         self.listen = listen
         self.name = name
-        self.grpc = channel.server()
+        self.grpc = channel.server(node)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self.address = ""

@@ -23,6 +23,7 @@ import stat
 import struct
 from collections.abc import Callable
 
+from cachepoint import memory
 from cachepoint.disk.nbd import protocol as p
 from cachepoint.disk.nbd.limits import NbdLimits, ServerBudgets
 from cachepoint.disk.nbd.protocol import BlockDevice, Violation
@@ -52,6 +53,7 @@ class NbdServer:
         self._unix_paths: list[str] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._closing = False
         self.addresses: list[str] = []
 
     # -- listening ------------------------------------------------------------------------------
@@ -75,6 +77,7 @@ class NbdServer:
         self.addresses.append(f"unix:{path}")
 
     async def close(self) -> None:
+        self._closing = True
         for server in self._servers:
             server.close()
         for writer in list(self._writers):
@@ -134,6 +137,8 @@ class NbdServer:
                 # A client that reads nothing never lets close() flush what is queued for it: drop
                 # the queue with the connection.
                 writer.transport.abort()
+            if not self._closing:
+                memory.after_load()  # its buffers are free now: give them back to the system soon
 
     def lookup(self, name: str) -> BlockDevice | None:
         try:
