@@ -14,7 +14,7 @@ The TOML keys are the field names, e.g.::
     wan_rate = "100Mbit"
     snapshot_every = "15m"
     read_cache = "1G"
-    nbd_write_budget = "128M"
+    nbd_write_budget = "64M"
     nbd_idle_timeout = "30s"
     watch = ["alice=/home/alice", "user/bob/profile=/srv/profiles/bob"]
     watch_interval = "5s"
@@ -73,7 +73,7 @@ class Settings:
     """`serve`: snapshot every attached user disk that has new writes this often, e.g. "15m" (0: never)."""
     read_cache: str = "1G"
     """`serve`: decoded blocks kept for attached disks' reads, in a sparse file in the store (0: none)."""
-    nbd_write_budget: str = "128M"
+    nbd_write_budget: str = "64M"
     """`serve`: NBD WRITE payloads held in memory at once, all clients together; beyond it the
     server stops reading clients' sockets until a write has been applied."""
     nbd_idle_timeout: str = "30s"

@@ -24,7 +24,8 @@ import pytest
 from cachepoint.rpc import channel
 from cachepoint.rpc.block_exchange import BlockExchangeService, ServeCounters
 from cachepoint.rpc.serving import Server
-from cachepoint.rpc.streams import StreamLimits, peer_host
+from cachepoint.rpc.streams import peer_host
+from cachepoint.slots import SlotLimits
 from cachepoint.store.store import Store
 from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc
 from tests.conftest import run_cli
@@ -69,7 +70,7 @@ def serve(blocks_dir: tuple[Path, list[bytes]]) -> Iterator[Any]:
     thread.start()
     servers: list[Server] = []
 
-    def start(limits: StreamLimits, listen: str = "127.0.0.1:0") -> Served:
+    def start(limits: SlotLimits, listen: str = "127.0.0.1:0") -> Served:
         service = BlockExchangeService(store, ServeCounters(), accepts_pushes=False, fetch_limits=limits)
 
         async def begin() -> str:
@@ -147,7 +148,7 @@ def test_peer_host_is_the_address_without_the_port() -> None:
 def test_a_fetch_whose_caller_reads_nothing_is_cancelled_after_the_stall_time_and_frees_its_slot(
     serve,
 ) -> None:
-    served = serve(StreamLimits(per_server=4, per_peer=4, wait=1.0, stall=0.5))
+    served = serve(SlotLimits(per_server=4, per_peer=4, wait=1.0, stall=0.5))
     with unread_fetches(served.address, served.ids, 1):
         wait_for("the stream to start", lambda: served.running() == 1)
         wait_for("the stalled stream to be cancelled", lambda: served.running() == 0)  # the caller stays
@@ -157,7 +158,7 @@ def test_a_fetch_whose_caller_reads_nothing_is_cancelled_after_the_stall_time_an
 
 def test_a_peer_over_its_share_of_streams_waits_then_is_refused_while_another_peer_is_served(serve) -> None:
     # Listening on localhost: IPv4 and IPv6 loopback are two peers of one server.
-    served = serve(StreamLimits(per_server=4, per_peer=2, wait=1.0, stall=TIMEOUT), listen="localhost:0")
+    served = serve(SlotLimits(per_server=4, per_peer=2, wait=1.0, stall=TIMEOUT), listen="localhost:0")
     port = served.address.rpartition(":")[2]
     with unread_fetches(f"127.0.0.1:{port}", served.ids, 2):
         wait_for("two streams of one peer", lambda: served.running() == 2)
@@ -173,7 +174,7 @@ def test_a_peer_over_its_share_of_streams_waits_then_is_refused_while_another_pe
 
 
 def test_a_fetch_over_the_limit_goes_ahead_once_a_slot_frees(serve) -> None:
-    served = serve(StreamLimits(per_server=1, per_peer=1, wait=TIMEOUT, stall=TIMEOUT))
+    served = serve(SlotLimits(per_server=1, per_peer=1, wait=TIMEOUT, stall=TIMEOUT))
     got: list[int] = []
     with unread_fetches(served.address, served.ids, 1):
         wait_for("the first stream", lambda: served.running() == 1)

@@ -13,7 +13,8 @@ from cachepoint.errors import BlockCorrupt, InvalidInput
 from cachepoint.ids import DIGEST_SIZE, unpack_ids
 from cachepoint.rpc.channel import BATCH_BYTES, MAX_FETCH_IDS, MAX_HAS_IDS
 from cachepoint.rpc.errors import NotAnOrigin, rpc_errors
-from cachepoint.rpc.streams import StreamLimits, StreamSlots
+from cachepoint.rpc.streams import StreamSlots
+from cachepoint.slots import SlotLimits
 from cachepoint.store.store import Store
 from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc
 from cachepoint.wire import stored_block_to_pb, stored_value_from_pb
@@ -51,7 +52,7 @@ def _verify_batch(values: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, 
 
 class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
     def __init__(
-        self, store: Store, counters: ServeCounters, accepts_pushes: bool, fetch_limits: StreamLimits
+        self, store: Store, counters: ServeCounters, accepts_pushes: bool, fetch_limits: SlotLimits
     ) -> None:
         self.store = store
         self.counters = counters

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import grpc
 
-from cachepoint.rpc.streams import StreamLimits
+from cachepoint.slots import SlotLimits
 
 # Batches are ~1 MiB of stored blocks; a manifest of a 1 TiB image at 64 KiB blocks is 512 MiB of ids,
 # far more than we ever send in one message, so manifests above this limit are refused, not truncated.
@@ -47,8 +47,8 @@ NODE_SERVER_OPTIONS = [
 # FetchBlocks streams at once (streams.py: each holds ~2 MiB while its caller is slow to read). A
 # daemon serves the peers of its site; the coordinator, the origin, serves every node and is given
 # the memory for it. 30 s without a read ends a stream: a fetcher gives up on a source after 10.
-NODE_FETCH_LIMITS = StreamLimits(per_server=16, per_peer=8, wait=5.0, stall=30.0)
-ORIGIN_FETCH_LIMITS = StreamLimits(per_server=64, per_peer=16, wait=5.0, stall=30.0)
+NODE_FETCH_LIMITS = SlotLimits(per_server=16, per_peer=8, wait=5.0, stall=30.0)
+ORIGIN_FETCH_LIMITS = SlotLimits(per_server=64, per_peer=16, wait=5.0, stall=30.0)
 
 
 def channel(address: str) -> grpc.aio.Channel:

@@ -35,6 +35,7 @@ from cachepoint.errors import (
     OutOfSpace,
     StoreBusy,
 )
+from cachepoint.slots import TooManyStreams
 
 log = logging.getLogger("cachepoint.rpc")
 
@@ -45,10 +46,6 @@ class MissingBlocks(CachepointError):
 
 class NotAnOrigin(CachepointError):
     """this node serves blocks but does not take pushes; push to the coordinator"""
-
-
-class TooManyStreams(CachepointError):
-    """{}: {} (the limit {}); try again later"""
 
 
 class PeerStalled(CachepointError):

@@ -10,7 +10,8 @@ import asyncio
 import grpc
 
 from cachepoint.rpc.errors import rpc_errors
-from cachepoint.rpc.streams import StreamLimits, StreamSlots
+from cachepoint.rpc.streams import StreamSlots
+from cachepoint.slots import SlotLimits
 from cachepoint.v1 import history_pb2, history_pb2_grpc
 from cachepoint.wire import ref_from_pb
 from coordinator.history import wire
@@ -19,7 +20,7 @@ from coordinator.history.service import History
 
 # Evidence downloads are rare and large: a handful at once is plenty, and each holds ~2 chunks while
 # its caller is slow to read.
-DOWNLOAD_LIMITS = StreamLimits(per_server=16, per_peer=4, wait=5.0, stall=30.0)
+DOWNLOAD_LIMITS = SlotLimits(per_server=16, per_peer=4, wait=5.0, stall=30.0)
 
 
 class HistoryService(history_pb2_grpc.HistoryServicer):

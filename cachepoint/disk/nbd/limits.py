@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-WRITE_BUDGET = 128 * 1024 * 1024  # default `nbd_write_budget`: four 32 MiB writes at once
+WRITE_BUDGET = 64 * 1024 * 1024  # default `nbd_write_budget`: two 32 MiB writes, or 16 of qemu's 2 MiB
 READ_REPLY_BUDGET = 64 * 1024 * 1024  # read replies held at once, all connections together
 IDLE_SECONDS = 30.0  # default `nbd_idle_timeout`, as the kernel client's own default timeout
 
