@@ -78,9 +78,7 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
         # Written with context.write, not yielded: each batch is built only once the previous one
         # has been taken by flow control, and a caller that reads nothing is cut off (streams.py).
         await self.fetches.admit(context)
-        ids = checked_ids(
-            request.ids, MAX_FETCH_IDS, "FetchBlocks"
-        )  # after admit: a waiting call holds no list
+        ids = checked_ids(request.ids, MAX_FETCH_IDS, "FetchBlocks")  # after: a waiting call holds no list
         batch = blocks_pb2.BlockBatch()
         size = 0
         for start in range(0, len(ids), READ_CHUNK):

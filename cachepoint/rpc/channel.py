@@ -44,7 +44,7 @@ NODE_SERVER_OPTIONS = [
     ("grpc.max_concurrent_streams", 64),
 ]
 
-# FetchBlocks streams at once (streams.py: each holds ~2 MiB while its caller is slow to read). A
+# FetchBlocks streams at once (streams.py: each holds ~3-4 MiB while its caller is slow to read). A
 # daemon serves the peers of its site; the coordinator, the origin, serves every node and is given
 # the memory for it. 30 s without a read ends a stream: a fetcher gives up on a source after 10.
 NODE_FETCH_LIMITS = SlotLimits(per_server=16, per_peer=8, wait=5.0, stall=30.0)
