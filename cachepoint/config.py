@@ -14,6 +14,8 @@ The TOML keys are the field names, e.g.::
     wan_rate = "100Mbit"
     snapshot_every = "15m"
     read_cache = "1G"
+    nbd_write_budget = "64M"
+    nbd_idle_timeout = "30s"
     watch = ["alice=/home/alice", "user/bob/profile=/srv/profiles/bob"]
     watch_interval = "5s"
     watch_debounce = "2s"
@@ -76,6 +78,12 @@ class Settings:
     """`serve`: snapshot every attached user disk that has new writes this often, e.g. "15m" (0: never)."""
     read_cache: str = "1G"
     """`serve`: decoded blocks kept for attached disks' reads, in a sparse file in the store (0: none)."""
+    nbd_write_budget: str = "64M"
+    """`serve`: NBD WRITE payloads held in memory at once, all clients together; beyond it the
+    server stops reading clients' sockets until a write has been applied."""
+    nbd_idle_timeout: str = "30s"
+    """`serve`: an NBD client that sends nothing in the middle of a request (or reads nothing of a
+    reply) for this long loses its connection."""
     watch: list[str] = field(default_factory=list)
     """`serve`: directories to keep captured, USER=DIR (into user/USER/home) or user/USER/LAYER=DIR."""
     watch_interval: str = "5s"

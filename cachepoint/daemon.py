@@ -29,6 +29,7 @@ from cachepoint.blocks import DEFAULT_BLOCK_SIZE
 from cachepoint.capture.engine import CaptureOptions, CaptureReport, capture
 from cachepoint.capture.watch import WatchOptions, WatchSpec, watch_in_thread
 from cachepoint.disk.exports import Disks
+from cachepoint.disk.nbd import NbdLimits
 from cachepoint.errors import CachepointError, NotFound, PullsPaused
 from cachepoint.ids import LATEST, Ref
 from cachepoint.model import Manifest, VersionInfo
@@ -98,6 +99,8 @@ class DaemonSettings:
     """Seconds between scheduled snapshots of attached user disks with new writes (0: none)."""
     read_cache: int = 1 << 30
     """Bytes of decoded blocks kept for attached disks (cachepoint/disk/readcache.py; 0: none)."""
+    nbd_limits: NbdLimits = field(default_factory=NbdLimits)
+    """What the NBD server may hold in memory, and how long a client may stall mid-request."""
     watches: list[WatchSpec] = field(default_factory=list)
     """Directories kept captured into their user layers (cachepoint/capture/watch.py)."""
     watch_interval: float = 5.0
@@ -491,9 +494,11 @@ class Daemon:
             self.node_id, self.settings.site = names(identity, self.node_id, self.settings.site, "default")
         self.node_id = self.node_id or f"{os.uname().nodename}-{store_id}"
         credentials = identity.server_credentials() if identity is not None else None
-        server = Server(self.settings.listen, "cachepoint.v1.BlockExchange", credentials)
+        server = Server(self.settings.listen, "cachepoint.v1.BlockExchange", credentials, node=True)
         store = self.store
-        blocks = BlockExchangeService(store, self.serve_counters, accepts_pushes=False)
+        blocks = BlockExchangeService(
+            store, self.serve_counters, accepts_pushes=False, fetch_limits=channel.NODE_FETCH_LIMITS
+        )
         server.add(lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(blocks, s))
         server.add(lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogReadService(store), s))
         tasks: list[asyncio.Task[None]] = []
@@ -511,7 +516,7 @@ class Daemon:
             extra["agent"] = str(await agent.start())
             if self.settings.nbd or self.settings.nbd_socket:
                 extra["nbd"] = await self.disks.serve(
-                    self.settings.nbd or None, self.settings.nbd_socket or None
+                    self.settings.nbd or None, self.settings.nbd_socket or None, self.settings.nbd_limits
                 )
             if self.settings.http:
                 from cachepoint.http.app import start_http

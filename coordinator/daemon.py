@@ -11,6 +11,7 @@ from pathlib import Path
 from aiohttp import web
 
 from cachepoint.rpc.block_exchange import BlockExchangeService, ServeCounters
+from cachepoint.rpc.channel import ORIGIN_FETCH_LIMITS
 from cachepoint.rpc.serving import Server, announce, stop_event_on_signals
 from cachepoint.store.store import Store
 from cachepoint.v1 import blocks_pb2_grpc, catalog_pb2_grpc, fleet_pb2_grpc, history_pb2_grpc
@@ -51,7 +52,8 @@ async def serve(
         server = trust.main_server(listen, CATALOG) if trust is not None else Server(listen, CATALOG)
         server.add(
             lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(
-                BlockExchangeService(store, counters, accepts_pushes=True), s
+                BlockExchangeService(store, counters, accepts_pushes=True, fetch_limits=ORIGIN_FETCH_LIMITS),
+                s,
             )
         )
         server.add(

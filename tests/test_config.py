@@ -45,3 +45,16 @@ def test_unknown_config_keys_are_named(tmp_path):
     env = cli_env(tmp_path / "store")
     proc = run(env, "--config", str(config), "ls")
     assert proc.returncode == 4 and "'stor'" in proc.stderr and "unknown keys" in proc.stderr
+
+
+def test_a_zero_nbd_write_budget_or_idle_timeout_is_refused_naming_the_key(tmp_path):
+    for line, key in (
+        ('nbd_write_budget = "0"', "nbd_write_budget"),
+        ('nbd_idle_timeout = "0s"', "nbd_idle_timeout"),
+    ):
+        config = tmp_path / "cachepoint.toml"
+        config.write_text(line + "\n")
+        env = cli_env(tmp_path / "store")
+        env["CACHEPOINT_CONFIG"] = str(config)
+        proc = run(env, "serve", "--listen", "127.0.0.1:0", "--nbd", "127.0.0.1:0")
+        assert proc.returncode == 4 and key in proc.stderr, proc.stderr

@@ -13,13 +13,14 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cachepoint.disk.nbd import BlockDevice, NbdServer, start_nbd
+from cachepoint.disk.nbd import BlockDevice, NbdLimits, NbdServer, start_nbd
 from cachepoint.disk.nbd import protocol as nbd
 from cachepoint.disk.nbd import server as nbd_server
 
@@ -81,13 +82,21 @@ class MemoryDevice:
 class ServerThread:
     """start_nbd on its own event loop in a daemon thread; ``stop`` closes it within bounds."""
 
-    def __init__(self, exports: dict[str, BlockDevice], tcp: str | None = "127.0.0.1:0", unix_path=None):
+    def __init__(
+        self,
+        exports: dict[str, BlockDevice],
+        tcp: str | None = "127.0.0.1:0",
+        unix_path: str | None = None,
+        limits: NbdLimits | None = None,
+    ) -> None:
         self.exports = exports
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="nbd-test-loop", daemon=True)
         self.thread.start()
         self.server: NbdServer = self.call(
-            start_nbd(self.exports.get, lambda: sorted(self.exports), tcp=tcp, unix_path=unix_path)
+            start_nbd(
+                self.exports.get, lambda: sorted(self.exports), tcp=tcp, unix_path=unix_path, limits=limits
+            )
         )
 
     def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
@@ -399,6 +408,73 @@ def test_a_client_that_disconnects_mid_write_leaves_the_export_unchanged_and_the
     with second:
         # The half-sent write never applies: no byte of it shows.
         assert request(second, nbd.CMD_READ, 0, 65536) == (0, bytes(65536))
+    assert still_serves(server.port, "disk")
+
+
+def test_a_write_over_the_maximum_payload_is_refused_and_the_connection_goes_on(serve):
+    device = MemoryDevice(1 << 20)
+    server = serve({"disk": device})
+    sock, _, _ = connect(server.port, "disk")
+    with sock:
+        # The payload is read and thrown away (never held whole), then the write is refused.
+        error, _ = request(sock, nbd.CMD_WRITE, 0, data=b"\xee" * (nbd.MAX_PAYLOAD + 1))
+        assert error == nbd.EINVAL
+        assert request(sock, nbd.CMD_READ, 0, 4096) == (0, bytes(4096))
+    assert not any(device.data)
+
+
+def test_a_client_stalled_in_the_middle_of_a_write_is_dropped_after_the_idle_timeout(serve):
+    server = serve({"disk": MemoryDevice(1 << 20)}, limits=NbdLimits(idle_timeout=0.5))
+    sock, _, _ = connect(server.port, "disk")
+    with sock:
+        sock.sendall(
+            struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 1, 0, 65536) + b"\xee" * 1000
+        )
+        assert_closed_by_server(sock)  # bounded by TIMEOUT, long before which the idle timeout hits
+    assert server.server.budgets.writes.used == 0
+    assert still_serves(server.port, "disk")
+
+
+def test_writes_beyond_the_servers_budget_wait_unread_until_it_drains(serve):
+    device = MemoryDevice(1 << 20)
+    server = serve({"disk": device}, limits=NbdLimits(write_budget=65536))
+    stalled, _, _ = connect(server.port, "disk")
+    waiting, _, _ = connect(server.port, "disk")
+    with stalled, waiting:
+        header = struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 1, 0, 65536)
+        stalled.sendall(header + b"\x01" * 1000)  # holds the whole budget, sends no more for now
+        deadline = time.monotonic() + TIMEOUT
+        while server.server.budgets.writes.used < 65536 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.server.budgets.writes.used == 65536
+        send_request(waiting, nbd.CMD_WRITE, 2, 65536, 4096)
+        waiting.sendall(b"\x02" * 4096)
+        waiting.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # no reply while the budget is held: not even read
+            waiting.recv(16)
+        stalled.sendall(b"\x01" * (65536 - 1000))
+        assert struct.unpack(">IIQ", recv_exactly(stalled, 16)) == (nbd.SIMPLE_REPLY_MAGIC, 0, 1)
+        waiting.settimeout(TIMEOUT)
+        assert struct.unpack(">IIQ", recv_exactly(waiting, 16)) == (nbd.SIMPLE_REPLY_MAGIC, 0, 2)
+    assert device.data[:4096] == b"\x01" * 4096 and device.data[65536 : 65536 + 4096] == b"\x02" * 4096
+
+
+def test_a_client_that_never_reads_its_replies_is_dropped_and_gives_the_budget_back(serve):
+    server = serve({"disk": MemoryDevice(8 << 20)}, limits=NbdLimits(idle_timeout=0.5))
+    budget = server.server.budgets.reads
+    sock, _, _ = connect(server.port, "disk")
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        for handle in range(32):  # 128 MiB of reads asked for, none of the replies read
+            send_request(sock, nbd.CMD_READ, handle, 0, 4 << 20)
+        deadline = time.monotonic() + TIMEOUT
+        while not budget.used and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert 0 < budget.used <= budget.limit
+        while budget.used and time.monotonic() < deadline:  # reading nothing, until it is dropped
+            time.sleep(0.05)
+        assert budget.used == 0
+        assert_closed_by_server(sock)
     assert still_serves(server.port, "disk")
 
 

@@ -156,6 +156,7 @@ def serve_cmd(
 
     from cachepoint.capture.watch import parse_watch
     from cachepoint.daemon import Daemon, DaemonSettings
+    from cachepoint.disk.nbd import NbdLimits
     from cachepoint.replication.ratelimit import class_limits, parse_rate
     from cachepoint.store.space import SpaceLimit
 
@@ -175,6 +176,10 @@ def serve_cmd(
         http=http or "",
         snapshot_every=parse_duration(s.snapshot_every),
         read_cache=parse_byte_size(s.read_cache, "read_cache"),
+        nbd_limits=NbdLimits(
+            write_budget=parse_byte_size(s.nbd_write_budget, "nbd_write_budget"),
+            idle_timeout=parse_duration(s.nbd_idle_timeout),
+        ),
         watches=[parse_watch(text) for text in s.watch],
         watch_interval=parse_duration(s.watch_interval),
         watch_debounce=parse_duration(s.watch_debounce),

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from cachepoint.disk.attach import open_image
 from cachepoint.disk.composite import CompositeDisk
-from cachepoint.disk.nbd import NbdServer, start_nbd
+from cachepoint.disk.nbd import NbdLimits, NbdServer, start_nbd
 from cachepoint.disk.readcache import DecodedCache
 from cachepoint.disk.snapshot import snapshot
 from cachepoint.errors import InvalidInput, NotFound
@@ -48,12 +48,16 @@ class Disks:
         self.decoded: DecodedCache | None = None
         self._pins: dict[int, IngestPins] = {}  # lazily booted disks' blocks, by id(disk)
 
-    async def serve(self, tcp: str | None, unix_path: str | None) -> list[str]:
+    async def serve(
+        self, tcp: str | None, unix_path: str | None, limits: NbdLimits | None = None
+    ) -> list[str]:
         if self._read_cache > 0:
             # One cache for every disk: images that share an OS layer share its warm blocks.
             path = self.store.root / READ_CACHE_FILE
             self.decoded = await asyncio.to_thread(DecodedCache, path, self._read_cache)
-        self.server = await start_nbd(self.attached.get, lambda: sorted(self.attached), tcp, unix_path)
+        self.server = await start_nbd(
+            self.attached.get, lambda: sorted(self.attached), tcp, unix_path, limits
+        )
         return self.server.addresses
 
     def uris(self, name: str) -> list[str]:

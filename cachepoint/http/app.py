@@ -24,6 +24,11 @@ no range inside the object → 416 with ``Content-Range: bytes */SIZE``; a malfo
 back to an older version would make a date-based cache keep stale bytes. Errors are JSON
 ``{"error": message, "type": name}`` with the status of the first matching row of ``ERROR_STATUS``.
 
+Memory: no route reads a request body (``client_max_size`` is set small all the same); a response
+holds ~4 MiB while its client is slow to read (cachepoint/http/reader.py reads ahead), so at most
+RESPONSE_LIMITS.per_server are streamed at once, RESPONSE_LIMITS.per_peer per client address (over
+a limit: wait up to 5 s, then 503), and a client that takes nothing for 30 s loses its connection.
+
 There is no authentication yet: bind it to loopback unless the network is trusted.
 """
 
@@ -54,6 +59,7 @@ from cachepoint.http.ranges import (
     range_allowed,
 )
 from cachepoint.http.reader import read_range
+from cachepoint.slots import SlotLimits, Slots, TooManyStreams
 from cachepoint.store import format as fmt
 from cachepoint.store.store import Store
 
@@ -64,9 +70,12 @@ READY_TIMEOUT = 5.0  # seconds a readiness probe waits for the store before answ
 # Seconds runner.cleanup() lets responses in flight finish before cancelling them: a download of a
 # whole disk may take minutes, and the daemon's shutdown should not wait for it.
 SHUTDOWN_TIMEOUT = 2.0
+MAX_BODY = 64 * 1024  # no route reads a body; aiohttp's own default would allow 1 MiB
+RESPONSE_LIMITS = SlotLimits(per_server=16, per_peer=8, wait=5.0, stall=30.0)
 
 STORE = web.AppKey("store", Store)
 RESOLVER = web.AppKey("resolver", Resolver)
+RESPONSES = web.AppKey("responses", Slots)
 
 
 class NotReady(CachepointError):
@@ -84,6 +93,7 @@ ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
     (BlockCorrupt, 500),
     (BlockUnreadable, 500),
     (NotReady, 503),
+    (TooManyStreams, 503),
     (NotFound, 404),
     (InvalidInput, 400),
     (CachepointError, 500),
@@ -249,24 +259,37 @@ async def stream(
     block there is still a 500 naming it; after that the status is sent, and a bad block can only
     cut the response short (the client sees fewer bytes than Content-Length) and is logged."""
     store = request.app[STORE]
+    slots = request.app[RESPONSES]
+    peer = request.remote or "unknown"
     # Generators do nothing until iterated: only the part being written reads (and reads ahead).
     readers = [read_range(store, served.placed, wanted) for _, wanted in parts]
     sent = 0
+
+    async def write(data: bytes | bytearray | memoryview) -> None:
+        try:
+            await asyncio.wait_for(response.write(data), slots.limits.stall)
+        except TimeoutError:
+            # close() would wait for the client to take what is queued: it never will.
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError(f"the client read nothing for {slots.limits.stall:g} s") from None
+
+    await slots.acquire(peer)  # before anything is read: over the limit, a 503 that holds nothing
     try:
         first = await anext(readers[0], None) if readers else None  # a failure here is a JSON 500
         await response.prepare(request)
         try:
             for index, (head, _) in enumerate(parts):
                 if head:
-                    await response.write(head)
+                    await write(head)
                 if index == 0 and first is not None:
-                    await response.write(first)
+                    await write(first)
                     sent += len(first)
                 async for chunk in readers[index]:
-                    await response.write(chunk)
+                    await write(chunk)
                     sent += len(chunk)
             if closing:
-                await response.write(closing)
+                await write(closing)
         except CachepointError as err:
             log.error(
                 "%s %s (%s): aborted after %d bytes of data: %s",
@@ -278,21 +301,25 @@ async def stream(
             )
             # Closing the connection is the only way left to tell the client the body is incomplete.
             response.force_close()
-        except ConnectionError:
-            log.debug("%s %s: the client went away after %d bytes", request.method, request.path, sent)
+        except ConnectionError as err:
+            log.debug(
+                "%s %s: the client went away after %d bytes: %s", request.method, request.path, sent, err
+            )
     finally:
         for reader in readers:
             await reader.aclose()
+        slots.release(peer)
 
 
 # -- app and server ------------------------------------------------------------------------------
 
 
-def make_app(store: Store) -> web.Application:
+def make_app(store: Store, response_limits: SlotLimits = RESPONSE_LIMITS) -> web.Application:
     """The HTTP app over an open store; the caller owns the store and closes it after the app."""
-    app = web.Application(middlewares=[errors_as_json])
+    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
     app[STORE] = store
     app[RESOLVER] = Resolver(store)
+    app[RESPONSES] = Slots("HTTP responses", response_limits)
     add_routes(app)
     return app
 
@@ -304,11 +331,14 @@ def _split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def start_http(store: Store, listen: str) -> tuple[web.AppRunner, str]:
+async def start_http(
+    store: Store, listen: str, response_limits: SlotLimits = RESPONSE_LIMITS
+) -> tuple[web.AppRunner, str]:
     """Serve ``make_app(store)`` on HOST:PORT; returns the runner (``await runner.cleanup()`` stops
     it, before the store is closed) and the bound "host:port" (the real port when 0 was asked)."""
     host, port = _split_listen(listen)
-    runner = web.AppRunner(make_app(store), handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    app = make_app(store, response_limits)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -13,6 +13,8 @@ from cachepoint.errors import BlockCorrupt, InvalidInput
 from cachepoint.ids import DIGEST_SIZE, BlockId, unpack_ids
 from cachepoint.rpc.channel import BATCH_BYTES, MAX_FETCH_IDS, MAX_HAS_IDS
 from cachepoint.rpc.errors import NotAnOrigin, rpc_errors
+from cachepoint.rpc.streams import StreamSlots
+from cachepoint.slots import SlotLimits
 from cachepoint.store.store import Store
 from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc
 from cachepoint.wire import stored_block_to_pb, stored_value_from_pb
@@ -49,10 +51,13 @@ def _verify_batch(values: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, 
 
 
 class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
-    def __init__(self, store: Store, counters: ServeCounters, accepts_pushes: bool) -> None:
+    def __init__(
+        self, store: Store, counters: ServeCounters, accepts_pushes: bool, fetch_limits: SlotLimits
+    ) -> None:
         self.store = store
         self.counters = counters
         self.accepts_pushes = accepts_pushes
+        self.fetches = StreamSlots("FetchBlocks", fetch_limits)
 
     @rpc_errors
     async def HasBlocks(  # noqa: N802 - gRPC method name
@@ -69,8 +74,11 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
     @rpc_errors
     async def FetchBlocks(  # noqa: N802
         self, request: blocks_pb2.FetchBlocksRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[blocks_pb2.BlockBatch]:
-        ids = checked_ids(request.ids, MAX_FETCH_IDS, "FetchBlocks")
+    ) -> None:
+        # Written with context.write, not yielded: each batch is built only once the previous one
+        # has been taken by flow control, and a caller that reads nothing is cut off (streams.py).
+        await self.fetches.admit(context)
+        ids = checked_ids(request.ids, MAX_FETCH_IDS, "FetchBlocks")  # after: a waiting call holds no list
         batch = blocks_pb2.BlockBatch()
         size = 0
         for start in range(0, len(ids), READ_CHUNK):
@@ -84,10 +92,10 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
                 self.counters.blocks_served += 1
                 self.counters.bytes_served += len(value)
                 if size >= BATCH_BYTES:
-                    yield batch
+                    await self.fetches.write(context, batch)
                     batch, size = blocks_pb2.BlockBatch(), 0
         if batch.blocks:
-            yield batch
+            await self.fetches.write(context, batch)
 
     @rpc_errors
     async def PushBlocks(  # noqa: N802

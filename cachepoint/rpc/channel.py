@@ -1,5 +1,6 @@
-"""Channel and server settings shared by every node: explicit message limits, keepalive, and the
-process's TLS identity when it has one (cachepoint/trust/identity.py)."""
+"""Channel and server settings shared by every node: explicit message limits, keepalive, how many
+streams a server runs at once, and the process's TLS identity when it has one
+(cachepoint/trust/identity.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Protocol
 import grpc
 
 from cachepoint.rpc.guards import RequestGuard
+from cachepoint.slots import SlotLimits
 
 # Batches are ~1 MiB of stored blocks; a manifest of a 1 TiB image at 64 KiB blocks is 512 MiB of ids,
 # far more than we ever send in one message, so manifests above this limit are refused, not truncated.
@@ -33,6 +35,25 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.so_reuseport", 0),
 ]
+
+# A cachepoint daemon's server: peers ask for blocks and catalog reads, local commands call the
+# Agent. No request it takes is near 4 MiB (HasBlocks' 65536 ids are 2 MiB), and gRPC holds a whole
+# message before it reaches us, so larger ones are refused before they cost memory. Streams per
+# HTTP/2 connection and calls at once are capped too; a caller over a cap waits (streams) or is
+# told RESOURCE_EXHAUSTED (calls).
+NODE_MAX_RECEIVE = 4 * 1024 * 1024
+NODE_MAX_CALLS = 256
+NODE_SERVER_OPTIONS = [
+    *[(key, value) for key, value in SERVER_OPTIONS if key != "grpc.max_receive_message_length"],
+    ("grpc.max_receive_message_length", NODE_MAX_RECEIVE),
+    ("grpc.max_concurrent_streams", 64),
+]
+
+# FetchBlocks streams at once (streams.py: each holds ~3-4 MiB while its caller is slow to read). A
+# daemon serves the peers of its site; the coordinator, the origin, serves every node and is given
+# the memory for it. 30 s without a read ends a stream: a fetcher gives up on a source after 10.
+NODE_FETCH_LIMITS = SlotLimits(per_server=16, per_peer=8, wait=5.0, stall=30.0)
+ORIGIN_FETCH_LIMITS = SlotLimits(per_server=64, per_peer=16, wait=5.0, stall=30.0)
 
 
 class TlsIdentity(Protocol):
@@ -75,6 +96,12 @@ def channel(address: str, peer: bool = False, max_receive: int = MAX_MESSAGE) ->
     return grpc.aio.secure_channel(address, _identity.channel_credentials(), options=options)
 
 
-def server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
-    # Every server refuses malformed requests and caps block streams per peer (guards.py).
-    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[RequestGuard(), *interceptors])
+def server(interceptors: Sequence[grpc.aio.ServerInterceptor] = (), node: bool = False) -> grpc.aio.Server:
+    """A server with our options; ``node``: a cachepoint daemon's, with its smaller limits. Every server
+    refuses malformed requests and caps block streams per peer (guards.py)."""
+    guards = [RequestGuard(), *interceptors]
+    if node:
+        return grpc.aio.server(
+            options=NODE_SERVER_OPTIONS, maximum_concurrent_rpcs=NODE_MAX_CALLS, interceptors=guards
+        )
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=guards)

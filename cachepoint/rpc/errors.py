@@ -7,7 +7,8 @@
 | NotFound (layer, version, tag, manifest, block) | NOT_FOUND |
 | MissingBlocks (a commit naming blocks the node lacks), PreconditionFailed | FAILED_PRECONDITION |
 | NotAnOrigin (pushing to a node that does not take pushes) | PERMISSION_DENIED |
-| OutOfSpace | RESOURCE_EXHAUSTED |
+| OutOfSpace, TooManyStreams (a peer or the node at its limit of streams) | RESOURCE_EXHAUSTED |
+| PeerStalled (a caller that read nothing of a stream for its stall time) | DEADLINE_EXCEEDED |
 | BlockCorrupt, BlockUnreadable, IntegrityFailure (e.g. an unreadable audit record) | DATA_LOSS |
 | CatalogUnreadable (a GC that cannot prove it read the catalog), RecordsUnreadable, StoreDamaged |
 DATA_LOSS |
@@ -39,6 +40,7 @@ from cachepoint.errors import (
     StoreBusy,
     StoreDamaged,
 )
+from cachepoint.slots import TooManyStreams
 
 log = logging.getLogger("cachepoint.rpc")
 
@@ -55,6 +57,10 @@ class NotAnOrigin(CachepointError):
     """this node serves blocks but does not take pushes; push to the coordinator"""
 
 
+class PeerStalled(CachepointError):
+    """{}: the caller read nothing for {:g} s; the stream is ended"""
+
+
 STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
@@ -64,6 +70,8 @@ STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
     (NotAnOrigin, grpc.StatusCode.PERMISSION_DENIED),
     (OutOfSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TooManyStreams, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PeerStalled, grpc.StatusCode.DEADLINE_EXCEEDED),
     (BlockCorrupt, grpc.StatusCode.DATA_LOSS),
     (BlockUnreadable, grpc.StatusCode.DATA_LOSS),
     (IntegrityFailure, grpc.StatusCode.DATA_LOSS),

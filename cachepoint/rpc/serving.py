@@ -36,12 +36,13 @@ class Server:
         name: str,
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        node: bool = False,
     ) -> None:
         split_address(listen)
         self.listen = listen
         self.name = name
         self.credentials = credentials  # None: plaintext
-        self.grpc = channel.server(interceptors)
+        self.grpc = channel.server(interceptors, node)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self.address = ""

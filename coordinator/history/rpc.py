@@ -1,24 +1,32 @@
 """History over gRPC: parse the request, call the shared operation, convert the answer. Status codes
-come from the one table in cachepoint/rpc/errors.py."""
+come from the one table in cachepoint/rpc/errors.py. Downloads (GetFile, Export) are streams of
+1 MiB chunks, bounded like FetchBlocks (cachepoint/rpc/streams.py): a few at once per peer and per
+coordinator, and ended when the caller reads nothing for the stall time."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import grpc
 
 from cachepoint.rpc.errors import rpc_errors
+from cachepoint.rpc.streams import StreamSlots
+from cachepoint.slots import SlotLimits
 from cachepoint.v1 import history_pb2, history_pb2_grpc
 from cachepoint.wire import ref_from_pb
 from coordinator.history import wire
 from coordinator.history.files import CHUNK_BYTES
 from coordinator.history.service import History
 
+# Evidence downloads are rare and large: a handful at once is plenty, and each holds ~2 chunks while
+# its caller is slow to read.
+DOWNLOAD_LIMITS = SlotLimits(per_server=16, per_peer=4, wait=5.0, stall=30.0)
+
 
 class HistoryService(history_pb2_grpc.HistoryServicer):
     def __init__(self, history: History) -> None:
         self.history = history
+        self.downloads = StreamSlots("History download", DOWNLOAD_LIMITS)
 
     @rpc_errors
     async def Timeline(  # noqa: N802 - gRPC method name
@@ -44,15 +52,17 @@ class HistoryService(history_pb2_grpc.HistoryServicer):
     @rpc_errors
     async def GetFile(  # noqa: N802
         self, request: history_pb2.GetFileRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[history_pb2.FileChunk]:
+    ) -> None:
+        await self.downloads.admit(context)
         download = await self.history.open_file(
             request.user, request.layer, request.path, request.at_ns, request.actor
         )
-        yield history_pb2.FileChunk(header=wire.file_version_to_pb(download.header))
+        send = self.downloads.write
+        await send(context, history_pb2.FileChunk(header=wire.file_version_to_pb(download.header)))
         chunks = download.chunks()
         while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
-            yield history_pb2.FileChunk(data=chunk)
-        yield history_pb2.FileChunk(sha256=download.sha256)
+            await send(context, history_pb2.FileChunk(data=chunk))
+        await send(context, history_pb2.FileChunk(sha256=download.sha256))
 
     @rpc_errors
     async def SetHold(  # noqa: N802
@@ -95,13 +105,14 @@ class HistoryService(history_pb2_grpc.HistoryServicer):
     @rpc_errors
     async def Export(  # noqa: N802
         self, request: history_pb2.ExportRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[history_pb2.ExportChunk]:
+    ) -> None:
+        await self.downloads.admit(context)
         out, _ = await self.history.export(request.user, request.from_ns, request.to_ns, request.actor)
         try:
             total = await asyncio.to_thread(out.seek, 0, 2)
             out.seek(0)
             while data := await asyncio.to_thread(out.read, CHUNK_BYTES):
-                yield history_pb2.ExportChunk(data=data, total_bytes=total)
+                await self.downloads.write(context, history_pb2.ExportChunk(data=data, total_bytes=total))
                 total = 0
         finally:
             out.close()

@@ -7,7 +7,8 @@ transmission.py (requests in parallel, structured replies and block status when 
 
 A misbehaving client only ever loses its own connection: every read from a socket is bounded (the
 handshake by a deadline, a request by its declared length, which is capped), and a write applies
-only once its whole payload has arrived.
+only once its whole payload has arrived. What all connections together hold in memory is bounded
+too, and a client stalled in the middle of a request is dropped (limits.py).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import stat
 import struct
 from collections.abc import Callable
 
+from cachepoint import memory
 from cachepoint.disk.nbd import protocol as p
+from cachepoint.disk.nbd.limits import NbdLimits, ServerBudgets
 from cachepoint.disk.nbd.protocol import BlockDevice, Violation
-from cachepoint.disk.nbd.transmission import Negotiated, transmit
+from cachepoint.disk.nbd.transmission import Negotiated, Stalled, transmit
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +43,17 @@ ExportList = Callable[[], list[str]]
 class NbdServer:
     """Listening sockets and the connections they accepted. Made by ``start_nbd``."""
 
-    def __init__(self, exports: ExportLookup, list_exports: ExportList) -> None:
+    def __init__(
+        self, exports: ExportLookup, list_exports: ExportList, limits: NbdLimits | None = None
+    ) -> None:
         self._exports = exports
         self._list_exports = list_exports
+        self.budgets = ServerBudgets(limits or NbdLimits())
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._closing = False
         self.addresses: list[str] = []
 
     # -- listening ------------------------------------------------------------------------------
@@ -70,6 +77,7 @@ class NbdServer:
         self.addresses.append(f"unix:{path}")
 
     async def close(self) -> None:
+        self._closing = True
         for server in self._servers:
             server.close()
         for writer in list(self._writers):
@@ -107,11 +115,14 @@ class NbdServer:
             async with asyncio.timeout(HANDSHAKE_SECONDS):
                 chosen = await _Handshake(self, reader, writer).run()
             if chosen is not None:
-                await transmit(chosen, reader, writer)
+                await transmit(chosen, reader, writer, self.budgets)
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as err:
             log.debug("nbd client %s went away: %r", peer, err)
         except Violation as err:
             log.info("nbd client %s dropped: %s", peer, err)
+        except Stalled as err:
+            log.info("nbd client %s dropped: %s", peer, err)
+            writer.transport.abort()  # what is queued for it would never leave
         except asyncio.CancelledError:
             pass  # the server is closing
         except Exception:
@@ -120,8 +131,14 @@ class NbdServer:
             self._connections.discard(task)
             self._writers.discard(writer)
             writer.close()
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(writer.wait_closed(), CLOSE_SECONDS)
+            except Exception:
+                # A client that reads nothing never lets close() flush what is queued for it: drop
+                # the queue with the connection.
+                writer.transport.abort()
+            if not self._closing:
+                memory.after_load()  # its buffers are free now: give them back to the system soon
 
     def lookup(self, name: str) -> BlockDevice | None:
         try:
@@ -296,11 +313,12 @@ async def start_nbd(
     list_exports: ExportList,
     tcp: str | None = "127.0.0.1:10809",
     unix_path: str | None = None,
+    limits: NbdLimits | None = None,
 ) -> NbdServer:
     """Listen on TCP and/or a Unix socket; ``exports(name)`` is asked when a client picks an export."""
     if tcp is None and unix_path is None:
         raise ValueError("the NBD server needs a TCP address or a Unix socket path")
-    server = NbdServer(exports, list_exports)
+    server = NbdServer(exports, list_exports, limits)
     try:
         if tcp is not None:
             await server.listen_tcp(tcp)

@@ -9,6 +9,12 @@ once applied, so a FLUSH that syncs everything applied covers every write replie
 With structured replies a read is one final OFFSET_DATA chunk (or an error chunk with a message), and
 NBD_CMD_BLOCK_STATUS reports which runs read as zeros (``base:allocation``), so a client copying the
 disk skips them without reading.
+
+Memory (limits.py): a WRITE's payload is read in pieces into one buffer of its announced length, only
+once the connection's and the server's budgets have room for it; until then the socket is not read.
+A WRITE that cannot apply (too large, past the end, read-only export, bad flags) is read and thrown
+away piece by piece, then refused: it never holds its payload. Reading a payload and sending a reply
+each end the connection when the client makes no progress for the idle timeout.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ import logging
 from dataclasses import dataclass
 
 from cachepoint.disk.nbd import protocol as p
+from cachepoint.disk.nbd.limits import Budget, ServerBudgets
 from cachepoint.disk.nbd.protocol import BlockDevice, Violation
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024  # payloads held at once per connection (reads and writes)
+PIECE = 1024 * 1024  # a payload is read (or thrown away) this much at a time, at most
 MAX_STATUS_RUNS = 1024  # descriptors in one block status reply (the spec lets a server send fewer)
 DRAIN_SECONDS = 30.0  # requests in flight when the client leaves get this long to finish
 
@@ -35,41 +43,102 @@ class Negotiated:
     allocation: bool = False  # base:allocation selected for this export
 
 
-class _Budget:
-    """Bytes of payload in flight, taken by the one request loop of a connection and given back
-    as requests finish. A request larger than the whole budget still runs, alone."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._used = 0
-        self._freed = asyncio.Event()
-
-    async def take(self, amount: int) -> None:
-        while self._used and self._used + amount > self._limit:
-            self._freed.clear()
-            await self._freed.wait()
-        self._used += amount
-
-    def give(self, amount: int) -> None:
-        self._used -= amount
-        self._freed.set()
-
-
 Reply = list[bytes | bytearray | memoryview]
 
 
-def _write(writer: asyncio.StreamWriter, reply: Reply) -> None:
-    # Each part on its own: before 3.12 writelines joins them, copying every payload again. All
-    # on the event loop: a reply thread was tried (the kernel's copy of a payload off the loop) and
-    # lost, because each block status round trip then waits for a thread wake-up, and a copying
-    # client makes one per extent of the disk.
-    for part in reply:
-        writer.write(part)
+class Stalled(Exception):
+    """The client sent or read nothing for the idle timeout in the middle of a request."""
 
 
-async def transmit(chosen: Negotiated, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+class _Output:
+    """A connection's replies, counted as they are written, so that waiting for the client to take
+    them can tell a slow reader (bytes leave) from a stalled one (nothing leaves)."""
+
+    def __init__(self, writer: asyncio.StreamWriter, idle: float) -> None:
+        self.writer = writer
+        self.idle = idle
+        self.written = 0
+
+    def write(self, reply: Reply) -> None:
+        # Each part on its own: before 3.12 writelines joins them, copying every payload again. All
+        # on the event loop: a reply thread was tried (the kernel's copy of a payload off the loop)
+        # and lost, because each block status round trip then waits for a thread wake-up, and a
+        # copying client makes one per extent of the disk.
+        for part in reply:
+            self.writer.write(part)
+            self.written += part.nbytes if isinstance(part, memoryview) else len(part)
+
+    def queued(self) -> int:
+        return self.writer.transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        """Until the transport has taken what was written; Stalled when the client takes nothing
+        for the idle timeout (a slow reader that makes progress may take as long as it needs)."""
+        while True:
+            sent = self.written - self.queued()
+            try:
+                await asyncio.wait_for(self.writer.drain(), self.idle)
+                return
+            except TimeoutError:
+                if self.written - self.queued() == sent:
+                    message = f"the client read nothing of {self.queued()} bytes for {self.idle:g} s"
+                    raise Stalled(message) from None
+
+
+async def read_payload(reader: asyncio.StreamReader, length: int, idle: float) -> bytearray:
+    """``length`` bytes into one buffer, a piece at a time: never the stream's own buffer grown to
+    the whole payload and then copied (which held twice the payload)."""
+    payload = bytearray(length)
+    view = memoryview(payload)
+    got = 0
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(idle) as deadline:
+            while got < length:
+                piece = await reader.read(min(PIECE, length - got))
+                if not piece:
+                    raise asyncio.IncompleteReadError(b"", length - got)
+                view[got : got + len(piece)] = piece
+                got += len(piece)
+                deadline.reschedule(loop.time() + idle)
+    except BaseException as err:
+        # Free the buffer now: a connection reset is also kept by the stream reader, and its
+        # traceback holds this frame, so the payload would otherwise wait for the cyclic GC (seen:
+        # 60 reset clients left 150 MB behind for seconds, well past the budget they had given back).
+        view.release()
+        payload.clear()
+        if isinstance(err, TimeoutError):
+            message = f"the client sent {got} of a {length}-byte write, then nothing for {idle:g} s"
+            raise Stalled(message) from None
+        raise
+    return payload
+
+
+async def discard_payload(reader: asyncio.StreamReader, length: int, idle: float) -> None:
+    """Read ``length`` bytes and keep none: a refused WRITE's payload must still leave the socket."""
+    loop = asyncio.get_running_loop()
+    left = length
+    try:
+        async with asyncio.timeout(idle) as deadline:
+            while left:
+                piece = await reader.read(min(PIECE, left))
+                if not piece:
+                    raise asyncio.IncompleteReadError(b"", left)
+                left -= len(piece)
+                deadline.reschedule(loop.time() + idle)
+    except TimeoutError:
+        raise Stalled(
+            f"the client sent {length - left} of a refused {length}-byte write, then nothing"
+        ) from None
+
+
+async def transmit(
+    chosen: Negotiated, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, shared: ServerBudgets
+) -> None:
     """Serve requests until NBD_CMD_DISC or the connection ends."""
-    budget = _Budget(MAX_IN_FLIGHT_BYTES)
+    budget = Budget(MAX_IN_FLIGHT_BYTES)
+    idle = shared.limits.idle_timeout
+    out = _Output(writer, idle)
     running: set[asyncio.Task[None]] = set()
     try:
         while True:
@@ -79,22 +148,34 @@ async def transmit(chosen: Negotiated, reader: asyncio.StreamReader, writer: asy
                 raise Violation(f"bad request magic {magic:#x}")
             if command == p.CMD_DISC:
                 break
-            holds = length if command in (p.CMD_READ, p.CMD_WRITE) else 0
-            if holds > p.MAX_PAYLOAD:
-                if command == p.CMD_WRITE:
-                    raise Violation(f"a {length}-byte write is over the announced maximum")
-                holds = 0  # refused without reading (EINVAL)
-            await budget.take(holds)
-            data = await reader.readexactly(length) if command == p.CMD_WRITE else b""
-            request = _Request(chosen, flags, command, handle, offset, length, data)
+            request = _Request(chosen, flags, command, handle, offset, length)
+            if command == p.CMD_WRITE and (refusal := request.refusal()) is not None:
+                await discard_payload(reader, length, idle)
+                out.write(refusal)
+                await out.drain()
+                continue
             if command == p.CMD_BLOCK_STATUS:
                 # Answered from block ids in memory, at once: a copying client asks for one extent
                 # after another, so this round trip's latency is paid once per extent of the disk.
-                _write(writer, request.block_status())
-                if writer.transport.get_write_buffer_size() > MAX_IN_FLIGHT_BYTES:
-                    await writer.drain()  # a client that asks and never reads is held back
+                out.write(request.block_status())
+                if out.queued() > MAX_IN_FLIGHT_BYTES:
+                    await out.drain()  # a client that asks and never reads is held back
                 continue
-            task = asyncio.create_task(request.serve(writer, budget, holds))
+            holds = length if command in (p.CMD_READ, p.CMD_WRITE) and length <= p.MAX_PAYLOAD else 0
+            hold = _Hold(budget, shared.writes if command == p.CMD_WRITE else shared.reads)
+            try:
+                # Taken before the payload is read: while a budget is full this loop reads nothing
+                # more from the socket, and the client waits in TCP, not in our memory.
+                await hold.take(holds)
+                if command == p.CMD_WRITE:
+                    request.data = await read_payload(reader, length, idle)
+                task = asyncio.create_task(request.serve(out, hold))
+            except BaseException:
+                hold.give_back()
+                raise
+            # Given back when the task ends, however it ends: a task cancelled before it first ran
+            # never enters its own finally.
+            task.add_done_callback(hold.give_back)
             running.add(task)
             task.add_done_callback(running.discard)
         # NBD_CMD_DISC: the spec asks the server to finish what is outstanding first.
@@ -107,6 +188,32 @@ async def transmit(chosen: Negotiated, reader: asyncio.StreamReader, writer: asy
             task.cancel()
 
 
+class _Hold:
+    """One request's share of its connection's budget and of the server's."""
+
+    def __init__(self, connection: Budget, server: Budget) -> None:
+        self._connection = connection
+        self._server = server
+        self._on_connection = 0
+        self._on_server = 0
+
+    async def take(self, amount: int) -> None:
+        # The connection's first: a connection waiting for the server holds at most its own share.
+        await self._connection.take(amount)
+        self._on_connection = amount
+        await self._server.take(amount)
+        self._on_server = amount
+
+    def give_back_server(self) -> None:
+        self._server.give(self._on_server)
+        self._on_server = 0
+
+    def give_back(self, _task: object = None) -> None:
+        self.give_back_server()
+        self._connection.give(self._on_connection)
+        self._on_connection = 0
+
+
 @dataclass(slots=True)
 class _Request:
     chosen: Negotiated
@@ -115,20 +222,26 @@ class _Request:
     handle: int
     offset: int
     length: int
-    data: bytes
+    data: bytearray | None = None  # a WRITE's payload, once read
 
-    async def serve(self, writer: asyncio.StreamWriter, budget: _Budget, holds: int) -> None:
+    async def serve(self, out: _Output, hold: _Hold) -> None:
         try:
             reply = await self._execute()
-            _write(writer, reply)
-            await writer.drain()  # the budget comes back once the reply has left, not before
+            if self.command == p.CMD_WRITE:  # applied: other connections may send their payloads
+                self.data = None
+                hold.give_back_server()
+            out.write(reply)
+            await out.drain()  # a read's budget comes back once its reply has left
         except (ConnectionError, asyncio.CancelledError):
             pass  # the client is gone; the request loop sees it too
+        except Stalled as err:
+            log.info("nbd: dropping a client: %s", err)
+            out.writer.transport.abort()  # close() would wait, forever, for the client to read
         except Exception:
             log.exception("nbd: command %d failed unexpectedly", self.command)
-            writer.close()
+            out.writer.close()
         finally:
-            budget.give(holds)
+            self.data = None
 
     def _error(self, code: int, message: str = "") -> Reply:
         # With structured replies a read must not get a simple reply; errors there carry a message.
@@ -146,8 +259,8 @@ class _Request:
             allowed |= p.CMD_FLAG_REQ_ONE
         return allowed
 
-    async def _execute(self) -> Reply:
-        """Run the request: the reply's pieces, in order."""
+    def refusal(self) -> Reply | None:
+        """The error reply for a request that must not run, decided from its header alone."""
         device, command, offset, length = self.chosen.device, self.command, self.offset, self.length
         if self.flags & ~self._allowed_flags():
             return self._error(p.EINVAL, f"flags {self.flags:#x} are not valid for command {command}")
@@ -155,12 +268,25 @@ class _Request:
         known = writes or command in (p.CMD_READ, p.CMD_FLUSH, p.CMD_BLOCK_STATUS)
         if not known:
             return self._error(p.EINVAL, f"unknown command {command}")
+        if command in (p.CMD_READ, p.CMD_WRITE) and length > p.MAX_PAYLOAD:
+            # The client broke the announced maximum; the spec lets us refuse rather than disconnect.
+            return self._error(
+                p.EINVAL, f"a {length}-byte request is over the maximum payload {p.MAX_PAYLOAD}"
+            )
         if writes and device.read_only:
             return self._error(p.EPERM, "this export is read-only")
         if command != p.CMD_FLUSH and offset + length > device.size:
             # Past the end: the spec asks for ENOSPC on writes, EINVAL otherwise.
             code = p.ENOSPC if command in (p.CMD_WRITE, p.CMD_WRITE_ZEROES) else p.EINVAL
             return self._error(code, f"bytes {offset}..{offset + length} are past the end ({device.size})")
+        return None
+
+    async def _execute(self) -> Reply:
+        """Run the request: the reply's pieces, in order."""
+        device, command, offset, length = self.chosen.device, self.command, self.offset, self.length
+        refused = self.refusal()
+        if refused is not None:
+            return refused
         try:
             if command == p.CMD_READ:
                 return await self._read()
@@ -170,6 +296,7 @@ class _Request:
                 await device.flush()
             elif length:
                 if command == p.CMD_WRITE:
+                    assert self.data is not None
                     await device.write(offset, self.data)
                 elif command == p.CMD_TRIM:
                     await device.trim(offset, length)
@@ -185,8 +312,6 @@ class _Request:
             return self._error(code, str(err))
 
     async def _read(self) -> Reply:
-        if self.length > p.MAX_PAYLOAD:
-            return self._error(p.EINVAL, f"a read of {self.length} bytes is over {p.MAX_PAYLOAD}")
         payload = await self.chosen.device.read(self.offset, self.length) if self.length else b""
         if len(payload) != self.length:
             log.error("nbd: device returned %d bytes for a %d-byte read", len(payload), self.length)
