@@ -220,7 +220,7 @@ class Daemon:
         sources.append(Source("origin", self.settings.coordinator, SourceClass.ORIGIN))
         try:
             fetcher = Fetcher(self.store, sources, limits=self.settings.limits, block_size=block_size)  # type: ignore[arg-type]
-            await fetcher.fetch(ids, info.ref)
+            await fetcher.fetch(ids, info.ref, version=info.ref)
         finally:
             self._account(sources)
 

@@ -21,6 +21,7 @@ from cachepoint.store.catalog import PendingCommit
 from cachepoint.store.store import Store
 from cachepoint.v1 import catalog_pb2, version_pb2
 from cachepoint.wire import manifest_digest, manifest_from_bytes, ref_from_pb, version_to_pb
+from coordinator.authz import acting
 from coordinator.catalog.clock import Placement, place, span
 from coordinator.catalog.events import EventLog
 from coordinator.history.audit import TAG_MOVE, AuditAppender, AuditEntry, AuditLog, recorded_actor
@@ -88,7 +89,9 @@ class CatalogService(CatalogReadService):
             )
         return placement
 
-    def _commit(self, request: catalog_pb2.CommitRequest, received_ns: int) -> VersionInfo:
+    def _commit(self, request: catalog_pb2.CommitRequest, received_ns: int, committer: str) -> VersionInfo:
+        """``committer``: who the audit log names for the tags it moves (the certificate's name with
+        TLS; without it, the author the request claims)."""
         validate_layer_name(request.layer)
         if len(request.commit_id) > 512:
             raise InvalidInput(f"commit of {request.layer}: commit_id is longer than 512 characters")
@@ -126,7 +129,7 @@ class CatalogService(CatalogReadService):
                 )
                 self.events.stage(batch, catalog_pb2.CatalogEvent(tag_moved=move))
                 if tag != LATEST:  # an admin naming a tag is audited; `latest` follows every commit
-                    actor = recorded_actor(info.author)
+                    actor = recorded_actor(committer)
                     audit.stage(
                         batch, AuditEntry(actor, TAG_MOVE, f"{info.layer}:{tag}", {"version": info.number})
                     )
@@ -155,7 +158,8 @@ class CatalogService(CatalogReadService):
     ) -> version_pb2.VersionInfo:
         received_ns = time.time_ns()  # before waiting for the lock: the skew reading is the arrival's
         async with self._commit_lock:
-            info = await asyncio.to_thread(self._commit, request, received_ns)
+            committer = acting(context, request.author)
+            info = await asyncio.to_thread(self._commit, request, received_ns, committer)
         await self.events.published()
         log.info("committed %s (%d bytes) by %s@%s", info.ref, info.logical_bytes, info.author, info.device)
         return version_to_pb(info)
@@ -181,7 +185,9 @@ class CatalogService(CatalogReadService):
         self, request: catalog_pb2.SetTagRequest, context: grpc.aio.ServicerContext
     ) -> version_pb2.TagMove:
         async with self._commit_lock:
-            moved = await asyncio.to_thread(self._move_tag, request.ref, request.tag, request.actor)
+            moved = await asyncio.to_thread(
+                self._move_tag, request.ref, request.tag, acting(context, request.actor)
+            )
         await self.events.published()
         return moved
 
