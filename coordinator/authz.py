@@ -43,6 +43,7 @@ class Facts:
     holds: Holds
 
 
+LayerReader = Callable[[grpc.aio.ServicerContext], Callable[[str], bool] | None]
 # A check returns why the call is refused, or "" to allow it.
 Check = Callable[[Principal, Any, Facts], str]
 
@@ -284,6 +285,19 @@ class Authorizer(grpc.aio.ServerInterceptor):
                 await result
 
         return authorized
+
+
+def layer_reader(facts: Facts) -> LayerReader:
+    """For listings (Watch, ListLayers): which layers the call's principal may see; None without TLS
+    (every layer). A node watching everything sees only the events of layers it may read."""
+
+    def reader(context: grpc.aio.ServicerContext) -> Callable[[str], bool] | None:
+        if not (context.auth_context() or {}).get("x509_pem_cert"):
+            return None
+        principal = peer_principal(context)
+        return lambda layer: may_read_layer(principal, layer, facts)
+
+    return reader
 
 
 def block_answers(blocks: VersionBlocks, facts: Facts) -> Answerable:

@@ -179,6 +179,22 @@ def test_a_hold_is_released_only_by_an_auditor_other_than_the_one_who_set_it(tmp
         assert [(r.actor, r.subject) for r in denied] == [("audrey", "cachepoint.v1.History/ReleaseHold")]
 
 
+def _visible_layers(coordinator: Child, identity: Path) -> set[str]:
+    """Layers ListLayers names, checked against the layers of every Watch event up to bob's commit."""
+    catalog, channel = stub(coordinator, identity, catalog_pb2_grpc.CatalogStub)
+    with channel:
+        listed = {
+            summary.name for summary in catalog.ListLayers(catalog_pb2.ListLayersRequest(), timeout=10).layers
+        }
+        watched: set[str] = set()
+        with pytest.raises(grpc.RpcError) as ended:  # the stream stays open: read what the deadline allows
+            for event in catalog.Watch(catalog_pb2.WatchRequest(after=0), timeout=3):
+                watched.add(getattr(event, event.WhichOneof("event")).layer)
+        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert watched == listed, (watched, listed)
+    return listed
+
+
 def _answers(coordinator: Child, identity: Path, block: bytes, version: str) -> tuple[bytes, list[bytes]]:
     """(HasBlocks' bitmap, the ids FetchBlocks returned) for one id, asked naming ``version``."""
     blocks, channel = stub(coordinator, identity, blocks_pb2_grpc.BlockExchangeStub)
@@ -224,3 +240,6 @@ def test_block_exchange_answers_about_a_block_only_bobs_versions_reference_as_ab
             assert _answers(coordinator, alice, random_id, version) == (b"\x00", []), version
         # Its own blocks it is told about.
         assert _answers(coordinator, alice, alices_block, "user/alice/home@1") == (b"\x01", [alices_block])
+        # Nor do listings name bob's layer to it (a Watch would hand out his manifests' digests).
+        assert _visible_layers(coordinator, alice) == {"user/alice/home"}
+        assert _visible_layers(coordinator, bobs_node / "identity") == {"user/bob/home"}

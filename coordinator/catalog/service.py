@@ -21,7 +21,7 @@ from cachepoint.store.catalog import PendingCommit
 from cachepoint.store.store import Store
 from cachepoint.v1 import catalog_pb2, version_pb2
 from cachepoint.wire import manifest_digest, manifest_from_bytes, ref_from_pb, version_to_pb
-from coordinator.authz import acting
+from coordinator.authz import LayerReader, acting
 from coordinator.catalog.clock import Placement, place, span
 from coordinator.catalog.events import EventLog
 from coordinator.history.audit import TAG_MOVE, AuditAppender, AuditEntry, AuditLog, recorded_actor
@@ -33,8 +33,17 @@ CHECK_CHUNK = 256  # blocks read at once while a commit checks its manifest's bl
 
 
 class CatalogService(CatalogReadService):
-    def __init__(self, store: Store, events: EventLog, audit: AuditLog, writes: asyncio.Lock) -> None:
+    def __init__(
+        self,
+        store: Store,
+        events: EventLog,
+        audit: AuditLog,
+        writes: asyncio.Lock,
+        reader: LayerReader = lambda context: None,
+    ) -> None:
+        """``reader``: which layers a call may see in listings (coordinator/authz.py layer_reader)."""
         super().__init__(store)
+        self.reader = reader
         self.events = events
         self.audit = audit
         # Version numbers and event positions are handed out in order; holds and the history GC take
@@ -192,6 +201,16 @@ class CatalogService(CatalogReadService):
         return moved
 
     @rpc_errors
+    async def ListLayers(  # noqa: N802
+        self, request: catalog_pb2.ListLayersRequest, context: grpc.aio.ServicerContext
+    ) -> catalog_pb2.ListLayersResponse:
+        response = await super().ListLayers(request, context)
+        may_read = self.reader(context)
+        if may_read is None:
+            return response
+        return catalog_pb2.ListLayersResponse(layers=[s for s in response.layers if may_read(s.name)])
+
+    @rpc_errors
     async def Watch(  # noqa: N802
         self, request: catalog_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[catalog_pb2.CatalogEvent]:
@@ -201,12 +220,13 @@ class CatalogService(CatalogReadService):
                 f"watch position {request.after} is ahead of the catalog log (at {self.events.visible})",
             )
         layers = set(request.layers)
+        may_read = self.reader(context)
         position = request.after
         while not self.events.closing:
             for event in await asyncio.to_thread(self.events.read_after, position):
                 position = event.position
                 which = event.WhichOneof("event")
                 layer = getattr(event, which).layer if which else ""
-                if not layers or layer in layers:
+                if (not layers or layer in layers) and (may_read is None or may_read(layer)):
                     yield event
             await self.events.wait_beyond(position, WATCH_KEEPALIVE)
