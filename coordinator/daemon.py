@@ -16,7 +16,7 @@ from cachepoint.rpc.serving import Server, announce, stop_event_on_signals
 from cachepoint.store.store import Store
 from cachepoint.v1 import blocks_pb2_grpc, catalog_pb2_grpc, fleet_pb2_grpc, history_pb2_grpc
 from coordinator.assignments import Assignments
-from coordinator.authz import Authorizer, block_answers
+from coordinator.authz import Authorizer, block_answers, layer_reader
 from coordinator.catalog.events import EventLog
 from coordinator.catalog.service import CatalogService
 from coordinator.fleet.registry import Registry
@@ -66,7 +66,7 @@ async def serve(
         )
         server.add(
             lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(
-                CatalogService(store, events, audit, writes), s
+                CatalogService(store, events, audit, writes, layer_reader(authorizer.facts)), s
             )
         )
         server.add(
