@@ -83,7 +83,13 @@ def test_a_publisher_commits_os_layers_and_a_node_only_user_layers_of_users_assi
         node = enrolled(fleet, coordinator, tmp_path, "n1")
         auditor = enrolled(fleet, coordinator, tmp_path, "audrey", "--role", "auditor")
 
-        assert publish_as(publisher, coordinator, "os/base", image).json()["version"] == 1
+        assert publish_as(publisher, coordinator, "os/base", image, fresh=False).json()["version"] == 1
+        # A new version is pushed as what changed since the layer's latest: HasBlocks names that
+        # version, which the publisher may read, so the coordinator tells it which blocks it has.
+        with open(image, "r+b") as f:
+            f.write(os.urandom(4096))
+        second = publish_as(publisher, coordinator, "os/base", image, fresh=False).json()
+        assert (second["version"], second["blocks_sent"]) == (2, 1), second
         refused = publish_as(node, coordinator, "os/base", image, check=False)
         assert refused.code != 0
         assert "'n1' may not call /cachepoint.v1.Catalog/Commit: rule commit" in refused.err, refused.err
