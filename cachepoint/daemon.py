@@ -41,6 +41,7 @@ from cachepoint.replication.sources import Source, SourceClass
 from cachepoint.rpc import channel
 from cachepoint.rpc.agent import AgentService
 from cachepoint.rpc.agent_socket import AgentServer
+from cachepoint.rpc.block_access import VersionBlocks, peer_answers
 from cachepoint.rpc.block_exchange import BlockExchangeService, ServeCounters
 from cachepoint.rpc.catalog_read import CatalogReadService
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
@@ -493,7 +494,9 @@ class Daemon:
         credentials = identity.server_credentials() if identity is not None else None
         server = Server(self.settings.listen, "cachepoint.v1.BlockExchange", credentials)
         store = self.store
-        blocks = BlockExchangeService(store, self.serve_counters, accepts_pushes=False)
+        blocks = BlockExchangeService(
+            store, self.serve_counters, accepts_pushes=False, answerable=peer_answers(VersionBlocks(store))
+        )
         server.add(lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(blocks, s))
         server.add(lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogReadService(store), s))
         tasks: list[asyncio.Task[None]] = []

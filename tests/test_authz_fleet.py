@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+from cachepoint.trust.principal import PEER_TLS_NAME
 from cachepoint.v1 import (
     blocks_pb2,
     blocks_pb2_grpc,
@@ -201,9 +202,15 @@ def _visible_layers(coordinator: Child, identity: Path) -> set[str]:
     return listed
 
 
-def _answers(coordinator: Child, identity: Path, block: bytes, version: str) -> tuple[bytes, list[bytes]]:
-    """(HasBlocks' bitmap, the ids FetchBlocks returned) for one id, asked naming ``version``."""
-    blocks, channel = stub(coordinator, identity, blocks_pb2_grpc.BlockExchangeStub)
+def _answers(
+    server: Child | str, identity: Path, block: bytes, version: str, as_peer: bool = False
+) -> tuple[bytes, list[bytes]]:
+    """(HasBlocks' bitmap, the ids FetchBlocks returned) for one id, asked naming ``version``, of the
+    coordinator or (``as_peer``) of a node's peer port at that address."""
+    address = server if isinstance(server, str) else server.address
+    options = [("grpc.ssl_target_name_override", PEER_TLS_NAME)] if as_peer else []
+    channel = grpc.secure_channel(address, credentials(identity), options=options)
+    blocks = blocks_pb2_grpc.BlockExchangeStub(channel)
     with channel:
         has = blocks.HasBlocks(blocks_pb2.HasBlocksRequest(ids=block, version=version), timeout=10)
         fetched = [
@@ -246,6 +253,13 @@ def test_block_exchange_answers_about_a_block_only_bobs_versions_reference_as_ab
             assert _answers(coordinator, alice, random_id, version) == (b"\x00", []), version
         # Its own blocks it is told about.
         assert _answers(coordinator, alice, alices_block, "user/alice/home@1") == (b"\x01", [alices_block])
+        # Bob's node's peer port says no more to it than the coordinator; bob himself it answers.
+        peer = fleet.cachepoint("n-bob", coordinator.address, store=bobs_node, subscribe=()).address
+        bob = enrolled(fleet, coordinator, tmp_path, "bob", "--role", "user:bob") / "identity"
+        assert _answers(peer, bob, bobs_block, "user/bob/home@1", as_peer=True) == (b"\x01", [bobs_block])
+        for version in ("user/bob/home@1", "user/alice/home@1", ""):
+            assert _answers(peer, alice, bobs_block, version, as_peer=True) == (b"\x00", []), version
+            assert _answers(peer, alice, random_id, version, as_peer=True) == (b"\x00", []), version
         # Nor do listings name bob's layer to it (a Watch would hand out his manifests' digests).
         assert _visible_layers(coordinator, alice) == {"user/alice/home"}
         assert _visible_layers(coordinator, bobs_node / "identity") == {"user/bob/home"}

@@ -13,9 +13,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
+import grpc
+
 from cachepoint.errors import CachepointError
 from cachepoint.ids import Ref
 from cachepoint.store.store import Store
+from cachepoint.trust.principal import NotAPrincipal, Principal, principal_of_pem
 
 CACHED_IDS = 2_000_000  # ids kept in the cache at most, over all versions
 NOTHING: frozenset[bytes] = frozenset()
@@ -63,3 +66,35 @@ class VersionBlocks:
                     _, dropped = self._sets.popitem(last=False)
                     self._held -= len(dropped)
         return ids
+
+
+def _peer_may_read(principal: Principal) -> Reader:
+    """At a node's peer port: os/ and app/ layers for every principal of the fleet; a user's layers
+    (user/NAME/...) for that user and auditors only. A node does not know which nodes a user is
+    assigned to, so those nodes fetch a user's blocks from the coordinator, which does."""
+
+    def may_read(layer: str) -> bool:
+        parts = layer.split("/")
+        if parts[0] != "user" or len(parts) < 2:
+            return True
+        return principal.has("auditor") or any(
+            r.kind == "user" and r.user == parts[1] for r in principal.roles
+        )
+
+    return may_read
+
+
+def peer_answers(blocks: VersionBlocks) -> Callable[[grpc.aio.ServicerContext, str], frozenset[bytes] | None]:
+    """BlockExchange's filter at a node's peer port; without TLS (no client certificate), every block."""
+
+    def answerable(context: grpc.aio.ServicerContext, version: str) -> frozenset[bytes] | None:
+        pems = (context.auth_context() or {}).get("x509_pem_cert") or []
+        if not pems:
+            return None
+        try:
+            principal = principal_of_pem(pems[0])
+        except (NotAPrincipal, ValueError):
+            return NOTHING
+        return blocks.readable(version, _peer_may_read(principal))
+
+    return answerable
