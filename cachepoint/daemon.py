@@ -42,6 +42,7 @@ from cachepoint.replication.sources import Source, SourceClass
 from cachepoint.rpc import channel
 from cachepoint.rpc.agent import AgentService
 from cachepoint.rpc.agent_socket import AgentServer
+from cachepoint.rpc.block_access import VersionBlocks, peer_answers
 from cachepoint.rpc.block_exchange import BlockExchangeService, ServeCounters
 from cachepoint.rpc.catalog_read import CatalogReadService
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
@@ -223,7 +224,7 @@ class Daemon:
         sources.append(Source("origin", self.settings.coordinator, SourceClass.ORIGIN))
         try:
             fetcher = Fetcher(self.store, sources, limits=self.settings.limits, block_size=block_size)  # type: ignore[arg-type]
-            await fetcher.fetch(ids, info.ref)
+            await fetcher.fetch(ids, info.ref, version=info.ref)
         finally:
             self._account(sources)
 
@@ -497,7 +498,11 @@ class Daemon:
         server = Server(self.settings.listen, "cachepoint.v1.BlockExchange", credentials, node=True)
         store = self.store
         blocks = BlockExchangeService(
-            store, self.serve_counters, accepts_pushes=False, fetch_limits=channel.NODE_FETCH_LIMITS
+            store,
+            self.serve_counters,
+            accepts_pushes=False,
+            fetch_limits=channel.NODE_FETCH_LIMITS,
+            answerable=peer_answers(VersionBlocks(store)),
         )
         server.add(lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(blocks, s))
         server.add(lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogReadService(store), s))

@@ -132,6 +132,7 @@ def fleet_cmd(address: str, as_json: bool) -> None:
             "healthy": n.healthy,
             "load": n.load,
             "versions": [f"{r.layer}@{r.number}" for r in n.complete],
+            "users": sorted(n.users),
         }
         for n in response.nodes
     ]
@@ -144,7 +145,48 @@ def fleet_cmd(address: str, as_json: bool) -> None:
         state = "ok" if n["healthy"] else "STALE"
         click.echo(
             f"{n['node_id']:<20} {n['site']:<10} {n['address']:<22} {n['last_seen']} {state:<5} "
-            f"{' '.join(n['versions'])}"
+            f"{' '.join(n['versions'])}" + (f"  users: {' '.join(n['users'])}" if n["users"] else "")
+        )
+
+
+@cli.command("assign")
+@click.argument("user")
+@click.argument("node")
+@click.option(
+    "--data", "data", type=click.Path(path_type=Path), required=True, help="The coordinator's data directory."
+)
+@json_option
+@handles_errors
+def assign_cmd(user: str, node: str, data: Path, as_json: bool) -> None:
+    """Assign USER to NODE: with mutual TLS, NODE may then read and commit user/USER/... layers.
+    Takes effect at once, also at a running coordinator (DATA/assignments.json)."""
+    from coordinator.assignments import Assignments
+
+    _assignment_changed(Assignments(data).assign(user, node), user, node, "assigned", as_json)
+
+
+@cli.command("unassign")
+@click.argument("user")
+@click.argument("node")
+@click.option(
+    "--data", "data", type=click.Path(path_type=Path), required=True, help="The coordinator's data directory."
+)
+@json_option
+@handles_errors
+def unassign_cmd(user: str, node: str, data: Path, as_json: bool) -> None:
+    """Take USER from NODE: NODE may no longer read or commit user/USER/... layers."""
+    from coordinator.assignments import Assignments
+
+    _assignment_changed(Assignments(data).unassign(user, node), user, node, "unassigned", as_json)
+
+
+def _assignment_changed(changed: bool, user: str, node: str, what: str, as_json: bool) -> None:
+    if as_json:
+        emit_json({"user": user, "node": node, what: True, "changed": changed})
+    else:
+        click.echo(
+            f"{user} {what} {'to' if what == 'assigned' else 'from'} {node}"
+            + ("" if changed else " (already)")
         )
 
 

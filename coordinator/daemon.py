@@ -10,11 +10,14 @@ from pathlib import Path
 
 from aiohttp import web
 
+from cachepoint.rpc.block_access import VersionBlocks
 from cachepoint.rpc.block_exchange import BlockExchangeService, ServeCounters
 from cachepoint.rpc.channel import ORIGIN_FETCH_LIMITS
 from cachepoint.rpc.serving import Server, announce, stop_event_on_signals
 from cachepoint.store.store import Store
 from cachepoint.v1 import blocks_pb2_grpc, catalog_pb2_grpc, fleet_pb2_grpc, history_pb2_grpc
+from coordinator.assignments import Assignments
+from coordinator.authz import Authorizer, block_answers, layer_reader
 from coordinator.catalog.events import EventLog
 from coordinator.catalog.service import CatalogService
 from coordinator.fleet.registry import Registry
@@ -49,19 +52,34 @@ async def serve(
         writes = asyncio.Lock()  # commits, tag moves, holds and the history GC, one at a time
         history = History(store, events, audit, writes, retention or Retention({}))
         trust = FleetTrust(data, trust_settings, listen) if trust_settings is not None else None
-        server = trust.main_server(listen, CATALOG) if trust is not None else Server(listen, CATALOG)
+        assignments = Assignments(data)
+        authorizer = Authorizer(store, audit, assignments)
+        if trust is not None:
+            server = trust.main_server(listen, CATALOG, authorizer)
+        else:
+            log.warning("no CA: calls are not authenticated, and every caller may do everything")
+            server = Server(listen, CATALOG)
+        answerable = block_answers(VersionBlocks(store), authorizer.facts)
         server.add(
             lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(
-                BlockExchangeService(store, counters, accepts_pushes=True, fetch_limits=ORIGIN_FETCH_LIMITS),
+                BlockExchangeService(
+                    store,
+                    counters,
+                    accepts_pushes=True,
+                    fetch_limits=ORIGIN_FETCH_LIMITS,
+                    answerable=answerable,
+                ),
                 s,
             )
         )
         server.add(
             lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(
-                CatalogService(store, events, audit, writes), s
+                CatalogService(store, events, audit, writes, layer_reader(authorizer.facts)), s
             )
         )
-        server.add(lambda s: fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(Registry()), s))
+        server.add(
+            lambda s: fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(Registry(), assignments), s)
+        )
         server.add(lambda s: history_pb2_grpc.add_HistoryServicer_to_server(HistoryService(history), s))
         address = await server.start()
         rest: web.AppRunner | None = None

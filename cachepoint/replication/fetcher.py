@@ -93,6 +93,7 @@ class Fetcher:
         self.store = store
         self.block_size = block_size
         self.room = room
+        self._version = ""
         self._halt: Exception | None = None  # what ``room`` raised: no stream takes more work
         self._unwritten = 0  # bytes of batches checked by ``room`` and not yet written
         # Bytes per second per class of source (e.g. the WAN: peers of other sites and the origin).
@@ -159,7 +160,7 @@ class Fetcher:
             bucket = self.buckets.get(source.source_class)
             blame = True
             try:
-                async for values in source.fetch(unit.ids, self.stall):
+                async for values in source.fetch(unit.ids, self.stall, self._version):
                     busy = 0
                     if bucket is not None:
                         await bucket.pay(sum(len(v) for _, v in values))
@@ -225,7 +226,9 @@ class Fetcher:
             self._unwritten -= size
         return True
 
-    async def fetch(self, missing: list[bytes], label: str) -> FetchResult:
+    async def fetch(self, missing: list[bytes], label: str, version: str = "") -> FetchResult:
+        """``version``: the "LAYER@N" the blocks are of, named in every FetchBlocks request."""
+        self._version = version
         unique = list(dict.fromkeys(missing))
         self._wanted = set(unique)
         self._queue = [_Unit(unique[i : i + UNIT_BLOCKS]) for i in range(0, len(unique), UNIT_BLOCKS)]

@@ -141,10 +141,21 @@ async def heal_blocks(
             result.detail = f"finding peers at {coordinator}: {err.code().name}: {err.details()}"
     sources.append(Source("origin", coordinator, SourceClass.ORIGIN))
     result.sources = sources
-    try:
-        await Fetcher(store, sources, limits=limits).fetch(unique, f"heal of {len(unique)} blocks")
-    except PullIncomplete as err:
-        result.detail = "; ".join(filter(None, (result.detail, str(err))))
+    # Asked version by version: a server with TLS answers only for blocks of the version a request names.
+    remaining = unique
+    incomplete = ""
+    for info in versions or [None]:
+        try:
+            label = f"heal of {len(remaining)} blocks"
+            version = info.ref if info else ""
+            await Fetcher(store, sources, limits=limits).fetch(remaining, label, version=version)
+        except PullIncomplete as err:
+            incomplete = str(err)
+        remaining = (await asyncio.to_thread(_verified, store, remaining))[1]
+        if not remaining:
+            break
+    if remaining and incomplete:
+        result.detail = "; ".join(filter(None, (result.detail, incomplete)))
     result.healed, result.missing = await asyncio.to_thread(_verified, store, unique)
     for digest in result.healed:
         log.info("healed block %s from the fleet", BlockId(digest))

@@ -79,7 +79,7 @@ async def drain(store: Store, coordinator: str) -> list[Delivered]:
         for info in queue:
             manifest_raw = await asyncio.to_thread(store.catalog.manifest_bytes, info.manifest_digest)
             manifest = await asyncio.to_thread(store.catalog.manifest, info.manifest_digest)
-            blocks, size = await push_blocks(store, ch, sorted(manifest.block_ids()))
+            blocks, size = await push_blocks(store, ch, sorted(manifest.block_ids()), info.layer)
             parent = pushed_number(store, info.layer, info.parent) if info.parent else None
             request = catalog_pb2.CommitRequest(
                 layer=info.layer,

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 
 from cachepoint.errors import IntegrityFailure, RemoteRefused
-from cachepoint.ids import BlockId, Ref
+from cachepoint.ids import LATEST, BlockId, Ref
 from cachepoint.layers.ingest import (
     IngestOptions,
     IngestResult,
@@ -74,12 +74,16 @@ class PublishResult:
         return data
 
 
-async def missing_at(stub: blocks_pb2_grpc.BlockExchangeStub, ids: list[bytes]) -> list[bytes]:
+async def missing_at(
+    stub: blocks_pb2_grpc.BlockExchangeStub, ids: list[bytes], version: str = ""
+) -> list[bytes]:
+    """The ids the server lacks. A server with TLS answers only for blocks of ``version``: naming the
+    layer's latest version there keeps a new version's push to what changed since."""
     missing = []
     for start in range(0, len(ids), MAX_HAS_IDS):
         chunk = ids[start : start + MAX_HAS_IDS]
         response = await stub.HasBlocks(
-            blocks_pb2.HasBlocksRequest(ids=b"".join(chunk)), timeout=UNARY_DEADLINE
+            blocks_pb2.HasBlocksRequest(ids=b"".join(chunk), version=version), timeout=UNARY_DEADLINE
         )
         bitmap = response.present
         missing += [
@@ -110,10 +114,13 @@ async def _batches(store: Store, ids: list[bytes], sent: list[int]) -> AsyncIter
         yield batch
 
 
-async def push_blocks(store: Store, coordinator: grpc.aio.Channel, ids: list[bytes]) -> tuple[int, int]:
-    """Send the blocks the coordinator lacks; returns (blocks, stored bytes) sent."""
+async def push_blocks(
+    store: Store, coordinator: grpc.aio.Channel, ids: list[bytes], layer: str = ""
+) -> tuple[int, int]:
+    """Send the blocks the coordinator lacks; returns (blocks, stored bytes) sent. ``layer``: the
+    layer the blocks are for (with TLS, the coordinator tells only of blocks of its latest version)."""
     stub = blocks_pb2_grpc.BlockExchangeStub(coordinator)
-    missing = await missing_at(stub, ids)
+    missing = await missing_at(stub, ids, f"{layer}:{LATEST}" if layer else "")
     sent = [0, 0]
     if missing:
         response = await stub.PushBlocks(_batches(store, missing, sent), timeout=PUSH_DEADLINE)
@@ -170,7 +177,9 @@ async def publish(
             if same is not None:
                 info, manifest_bytes = same
             else:
-                blocks, size = await push_blocks(store, ch, sorted(prepared.manifest.block_ids()))
+                blocks, size = await push_blocks(
+                    store, ch, sorted(prepared.manifest.block_ids()), options.layer
+                )
                 info = await _commit(ch, options, prepared)
                 manifest_bytes = prepared.manifest_bytes
         # Recorded here either way, so the next publish of the layer starts from it.

@@ -148,7 +148,7 @@ async def pull(
                     store, sources, progress, limits=limits, room=room, block_size=manifest.block_size
                 )
                 try:
-                    result.fetched = await fetcher.fetch(missing, info.ref)
+                    result.fetched = await fetcher.fetch(missing, info.ref, version=info.ref)
                 finally:
                     if account is not None:
                         account(sources)

@@ -65,9 +65,13 @@ class Source:
             )
         return blocks_pb2_grpc.BlockExchangeStub(self._channel)
 
-    async def fetch(self, ids: list[bytes], stall: float) -> AsyncIterator[list[tuple[bytes, bytes]]]:
-        """Stream (id, stored value) batches; a gap longer than ``stall`` seconds raises TimeoutError."""
-        call = self.stub().FetchBlocks(blocks_pb2.FetchBlocksRequest(ids=b"".join(ids)))
+    async def fetch(
+        self, ids: list[bytes], stall: float, version: str = ""
+    ) -> AsyncIterator[list[tuple[bytes, bytes]]]:
+        """Stream (id, stored value) batches; a gap longer than ``stall`` seconds raises TimeoutError.
+        ``version`` ("LAYER@N"): the version the blocks are of (a server with TLS answers only for
+        blocks of a version the caller may read)."""
+        call = self.stub().FetchBlocks(blocks_pb2.FetchBlocksRequest(ids=b"".join(ids), version=version))
         try:
             while True:
                 # call.read(), not the call's async iterator under wait_for: that pattern keeps the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -50,21 +50,41 @@ def _verify_batch(values: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, 
     return good, bad
 
 
+# What a caller is answered about: (call, the version it names) -> the ids it may learn of, or None for
+# every id (no TLS). See cachepoint/rpc/block_access.py.
+Answerable = Callable[[grpc.aio.ServicerContext, str], frozenset[bytes] | None]
+
+
+def answer_all(context: grpc.aio.ServicerContext, version: str) -> frozenset[bytes] | None:
+    return None
+
+
 class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
     def __init__(
-        self, store: Store, counters: ServeCounters, accepts_pushes: bool, fetch_limits: SlotLimits
+        self,
+        store: Store,
+        counters: ServeCounters,
+        accepts_pushes: bool,
+        fetch_limits: SlotLimits,
+        answerable: Answerable = answer_all,
     ) -> None:
         self.store = store
         self.counters = counters
         self.accepts_pushes = accepts_pushes
         self.fetches = StreamSlots("FetchBlocks", fetch_limits)
+        self.answerable = answerable
 
     @rpc_errors
     async def HasBlocks(  # noqa: N802 - gRPC method name
         self, request: blocks_pb2.HasBlocksRequest, context: grpc.aio.ServicerContext
     ) -> blocks_pb2.HasBlocksResponse:
         ids = checked_ids(request.ids, MAX_HAS_IDS, "HasBlocks")
-        present = await asyncio.to_thread(lambda: [self.store.blocks.has(d) for d in ids])
+        allowed = await asyncio.to_thread(self.answerable, context, request.version)
+
+        def present_here() -> list[bool]:
+            return [(allowed is None or d in allowed) and self.store.blocks.has(d) for d in ids]
+
+        present = await asyncio.to_thread(present_here)
         bitmap = bytearray((len(ids) + 7) // 8)
         for index, here in enumerate(present):
             if here:
@@ -79,6 +99,9 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
         # has been taken by flow control, and a caller that reads nothing is cut off (streams.py).
         await self.fetches.admit(context)
         ids = checked_ids(request.ids, MAX_FETCH_IDS, "FetchBlocks")  # after: a waiting call holds no list
+        allowed = await asyncio.to_thread(self.answerable, context, request.version)
+        if allowed is not None:
+            ids = [d for d in ids if d in allowed]  # the others are "missing": left out, as if not here
         batch = blocks_pb2.BlockBatch()
         size = 0
         for start in range(0, len(ids), READ_CHUNK):

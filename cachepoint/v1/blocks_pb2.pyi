@@ -25,10 +25,12 @@ class BlockBatch(_message.Message):
     def __init__(self, blocks: _Optional[_Iterable[_Union[StoredBlock, _Mapping]]] = ...) -> None: ...
 
 class HasBlocksRequest(_message.Message):
-    __slots__ = ("ids",)
+    __slots__ = ("ids", "version")
     IDS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     ids: bytes
-    def __init__(self, ids: _Optional[bytes] = ...) -> None: ...
+    version: str
+    def __init__(self, ids: _Optional[bytes] = ..., version: _Optional[str] = ...) -> None: ...
 
 class HasBlocksResponse(_message.Message):
     __slots__ = ("present",)
@@ -37,10 +39,12 @@ class HasBlocksResponse(_message.Message):
     def __init__(self, present: _Optional[bytes] = ...) -> None: ...
 
 class FetchBlocksRequest(_message.Message):
-    __slots__ = ("ids",)
+    __slots__ = ("ids", "version")
     IDS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     ids: bytes
-    def __init__(self, ids: _Optional[bytes] = ...) -> None: ...
+    version: str
+    def __init__(self, ids: _Optional[bytes] = ..., version: _Optional[str] = ...) -> None: ...
 
 class PushBlocksResponse(_message.Message):
     __slots__ = ("accepted", "rejected")

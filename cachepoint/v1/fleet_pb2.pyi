@@ -76,18 +76,20 @@ class ListNodesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node", "last_seen_ns", "complete", "load", "healthy")
+    __slots__ = ("node", "last_seen_ns", "complete", "load", "healthy", "users")
     NODE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_NS_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
     last_seen_ns: int
     complete: _containers.RepeatedCompositeFieldContainer[_version_pb2.Ref]
     load: int
     healthy: bool
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., last_seen_ns: _Optional[int] = ..., complete: _Optional[_Iterable[_Union[_version_pb2.Ref, _Mapping]]] = ..., load: _Optional[int] = ..., healthy: _Optional[bool] = ...) -> None: ...
+    users: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., last_seen_ns: _Optional[int] = ..., complete: _Optional[_Iterable[_Union[_version_pb2.Ref, _Mapping]]] = ..., load: _Optional[int] = ..., healthy: _Optional[bool] = ..., users: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListNodesResponse(_message.Message):
     __slots__ = ("nodes",)

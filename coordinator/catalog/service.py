@@ -21,6 +21,7 @@ from cachepoint.store.catalog import PendingCommit
 from cachepoint.store.store import Store
 from cachepoint.v1 import catalog_pb2, version_pb2
 from cachepoint.wire import manifest_digest, manifest_from_bytes, ref_from_pb, version_to_pb
+from coordinator.authz import LayerReader, acting
 from coordinator.catalog.clock import Placement, place, span
 from coordinator.catalog.events import EventLog
 from coordinator.history.audit import TAG_MOVE, AuditAppender, AuditEntry, AuditLog, recorded_actor
@@ -32,8 +33,17 @@ CHECK_CHUNK = 256  # blocks read at once while a commit checks its manifest's bl
 
 
 class CatalogService(CatalogReadService):
-    def __init__(self, store: Store, events: EventLog, audit: AuditLog, writes: asyncio.Lock) -> None:
+    def __init__(
+        self,
+        store: Store,
+        events: EventLog,
+        audit: AuditLog,
+        writes: asyncio.Lock,
+        reader: LayerReader = lambda context: None,
+    ) -> None:
+        """``reader``: which layers a call may see in listings (coordinator/authz.py layer_reader)."""
         super().__init__(store)
+        self.reader = reader
         self.events = events
         self.audit = audit
         # Version numbers and event positions are handed out in order; holds and the history GC take
@@ -88,7 +98,9 @@ class CatalogService(CatalogReadService):
             )
         return placement
 
-    def _commit(self, request: catalog_pb2.CommitRequest, received_ns: int) -> VersionInfo:
+    def _commit(self, request: catalog_pb2.CommitRequest, received_ns: int, committer: str) -> VersionInfo:
+        """``committer``: who the audit log names for the tags it moves (the certificate's name with
+        TLS; without it, the author the request claims)."""
         validate_layer_name(request.layer)
         if len(request.commit_id) > 512:
             raise InvalidInput(f"commit of {request.layer}: commit_id is longer than 512 characters")
@@ -126,7 +138,7 @@ class CatalogService(CatalogReadService):
                 )
                 self.events.stage(batch, catalog_pb2.CatalogEvent(tag_moved=move))
                 if tag != LATEST:  # an admin naming a tag is audited; `latest` follows every commit
-                    actor = recorded_actor(info.author)
+                    actor = recorded_actor(committer)
                     audit.stage(
                         batch, AuditEntry(actor, TAG_MOVE, f"{info.layer}:{tag}", {"version": info.number})
                     )
@@ -155,7 +167,8 @@ class CatalogService(CatalogReadService):
     ) -> version_pb2.VersionInfo:
         received_ns = time.time_ns()  # before waiting for the lock: the skew reading is the arrival's
         async with self._commit_lock:
-            info = await asyncio.to_thread(self._commit, request, received_ns)
+            committer = acting(context, request.author)
+            info = await asyncio.to_thread(self._commit, request, received_ns, committer)
         await self.events.published()
         log.info("committed %s (%d bytes) by %s@%s", info.ref, info.logical_bytes, info.author, info.device)
         return version_to_pb(info)
@@ -181,9 +194,21 @@ class CatalogService(CatalogReadService):
         self, request: catalog_pb2.SetTagRequest, context: grpc.aio.ServicerContext
     ) -> version_pb2.TagMove:
         async with self._commit_lock:
-            moved = await asyncio.to_thread(self._move_tag, request.ref, request.tag, request.actor)
+            moved = await asyncio.to_thread(
+                self._move_tag, request.ref, request.tag, acting(context, request.actor)
+            )
         await self.events.published()
         return moved
+
+    @rpc_errors
+    async def ListLayers(  # noqa: N802
+        self, request: catalog_pb2.ListLayersRequest, context: grpc.aio.ServicerContext
+    ) -> catalog_pb2.ListLayersResponse:
+        response = await super().ListLayers(request, context)
+        may_read = self.reader(context)
+        if may_read is None:
+            return response
+        return catalog_pb2.ListLayersResponse(layers=[s for s in response.layers if may_read(s.name)])
 
     @rpc_errors
     async def Watch(  # noqa: N802
@@ -195,12 +220,13 @@ class CatalogService(CatalogReadService):
                 f"watch position {request.after} is ahead of the catalog log (at {self.events.visible})",
             )
         layers = set(request.layers)
+        may_read = self.reader(context)
         position = request.after
         while not self.events.closing:
             for event in await asyncio.to_thread(self.events.read_after, position):
                 position = event.position
                 which = event.WhichOneof("event")
                 layer = getattr(event, which).layer if which else ""
-                if not layers or layer in layers:
+                if (not layers or layer in layers) and (may_read is None or may_read(layer)):
                     yield event
             await self.events.wait_beyond(position, WATCH_KEEPALIVE)

@@ -10,6 +10,7 @@ from cachepoint.errors import InvalidInput, NotFound
 from cachepoint.rpc.errors import rpc_errors
 from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc, version_pb2
 from cachepoint.wire import ref_from_pb
+from coordinator.assignments import Assignments
 from coordinator.fleet.registry import HEARTBEAT_INTERVAL_MS, Node, Registry, UnknownNode
 
 MAX_PEERS = 64
@@ -31,8 +32,9 @@ def _node_info(node: Node) -> fleet_pb2.NodeInfo:
 
 
 class FleetService(fleet_pb2_grpc.FleetServicer):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, assignments: Assignments | None = None) -> None:
         self.registry = registry
+        self.assignments = assignments
 
     @rpc_errors
     async def Register(  # noqa: N802 - gRPC method name
@@ -80,6 +82,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 last_seen_ns=node.last_seen_ns,
                 load=node.load,
                 healthy=node.healthy(now),
+                users=self.assignments.users_of(node.node_id) if self.assignments else (),
             )
             for ref in sorted(node.complete):
                 layer, _, number = ref.rpartition("@")

@@ -14,6 +14,7 @@ from cachepoint.rpc.streams import StreamSlots
 from cachepoint.slots import SlotLimits
 from cachepoint.v1 import history_pb2, history_pb2_grpc
 from cachepoint.wire import ref_from_pb
+from coordinator.authz import acting
 from coordinator.history import wire
 from coordinator.history.files import CHUNK_BYTES
 from coordinator.history.service import History
@@ -55,7 +56,7 @@ class HistoryService(history_pb2_grpc.HistoryServicer):
     ) -> None:
         await self.downloads.admit(context)
         download = await self.history.open_file(
-            request.user, request.layer, request.path, request.at_ns, request.actor
+            request.user, request.layer, request.path, request.at_ns, acting(context, request.actor)
         )
         send = self.downloads.write
         await send(context, history_pb2.FileChunk(header=wire.file_version_to_pb(download.header)))
@@ -68,13 +69,15 @@ class HistoryService(history_pb2_grpc.HistoryServicer):
     async def SetHold(  # noqa: N802
         self, request: history_pb2.HoldRequest, context: grpc.aio.ServicerContext
     ) -> history_pb2.Hold:
-        return wire.hold_to_pb(await self.history.set_hold(request.user, request.reason, request.actor))
+        return wire.hold_to_pb(
+            await self.history.set_hold(request.user, request.reason, acting(context, request.actor))
+        )
 
     @rpc_errors
     async def ReleaseHold(  # noqa: N802
         self, request: history_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> history_pb2.Hold:
-        return wire.hold_to_pb(await self.history.release_hold(request.user, request.actor))
+        return wire.hold_to_pb(await self.history.release_hold(request.user, acting(context, request.actor)))
 
     @rpc_errors
     async def ListHolds(  # noqa: N802
@@ -87,7 +90,7 @@ class HistoryService(history_pb2_grpc.HistoryServicer):
     async def CollectGarbage(  # noqa: N802
         self, request: history_pb2.CollectRequest, context: grpc.aio.ServicerContext
     ) -> history_pb2.CollectResponse:
-        return wire.gc_to_pb(await self.history.collect(request.actor, request.dry_run))
+        return wire.gc_to_pb(await self.history.collect(acting(context, request.actor), request.dry_run))
 
     @rpc_errors
     async def ListAudit(  # noqa: N802
@@ -107,7 +110,9 @@ class HistoryService(history_pb2_grpc.HistoryServicer):
         self, request: history_pb2.ExportRequest, context: grpc.aio.ServicerContext
     ) -> None:
         await self.downloads.admit(context)
-        out, _ = await self.history.export(request.user, request.from_ns, request.to_ns, request.actor)
+        out, _ = await self.history.export(
+            request.user, request.from_ns, request.to_ns, acting(context, request.actor)
+        )
         try:
             total = await asyncio.to_thread(out.seek, 0, 2)
             out.seek(0)

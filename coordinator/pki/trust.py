@@ -55,8 +55,12 @@ class FleetTrust:
         self.enroll_server.add(lambda s: register(s, self.enrollment))
         self._watch: asyncio.Task[None] | None = None
 
-    def main_server(self, listen: str, name: str) -> Server:
-        server = Server(listen, name, self.tls.credentials(True), [self.guard])
+    def main_server(
+        self, listen: str, name: str, authorizer: grpc.aio.ServerInterceptor | None = None
+    ) -> Server:
+        """The Guard authenticates every call first; then ``authorizer`` (coordinator/authz.py) decides."""
+        interceptors = [self.guard] if authorizer is None else [self.guard, authorizer]
+        server = Server(listen, name, self.tls.credentials(True), interceptors)
         server.add(self.register)
         return server
 

@@ -1,0 +1,313 @@
+"""Who may call what on the coordinator's mutual-TLS port: one table, RULES, method -> rule, checked by
+the Authorizer interceptor (after the Guard has authenticated the caller) for every call. A method
+missing from the table is refused. README.md prints the table (tests/test_authz_table.py keeps the two
+in step).
+
+Refusals are PERMISSION_DENIED and name the principal, the method and the rule; refusals of methods
+that change state are also written to the audit log (action ``access.denied``). Without TLS there is no
+principal and nothing here runs: the coordinator logs once at start that calls are not authenticated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from cachepoint.errors import CachepointError
+from cachepoint.rpc.block_access import VersionBlocks
+from cachepoint.rpc.block_exchange import Answerable
+from cachepoint.store.store import Store
+from cachepoint.trust.principal import Principal
+from coordinator.assignments import Assignments
+from coordinator.history.audit import AuditEntry, AuditLog, recorded_actor
+from coordinator.history.holds import Holds
+from coordinator.history.users import owner_of
+from coordinator.pki.guard import Refused, peer_principal
+
+log = logging.getLogger("coordinator.authz")
+ACCESS_DENIED = "access.denied"  # audit action; subject: the method
+PUBLISHED_ROOTS = ("os/", "app/")
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What rules look at besides the principal and the request."""
+
+    assignments: Assignments
+    holds: Holds
+
+
+LayerReader = Callable[[grpc.aio.ServicerContext], Callable[[str], bool] | None]
+# A check returns why the call is refused, or "" to allow it.
+Check = Callable[[Principal, Any, Facts], str]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    text: str  # as README.md prints it
+    check: Check
+    changes_state: bool = False
+
+
+def may_read_layer(principal: Principal, layer: str, facts: Facts) -> bool:
+    """os/ and app/ layers: every principal of the fleet. user/NAME/...: the user NAME, an auditor, and
+    a node NAME is assigned to."""
+    user = owner_of(layer)
+    if user is None:
+        return True
+    return (
+        principal.has("auditor")
+        or any(r.kind == "user" and r.user == user for r in principal.roles)
+        or (principal.has("node") and user in facts.assignments.users_of(principal.name))
+    )
+
+
+def _anyone(principal: Principal, request: Any, facts: Facts) -> str:
+    return ""
+
+
+def _role(*kinds: str) -> Check:
+    def check(principal: Principal, request: Any, facts: Facts) -> str:
+        if any(principal.has(kind) for kind in kinds):
+            return ""
+        return f"needs role {' or '.join(kinds)}"
+
+    return check
+
+
+def _commit(principal: Principal, request: Any, facts: Facts) -> str:
+    layer: str = request.layer
+    if layer.startswith(PUBLISHED_ROOTS):
+        return "" if principal.has("publisher") else f"{layer} is an os/ or app/ layer: needs role publisher"
+    user = owner_of(layer)
+    if user is not None:
+        if principal.has("node") and user in facts.assignments.users_of(principal.name):
+            return ""
+        return f"{layer} is user {user!r}'s: needs a node {user!r} is assigned to"
+    return f"{layer}: only os/, app/ and user/NAME/ layers are committed"
+
+
+def _set_tag(principal: Principal, request: Any, facts: Facts) -> str:
+    layer: str = request.ref.layer
+    if layer.startswith(PUBLISHED_ROOTS) and principal.has("publisher"):
+        return ""
+    return f"tags of {layer or 'a layer'}: needs role publisher, on an os/ or app/ layer"
+
+
+def _read_layer(field: str) -> Check:
+    def check(principal: Principal, request: Any, facts: Facts) -> str:
+        layer = getattr(request, field)
+        layer = layer if isinstance(layer, str) else layer.layer
+        return "" if may_read_layer(principal, layer, facts) else f"may not read {layer}"
+
+    return check
+
+
+def _diff(principal: Principal, request: Any, facts: Facts) -> str:
+    for ref in (request.old, request.new):
+        if not may_read_layer(principal, ref.layer, facts):
+            return f"may not read {ref.layer}"
+    return ""
+
+
+def _own_history(principal: Principal, request: Any, facts: Facts) -> str:
+    if principal.has("auditor") or any(r.kind == "user" and r.user == request.user for r in principal.roles):
+        return ""
+    return f"history of user {request.user!r}: needs role auditor or user:{request.user}"
+
+
+def _release_hold(principal: Principal, request: Any, facts: Facts) -> str:
+    if not principal.has("auditor"):
+        return "needs role auditor"
+    hold = facts.holds.get(request.user) if request.user else None
+    if hold is not None and hold.actor == principal.name:
+        return f"the hold on {request.user!r} was set by {principal.name!r}: another auditor releases it"
+    return ""
+
+
+ANY = Rule("any", "any principal of the fleet", _anyone)
+NODE = Rule("node", "role node", _role("node"))
+ADMIN = Rule("admin", "role admin", _role("admin"), changes_state=True)
+AUDITOR = Rule("auditor", "role auditor", _role("auditor"))
+OVERSIGHT = Rule("oversight", "role auditor or admin", _role("auditor", "admin"))
+READ_LAYER = Rule(
+    "read-layer",
+    "os/, app/: any principal; user/NAME/...: user:NAME, an auditor, a node NAME is assigned to",
+    _read_layer("layer"),
+)
+READ_REF = Rule("read-ref", "as read-layer, for the ref's layer", _read_layer("ref"))
+READ_DIFF = Rule("read-diff", "as read-layer, for both refs' layers", _diff)
+BLOCKS = Rule("blocks", "any principal; answers only for blocks of versions it may read", _anyone)
+PUSH = Rule("push", "role publisher or node", _role("publisher", "node"), changes_state=True)
+COMMIT = Rule(
+    "commit",
+    "os/, app/: role publisher; user/NAME/...: a node NAME is assigned to",
+    _commit,
+    changes_state=True,
+)
+TAG = Rule("tag", "role publisher, on an os/ or app/ layer", _set_tag, changes_state=True)
+OWN_HISTORY = Rule("own-history", "user:NAME for user NAME, or role auditor", _own_history)
+RESTORE = Rule("restore", "user:NAME for user NAME, or role auditor", _own_history, changes_state=True)
+HOLD = Rule("hold", "role auditor", _role("auditor"), changes_state=True)
+EXPORT = Rule("export", "role auditor", _role("auditor"), changes_state=True)
+RELEASE = Rule("release", "role auditor, not the one who set the hold", _release_hold, changes_state=True)
+GC = Rule("gc", "role admin", _role("admin"), changes_state=True)
+ENROLL = Rule("enroll", "any principal (the join token or the own certificate decides)", _anyone)
+
+RULES: dict[str, Rule] = {
+    "/cachepoint.v1.Catalog/Resolve": READ_REF,
+    "/cachepoint.v1.Catalog/ListLayers": ANY,
+    "/cachepoint.v1.Catalog/ListVersions": READ_LAYER,
+    "/cachepoint.v1.Catalog/GetManifest": ANY,
+    "/cachepoint.v1.Catalog/Commit": COMMIT,
+    "/cachepoint.v1.Catalog/SetTag": TAG,
+    "/cachepoint.v1.Catalog/Watch": ANY,
+    "/cachepoint.v1.BlockExchange/HasBlocks": BLOCKS,
+    "/cachepoint.v1.BlockExchange/FetchBlocks": BLOCKS,
+    "/cachepoint.v1.BlockExchange/PushBlocks": PUSH,
+    "/cachepoint.v1.Fleet/Register": NODE,
+    "/cachepoint.v1.Fleet/Heartbeat": NODE,
+    "/cachepoint.v1.Fleet/FindPeers": ANY,
+    "/cachepoint.v1.Fleet/ListNodes": ANY,
+    "/cachepoint.v1.History/Timeline": OWN_HISTORY,
+    "/cachepoint.v1.History/FileHistory": OWN_HISTORY,
+    "/cachepoint.v1.History/Diff": READ_DIFF,
+    "/cachepoint.v1.History/GetFile": RESTORE,
+    "/cachepoint.v1.History/SetHold": HOLD,
+    "/cachepoint.v1.History/ReleaseHold": RELEASE,
+    "/cachepoint.v1.History/ListHolds": OVERSIGHT,
+    "/cachepoint.v1.History/CollectGarbage": GC,
+    "/cachepoint.v1.History/ListAudit": OVERSIGHT,
+    "/cachepoint.v1.History/VerifyAudit": OVERSIGHT,
+    "/cachepoint.v1.History/Export": EXPORT,
+    "/cachepoint.v1.Enrollment/Enroll": ENROLL,
+    "/cachepoint.v1.Enrollment/Renew": ENROLL,
+    "/grpc.health.v1.Health/Check": ANY,
+    "/grpc.health.v1.Health/Watch": ANY,
+}
+# Outside the gRPC table: enrolling (`cachepoint-coordinator enroll`), assignments, retention and GC
+# settings are changed by an admin at the coordinator's data directory, which only they can write.
+
+
+def table_rows() -> list[tuple[str, str, str]]:
+    """(method, rule, who) for README.md."""
+    return [(method.lstrip("/"), rule.name, rule.text) for method, rule in RULES.items()]
+
+
+def acting(context: grpc.aio.ServicerContext, claimed: str) -> str:
+    """Who to record as acting: the name in the caller's certificate when the call has one, never what
+    the request claims; the claim only without TLS (where nothing is authenticated)."""
+    if (context.auth_context() or {}).get("x509_pem_cert"):
+        return peer_principal(context).name
+    return claimed
+
+
+class Authorizer(grpc.aio.ServerInterceptor):
+    def __init__(self, store: Store, audit: AuditLog, assignments: Assignments) -> None:
+        self.audit = audit
+        self.facts = Facts(assignments, Holds(store.db, audit))
+        self.store = store
+
+    def refusal(self, principal: Principal, method: str, request: Any) -> tuple[Rule | None, str]:
+        rule = RULES.get(method)
+        if rule is None:
+            return None, f"principal {principal.name!r} may not call {method}: no rule allows it"
+        try:
+            why = rule.check(principal, request, self.facts)
+        except CachepointError as err:
+            why = f"cannot be checked: {err}"
+        if not why:
+            return rule, ""
+        return (
+            rule,
+            f"principal {principal.name!r} may not call {method}: rule {rule.name} ({rule.text}): {why}",
+        )
+
+    async def authorize(self, context: grpc.aio.ServicerContext, method: str, request: Any) -> None:
+        try:
+            principal = peer_principal(context)
+        except Refused as refused:
+            await context.abort(refused.code, str(refused))
+        rule, message = self.refusal(principal, method, request)
+        if not message:
+            return
+        if rule is None or rule.changes_state:
+            entry = AuditEntry(
+                recorded_actor(principal.name),
+                ACCESS_DENIED,
+                method.lstrip("/"),
+                {"rule": rule.name if rule else None, "refusal": message},
+            )
+            await asyncio.to_thread(self.audit.append, [entry], self.store.db.batch())
+        log.warning("%s", message)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        args = (handler.request_deserializer, handler.response_serializer)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), *args)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(self._stream(handler.unary_stream, method), *args)
+        if handler.stream_unary is not None:  # the request is a stream: rules of these look at roles only
+            return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, method), *args)
+        return grpc.stream_stream_rpc_method_handler(self._stream(handler.stream_stream, method), *args)
+
+    def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
+        async def authorized(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self.authorize(context, method, request)
+            return await behavior(request, context)
+
+        return authorized
+
+    def _stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
+        async def authorized(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await self.authorize(context, method, request)
+            result = behavior(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            else:
+                await result
+
+        return authorized
+
+
+def layer_reader(facts: Facts) -> LayerReader:
+    """For listings (Watch, ListLayers): which layers the call's principal may see; None without TLS
+    (every layer). A node watching everything sees only the events of layers it may read."""
+
+    def reader(context: grpc.aio.ServicerContext) -> Callable[[str], bool] | None:
+        if not (context.auth_context() or {}).get("x509_pem_cert"):
+            return None
+        principal = peer_principal(context)
+        return lambda layer: may_read_layer(principal, layer, facts)
+
+    return reader
+
+
+def block_answers(blocks: VersionBlocks, facts: Facts) -> Answerable:
+    """BlockExchange's filter at the coordinator: with a client certificate, only blocks of the named
+    version, when its principal may read it; without TLS, every block."""
+
+    def answerable(context: grpc.aio.ServicerContext, version: str) -> frozenset[bytes] | None:
+        if not (context.auth_context() or {}).get("x509_pem_cert"):
+            return None
+        principal = peer_principal(context)
+        return blocks.readable(version, lambda layer: may_read_layer(principal, layer, facts))
+
+    return answerable
