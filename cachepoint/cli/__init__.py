@@ -39,7 +39,7 @@ from cachepoint.cli.context import Context
 from cachepoint.config import load_settings
 from cachepoint.console import fail
 from cachepoint.errors import EXIT_FAILURE, CachepointError
-from cachepoint.trust.identity import activate
+from cachepoint.trust.location import identity_dir
 
 __all__ = ["Context", "cli", "main"]
 
@@ -69,7 +69,11 @@ def cli(click_ctx: click.Context, store: str | None, config: str | None, identit
     try:
         click_ctx.obj = Context(load_settings(config, store))
         if click_ctx.invoked_subcommand != "enroll":  # enroll makes the identity: nothing to present yet
-            activate(identity, click_ctx.obj.store_path)
+            if identity_dir(identity, click_ctx.obj.store_path) is not None:
+                # grpc and cryptography load only for a command that has an identity to present.
+                from cachepoint.trust.identity import activate
+
+                activate(identity, click_ctx.obj.store_path)
     except CachepointError as err:
         fail(str(err), err.exit_code, False)
 

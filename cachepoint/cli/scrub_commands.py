@@ -18,7 +18,6 @@ from cachepoint.cli.context import Context, pass_ctx, writable_or_daemon
 from cachepoint.console import emit_json, fail, handles_errors, human, json_option, warn
 from cachepoint.errors import EXIT_CORRUPT, EXIT_UNREACHABLE
 from cachepoint.progress import ProgressFn, progress_bar
-from cachepoint.replication.ratelimit import class_limits, parse_rate
 from cachepoint.store.store import Store
 
 SCRUB_DEADLINE = 7 * 86400.0  # a pass over a large store at a low rate takes hours; this bounds a hang
@@ -64,6 +63,7 @@ async def _here(
     store: Store, rate: float, coordinator: str, ctx: Context, progress: ProgressFn | None
 ) -> dict[str, Any]:
     from cachepoint.replication.heal import HealResult, heal_blocks
+    from cachepoint.replication.ratelimit import class_limits  # loads grpc: only when a scrub runs
     from cachepoint.scrub import ScrubProgress, scrub
 
     limits = class_limits(ctx.settings.wan_rate, ctx.settings.site_rate)
@@ -121,6 +121,8 @@ def scrub_cmd(ctx: Context, rate: str | None, coordinator: str | None, as_json: 
 
     Exits 8 when a bad block remains. A pass that is interrupted goes on from where it stopped next time.
     """
+    from cachepoint.replication.ratelimit import parse_rate  # loads grpc: only when a scrub runs
+
     bytes_per_second = parse_rate(rate or ctx.settings.scrub_rate)
     store = writable_or_daemon(ctx)
     try:

@@ -10,7 +10,6 @@ import click
 from cachepoint.cli.context import Context, pass_ctx
 from cachepoint.console import emit_json, handles_errors, json_option
 from cachepoint.errors import InvalidInput
-from cachepoint.trust.identity import STORE_IDENTITY, identity_dir
 
 
 @click.command("enroll")
@@ -39,6 +38,8 @@ def enroll_cmd(
     address = coordinator or ctx.settings.coordinator
     if not address:
         raise InvalidInput("say which coordinator to enroll with: --coordinator HOST:PORT")
+    from cachepoint.trust.location import STORE_IDENTITY, identity_dir
+
     target = identity_dir(directory, None) or ctx.store_path / STORE_IDENTITY
     identity = asyncio.run(enroll(address, parsed, Path(target)))
     data = {**identity.principal.as_json(), "identity": str(identity.directory), "coordinator": address}

@@ -23,13 +23,16 @@ from cryptography.x509.oid import NameOID
 from cachepoint import atomic
 from cachepoint.console import warn
 from cachepoint.errors import InvalidInput
+from cachepoint.trust.location import (  # noqa: F401 - names callers import from here too
+    CA_FILE,
+    CERT_FILE,
+    ENV_IDENTITY,
+    KEY_FILE,
+    STORE_IDENTITY,
+    identity_dir,
+)
 from cachepoint.trust.principal import Principal, principal_of
 
-ENV_IDENTITY = "CACHEPOINT_IDENTITY"
-STORE_IDENTITY = "identity"
-KEY_FILE = "key.pem"
-CERT_FILE = "cert.pem"
-CA_FILE = "ca.pem"
 RENEW_AT = 2 / 3  # of a certificate's lifetime: leaves a third to retry in while the coordinator is away
 
 
@@ -54,17 +57,6 @@ def csr_pem(key: ec.EllipticCurvePrivateKey, name: str = "cachepoint") -> bytes:
 def ca_fingerprint(ca_pem: bytes) -> str:
     der = x509.load_pem_x509_certificate(ca_pem).public_bytes(serialization.Encoding.DER)
     return hashlib.sha256(der).hexdigest()
-
-
-def identity_dir(flag: str | None, store: Path | None) -> Path | None:
-    """Where the identity is: --identity, else $CACHEPOINT_IDENTITY, else STORE/identity when it
-    holds one; None: none (plaintext)."""
-    named = flag or os.environ.get(ENV_IDENTITY)
-    if named:
-        return Path(named)
-    if store is not None and (store / STORE_IDENTITY / CERT_FILE).exists():
-        return store / STORE_IDENTITY
-    return None
 
 
 def write_file(path: Path, data: bytes, mode: int) -> None:
