@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from cachepoint.atomic import new_file, new_tree, sync_directory
+from cachepoint.atomic import new_file, new_tree
 from cachepoint.blocks import decode_verified
 from cachepoint.errors import BlockMissing, InvalidInput
 from cachepoint.ids import HOLE_DIGEST, BlockId
@@ -76,6 +76,7 @@ class _Writer:
 
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def write_files(
@@ -206,9 +207,13 @@ def _build_tree(
         if entry.type == EntryType.SYMLINK:
             os.utime(target, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
         elif entry.type == EntryType.DIRECTORY:
-            sync_directory(target)
-            os.chmod(target, entry.mode)
-            os.utime(target, ns=(entry.mtime_ns, entry.mtime_ns))
+            fd = os.open(target, _DIRECTORY)  # opened before its mode may forbid reading it
+            try:
+                os.fchmod(fd, entry.mode)
+                os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     return files, written
 
 
