@@ -251,9 +251,9 @@ def _install_file(dir_fd: int, name: str, dest: Path, existing: Existing) -> Non
 
 @contextlib.contextmanager
 def new_tree(dest: Path, *, force: bool) -> Iterator[Path]:
-    """A new directory beside ``dest`` to build a tree in. The caller syncs what it writes (each file;
-    each directory it creates, with ``sync_directory``); when the block ends the root is synced and
-    takes the name ``dest`` (within the rules above); when it raises, the whole tree vanishes."""
+    """A new directory beside ``dest`` to build a tree in. The caller syncs what it writes (each file,
+    each directory it creates); when the block ends the root is synced and takes the name ``dest``
+    (within the rules above); when it raises, the whole tree vanishes."""
     existing = check_destination(dest, tree=True, force=force)
     made = _make_parents(dest.parent)
     temp = dest.parent / temp_name(dest.name)
@@ -268,7 +268,7 @@ def new_tree(dest: Path, *, force: bool) -> Iterator[Path]:
         with _TermAsInterrupt():
             yield temp
             sync_directory(temp)
-            _install_tree(temp, dest, existing)
+            replaced = _install_tree(temp, dest, existing)
             sync_directory(dest.parent)
     except BaseException as err:
         remove_tree(temp)
@@ -276,9 +276,12 @@ def new_tree(dest: Path, *, force: bool) -> Iterator[Path]:
         if isinstance(err, OSError):
             raise _explained(err, dest) from err
         raise
+    if replaced is not None:  # DEST is complete and durable: only now does the old content go
+        _delete_replaced(replaced, dest)
 
 
-def _install_tree(temp: Path, dest: Path, existing: Existing) -> None:
+def _install_tree(temp: Path, dest: Path, existing: Existing) -> Path | None:
+    """Rename the tree into place; returns where the content it replaced was moved, if any."""
     if existing is not Existing.REPLACED:
         # rename(2) replaces an empty directory and refuses a non-empty one or a file: what appeared
         # at DEST since the check is never lost.
@@ -288,7 +291,7 @@ def _install_tree(temp: Path, dest: Path, existing: Existing) -> None:
             if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
                 raise AlreadyExists(f"{dest} was filled while the export ran: choose a new name") from err
             raise
-        return
+        return None
     aside = dest.parent / temp_name(dest.name)
     os.rename(dest, aside)
     try:
@@ -296,14 +299,17 @@ def _install_tree(temp: Path, dest: Path, existing: Existing) -> None:
     except BaseException:
         os.rename(aside, dest)
         raise
-    sync_directory(dest.parent)
+    return aside
+
+
+def _delete_replaced(aside: Path, dest: Path) -> None:
     try:
         if os.path.isdir(aside) and not os.path.islink(aside):
             remove_tree(aside)
         else:
             os.unlink(aside)
     except OSError as err:  # the export is done; the old content is only not deleted yet
-        log.warning("the replaced %s is left at %s: %s", dest, aside, err)
+        log.warning("the content %s replaced is left at %s: %s", dest, aside, err)
 
 
 def remove_tree(path: Path) -> None:
@@ -319,4 +325,4 @@ def remove_tree(path: Path) -> None:
     except FileNotFoundError:
         pass
     except OSError as err:
-        log.warning("could not remove the partial tree %s: %s", path, err)
+        log.warning("could not remove %s: %s", path, err)
