@@ -11,7 +11,6 @@ principal and nothing here runs: the coordinator logs once at start that calls a
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import grpc
 from cachepoint.errors import CachepointError
 from cachepoint.rpc.block_access import VersionBlocks
 from cachepoint.rpc.block_exchange import Answerable
+from cachepoint.rpc.wrapping import around_calls, responses
 from cachepoint.store.store import Store
 from cachepoint.trust.principal import Principal
 from coordinator.assignments import Assignments
@@ -258,14 +258,8 @@ class Authorizer(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        args = (handler.request_deserializer, handler.response_serializer)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), *args)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(self._stream(handler.unary_stream, method), *args)
-        if handler.stream_unary is not None:  # the request is a stream: rules of these look at roles only
-            return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, method), *args)
-        return grpc.stream_stream_rpc_method_handler(self._stream(handler.stream_stream, method), *args)
+        # (Rules of calls whose request is a stream look at roles only.)
+        return around_calls(handler, lambda b: self._unary(b, method), lambda b: self._stream(b, method))
 
     def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
         async def authorized(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -277,12 +271,8 @@ class Authorizer(grpc.aio.ServerInterceptor):
     def _stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
         async def authorized(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             await self.authorize(context, method, request)
-            result = behavior(request, context)
-            if inspect.isasyncgen(result):
-                async for item in result:
-                    yield item
-            else:
-                await result
+            async for item in responses(behavior, request, context):
+                yield item
 
         return authorized
 

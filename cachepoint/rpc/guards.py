@@ -23,6 +23,8 @@ from typing import Any
 
 import grpc
 
+from cachepoint.rpc.streams import peer_host
+
 log = logging.getLogger("cachepoint.rpc")
 
 PEER_STREAMS = 8
@@ -41,16 +43,6 @@ class _Malformed:
         self.error = error
 
 
-def peer_address(peer: str) -> str:
-    """``ipv4:10.0.0.7:51234`` -> ``10.0.0.7``, ``ipv6:[::1]:51234`` -> ``::1``; a Unix socket's
-    callers are one local peer (``unix``)."""
-    kind, _, rest = peer.partition(":")
-    if kind in ("ipv4", "ipv6"):
-        host = rest.rpartition(":")[0]
-        return host[1:-1] if host.startswith("[") else host
-    return kind or peer
-
-
 class PeerStreams:
     """How many streams of one method each peer address runs now; refusal past ``limit``."""
 
@@ -60,7 +52,7 @@ class PeerStreams:
         self.open: dict[str, int] = {}
 
     async def enter(self, context: grpc.aio.ServicerContext) -> str:
-        peer = peer_address(context.peer() or "")
+        peer = peer_host(context.peer() or "")
         count = self.open.get(peer, 0)
         if count >= self.limit:
             log.info(

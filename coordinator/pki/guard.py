@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from cachepoint.rpc.wrapping import around_calls, responses
 from cachepoint.trust.principal import NotAPrincipal, Principal, principal_of_pem
 from coordinator.fleet.registry import HEARTBEAT_INTERVAL_MS
 from coordinator.pki.revocation import Revocations
@@ -93,21 +93,7 @@ class Guard(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
-        )
+        return around_calls(handler, self._unary, self._stream)
 
     def _unary(self, behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -119,12 +105,8 @@ class Guard(grpc.aio.ServerInterceptor):
     def _stream(self, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with self._tracked(context):
-                result = behavior(request, context)
-                if inspect.isasyncgen(result):
-                    async for item in result:
-                        yield item
-                else:
-                    await result
+                async for item in responses(behavior, request, context):
+                    yield item
 
         return guarded
 

@@ -1,0 +1,42 @@
+"""Wrapping a grpc.aio method handler's behaviour, for server interceptors that run something around
+every call (the coordinator's certificate guard and its authorization)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+Behavior = Callable[..., Any]
+
+
+def around_calls(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[[Behavior], Behavior],
+    stream: Callable[[Behavior], Behavior],
+) -> grpc.RpcMethodHandler:
+    """The same handler, its behaviour passed through ``unary`` (calls answered once) or ``stream``
+    (calls answered with a stream of responses)."""
+    args = (handler.request_deserializer, handler.response_serializer)
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), *args)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), *args)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), *args)
+    return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), *args)
+
+
+async def responses(
+    behavior: Behavior, request: Any, context: grpc.aio.ServicerContext
+) -> AsyncIterator[Any]:
+    """A streaming behaviour's responses, whether it yields them (an async generator) or writes them
+    with ``context.write`` (a coroutine)."""
+    result = behavior(request, context)
+    if inspect.isasyncgen(result):
+        async for item in result:
+            yield item
+    else:
+        await result
