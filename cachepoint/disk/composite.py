@@ -153,10 +153,20 @@ class CompositeDisk:
         self.fetch_missing = fetch_missing
         self.fetched_lazily = 0  # blocks a read had to fetch (the read's own and its readahead)
         self._zero_block = bytes(self._block_size)
+        # A content-chunked image (attached alone, read-only): reads find chunks by its extent index.
+        self._chunks = placed.entry if placed.entry.chunked else None
+        if self._chunks is not None and working is not None:
+            raise InvalidInput(
+                f"{stack[-1][0].ref} is content-chunked: it attaches read-only (a user layer needs "
+                "layers made with --chunking fixed)"
+            )
         if working is not None:
             self._check_working(working)
         self._view = _View.of(
-            placed.entry.blocks, working.entries if working else {}, self._size, self._block_size
+            b"" if self._chunks else placed.entry.blocks,
+            working.entries if working else {},
+            self._size,
+            self._block_size,
         )
 
     def _check_working(self, working: WorkingLayer) -> None:
@@ -224,6 +234,8 @@ class CompositeDisk:
         self._check_range(offset, length)
         if length == 0:
             return b""
+        if self._chunks is not None:
+            return self._read_chunks(self._chunks, offset, length, warm_only)
         bs = self._block_size
         first, last = offset // bs, (offset + length - 1) // bs
         span = bytearray((last - first + 1) * bs)  # zero-filled: holes need no work
@@ -238,6 +250,8 @@ class CompositeDisk:
         """Runs from ``offset`` as (bytes, reads as zeros), from the block ids alone (NBD block
         status): nothing is read or fetched, so a client can skip what is all zeros."""
         self._check_range(offset, length)
+        if self._chunks is not None:
+            return _chunk_zero_runs(self._chunks, self._block_size, offset, length, limit)
         view, bs, end = self._view, self._block_size, offset + length
         runs: list[tuple[int, bool]] = []
         pos, index = offset, offset // bs
@@ -369,6 +383,93 @@ class CompositeDisk:
                 self._cache.put(digest, data)
         return True
 
+    def _read_chunks(self, entry: FileEntry, offset: int, length: int, warm_only: bool) -> bytearray | None:
+        """``_read`` of a content-chunked image: the chunks under the range, by binary search of the
+        extent index, each copied in whole where the range covers it (else through a scratch copy)."""
+        bs, stop = self._block_size, offset + length
+        out = bytearray(length)  # zero-filled: holes need no work
+        view = memoryview(out)
+        targets: list[tuple[bytes, memoryview]] = []
+        partial: list[tuple[int, int, bytearray]] = []  # (chunk start, chunk end, scratch)
+        indexes = entry.blocks_between(offset, stop, bs)
+        for index in indexes:
+            digest = entry.digest_at(index)
+            if digest == HOLE_DIGEST:
+                continue
+            start, end = entry.span(index, bs)
+            if start >= offset and end <= stop:
+                targets.append((digest, view[start - offset : end - offset]))
+            else:
+                scratch = bytearray(end - start)
+                partial.append((start, end, scratch))
+                targets.append((digest, memoryview(scratch)))
+        if not self._fill_chunks(entry, targets, indexes.stop, warm_only):
+            return None
+        for start, end, scratch in partial:
+            lo, hi = max(start, offset), min(end, stop)
+            view[lo - offset : hi - offset] = memoryview(scratch)[lo - start : hi - start]
+        return out
+
+    def _fill_chunks(
+        self, entry: FileEntry, targets: list[tuple[bytes, memoryview]], after: int, warm_only: bool
+    ) -> bool:
+        """Copy each chunk into its target (of the chunk's length), verified, from the caches or the
+        store (fetched first, with the chunks after index ``after`` as readahead, on a lazy disk)."""
+        wanted: dict[bytes, list[memoryview]] = {}
+        if self.decoded is not None:
+            for position in self.decoded.copy_many(targets, nowait=warm_only):
+                if warm_only:
+                    return False
+                wanted.setdefault(targets[position][0], []).append(targets[position][1])
+        else:
+            for digest, target in targets:
+                data = self._cache.get(digest)
+                if data is not None and len(data) == len(target):
+                    target[:] = data
+                    continue
+                if warm_only:
+                    return False
+                wanted.setdefault(digest, []).append(target)
+        if not wanted:
+            return True
+        digests = list(wanted)
+        values = self.store.blocks.raw_many(digests)
+        absent = [d for d, v in zip(digests, values, strict=True) if v is None]
+        if absent and self.fetch_missing is not None:
+            with self._fetching:  # as in _fill: one fetch at a time per disk
+                absent = self.store.blocks.missing(absent)
+                if absent:
+                    ahead = self._chunk_readahead(entry, after, set(absent))
+                    self.fetch_missing(absent + ahead)
+                    self.fetched_lazily += len(absent) + len(ahead)
+            values = self.store.blocks.raw_many(digests)
+        verified: list[tuple[bytes, bytes]] = []
+        for digest, value in zip(digests, values, strict=True):
+            if value is None:
+                raise BlockMissing(BlockId(digest))
+            data = decode_verified(digest, value, self._block_size)
+            verified.append((digest, data))
+            for target in wanted[digest]:
+                n = min(len(data), len(target))
+                target[:n] = memoryview(data)[:n]
+        if self.decoded is not None:
+            self.decoded.put_many(verified)
+        else:
+            for digest, data in verified:
+                self._cache.put(digest, data)
+        return True
+
+    def _chunk_readahead(self, entry: FileEntry, start: int, taken: set[bytes]) -> list[bytes]:
+        ahead: list[bytes] = []
+        for index in range(start, min(start + READAHEAD_BLOCKS, entry.block_count)):
+            digest = entry.digest_at(index)
+            if digest == HOLE_DIGEST or digest in taken:
+                continue
+            taken.add(digest)
+            if not self.store.blocks.has(digest):
+                ahead.append(digest)
+        return ahead
+
     def _remember(self, digest: bytes, data: bytes) -> None:
         """Keep a verified block (or one just written, named by its own digest) for the next read."""
         if self.decoded is not None:
@@ -466,3 +567,27 @@ class CompositeDisk:
         lower = composite_disks(stack).entry.blocks
         self.stack = stack
         self._view = _View.of(lower, self.working.reset(info.number), self._size, self._block_size)
+
+
+def _chunk_zero_runs(
+    entry: FileEntry, bs: int, offset: int, length: int, limit: int
+) -> list[tuple[int, bool]]:
+    """``zero_runs`` of a content-chunked image, from its extent index: a hole extent is one run."""
+    runs: list[tuple[int, bool]] = []
+    pos, end = offset, offset + length
+    index = entry.block_at(offset, bs)
+    while pos < end:
+        if index < entry.block_count:
+            zeros, stop = entry.digest_at(index) == HOLE_DIGEST, entry.span(index, bs)[1]
+        else:
+            zeros, stop = True, end  # past the ids: zeros
+        step = min(stop, end) - pos
+        if runs and runs[-1][1] == zeros:
+            runs[-1] = (runs[-1][0] + step, zeros)
+        elif len(runs) == limit:
+            break
+        else:
+            runs.append((step, zeros))
+        pos += step
+        index += 1
+    return runs

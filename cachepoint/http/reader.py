@@ -30,10 +30,18 @@ _ZEROS = memoryview(bytes(CHUNK_BYTES))
 def spans(placed: PlacedFile, wanted: ByteRange) -> Iterator[ByteRange]:
     """Split a range into spans of CHUNK_BYTES (or one block, for blocks larger than that) that end on
     block boundaries, so no block is read twice."""
-    step = max(1, CHUNK_BYTES // placed.block_size) * placed.block_size
+    entry, bs = placed.entry, placed.block_size
+    step = max(1, CHUNK_BYTES // bs) * bs
     pos = wanted.start
     while pos < wanted.stop:
         end = min(wanted.stop, (pos // step + 1) * step)
+        if entry.chunked and end < wanted.stop:
+            # Variable chunks: end where the chunk under ``end`` starts, or after it when it started
+            # before ``pos`` (chunks are at most block_size <= step long). Holes may be read twice.
+            index = entry.block_at(end, bs)
+            if index < entry.block_count and _digest(placed, index) != HOLE_DIGEST:
+                start, stop = entry.span(index, bs)
+                end = start if start > pos else min(wanted.stop, stop)
         yield ByteRange(pos, end)
         pos = end
 
@@ -44,16 +52,16 @@ def _digest(placed: PlacedFile, index: int) -> bytes:
 
 
 def is_all_holes(placed: PlacedFile, span: ByteRange) -> bool:
-    bs = placed.block_size
-    return all(_digest(placed, i) == HOLE_DIGEST for i in range(span.start // bs, (span.stop - 1) // bs + 1))
+    blocks = placed.entry.blocks_between(span.start, span.stop, placed.block_size)
+    return all(_digest(placed, i) == HOLE_DIGEST for i in blocks)
 
 
 def read_span(store: Store, placed: PlacedFile, span: ByteRange) -> bytearray:
     """The bytes of one span, every stored block verified against its id. Blocking: run in a thread.
 
     Raises BlockMissing, BlockCorrupt or BlockUnreadable naming the block."""
-    bs = placed.block_size
-    indices = range(span.start // bs, (span.stop - 1) // bs + 1)
+    entry, bs = placed.entry, placed.block_size
+    indices = entry.blocks_between(span.start, span.stop, bs)
     stored = [(i, d) for i in indices if (d := _digest(placed, i)) != HOLE_DIGEST]
     values = store.blocks.raw_many([d for _, d in stored])
     out = bytearray(span.length)  # zero-filled: holes, and the tail of a short block, need no work
@@ -63,7 +71,7 @@ def read_span(store: Store, placed: PlacedFile, span: ByteRange) -> bytearray:
         data = memoryview(decode_verified(digest, value))
         # A block shorter than the block size (a layer's last block under a larger composite) is
         # followed by zeros, as export's pwrite into an ftruncated file leaves it.
-        offset = index * bs
+        offset = entry.span(index, bs)[0]
         lo, hi = max(span.start, offset), min(span.stop, offset + len(data))
         if lo < hi:
             out[lo - span.start : hi - span.start] = data[lo - offset : hi - offset]

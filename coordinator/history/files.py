@@ -27,7 +27,7 @@ CACHE_ENTRIES = 65_536  # ~100 bytes each
 
 def content_key(entry: FileEntry, block_size: int) -> bytes:
     """Equal keys mean equal bytes (the same blocks, in the same order, cut at the same size)."""
-    return hashlib.sha256(struct.pack(">IQ", block_size, entry.size) + entry.blocks).digest()
+    return hashlib.sha256(struct.pack(">IQ", block_size, entry.size) + entry.blocks + entry.extents).digest()
 
 
 class FileReader:
@@ -44,7 +44,8 @@ class FileReader:
             stored = [d for d in batch if d != HOLE_DIGEST]
             values = dict(zip(stored, self.store.blocks.raw_many(stored), strict=True))
             for index, digest in enumerate(batch, start):
-                length = min(block_size, entry.size - index * block_size)
+                start, end = entry.span(index, block_size)
+                length = end - start
                 if digest == HOLE_DIGEST:
                     yield bytes(length)
                     continue

@@ -1,0 +1,139 @@
+"""Content-aligned chunking of disk images: where a chunk ends, chosen by content, on unit boundaries.
+
+File systems (ext4, XFS, NTFS) keep file data at 4 KiB-aligned offsets that move between versions. A
+fixed grid cuts the same file differently wherever it lands; this chunker cuts only between units
+(4 KiB by default) and decides by the unit's own bytes, so the same content at any aligned offset
+gives the same chunks once the first boundary inside it is passed.
+
+The rule (part of the manifest format: changing it changes every chunk id):
+- a unit that is all zeros is a hole: it ends the chunk before it, and a run of them is one hole extent
+  that is never stored or sent;
+- else the unit joins the current chunk, which ends after it when the chunk has reached ``max_length``,
+  or has reached ``min_length`` and the unit's xxh3-64 (seed 0: the same cut on every machine, unlike
+  the per-store pre-filter) is below ``threshold``;
+- a file's last unit may be short; the last chunk ends at the end of the file.
+
+With p = unit / (average - min_length) the chance of a cut after each unit past the minimum, chunks
+average ``average`` bytes (a little less, as max_length truncates the tail). min_length is a quarter
+of the average and max_length four times it: fewer tiny chunks than a pure geometric law, and a bound
+the store, the fetcher and the coordinator check every chunk against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import xxhash
+
+from cachepoint.errors import InvalidBlockSize
+
+KiB = 1024
+DEFAULT_UNIT = 4 * KiB
+DEFAULT_AVERAGE = 32 * KiB
+MIN_UNIT = 512
+MAX_AVERAGE = 1024 * KiB  # max_length then is 4 MiB, the largest block the store takes
+
+_ZEROS = bytes(MAX_AVERAGE * 4)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkParams:
+    unit: int = DEFAULT_UNIT
+    average: int = DEFAULT_AVERAGE
+
+    def __post_init__(self) -> None:
+        if self.unit < MIN_UNIT or self.unit & (self.unit - 1):
+            raise InvalidBlockSize(self.unit, f"a chunk unit is a power of two of at least {MIN_UNIT}")
+        if self.average & (self.average - 1) or not 2 * self.unit <= self.average <= MAX_AVERAGE:
+            raise InvalidBlockSize(
+                self.average,
+                f"a chunk average is a power of two from twice the unit ({2 * self.unit}) to {MAX_AVERAGE}",
+            )
+
+    @property
+    def min_length(self) -> int:
+        return max(self.unit, self.average // 4)
+
+    @property
+    def max_length(self) -> int:
+        return self.average * 4
+
+    @property
+    def threshold(self) -> int:
+        """A unit past the minimum ends its chunk when its xxh3-64 is below this."""
+        return (1 << 64) * self.unit // (self.average - self.min_length + self.unit)
+
+
+# An extent of a file: (start, length, hole). Holes are runs of all-zero units.
+Extent = tuple[int, int, bool]
+
+
+def cut(data: bytes, base: int, params: ChunkParams, final: bool) -> tuple[list[Extent], int]:
+    """Cut ``data``, which starts at file offset ``base`` (a chunk start, unit-aligned), into extents.
+
+    Returns the extents and how many bytes of ``data`` they cover: without ``final`` the unfinished
+    chunk at the end is left out (the caller passes those bytes again, followed by the next ones;
+    the cut is the same as if the whole file had been passed at once). A hole at the end is returned
+    (holes carry no state; adjacent ones are merged by ``merge_holes``)."""
+    unit, n = params.unit, len(data)
+    lo, hi, threshold = params.min_length, params.max_length, params.threshold
+    hash64 = xxhash.xxh3_64_intdigest
+    zero_hash = _zero_hash(unit)
+    view = memoryview(data)
+    extents: list[Extent] = []
+    start = 0
+    in_hole = False
+    pos = 0
+    # One pass, one call per unit (~0.3 us for 4 KiB): the hash both finds the cut and, matching the
+    # hash of a zero unit, tells where a bytes comparison is worth making.
+    while pos < n:
+        end = pos + unit
+        if end > n:
+            end = n
+            zero = data[pos:end] == _ZEROS[: end - pos]
+            h = hash64(view[pos:end])
+        else:
+            h = hash64(view[pos:end])
+            zero = h == zero_hash and data[pos:end] == _ZEROS[:unit]
+        if zero:
+            if not in_hole:
+                if pos > start:
+                    extents.append((base + start, pos - start, False))
+                start, in_hole = pos, True
+        else:
+            if in_hole:
+                extents.append((base + start, pos - start, True))
+                start, in_hole = pos, False
+            length = end - start
+            if length >= hi or (length >= lo and h < threshold):
+                extents.append((base + start, length, False))
+                start = end
+        pos = end
+    if in_hole:
+        extents.append((base + start, n - start, True))
+        start = n
+    elif final and start < n:
+        extents.append((base + start, n - start, False))
+        start = n
+    return extents, start
+
+
+def merge_holes(extents: list[Extent]) -> list[Extent]:
+    merged: list[Extent] = []
+    for extent in extents:
+        if extent[2] and merged and merged[-1][2]:
+            first = merged[-1]
+            merged[-1] = (first[0], first[1] + extent[1], True)
+        else:
+            merged.append(extent)
+    return merged
+
+
+_zero_hashes: dict[int, int] = {}
+
+
+def _zero_hash(unit: int) -> int:
+    found = _zero_hashes.get(unit)
+    if found is None:
+        found = _zero_hashes[unit] = xxhash.xxh3_64_intdigest(bytes(unit))
+    return found
