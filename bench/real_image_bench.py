@@ -58,7 +58,8 @@ LAYER = "os/real"
 UNIT = 4096
 KiB = 1024
 NEW_FILES_SHARE = 0.08  # v2's new files, as a share of v1's data
-NEW_FILES_MAX = 4000
+NEW_FILES_MAX = 3500
+NEW_FILE_MAX = 128 * KiB
 REPLACED_LIBRARIES = 60
 MAX_FILE = 32 * MiB
 SOURCES = ("/usr/lib", "/usr/share")
@@ -144,8 +145,10 @@ def build_images(cache: Path, data_bytes: int, log: Any) -> tuple[Path, Path]:
     for path in files[rest:]:
         if added_total >= added_budget or len(added) >= NEW_FILES_MAX:
             break
-        added.append(path)
-        added_total += path.stat().st_size
+        size = path.stat().st_size
+        if size <= NEW_FILE_MAX:  # an upgrade installs many small files (docs, locales, modules)
+            added.append(path)
+            added_total += size
     log(f"real image: v1 from {len(chosen)} files ({human_bytes(total)}), v2 adds {len(added)} files")
     tree = home / "tree"
     for path in chosen:
