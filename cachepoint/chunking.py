@@ -21,6 +21,7 @@ the store, the fetcher and the coordinator check every chunk against.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 
 import xxhash
@@ -68,22 +69,32 @@ class ChunkParams:
 Extent = tuple[int, int, bool]
 
 
-def cut(data: bytes, base: int, params: ChunkParams, final: bool) -> tuple[list[Extent], int]:
-    """Cut ``data``, which starts at file offset ``base`` (a chunk start, unit-aligned), into extents.
+def cut(
+    data: bytes,
+    base: int,
+    params: ChunkParams,
+    final: bool,
+    begin: int = 0,
+    stop_at: Container[int] = (),
+) -> tuple[list[Extent], int]:
+    """Cut ``data`` from index ``begin`` (a chunk start, unit-aligned; ``data`` starts at file offset
+    ``base``) into extents.
 
-    Returns the extents and how many bytes of ``data`` they cover: without ``final`` the unfinished
+    Returns the extents and the index in ``data`` where they end: without ``final`` the unfinished
     chunk at the end is left out (the caller passes those bytes again, followed by the next ones;
     the cut is the same as if the whole file had been passed at once). A hole at the end is returned
-    (holes carry no state; adjacent ones are merged by ``merge_holes``)."""
+    (holes carry no state; adjacent ones are merged by ``merge_holes``). The cut also returns early
+    when an extent ends at a file offset in ``stop_at`` (a re-ingest then tries the previous
+    version's chunk there, see ``ends_by_content``)."""
     unit, n = params.unit, len(data)
     lo, hi, threshold = params.min_length, params.max_length, params.threshold
     hash64 = xxhash.xxh3_64_intdigest
     zero_hash = _zero_hash(unit)
     view = memoryview(data)
     extents: list[Extent] = []
-    start = 0
+    start = begin
     in_hole = False
-    pos = 0
+    pos = begin
     # One pass, one call per unit (~0.3 us for 4 KiB): the hash both finds the cut and, matching the
     # hash of a zero unit, tells where a bytes comparison is worth making.
     while pos < n:
@@ -104,10 +115,14 @@ def cut(data: bytes, base: int, params: ChunkParams, final: bool) -> tuple[list[
             if in_hole:
                 extents.append((base + start, pos - start, True))
                 start, in_hole = pos, False
+                if base + start in stop_at:
+                    return extents, start
             length = end - start
             if length >= hi or (length >= lo and h < threshold):
                 extents.append((base + start, length, False))
                 start = end
+                if base + start in stop_at:
+                    return extents, start
         pos = end
     if in_hole:
         extents.append((base + start, n - start, True))
@@ -116,6 +131,20 @@ def cut(data: bytes, base: int, params: ChunkParams, final: bool) -> tuple[list[
         extents.append((base + start, n - start, False))
         start = n
     return extents, start
+
+
+def ends_by_content(chunk: bytes | memoryview, params: ChunkParams) -> bool:
+    """Whether the cut ends a chunk of these bytes after its last unit whatever follows (a chunk the
+    previous version had can then be taken whole, without cutting its units again): it is as long as
+    a chunk may be, or long enough and its last unit's hash says so. A chunk that ended at a hole or
+    at the end of the file does not qualify."""
+    length = len(chunk)
+    if length % params.unit:
+        return False
+    if length == params.max_length:
+        return True
+    last = xxhash.xxh3_64_intdigest(chunk[length - params.unit :])
+    return params.min_length <= length < params.max_length and last < params.threshold
 
 
 def merge_holes(extents: list[Extent]) -> list[Extent]:
