@@ -394,3 +394,58 @@ def test_a_re_ingest_cuts_exactly_as_a_first_ingest_of_the_same_image(tmp_path) 
     assert reingested == first
     run_cli(tmp_path / "again", "export", "os/disk", tmp_path / "out.img")
     assert sha256_file(tmp_path / "out.img") == hashlib.sha256(v2).hexdigest()
+
+
+@pytest.mark.skipif(
+    not (shutil.which("qemu-img") and shutil.which("qemu-io")),
+    reason="needs qemu-utils (make test installs it)",
+)
+def test_a_lazily_attached_content_chunked_image_fetches_the_chunks_a_read_needs_and_copies_whole(
+    tmp_path,
+) -> None:
+    from cachepoint.disk.composite import READAHEAD_BLOCKS
+
+    data = disk_bytes(31, 12 * 1024 * KiB)
+    image = tmp_path / "os.img"
+    image.write_bytes(data)
+    with Fleet(tmp_path / "fleet") as fleet:
+        coordinator = fleet.coordinator()
+        cli_json(
+            tmp_path / "admin", "publish", "os/x", image, "--coordinator", coordinator.address,
+            "--chunking", "content", "--tag", "production",
+        )  # fmt: skip
+        with Store.open(tmp_path / "admin") as admin:
+            entry = admin.catalog.manifest(admin.catalog.resolve("os/x@1").manifest_digest).entries[0]
+        stored = len(set(entry.stored_digests()))
+        # A read straddling the boundary between two data chunks in the middle of the image.
+        index = next(
+            i for i in range(entry.block_count // 2, entry.block_count - 1)
+            if HOLE_DIGEST not in (entry.digest_at(i), entry.digest_at(i + 1))
+        )  # fmt: skip
+        boundary = entry.span(index, 0)[1]
+        store = tmp_path / "blade"
+        with daemon(store, "--nbd", "127.0.0.1:0", "--coordinator", coordinator.address):
+            attached = run_cli(store, "attach", "os/x:production", "--json").json()
+
+            def fetched() -> int:
+                status = run_cli(store, "status", "--json").json()
+                return sum(s["blocks"] for s in status["bytes_by_source"].values())
+
+            assert fetched() == 0
+            read = subprocess.run(
+                ["qemu-io", "-r", "-f", "raw", "-c", f"read -v {boundary - 512} 1024", attached["nbd"]],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert read.returncode == 0, read.stderr
+            assert 2 <= fetched() <= 2 + READAHEAD_BLOCKS < stored, (fetched(), stored)
+            copy = tmp_path / "copy.raw"
+            subprocess.run(
+                ["qemu-img", "convert", "-f", "raw", "-O", "raw", attached["nbd"], str(copy)],
+                check=True,
+                timeout=300,
+                capture_output=True,
+            )
+            assert sha256_file(copy) == hashlib.sha256(data).hexdigest()
+            assert fetched() == stored, "each chunk was fetched once"
