@@ -14,9 +14,10 @@ The rule (part of the manifest format: changing it changes every chunk id):
 - a file's last unit may be short; the last chunk ends at the end of the file.
 
 With p = unit / (average - min_length) the chance of a cut after each unit past the minimum, chunks
-average ``average`` bytes (a little less, as max_length truncates the tail). min_length is a quarter
-of the average and max_length four times it: fewer tiny chunks than a pure geometric law, and a bound
-the store, the fetcher and the coordinator check every chunk against.
+average ``average`` bytes (a little less, as max_length truncates the tail). min_length is half the
+average (units before it are never hashed: the cut costs half the hash calls, and there are fewer
+tiny chunks than a pure geometric law gives) and max_length four times it: a bound the store, the
+fetcher and the coordinator check every chunk against.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ DEFAULT_UNIT = 4 * KiB
 DEFAULT_AVERAGE = 32 * KiB
 MIN_UNIT = 512
 MAX_AVERAGE = 1024 * KiB  # max_length then is 4 MiB, the largest block the store takes
-
-_ZEROS = bytes(MAX_AVERAGE * 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +52,7 @@ class ChunkParams:
 
     @property
     def min_length(self) -> int:
-        return max(self.unit, self.average // 4)
+        return max(self.unit, self.average // 2)
 
     @property
     def max_length(self) -> int:
@@ -78,7 +77,7 @@ def cut(
     stop_at: Container[int] = (),
 ) -> tuple[list[Extent], int]:
     """Cut ``data`` from index ``begin`` (a chunk start, unit-aligned; ``data`` starts at file offset
-    ``base``) into extents.
+    ``base``, also unit-aligned) into extents.
 
     Returns the extents and the index in ``data`` where they end: without ``final`` the unfinished
     chunk at the end is left out (the caller passes those bytes again, followed by the next ones;
@@ -89,40 +88,45 @@ def cut(
     unit, n = params.unit, len(data)
     lo, hi, threshold = params.min_length, params.max_length, params.threshold
     hash64 = xxhash.xxh3_64_intdigest
-    zero_hash = _zero_hash(unit)
     view = memoryview(data)
+    full_end = begin + (n - begin) // unit * unit
+    zeros = _zero_units(data, begin, full_end, unit)
+    if final and full_end < n and data[full_end:] == _zero_unit(unit)[: n - full_end]:
+        zeros.append(full_end)  # a short last unit of zeros is a hole too
+    zeros.append(n + unit)  # a sentinel past the end
+    next_zero = 0
     extents: list[Extent] = []
-    start = begin
+    start = pos = begin
     in_hole = False
-    pos = begin
-    # One pass, one call per unit (~0.3 us for 4 KiB): the hash both finds the cut and, matching the
-    # hash of a zero unit, tells where a bytes comparison is worth making.
+    # Units are only hashed where a chunk may end (from min_length on: about half of them); zero units
+    # were found above with C-speed scans; units in between are jumped over (~0.3 us per 4 KiB hash).
     while pos < n:
-        end = pos + unit
-        if end > n:
-            end = n
-            zero = data[pos:end] == _ZEROS[: end - pos]
-            h = hash64(view[pos:end])
-        else:
-            h = hash64(view[pos:end])
-            zero = h == zero_hash and data[pos:end] == _ZEROS[:unit]
-        if zero:
+        end = pos + unit if pos + unit <= n else n
+        if zeros[next_zero] == pos:
+            next_zero += 1
             if not in_hole:
                 if pos > start:
                     extents.append((base + start, pos - start, False))
                 start, in_hole = pos, True
-        else:
-            if in_hole:
-                extents.append((base + start, pos - start, True))
-                start, in_hole = pos, False
-                if base + start in stop_at:
-                    return extents, start
-            length = end - start
-            if length >= hi or (length >= lo and h < threshold):
-                extents.append((base + start, length, False))
-                start = end
-                if base + start in stop_at:
-                    return extents, start
+            pos = end
+            continue
+        if in_hole:
+            extents.append((base + start, pos - start, True))
+            start, in_hole = pos, False
+            if base + start in stop_at:
+                return extents, start
+        length = end - start
+        if length < lo:
+            # The first unit that may end this chunk ends at start + min_length: go there, unless a
+            # zero unit (or the end of the data) comes first. (A short last unit may sit before that
+            # point: then ``end`` is the end of the data.)
+            pos = min(max(start + lo - unit, end), zeros[next_zero], n)
+            continue
+        if length >= hi or hash64(view[pos:end]) < threshold:
+            extents.append((base + start, length, False))
+            start = end
+            if base + start in stop_at:
+                return extents, start
         pos = end
     if in_hole:
         extents.append((base + start, n - start, True))
@@ -131,6 +135,26 @@ def cut(
         extents.append((base + start, n - start, False))
         start = n
     return extents, start
+
+
+def _zero_units(data: bytes, begin: int, stop: int, unit: int) -> list[int]:
+    """Offsets of the all-zero units in ``data[begin:stop]``: units whose first, middle and last bytes
+    are zero (three strided slices, OR-ed as integers: C speed) are then counted in full."""
+    if stop <= begin:
+        return []
+    firsts = data[begin:stop:unit]
+    middles = data[begin + unit // 2 : stop : unit]
+    lasts = data[begin + unit - 1 : stop : unit]
+    merged = (int.from_bytes(firsts) | int.from_bytes(middles) | int.from_bytes(lasts)).to_bytes(len(firsts))
+    found: list[int] = []
+    zero = _zero_unit(unit)
+    index = merged.find(0)
+    while index != -1:
+        at = begin + index * unit
+        if data[at : at + unit] == zero:  # a copy and a memcmp: ~10x faster than bytes.count(0)
+            found.append(at)
+        index = merged.find(0, index + 1)
+    return found
 
 
 def ends_by_content(chunk: bytes | memoryview, params: ChunkParams) -> bool:
@@ -158,11 +182,11 @@ def merge_holes(extents: list[Extent]) -> list[Extent]:
     return merged
 
 
-_zero_hashes: dict[int, int] = {}
+_zero_units_by_size: dict[int, bytes] = {}
 
 
-def _zero_hash(unit: int) -> int:
-    found = _zero_hashes.get(unit)
+def _zero_unit(unit: int) -> bytes:
+    found = _zero_units_by_size.get(unit)
     if found is None:
-        found = _zero_hashes[unit] = xxhash.xxh3_64_intdigest(bytes(unit))
+        found = _zero_units_by_size[unit] = bytes(unit)
     return found
