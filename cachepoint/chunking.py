@@ -22,6 +22,7 @@ fetcher and the coordinator check every chunk against.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Container
 from dataclasses import dataclass
 
@@ -75,6 +76,7 @@ def cut(
     final: bool,
     begin: int = 0,
     stop_at: Container[int] = (),
+    zeros: list[int] | None = None,
 ) -> tuple[list[Extent], int]:
     """Cut ``data`` from index ``begin`` (a chunk start, unit-aligned; ``data`` starts at file offset
     ``base``, also unit-aligned) into extents.
@@ -84,13 +86,17 @@ def cut(
     the cut is the same as if the whole file had been passed at once). A hole at the end is returned
     (holes carry no state; adjacent ones are merged by ``merge_holes``). The cut also returns early
     when an extent ends at a file offset in ``stop_at`` (a re-ingest then tries the previous
-    version's chunk there, see ``ends_by_content``)."""
+    version's chunk there, see ``ends_by_content``). ``zeros``: ``zero_units(data, 0, len(data))``
+    when the caller cuts the same data from several places (found once instead of once per call)."""
     unit, n = params.unit, len(data)
     lo, hi, threshold = params.min_length, params.max_length, params.threshold
     hash64 = xxhash.xxh3_64_intdigest
     view = memoryview(data)
     full_end = begin + (n - begin) // unit * unit
-    zeros = _zero_units(data, begin, full_end, unit)
+    if zeros is None:
+        zeros = zero_units(data, begin, full_end, unit)
+    else:
+        zeros = [z for z in zeros[bisect.bisect_left(zeros, begin) :] if z < full_end]
     if final and full_end < n and data[full_end:] == _zero_unit(unit)[: n - full_end]:
         zeros.append(full_end)  # a short last unit of zeros is a hole too
     zeros.append(n + unit)  # a sentinel past the end
@@ -137,7 +143,7 @@ def cut(
     return extents, start
 
 
-def _zero_units(data: bytes, begin: int, stop: int, unit: int) -> list[int]:
+def zero_units(data: bytes, begin: int, stop: int, unit: int) -> list[int]:
     """Offsets of the all-zero units in ``data[begin:stop]``: units whose first, middle and last bytes
     are zero (three strided slices, OR-ed as integers: C speed) are then counted in full."""
     if stop <= begin:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from cachepoint.blocks import encode_block
-from cachepoint.chunking import ChunkParams, Extent, cut, ends_by_content
+from cachepoint.chunking import ChunkParams, Extent, cut, ends_by_content, zero_units
 from cachepoint.errors import SourceUnreadable
 from cachepoint.ids import HOLE_DIGEST
 from cachepoint.layers.source import SourceFile
@@ -232,6 +232,7 @@ def _cut_window(
     window = _Window([])
     view = memoryview(buf)
     pos, n = 0, len(buf)
+    zeros = zero_units(buf, 0, n // params.unit * params.unit, params.unit) if previous else None
     while pos < n:
         before = previous.get(base + pos)
         if before is not None:
@@ -246,7 +247,7 @@ def _cut_window(
                 window.chunks.append(_Chunk(base + pos, b"", before[2], before[1], reused=True))
                 pos = end
                 continue
-        extents, used = cut(buf, base, params, final, begin=pos, stop_at=previous)
+        extents, used = cut(buf, base, params, final, begin=pos, stop_at=previous, zeros=zeros)
         for start, span, empty in extents:
             window.extents.append((start, span, empty))
             if not empty:
