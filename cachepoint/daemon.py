@@ -19,18 +19,19 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from cachepoint.blocks import DEFAULT_BLOCK_SIZE
+from cachepoint.blocksource import BlockSource, TieredSource
 from cachepoint.capture.engine import CaptureOptions, CaptureReport, capture
 from cachepoint.capture.watch import WatchOptions, WatchSpec, watch_in_thread
 from cachepoint.disk.exports import Disks
 from cachepoint.disk.nbd import NbdLimits
-from cachepoint.errors import CachepointError, NotFound, PullsPaused
+from cachepoint.errors import CachepointError, NotFound, PullIncomplete, PullsPaused
 from cachepoint.ids import LATEST, Ref
 from cachepoint.model import Manifest, VersionInfo
 from cachepoint.replication import outbox
@@ -195,9 +196,9 @@ class Daemon:
             )
         return result
 
-    async def open_remote(self, ref: Ref) -> tuple[VersionInfo, Manifest, Callable[[list[bytes]], None]]:
-        """Resolve ``ref`` at the coordinator for a lazy boot: the version, its manifest, and a
-        blocking fetch (called from the disk's reader threads) of blocks missing here."""
+    async def open_remote(self, ref: Ref) -> tuple[VersionInfo, Manifest, BlockSource]:
+        """Resolve ``ref`` at the coordinator for a lazy boot: the version, its manifest, and the
+        fleet as a blocking source of its blocks (called from the disk's reader threads)."""
         coordinator = self.settings.coordinator
         async with channel.channel(coordinator) as ch:
             catalog = catalog_pb2_grpc.CatalogStub(ch)
@@ -206,27 +207,36 @@ class Daemon:
                 manifest_raw = await fetch_manifest(catalog, info, coordinator)
             except grpc.aio.AioRpcError as err:
                 raise from_rpc_error(err, coordinator) from err
-        loop = asyncio.get_running_loop()
         manifest = manifest_from_bytes(manifest_raw)
 
-        def fetch(ids: list[bytes]) -> None:
-            asyncio.run_coroutine_threadsafe(self._fetch_for(info, ids, manifest.block_size), loop).result(
-                timeout=LAZY_FETCH_TIMEOUT
-            )
+        def fetch(ids: list[bytes]) -> Awaitable[dict[bytes, bytes]]:
+            return self._fetch_for(info, ids, manifest.block_size)
 
-        return info, manifest, fetch
+        loop = asyncio.get_running_loop()
+        return info, manifest, TieredSource(fetch, loop, LAZY_FETCH_TIMEOUT, manifest.block_size)
 
-    async def _fetch_for(self, info: VersionInfo, ids: list[bytes], block_size: int) -> None:
+    async def _fetch_for(self, info: VersionInfo, ids: list[bytes], block_size: int) -> dict[bytes, bytes]:
+        """The verified stored values of ``ids`` that some source had (peers first, then the origin)."""
         async with channel.channel(self.settings.coordinator) as ch:
             peers = await find_peers(ch, self.node_id, info, self.address)
         avoided = self._avoided()
         sources = [p for p in peers if p.address not in avoided]
         sources.append(Source("origin", self.settings.coordinator, SourceClass.ORIGIN))
+        got: dict[bytes, bytes] = {}
         try:
-            fetcher = Fetcher(self.store, sources, limits=self.settings.limits, block_size=block_size)  # type: ignore[arg-type]
+            fetcher = Fetcher(
+                self.store,  # type: ignore[arg-type]
+                sources,
+                limits=self.settings.limits,
+                block_size=block_size,
+                keep=got.update,
+            )
             await fetcher.fetch(ids, info.ref, version=info.ref)
+        except PullIncomplete as err:  # what no source had is missing: the reader names the block
+            log.warning("lazy fetch for %s: %s", info.ref, err)
         finally:
             self._account(sources)
+        return got
 
     def _account(self, sources: list[Source]) -> None:
         """Add a fetch's per-source counters to the daemon's totals, and avoid for a while every
@@ -525,8 +535,11 @@ class Daemon:
                 )
             if self.settings.http:
                 from cachepoint.http.app import start_http
+                from cachepoint.http.objects import Resolver
 
-                http_runner, extra["http"] = await start_http(store, self.settings.http)
+                await self.disks.open_cache()
+                resolver = Resolver(store, source=self.disks.local_source(), attached=self.disks.lazy_version)
+                http_runner, extra["http"] = await start_http(store, self.settings.http, resolver=resolver)
             stop = stop or stop_event_on_signals()
             if self.settings.scrub_every > 0:
                 task = scrub_schedule(store, self.settings.scrub_every, self.scrub)

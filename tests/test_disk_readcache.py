@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cachepoint.blocks import block_digest
+from cachepoint.blocks import CODEC_ZSTD, block_digest
 from cachepoint.disk.attach import open_disk
 from cachepoint.disk.composite import CompositeDisk
 from cachepoint.disk.readcache import DecodedCache
@@ -74,12 +74,13 @@ def test_a_damaged_cache_file_is_noticed_and_the_block_is_read_from_the_store(st
     cache.close()
 
 
-def test_blocks_are_verified_before_they_enter_the_cache(store: Store, tmp_path: Path):
+def test_a_block_that_cannot_be_decoded_never_enters_the_cache(store: Store, tmp_path: Path):
     data = os.urandom(4 * BS)
     ref = put_layer(store, tmp_path, "os/base", data)
     digest = block_digest(data[BS : 2 * BS])
     batch = store.db.batch()
-    batch.put(digest, b"\x00" + os.urandom(BS), store.db.handle[fmt.CF_BLOCKS])  # raw codec, wrong bytes
+    undecodable = bytes((CODEC_ZSTD,)) + bytes(4) + os.urandom(BS)  # no zstd frame magic
+    batch.put(digest, undecodable, store.db.handle[fmt.CF_BLOCKS])
     store.db.write(batch)
     cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, slot_size=BS)
     disk = open_disk(store, [ref], decoded=cache)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import rocksdict
 
-from cachepoint.blocks import decode_block, decode_verified, encode_block
+from cachepoint.blocks import decode_block, decode_stored, encode_block
 from cachepoint.capture import classify
 from cachepoint.ids import DIGEST_SIZE, HOLE_DIGEST
 from cachepoint.model import EntryType, FileEntry
@@ -138,7 +138,7 @@ def _first_blocks(store: Store, entries: Sequence[FileEntry], indexes: list[int]
         for digest, value in zip(chunk, store.blocks.raw_many(chunk), strict=True):
             if value is None:
                 continue  # not here (a lazily fetched version): its name alone decides
-            head = decode_verified(digest, value)[: classify.MAGIC_BYTES]
+            head = decode_stored(digest, value)[: classify.MAGIC_BYTES]
             for i in by_digest[digest]:
                 heads[i] = head
     return heads

@@ -1,16 +1,17 @@
 """Decoded blocks kept for the next read, in a sparse file the kernel caches.
 
-A block read from the store costs a RocksDB get, zstd decompression and a SHA-256 check (~100 µs
-for 64 KiB); a disk that boots or is copied reads the same blocks again. This cache keeps each
+A block read from the store costs a RocksDB get and zstd decompression (tens of µs for 64 KiB); a
+disk that boots or is copied reads the same blocks again. This cache keeps each
 verified block's plain bytes in a slot of one file, so a warm read is one pread out of the page
 cache straight into the reply's buffer. The kernel decides what stays in memory (a Python heap
 cache would pin it), and the file only takes disk space for slots in use. (pwrite, not a shared
 mapping: a store into a mapped hole faults once per page, which made filling 10x slower.)
 
 Slots are found by block id and recycled with the CLOCK algorithm (a cheap approximation of least
-recently used). The cache trusts only what it checked: a block enters it after its SHA-256 was
-verified, and each slot carries an xxh3-64 of its bytes, checked on every hit (~3 µs), so a
-damaged cache file is noticed and the block is read from the store again. The file is rebuilt
+recently used). A block enters it as its source gave it (cachepoint/blocksource: the store's records
+are checked by RocksDB, blocks from other machines by their SHA-256), and each slot carries an
+xxh3-64 of its bytes, checked on every hit (~3 µs), so a damaged cache file is noticed and the block
+is read from its source again. The file is rebuilt
 empty each time a daemon starts; it holds nothing the store does not.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import xxhash
@@ -110,12 +112,21 @@ class DecodedCache:
                         self.damaged += 1
                         self._forget(slot)
 
+    def get_many(self, ids: Sequence[bytes]) -> dict[bytes, bytes]:
+        """The cached blocks of ``ids``, each a copy of exactly its bytes."""
+        with self._lock:
+            lengths = {d: self._length[slot] for d in ids if (slot := self._index.get(d)) is not None}
+        buffers = {digest: bytearray(length) for digest, length in lengths.items()}
+        wanted = [(digest, memoryview(buffer)) for digest, buffer in buffers.items()]
+        lost = {wanted[position][0] for position in self.copy_many(wanted)}
+        return {digest: bytes(buffer) for digest, buffer in buffers.items() if digest not in lost}
+
     def put(self, digest: bytes, data: bytes | memoryview) -> None:
-        """Keep a block whose bytes were verified against ``digest``."""
+        """Keep a block whose bytes are those of ``digest``."""
         self.put_many([(digest, data)])
 
     def put_many(self, blocks: list[tuple[bytes, bytes | memoryview]]) -> None:
-        """Keep verified blocks, in consecutive slots where the clock allows: one read's blocks,
+        """Keep blocks, in consecutive slots where the clock allows: one read's blocks,
         put together, can then be read back together (see ``copy_many``)."""
         with self._lock:
             for digest, data in blocks:

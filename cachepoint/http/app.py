@@ -258,11 +258,10 @@ async def stream(
     """Write each part's head and bytes. The first chunk is read before the headers go out, so a bad
     block there is still a 500 naming it; after that the status is sent, and a bad block can only
     cut the response short (the client sees fewer bytes than Content-Length) and is logged."""
-    store = request.app[STORE]
     slots = request.app[RESPONSES]
     peer = request.remote or "unknown"
     # Generators do nothing until iterated: only the part being written reads (and reads ahead).
-    readers = [read_range(store, served.placed, wanted) for _, wanted in parts]
+    readers = [read_range(served.source, served.placed, wanted) for _, wanted in parts]
     sent = 0
 
     async def write(data: bytes | bytearray | memoryview) -> None:
@@ -314,11 +313,14 @@ async def stream(
 # -- app and server ------------------------------------------------------------------------------
 
 
-def make_app(store: Store, response_limits: SlotLimits = RESPONSE_LIMITS) -> web.Application:
-    """The HTTP app over an open store; the caller owns the store and closes it after the app."""
+def make_app(
+    store: Store, response_limits: SlotLimits = RESPONSE_LIMITS, resolver: Resolver | None = None
+) -> web.Application:
+    """The HTTP app over an open store; the caller owns the store and closes it after the app.
+    ``resolver``: the daemon's, which reads through its decoded cache and knows its lazy attachments."""
     app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
     app[STORE] = store
-    app[RESOLVER] = Resolver(store)
+    app[RESOLVER] = resolver or Resolver(store)
     app[RESPONSES] = Slots("HTTP responses", response_limits)
     add_routes(app)
     return app
@@ -332,12 +334,12 @@ def _split_listen(listen: str) -> tuple[str, int]:
 
 
 async def start_http(
-    store: Store, listen: str, response_limits: SlotLimits = RESPONSE_LIMITS
+    store: Store, listen: str, response_limits: SlotLimits = RESPONSE_LIMITS, resolver: Resolver | None = None
 ) -> tuple[web.AppRunner, str]:
     """Serve ``make_app(store)`` on HOST:PORT; returns the runner (``await runner.cleanup()`` stops
     it, before the store is closed) and the bound "host:port" (the real port when 0 was asked)."""
     host, port = _split_listen(listen)
-    app = make_app(store, response_limits)
+    app = make_app(store, response_limits, resolver)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:

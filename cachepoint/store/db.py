@@ -35,6 +35,10 @@ KEEP_INFO_LOGS = 8
 def _options(for_blocks: bool = False) -> rocksdict.Options:
     options = rocksdict.Options(raw_mode=True)
     options.set_compression_type(rocksdict.DBCompressionType.none())
+    # RocksDB's defaults, stated because reads rely on them: every SST block read is checked against
+    # its CRC (ReadOptions.verify_checksums) and damage found at open or in compaction stops the
+    # database (paranoid checks). Local block reads do not hash again (cachepoint/blocksource).
+    options.set_paranoid_checks(True)
     # Every writable open starts a new info LOG (~200 KiB: it lists every family's options) and keeps
     # the old one; RocksDB keeps 1000 by default, a quarter of a GiB for a store written by commands.
     options.set_keep_log_file_num(KEEP_INFO_LOGS)
