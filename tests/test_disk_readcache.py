@@ -43,9 +43,17 @@ def test_blocks_come_back_as_put_and_the_clock_recycles_the_least_recently_used(
         cache.put(block_digest(block), block)
     out = bytearray(BS)
     assert cache.copy_many([(block_digest(blocks[0]), memoryview(out))]) == [] and out == blocks[0]
-    cache.put(block_digest(blocks[3]), blocks[3])  # full: a slot not used since the sweep goes
+    # Full, and every slot used since the hand passed: each offer clears one slot's use, keeps nothing.
+    for _ in range(3):
+        cache.put(block_digest(blocks[3]), blocks[3])
+    assert cache.refused == 3
+    assert cache.copy_many([(block_digest(blocks[0]), memoryview(out))]) == []  # in use again
+    for _ in range(2):  # the hand skips block 0 (used) and takes block 1's slot (not used for a sweep)
+        cache.put(block_digest(blocks[3]), blocks[3])
     present = [not cache.copy_many([(block_digest(b), memoryview(bytearray(BS)))]) for b in blocks]
-    assert present.count(True) == 3 and present[3]
+    assert present == [True, False, True, True]
+    cache.close()
+    cache = DecodedCache(tmp_path / "cache", capacity=3 * BS, slot_size=BS)
     short = os.urandom(100)
     cache.put(block_digest(short), short)  # a disk's short last block
     out = bytearray(BS)
@@ -54,6 +62,21 @@ def test_blocks_come_back_as_put_and_the_clock_recycles_the_least_recently_used(
     assert cache.copy_many([(b"x" * 32, memoryview(bytearray(2 * BS)))]) == [0]
     cache.close()
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_sequential_read_twice_the_cache_hits_half_of_it_from_the_second_pass_on(tmp_path: Path):
+    cache = DecodedCache(tmp_path / "cache", capacity=8 * BS, slot_size=BS)
+    blocks = [(block_digest(b), b) for b in (os.urandom(BS) for _ in range(16))]
+    hits = []
+    for _ in range(3):
+        before = cache.hits
+        for start in range(0, len(blocks), 4):  # a reader's batches of 4 blocks
+            batch = blocks[start : start + 4]
+            missing = cache.copy_many([(digest, memoryview(bytearray(BS))) for digest, _ in batch])
+            cache.put_many([batch[position] for position in missing])
+        hits.append(cache.hits - before)
+    assert hits == [0, 8, 8], "plain CLOCK would be FIFO here: no hit at all"
+    cache.close()
 
 
 def test_a_damaged_cache_file_is_noticed_and_the_block_is_read_from_the_store(store: Store, tmp_path: Path):

@@ -8,7 +8,13 @@ cache would pin it), and the file only takes disk space for slots in use. (pwrit
 mapping: a store into a mapped hole faults once per page, which made filling 10x slower.)
 
 Slots are found by block id and recycled with the CLOCK algorithm (a cheap approximation of least
-recently used). A block enters it as its source gave it (cachepoint/blocksource: the store's records
+recently used), made scan-resistant: a full cache takes a new block only where the hand finds a slot
+unused since it last passed, else it clears that slot's bit and does not keep the block (nor pay its
+write). Plain CLOCK turns a sequential read larger than the cache into FIFO and never hits: each block
+is gone before the next pass. Here the blocks in use stay, and a read of a disk twice the cache's
+size hits half of it from the second pass on; a block not used for a whole sweep still makes room.
+
+A block enters it as its source gave it (cachepoint/blocksource: the store's records
 are checked by RocksDB, blocks from other machines by their SHA-256), and each slot carries an
 xxh3-64 of its bytes, checked on every hit (~3 µs), so a damaged cache file is noticed and the block
 is read from its source again. The file is rebuilt
@@ -53,6 +59,7 @@ class DecodedCache:
         self.misses = 0
         self.damaged = 0
         self.failed_writes = 0
+        self.refused = 0  # blocks offered while the hand found only slots in use
 
     def copy_many(self, wanted: list[tuple[bytes, memoryview]], nowait: bool = False) -> list[int]:
         """Copy each (digest, target) block into the start of its target; returns the positions in
@@ -133,6 +140,9 @@ class DecodedCache:
                 if len(data) > self.slot_size or digest in self._index:
                     continue  # larger than a slot: not cached
                 slot = self._victim()
+                if slot is None:
+                    self.refused += 1
+                    continue
                 try:
                     os.pwrite(self._fd, data, slot * self.slot_size)
                 except OSError as err:  # a full disk must cost the cache, never the read
@@ -146,16 +156,16 @@ class DecodedCache:
                 self._check[slot] = xxhash.xxh3_64_intdigest(data)
                 self._used[slot] = 1
 
-    def _victim(self) -> int:
-        """The next slot without a recent use (CLOCK), emptied."""
-        while True:
-            slot = self._hand
-            self._hand = (slot + 1) % self.slots
-            if self._used[slot]:
-                self._used[slot] = 0
-                continue
-            self._forget(slot)
-            return slot
+    def _victim(self) -> int | None:
+        """The slot at the hand, emptied, if it was not used since the hand last passed; else None,
+        with its use cleared (one step of CLOCK's sweep per block offered)."""
+        slot = self._hand
+        self._hand = (slot + 1) % self.slots
+        if self._used[slot]:
+            self._used[slot] = 0
+            return None
+        self._forget(slot)
+        return slot
 
     def _forget(self, slot: int) -> None:
         old = self._digest[slot]
