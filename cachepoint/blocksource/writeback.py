@@ -6,6 +6,8 @@ readahead its caller names in ``also``) in one trip, writes them into the store 
 readers run in parallel, and two of them must not both fetch the blocks (or the readahead) they
 share; a reader that waited finds what the other fetched already here. GC must not take what was
 fetched while no local version names it: the caller pins those ids (cachepoint/disk/exports.py).
+The remote's values go into the store as they are, so it must give only verified ones (TieredSource's
+were checked against their ids as they arrived).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class WriteBack(BlockSource):
             ahead = self.local.lacking([d for d in dict.fromkeys(also) if d not in asked])
             got = self.remote.stored_many(missing + ahead)
             if got:
-                self.local.store.blocks.put_many(got.items(), durable=True)
+                self.local.keep(got)
                 self.fetched += len(got)
 
     def get_many(self, ids: Sequence[bytes], *, also: Sequence[bytes] = ()) -> dict[bytes, bytes]:
