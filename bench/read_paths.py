@@ -101,12 +101,12 @@ def data_bytes(image: Path) -> int:
     return total
 
 
-def measure(work: Path, size: int, requests: int) -> dict[str, object]:
+def measure(work: Path, size: int, requests: int, read_cache: int = 0) -> dict[str, object]:
     image = work / "v1.img"
     if not image.exists():
         generate(image, size)
     data = data_bytes(image)
-    read_cache = data // 2
+    read_cache = read_cache or data // 2
     with contextlib.ExitStack() as stack:
         store = work / "store"
         remove(store)
@@ -163,14 +163,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.read_paths", description=__doc__)
     parser.add_argument("--size", type=parse_size, default=parse_size("768M"), help="image size")
     parser.add_argument("--requests", type=int, default=400, help="Range GETs per run")
+    parser.add_argument(
+        "--read-cache", type=parse_size, default=0, help="the daemon's read_cache (default: half the data)"
+    )
     parser.add_argument("--work", type=Path, help="scratch directory (kept; default: a temporary one)")
     args = parser.parse_args(argv)
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
-        result = measure(args.work, args.size, args.requests)
+        result = measure(args.work, args.size, args.requests, args.read_cache)
     else:
         with tempfile.TemporaryDirectory(prefix="read-paths-") as tmp:
-            result = measure(Path(tmp), args.size, args.requests)
+            result = measure(Path(tmp), args.size, args.requests, args.read_cache)
     print(json.dumps(result, indent=2))
 
 
