@@ -16,6 +16,7 @@ The TOML keys are the field names, e.g.::
     read_cache = "1G"
     nbd_write_budget = "64M"
     nbd_idle_timeout = "30s"
+    nbd_tls = true
     watch = ["alice=/home/alice", "user/bob/profile=/srv/profiles/bob"]
     watch_interval = "5s"
     watch_debounce = "2s"
@@ -84,6 +85,9 @@ class Settings:
     nbd_idle_timeout: str = "30s"
     """`serve`: an NBD client that sends nothing in the middle of a request (or reads nothing of a
     reply) for this long loses its connection."""
+    nbd_tls: str = "false"
+    """`serve`: NBD over TCP requires TLS with a client certificate of the fleet (true/false); without
+    it, `--nbd` serves loopback addresses only."""
     watch: list[str] = field(default_factory=list)
     """`serve`: directories to keep captured, USER=DIR (into user/USER/home) or user/USER/LAYER=DIR."""
     watch_interval: str = "5s"
@@ -151,6 +155,20 @@ def parse_byte_size(text: str, what: str) -> int:
     if not match:
         raise InvalidInput(f"{what} {text!r}: write a size like 1G, 512M or 0")
     return int(match.group(1)) * _BYTES_SCALE[match.group(2).upper()]
+
+
+_SWITCH = {
+    **dict.fromkeys(("true", "yes", "on", "1"), True),
+    **dict.fromkeys(("false", "no", "off", "0"), False),
+}
+
+
+def parse_switch(text: str, what: str) -> bool:
+    """A TOML boolean (read as "True"/"False") or true/false, yes/no, on/off, 1/0."""
+    value = _SWITCH.get(text.strip().lower())
+    if value is None:
+        raise InvalidInput(f"{what} {text!r}: write true or false")
+    return value
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

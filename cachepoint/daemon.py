@@ -29,8 +29,8 @@ from cachepoint.blocks import DEFAULT_BLOCK_SIZE
 from cachepoint.capture.engine import CaptureOptions, CaptureReport, capture
 from cachepoint.capture.watch import WatchOptions, WatchSpec, watch_in_thread
 from cachepoint.disk.exports import Disks
-from cachepoint.disk.nbd import NbdLimits
-from cachepoint.errors import CachepointError, NotFound, PullsPaused
+from cachepoint.disk.nbd import NbdLimits, check_exposure
+from cachepoint.errors import CachepointError, InvalidInput, NotFound, PullsPaused
 from cachepoint.ids import LATEST, Ref
 from cachepoint.model import Manifest, VersionInfo
 from cachepoint.replication import outbox
@@ -94,6 +94,9 @@ class DaemonSettings:
     """HOST:PORT for NBD exports of attached disks, e.g. 127.0.0.1:10809 (empty: no TCP NBD)."""
     nbd_socket: str = ""
     """Unix socket path for NBD exports (empty: none)."""
+    nbd_tls: bool = False
+    """NBD over TCP requires TLS with a client certificate of the fleet (cachepoint/disk/nbd_access.py);
+    without it, ``nbd`` must be a loopback address."""
     http: str = ""
     """HOST:PORT for HTTP (versions' files and images' disks, with Range); empty: no HTTP."""
     snapshot_every: float = 0.0
@@ -484,6 +487,13 @@ class Daemon:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
+        if self.settings.nbd:
+            check_exposure(self.settings.nbd, self.settings.nbd_tls)  # before anything binds
+        if self.settings.nbd_tls and daemon_identity() is None:
+            raise InvalidInput(
+                "--nbd-tls serves the node's certificate, and this daemon has none: enroll it first "
+                f"(`cachepoint enroll`, which keeps it in {self.settings.store / 'identity'})"
+            )
         # A new store gets a directory no other user may write, whatever the umask: it holds the agent socket.
         self.settings.store.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.store = Store.open(self.settings.store, writable=True, create=True)
@@ -520,8 +530,16 @@ class Daemon:
             self.address = await server.start()
             extra["agent"] = str(await agent.start())
             if self.settings.nbd or self.settings.nbd_socket:
+                nbd_tls = None
+                if self.settings.nbd_tls and identity is not None:
+                    from cachepoint.disk.nbd_access import nbd_tls as make_nbd_tls
+
+                    nbd_tls = make_nbd_tls(identity, self.node_id, self.disks.layers_of)
                 extra["nbd"] = await self.disks.serve(
-                    self.settings.nbd or None, self.settings.nbd_socket or None, self.settings.nbd_limits
+                    self.settings.nbd or None,
+                    self.settings.nbd_socket or None,
+                    self.settings.nbd_limits,
+                    nbd_tls,
                 )
             if self.settings.http:
                 from cachepoint.http.app import start_http

@@ -72,6 +72,10 @@ class AlreadyExists(InvalidInput):
     """{}"""
 
 
+class PlaintextOffLoopback(InvalidInput):
+    """refusing to serve {} on {} without TLS: {}"""
+
+
 class NotFound(CachepointError):
     """{}"""
 

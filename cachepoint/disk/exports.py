@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from cachepoint.disk.attach import open_image
 from cachepoint.disk.composite import CompositeDisk
-from cachepoint.disk.nbd import NbdLimits, NbdServer, start_nbd
+from cachepoint.disk.nbd import NbdLimits, NbdServer, NbdTls, start_nbd
 from cachepoint.disk.readcache import DecodedCache
 from cachepoint.disk.snapshot import snapshot
 from cachepoint.errors import InvalidInput, NotFound
@@ -47,18 +47,30 @@ class Disks:
         self._read_cache = read_cache
         self.decoded: DecodedCache | None = None
         self._pins: dict[int, IngestPins] = {}  # lazily booted disks' blocks, by id(disk)
+        self._layers: dict[str, tuple[str, ...]] = {}  # every layer under each export, for NBD's TLS
+        self._tls = False
 
     async def serve(
-        self, tcp: str | None, unix_path: str | None, limits: NbdLimits | None = None
+        self,
+        tcp: str | None,
+        unix_path: str | None,
+        limits: NbdLimits | None = None,
+        tls: NbdTls | None = None,
     ) -> list[str]:
         if self._read_cache > 0:
             # One cache for every disk: images that share an OS layer share its warm blocks.
             path = self.store.root / READ_CACHE_FILE
             self.decoded = await asyncio.to_thread(DecodedCache, path, self._read_cache)
         self.server = await start_nbd(
-            self.attached.get, lambda: sorted(self.attached), tcp, unix_path, limits
+            self.attached.get, lambda: sorted(self.attached), tcp, unix_path, limits, tls
         )
+        self._tls = tls is not None
         return self.server.addresses
+
+    def layers_of(self, name: str) -> tuple[str, ...] | None:
+        """The layers export ``name`` reads (its user's layer included); None when it is not attached."""
+        with self._lock:
+            return self._layers.get(name) if name in self.attached else None
 
     def uris(self, name: str) -> list[str]:
         uris = []
@@ -66,7 +78,7 @@ class Disks:
             if address.startswith("unix:"):
                 uris.append(f"nbd+unix:///{name}?socket={address[len('unix:') :]}")
             else:
-                uris.append(f"nbd://{address}/{name}")
+                uris.append(f"{'nbds' if self._tls else 'nbd'}://{address}/{name}")
         return uris
 
     async def attach(self, image: str, user: str) -> tuple[str, CompositeDisk]:
@@ -80,12 +92,17 @@ class Disks:
             if name in self.attached:
                 return name, self.attached[name]
         if not user and "/" in image and self.remote is not None:
-            disk = await self._attach_ref(Ref.parse(image))
+            ref = Ref.parse(image)
+            layers: tuple[str, ...] = (ref.layer,)
+            disk = await self._attach_ref(ref)
         else:
+            refs = self.store.catalog.image(image).refs
+            layers = tuple(Ref.parse(r).layer for r in refs) + ((layer,) if layer else ())
             disk = await asyncio.to_thread(
                 open_image, self.store, image, user_layer=layer, name=name, decoded=self.decoded
             )
         with self._lock:
+            self._layers[name] = layers
             self.attached[name] = disk
         return name, disk
 
@@ -111,6 +128,7 @@ class Disks:
         disk = self.get(name)
         with self._lock:
             self.attached.pop(name, None)
+            self._layers.pop(name, None)
         if discard and disk.working is not None:
             await asyncio.to_thread(disk.working.discard)
         await asyncio.to_thread(disk.close)

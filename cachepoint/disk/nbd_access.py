@@ -1,0 +1,97 @@
+"""Who may use which NBD export of a daemon with ``--nbd-tls``: the node's own certificate is served,
+clients present one of the fleet's CA, and an export is served only to a principal that may read every
+layer under it, by the rules of the coordinator's table (coordinator/authz.py, read-layer):
+
+    os/ and app/ layers          any principal of the fleet
+    user/NAME/... layers         user:NAME, role auditor, and this node itself
+
+A node does not know which other nodes a user is assigned to (the coordinator does), so a user's disk
+is served to no other node. A certificate of a principal the daemon knows as revoked is refused too,
+when it is given a way to know (``revoked``).
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Callable, Sequence
+
+from cryptography import x509
+
+from cachepoint.disk.nbd.tls import NbdTls, server_context
+from cachepoint.trust.identity import CERT_FILE, KEY_FILE, Identity
+from cachepoint.trust.principal import NotAPrincipal, Principal, principal_of
+
+# The layers an export is made of, or None when no export has that name (any more).
+LayersOf = Callable[[str], Sequence[str] | None]
+# Why a principal's certificates are refused (revoked), or "" when they stand.
+Revoked = Callable[[Principal], str]
+
+
+def owner_of(layer: str) -> str | None:
+    """The user a ``user/NAME/...`` layer belongs to; None for every other layer."""
+    parts = layer.split("/")
+    return parts[1] if parts[0] == "user" and len(parts) >= 2 else None
+
+
+def layer_refusal(principal: Principal, layer: str, node: str) -> str:
+    """Why ``principal`` may not read ``layer`` at node ``node``; "" when it may."""
+    user = owner_of(layer)
+    if user is None:
+        return ""
+    if principal.has("auditor") or any(r.kind == "user" and r.user == user for r in principal.roles):
+        return ""
+    if principal.has("node") and principal.name == node:
+        return ""
+    return f"{layer} belongs to user {user}: it is served to user:{user}, auditors and node {node} only"
+
+
+class ExportAccess:
+    """The ``authorize`` of the daemon's NbdTls."""
+
+    def __init__(self, node: str, layers_of: LayersOf, revoked: Revoked | None = None) -> None:
+        self.node = node
+        self.layers_of = layers_of
+        self.revoked = revoked
+
+    def __call__(self, certificate: bytes, export: str) -> str:
+        try:
+            principal = principal_of(x509.load_der_x509_certificate(certificate))
+        except (NotAPrincipal, ValueError) as err:
+            return f"the client certificate names no principal of the fleet: {err}"
+        why = self.revoked(principal) if self.revoked is not None else ""
+        if why:
+            return f"principal {principal.name!r} is refused: {why}"
+        layers = self.layers_of(export)
+        if layers is None:
+            return f"no export named {export!r}"
+        for layer in layers:
+            refusal = layer_refusal(principal, layer, self.node)
+            if refusal:
+                return f"principal {principal.name!r} may not read export {export!r}: {refusal}"
+        return ""
+
+
+class IdentityContext:
+    """Server contexts presenting the node's identity; made again after a renewal (the identity's
+    generation moves), so a new certificate is served from the next handshake without a restart."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+        self._lock = threading.Lock()
+        self._made: tuple[int, ssl.SSLContext] | None = None
+
+    def __call__(self) -> ssl.SSLContext:
+        generation = self.identity.generation
+        with self._lock:
+            if self._made is None or self._made[0] != generation:
+                directory = self.identity.directory
+                context = server_context(
+                    str(directory / CERT_FILE), str(directory / KEY_FILE), self.identity.ca_pem
+                )
+                self._made = (generation, context)
+            return self._made[1]
+
+
+def nbd_tls(identity: Identity, node: str, layers_of: LayersOf, revoked: Revoked | None = None) -> NbdTls:
+    return NbdTls(IdentityContext(identity), ExportAccess(node, layers_of, revoked))
