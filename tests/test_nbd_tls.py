@@ -219,12 +219,16 @@ def test_nbdinfo_and_nbdcopy_speak_nbds_and_four_connections_copy_the_export_byt
 def test_plaintext_nbd_off_loopback_is_refused_before_anything_binds(tmp_path: Path) -> None:
     store, sock = tmp_path / "store", tmp_path / "nbd.sock"
     for address in ("0.0.0.0:0", "[::]:0"):
-        refused = run_cli(store, "serve", "--nbd", address, "--nbd-socket", sock, check=False)
+        # (Without the check the daemon would start and run: the timeout ends it, and the test fails.)
+        serve = ("serve", "--listen", "127.0.0.1:0", "--nbd", address, "--nbd-socket", sock)
+        refused = run_cli(store, *serve, check=False, timeout=60)
         assert refused.code == 4, refused.err
         assert f"refusing to serve NBD on {address} without TLS" in refused.err and "--nbd-tls" in refused.err
         assert not sock.exists() and not store.exists()  # nothing bound, nothing made
     # --nbd-tls needs a certificate to serve: a daemon without an identity says so, and binds nothing.
-    unenrolled = run_cli(store, "serve", "--nbd", "0.0.0.0:0", "--nbd-tls", "--nbd-socket", sock, check=False)
+    unenrolled = run_cli(
+        store, "serve", "--nbd", "0.0.0.0:0", "--nbd-tls", "--nbd-socket", sock, check=False, timeout=60
+    )
     assert unenrolled.code == 4 and "enroll" in unenrolled.err, unenrolled.err
     assert not sock.exists()
 
