@@ -158,3 +158,26 @@ def test_the_unix_socket_of_a_tls_server_stays_plaintext(serve, pki, tmp_path: P
         send_option(sock, nbd.OPT_STARTTLS)
         assert read_option_reply(sock)[:2] == (nbd.OPT_STARTTLS, nbd.REP_ERR_UNSUP)
         assert go_reply(sock, "mine")[0] == nbd.REP_INFO
+
+
+def test_a_renewed_node_certificate_is_served_from_the_next_handshake(serve, pki, tmp_path: Path):  # noqa: F811
+    from cryptography import x509
+
+    from cachepoint.disk.nbd_access import IdentityContext
+    from cachepoint.trust.identity import Identity
+
+    identity = Identity.load(pki["node"])
+    server = serve({"mine": MemoryDevice(4096)}, tls=NbdTls(IdentityContext(identity), only_alice_reads_mine))
+
+    def served_serial() -> int:
+        tls = upgrade(greet(server.port), pki["alice"], pki["node"])
+        with tls:
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
+
+    before = served_serial()
+    renewed = issue_identity(tmp_path / "fleet-ca", tmp_path / "renewed", "node-a", "node")
+    identity.replace((renewed / "key.pem").read_bytes(), (renewed / "cert.pem").read_bytes())
+    after = served_serial()
+    assert before != after == identity.certificate.serial_number
