@@ -349,7 +349,7 @@ class Fleet:
         assert node.ready.get("node_id") == name, node.ready
         return node
 
-    def serve(self, name: str, store: Path, *args: str, config: Path | None = None) -> Node:
+    def serve_store(self, name: str, store: Path, *args: str, config: Path | None = None) -> Node:
         """`cachepoint serve` on ``store`` with its gRPC port on 127.0.0.1:0 and ``args`` as given (no
         coordinator, node id or subscription unless ``args`` names them): for a daemon whose node id
         comes from its identity, or one that serves NBD or HTTP."""

@@ -82,7 +82,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsDaemon]:
     config = root / "cachepoint.toml"
     config.write_text("nbd_tls = true\n")
     with Fleet(root / "fleet") as fleet:
-        node = fleet.serve("tls-node", store, "--nbd", "127.0.0.1:0", config=config)
+        node = fleet.serve_store("tls-node", store, "--nbd", "127.0.0.1:0", config=config)
         assert node.node_id == NODE, node.ready
         address = node.ready["nbd"][0]
         attached = run_cli(store, "attach", "desk", "--json").json()
