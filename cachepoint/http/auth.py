@@ -27,7 +27,7 @@ from aiohttp import hdrs, web
 from cryptography import x509
 
 from cachepoint.http.tls import ServerTls
-from cachepoint.trust.bearer import BearerToken, TokenInvalid
+from cachepoint.trust.bearer import BearerToken, TokenInvalid, TokenNotCurrent
 from cachepoint.trust.principal import NotAPrincipal, Principal, principal_of
 
 log = logging.getLogger("cachepoint.http.auth")
@@ -102,9 +102,9 @@ class Authenticator:
         if known is None:
             try:
                 known = BearerToken.verify(token, self.ca, now).principal
+            except TokenNotCurrent as err:
+                raise Unauthenticated(str(err)) from None  # not cached: it was valid, or will be
             except TokenInvalid as err:
-                if "expired" in str(err) or "valid only from" in str(err):
-                    raise Unauthenticated(str(err)) from None  # not cached: it was valid, or will be
                 known = str(err)
             if len(self._tokens) >= _CACHED:
                 self._tokens.clear()

@@ -40,6 +40,10 @@ class TokenInvalid(ValueError):
     """Why a bearer token is not accepted (the message goes back to the client in a 401)."""
 
 
+class TokenNotCurrent(TokenInvalid):
+    """A token the fleet's CA signed, outside its validity (expired, or not yet valid)."""
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
@@ -135,9 +139,9 @@ class BearerToken:
         assert principal.not_before is not None and principal.not_after is not None
         if principal.not_after <= now:
             expired = f"{principal.not_after:%Y-%m-%d %H:%M:%S}"
-            raise TokenInvalid(f"the bearer token of {principal.name!r} expired at {expired} UTC")
+            raise TokenNotCurrent(f"the bearer token of {principal.name!r} expired at {expired} UTC")
         if principal.not_before > now:
-            raise TokenInvalid(
+            raise TokenNotCurrent(
                 f"the bearer token of {principal.name!r} is valid only from "
                 f"{principal.not_before:%Y-%m-%d %H:%M:%S} UTC (is a clock wrong?)"
             )
