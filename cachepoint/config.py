@@ -24,6 +24,7 @@ The TOML keys are the field names, e.g.::
     min_free = "5%"
     reserve = "64M"
     agent_group = "cachepoint"
+    http_tls = true
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class Settings:
     agent_group: str = ""
     """`serve`: members of this group may use the daemon's local control socket STORE/agent.sock (mode
     0660); empty: only the daemon's own user (0600). The Agent is never served on the network."""
+    http_tls: str = "false"
+    """`serve --http`: HTTPS with the node's identity, clients authenticated by a certificate or a
+    bearer token of the fleet (true); false: plaintext HTTP, on a loopback address only."""
 
 
 def apply_toml(settings: object, path: Path) -> None:
@@ -139,6 +143,16 @@ def load_settings(config_path: str | None, store_flag: str | None) -> Settings:
     if not settings.store:
         settings.store = str(default_store_path())
     return settings
+
+
+def parse_switch(text: str, what: str) -> bool:
+    """true/false (TOML booleans arrive as "True"/"False"), on/off."""
+    value = text.strip().lower()
+    if value in ("true", "on"):
+        return True
+    if value in ("false", "off", ""):
+        return False
+    raise InvalidInput(f"{what} {text!r}: write true or false")
 
 
 _BYTES_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)

@@ -19,7 +19,7 @@ from cachepoint.cli.context import (
     pass_ctx,
     tag_option,
 )
-from cachepoint.config import parse_byte_size, parse_duration
+from cachepoint.config import parse_byte_size, parse_duration, parse_switch
 from cachepoint.console import emit_json, handles_errors, human, json_option
 from cachepoint.ids import Ref, validate_layer_name
 from cachepoint.layers.ingest import IngestOptions
@@ -136,6 +136,13 @@ def pull_cmd(ctx: Context, ref: str, origin: str, wan_rate: str | None, as_json:
 @click.option(
     "--http", default=None, metavar="HOST:PORT", help="Serve versions and images over HTTP with Range."
 )
+@click.option(
+    "--http-tls",
+    "http_tls",
+    is_flag=True,
+    default=None,
+    help="HTTPS with this node's identity; clients need a certificate or token of the fleet.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log pulls and reconnections.")
 @pass_ctx
 @handles_errors
@@ -149,6 +156,7 @@ def serve_cmd(
     nbd: str | None,
     nbd_socket: str | None,
     http: str | None,
+    http_tls: bool | None,
     verbose: bool,
 ) -> None:
     """Run the cachepoint daemon: serve blocks to peers, follow subscriptions, answer `status`."""
@@ -174,6 +182,7 @@ def serve_cmd(
         nbd=nbd or "",
         nbd_socket=nbd_socket or "",
         http=http or "",
+        http_tls=http_tls or parse_switch(s.http_tls, "http_tls"),
         snapshot_every=parse_duration(s.snapshot_every),
         read_cache=parse_byte_size(s.read_cache, "read_cache"),
         nbd_limits=NbdLimits(
