@@ -25,6 +25,7 @@ The TOML keys are the field names, e.g.::
     min_free = "5%"
     reserve = "64M"
     agent_group = "cachepoint"
+    http_tls = true
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ class Settings:
     agent_group: str = ""
     """`serve`: members of this group may use the daemon's local control socket STORE/agent.sock (mode
     0660); empty: only the daemon's own user (0600). The Agent is never served on the network."""
+    http_tls: str = "false"
+    """`serve --http`: HTTPS with the node's identity, clients authenticated by a certificate or a
+    bearer token of the fleet (true); false: plaintext HTTP, on a loopback address only."""
 
 
 def apply_toml(settings: object, path: Path) -> None:
@@ -145,6 +149,16 @@ def load_settings(config_path: str | None, store_flag: str | None) -> Settings:
     return settings
 
 
+def parse_switch(text: str, what: str) -> bool:
+    """true/false (TOML booleans arrive as "True"/"False"), on/off."""
+    value = text.strip().lower()
+    if value in ("true", "on"):
+        return True
+    if value in ("false", "off", ""):
+        return False
+    raise InvalidInput(f"{what} {text!r}: write true or false")
+
+
 _BYTES_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 _BYTES_SCALE = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -155,20 +169,6 @@ def parse_byte_size(text: str, what: str) -> int:
     if not match:
         raise InvalidInput(f"{what} {text!r}: write a size like 1G, 512M or 0")
     return int(match.group(1)) * _BYTES_SCALE[match.group(2).upper()]
-
-
-_SWITCH = {
-    **dict.fromkeys(("true", "yes", "on", "1"), True),
-    **dict.fromkeys(("false", "no", "off", "0"), False),
-}
-
-
-def parse_switch(text: str, what: str) -> bool:
-    """A TOML boolean (read as "True"/"False") or true/false, yes/no, on/off, 1/0."""
-    value = _SWITCH.get(text.strip().lower())
-    if value is None:
-        raise InvalidInput(f"{what} {text!r}: write true or false")
-    return value
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

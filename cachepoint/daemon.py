@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -53,6 +54,7 @@ from cachepoint.store import format as fmt
 from cachepoint.store.headroom import DEFAULT_RESERVE, ensure_reserve
 from cachepoint.store.space import SpaceLimit
 from cachepoint.store.store import Store
+from cachepoint.trust.location import STORE_IDENTITY
 from cachepoint.trust.node import daemon_identity, keep_renewed, names
 from cachepoint.v1 import (
     agent_pb2_grpc,
@@ -63,6 +65,9 @@ from cachepoint.v1 import (
     fleet_pb2_grpc,
 )
 from cachepoint.wire import manifest_from_bytes
+
+if TYPE_CHECKING:
+    from cachepoint.http.auth import HttpTrust
 
 log = logging.getLogger("cachepoint.daemon")
 STATE_FILE = "daemon.json"
@@ -99,6 +104,9 @@ class DaemonSettings:
     without it, ``nbd`` must be a loopback address."""
     http: str = ""
     """HOST:PORT for HTTP (versions' files and images' disks, with Range); empty: no HTTP."""
+    http_tls: bool = False
+    """Serve HTTP with TLS under the node's identity, clients authenticated (cachepoint/http/auth.py);
+    False: plaintext, on loopback only."""
     snapshot_every: float = 0.0
     """Seconds between scheduled snapshots of attached user disks with new writes (0: none)."""
     read_cache: int = 1 << 30
@@ -486,13 +494,47 @@ class Daemon:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
+    def http_trust_check(self) -> Callable[..., HttpTrust] | None:
+        """Refuse an HTTP setting that cannot be served (plaintext off loopback, TLS without an
+        identity); what makes the HTTP server's trust once the store is open, or None: plaintext."""
+        if not self.settings.http:
+            return None
+        from cachepoint.http import tls
+
+        if not self.settings.http_tls:
+            tls.check_plaintext_listen(self.settings.http, "--http-tls (config: http_tls = true)")
+            return None
+        identity = daemon_identity()
+        if identity is None:
+            raise InvalidInput(
+                f"--http-tls serves HTTP on {self.settings.http} with this node's identity, and "
+                f"{self.settings.store / STORE_IDENTITY} has none: enroll first (`cachepoint enroll`)"
+            )
+        from cachepoint.http.access import UsersOf, route_rules
+        from cachepoint.http.auth import Authenticator, HttpTrust, Revoked
+
+        def trust(
+            store: Store, node: str, revoked: Revoked | None = None, users_of: UsersOf | None = None
+        ) -> HttpTrust:
+            # ``revoked`` and ``users_of``: the fleet's revocations and assignments as this node
+            # knows them. Without them a revoked principal's certificate is served until it expires
+            # (cert_lifetime) and its tokens until theirs (--ttl), and only this node reads as a node.
+            return HttpTrust(
+                tls.ServerTls(identity.current, identity.ca_pem),
+                Authenticator(identity.ca_pem, revoked),
+                route_rules(store, node, users_of),
+            )
+
+        return trust
+
     async def run(self, stop: asyncio.Event | None = None) -> None:
+        http_trust = self.http_trust_check()  # before anything is bound
         if self.settings.nbd:
             check_exposure(self.settings.nbd, self.settings.nbd_tls)  # before anything binds
         if self.settings.nbd_tls and daemon_identity() is None:
             raise InvalidInput(
                 "--nbd-tls serves the node's certificate, and this daemon has none: enroll it first "
-                f"(`cachepoint enroll`, which keeps it in {self.settings.store / 'identity'})"
+                f"(`cachepoint enroll`, which keeps it in {self.settings.store / STORE_IDENTITY})"
             )
         # A new store gets a directory no other user may write, whatever the umask: it holds the agent socket.
         self.settings.store.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -544,7 +586,8 @@ class Daemon:
             if self.settings.http:
                 from cachepoint.http.app import start_http
 
-                http_runner, extra["http"] = await start_http(store, self.settings.http)
+                trust = http_trust(store, self.node_id) if http_trust is not None else None
+                http_runner, extra["http"] = await start_http(store, self.settings.http, trust=trust)
             stop = stop or stop_event_on_signals()
             if self.settings.scrub_every > 0:
                 task = scrub_schedule(store, self.settings.scrub_every, self.scrub)

@@ -72,8 +72,8 @@ class AlreadyExists(InvalidInput):
     """{}"""
 
 
-class PlaintextOffLoopback(InvalidInput):
-    """refusing to serve {} on {} without TLS: {}"""
+class PlaintextNbdOffLoopback(InvalidInput):
+    """refusing to serve NBD on {} without TLS: {}"""
 
 
 class NotFound(CachepointError):

@@ -192,6 +192,22 @@ RULES: dict[str, Rule] = {
     "/grpc.health.v1.Health/Check": ANY,
     "/grpc.health.v1.Health/Watch": ANY,
 }
+# The coordinator's REST API (coordinator/history/rest.py, with --http-tls): route -> the same rules.
+# A rule's check sees a RestCall (coordinator/history/rest_access.py) with the fields it reads.
+REST_RULES: dict[str, Rule] = {
+    "GET /healthz": ANY,
+    "GET /v1/history/users/{user}/timeline": OWN_HISTORY,
+    "GET /v1/history/users/{user}/files/{path}": OWN_HISTORY,
+    "GET /v1/history/users/{user}/content/{path}": RESTORE,
+    "POST /v1/history/users/{user}/export": EXPORT,
+    "GET /v1/history/diff": READ_DIFF,
+    "GET /v1/history/holds": OVERSIGHT,
+    "PUT /v1/history/holds/{user}": HOLD,
+    "DELETE /v1/history/holds/{user}": RELEASE,
+    "POST /v1/history/gc": GC,
+    "GET /v1/history/audit": OVERSIGHT,
+    "GET /v1/history/audit/verify": OVERSIGHT,
+}
 # Outside the gRPC table: enrolling (`cachepoint-coordinator enroll`), assignments, retention and GC
 # settings are changed by an admin at the coordinator's data directory, which only they can write.
 
@@ -199,6 +215,15 @@ RULES: dict[str, Rule] = {
 def table_rows() -> list[tuple[str, str, str]]:
     """(method, rule, who) for README.md."""
     return [(method.lstrip("/"), rule.name, rule.text) for method, rule in RULES.items()]
+
+
+def http_table_rows() -> list[tuple[str, str, str, str]]:
+    """(server, route, rule, who) for README.md: the coordinator's REST API, then a daemon's HTTP
+    server, whose rules (cachepoint/http/access.py) are these rules by name, checked at a node."""
+    from cachepoint.http.access import ROUTES
+
+    rows = [("coordinator", route, rule.name, rule.text) for route, rule in REST_RULES.items()]
+    return rows + [("daemon", route, rule, who) for route, (rule, who) in ROUTES.items()]
 
 
 def acting(context: grpc.aio.ServicerContext, claimed: str) -> str:

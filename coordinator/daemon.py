@@ -10,6 +10,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from cachepoint.errors import InvalidInput
+from cachepoint.http.tls import check_plaintext_listen
 from cachepoint.rpc.block_access import VersionBlocks
 from cachepoint.rpc.block_exchange import BlockExchangeService, ServeCounters
 from cachepoint.rpc.channel import ORIGIN_FETCH_LIMITS
@@ -32,6 +34,7 @@ log = logging.getLogger("coordinator")
 STATE_FILE = "coordinator.json"
 CATALOG = "cachepoint.v1.Catalog"
 SCHEDULED_GC_ACTOR = "coordinator (gc_every)"
+HTTP_TLS_OPTION = "--http-tls"
 
 
 async def serve(
@@ -42,8 +45,14 @@ async def serve(
     retention: Retention | None = None,
     gc_every: float = 0.0,
     trust_settings: TrustSettings | None = None,
+    http_tls: bool = False,
 ) -> None:
-    """``trust_settings`` None: plaintext, as before the fleet had a CA."""
+    """``trust_settings`` None: plaintext, as before the fleet had a CA. ``http_tls``: the REST API
+    with TLS and the authorization table too (it needs the CA); without it, on loopback only."""
+    if http and not http_tls:
+        check_plaintext_listen(http, HTTP_TLS_OPTION)  # before anything is bound
+    if http_tls and trust_settings is None:
+        raise InvalidInput("--http-tls serves the REST API with the fleet's CA: serve with --tls too")
     store = Store.open(data, writable=True, create=True)
     try:
         counters = ServeCounters()
@@ -89,9 +98,20 @@ async def serve(
             if trust is not None:
                 extra |= await trust.start()
             if http:
+                from cachepoint.http.auth import Authenticator, HttpTrust
+                from cachepoint.http.tls import ServerTls
                 from coordinator.history.rest import start_rest
+                from coordinator.history.rest_access import audited_refusals, rest_rules
 
-                rest, extra["http"] = await start_rest(history, http)
+                rest_trust = None
+                if http_tls and trust is not None:
+                    rest_trust = HttpTrust(
+                        ServerTls(trust.tls.current, trust.settings.ca.cert_pem),
+                        Authenticator(trust.settings.ca.cert_pem, trust.guard.revocations.refuses),
+                        rest_rules(authorizer.facts),
+                        audited_refusals(audit, store),
+                    )
+                rest, extra["http"] = await start_rest(history, http, rest_trust)
             stop = stop or stop_event_on_signals()
             announce(
                 address, data / STATE_FILE, role="coordinator", catalog_position=events.position, **extra

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from cachepoint.v1 import blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2
-from coordinator.authz import RULES, table_rows
+from coordinator.authz import REST_RULES, RULES, http_table_rows, table_rows
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ROW = re.compile(r"^\| `([^`]+)` \| ([^|]+) \| (.+) \|$")
@@ -37,3 +37,47 @@ def test_every_method_the_coordinator_serves_has_a_rule() -> None:
         for method in service.methods
     }
     assert served - set(RULES) == set()
+
+
+HTTP_ROW = re.compile(r"^\| (coordinator|daemon) \| `([^`]+)` \| ([^|]+) \| (.+) \|$")
+
+
+def readme_http_rows() -> list[tuple[str, str, str, str]]:
+    text = README.read_text()
+    start = text.index("<!-- http authz table:")
+    end = text.index("<!-- end http authz table -->", start)
+    rows = []
+    for line in text[start:end].splitlines():
+        if match := HTTP_ROW.match(line):
+            server, route, rule, who = match.groups()
+            rows.append((server, route, rule.strip(), who.strip()))
+    return rows
+
+
+def _routes(app: object) -> set[str]:
+    """"METHOD PATTERN" of every route of an aiohttp app (HEAD is answered as GET)."""
+    return {
+        f"{route.method} {route.resource.canonical}"  # type: ignore[attr-defined]
+        for route in app.router.routes()  # type: ignore[attr-defined]
+        if route.method != "HEAD"
+    }
+
+
+def test_the_readme_prints_exactly_the_http_table_the_servers_check() -> None:
+    assert readme_http_rows() == http_table_rows()
+
+
+def test_every_http_route_of_both_servers_has_a_rule_named_like_one_of_the_coordinators(
+    tmp_path: Path,
+) -> None:
+    from cachepoint.http.access import ROUTES, route_rules
+    from cachepoint.http.app import make_app
+    from cachepoint.store.store import Store
+    from coordinator.history.rest import make_app as make_rest_app
+
+    rest = make_rest_app(None)  # type: ignore[arg-type]
+    assert _routes(rest) == set(REST_RULES)
+    with Store.open(tmp_path / "store", writable=True, create=True) as store:
+        assert _routes(make_app(store)) == set(ROUTES) == set(route_rules(store, "n1"))
+    names = {rule.name for rule in RULES.values()} | {rule.name for rule in REST_RULES.values()}
+    assert {rule for rule, _ in ROUTES.values()} <= names

@@ -143,6 +143,13 @@ def pull_cmd(ctx: Context, ref: str, origin: str, wan_rate: str | None, as_json:
 @click.option(
     "--http", default=None, metavar="HOST:PORT", help="Serve versions and images over HTTP with Range."
 )
+@click.option(
+    "--http-tls",
+    "http_tls",
+    is_flag=True,
+    default=None,
+    help="HTTPS with this node's identity; clients need a certificate or token of the fleet.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log pulls and reconnections.")
 @pass_ctx
 @handles_errors
@@ -157,6 +164,7 @@ def serve_cmd(
     nbd_socket: str | None,
     nbd_tls: bool | None,
     http: str | None,
+    http_tls: bool | None,
     verbose: bool,
 ) -> None:
     """Run the cachepoint daemon: serve blocks to peers, follow subscriptions, answer `status`."""
@@ -183,6 +191,7 @@ def serve_cmd(
         nbd_socket=nbd_socket or "",
         nbd_tls=nbd_tls or parse_switch(s.nbd_tls, "nbd_tls"),
         http=http or "",
+        http_tls=http_tls or parse_switch(s.http_tls, "http_tls"),
         snapshot_every=parse_duration(s.snapshot_every),
         read_cache=parse_byte_size(s.read_cache, "read_cache"),
         nbd_limits=NbdLimits(

@@ -122,6 +122,12 @@ class Identity:
         Identity(self.directory, key, cert, self.ca_pem)._write()  # parsed first: a bad one is refused
         self._set(key, cert, self.ca_pem)
 
+    def current(self) -> tuple[int, bytes, bytes]:
+        """(generation, key PEM, certificate PEM), one consistent pair: what an HTTP server with TLS
+        serves (cachepoint/http/tls.py), the renewed pair from the handshake after a renewal."""
+        with self._lock:
+            return self.generation, self.key_pem, self.cert_pem
+
     # -- lifetime ----------------------------------------------------------------------------------
 
     @property

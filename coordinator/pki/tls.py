@@ -36,6 +36,14 @@ class CoordinatorTls:
         self.pair = (key_pem(key), chain)
         self.generation += 1
 
+    def current(self) -> tuple[int, bytes, bytes]:
+        """(generation, key PEM, chain PEM), renewed first when due: the HTTP server's TLS
+        (cachepoint/http/tls.py) serves the same certificate as the gRPC ports."""
+        with self._lock:
+            if datetime.now(UTC) >= self.renew_at:
+                self._issue()
+            return self.generation, self.pair[0], self.pair[1]
+
     def _config(self, client_ca: bool) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration([self.pair], self.ca.cert_pem if client_ca else None)
 

@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cachepoint.errors import PlaintextOffLoopback
+from cachepoint.errors import PlaintextNbdOffLoopback
 
 # (client certificate in DER, export name) -> why the client may not use that export; "" allows it.
 Authorize = Callable[[bytes, str], str]
@@ -68,8 +68,7 @@ def check_exposure(address: str, tls: bool) -> None:
     host, _ = parse_host_port(address)
     if tls or is_loopback(host):
         return
-    raise PlaintextOffLoopback(
-        "NBD",
+    raise PlaintextNbdOffLoopback(
         address,
         "only loopback addresses (127.0.0.0/8, ::1) and --nbd-socket are served in plaintext; add "
         "--nbd-tls (config nbd_tls = true) to require TLS with client certificates of the fleet",
