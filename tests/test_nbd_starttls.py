@@ -43,6 +43,10 @@ def pki(tmp_path: Path) -> dict[str, Path]:
     }
 
 
+def read(path: Path) -> bytes:
+    return path.read_bytes()
+
+
 def only_alice_reads_mine(certificate: bytes, export: str) -> str:
     name = principal_of_pem(ssl.DER_cert_to_PEM_cert(certificate).encode()).name
     return "" if export == "mine" and name == "alice" else f"{name} may not use {export}"
@@ -51,7 +55,7 @@ def only_alice_reads_mine(certificate: bytes, export: str) -> str:
 @pytest.fixture
 def tls_server(serve: Any, pki: dict[str, Path]) -> Iterator[ServerThread]:  # noqa: F811
     node = pki["node"]
-    context = server_context(str(node / "cert.pem"), str(node / "key.pem"), (node / "ca.pem").read_bytes())
+    context = server_context(*(read(node / f) for f in ("key.pem", "cert.pem", "ca.pem")))
     exports = {"mine": MemoryDevice(8192, read_only=True), "theirs": MemoryDevice(8192)}
     exports["mine"].data[:5] = b"hello"
     yield serve(exports, tls=NbdTls(lambda: context, only_alice_reads_mine))
@@ -147,7 +151,7 @@ def test_without_tls_configured_starttls_is_unsupported_and_plaintext_goes_on(se
 
 def test_the_unix_socket_of_a_tls_server_stays_plaintext(serve, pki, tmp_path: Path):  # noqa: F811
     node = pki["node"]
-    context = server_context(str(node / "cert.pem"), str(node / "key.pem"), (node / "ca.pem").read_bytes())
+    context = server_context(*(read(node / f) for f in ("key.pem", "cert.pem", "ca.pem")))
     path = str(tmp_path / "nbd.sock")
     serve({"mine": MemoryDevice(4096)}, unix_path=path, tls=NbdTls(lambda: context, only_alice_reads_mine))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -181,3 +185,32 @@ def test_a_renewed_node_certificate_is_served_from_the_next_handshake(serve, pki
     identity.replace((renewed / "key.pem").read_bytes(), (renewed / "cert.pem").read_bytes())
     after = served_serial()
     assert before != after == identity.certificate.serial_number
+
+
+def test_export_access_follows_the_read_layer_rule_and_refuses_revoked_principals(pki, tmp_path: Path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from cachepoint.disk.nbd_access import ExportAccess
+
+    def der(identity: Path) -> bytes:
+        cert = x509.load_pem_x509_certificate((identity / "cert.pem").read_bytes())
+        return cert.public_bytes(serialization.Encoding.DER)
+
+    ca = tmp_path / "fleet-ca"
+    bob = der(issue_identity(ca, tmp_path / "bob", "bob", "user:bob"))
+    auditor = der(issue_identity(ca, tmp_path / "carol", "carol", "auditor"))
+    other_node = der(issue_identity(ca, tmp_path / "node-b", "node-b", "node"))
+    layers = {"desk": ("os/base", "app/office"), "alice/desk": ("os/base", "user/alice/desk")}
+    access = ExportAccess("node-a", layers.get)
+    alice, node = der(pki["alice"]), der(pki["node"])
+    for allowed in (alice, bob, auditor, node, other_node):
+        assert access(allowed, "desk") == ""
+    for allowed in (alice, auditor, node):
+        assert access(allowed, "alice/desk") == ""
+    assert "principal 'bob' may not read export 'alice/desk'" in access(bob, "alice/desk")
+    assert "principal 'node-b' may not read export 'alice/desk'" in access(other_node, "alice/desk")
+    assert access(alice, "gone") == "no export named 'gone'"
+    revoking = ExportAccess("node-a", layers.get, revoked=lambda p: 1.0e9 if p.name == "alice" else None)
+    assert "'alice': the principal was revoked at 2001-09-09" in revoking(alice, "desk")
+    assert revoking(bob, "desk") == ""

@@ -15,17 +15,18 @@ from __future__ import annotations
 import ssl
 import threading
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 from cryptography import x509
 
 from cachepoint.disk.nbd.tls import NbdTls, server_context
-from cachepoint.trust.identity import CERT_FILE, KEY_FILE, Identity
+from cachepoint.trust.identity import Identity
 from cachepoint.trust.principal import NotAPrincipal, Principal, principal_of
 
 # The layers an export is made of, or None when no export has that name (any more).
 LayersOf = Callable[[str], Sequence[str] | None]
-# Why a principal's certificates are refused (revoked), or "" when they stand.
-Revoked = Callable[[Principal], str]
+# When a principal was revoked (Unix seconds), or None: the shape HTTP's Authenticator takes too.
+Revoked = Callable[[Principal], float | None]
 
 
 def owner_of(layer: str) -> str | None:
@@ -59,9 +60,10 @@ class ExportAccess:
             principal = principal_of(x509.load_der_x509_certificate(certificate))
         except (NotAPrincipal, ValueError) as err:
             return f"the client certificate names no principal of the fleet: {err}"
-        why = self.revoked(principal) if self.revoked is not None else ""
-        if why:
-            return f"principal {principal.name!r} is refused: {why}"
+        revoked_at = self.revoked(principal) if self.revoked is not None else None
+        if revoked_at is not None:
+            when = datetime.fromtimestamp(revoked_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+            return f"the client certificate of {principal.name!r}: the principal was revoked at {when}"
         layers = self.layers_of(export)
         if layers is None:
             return f"no export named {export!r}"
@@ -82,14 +84,10 @@ class IdentityContext:
         self._made: tuple[int, ssl.SSLContext] | None = None
 
     def __call__(self) -> ssl.SSLContext:
-        generation = self.identity.generation
+        generation, key, cert = self.identity.current()  # one consistent pair, even mid-renewal
         with self._lock:
             if self._made is None or self._made[0] != generation:
-                directory = self.identity.directory
-                context = server_context(
-                    str(directory / CERT_FILE), str(directory / KEY_FILE), self.identity.ca_pem
-                )
-                self._made = (generation, context)
+                self._made = (generation, server_context(key, cert, self.identity.ca_pem))
             return self._made[1]
 
 

@@ -16,6 +16,7 @@ caller's (cachepoint/disk/nbd_access.py).
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -35,14 +36,24 @@ class NbdTls:
     """Whether a client may use an export, asked whenever it names one."""
 
 
-def server_context(cert_file: str, key_file: str, ca_pem: bytes) -> ssl.SSLContext:
-    """A server context that requires a client certificate issued by ``ca_pem``'s CA (TLS 1.2 at
-    least, as the spec asks; OpenSSL checks the client's validity dates at the handshake)."""
+def server_context(key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> ssl.SSLContext:
+    """A server context presenting the pair given and requiring a client certificate issued by
+    ``ca_pem``'s CA (TLS 1.2 at least, as the spec asks; OpenSSL checks the client's validity dates
+    at the handshake)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cadata=ca_pem.decode())
-    context.load_cert_chain(cert_file, key_file)
+    # ssl loads a key only from a path: an anonymous in-memory file, so the key never lands on disk
+    # twice and the pair loaded is the one given, not whatever a renewal left in the files meanwhile.
+    fd = os.memfd_create("cachepoint-nbd-tls", os.MFD_CLOEXEC)
+    try:
+        data = memoryview(cert_pem + b"\n" + key_pem)
+        while data:
+            data = data[os.write(fd, data) :]
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
     return context
 
 
