@@ -23,11 +23,11 @@ from cachepoint.rpc.block_access import VersionBlocks
 from cachepoint.rpc.block_exchange import Answerable
 from cachepoint.rpc.wrapping import around_calls, responses
 from cachepoint.store.store import Store
+from cachepoint.trust import reading
 from cachepoint.trust.principal import Principal
 from coordinator.assignments import Assignments
 from coordinator.history.audit import AuditEntry, AuditLog, recorded_actor
 from coordinator.history.holds import Holds
-from coordinator.history.users import owner_of
 from coordinator.pki.guard import Refused, peer_principal
 
 log = logging.getLogger("coordinator.authz")
@@ -57,16 +57,8 @@ class Rule:
 
 
 def may_read_layer(principal: Principal, layer: str, facts: Facts) -> bool:
-    """os/ and app/ layers: every principal of the fleet. user/NAME/...: the user NAME, an auditor, and
-    a node NAME is assigned to."""
-    user = owner_of(layer)
-    if user is None:
-        return True
-    return (
-        principal.has("auditor")
-        or any(r.kind == "user" and r.user == user for r in principal.roles)
-        or (principal.has("node") and user in facts.assignments.users_of(principal.name))
-    )
+    """cachepoint/trust/reading.py's rule, with the coordinator's assignments."""
+    return reading.may_read_layer(principal, layer, facts.assignments.users_of)
 
 
 def _anyone(principal: Principal, request: Any, facts: Facts) -> str:
@@ -86,7 +78,7 @@ def _commit(principal: Principal, request: Any, facts: Facts) -> str:
     layer: str = request.layer
     if layer.startswith(PUBLISHED_ROOTS):
         return "" if principal.has("publisher") else f"{layer} is an os/ or app/ layer: needs role publisher"
-    user = owner_of(layer)
+    user = reading.owner_of(layer)
     if user is not None:
         if principal.has("node") and user in facts.assignments.users_of(principal.name):
             return ""
@@ -106,6 +98,20 @@ def _read_layer(field: str) -> Check:
         layer = getattr(request, field)
         layer = layer if isinstance(layer, str) else layer.layer
         return "" if may_read_layer(principal, layer, facts) else f"may not read {layer}"
+
+    return check
+
+
+def _own_node(field: str) -> Check:
+    """A node speaks for itself only: Register and Heartbeat under the id its certificate names."""
+
+    def check(principal: Principal, request: Any, facts: Facts) -> str:
+        if not principal.has("node"):
+            return "needs role node"
+        node_id = request.node.node_id if field == "node" else request.node_id
+        if node_id != principal.name:
+            return f"node id {node_id!r} is not the certificate's {principal.name!r}"
+        return ""
 
     return check
 
@@ -133,7 +139,23 @@ def _release_hold(principal: Principal, request: Any, facts: Facts) -> str:
 
 
 ANY = Rule("any", "any principal of the fleet", _anyone)
-NODE = Rule("node", "role node", _role("node"))
+REGISTER = Rule(
+    "own-node", "role node, under the node id its certificate names", _own_node("node"), changes_state=True
+)
+HEARTBEAT = Rule(
+    "own-node", "role node, under the node id its certificate names", _own_node("node_id"), changes_state=True
+)
+HOLDINGS = Rule(
+    "holdings",
+    "any principal; shows holdings only of layers it may read (admin, auditor: all, and assignments)",
+    _anyone,
+)
+LISTED = Rule("listed", "any principal; names only layers it may read (Watch: their events)", _anyone)
+MANIFEST = Rule(
+    "manifest",
+    "any principal; answers only for a manifest of a version it may read, else NOT_FOUND",
+    _anyone,
+)
 ADMIN = Rule("admin", "role admin", _role("admin"), changes_state=True)
 AUDITOR = Rule("auditor", "role auditor", _role("auditor"))
 OVERSIGHT = Rule("oversight", "role auditor or admin", _role("auditor", "admin"))
@@ -163,19 +185,19 @@ ENROLL = Rule("enroll", "any principal (the join token or the own certificate de
 
 RULES: dict[str, Rule] = {
     "/cachepoint.v1.Catalog/Resolve": READ_REF,
-    "/cachepoint.v1.Catalog/ListLayers": ANY,
+    "/cachepoint.v1.Catalog/ListLayers": LISTED,
     "/cachepoint.v1.Catalog/ListVersions": READ_LAYER,
-    "/cachepoint.v1.Catalog/GetManifest": ANY,
+    "/cachepoint.v1.Catalog/GetManifest": MANIFEST,
     "/cachepoint.v1.Catalog/Commit": COMMIT,
     "/cachepoint.v1.Catalog/SetTag": TAG,
-    "/cachepoint.v1.Catalog/Watch": ANY,
+    "/cachepoint.v1.Catalog/Watch": LISTED,
     "/cachepoint.v1.BlockExchange/HasBlocks": BLOCKS,
     "/cachepoint.v1.BlockExchange/FetchBlocks": BLOCKS,
     "/cachepoint.v1.BlockExchange/PushBlocks": PUSH,
-    "/cachepoint.v1.Fleet/Register": NODE,
-    "/cachepoint.v1.Fleet/Heartbeat": NODE,
-    "/cachepoint.v1.Fleet/FindPeers": ANY,
-    "/cachepoint.v1.Fleet/ListNodes": ANY,
+    "/cachepoint.v1.Fleet/Register": REGISTER,
+    "/cachepoint.v1.Fleet/Heartbeat": HEARTBEAT,
+    "/cachepoint.v1.Fleet/FindPeers": HOLDINGS,
+    "/cachepoint.v1.Fleet/ListNodes": HOLDINGS,
     "/cachepoint.v1.History/Timeline": OWN_HISTORY,
     "/cachepoint.v1.History/FileHistory": OWN_HISTORY,
     "/cachepoint.v1.History/Diff": READ_DIFF,
@@ -277,14 +299,21 @@ class Authorizer(grpc.aio.ServerInterceptor):
         return authorized
 
 
+def caller(context: grpc.aio.ServicerContext) -> Principal | None:
+    """The call's principal (the Guard has checked it), None without TLS."""
+    if not (context.auth_context() or {}).get("x509_pem_cert"):
+        return None
+    return peer_principal(context)
+
+
 def layer_reader(facts: Facts) -> LayerReader:
     """For listings (Watch, ListLayers): which layers the call's principal may see; None without TLS
     (every layer). A node watching everything sees only the events of layers it may read."""
 
     def reader(context: grpc.aio.ServicerContext) -> Callable[[str], bool] | None:
-        if not (context.auth_context() or {}).get("x509_pem_cert"):
+        principal = caller(context)
+        if principal is None:
             return None
-        principal = peer_principal(context)
         return lambda layer: may_read_layer(principal, layer, facts)
 
     return reader

@@ -17,7 +17,7 @@ from cachepoint.rpc.serving import Server, announce, stop_event_on_signals
 from cachepoint.store.store import Store
 from cachepoint.v1 import blocks_pb2_grpc, catalog_pb2_grpc, fleet_pb2_grpc, history_pb2_grpc
 from coordinator.assignments import Assignments
-from coordinator.authz import Authorizer, block_answers, layer_reader
+from coordinator.authz import Authorizer, block_answers, caller, layer_reader
 from coordinator.catalog.events import EventLog
 from coordinator.catalog.service import CatalogService
 from coordinator.fleet.registry import Registry
@@ -77,9 +77,8 @@ async def serve(
                 CatalogService(store, events, audit, writes, layer_reader(authorizer.facts)), s
             )
         )
-        server.add(
-            lambda s: fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(Registry(), assignments), s)
-        )
+        fleet = FleetService(Registry(), assignments, caller, trust.revoked if trust is not None else None)
+        server.add(lambda s: fleet_pb2_grpc.add_FleetServicer_to_server(fleet, s))
         server.add(lambda s: history_pb2_grpc.add_HistoryServicer_to_server(HistoryService(history), s))
         address = await server.start()
         rest: web.AppRunner | None = None

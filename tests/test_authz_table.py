@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from cachepoint.trust.peer_authz import PEER_RULES, peer_table_rows
 from cachepoint.v1 import blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2
 from coordinator.authz import RULES, table_rows
 
@@ -13,10 +14,10 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 ROW = re.compile(r"^\| `([^`]+)` \| ([^|]+) \| (.+) \|$")
 
 
-def readme_rows() -> list[tuple[str, str, str]]:
+def readme_rows(table: str = "authz table") -> list[tuple[str, str, str]]:
     text = README.read_text()
-    start = text.index("<!-- authz table:")
-    end = text.index("<!-- end authz table -->", start)
+    start = text.index(f"<!-- {table}:")
+    end = text.index(f"<!-- end {table} -->", start)
     rows = []
     for line in text[start:end].splitlines():
         if match := ROW.match(line):
@@ -37,3 +38,17 @@ def test_every_method_the_coordinator_serves_has_a_rule() -> None:
         for method in service.methods
     }
     assert served - set(RULES) == set()
+
+
+def test_the_readme_prints_exactly_the_table_a_nodes_peer_port_checks() -> None:
+    assert readme_rows("peer authz table") == peer_table_rows()
+
+
+def test_every_method_a_nodes_peer_port_serves_has_a_rule() -> None:
+    served = {
+        f"/{service.full_name}/{method.name}"
+        for module in (blocks_pb2, catalog_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
+    assert served - set(PEER_RULES) == set()

@@ -14,7 +14,7 @@ import grpc
 
 from cachepoint.rpc.serving import Server, split_address
 from coordinator.pki.ca import CertificateAuthority, server_hosts
-from coordinator.pki.guard import Guard
+from coordinator.pki.guard import coordinator_guard
 from coordinator.pki.revocation import Revocations
 from coordinator.pki.service import EnrollmentService, register
 from coordinator.pki.tls import CoordinatorTls
@@ -44,9 +44,9 @@ class FleetTrust:
         self.settings = settings
         host, _ = split_address(listen)
         self.tls = CoordinatorTls(settings.ca, server_hosts(host, settings.tls_names), settings.lifetime)
-        revocations = Revocations(data)
-        self.guard = Guard(revocations)
-        self.enrollment = EnrollmentService(data, settings.ca, settings.lifetime, revocations)
+        self.revocations = Revocations(data)
+        self.guard = coordinator_guard(self.revocations)
+        self.enrollment = EnrollmentService(data, settings.ca, settings.lifetime, self.revocations)
         self.enroll_server = Server(
             enroll_address(listen, settings.enroll_listen),
             "cachepoint.v1.Enrollment",
@@ -63,6 +63,11 @@ class FleetTrust:
         server = Server(listen, name, self.tls.credentials(True), interceptors)
         server.add(self.register)
         return server
+
+    def revoked(self) -> dict[str, float]:
+        """Every revoked name and when, as heartbeat replies hand it to the nodes."""
+        self.revocations.refresh()
+        return dict(self.revocations.revoked)
 
     def register(self, server: grpc.aio.Server) -> None:
         register(server, self.enrollment)  # Renew, and Enroll for callers who already have a certificate
