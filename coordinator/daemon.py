@@ -26,6 +26,7 @@ from coordinator.history.audit import AuditLog
 from coordinator.history.retention import Retention
 from coordinator.history.rpc import HistoryService
 from coordinator.history.service import History
+from coordinator.pki.audit_queue import keep_draining
 from coordinator.pki.trust import FleetTrust, TrustSettings
 
 log = logging.getLogger("coordinator")
@@ -51,7 +52,7 @@ async def serve(
         audit = AuditLog(store.db)
         writes = asyncio.Lock()  # commits, tag moves, holds and the history GC, one at a time
         history = History(store, events, audit, writes, retention or Retention({}))
-        trust = FleetTrust(data, trust_settings, listen) if trust_settings is not None else None
+        trust = FleetTrust(data, trust_settings, listen, audit) if trust_settings is not None else None
         assignments = Assignments(data)
         authorizer = Authorizer(store, audit, assignments)
         if trust is not None:
@@ -83,6 +84,7 @@ async def serve(
         address = await server.start()
         rest: web.AppRunner | None = None
         scheduled: asyncio.Task[None] | None = None
+        queued: asyncio.Task[None] | None = None
         try:
             extra: dict[str, object] = {}
             if trust is not None:
@@ -97,12 +99,15 @@ async def serve(
             )
             log.info("coordinator serving %s on %s", data, address)
             scheduled = asyncio.create_task(scheduled_gc(history, gc_every)) if gc_every > 0 else None
+            # What `enroll`, `revoke`, `assign` queued for the audit log (coordinator/pki/audit_queue.py).
+            queued = asyncio.create_task(keep_draining(data, audit), name="audit queue")
             await stop.wait()
         finally:
-            if scheduled is not None:
-                scheduled.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await scheduled
+            for task in (scheduled, queued):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             if rest is not None:
                 await rest.cleanup()
             events.close()

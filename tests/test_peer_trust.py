@@ -7,20 +7,25 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cachepoint.trust.identity import csr_pem, new_key
 from cachepoint.trust.principal import PEER_TLS_NAME
 from cachepoint.v1 import (
     blocks_pb2,
     blocks_pb2_grpc,
     catalog_pb2,
     catalog_pb2_grpc,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
     fleet_pb2,
     fleet_pb2_grpc,
     version_pb2,
@@ -295,3 +300,68 @@ def test_fleet_listings_show_a_caller_only_holdings_it_may_read_and_a_node_speak
         }, denied
         # n-alice's registration stands: still listed at its own address.
         assert _holdings(coordinator, auditor)["n-alice"] >= {f"{LAYER}@1"}
+
+
+# -- enrollment, renewal, revocation and assignments in the audit log ----------------------------------
+
+
+def test_enrollment_renewal_revocation_and_assignments_are_in_the_audit_log_with_who_did_them(
+    tmp_path: Path,
+) -> None:
+    with Fleet(tmp_path) as fleet:
+        coordinator = tls_coordinator(fleet)
+        auditor = enrolled(fleet, coordinator, tmp_path, "auditor-1", "--role", "auditor")
+        node = enrolled(fleet, coordinator, tmp_path, "n1", "--site", "branch-7")
+        issued = x509.load_pem_x509_certificate((node / "identity" / "cert.pem").read_bytes())
+        key = new_key()
+        with grpc.secure_channel(coordinator.address, credentials(node / "identity")) as channel:
+            renewed = enrollment_pb2_grpc.EnrollmentStub(channel).Renew(
+                enrollment_pb2.RenewRequest(csr_pem=csr_pem(key)), timeout=10
+            )
+        renewed_cert = x509.load_pem_x509_certificate(renewed.certificate_pem)
+        assign(fleet, "alice", "n1")
+        coordinator_cli("unassign", "alice", "n1", "--data", str(data_of(fleet)))
+        coordinator_cli("revoke", "n1", "--data", str(data_of(fleet)))
+
+        me = f"os:{pwd.getpwuid(os.geteuid()).pw_name}"
+        wanted = {
+            ("enroll.token", "n1"),
+            ("enroll.used", "n1"),
+            ("cert.renewed", "n1"),
+            ("assignment.add", "user/alice"),
+            ("assignment.remove", "user/alice"),
+            ("principal.revoked", "n1"),
+        }
+
+        def trust_records() -> dict[tuple[str, str], Any] | None:
+            records = {(r.action, r.subject): r for r in audit_records(coordinator, auditor)}
+            return records if wanted <= set(records) else None
+
+        records = wait_until("the audit log to hold the trust records", trust_records, 30, logs=fleet.logs)
+        details = {key: json.loads(r.details_json) for key, r in records.items()}
+        # What an admin did at the data directory names the OS user who ran the command ...
+        for action in ("enroll.token", "assignment.add", "assignment.remove", "principal.revoked"):
+            subject = "user/alice" if action.startswith("assignment") else "n1"
+            assert records[(action, subject)].actor == me, records[(action, subject)]
+        assert details[("enroll.token", "n1")]["role"] == "node"
+        assert details[("assignment.add", "user/alice")]["node"] == "n1"
+        # ... what the coordinator did names the certificate's principal, with the serial issued.
+        used = details[("enroll.used", "n1")]
+        assert records[("enroll.used", "n1")].actor == "n1"
+        serial = f"{issued.serial_number:x}"
+        assert (used["role"], used["site"], used["serial"]) == ("node", "branch-7", serial)
+        assert details[("cert.renewed", "n1")]["serial"] == f"{renewed_cert.serial_number:x}"
+        assert details[("cert.renewed", "n1")]["previous_serial"] == f"{issued.serial_number:x}"
+        assert list((data_of(fleet) / "audit-queue").glob("*.json")) == []
+        # The chain still verifies, through the running coordinator.
+        verdict = coordinator_cli(
+            "--identity",
+            str(auditor / "identity"),
+            "history",
+            "audit",
+            "verify",
+            "--coordinator",
+            coordinator.address,
+            "--json",
+        ).json()
+        assert verdict["ok"] is True, verdict  # type: ignore[index]

@@ -1,5 +1,6 @@
 """`cachepoint-coordinator enroll` and `revoke`: they work on DATA/ca/ directly, so they run beside a
-running coordinator (which reads what they write at its next enrollment or call)."""
+running coordinator (which reads what they write at its next enrollment or call). Each leaves an audit
+record for the coordinator to append (coordinator/pki/audit_queue.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from cachepoint.errors import InvalidInput, NotFound
 from cachepoint.rpc.serving import split_address
 from cachepoint.trust.principal import Role, check_name
 from cachepoint.trust.token import JoinToken
-from coordinator.pki import revocation, tokens
+from coordinator.pki import audit_queue, revocation, tokens
 from coordinator.pki.ca import CertificateAuthority
 
 data_option = click.option(
@@ -76,6 +77,12 @@ def enroll_cmd(name: str, data: Path, site: str, role: str, ttl: str, as_json: b
     now = time.time()
     entry = tokens.TokenRecord(name, str(parsed_role), site, now + seconds, now)
     tokens.record(data, token.secret_hash, entry)
+    audit_queue.queue(
+        data,
+        audit_queue.TOKEN_ISSUED,
+        name,
+        {"role": str(parsed_role), "site": site or None, "expires_at": entry.expires_at},
+    )
     if as_json:
         emit_json(
             {
@@ -100,6 +107,7 @@ def revoke_cmd(name: str, data: Path, as_json: bool) -> None:
     heartbeat interval. Enrolling NAME again with a new token gives it a certificate that works."""
     _checked(name, "name")
     at = revocation.revoke(data, name)
+    audit_queue.queue(data, audit_queue.REVOKED, name, {"revoked_at": at})
     if as_json:
         emit_json({"revoked": name, "at": when(int(at * 1e9))})
         return

@@ -18,7 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cachepoint.trust.principal import Principal, Role
 from cachepoint.trust.token import secret_hash
 from cachepoint.v1 import enrollment_pb2, enrollment_pb2_grpc
+from coordinator.history.audit import AuditEntry, AuditLog
 from coordinator.pki import tokens
+from coordinator.pki.audit_queue import ENROLLED, RENEWED
 from coordinator.pki.ca import CertificateAuthority
 from coordinator.pki.guard import Refused, peer_principal
 from coordinator.pki.revocation import Revocations
@@ -29,12 +31,30 @@ MAX_CSR = 16 * 1024
 
 class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
     def __init__(
-        self, data: Path, ca: CertificateAuthority, lifetime: timedelta, revocations: Revocations
+        self,
+        data: Path,
+        ca: CertificateAuthority,
+        lifetime: timedelta,
+        revocations: Revocations,
+        audit: AuditLog | None = None,
     ) -> None:
         self.data = data
         self.ca = ca
         self.lifetime = lifetime
         self.revocations = revocations
+        self.audit = audit
+
+    async def _audited(self, actor: str, action: str, cert: x509.Certificate, **details: object) -> None:
+        """Each certificate handed out is in the audit log, with its serial (as `openssl x509` shows it)."""
+        if self.audit is None:
+            return
+        details = {
+            **details,
+            "serial": f"{cert.serial_number:x}",
+            "not_after": cert.not_valid_after_utc.isoformat(),
+        }
+        entry = AuditEntry(actor, action, actor, details)
+        await asyncio.to_thread(self.audit.append, [entry])
 
     async def _public_key(
         self, csr_pem: bytes, context: grpc.aio.ServicerContext
@@ -71,6 +91,9 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         await self._after_revocation(entry.name)
         cert = self.ca.issue(key, principal, self.lifetime)
         log.warning("enrolled %s as %s (site %r) from %s", entry.name, entry.role, entry.site, context.peer())
+        await self._audited(
+            entry.name, ENROLLED, cert, role=entry.role, site=entry.site or None, peer=context.peer()
+        )
         return self._response(cert)
 
     async def _after_revocation(self, name: str) -> None:
@@ -91,6 +114,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         key = await self._public_key(request.csr_pem, context)
         cert = self.ca.issue(key, Principal(current.name, current.roles, current.site), self.lifetime)
         log.info("renewed the certificate of %s until %s", current.name, cert.not_valid_after_utc)
+        await self._audited(current.name, RENEWED, cert, previous_serial=f"{current.serial:x}")
         return self._response(cert)
 
 

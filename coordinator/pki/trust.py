@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from cachepoint.rpc.serving import Server, split_address
+from coordinator.history.audit import AuditLog
 from coordinator.pki.ca import CertificateAuthority, server_hosts
 from coordinator.pki.guard import coordinator_guard
 from coordinator.pki.revocation import Revocations
@@ -40,13 +41,15 @@ def enroll_address(listen: str, enroll_listen: str) -> str:
 
 
 class FleetTrust:
-    def __init__(self, data: Path, settings: TrustSettings, listen: str) -> None:
+    def __init__(
+        self, data: Path, settings: TrustSettings, listen: str, audit: AuditLog | None = None
+    ) -> None:
         self.settings = settings
         host, _ = split_address(listen)
         self.tls = CoordinatorTls(settings.ca, server_hosts(host, settings.tls_names), settings.lifetime)
         self.revocations = Revocations(data)
         self.guard = coordinator_guard(self.revocations)
-        self.enrollment = EnrollmentService(data, settings.ca, settings.lifetime, self.revocations)
+        self.enrollment = EnrollmentService(data, settings.ca, settings.lifetime, self.revocations, audit)
         self.enroll_server = Server(
             enroll_address(listen, settings.enroll_listen),
             "cachepoint.v1.Enrollment",
