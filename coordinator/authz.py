@@ -213,6 +213,7 @@ RULES: dict[str, Rule] = {
     "/cachepoint.v1.Enrollment/Renew": ENROLL,
     "/grpc.health.v1.Health/Check": ANY,
     "/grpc.health.v1.Health/Watch": ANY,
+    "/grpc.health.v1.Health/List": ANY,
 }
 # Outside the gRPC table: enrolling (`cachepoint-coordinator enroll`), assignments, retention and GC
 # settings are changed by an admin at the coordinator's data directory, which only they can write.
@@ -261,15 +262,26 @@ class Authorizer(grpc.aio.ServerInterceptor):
         if not message:
             return
         if rule is None or rule.changes_state:
-            entry = AuditEntry(
-                recorded_actor(principal.name),
-                ACCESS_DENIED,
-                method.lstrip("/"),
-                {"rule": rule.name if rule else None, "refusal": message},
-            )
-            await asyncio.to_thread(self.audit.append, [entry], self.store.db.batch())
+            await self._audit_refusal(principal.name, method, rule.name if rule else None, message)
         log.warning("%s", message)
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+
+    async def _audit_refusal(self, actor: str, method: str, rule: str | None, message: str) -> None:
+        entry = AuditEntry(
+            recorded_actor(actor), ACCESS_DENIED, method.lstrip("/"), {"rule": rule, "refusal": message}
+        )
+        await asyncio.to_thread(self.audit.append, [entry], self.store.db.batch())
+
+    async def guard_refused(
+        self, context: grpc.aio.ServicerContext, method: str, principal: Principal | None, message: str
+    ) -> None:
+        """The Guard's refusals (a revoked principal, a certificate expired on an open connection) of
+        calls that would change state are audited too, under rule ``certificate``."""
+        rule = RULES.get(method)
+        if rule is None or rule.changes_state:
+            await self._audit_refusal(
+                principal.name if principal else "unauthenticated", method, "certificate", message
+            )
 
     async def intercept_service(
         self,

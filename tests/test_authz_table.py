@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from grpc_health.v1 import health_pb2
+
 from cachepoint.trust.peer_authz import PEER_RULES, peer_table_rows
 from cachepoint.v1 import blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2
 from coordinator.authz import RULES, table_rows
@@ -33,7 +35,7 @@ def test_the_readme_prints_exactly_the_table_the_coordinator_checks() -> None:
 def test_every_method_the_coordinator_serves_has_a_rule() -> None:
     served = {
         f"/{service.full_name}/{method.name}"
-        for module in (blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2)
+        for module in (blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2, health_pb2)
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     }
@@ -47,7 +49,7 @@ def test_the_readme_prints_exactly_the_table_a_nodes_peer_port_checks() -> None:
 def test_every_method_a_nodes_peer_port_serves_has_a_rule() -> None:
     served = {
         f"/{service.full_name}/{method.name}"
-        for module in (blocks_pb2, catalog_pb2)
+        for module in (blocks_pb2, catalog_pb2, health_pb2)
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     }

@@ -30,6 +30,10 @@ log = logging.getLogger("cachepoint.trust")
 _PARSED_MAX = 4096
 
 
+# (call, method, principal when the certificate names one, the refusal's message)
+RefusalHook = Callable[[grpc.aio.ServicerContext, str, Principal | None, str], Awaitable[None]]
+
+
 class RevocationList(Protocol):
     def refuses(self, principal: Principal) -> float | None:
         """When ``principal``'s certificate was revoked, or None when it stands."""
@@ -74,6 +78,8 @@ class Guard(grpc.aio.ServerInterceptor):
     def __init__(self, revocations: RevocationList, check_every: float = 1.0) -> None:
         self.revocations = revocations
         self.check_every = check_every
+        # Told of each refusal here (the coordinator audits those of calls that would change state).
+        self.on_refusal: RefusalHook | None = None
         self.open: dict[asyncio.Task[Any], OpenCall] = {}  # by the task that runs the call
 
     def check(self, context: grpc.aio.ServicerContext) -> Principal:
@@ -97,28 +103,29 @@ class Guard(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return around_calls(handler, self._unary, self._stream)
+        method = handler_call_details.method
+        return around_calls(handler, lambda b: self._unary(b, method), lambda b: self._stream(b, method))
 
-    def _unary(self, behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._tracked(context):
+            async with self._tracked(context, method):
                 return await behavior(request, context)
 
         return guarded
 
-    def _stream(self, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+    def _stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with self._tracked(context):
+            async with self._tracked(context, method):
                 async for item in responses(behavior, request, context):
                     yield item
 
         return guarded
 
     @contextlib.asynccontextmanager
-    async def _tracked(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def _tracked(self, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
         """Checked on entry, known as open while it runs; a call cancelled by close_revoked ends
         with PERMISSION_DENIED, any other cancellation (the client went away) stays a cancellation."""
-        call = await self._enter(context)
+        call = await self._enter(context, method)
         try:
             yield
         except asyncio.CancelledError:
@@ -128,10 +135,16 @@ class Guard(grpc.aio.ServerInterceptor):
         finally:
             self.open.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
 
-    async def _enter(self, context: grpc.aio.ServicerContext) -> OpenCall:
+    async def _enter(self, context: grpc.aio.ServicerContext, method: str) -> OpenCall:
         try:
             call = OpenCall(self.check(context))
         except Refused as refused:
+            if self.on_refusal is not None:
+                try:
+                    principal: Principal | None = peer_principal(context)
+                except Refused:
+                    principal = None
+                await self.on_refusal(context, method, principal, str(refused))
             await context.abort(refused.code, str(refused))
         task = asyncio.current_task()
         if task is not None:

@@ -86,6 +86,7 @@ PEER_RULES: dict[str, PeerRule] = {
     "/cachepoint.v1.Catalog/Watch": COORDINATOR_ONLY,
     "/grpc.health.v1.Health/Check": ANY,
     "/grpc.health.v1.Health/Watch": ANY,
+    "/grpc.health.v1.Health/List": ANY,
 }
 
 

@@ -63,6 +63,8 @@ class FleetTrust:
     ) -> Server:
         """The Guard authenticates every call first; then ``authorizer`` (coordinator/authz.py) decides."""
         interceptors = [self.guard] if authorizer is None else [self.guard, authorizer]
+        if authorizer is not None:
+            self.guard.on_refusal = getattr(authorizer, "guard_refused", None)
         server = Server(listen, name, self.tls.credentials(True), interceptors)
         server.add(self.register)
         return server
