@@ -17,6 +17,7 @@ from coordinator.history.audit import AuditLog
 from coordinator.pki.ca import CertificateAuthority, server_hosts
 from coordinator.pki.guard import coordinator_guard
 from coordinator.pki.revocation import Revocations
+from coordinator.pki.rotation import LiveAuthorities
 from coordinator.pki.service import EnrollmentService, register
 from coordinator.pki.tls import CoordinatorTls
 
@@ -46,10 +47,13 @@ class FleetTrust:
     ) -> None:
         self.settings = settings
         host, _ = split_address(listen)
-        self.tls = CoordinatorTls(settings.ca, server_hosts(host, settings.tls_names), settings.lifetime)
+        self.authorities = LiveAuthorities(data, settings.ca)
+        self.tls = CoordinatorTls(self.authorities, server_hosts(host, settings.tls_names), settings.lifetime)
         self.revocations = Revocations(data)
         self.guard = coordinator_guard(self.revocations)
-        self.enrollment = EnrollmentService(data, settings.ca, settings.lifetime, self.revocations, audit)
+        self.enrollment = EnrollmentService(
+            data, self.authorities, settings.lifetime, self.revocations, audit
+        )
         self.enroll_server = Server(
             enroll_address(listen, settings.enroll_listen),
             "cachepoint.v1.Enrollment",
@@ -81,7 +85,7 @@ class FleetTrust:
         """Start the enrollment port and the revocation watch; what to announce."""
         address = await self.enroll_server.start()
         self._watch = asyncio.create_task(self.guard.watch(), name="revocations")
-        return {"enroll": address, "ca_fingerprint": self.settings.ca.fingerprint}
+        return {"enroll": address, "ca_fingerprint": self.authorities.current.serving.fingerprint}
 
     async def stop(self) -> None:
         if self._watch is not None:
