@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from coordinator.pki.guard import Refused, peer_principal
 
 log = logging.getLogger("coordinator.authz")
 ACCESS_DENIED = "access.denied"  # audit action; subject: the method
+GUARD_AUDIT_EVERY = 600.0  # seconds: repeated certificate refusals of one principal and method
 PUBLISHED_ROOTS = ("os/", "app/")
 
 
@@ -237,6 +239,7 @@ class Authorizer(grpc.aio.ServerInterceptor):
         self.audit = audit
         self.facts = Facts(assignments, Holds(store.db, audit))
         self.store = store
+        self._guard_audited: dict[tuple[str, str], float] = {}  # (actor, method) -> when, monotonic
 
     def refusal(self, principal: Principal, method: str, request: Any) -> tuple[Rule | None, str]:
         rule = RULES.get(method)
@@ -278,10 +281,19 @@ class Authorizer(grpc.aio.ServerInterceptor):
         """The Guard's refusals (a revoked principal, a certificate expired on an open connection) of
         calls that would change state are audited too, under rule ``certificate``."""
         rule = RULES.get(method)
-        if rule is None or rule.changes_state:
-            await self._audit_refusal(
-                principal.name if principal else "unauthenticated", method, "certificate", message
-            )
+        if rule is not None and not rule.changes_state:
+            return
+        actor = principal.name if principal else "unauthenticated"
+        # A revoked daemon left running retries its heartbeat every few seconds: one record per
+        # principal and method per GUARD_AUDIT_EVERY, not one per attempt.
+        now = time.monotonic()
+        key = (actor, method)
+        if now - self._guard_audited.get(key, -GUARD_AUDIT_EVERY) < GUARD_AUDIT_EVERY:
+            return
+        if len(self._guard_audited) > 10_000:
+            self._guard_audited.clear()
+        self._guard_audited[key] = now
+        await self._audit_refusal(actor, method, "certificate", message)
 
     async def intercept_service(
         self,
