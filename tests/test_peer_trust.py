@@ -95,14 +95,14 @@ def test_a_revoked_node_is_refused_at_a_peers_port_within_a_heartbeat_interval(t
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
 
             coordinator_cli("revoke", "n-caller", "--data", str(data_of(fleet)))
-            revoked_at = time.monotonic()
+            revoked_at = json.loads((data_of(fleet) / "ca" / "revoked.json").read_text())["n-caller"]
             wait_until(
                 "the peer port to refuse the revoked node",
                 lambda: fetch_refusal(peer.address, caller, ids, f"{LAYER}@1") is not None,
                 APPLIED_WITHIN,
                 logs=fleet.logs,
             )
-            took = time.monotonic() - revoked_at
+            took = time.time() - revoked_at  # an upper bound: the CLI's own run is included
             with pytest.raises(grpc.RpcError) as ended:
                 for _ in watch:
                     pass
