@@ -54,8 +54,11 @@ from cachepoint.store import format as fmt
 from cachepoint.store.headroom import DEFAULT_RESERVE, ensure_reserve
 from cachepoint.store.space import SpaceLimit
 from cachepoint.store.store import Store
+from cachepoint.trust.fleet_view import VIEW_FILE, FleetView
+from cachepoint.trust.guard import Guard
 from cachepoint.trust.location import STORE_IDENTITY
 from cachepoint.trust.node import daemon_identity, keep_renewed, names
+from cachepoint.trust.peer_authz import PeerAuthorizer, peer_reader
 from cachepoint.v1 import (
     agent_pb2_grpc,
     blocks_pb2_grpc,
@@ -172,6 +175,10 @@ class Daemon:
         self.scrub_stop = asyncio.Event()
         self.scrub_progress: ScrubProgress | None = None
         self.gate: PullGate | None = None  # set once the store is open
+        # With TLS: the revocations and assignments the coordinator's heartbeat replies hand out, which
+        # the peer port applies (cachepoint/trust/fleet_view.py); its guard ends revoked open calls.
+        self.fleet_view = FleetView()
+        self.peer_guard: Guard | None = None
 
     # -- pulls ---------------------------------------------------------------------------------
 
@@ -316,9 +323,14 @@ class Daemon:
         try:
             async with channel.channel(self.settings.coordinator) as ch:
                 request = await self._heartbeat_request()
-                await fleet_pb2_grpc.FleetStub(ch).Heartbeat(request, timeout=UNARY_DEADLINE)
+                reply = await fleet_pb2_grpc.FleetStub(ch).Heartbeat(request, timeout=UNARY_DEADLINE)
+            self.apply_fleet_view(reply)
         except grpc.aio.AioRpcError as err:
             log.info("could not report inventory now: %s", err.details())
+
+    def apply_fleet_view(self, reply: fleet_pb2.HeartbeatResponse) -> None:
+        if self.fleet_view.apply(reply) and self.peer_guard is not None:
+            self.peer_guard.close_revoked()
 
     async def heartbeat(self) -> None:
         backoff = BACKOFF_START
@@ -340,7 +352,8 @@ class Daemon:
                             interval = max(response.heartbeat_interval_ms / 1000, 0.2)
                             registered = True
                             self.registered.set()
-                        await fleet.Heartbeat(await self._heartbeat_request(), timeout=UNARY_DEADLINE)
+                        reply = await fleet.Heartbeat(await self._heartbeat_request(), timeout=UNARY_DEADLINE)
+                        self.apply_fleet_view(reply)
                         if not self.connected:
                             self.outbox_wakeup.set()  # back online: deliver what waited
                         self.connected = True
@@ -547,17 +560,27 @@ class Daemon:
             self.node_id, self.settings.site = names(identity, self.node_id, self.settings.site, "default")
         self.node_id = self.node_id or f"{os.uname().nodename}-{store_id}"
         credentials = identity.server_credentials() if identity is not None else None
-        server = Server(self.settings.listen, "cachepoint.v1.BlockExchange", credentials, node=True)
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        users_of = self.fleet_view.users_of
+        if identity is not None:
+            self.fleet_view = FleetView(self.settings.store / VIEW_FILE)
+            users_of = self.fleet_view.users_of
+            self.peer_guard = Guard(self.fleet_view)
+            interceptors = [self.peer_guard, PeerAuthorizer(users_of)]
+        server = Server(
+            self.settings.listen, "cachepoint.v1.BlockExchange", credentials, interceptors, node=True
+        )
         store = self.store
         blocks = BlockExchangeService(
             store,
             self.serve_counters,
             accepts_pushes=False,
             fetch_limits=channel.NODE_FETCH_LIMITS,
-            answerable=peer_answers(VersionBlocks(store)),
+            answerable=peer_answers(VersionBlocks(store), users_of),
         )
+        catalog = CatalogReadService(store, peer_reader(users_of))
         server.add(lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(blocks, s))
-        server.add(lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogReadService(store), s))
+        server.add(lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(catalog, s))
         tasks: list[asyncio.Task[None]] = []
         remote = self.open_remote if self.settings.coordinator else None
         self.disks = Disks(store, remote, read_cache=self.settings.read_cache)
@@ -576,7 +599,14 @@ class Daemon:
                 if self.settings.nbd_tls and identity is not None:
                     from cachepoint.disk.nbd_access import nbd_tls as make_nbd_tls
 
-                    nbd_tls = make_nbd_tls(identity, self.node_id, self.disks.layers_of)
+                    # The fleet's revocations and assignments as this node's heartbeats brought them.
+                    nbd_tls = make_nbd_tls(
+                        identity,
+                        self.node_id,
+                        self.disks.layers_of,
+                        lambda principal: self.fleet_view.refuses(principal),
+                        lambda node: self.fleet_view.users_of(node),
+                    )
                 extra["nbd"] = await self.disks.serve(
                     self.settings.nbd or None,
                     self.settings.nbd_socket or None,
@@ -586,7 +616,10 @@ class Daemon:
             if self.settings.http:
                 from cachepoint.http.app import start_http
 
-                trust = http_trust(store, self.node_id) if http_trust is not None else None
+                trust = None
+                if http_trust is not None:
+                    view = self.fleet_view
+                    trust = http_trust(store, self.node_id, view.refuses, view.users_of)
                 http_runner, extra["http"] = await start_http(store, self.settings.http, trust=trust)
             stop = stop or stop_event_on_signals()
             if self.settings.scrub_every > 0:

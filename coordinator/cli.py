@@ -172,7 +172,7 @@ def assign_cmd(user: str, node: str, data: Path, as_json: bool) -> None:
     Takes effect at once, also at a running coordinator (DATA/assignments.json)."""
     from coordinator.assignments import Assignments
 
-    _assignment_changed(Assignments(data).assign(user, node), user, node, "assigned", as_json)
+    _assignment_changed(data, Assignments(data).assign(user, node), user, node, "assigned", as_json)
 
 
 @cli.command("unassign")
@@ -187,10 +187,15 @@ def unassign_cmd(user: str, node: str, data: Path, as_json: bool) -> None:
     """Take USER from NODE: NODE may no longer read or commit user/USER/... layers."""
     from coordinator.assignments import Assignments
 
-    _assignment_changed(Assignments(data).unassign(user, node), user, node, "unassigned", as_json)
+    _assignment_changed(data, Assignments(data).unassign(user, node), user, node, "unassigned", as_json)
 
 
-def _assignment_changed(changed: bool, user: str, node: str, what: str, as_json: bool) -> None:
+def _assignment_changed(data: Path, changed: bool, user: str, node: str, what: str, as_json: bool) -> None:
+    if changed:  # audited by the coordinator (coordinator/pki/audit_queue.py)
+        from coordinator.pki import audit_queue
+
+        action = audit_queue.ASSIGNED if what == "assigned" else audit_queue.UNASSIGNED
+        audit_queue.queue(data, action, f"user/{user}", {"node": node})
     if as_json:
         emit_json({"user": user, "node": node, what: True, "changed": changed})
     else:

@@ -19,7 +19,7 @@ from cachepoint.rpc.serving import Server, announce, stop_event_on_signals
 from cachepoint.store.store import Store
 from cachepoint.v1 import blocks_pb2_grpc, catalog_pb2_grpc, fleet_pb2_grpc, history_pb2_grpc
 from coordinator.assignments import Assignments
-from coordinator.authz import Authorizer, block_answers, layer_reader
+from coordinator.authz import Authorizer, block_answers, caller, layer_reader
 from coordinator.catalog.events import EventLog
 from coordinator.catalog.service import CatalogService
 from coordinator.fleet.registry import Registry
@@ -28,6 +28,7 @@ from coordinator.history.audit import AuditLog
 from coordinator.history.retention import Retention
 from coordinator.history.rpc import HistoryService
 from coordinator.history.service import History
+from coordinator.pki.audit_queue import keep_draining
 from coordinator.pki.trust import FleetTrust, TrustSettings
 
 log = logging.getLogger("coordinator")
@@ -60,7 +61,7 @@ async def serve(
         audit = AuditLog(store.db)
         writes = asyncio.Lock()  # commits, tag moves, holds and the history GC, one at a time
         history = History(store, events, audit, writes, retention or Retention({}))
-        trust = FleetTrust(data, trust_settings, listen) if trust_settings is not None else None
+        trust = FleetTrust(data, trust_settings, listen, audit) if trust_settings is not None else None
         assignments = Assignments(data)
         authorizer = Authorizer(store, audit, assignments)
         if trust is not None:
@@ -86,13 +87,13 @@ async def serve(
                 CatalogService(store, events, audit, writes, layer_reader(authorizer.facts)), s
             )
         )
-        server.add(
-            lambda s: fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(Registry(), assignments), s)
-        )
+        fleet = FleetService(Registry(), assignments, caller, trust.revoked if trust is not None else None)
+        server.add(lambda s: fleet_pb2_grpc.add_FleetServicer_to_server(fleet, s))
         server.add(lambda s: history_pb2_grpc.add_HistoryServicer_to_server(HistoryService(history), s))
         address = await server.start()
         rest: web.AppRunner | None = None
         scheduled: asyncio.Task[None] | None = None
+        queued: asyncio.Task[None] | None = None
         try:
             extra: dict[str, object] = {}
             if trust is not None:
@@ -118,12 +119,15 @@ async def serve(
             )
             log.info("coordinator serving %s on %s", data, address)
             scheduled = asyncio.create_task(scheduled_gc(history, gc_every)) if gc_every > 0 else None
+            # What `enroll`, `revoke`, `assign` queued for the audit log (coordinator/pki/audit_queue.py).
+            queued = asyncio.create_task(keep_draining(data, audit), name="audit queue")
             await stop.wait()
         finally:
-            if scheduled is not None:
-                scheduled.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await scheduled
+            for task in (scheduled, queued):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             if rest is not None:
                 await rest.cleanup()
             events.close()

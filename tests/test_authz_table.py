@@ -6,6 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from grpc_health.v1 import health_pb2
+
+from cachepoint.trust.peer_authz import PEER_RULES, peer_table_rows
 from cachepoint.v1 import blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2
 from coordinator.authz import REST_RULES, RULES, http_table_rows, table_rows
 
@@ -13,10 +16,10 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 ROW = re.compile(r"^\| `([^`]+)` \| ([^|]+) \| (.+) \|$")
 
 
-def readme_rows() -> list[tuple[str, str, str]]:
+def readme_rows(table: str = "authz table") -> list[tuple[str, str, str]]:
     text = README.read_text()
-    start = text.index("<!-- authz table:")
-    end = text.index("<!-- end authz table -->", start)
+    start = text.index(f"<!-- {table}:")
+    end = text.index(f"<!-- end {table} -->", start)
     rows = []
     for line in text[start:end].splitlines():
         if match := ROW.match(line):
@@ -32,7 +35,7 @@ def test_the_readme_prints_exactly_the_table_the_coordinator_checks() -> None:
 def test_every_method_the_coordinator_serves_has_a_rule() -> None:
     served = {
         f"/{service.full_name}/{method.name}"
-        for module in (blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2)
+        for module in (blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2, health_pb2)
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     }
@@ -81,3 +84,17 @@ def test_every_http_route_of_both_servers_has_a_rule_named_like_one_of_the_coord
         assert _routes(make_app(store)) == set(ROUTES) == set(route_rules(store, "n1"))
     names = {rule.name for rule in RULES.values()} | {rule.name for rule in REST_RULES.values()}
     assert {rule for rule, _ in ROUTES.values()} <= names
+
+
+def test_the_readme_prints_exactly_the_table_a_nodes_peer_port_checks() -> None:
+    assert readme_rows("peer authz table") == peer_table_rows()
+
+
+def test_every_method_a_nodes_peer_port_serves_has_a_rule() -> None:
+    served = {
+        f"/{service.full_name}/{method.name}"
+        for module in (blocks_pb2, catalog_pb2, health_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
+    assert served - set(PEER_RULES) == set()

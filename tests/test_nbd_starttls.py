@@ -211,6 +211,9 @@ def test_export_access_follows_the_read_layer_rule_and_refuses_revoked_principal
     assert "principal 'bob' may not read export 'alice/desk'" in access(bob, "alice/desk")
     assert "principal 'node-b' may not read export 'alice/desk'" in access(other_node, "alice/desk")
     assert access(alice, "gone") == "no export named 'gone'"
+    assignments = {"node-b": frozenset({"alice"})}
+    assigned = ExportAccess("node-a", layers.get, users_of=lambda n: assignments.get(n, frozenset()))
+    assert assigned(other_node, "alice/desk") == "" and assigned(bob, "alice/desk") != ""
     revoking = ExportAccess("node-a", layers.get, revoked=lambda p: 1.0e9 if p.name == "alice" else None)
     assert "'alice': the principal was revoked at 2001-09-09" in revoking(alice, "desk")
     assert revoking(bob, "desk") == ""

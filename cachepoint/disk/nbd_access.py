@@ -1,13 +1,12 @@
 """Who may use which NBD export of a daemon with ``--nbd-tls``: the node's own certificate is served,
 clients present one of the fleet's CA, and an export is served only to a principal that may read every
-layer under it, by the rules of the coordinator's table (coordinator/authz.py, read-layer):
+layer under it, by the fleet's one layer rule (cachepoint/trust/reading.py):
 
     os/ and app/ layers          any principal of the fleet
-    user/NAME/... layers         user:NAME, role auditor, and this node itself
+    user/NAME/... layers         user:NAME, role auditor, a node NAME is assigned to, and this node
 
-A node does not know which other nodes a user is assigned to (the coordinator does), so a user's disk
-is served to no other node. A certificate of a principal the daemon knows as revoked is refused too,
-when it is given a way to know (``revoked``).
+Revocations and assignments are the ones this node's heartbeats brought (cachepoint/trust/fleet_view.py);
+without a coordinator no one is revoked and no user is assigned to another node.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from cryptography import x509
 from cachepoint.disk.nbd.tls import NbdTls, server_context
 from cachepoint.trust.identity import Identity
 from cachepoint.trust.principal import NotAPrincipal, Principal, principal_of
+from cachepoint.trust.reading import UsersOf, may_read_layer, owner_of
 
 # The layers an export is made of, or None when no export has that name (any more).
 LayersOf = Callable[[str], Sequence[str] | None]
@@ -29,31 +29,36 @@ LayersOf = Callable[[str], Sequence[str] | None]
 Revoked = Callable[[Principal], float | None]
 
 
-def owner_of(layer: str) -> str | None:
-    """The user a ``user/NAME/...`` layer belongs to; None for every other layer."""
-    parts = layer.split("/")
-    return parts[1] if parts[0] == "user" and len(parts) >= 2 else None
+def _nobody(node: str) -> frozenset[str]:
+    return frozenset()
 
 
-def layer_refusal(principal: Principal, layer: str, node: str) -> str:
-    """Why ``principal`` may not read ``layer`` at node ``node``; "" when it may."""
+def layer_refusal(principal: Principal, layer: str, node: str, users_of: UsersOf = _nobody) -> str:
+    """Why ``principal`` may not read ``layer`` at node ``node``; "" when it may. The node serving the
+    export may always read it: the disk is attached there."""
+    if may_read_layer(principal, layer, users_of) or (principal.has("node") and principal.name == node):
+        return ""
     user = owner_of(layer)
-    if user is None:
-        return ""
-    if principal.has("auditor") or any(r.kind == "user" and r.user == user for r in principal.roles):
-        return ""
-    if principal.has("node") and principal.name == node:
-        return ""
-    return f"{layer} belongs to user {user}: it is served to user:{user}, auditors and node {node} only"
+    return (
+        f"{layer} belongs to user {user}: it is served to user:{user}, auditors, nodes {user} is "
+        f"assigned to and node {node}"
+    )
 
 
 class ExportAccess:
     """The ``authorize`` of the daemon's NbdTls."""
 
-    def __init__(self, node: str, layers_of: LayersOf, revoked: Revoked | None = None) -> None:
+    def __init__(
+        self,
+        node: str,
+        layers_of: LayersOf,
+        revoked: Revoked | None = None,
+        users_of: UsersOf = _nobody,
+    ) -> None:
         self.node = node
         self.layers_of = layers_of
         self.revoked = revoked
+        self.users_of = users_of
 
     def __call__(self, certificate: bytes, export: str) -> str:
         try:
@@ -68,7 +73,7 @@ class ExportAccess:
         if layers is None:
             return f"no export named {export!r}"
         for layer in layers:
-            refusal = layer_refusal(principal, layer, self.node)
+            refusal = layer_refusal(principal, layer, self.node, self.users_of)
             if refusal:
                 return f"principal {principal.name!r} may not read export {export!r}: {refusal}"
         return ""
@@ -91,5 +96,11 @@ class IdentityContext:
             return self._made[1]
 
 
-def nbd_tls(identity: Identity, node: str, layers_of: LayersOf, revoked: Revoked | None = None) -> NbdTls:
-    return NbdTls(IdentityContext(identity), ExportAccess(node, layers_of, revoked))
+def nbd_tls(
+    identity: Identity,
+    node: str,
+    layers_of: LayersOf,
+    revoked: Revoked | None = None,
+    users_of: UsersOf = _nobody,
+) -> NbdTls:
+    return NbdTls(IdentityContext(identity), ExportAccess(node, layers_of, revoked, users_of))
