@@ -329,8 +329,13 @@ class Daemon:
             log.info("could not report inventory now: %s", err.details())
 
     def apply_fleet_view(self, reply: fleet_pb2.HeartbeatResponse) -> None:
-        if self.fleet_view.apply(reply) and self.peer_guard is not None:
+        if not self.fleet_view.apply(reply):
+            return
+        if self.peer_guard is not None:
             self.peer_guard.close_revoked()
+        disks: Disks | None = getattr(self, "disks", None)  # made by run()
+        if disks is not None and disks.server is not None:
+            disks.server.close_refused()  # NBD clients revoked since they attached
 
     async def heartbeat(self) -> None:
         backoff = BACKOFF_START

@@ -217,3 +217,29 @@ def test_export_access_follows_the_read_layer_rule_and_refuses_revoked_principal
     revoking = ExportAccess("node-a", layers.get, revoked=lambda p: 1.0e9 if p.name == "alice" else None)
     assert "'alice': the principal was revoked at 2001-09-09" in revoking(alice, "desk")
     assert revoking(bob, "desk") == ""
+
+
+def test_a_principal_revoked_while_attached_is_disconnected_when_the_server_rechecks(serve, pki):  # noqa: F811
+    node = pki["node"]
+    context = server_context(*(read(node / f) for f in ("key.pem", "cert.pem", "ca.pem")))
+    revoked: set[str] = set()
+
+    def authorize(certificate: bytes, export: str) -> str:
+        name = principal_of_pem(ssl.DER_cert_to_PEM_cert(certificate).encode()).name
+        return f"{name} was revoked" if name in revoked else ""
+
+    server = serve({"mine": MemoryDevice(4096)}, tls=NbdTls(lambda: context, authorize))
+
+    async def recheck() -> int:
+        return server.server.close_refused()
+
+    tls = upgrade(greet(server.port), pki["alice"], pki["node"])
+    with tls:
+        go(tls, "mine")
+        assert request(tls, nbd.CMD_READ, 0, 16)[0] == 0
+        assert server.call(recheck()) == 0  # nothing changed: the connection stays
+        assert request(tls, nbd.CMD_READ, 0, 16)[0] == 0
+        revoked.add("alice")
+        assert server.call(recheck()) == 1
+        with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+            request(tls, nbd.CMD_READ, 0, 16)

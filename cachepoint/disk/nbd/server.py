@@ -64,6 +64,9 @@ class NbdServer:
         self._unix_paths: list[str] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        # TLS connections in transmission: (peer, client certificate, export), checked again by
+        # close_refused when what the server knows of the fleet changes (a revocation).
+        self._authorized: dict[asyncio.StreamWriter, tuple[str, bytes, str]] = {}
         self._closing = False
         self.addresses: list[str] = []
 
@@ -126,8 +129,11 @@ class NbdServer:
             # the handshake completes, and close() would then leave this connection running.
             async with asyncio.timeout(HANDSHAKE_SECONDS):
                 tls = None if local else self.tls
-                chosen = await _Handshake(self, reader, writer, tls, str(peer)).run()
+                handshake = _Handshake(self, reader, writer, tls, str(peer))
+                chosen = await handshake.run()
             if chosen is not None:
+                if handshake.certificate is not None:
+                    self._authorized[writer] = (str(peer), handshake.certificate, handshake.export)
                 await transmit(chosen, reader, writer, self.budgets)
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as err:
             log.debug("nbd client %s went away: %r", peer, err)
@@ -145,6 +151,7 @@ class NbdServer:
         finally:
             self._connections.discard(task)
             self._writers.discard(writer)
+            self._authorized.pop(writer, None)
             writer.close()
             try:
                 await asyncio.wait_for(writer.wait_closed(), CLOSE_SECONDS)
@@ -154,6 +161,26 @@ class NbdServer:
                 writer.transport.abort()
             if not self._closing:
                 memory.after_load()  # its buffers are free now: give them back to the system soon
+
+    def close_refused(self) -> int:
+        """End the TLS connections whose client may no longer use the export it chose (its principal
+        was revoked since): asked when what the server's ``authorize`` knows changes. Returns how
+        many ended."""
+        if self.tls is None:
+            return 0
+        ended = 0
+        for writer, (peer, certificate, export) in list(self._authorized.items()):
+            try:
+                why = self.tls.authorize(certificate, export)
+            except Exception:
+                log.exception("nbd: checking access to export %r failed", export)
+                continue
+            if why:
+                log.warning("nbd client %s disconnected from %r: %s", peer, export, why)
+                self._authorized.pop(writer, None)
+                writer.transport.abort()
+                ended += 1
+        return ended
 
     def lookup(self, name: str) -> BlockDevice | None:
         try:
@@ -189,6 +216,7 @@ class _Handshake:
         self.tls = tls
         self.peer = peer
         self.certificate: bytes | None = None  # the client's, in DER, once TLS is up
+        self.export = ""  # the export chosen
         self.refusal_logged = False
         self.structured = False
         self.contexts_for: str | None = None  # the export base:allocation was selected for
@@ -302,6 +330,7 @@ class _Handshake:
             log.warning("nbd client %s refused: %s", self.peer, why)
 
     def _negotiated(self, device: BlockDevice, name: str) -> Negotiated:
+        self.export = name
         # Contexts chosen for another export than the one entered do not apply (the spec ties a
         # NBD_OPT_SET_META_CONTEXT to the export it names).
         allocation = self.contexts_for is not None and self.contexts_for == name
