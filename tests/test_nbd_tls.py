@@ -238,3 +238,54 @@ def test_the_nbd_tls_config_key_takes_booleans_only(tmp_path: Path) -> None:
     config.write_text('nbd_tls = "sometimes"\n')
     refused = run_cli(store, "--config", config, "serve", "--nbd", "127.0.0.1:0", check=False)
     assert refused.code == 4 and "nbd_tls 'sometimes'" in refused.err, refused.err
+
+
+def test_an_enrolled_nodes_nbd_follows_the_revocations_and_assignments_its_heartbeats_bring(
+    tmp_path: Path,
+) -> None:
+    """A real coordinator with its CA, a node, a user and another node enrolled with join tokens: the
+    other node reads alice's disk once alice is assigned to it, and alice, revoked at the coordinator,
+    is refused and her open connection ends within a few heartbeats."""
+    from cachepoint.disk.nbd.protocol import CMD_READ
+    from coordinator.fleet.registry import HEARTBEAT_INTERVAL_MS
+    from tests.fleet import coordinator_cli
+    from tests.test_authz_fleet import enrolled
+    from tests.test_nbd_protocol import go, greet, request
+    from tests.test_nbd_starttls import upgrade
+    from tests.test_trust_fleet import data_of, tls_coordinator
+
+    within = 10 * HEARTBEAT_INTERVAL_MS / 1000
+    base = tmp_path / "base.img"
+    base.write_bytes(os.urandom(2 * MIB))
+    with Fleet(tmp_path) as fleet:
+        coordinator = tls_coordinator(fleet)
+        store = enrolled(fleet, coordinator, tmp_path, "n-disk")
+        alice = enrolled(fleet, coordinator, tmp_path, "alice", "--role", "user:alice") / "identity"
+        other = enrolled(fleet, coordinator, tmp_path, "n-other") / "identity"
+        run_cli(store, "ingest", "os/base", base)
+        run_cli(store, "image", "create", "desk", "os/base")
+        args = ("--coordinator", coordinator.address, "--nbd", "127.0.0.1:0", "--nbd-tls")
+        node = fleet.serve_store("n-disk", store, *args)
+        address = node.ready["nbd"][0]
+        run_cli(store, "attach", "desk", "--user", "alice")
+        creds = {
+            "alice": nbd_client_credentials(alice, tmp_path / "creds-alice"),
+            "other": nbd_client_credentials(other, tmp_path / "creds-other"),
+        }
+
+        def reads(who: str) -> subprocess.CompletedProcess[str]:
+            return qemu("qemu-img", "info", creds[who], qemu_target(address, "alice/desk"))
+
+        assert "may not read export 'alice/desk'" in reads("other").stderr
+        coordinator_cli("assign", "alice", "n-other", "--data", str(data_of(fleet)))
+        wait_until("n-other to be served alice's disk", lambda: reads("other").returncode == 0, within)
+
+        tls = upgrade(greet(int(address.rpartition(":")[2])), alice, alice)
+        with tls:
+            go(tls, "alice/desk")
+            assert request(tls, CMD_READ, 0, 4096) == (0, base.read_bytes()[:4096])
+            coordinator_cli("revoke", "alice", "--data", str(data_of(fleet)))
+            wait_until("alice to be refused", lambda: "revoked" in reads("alice").stderr, within)
+            with pytest.raises((ConnectionError, OSError)):
+                request(tls, CMD_READ, 0, 4096)
+        assert any("disconnected from 'alice/desk'" in line for line in node.stderr().splitlines())
