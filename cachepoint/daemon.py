@@ -623,6 +623,7 @@ class Daemon:
 
                 trust = None
                 if http_trust is not None:
+                    # The view heartbeats update in place (the identity's, made above): not a copy.
                     view = self.fleet_view
                     trust = http_trust(store, self.node_id, view.refuses, view.users_of)
                 http_runner, extra["http"] = await start_http(store, self.settings.http, trust=trust)

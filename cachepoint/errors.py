@@ -156,6 +156,12 @@ class RemoteRefused(CachepointError):
     exit_code = EXIT_REMOTE
 
 
+class RemoteOutOfSpace(CachepointError):
+    """{} refused the request for lack of disk space ({}): {}"""
+
+    exit_code = EXIT_NO_SPACE
+
+
 class IntegrityFailure(CachepointError):
     """{}"""
 

@@ -329,14 +329,16 @@ class Fleet:
         prefix: Sequence[str] = (),
         config: Path | None = None,
         env: dict[str, str] | None = None,
+        extra: Iterable[str] = (),
     ) -> Node:
         """A daemon whose node id is ``name``; its store defaults to ``root/name`` (so a restart under
         the same name comes back with what it held). ``prefix`` runs it (and CLI calls to it) under a
         command, e.g. `ip netns exec NAME`; ``config`` is its own TOML settings file (wan_rate,
-        site_rate...); ``env`` adds variables (e.g. libfaketime's)."""
+        site_rate...); ``env`` adds variables (e.g. libfaketime's); ``extra`` adds options of `serve`
+        (``--http ADDR --http-tls``)."""
         store = store or self.root / name
         args = [sys.executable, "-m", "cachepoint", "serve", "--listen", listen, "--node-id", name]
-        args += ["--site", site, "-v"]
+        args += ["--site", site, "-v", *extra]
         if coordinator:
             args += ["--coordinator", coordinator]
         for ref in subscribe:

@@ -18,15 +18,20 @@ import pytest
 
 from cachepoint.trust.bearer import BearerToken
 from cachepoint.trust.principal import PEER_TLS_NAME, Principal, Role
+from coordinator.fleet.registry import HEARTBEAT_INTERVAL_MS
 from coordinator.pki.ca import CertificateAuthority
 from tests.conftest import daemon, run_cli
-from tests.fleet import Child, Fleet, cachepoint_cli, coordinator_cli, random_image
+from tests.fleet import Child, Fleet, cachepoint_cli, coordinator_cli, random_image, wait_until
+from tests.test_authz_fleet import assign, enrolled
 from tests.test_trust_fleet import data_of, issued_here, tls_coordinator
 
 pytestmark = pytest.mark.skipif(
     shutil.which("curl") is None, reason="curl is not installed (`make test` installs it with apt-get)"
 )
 MIB = 1024 * 1024
+# A revocation or an assignment reaches a node with its next heartbeat reply: one interval, plus slack
+# for a loaded machine (waited for, not timed).
+APPLIED_WITHIN = 10 * HEARTBEAT_INTERVAL_MS / 1000
 HANDSHAKE_REFUSED = (35, 52, 56)  # curl: SSL connect error, empty reply, failure receiving data
 
 
@@ -343,7 +348,7 @@ def test_a_daemons_https_serves_each_route_only_to_principals_the_table_lets_rea
                 CertificateAuthority.create(tmp_path / "other"),
             ),
             expired=person(fleet, tmp_path, "old-bob", "user:bob", timedelta(seconds=1)),
-            revoked=None,  # a node learns no revocations yet (README: HTTP with TLS)
+            revoked=None,  # no coordinator here: revocations reach a node with heartbeats (next test)
         )
         with daemon(store, "--http", "127.0.0.1:0", "--http-tls") as ready:
             port = str(ready["http"]).rpartition(":")[2]
@@ -385,6 +390,65 @@ def test_a_daemons_https_serves_each_route_only_to_principals_the_table_lets_rea
             # HEAD is checked as GET.
             head = curl(base + bob_file, *tls, *with_token(alices), "--head")
             assert head.status == 403, head
+
+
+def test_a_daemons_https_applies_the_revocations_and_assignments_its_heartbeats_bring(
+    tmp_path: Path,
+) -> None:
+    with Fleet(tmp_path) as fleet:
+        coordinator = tls_coordinator(fleet)
+        store = enrolled(fleet, coordinator, tmp_path, "n1")
+        home = tmp_path / "alice-home"
+        home.mkdir()
+        (home / "alice.txt").write_text("alice's notes\n")
+        cachepoint_cli(store, "ingest", "user/alice/home", home)
+        n2 = enrolled(fleet, coordinator, tmp_path, "n2") / "identity"
+        n3 = enrolled(fleet, coordinator, tmp_path, "n3") / "identity"
+        audrey = person(fleet, tmp_path, "audrey", "auditor")
+        audreys = bearer(fleet, "audrey", "auditor")
+        https = ("--http", "127.0.0.1:0", "--http-tls")
+        node = fleet.cachepoint("n1", coordinator.address, store=store, subscribe=(), extra=https)
+        port = str(node.ready["http"]).rpartition(":")[2]
+        tls: list[str | Path] = [
+            "--cacert",
+            store / "identity" / "ca.pem",
+            "--resolve",
+            f"{PEER_TLS_NAME}:{port}:127.0.0.1",
+        ]
+        url = f"https://{PEER_TLS_NAME}:{port}/v1/versions/user%2Falice%2Fhome@1/files/alice.txt"
+        route, rule = "GET /v1/versions/{ref}/files/{path}", "read-ref"
+
+        def read(*credential: str | Path) -> Answer:
+            return curl(url, *tls, *credential)
+
+        assert read(*with_cert(audrey)).status == 200
+        assert read(*with_token(audreys)).status == 200
+        for other in ("n2", "n3"):
+            assert_forbidden(read(*with_cert(tmp_path / other / "identity")), other, route, rule)
+
+        coordinator_cli("revoke", "audrey", "--data", str(data_of(fleet)))
+        assign(fleet, "alice", "n2")
+        wait_until(
+            "n1's HTTPS to refuse the revoked auditor and let n2, now alice's, read her files",
+            lambda: read(*with_cert(audrey)).status == 401 and read(*with_cert(n2)).status == 200,
+            APPLIED_WITHIN,
+            logs=fleet.logs,
+        )
+        assert_unauthenticated(read(*with_cert(audrey)), "'audrey'", "revoked")
+        assert_unauthenticated(read(*with_token(audreys)), "'audrey'", "revoked")
+        alices = read(*with_cert(n2))
+        assert alices.status == 200 and alices.body == b"alice's notes\n", alices
+        assert_forbidden(read(*with_cert(n3)), "n3", route, rule)
+
+        # The view is live both ways: unassigned, n2 is refused again.
+        coordinator_cli("unassign", "alice", "n2", "--data", str(data_of(fleet)))
+        wait_until(
+            "n1's HTTPS to refuse n2 once alice is unassigned from it",
+            lambda: read(*with_cert(n2)).status == 403,
+            APPLIED_WITHIN,
+            logs=fleet.logs,
+        )
+        assert_forbidden(read(*with_cert(n2)), "n2", route, rule)
 
 
 # -- plaintext ---------------------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 rule, each rule one of coordinator/authz.py's by name (tests/test_authz_table.py checks it; README.md
 prints this table beside the coordinator's).
 
-Where the coordinator lets "a node NAME is assigned to" read user/NAME/... layers, a daemon needs the
-assignment list (``users_of``); without one it lets only itself (a tool on this machine with the
-store's identity, which could read the store directly anyway), and other nodes fetch a user's
-versions from the coordinator, which knows.
+Where the coordinator lets "a node NAME is assigned to" read user/NAME/... layers, a daemon asks the
+assignment list its heartbeats bring (``users_of``: cachepoint/trust/fleet_view.py, the view the peer
+port applies too). A node that has no view yet (no heartbeat reply, none kept in STORE/fleet-view.json)
+assigns no user to any node: besides the user and auditors only this node itself reads (a tool on
+this machine with the store's identity, which could read the store directly anyway).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _read_image(store: Store, node: str, users_of: UsersOf | None) -> Check:
 
 READ_HERE = (
     "os/, app/: any principal; user/NAME/...: user:NAME, an auditor, this node, a node NAME is assigned to "
-    "(where this node knows the assignments)"
+    "(as of this node's last heartbeat)"
 )
 ANY = ("any", "any principal of the fleet")
 # route -> (rule, who may call it); "read-layer" here is for every layer the image stacks.

@@ -6,8 +6,8 @@ Authentication (401, JSON, with ``WWW-Authenticate: Bearer``): a client certific
 ``Authorization: Bearer TOKEN`` the fleet's CA signed (cachepoint/trust/bearer.py). Every credential a
 request carries must be valid, and a certificate and a token together must name the same principal:
 a request never passes on its better half. A revoked principal's certificate or token is a 401 too
-(the credential is not valid), where revocations are known (``revoked``; at the coordinator, the
-revocation file; a node learns none yet).
+(the credential is not valid), as far as revocations are known (``revoked``; at the coordinator, the
+revocation file; at a node, the view its heartbeat replies bring: cachepoint/trust/fleet_view.py).
 
 Authorization (403, JSON naming principal, route and rule): each route is a key "METHOD PATTERN"
 (HEAD as GET) of a table of RouteRule; a route missing from the table is refused. ``refused`` is told
