@@ -18,14 +18,13 @@ a memfd: the coordinator's key is never written to disk.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 import ssl
 import threading
 from collections.abc import Callable
 
 from cachepoint.errors import InvalidInput
+from cachepoint.loopback import is_loopback
 
 # OpenSSL's X509_V_FLAG_NO_CHECK_TIME (x509_vfy.h); the ssl module takes any flag bits.
 NO_CHECK_TIME = 0x200000
@@ -37,23 +36,6 @@ class PlaintextOffLoopback(InvalidInput):
     """refusing to serve HTTP without TLS on {}: {} is not a loopback address, and plaintext HTTP listens
     on loopback only (127.0.0.1, ::1); add {} (clients then need a certificate or a token of the
     fleet) or listen on 127.0.0.1"""
-
-
-def is_loopback(host: str) -> bool:
-    """Whether every address ``host`` names is a loopback one (a name is resolved; one that does not
-    resolve is not loopback)."""
-    host = host.strip("[]")
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError:
-        return False
-    return bool(infos) and all(
-        ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos
-    )
 
 
 def check_plaintext_listen(listen: str, option: str) -> None:

@@ -15,14 +15,13 @@ caller's (cachepoint/disk/nbd_access.py).
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cachepoint.errors import PlaintextNbdOffLoopback
+from cachepoint.loopback import is_loopback
 
 # (client certificate in DER, export name) -> why the client may not use that export; "" allows it.
 Authorize = Callable[[bytes, str], str]
@@ -55,20 +54,6 @@ def server_context(key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> ssl.SSLCon
     finally:
         os.close(fd)
     return context
-
-
-def is_loopback(host: str) -> bool:
-    """Whether every address ``host`` names is a loopback one (127.0.0.0/8, ::1). A name that does not
-    resolve is not: the bind would fail anyway, and a refusal here says more."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
-        return False
-    return bool(found) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in found)
 
 
 def check_exposure(address: str, tls: bool) -> None:
