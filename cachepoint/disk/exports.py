@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from cachepoint.blocksource import BlockSource, CachedSource, StoreSource, WriteBack
 from cachepoint.disk.attach import open_image
 from cachepoint.disk.composite import CompositeDisk
-from cachepoint.disk.nbd import NbdLimits, NbdServer, start_nbd
+from cachepoint.disk.nbd import NbdLimits, NbdServer, NbdTls, start_nbd
 from cachepoint.disk.readcache import DecodedCache
 from cachepoint.disk.snapshot import snapshot
 from cachepoint.errors import CachepointError, InvalidInput, NotFound
@@ -55,6 +55,8 @@ class Disks:
         self._read_cache = read_cache
         self.decoded: DecodedCache | None = None
         self._pins: dict[int, IngestPins] = {}  # lazily booted disks' blocks, by id(disk)
+        self._layers: dict[str, tuple[str, ...]] = {}  # every layer under each export, for NBD's TLS
+        self._tls = False
 
     async def open_cache(self) -> None:
         """Create the decoded-block cache (once): one for every disk and the HTTP reader, so images
@@ -86,13 +88,23 @@ class Disks:
         return None
 
     async def serve(
-        self, tcp: str | None, unix_path: str | None, limits: NbdLimits | None = None
+        self,
+        tcp: str | None,
+        unix_path: str | None,
+        limits: NbdLimits | None = None,
+        tls: NbdTls | None = None,
     ) -> list[str]:
         await self.open_cache()
         self.server = await start_nbd(
-            self.attached.get, lambda: sorted(self.attached), tcp, unix_path, limits
+            self.attached.get, lambda: sorted(self.attached), tcp, unix_path, limits, tls
         )
+        self._tls = tls is not None
         return self.server.addresses
+
+    def layers_of(self, name: str) -> tuple[str, ...] | None:
+        """The layers export ``name`` reads (its user's layer included); None when it is not attached."""
+        with self._lock:
+            return self._layers.get(name) if name in self.attached else None
 
     def uris(self, name: str) -> list[str]:
         uris = []
@@ -100,7 +112,7 @@ class Disks:
             if address.startswith("unix:"):
                 uris.append(f"nbd+unix:///{name}?socket={address[len('unix:') :]}")
             else:
-                uris.append(f"nbd://{address}/{name}")
+                uris.append(f"{'nbds' if self._tls else 'nbd'}://{address}/{name}")
         return uris
 
     async def attach(self, image: str, user: str) -> tuple[str, CompositeDisk]:
@@ -114,12 +126,17 @@ class Disks:
             if name in self.attached:
                 return name, self.attached[name]
         if not user and "/" in image and self.remote is not None:
-            disk = await self._attach_ref(Ref.parse(image))
+            ref = Ref.parse(image)
+            layers: tuple[str, ...] = (ref.layer,)
+            disk = await self._attach_ref(ref)
         else:
+            refs = self.store.catalog.image(image).refs
+            layers = tuple(Ref.parse(r).layer for r in refs) + ((layer,) if layer else ())
             disk = await asyncio.to_thread(
                 open_image, self.store, image, user_layer=layer, name=name, decoded=self.decoded
             )
         with self._lock:
+            self._layers[name] = layers
             self.attached[name] = disk
         return name, disk
 
@@ -146,6 +163,7 @@ class Disks:
         disk = self.get(name)
         with self._lock:
             self.attached.pop(name, None)
+            self._layers.pop(name, None)
         if discard and disk.working is not None:
             await asyncio.to_thread(disk.working.discard)
         await asyncio.to_thread(disk.close)

@@ -263,9 +263,10 @@ class StoreDB:
             # database holds now (every record read with checks; a damaged catalog cannot be copied).
             journal.checkpoint(self.journaled_state(), db_seq)
             self.journal = journal
+            self._note_journal_end()
             return
         try:
-            tail = jr.read_tail(journal.path, store_id, after_seq=db_seq)
+            tail = jr.read_tail(journal.path, store_id, after_seq=db_seq, resume=self._journal_end())
         except jr.JournalError as err:
             raise StoreDamaged(self.root, str(err)) from err
         journal.open(max(tail.last_seq, db_seq), tail.torn_at)
@@ -283,6 +284,25 @@ class StoreDB:
             batch.inner.put(fmt.META_JOURNAL_SEQ, fmt.u64(seq), self.handle[fmt.CF_META])
             self.write_unjournaled(batch.inner, sync=True, wal=True)
             log.warning("store %s: applied journal record %d that the database lacked", self.root, seq)
+        self._note_journal_end()
+
+    def _journal_end(self) -> tuple[int, int] | None:
+        raw = self.get(fmt.CF_META, fmt.META_JOURNAL_END)
+        if raw is None or len(raw) != 16:
+            return None
+        return fmt.read_u64(raw[:8]), fmt.read_u64(raw[8:])
+
+    def _note_journal_end(self) -> None:
+        """Record where the journal ends when the database is level with it and the record says
+        otherwise (a checkpoint replaced the file, a roll-forward, a store older than the record), so
+        that the next open scans only what comes after."""
+        if self.journal is None or self.journal.last_seq != self.journal_seq():
+            return
+        position = self.journal.position()
+        if self._journal_end() != position:
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            batch.put(fmt.META_JOURNAL_END, _position_bytes(position), self.handle[fmt.CF_META])
+            self.write_unjournaled(batch, sync=True, wal=True)
 
     def checkpoint_journal(self) -> None:
         """Rewrite the journal as one snapshot of the journaled families (after deletions that must not
@@ -291,6 +311,7 @@ class StoreDB:
             self.journal = jr.Journal(self.root, self.meta(fmt.META_STORE_ID) or b"")
         with self.journal.lock:
             self.journal.checkpoint(self.journaled_state(), self.journal_seq())
+            self._note_journal_end()
 
     def journaled_state(self) -> dict[str, dict[bytes, bytes]]:
         """Every journaled family as the database holds it (checked reads: raises when it cannot)."""
@@ -324,6 +345,8 @@ class StoreDB:
                     raise OutOfSpace(self.root, f"catalog journal: {err}") from err
                 raise
             batch.inner.put(fmt.META_JOURNAL_SEQ, fmt.u64(seq), self.handle[fmt.CF_META])
+            end = _position_bytes(journal.position())
+            batch.inner.put(fmt.META_JOURNAL_END, end, self.handle[fmt.CF_META])
             try:
                 self.write_unjournaled(batch.inner, sync=True, wal=True)
             except BaseException:
@@ -441,3 +464,7 @@ class StoreDB:
             self.db.close()
         except Exception:  # closing twice or after a failed open is harmless
             pass
+
+
+def _position_bytes(position: tuple[int, int]) -> bytes:
+    return fmt.u64(position[0]) + fmt.u64(position[1])
