@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 # Debian packages some tests drive as real clients (command:package). Installed when missing.
 TEST_TOOLS := qemu-img:qemu-utils qemu-io:qemu-utils mkfs.ext4:e2fsprogs debugfs:e2fsprogs curl:curl setpriv:util-linux \
-	ip:iproute2 tc:iproute2 faketime:faketime
+	ip:iproute2 tc:iproute2 faketime:faketime nbdinfo:libnbd-bin nbdcopy:libnbd-bin unshare:util-linux
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH"; exit 1; }

@@ -18,6 +18,7 @@ The TOML keys are the field names, e.g.::
     read_cache = "1G"
     nbd_write_budget = "64M"
     nbd_idle_timeout = "30s"
+    nbd_tls = true
     watch = ["alice=/home/alice", "user/bob/profile=/srv/profiles/bob"]
     watch_interval = "5s"
     watch_debounce = "2s"
@@ -26,6 +27,7 @@ The TOML keys are the field names, e.g.::
     min_free = "5%"
     reserve = "64M"
     agent_group = "cachepoint"
+    http_tls = true
 """
 
 from __future__ import annotations
@@ -95,6 +97,9 @@ class Settings:
     nbd_idle_timeout: str = "30s"
     """`serve`: an NBD client that sends nothing in the middle of a request (or reads nothing of a
     reply) for this long loses its connection."""
+    nbd_tls: str = "false"
+    """`serve`: NBD over TCP requires TLS with a client certificate of the fleet (true/false); without
+    it, `--nbd` serves loopback addresses only."""
     watch: list[str] = field(default_factory=list)
     """`serve`: directories to keep captured, USER=DIR (into user/USER/home) or user/USER/LAYER=DIR."""
     watch_interval: str = "5s"
@@ -113,6 +118,9 @@ class Settings:
     agent_group: str = ""
     """`serve`: members of this group may use the daemon's local control socket STORE/agent.sock (mode
     0660); empty: only the daemon's own user (0600). The Agent is never served on the network."""
+    http_tls: str = "false"
+    """`serve --http`: HTTPS with the node's identity, clients authenticated by a certificate or a
+    bearer token of the fleet (true); false: plaintext HTTP, on a loopback address only."""
 
 
 def apply_toml(settings: object, path: Path) -> None:
@@ -150,6 +158,16 @@ def load_settings(config_path: str | None, store_flag: str | None) -> Settings:
     if not settings.store:
         settings.store = str(default_store_path())
     return settings
+
+
+def parse_switch(text: str, what: str) -> bool:
+    """true/false (TOML booleans arrive as "True"/"False"), on/off."""
+    value = text.strip().lower()
+    if value in ("true", "on"):
+        return True
+    if value in ("false", "off", ""):
+        return False
+    raise InvalidInput(f"{what} {text!r}: write true or false")
 
 
 _BYTES_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)

@@ -21,7 +21,7 @@ from cachepoint.cli.context import (
     pass_ctx,
     tag_option,
 )
-from cachepoint.config import parse_byte_size, parse_duration
+from cachepoint.config import parse_byte_size, parse_duration, parse_switch
 from cachepoint.console import emit_json, handles_errors, human, json_option
 from cachepoint.ids import Ref, validate_layer_name
 from cachepoint.layers.ingest import IngestOptions
@@ -139,7 +139,21 @@ def pull_cmd(ctx: Context, ref: str, origin: str, wan_rate: str | None, as_json:
     "--nbd-socket", default=None, metavar="PATH", help="Serve attached disks over NBD on a Unix socket."
 )
 @click.option(
+    "--nbd-tls",
+    is_flag=True,
+    default=None,
+    help="NBD over TCP requires TLS and a client certificate of the fleet; needed for a non-loopback "
+    "--nbd [config nbd_tls].",
+)
+@click.option(
     "--http", default=None, metavar="HOST:PORT", help="Serve versions and images over HTTP with Range."
+)
+@click.option(
+    "--http-tls",
+    "http_tls",
+    is_flag=True,
+    default=None,
+    help="HTTPS with this node's identity; clients need a certificate or token of the fleet.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log pulls and reconnections.")
 @pass_ctx
@@ -153,7 +167,9 @@ def serve_cmd(
     subscribe: tuple[str, ...],
     nbd: str | None,
     nbd_socket: str | None,
+    nbd_tls: bool | None,
     http: str | None,
+    http_tls: bool | None,
     verbose: bool,
 ) -> None:
     """Run the cachepoint daemon: serve blocks to peers, follow subscriptions, answer `status`."""
@@ -178,7 +194,9 @@ def serve_cmd(
         limits=class_limits(s.wan_rate, s.site_rate),
         nbd=nbd or "",
         nbd_socket=nbd_socket or "",
+        nbd_tls=nbd_tls or parse_switch(s.nbd_tls, "nbd_tls"),
         http=http or "",
+        http_tls=http_tls or parse_switch(s.http_tls, "http_tls"),
         snapshot_every=parse_duration(s.snapshot_every),
         read_cache=parse_byte_size(s.read_cache, "read_cache"),
         nbd_limits=NbdLimits(

@@ -40,6 +40,7 @@ BUSY_PAUSE = 0.25  # seconds before asking a busy source again, times the refusa
 BUSY_RETRIES = 12  # refusals in a row (~20 s of pauses) before a busy source is dropped
 ProgressFn = Callable[[int, int], None]
 RoomFn = Callable[[int], None]  # raises when the disk cannot take that many more bytes
+KeepFn = Callable[[list[tuple[bytes, bytes]]], None]  # takes verified (id, stored value) pairs
 
 
 @dataclass
@@ -88,9 +89,13 @@ class Fetcher:
         limits: dict[SourceClass, float] | None = None,
         room: RoomFn | None = None,
         block_size: int = MAX_BLOCK_SIZE,
+        keep: KeepFn | None = None,
     ) -> None:
-        """``block_size``: the layer's, when the blocks are a version's; larger blocks are refused."""
+        """``block_size``: the layer's, when the blocks are a version's; larger blocks are refused.
+        ``keep``: given each batch of verified blocks (on the event loop) instead of the store (a
+        lazy read's TieredSource, whose caller writes them back)."""
         self.store = store
+        self.keep = keep
         self.block_size = block_size
         self.room = room
         self._version = ""
@@ -205,6 +210,9 @@ class Fetcher:
 
     async def _store(self, good: list[tuple[bytes, bytes]]) -> bool:
         """Write verified blocks; False when the fetch is halting (no room)."""
+        if self.keep is not None:
+            self.keep(good)
+            return True
         if self.room is None:
             await asyncio.to_thread(self.store.blocks.put_many, good, True)
             return True

@@ -18,7 +18,8 @@ import grpc
 from cachepoint.errors import CachepointError
 from cachepoint.ids import Ref
 from cachepoint.store.store import Store
-from cachepoint.trust.principal import NotAPrincipal, Principal, principal_of_pem
+from cachepoint.trust.principal import NotAPrincipal, principal_of_pem
+from cachepoint.trust.reading import UsersOf, may_read_layer
 
 CACHED_IDS = 2_000_000  # ids kept in the cache at most, over all versions
 NOTHING: frozenset[bytes] = frozenset()
@@ -68,24 +69,11 @@ class VersionBlocks:
         return ids
 
 
-def _peer_may_read(principal: Principal) -> Reader:
-    """At a node's peer port: os/ and app/ layers for every principal of the fleet; a user's layers
-    (user/NAME/...) for that user and auditors only. A node does not know which nodes a user is
-    assigned to, so those nodes fetch a user's blocks from the coordinator, which does."""
-
-    def may_read(layer: str) -> bool:
-        parts = layer.split("/")
-        if parts[0] != "user" or len(parts) < 2:
-            return True
-        return principal.has("auditor") or any(
-            r.kind == "user" and r.user == parts[1] for r in principal.roles
-        )
-
-    return may_read
-
-
-def peer_answers(blocks: VersionBlocks) -> Callable[[grpc.aio.ServicerContext, str], frozenset[bytes] | None]:
-    """BlockExchange's filter at a node's peer port; without TLS (no client certificate), every block."""
+def peer_answers(
+    blocks: VersionBlocks, users_of: UsersOf
+) -> Callable[[grpc.aio.ServicerContext, str], frozenset[bytes] | None]:
+    """BlockExchange's filter at a node's peer port, with the layer rule of cachepoint/trust/reading.py
+    and the assignments of the node's fleet view; without TLS (no client certificate), every block."""
 
     def answerable(context: grpc.aio.ServicerContext, version: str) -> frozenset[bytes] | None:
         pems = (context.auth_context() or {}).get("x509_pem_cert") or []
@@ -95,6 +83,6 @@ def peer_answers(blocks: VersionBlocks) -> Callable[[grpc.aio.ServicerContext, s
             principal = principal_of_pem(pems[0])
         except (NotAPrincipal, ValueError):
             return NOTHING
-        return blocks.readable(version, _peer_may_read(principal))
+        return blocks.readable(version, lambda layer: may_read_layer(principal, layer, users_of))
 
     return answerable

@@ -39,9 +39,31 @@ class HeartbeatRequest(_message.Message):
     load: int
     def __init__(self, node_id: _Optional[str] = ..., complete: _Optional[_Iterable[_Union[_version_pb2.Ref, _Mapping]]] = ..., load: _Optional[int] = ...) -> None: ...
 
+class Revocation(_message.Message):
+    __slots__ = ("name", "revoked_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    revoked_at: float
+    def __init__(self, name: _Optional[str] = ..., revoked_at: _Optional[float] = ...) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("node_id", "users")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    users: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., users: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class HeartbeatResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("trust_view", "revoked", "assignments")
+    TRUST_VIEW_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    trust_view: bool
+    revoked: _containers.RepeatedCompositeFieldContainer[Revocation]
+    assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
+    def __init__(self, trust_view: _Optional[bool] = ..., revoked: _Optional[_Iterable[_Union[Revocation, _Mapping]]] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
 
 class FindPeersRequest(_message.Message):
     __slots__ = ("requester_id", "version", "block_ids", "limit")
