@@ -199,6 +199,7 @@ class Daemon:
                     avoid=self._avoided(),
                     account=self._account,  # a pull that fails half-way is counted too
                     room=self.gate.check,
+                    share=True,  # with the site's other pullers of the version (docs/design.md)
                 )
             except PullsPaused as err:
                 self.gate.note_paused(err)
