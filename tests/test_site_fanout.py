@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,16 @@ import pytest
 
 from cachepoint.store.store import Store
 from tests.conftest import sha256_file
-from tests.fleet import LAYER, PRODUCTION, Fleet, Node, cli_json, random_image, stored_block_ids
+from tests.fleet import (
+    LAYER,
+    PRODUCTION,
+    Fleet,
+    Node,
+    cli_json,
+    random_image,
+    stored_block_ids,
+    wait_until,
+)
 from tests.netns import DC_ADDRESS, SiteLan, site_lan
 
 MiB = 1024 * 1024
@@ -29,6 +39,7 @@ NODES = 4
 SITE = "branch"
 WAN_RATE = "100mbit"
 WAN_FACTOR = 1.1  # the acceptance bound: WAN bytes per site per version / the version's stored new bytes
+KILL_WAN_RATE = "40mbit"  # @2 takes ~10 s to cross: time to kill a node in the middle
 CONTROL = 512 * 1024  # a joining node's heartbeats, Register, Watch, Resolve, manifest, FindPeers
 
 
@@ -52,12 +63,31 @@ def by_source(status: dict[str, Any], field: str) -> dict[str, int]:
     return {name: int(totals[field]) for name, totals in status["bytes_by_source"].items()}
 
 
-def test_four_nodes_of_a_site_pull_a_version_across_the_wan_once_and_a_late_joiner_takes_it_from_the_site(
-    lan: tuple[SiteLan, Fleet], tmp_path: Path
-) -> None:
-    site, fleet = lan
+def present(store: Path, ids: set[bytes]) -> int:
+    """How many of ``ids`` the store holds (read-only, beside its running daemon)."""
+    with Store.open(store) as opened:
+        return sum(1 for digest in ids if opened.blocks.has(digest))
+
+
+@dataclass
+class Published:
+    """The fleet at @1 everywhere, and @2 just published: what the nodes' counters said before it."""
+
+    coordinator: str
+    admin: Path
+    image: Path
+    new_ids: set[bytes]
+    nodes: list[Node]
+    before: list[dict[str, Any]]
+    received_before: int
+
+
+def publish_to_the_site(site: SiteLan, fleet: Fleet, tmp_path: Path, rate: str, size: int) -> Published:
+    """The coordinator in the datacenter, one node per node namespace following os/x:production at @1
+    (one block), then @2 (``size`` bytes of distinct random blocks) published from the datacenter,
+    so that every node hears of it from the same Watch event."""
     dc = site.dc.exec_prefix
-    site.wan.shape(WAN_RATE)
+    site.wan.shape(rate)
     coordinator = fleet.coordinator(listen=f"{DC_ADDRESS}:0", prefix=dc).address
     admin = tmp_path / "admin"  # the publisher works in the datacenter: its pushes never cross the WAN
 
@@ -68,53 +98,104 @@ def test_four_nodes_of_a_site_pull_a_version_across_the_wan_once_and_a_late_join
 
     v1, v2 = tmp_path / "v1.img", tmp_path / "v2.img"
     random_image(v1, 64 * 1024, seed=71)
-    random_image(v2, 32 * MiB, seed=72)
-    new_ids = stored_block_ids(v2) - stored_block_ids(v1)
+    random_image(v2, size, seed=72)
     assert publish(v1) == 1
-
     nodes: list[Node] = []
     for index, ns in enumerate(site.nodes, start=1):
         listen = f"{site.node_address(index)}:0"
         node = fleet.cachepoint(f"n{index}", coordinator, site=SITE, listen=listen, prefix=ns.exec_prefix)
         nodes.append(node)
     before = [fleet.wait_holds(node, 1) for node in nodes]
-
     received_before = site.wan.site_received_bytes()
     assert publish(v2) == 2
-    done = [fleet.wait_holds(node, 2) for node in nodes]
-    received = site.wan.site_received_bytes() - received_before
+    new_ids = stored_block_ids(v2) - stored_block_ids(v1)
+    return Published(coordinator, admin, v2, new_ids, nodes, before, received_before)
 
-    new_bytes = stored_bytes(admin, new_ids)
-    # The counters are totals since each daemon started: @2's pull is what they grew by.
-    grown = [
-        {cls: count - by_source(was, "blocks").get(cls, 0) for cls, count in by_source(now, "blocks").items()}
-        for was, now in zip(before, done, strict=True)
-    ]
-    from_origin = [counts.get("origin", 0) for counts in grown]
-    from_site = [counts.get("site", 0) for counts in grown]
+
+def grown(before: dict[str, Any], now: dict[str, Any]) -> dict[str, int]:
+    """Blocks fetched per class of source between two statuses (the counters are totals since start)."""
+    was = by_source(before, "blocks")
+    return {cls: count - was.get(cls, 0) for cls, count in by_source(now, "blocks").items()}
+
+
+def test_four_nodes_of_a_site_pull_a_version_across_the_wan_once_and_a_late_joiner_takes_it_from_the_site(
+    lan: tuple[SiteLan, Fleet], tmp_path: Path
+) -> None:
+    site, fleet = lan
+    dc = site.dc.exec_prefix
+    run = publish_to_the_site(site, fleet, tmp_path, WAN_RATE, 32 * MiB)
+    nodes, new_ids = run.nodes, run.new_ids
+    done = [fleet.wait_holds(node, 2) for node in nodes]
+    received = site.wan.site_received_bytes() - run.received_before
+
+    new_bytes = stored_bytes(run.admin, new_ids)
+    counts = [grown(was, now) for was, now in zip(run.before, done, strict=True)]
+    from_origin = [c.get("origin", 0) for c in counts]
+    from_site = [c.get("site", 0) for c in counts]
     print(json.dumps({"wan_received": received, "new_blocks_stored_bytes": new_bytes,
                       "ratio": round(received / new_bytes, 3), "origin_blocks": from_origin,
                       "site_blocks": from_site}))  # fmt: skip
     # Each node holds all of @2, and every block crossed the WAN about once for the site: the nodes
     # shared the fetch (each took some from the origin, the rest from its site peers).
-    assert all(o + s == len(new_ids) for o, s in zip(from_origin, from_site, strict=True)), done
+    assert all(o + s == len(new_ids) for o, s in zip(from_origin, from_site, strict=True)), counts
     assert sum(from_origin) <= len(new_ids) * WAN_FACTOR, from_origin
     assert all(o > 0 for o in from_origin) and all(s > 0 for s in from_site), (from_origin, from_site)
     assert new_bytes <= received <= new_bytes * WAN_FACTOR, (received, new_bytes)
     export = tmp_path / "n1-export.img"
     nodes[0].cli_json("export", PRODUCTION, export)
-    assert sha256_file(export) == sha256_file(v2)
+    assert sha256_file(export) == sha256_file(run.image)
 
     # A node that joins the site after the fan-out: its site peers hold @2 complete, the WAN carries
     # only its control traffic.
     for node in nodes:
-        fleet.wait_fleet_holds(coordinator, node.node_id, f"{LAYER}@2", prefix=dc)
+        fleet.wait_fleet_holds(run.coordinator, node.node_id, f"{LAYER}@2", prefix=dc)
     ns, address = site.add_node()
     received_before = site.wan.site_received_bytes()
-    late = fleet.cachepoint("late", coordinator, site=SITE, listen=f"{address}:0", prefix=ns.exec_prefix)
+    late = fleet.cachepoint("late", run.coordinator, site=SITE, listen=f"{address}:0", prefix=ns.exec_prefix)
     joined = fleet.wait_holds(late, 2)
     received = site.wan.site_received_bytes() - received_before
     print(json.dumps({"late_wan_received": received, "late_sources": joined["bytes_by_source"]}))
     assert by_source(joined, "blocks").get("site", 0) == len(new_ids), joined["bytes_by_source"]
     assert sum(by_source(joined, "bytes").get(cls, 0) for cls in ("origin", "peer")) == 0, joined
     assert received < CONTROL, received
+
+
+def test_a_node_killed_in_the_middle_of_a_fan_out_has_its_share_taken_over_and_the_others_finish(
+    lan: tuple[SiteLan, Fleet], tmp_path: Path
+) -> None:
+    site, fleet = lan
+    run = publish_to_the_site(site, fleet, tmp_path, KILL_WAN_RATE, 48 * MiB)
+    nodes, new_ids = run.nodes, run.new_ids
+    victim, survivors = nodes[1], [nodes[0], *nodes[2:]]
+
+    # The victim dies once it holds a tenth of the version: its share is partly fetched, partly not.
+    def started() -> int | None:
+        try:
+            held = present(victim.store, new_ids)
+        except Exception:  # the store is busy being written: ask again
+            return None
+        return held if held >= len(new_ids) // 10 else None
+
+    wait_until("the victim to hold a tenth of @2", started, 120, interval=0.1, logs=fleet.logs)
+    victim.kill()
+    held_at_kill = present(victim.store, new_ids)
+    behind = [present(node.store, new_ids) for node in survivors]
+    assert held_at_kill < len(new_ids), "the victim had everything: the test proves nothing"
+    assert all(count < len(new_ids) for count in behind), f"a survivor had finished already: {behind}"
+
+    done = [fleet.wait_holds(node, 2) for node in survivors]
+    received = site.wan.site_received_bytes() - run.received_before
+    new_bytes = stored_bytes(run.admin, new_ids)
+    counts = [grown(was, now) for was, now in zip([run.before[0], *run.before[2:]], done, strict=True)]
+    failures = [by_source(now, "failures").get("site", 0) for now in done]
+    print(json.dumps({"victim_held": held_at_kill, "survivors_held_at_kill": behind, "counts": counts,
+                      "site_failures": failures, "wan": received, "new_bytes": new_bytes}))  # fmt: skip
+    # Each survivor dropped the dead puller and took its share over (from the origin or another peer).
+    assert all(f >= 1 for f in failures), failures
+    for index, node in enumerate(survivors):
+        export = tmp_path / f"{node.name}-export.img"
+        node.cli_json("export", PRODUCTION, export)
+        assert sha256_file(export) == sha256_file(run.image), index
+    # The WAN carried the version about once, plus at most what the victim had fetched and took with it.
+    victim_bytes = held_at_kill * (new_bytes // len(new_ids) + 1)
+    assert received <= (new_bytes + victim_bytes) * WAN_FACTOR, (received, new_bytes, victim_bytes)

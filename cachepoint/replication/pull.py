@@ -25,6 +25,7 @@ from cachepoint.wire import manifest_digest, manifest_from_bytes, ref_to_pb, ver
 # nodes told of a version by the same Watch event start within it of each other (a node that starts
 # later still sees the earlier ones; they just do not count on it, and may fetch some of its share).
 PULLERS_SETTLE = 1.0
+PartialFn = Callable[[VersionInfo, frozenset[bytes] | None], None]
 
 
 @dataclass
@@ -152,6 +153,7 @@ async def pull(
     account: Callable[[list[Source]], None] | None = None,
     room: RoomFn | None = None,
     share: bool = False,
+    partial: PartialFn | None = None,
 ) -> PullResult:
     """``avoid``: addresses of peers not to use (e.g. ones that recently sent corrupt blocks).
     ``account`` is handed the sources once the fetch ends, complete or not: their counters say what
@@ -177,6 +179,7 @@ async def pull(
             # both the blocks found here and the ones fetched, until the version references them.
             pins = store.register_pins(info.layer)
             committed = False
+            sharing: PartialFn | None = None
             try:
                 block_ids = manifest.block_ids()
                 store.pin(pins, block_ids)
@@ -185,7 +188,14 @@ async def pull(
                 if missing:
                     peers = await find_peers(ch, node_id, info, own_address)
                     if node_id and share and not await _site_holds(ch, node_id, info):
-                        peers += await site_pullers(ch, node_id, info, own_address)
+                        if partial is not None:
+                            partial(info, frozenset(block_ids))
+                            sharing = partial
+                        pullers = await site_pullers(ch, node_id, info, own_address)
+                        # One source per node (the fetcher keys what each lacked by name): a puller
+                        # that also holds the parent is asked for its share only.
+                        named = {source.name for source in pullers}
+                        peers = [peer for peer in peers if peer.name not in named] + pullers
                     sources += [peer for peer in peers if peer.address not in avoid]
                 sources.append(Source("origin", origin, SourceClass.ORIGIN))
                 result = PullResult(info, planned_blocks=len(missing), sources=sources)
@@ -208,6 +218,8 @@ async def pull(
                 committed = True
             finally:
                 store.end_ingest(pins, committed=committed)
+                if sharing is not None:  # committed, the catalog answers for it; failed, nobody asks
+                    sharing(info, None)
             return result
     except grpc.RpcError as err:
         raise from_rpc_error(err, origin) from err
