@@ -28,6 +28,7 @@ from tests.fleet import (
     Fleet,
     Node,
     cli_json,
+    coordinator_cli,
     random_image,
     stored_block_ids,
     wait_until,
@@ -82,14 +83,31 @@ class Published:
     received_before: int
 
 
-def publish_to_the_site(site: SiteLan, fleet: Fleet, tmp_path: Path, rate: str, size: int) -> Published:
+def enroll(
+    fleet: Fleet, store: Path, coordinator: str, name: str, prefix: tuple[str, ...], *args: str
+) -> None:
+    """A one-time token for ``name`` from the coordinator's data, spent from ``prefix``'s namespace."""
+    made = coordinator_cli("enroll", name, "--data", str(fleet.root / "coordinator"), *args, "--json").json()
+    assert isinstance(made, dict), made
+    cli_json(store, "enroll", "--coordinator", coordinator, "--token", str(made["token"]), prefix=prefix)
+
+
+def publish_to_the_site(
+    site: SiteLan, fleet: Fleet, tmp_path: Path, rate: str, size: int, tls: bool = False
+) -> Published:
     """The coordinator in the datacenter, one node per node namespace following os/x:production at @1
     (one block), then @2 (``size`` bytes of distinct random blocks) published from the datacenter,
-    so that every node hears of it from the same Watch event."""
+    so that every node hears of it from the same Watch event. ``tls``: the coordinator serves mutual
+    TLS and every node and the publisher are enrolled (peers dial each other by address)."""
     dc = site.dc.exec_prefix
     site.wan.shape(rate)
-    coordinator = fleet.coordinator(listen=f"{DC_ADDRESS}:0", prefix=dc).address
+    extra = ["--tls"] if tls else []
+    coordinator = fleet.coordinator(listen=f"{DC_ADDRESS}:0", prefix=dc, extra=extra).address
     admin = tmp_path / "admin"  # the publisher works in the datacenter: its pushes never cross the WAN
+    if tls:
+        enroll(fleet, admin, coordinator, "release-bot", dc, "--role", "publisher")
+        for index, ns in enumerate(site.nodes, start=1):
+            enroll(fleet, fleet.root / f"n{index}", coordinator, f"n{index}", ns.exec_prefix, "--site", SITE)
 
     def publish(image: Path) -> int:
         done = cli_json(admin, "publish", LAYER, image, "--coordinator", coordinator, "--tag", "production",
@@ -199,3 +217,20 @@ def test_a_node_killed_in_the_middle_of_a_fan_out_has_its_share_taken_over_and_t
     # The WAN carried the version about once, plus at most what the victim had fetched and took with it.
     victim_bytes = held_at_kill * (new_bytes // len(new_ids) + 1)
     assert received <= (new_bytes + victim_bytes) * WAN_FACTOR, (received, new_bytes, victim_bytes)
+
+
+def test_with_mutual_tls_the_pullers_of_a_site_answer_each_other_for_a_version_they_do_not_hold_yet(
+    lan: tuple[SiteLan, Fleet], tmp_path: Path
+) -> None:
+    site, fleet = lan
+    run = publish_to_the_site(site, fleet, tmp_path, WAN_RATE, 16 * MiB, tls=True)
+    done = [fleet.wait_holds(node, 2) for node in run.nodes]
+    received = site.wan.site_received_bytes() - run.received_before
+    new_bytes = stored_bytes(run.admin, run.new_ids)
+    counts = [grown(was, now) for was, now in zip(run.before, done, strict=True)]
+    print(json.dumps({"tls_wan_received": received, "new_bytes": new_bytes, "counts": counts}))
+    # Each partial holder answered its peers over the peers' mutual TLS (not "missing" until its
+    # share was taken over): the site fetched the version about once.
+    assert all(c.get("site", 0) > 0 for c in counts), counts
+    assert sum(c.get("origin", 0) for c in counts) <= len(run.new_ids) * WAN_FACTOR, counts
+    assert new_bytes <= received <= new_bytes * WAN_FACTOR, (received, new_bytes)
