@@ -20,9 +20,12 @@ from typing import Any
 
 import pytest
 
+from cachepoint.replication.fetcher import STREAMS_PER_SOURCE
+from cachepoint.rpc.channel import BATCH_BYTES
 from cachepoint.store.store import Store
 from tests.conftest import sha256_file
 from tests.fleet import (
+    BLOCK,
     LAYER,
     PRODUCTION,
     Fleet,
@@ -41,6 +44,7 @@ SITE = "branch"
 WAN_RATE = "100mbit"
 WAN_FACTOR = 1.1  # the acceptance bound: WAN bytes per site per version / the version's stored new bytes
 KILL_WAN_RATE = "40mbit"  # @2 takes ~10 s to cross: time to kill a node in the middle
+CUT_SITE_RATE = "16Mbit"  # each node's cap on fetching from its site peers in the WAN-cut test
 CONTROL = 512 * 1024  # a joining node's heartbeats, Register, Watch, Resolve, manifest, FindPeers
 
 
@@ -62,6 +66,12 @@ def stored_bytes(store: Path, ids: set[bytes]) -> int:
 
 def by_source(status: dict[str, Any], field: str) -> dict[str, int]:
     return {name: int(totals[field]) for name, totals in status["bytes_by_source"].items()}
+
+
+def held(store: Path, ids: set[bytes]) -> set[bytes]:
+    """Which of ``ids`` the store holds (read-only, beside its running daemon)."""
+    with Store.open(store) as opened:
+        return {digest for digest in ids if opened.blocks.has(digest)}
 
 
 def present(store: Path, ids: set[bytes]) -> int:
@@ -93,12 +103,19 @@ def enroll(
 
 
 def publish_to_the_site(
-    site: SiteLan, fleet: Fleet, tmp_path: Path, rate: str, size: int, tls: bool = False
+    site: SiteLan,
+    fleet: Fleet,
+    tmp_path: Path,
+    rate: str,
+    size: int,
+    tls: bool = False,
+    config: Path | None = None,
 ) -> Published:
     """The coordinator in the datacenter, one node per node namespace following os/x:production at @1
     (one block), then @2 (``size`` bytes of distinct random blocks) published from the datacenter,
     so that every node hears of it from the same Watch event. ``tls``: the coordinator serves mutual
-    TLS and every node and the publisher are enrolled (peers dial each other by address)."""
+    TLS and every node and the publisher are enrolled (peers dial each other by address); ``config``:
+    the nodes' settings file."""
     dc = site.dc.exec_prefix
     site.wan.shape(rate)
     extra = ["--tls"] if tls else []
@@ -121,7 +138,9 @@ def publish_to_the_site(
     nodes: list[Node] = []
     for index, ns in enumerate(site.nodes, start=1):
         listen = f"{site.node_address(index)}:0"
-        node = fleet.cachepoint(f"n{index}", coordinator, site=SITE, listen=listen, prefix=ns.exec_prefix)
+        node = fleet.cachepoint(
+            f"n{index}", coordinator, site=SITE, listen=listen, prefix=ns.exec_prefix, config=config
+        )
         nodes.append(node)
     before = [fleet.wait_holds(node, 1) for node in nodes]
     received_before = site.wan.site_received_bytes()
@@ -234,3 +253,49 @@ def test_with_mutual_tls_the_pullers_of_a_site_answer_each_other_for_a_version_t
     assert all(c.get("site", 0) > 0 for c in counts), counts
     assert sum(c.get("origin", 0) for c in counts) <= len(run.new_ids) * WAN_FACTOR, counts
     assert new_bytes <= received <= new_bytes * WAN_FACTOR, (received, new_bytes)
+
+
+def test_a_wan_cut_mid_fan_out_leaves_the_site_exchanging_what_it_has_and_nothing_crosses_twice(
+    lan: tuple[SiteLan, Fleet], tmp_path: Path
+) -> None:
+    site, fleet = lan
+    # Peers take their shares from each other slower than the WAN brings them, so that at the cut
+    # some nodes hold blocks the others have not taken yet.
+    config = tmp_path / "nodes.toml"
+    config.write_text(f'site_rate = "{CUT_SITE_RATE}"\n')
+    run = publish_to_the_site(site, fleet, tmp_path, KILL_WAN_RATE, 48 * MiB, config=config)
+    nodes, new_ids = run.nodes, run.new_ids
+    new_bytes = stored_bytes(run.admin, new_ids)
+
+    def a_third_across() -> int | None:
+        across = site.wan.site_received_bytes() - run.received_before
+        return across if across >= new_bytes // 3 else None
+
+    wait_until("a third of @2 to cross the WAN", a_third_across, 120, interval=0.1, logs=fleet.logs)
+    site.wan.cut()
+    at_cut = [held(node.store, new_ids) for node in nodes]
+    assert all(len(h) < len(new_ids) for h in at_cut), "a node had finished: the test proves nothing"
+
+    # With the WAN down, the nodes take from each other what any of them holds.
+    def exchanged() -> set[bytes] | None:
+        now = [held(node.store, new_ids) for node in nodes]
+        return now[0] if all(h == now[0] for h in now) and now[0] >= set().union(*at_cut) else None
+
+    shared = wait_until("the site to exchange what crossed", exchanged, 60, interval=0.5, logs=fleet.logs)
+    assert not site.wan.is_up()
+    # Peers share as they fetch, so at the cut they were close: some took the last blocks from others.
+    assert any(len(shared) > len(h) for h in at_cut), ([len(h) for h in at_cut], len(shared))
+    assert len(shared) < len(new_ids), "everything crossed before the cut: the test proves nothing"
+
+    site.wan.restore()
+    done = [fleet.wait_holds(node, 2) for node in nodes]
+    received = site.wan.site_received_bytes() - run.received_before
+    # Once, plus headers, plus at most the batch each node's origin streams were receiving at the cut.
+    in_flight = len(nodes) * STREAMS_PER_SOURCE * (BATCH_BYTES + BLOCK)
+    counts = [grown(was, now) for was, now in zip(run.before, done, strict=True)]
+    print(json.dumps({"cut_held": [len(h) for h in at_cut], "shared": len(shared), "wan": received,
+                      "new_bytes": new_bytes, "in_flight": in_flight, "counts": counts}))  # fmt: skip
+    assert new_bytes <= received <= new_bytes * WAN_FACTOR + in_flight, (received, new_bytes)
+    export = tmp_path / "n3-export.img"
+    nodes[2].cli_json("export", PRODUCTION, export)
+    assert sha256_file(export) == sha256_file(run.image)
