@@ -13,6 +13,7 @@ The harness runs here without TLS (plaintext gRPC between the namespaces).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,9 @@ SITE = "branch"
 WAN_RATE = "100mbit"
 WAN_FACTOR = 1.1  # the acceptance bound: WAN bytes per site per version / the version's stored new bytes
 KILL_WAN_RATE = "40mbit"  # @2 takes ~10 s to cross: time to kill a node in the middle
-CUT_SITE_RATE = "16Mbit"  # each node's cap on fetching from its site peers in the WAN-cut test
+CUT_SITE_RATE = "64Mbit"  # the site as a whole in the WAN-cut test: 16 Mbit/s per node of the four
+BUDGET_WAN_RATE = 16e6 / 8  # each node's wan_rate in the budget test, bytes per second
+BUDGET_SLACK = 0.9  # the pullers' shares are unequal and each bucket starts with a small burst
 CONTROL = 512 * 1024  # a joining node's heartbeats, Register, Watch, Resolve, manifest, FindPeers
 
 
@@ -299,3 +302,24 @@ def test_a_wan_cut_mid_fan_out_leaves_the_site_exchanging_what_it_has_and_nothin
     export = tmp_path / "n3-export.img"
     nodes[2].cli_json("export", PRODUCTION, export)
     assert sha256_file(export) == sha256_file(run.image)
+
+
+def test_wan_rate_holds_for_the_site_as_a_whole_while_its_nodes_pull_together(
+    lan: tuple[SiteLan, Fleet], tmp_path: Path
+) -> None:
+    site, fleet = lan
+    config = tmp_path / "nodes.toml"
+    config.write_text(f'wan_rate = "{BUDGET_WAN_RATE * 8 / 1e6:.0f}Mbit"\n')
+    # The link itself is much faster than one node's wan_rate: only the nodes' budgets hold the site.
+    run = publish_to_the_site(site, fleet, tmp_path, "640mbit", 32 * MiB, config=config)
+    published_at = time.monotonic()
+    for node in run.nodes:
+        fleet.wait_holds(node, 2)
+    elapsed = time.monotonic() - published_at
+    new_bytes = stored_bytes(run.admin, run.new_ids)
+    # What a rate limit promises is a lower bound on time, which no machine breaks by being slow: the
+    # site consumed @2 from the WAN at most at one node's wan_rate (each puller paying its part). The
+    # link's and gRPC's buffers may run ahead of a pull, never the pull ahead of its budget.
+    floor = new_bytes / BUDGET_WAN_RATE * BUDGET_SLACK
+    print(json.dumps({"elapsed": round(elapsed, 2), "floor": round(floor, 2), "new_bytes": new_bytes}))
+    assert elapsed >= floor, (elapsed, floor)

@@ -107,6 +107,16 @@ async def site_pullers(
     return [source for source in found if source.puller and source.address != own_address]
 
 
+def site_budget(limits: dict[SourceClass, float] | None, pullers: int) -> dict[SourceClass, float] | None:
+    """Each of a site's ``pullers`` of a version takes an equal part of the node's rates, so that
+    ``wan_rate`` and ``site_rate`` hold for the site as a whole while they pull together (every node
+    of a site is meant to have the same settings). A part is not given back when a puller finishes
+    early: the last ones finish below the site's rate (the cost of not coordinating live)."""
+    if not limits or pullers <= 1:
+        return limits
+    return {cls: rate / pullers for cls, rate in limits.items()}
+
+
 async def _site_holds(ch: grpc.aio.Channel, node_id: str, info: VersionInfo) -> bool:
     """Whether a node of this site holds ``info`` complete (holders of its parent do not count: they
     lack its new blocks, which are what the site's pullers share)."""
@@ -196,6 +206,7 @@ async def pull(
                         # that also holds the parent is asked for its share only.
                         named = {source.name for source in pullers}
                         peers = [peer for peer in peers if peer.name not in named] + pullers
+                        limits = site_budget(limits, len(pullers) + 1)
                     sources += [peer for peer in peers if peer.address not in avoid]
                 sources.append(Source("origin", origin, SourceClass.ORIGIN))
                 result = PullResult(info, planned_blocks=len(missing), sources=sources)
