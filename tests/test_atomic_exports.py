@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from cachepoint.atomic import TEMP_PREFIX
-from cachepoint.blocks import CODEC_RAW
+from cachepoint.blocks import CODEC_ZSTD
 from cachepoint.store.store import Store
 from tests.conftest import REPO, cli_env, run_cli, sha256_file
 from tests.fleet import Fleet
@@ -50,11 +50,13 @@ def write_image(path: Path, seed: int) -> bytes:
 
 
 def rot(store: Path, victim: bytes) -> None:
-    """Replace a block's stored value with other valid-looking bytes (random data is stored raw)."""
+    """Replace a block's stored value with one that cannot be decoded (a zstd codec byte before bytes
+    that are no zstd frame): local reads trust RocksDB's checksums and do not hash, so damage a read
+    must refuse is damage the decoder sees."""
     digest = hashlib.sha256(victim).digest()
     with Store.open(store, writable=True) as opened:
         assert opened.blocks.raw(digest) is not None, "the victim is not in the store"
-        opened.blocks.put_many([(digest, bytes((CODEC_RAW,)) + block(99_999))])
+        opened.blocks.put_many([(digest, bytes((CODEC_ZSTD,)) + bytes(4) + block(99_999))])
         opened.blocks.persist()
 
 
