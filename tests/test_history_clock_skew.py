@@ -158,7 +158,8 @@ def test_a_device_whose_clock_is_months_off_is_refused_by_name_and_delivers_once
             created_ns=time.time_ns() + 40 * DAY,
             sent_ns=time.time_ns() + 40 * DAY,
         )
-        with grpc.insecure_channel(address) as ch, pytest.raises(grpc.RpcError) as refused:
+        fleet.assign(USER, "desk")  # with TLS, the device is the node the certificate names
+        with fleet.channel(address, "node", name="desk") as ch, pytest.raises(grpc.RpcError) as refused:
             catalog_pb2_grpc.CatalogStub(ch).Commit(request, timeout=10)
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "device 'desk'" in refused.value.details()
