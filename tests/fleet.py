@@ -432,7 +432,7 @@ class Fleet:
         trust = self._node_trust(coordinator)
         if trust is not None and not _enrolled_elsewhere(store, trust):
             trust.node(store, name, site)
-            for user in _watched_users(config):
+            for user in _watched_users(config or store.parent / "xdg-config" / "cachepoint" / "config.toml"):
                 trust.assign(user, name)
         else:
             trust = None

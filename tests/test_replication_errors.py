@@ -275,8 +275,12 @@ def test_watch_after_a_position_beyond_the_log_is_out_of_range(servers: Servers)
 
 
 def test_heartbeat_from_an_unknown_node_is_not_found(servers: Servers) -> None:
-    stub = fleet_pb2_grpc.FleetStub(servers.channel("coordinator"))
-    err = rpc_error(lambda: stub.Heartbeat(fleet_pb2.HeartbeatRequest(node_id="nobody"), timeout=DEADLINE))
+    # With TLS a heartbeat comes from a node, here one of the fleet that never registered.
+    with servers.fleet.channel(servers.coordinator.address, "node", name="nobody") as ch:
+        stub = fleet_pb2_grpc.FleetStub(ch)
+        err = rpc_error(
+            lambda: stub.Heartbeat(fleet_pb2.HeartbeatRequest(node_id="nobody"), timeout=DEADLINE)
+        )
     assert err.code() == grpc.StatusCode.NOT_FOUND
     assert "nobody" in err.details()
     servers.assert_serving()

@@ -109,6 +109,7 @@ class Trust:
                 directory, key_pem(key), cert.public_bytes(serialization.Encoding.PEM), self.ca.cert_pem
             )
             self._roles[directory] = (name, site, wanted)
+            _issuers[directory] = self
             return directory
 
     def issued(self, directory: Path) -> bool:
@@ -154,23 +155,61 @@ class Served:
 
 
 _served: dict[str, Served] = {}
+_issuers: dict[Path, Trust] = {}  # identity directory -> the fleet that issued it here
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _port_key(address: str) -> str | None:
+    """Loopback addresses by port: a daemon on localhost:P is also 127.0.0.1:P and [::1]:P."""
+    host, _, port = address.rpartition(":")
+    return f"loopback:{port}" if host in LOOPBACK_HOSTS else None
 
 
 def serve(address: str, trust: Trust, peer: bool) -> None:
     _served[address] = Served(trust, peer)
+    key = _port_key(address)
+    if key is not None:
+        _served[key] = _served[address]
 
 
 def served(address: str) -> Served | None:
-    return _served.get(address)
+    found = _served.get(address)
+    key = _port_key(address)
+    return found if found is not None or key is None else _served.get(key)
 
 
 def trust_of(args: Iterable[object]) -> Trust | None:
     """The fleet of the first TLS address among a command's arguments."""
     for arg in args:
-        found = _served.get(str(arg))
+        found = served(str(arg))
         if found is not None:
             return found.trust
     return None
+
+
+def users_named(words: Sequence[str]) -> list[str]:
+    """The users a command acts for: ``--user NAME``, and layers ``user/NAME/...`` among its arguments."""
+    users = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--user"]
+    for word in words:
+        parts = word.split("/")
+        if parts[0] == "user" and len(parts) > 2 and parts[1]:
+            users.append(parts[1])
+    return users
+
+
+def assign_users(store: Path, args: Sequence[object]) -> None:
+    """A command on a node's store that makes or reads a user's versions (capture, ingest, attach,
+    restore-dir with ``--user``): the node is assigned those users at its coordinator first, as an
+    admin would have done (`cachepoint-coordinator assign`)."""
+    directory = store / IDENTITY
+    trust = _issuers.get(directory)
+    held = trust._roles.get(directory) if trust is not None else None
+    if trust is None or held is None or "node" not in held[2]:
+        return
+    for user in users_named([str(a) for a in args]):
+        trust.assign(user, held[0])
 
 
 def client_identity(store: Path, args: Sequence[object]) -> Path | None:
@@ -180,6 +219,7 @@ def client_identity(store: Path, args: Sequence[object]) -> Path | None:
     words = [str(a) for a in args]
     if "enroll" in words[:3] or "--identity" in words:
         return None
+    assign_users(store, words)
     trust = trust_of(words)
     if trust is None:
         return None
@@ -218,7 +258,7 @@ def credentials(directory: Path) -> grpc.ChannelCredentials:
 def _target(
     address: str, roles: Sequence[str], name: str | None, identity: Path | None, options: Sequence[Any]
 ) -> tuple[grpc.ChannelCredentials | None, list[Any]]:
-    found = _served.get(address)
+    found = served(address)
     if found is None:
         return None, list(options)
     if identity is None:

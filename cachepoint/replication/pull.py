@@ -77,6 +77,8 @@ async def find_peers(ch: grpc.aio.Channel, node_id: str, info: VersionInfo, own_
     if found is not None and info.parent:
         named = {source.name for source in found}
         parent_holders = await _holders(ch, node_id, info.layer, info.parent) or []
+        for source in parent_holders:
+            source.holds = f"{info.layer}@{info.parent}"
         found += [source for source in parent_holders if source.name not in named]
     return [source for source in found or [] if source.address != own_address]
 
@@ -111,14 +113,21 @@ async def pull(
     avoid: set[str] | frozenset[str] = frozenset(),
     account: Callable[[list[Source]], None] | None = None,
     room: RoomFn | None = None,
+    origin_may_be_node: bool = False,
+    node_origin: bool = False,
 ) -> PullResult:
     """``avoid``: addresses of peers not to use (e.g. ones that recently sent corrupt blocks).
     ``account`` is handed the sources once the fetch ends, complete or not: their counters say what
     was fetched from each, and a pull that fails half-way has still moved those bytes.
     ``room``: asked before each batch is stored (see Fetcher); what it raises ends the pull, which
-    unpins its blocks: a later GC may collect them, and the next pull fetches only what is missing."""
+    unpins its blocks: a later GC may collect them, and the next pull fetches only what is missing.
+    With TLS ``origin`` is checked as the coordinator (its certificate names the address dialled).
+    ``origin_may_be_node``: the user named it (`pull --from`, "a coordinator or a peer"), so one whose
+    certificate does not name the address is asked again as a node of the fleet (``node_origin``:
+    checked for the name every node's certificate carries). Never for a daemon's own coordinator,
+    where a node of the fleet at its address must not pass for it."""
     try:
-        async with channel.channel(origin) as ch:
+        async with channel.channel(origin, peer=node_origin) as ch:
             catalog = catalog_pb2_grpc.CatalogStub(ch)
             info = await resolve(catalog, ref)
             tags = (ref.tag,) if ref.tag else ()
@@ -142,7 +151,7 @@ async def pull(
                 if missing:
                     peers = await find_peers(ch, node_id, info, own_address)
                     sources += [peer for peer in peers if peer.address not in avoid]
-                sources.append(Source("origin", origin, SourceClass.ORIGIN))
+                sources.append(Source("origin", origin, SourceClass.ORIGIN, node_origin=node_origin))
                 result = PullResult(info, planned_blocks=len(missing), sources=sources)
                 fetcher = Fetcher(
                     store, sources, progress, limits=limits, room=room, block_size=manifest.block_size
@@ -159,4 +168,27 @@ async def pull(
                 store.end_ingest(pins, committed=committed)
             return result
     except grpc.RpcError as err:
+        # (The handshake fails at the first call, Resolve: nothing was done yet.)
+        if origin_may_be_node and not node_origin and _not_the_coordinators_name(err):
+            return await pull(
+                store,
+                ref,
+                origin,
+                node_id=node_id,
+                own_address=own_address,
+                progress=progress,
+                extra_sources=extra_sources,
+                limits=limits,
+                avoid=avoid,
+                account=account,
+                room=room,
+                node_origin=True,
+            )
         raise from_rpc_error(err, origin) from err
+
+
+def _not_the_coordinators_name(err: grpc.RpcError) -> bool:
+    """With TLS: the origin's certificate does not name the address dialled (it is no coordinator)."""
+    if channel.identity() is None or not isinstance(err, grpc.aio.AioRpcError):
+        return False
+    return err.code() == grpc.StatusCode.UNAVAILABLE and "Hostname Verification" in (err.details() or "")
