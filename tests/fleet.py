@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -528,8 +529,6 @@ def _watched_users(config: Path | None) -> list[str]:
     "user/bob/profile=/srv/p"]``): its node must be assigned them to commit their versions."""
     if config is None or not config.exists():
         return []
-    import tomllib
-
     try:
         settings = tomllib.loads(config.read_text())
     except (OSError, ValueError):

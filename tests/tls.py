@@ -214,8 +214,9 @@ def assign_users(store: Path, args: Sequence[object]) -> None:
 
 def client_identity(store: Path, args: Sequence[object]) -> Path | None:
     """Before a `cachepoint` command on ``store``: the identity it needs to reach a TLS address among
-    its arguments (issued when the store has none, or has one without the publisher role a publish
-    or a tag needs). Enrollment is left alone: it makes the identity itself."""
+    its arguments (issued when the store has none, or has one without the role the command needs:
+    publisher for a publish or a tag, node, assigned the user, for a user's layers). Enrollment is
+    left alone: it makes the identity itself."""
     words = [str(a) for a in args]
     if "enroll" in words[:3] or "--identity" in words:
         return None
@@ -223,11 +224,18 @@ def client_identity(store: Path, args: Sequence[object]) -> Path | None:
     trust = trust_of(words)
     if trust is None:
         return None
-    roles = ("publisher",) if ("publish" in words or "tag" in words) else ()
     directory = store / IDENTITY
     if (directory / "cert.pem").exists() and not trust.issued(directory):
         return directory  # enrolled by the test itself: what it holds is what it presents
-    return trust.client(store, roles)
+    users = users_named(words)
+    if users:
+        # A user's layers are committed and read by a node assigned to the user (coordinator/authz.py).
+        roles: tuple[str, ...] = ("node",)
+    else:
+        roles = ("publisher",) if ("publish" in words or "tag" in words) else ()
+    identity = trust.client(store, roles)
+    assign_users(store, words)
+    return identity
 
 
 def operator_identity(args: Sequence[object]) -> Path | None:
