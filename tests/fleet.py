@@ -130,9 +130,10 @@ def coordinator_cli(
     identity: Path | None = None,
 ) -> Run:
     """``identity``: the one to present (CACHEPOINT_IDENTITY); by default, when ``--coordinator`` names
-    a TLS coordinator of the harness, an operator's (tests/tls.py)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("CACHEPOINT_DEBUG", tls.ENV_IDENTITY)}
-    identity = identity or tls.operator_identity(args)
+    a TLS coordinator of the harness and the environment names none, an operator's (tests/tls.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "CACHEPOINT_DEBUG"}
+    if identity is None and tls.ENV_IDENTITY not in env:  # a test's own CACHEPOINT_IDENTITY is kept
+        identity = tls.operator_identity(args)
     if identity is not None:
         env[tls.ENV_IDENTITY] = str(identity)
     proc = subprocess.run(
