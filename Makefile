@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 # Debian packages some tests drive as real clients (command:package). Installed when missing.
 TEST_TOOLS := qemu-img:qemu-utils qemu-io:qemu-utils mkfs.ext4:e2fsprogs debugfs:e2fsprogs curl:curl setpriv:util-linux \
-	ip:iproute2 tc:iproute2 faketime:faketime
+	ip:iproute2 tc:iproute2 faketime:faketime nbdinfo:libnbd-bin nbdcopy:libnbd-bin unshare:util-linux
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH"; exit 1; }
@@ -38,6 +38,8 @@ test: $(STAMP) test-tools
 bench: $(STAMP) test-tools
 	command -v rsync >/dev/null || (apt-get update -qq && apt-get install -y -qq rsync) \
 		|| echo "could not install rsync: the rsync comparison will be reported as not measured" >&2
+	command -v casync >/dev/null || (apt-get update -qq && apt-get install -y -qq casync) \
+		|| echo "could not install casync: the casync comparison will be reported as not measured" >&2
 	$(BIN)/python -m bench.run
 
 proto: $(STAMP)

@@ -1,8 +1,11 @@
-"""Delta sync over gRPC: pull v2 onto a store that holds v1, from a real coordinator, against rsync.
+"""Delta sync over gRPC: pull v2 onto a store that holds v1, from a real coordinator, against rsync,
+and the same pull over mutual TLS.
 
 Everything runs on loopback within this run: a coordinator child holding v1 and v2 (published with
 `cachepoint publish`), a receiver store holding v1 (pulled with `cachepoint pull`), a byte-counting TCP
-proxy in front of the coordinator, and an rsync daemon serving v2 for the baseline.
+proxy in front of the coordinator, and an rsync daemon serving v2 for the baseline. For the cost of
+TLS, a second coordinator serves `--tls`, and its publisher and receiver enroll with join tokens
+(`cachepoint-coordinator enroll`, `cachepoint enroll`) before the same steps.
 
 Run as a module (``python -m bench.replication_bench proxy HOST:PORT``) this file is that proxy. It is a
 child process rather than a thread so that relaying bytes never competes for the GIL with the pull
@@ -48,12 +51,15 @@ from cachepoint.blocks import block_digest, encode_block, is_hole
 from cachepoint.ids import Ref
 from cachepoint.layers.export import export_manifest
 from cachepoint.replication.pull import pull
+from cachepoint.rpc import channel
 from cachepoint.store.store import Store
+from cachepoint.trust.identity import Identity
 
 LAYER = "os/bench"
 REF_V1 = f"{LAYER}@1"
 REF_V2 = f"{LAYER}@2"
 WIRE_LIMIT = 1.1  # bytes on the wire may be at most this many times the compressed blocks the receiver lacked
+TLS_LIMIT = 1.15  # the pull over mutual TLS may take at most this many times the plaintext pull
 RSYNC_MODULE = "bench"
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,15 +332,22 @@ def _seconds(runs: list[Run]) -> str:
     return ", ".join(f"{r.seconds:.3f}" for r in runs)
 
 
-def _pull_api(store_dir: Path, address: str) -> tuple[float, dict[str, Any]]:
+def _pull_api(store_dir: Path, address: str, tls: bool = False) -> tuple[float, dict[str, Any]]:
     """The pull's own time: the ``pull()`` call alone, without start-up, opening or closing the store.
+    With ``tls``, every channel presents the store's identity, as `cachepoint pull` on it would: the
+    handshakes are on the clock, loading the key and certificate (once per command) is not.
 
     The Store must not outlive this call: RocksDB's lock is held for as long as the object lives.
     """
-    with Store.open(store_dir, writable=True) as store:
-        start = time.perf_counter()
-        result = asyncio.run(pull(store, Ref.parse(REF_V2), address))
-        elapsed = time.perf_counter() - start
+    if tls:
+        channel.use_identity(Identity.load(store_dir / "identity"))
+    try:
+        with Store.open(store_dir, writable=True) as store:
+            start = time.perf_counter()
+            result = asyncio.run(pull(store, Ref.parse(REF_V2), address))
+            elapsed = time.perf_counter() - start
+    finally:
+        channel.use_identity(None)
     # After pull() returns, its FetchBlocks call keeps the TCP connection open from a reference cycle
     # until the cyclic GC runs; collecting now closes it, so the proxy's count of this run is complete
     # and the next run opens a new connection as a new process would.
@@ -374,6 +387,8 @@ class DeltaSync:
         self.base = self.dir / "receiver-v1"
         self.published: list[dict[str, Any]] = []
         self.manifest_bytes = 0
+        self.tls_coordinator = ""  # the coordinator serving mutual TLS (setup_tls)
+        self.tls_base = self.dir / "receiver-v1-tls"  # a receiver holding v1, with its identity inside
 
     def env(self, store: Path) -> dict[str, str]:
         env = dict(os.environ)
@@ -386,60 +401,96 @@ class DeltaSync:
         seconds, out = _run([*CACHEPOINT, *args, "--json"], f"cachepoint {args[0]}", env=self.env(store))
         return seconds, json.loads(out)
 
-    def setup(self) -> None:
-        bench = self.bench
-        data = self.dir / "coordinator"
-        out = self.dir / "coordinator.out"
+    def start_coordinator(self, name: str, *extra: str) -> dict[str, Any]:
+        """A coordinator child with its data in ``name``/; returns its announcement."""
+        data = self.dir / name
+        out, log = self.dir / f"{name}.out", self.dir / f"{name}.log"
         with open(out, "wb") as stdout:
             proc = _spawn(
                 self.stack,
-                [*COORDINATOR, "serve", "--data", str(data), "--listen", "127.0.0.1:0"],
-                self.dir / "coordinator.log",
+                [*COORDINATOR, "serve", "--data", str(data), "--listen", "127.0.0.1:0", *extra],
+                log,
                 stdin=subprocess.DEVNULL,
                 stdout=stdout,
                 env=self.env(data),
             )
-        self.coordinator = str(
-            _announcement(proc, out, self.dir / "coordinator.log", "coordinator")["listening"]
-        )
-        bench.log(f"delta sync: coordinator listening on {self.coordinator}")
-        admin = self.dir / "admin"
-        for image in (bench.v1, bench.v2):
+        announced = _announcement(proc, out, log, name)
+        self.bench.log(f"delta sync: {name} listening on {announced['listening']}")
+        return announced
+
+    def publish_both(self, admin: Path, coordinator: str) -> list[dict[str, Any]]:
+        published = []
+        for image in (self.bench.v1, self.bench.v2):
             seconds, result = self.cachepoint(
-                admin, "publish", LAYER, str(image), "--coordinator", self.coordinator
+                admin, "publish", LAYER, str(image), "--coordinator", coordinator
             )
-            self.published.append(result)
-            bench.log(
-                f"delta sync: published {image.name} as {result['ref']}: {result['blocks_sent']} blocks "
-                f"({human_bytes(result['bytes_sent'])}) sent in {seconds:.1f} s"
+            published.append(result)
+            sent = f"{result['blocks_sent']} blocks ({human_bytes(result['bytes_sent'])})"
+            self.bench.log(
+                f"delta sync: published {image.name} as {result['ref']} at {coordinator}: "
+                f"{sent} sent in {seconds:.1f} s"
             )
-        refs = [r["ref"] for r in self.published]
+        refs = [r["ref"] for r in published]
         if refs != [REF_V1, REF_V2]:
             raise RuntimeError(
                 f"a fresh coordinator numbered the versions {refs}, expected {[REF_V1, REF_V2]}"
             )
+        return published
+
+    def receive_v1(self, store: Path, coordinator: str) -> None:
+        seconds, result = self.cachepoint(store, "pull", REF_V1, "--from", coordinator)
+        self.bench.log(
+            f"delta sync: receiver {store.name} holds v1 "
+            f"({result['fetched_blocks']} blocks pulled in {seconds:.1f} s)"
+        )
+
+    def setup(self) -> None:
+        self.coordinator = str(self.start_coordinator("coordinator")["listening"])
+        admin = self.dir / "admin"
+        self.published = self.publish_both(admin, self.coordinator)
         with Store.open(admin) as store:
             info = store.catalog.resolve(REF_V2)
             self.manifest_bytes = len(store.catalog.manifest_bytes(info.manifest_digest))
         remove(admin)
-        seconds, result = self.cachepoint(self.base, "pull", REF_V1, "--from", self.coordinator)
-        bench.log(
-            f"delta sync: receiver holds v1 ({result['fetched_blocks']} blocks pulled in {seconds:.1f} s)"
-        )
+        self.receive_v1(self.base, self.coordinator)
         self.proxy = _Proxy(self.stack, self.coordinator, self.dir / "proxy.log")
-        bench.log(f"delta sync: counting proxy on {self.proxy.address}")
+        self.bench.log(f"delta sync: counting proxy on {self.proxy.address}")
 
-    def pull_run(self, label: str, api: bool, proxied: bool) -> Run:
-        assert self.proxy is not None
+    def enroll(self, store: Path, data: Path, coordinator: str, name: str, *options: str) -> None:
+        """Enroll ``store`` as ``name`` the way an operator does: a join token from the coordinator's
+        data directory, spent with `cachepoint enroll` (the key is made in STORE/identity/)."""
+        _, out = _run(
+            [*COORDINATOR, "enroll", name, "--data", str(data), *options, "--json"],
+            "cachepoint-coordinator enroll",
+            env=self.env(store),
+        )
+        token = str(json.loads(out)["token"])
+        self.cachepoint(store, "enroll", "--coordinator", coordinator, "--token", token)
+
+    def setup_tls(self) -> None:
+        """A second coordinator, serving mutual TLS with its own CA; a publisher and a receiver enrolled
+        with join tokens; v1 and v2 published and v1 pulled as for the plaintext runs."""
+        self.tls_coordinator = str(self.start_coordinator("coordinator-tls", "--tls")["listening"])
+        data, admin = self.dir / "coordinator-tls", self.dir / "admin-tls"
+        self.enroll(admin, data, self.tls_coordinator, "bench-publisher", "--role", "publisher")
+        self.enroll(self.tls_base, data, self.tls_coordinator, "bench-receiver")
+        self.publish_both(admin, self.tls_coordinator)
+        remove(admin)
+        self.receive_v1(self.tls_base, self.tls_coordinator)
+
+    def pull_run(self, label: str, api: bool, proxied: bool, tls: bool = False) -> Run:
+        """One timed pull of v2; ``tls``: from the coordinator serving mutual TLS, by the enrolled
+        receiver (never through the proxy, which would count ciphertext of the same payload)."""
+        assert self.proxy is not None and not (tls and proxied)
         store = self.dir / "receiver"
         remove(store)
         # Every run starts from the same receiver holding v1 alone: a copy made before the clock.
-        shutil.copytree(self.base, store)
-        address = self.proxy.address if proxied else self.coordinator
+        shutil.copytree(self.tls_base if tls else self.base, store)
+        address = self.proxy.address if proxied else self.tls_coordinator if tls else self.coordinator
         settle()
         before = self.proxy.counts()
         if api:
-            seconds, result = _pull_api(store, address)
+            seconds, result = _pull_api(store, address, tls)
         else:
             seconds, result = self.cachepoint(store, "pull", REF_V2, "--from", address)
         after = self.proxy.counts() if proxied else before
@@ -540,6 +591,10 @@ class Measured:
     rsync: list[Run] | None = None
     inplace: list[Run] | None = None
     rsync_missing: str = ""  # why rsync was not measured
+    api_direct: list[Run] = field(default_factory=list)  # pull() straight to the plaintext coordinator
+    tls_cli: list[Run] = field(default_factory=list)  # the same pulls over mutual TLS
+    tls_api: list[Run] = field(default_factory=list)
+    tls_missing: str = ""  # why TLS was not measured
 
 
 def _measure(bench: Bench, stack: contextlib.ExitStack, warnings: list[str]) -> Measured:
@@ -556,9 +611,28 @@ def _measure(bench: Bench, stack: contextlib.ExitStack, warnings: list[str]) -> 
 
     cli = series("delta sync, CLI via proxy", api=False, proxied=True)
     api = series("delta sync, pull() via proxy", api=True, proxied=True)
-    direct = series("delta sync, CLI direct", api=False, proxied=False)
     startup = [_run([*CACHEPOINT, "--version"], "cachepoint --version")[0] for _ in range(RUNS)]
+    tls_missing = ""
+    try:
+        ctx.setup_tls()
+    except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as err:
+        tls_missing = f"TLS set-up failed: {err}"
+        warnings.append(f"TLS comparison not measured: {tls_missing}")
+    # Plaintext and TLS runs alternate, so that a change in the machine's load falls on both alike.
+    direct: list[Run] = []
+    plain: dict[bool, list[Run]] = {False: direct, True: []}
+    tls: dict[bool, list[Run]] = {False: [], True: []}
+    for api_call, what in ((False, "CLI"), (True, "pull()")):
+        for i in range(RUNS):
+            plain[api_call].append(
+                ctx.pull_run(f"delta sync, {what} direct: run {i + 1}/{RUNS}", api_call, False)
+            )
+            if not tls_missing:
+                label = f"delta sync, {what} over mutual TLS: run {i + 1}/{RUNS}"
+                tls[api_call].append(ctx.pull_run(label, api_call, False, tls=True))
     measured = Measured(expected, ctx.manifest_bytes, cli, api, direct, startup)
+    measured.api_direct, measured.tls_cli, measured.tls_api = plain[True], tls[False], tls[True]
+    measured.tls_missing = tls_missing
     if shutil.which("rsync") is None:
         measured.rsync_missing = "rsync is not installed (`make bench` installs it)"
     else:
@@ -580,7 +654,7 @@ def _pair(up: int, down: int) -> str:
 def _table(m: Measured) -> tuple[Table, list[Check], dict[str, float]]:
     e = m.expected
     cli, api, direct = _best(m.cli), _best(m.api), _best(m.direct)
-    ours_ok = all(r.identical for r in m.cli + m.api + m.direct)
+    ours_ok = all(r.identical for r in m.cli + m.api + m.direct + m.api_direct)
     wire = max(m.cli + m.api, key=lambda r: r.wire)  # the target holds for every proxied run
     ratio = wire.wire / e.at_rest if e.at_rest else float("inf")
     wire_ok = ratio <= WIRE_LIMIT and ours_ok
@@ -645,12 +719,13 @@ def _table(m: Measured) -> tuple[Table, list[Check], dict[str, float]]:
         "",
         "",
     )
-    runs = len(m.cli + m.api + m.direct)
+    tls_check = _tls_rows(table, m)
+    ours = m.cli + m.api + m.direct + m.api_direct + m.tls_cli + m.tls_api
     table.add(
         "Our outputs: SHA-256 of the exported os/bench@2 equals v2's",
-        f"{sum(r.identical for r in m.cli + m.api + m.direct)} of {runs} runs",
+        f"{sum(r.identical for r in ours)} of {len(ours)} runs",
         "all",
-        verdict(ours_ok),
+        verdict(all(r.identical for r in ours)),
     )
     figures = {
         "cli_best_seconds": cli.seconds,
@@ -660,6 +735,10 @@ def _table(m: Measured) -> tuple[Table, list[Check], dict[str, float]]:
         "wire_ratio": ratio,
         "changed_at_rest_bytes": float(e.at_rest),
     }
+    if m.tls_api and m.api_direct:
+        figures["api_direct_best_seconds"] = _best(m.api_direct).seconds
+        figures["tls_api_best_seconds"] = _best(m.tls_api).seconds
+        figures["tls_cli_best_seconds"] = _best(m.tls_cli).seconds
     if m.rsync is None or m.inplace is None:
         why = f"not measured: {m.rsync_missing}"
         table.add("`rsync --no-whole-file` from the daemon", why, "", "not measured")
@@ -720,7 +799,58 @@ def _table(m: Measured) -> tuple[Table, list[Check], dict[str, float]]:
         f"≤ {WIRE_LIMIT}×",
         wire_ok,
     )
-    return table, [wire_check, speed], figures
+    return table, [wire_check, speed, tls_check], figures
+
+
+def _tls_rows(table: Table, m: Measured) -> Check:
+    """The same delta pull, plaintext and over mutual TLS, both straight to their coordinator; the
+    target is on the ``pull()`` call alone, where Python's start-up does not dilute TLS's share."""
+    if m.tls_missing or not m.tls_api or not m.api_direct:
+        why = f"not measured: {m.tls_missing or 'no runs'}"
+        table.add("Delta pull over mutual TLS", why, f"≤ {TLS_LIMIT}×", "not measured")
+        return Check(TLS_CHECK, why, f"≤ {TLS_LIMIT}× plaintext", False)
+    plain, tls = _best(m.api_direct), _best(m.tls_api)
+    plain_cli, tls_cli = _best(m.direct), _best(m.tls_cli)
+    identical = all(r.identical for r in m.api_direct + m.tls_api + m.tls_cli)
+    ratio = tls.seconds / plain.seconds
+    ok = ratio <= TLS_LIMIT and identical
+    table.add(
+        f"`pull()` straight to the plaintext coordinator, the call alone, best of {RUNS} (s)",
+        f"{plain.seconds:.3f} (runs {_seconds(m.api_direct)})",
+        "",
+        "",
+    )
+    table.add(
+        f"`pull()` over mutual TLS, enrolled coordinator and receiver, the call alone, best of {RUNS} (s)",
+        f"{tls.seconds:.3f} (runs {_seconds(m.tls_api)})",
+        "",
+        "",
+    )
+    table.add(
+        "TLS / plaintext, `pull()` call alone",
+        f"{ratio:.3f}× ({ratio - 1:+.1%})",
+        f"≤ {TLS_LIMIT}×",
+        verdict(ok),
+    )
+    table.add(
+        f"`cachepoint pull` over mutual TLS, whole command, best of {RUNS} (s)",
+        f"{tls_cli.seconds:.3f} (runs {_seconds(m.tls_cli)})",
+        "",
+        "",
+    )
+    table.add(
+        "TLS / plaintext, whole command (vs `cachepoint pull` straight to the coordinator) — for reference",
+        f"{tls_cli.seconds / plain_cli.seconds:.3f}× ({tls_cli.seconds:.3f} s / {plain_cli.seconds:.3f} s)",
+        "",
+        "",
+    )
+    return Check(
+        TLS_CHECK,
+        f"{ratio:.3f}× ({tls.seconds:.3f} s / {plain.seconds:.3f} s)"
+        + ("" if identical else "; an exported v2 differs from v2"),
+        f"≤ {TLS_LIMIT}× plaintext",
+        ok,
+    )
 
 
 WIRE_CHECK = (
@@ -729,6 +859,10 @@ WIRE_CHECK = (
 )
 SPEED_CHECK = (
     "`cachepoint pull` of v2 given v1 faster than `rsync --no-whole-file` from a daemon (whole commands)"
+)
+TLS_CHECK = (
+    f"Delta pull of v2 given v1 over mutual TLS at most {TLS_LIMIT - 1:.0%} slower than plaintext "
+    "(`pull()` call alone, same run)"
 )
 METHOD = (
     f"v2 (v1 with {V2_FRACTION:.0%} of its blocks rewritten) pulled onto a store that holds v1, from a real "
@@ -752,7 +886,13 @@ METHOD = (
     "blocks the receiver lacked into its store. Each mode is the best of "
     f"{RUNS}. After every run the result is checked: os/bench@2 is exported from the receiver and its "
     "SHA-256 compared with v2's; rsync's file is compared with v2 byte for byte. A target passes only "
-    "if every output was identical."
+    "if every output was identical. *Mutual TLS*: a second coordinator child serves `--tls` (its own CA "
+    "in its data directory); a publisher and a receiver enroll with join tokens (`cachepoint-coordinator "
+    "enroll`, `cachepoint enroll`), v1 and v2 are published into it and the receiver is given v1, as "
+    "above. The same pull, whole command and `pull()` call alone (with the receiver's identity, "
+    "handshakes on the clock), then runs straight to each coordinator, a plaintext run and a TLS run "
+    "alternating so that a change in the machine's load falls on both; the target compares the best "
+    "`pull()` call of each."
 )
 
 
@@ -775,6 +915,7 @@ def delta_sync(bench: Bench) -> Section:
             checks=[
                 Check(WIRE_CHECK, why, f"≤ {WIRE_LIMIT}×", False),
                 Check(SPEED_CHECK, why, "faster than rsync", False),
+                Check(TLS_CHECK, why, f"≤ {TLS_LIMIT}× plaintext", False),
             ],
         )
     table, checks, figures = _table(measured)

@@ -19,6 +19,7 @@ from bench.ceiling import ceiling, census
 from bench.harness import Bench, Section, SectionFn, human_bytes, parse_size, remove, verdict
 from bench.ingest_bench import clones, first_ingest, reingest
 from bench.nbd_bench import nbd_read
+from bench.real_image_bench import real_image
 from bench.replication_bench import delta_sync
 from bench.report import render, write_atomic
 
@@ -26,7 +27,16 @@ HERE = Path(__file__).resolve().parent
 QUICK_SIZE = "64M"
 
 # Order matters: a section may use figures of those before it (the ingest targets use the ceiling).
-SECTIONS: list[SectionFn] = [ceiling, first_ingest, reingest, clones, delta_sync, nbd_read, capture_recapture]
+SECTIONS: list[SectionFn] = [
+    ceiling,
+    first_ingest,
+    reingest,
+    clones,
+    delta_sync,
+    nbd_read,
+    capture_recapture,
+    real_image,
+]
 
 
 def _size(text: str) -> int:
@@ -41,7 +51,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--size", type=_size, default=parse_size("1G"), help="image size, e.g. 1G, 64M")
     sizes.add_argument("--quick", action="store_true", help=f"a {QUICK_SIZE} image, for smoke tests")
-    parser.add_argument("--out", type=Path, default=HERE / "report.md", help="report path")
+    parser.add_argument("--out", type=Path, help="report path [bench/report.md]")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=[fn.__name__ for fn in SECTIONS],
+        help="run only this section (repeatable), e.g. delta_sync; name the ones whose figures it uses "
+        "too (the ingest targets use ceiling). The report then holds only those, so --out is required: "
+        "bench/report.md stays the record of a whole run",
+    )
     parser.add_argument(
         "--work",
         type=Path,
@@ -49,14 +67,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default: a fresh one under bench/work/, removed at the end)",
     )
     args = parser.parse_args(argv)
+    if args.only and args.out is None:
+        parser.error("--only writes a partial report: name it with --out")
+    args.out = args.out or HERE / "report.md"
     if args.quick:
         args.size = parse_size(QUICK_SIZE)
     return args
 
 
-def run(bench: Bench) -> list[Section]:
+def run(bench: Bench, only: list[str] | None = None) -> list[Section]:
     done: list[Section] = []
     for fn in SECTIONS:
+        if only and fn.__name__ not in only:
+            continue
         bench.log(f"section {fn.__name__}")
         section = fn(bench)
         bench.sections[section.key] = section
@@ -85,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Reading v1 for its census also warms the page cache before the first timed run.
         image = census(bench.v1)
-        sections = run(bench)
+        sections = run(bench, args.only)
         elapsed = time.perf_counter() - bench.started
         write_atomic(args.out, render(sections, image, args.size, elapsed, (load, os.getloadavg())))
     finally:

@@ -127,16 +127,26 @@ def size_problem(value: bytes, block_size: int = MAX_BLOCK_SIZE, *, at_rest: boo
     return ""
 
 
-def decode_verified(digest: bytes, value: bytes, block_size: int = MAX_BLOCK_SIZE) -> bytes:
-    """Decode a stored value and check it against its id: every read is verified. A value that would
-    decode to more than ``block_size`` bytes is refused before it is decoded (a zstd frame of a few
-    bytes can declare gigabytes)."""
+def decode_stored(digest: bytes, value: bytes, block_size: int = MAX_BLOCK_SIZE) -> bytes:
+    """Decode a stored value of the local store, without hashing it: what reaches the store was
+    verified on its way in (ingest hashes it, a block from another machine is checked against its id),
+    and at rest RocksDB's block checksums refuse damaged records (BlockUnreadable). A value that cannot
+    be decoded is BlockCorrupt, never missing; one that decodes to other bytes than its id says is
+    left to the scrub, which hashes every block on purpose (cachepoint/store/scrub.py). A value that
+    would decode to more than ``block_size`` bytes is refused before it is decoded (a zstd frame of a
+    few bytes can declare gigabytes)."""
     if problem := size_problem(value, block_size, at_rest=True):
         raise BlockOversized(BlockId(digest), problem)
     try:
-        data = decode_block(value, block_size)
+        return decode_block(value, block_size)
     except (ValueError, zstandard.ZstdError) as err:
         raise BlockCorrupt(BlockId(digest), f"undecodable ({err})") from err
+
+
+def decode_verified(digest: bytes, value: bytes, block_size: int = MAX_BLOCK_SIZE) -> bytes:
+    """Decode a stored value and check it against its id (SHA-256, ~35 µs per 64 KiB): for blocks
+    from another machine, and for the checks that look for rot on purpose (scrub, fsck, heal)."""
+    data = decode_stored(digest, value, block_size)
     actual = block_digest(data)
     if actual != digest:
         raise BlockCorrupt(BlockId(digest), BlockId(actual))

@@ -4,6 +4,8 @@ The TOML keys are the field names, e.g.::
 
     store = "/var/lib/cachepoint"
     block_size = "64K"
+    chunking = "content"
+    chunk_average = "32K"
     author = "image-team"
     device = "build-01"
     # for `cachepoint serve`
@@ -16,6 +18,7 @@ The TOML keys are the field names, e.g.::
     read_cache = "1G"
     nbd_write_budget = "64M"
     nbd_idle_timeout = "30s"
+    nbd_tls = true
     watch = ["alice=/home/alice", "user/bob/profile=/srv/profiles/bob"]
     watch_interval = "5s"
     watch_debounce = "2s"
@@ -24,6 +27,7 @@ The TOML keys are the field names, e.g.::
     min_free = "5%"
     reserve = "64M"
     agent_group = "cachepoint"
+    http_tls = true
 """
 
 from __future__ import annotations
@@ -55,7 +59,16 @@ class Settings:
     store: str = ""
     """The store directory (holds ``db/``). Default: $XDG_DATA_HOME/cachepoint."""
     block_size: str = "64K"
-    """Block size of new layers: a power of two from 4K to 4M."""
+    """Block size of new layers with fixed chunking: a power of two from 4K to 4M."""
+    chunking: str = "fixed"
+    """How `ingest` and `publish` cut a new disk-image layer: "fixed" (block_size blocks on a fixed
+    grid: stackable under other layers and a user layer) or "content" (chunks on chunk_unit
+    boundaries chosen by content, chunk_average long on average: the same file data at any aligned
+    offset gives the same chunks; attached alone, read-only). Trees always use fixed blocks."""
+    chunk_average: str = "32K"
+    """Average chunk length of new content-chunked layers: a power of two, 2 units to 1M."""
+    chunk_unit: str = "4K"
+    """Content chunks start and end on multiples of this (the guest file system's block size)."""
     author: str = ""
     """Recorded as the author of new versions. Default: the login name."""
     device: str = ""
@@ -84,6 +97,9 @@ class Settings:
     nbd_idle_timeout: str = "30s"
     """`serve`: an NBD client that sends nothing in the middle of a request (or reads nothing of a
     reply) for this long loses its connection."""
+    nbd_tls: str = "false"
+    """`serve`: NBD over TCP requires TLS with a client certificate of the fleet (true/false); without
+    it, `--nbd` serves loopback addresses only."""
     watch: list[str] = field(default_factory=list)
     """`serve`: directories to keep captured, USER=DIR (into user/USER/home) or user/USER/LAYER=DIR."""
     watch_interval: str = "5s"
@@ -102,6 +118,9 @@ class Settings:
     agent_group: str = ""
     """`serve`: members of this group may use the daemon's local control socket STORE/agent.sock (mode
     0660); empty: only the daemon's own user (0600). The Agent is never served on the network."""
+    http_tls: str = "false"
+    """`serve --http`: HTTPS with the node's identity, clients authenticated by a certificate or a
+    bearer token of the fleet (true); false: plaintext HTTP, on a loopback address only."""
 
 
 def apply_toml(settings: object, path: Path) -> None:
@@ -139,6 +158,16 @@ def load_settings(config_path: str | None, store_flag: str | None) -> Settings:
     if not settings.store:
         settings.store = str(default_store_path())
     return settings
+
+
+def parse_switch(text: str, what: str) -> bool:
+    """true/false (TOML booleans arrive as "True"/"False"), on/off."""
+    value = text.strip().lower()
+    if value in ("true", "on"):
+        return True
+    if value in ("false", "off", ""):
+        return False
+    raise InvalidInput(f"{what} {text!r}: write true or false")
 
 
 _BYTES_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)

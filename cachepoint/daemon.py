@@ -19,18 +19,20 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 from cachepoint.blocks import DEFAULT_BLOCK_SIZE
+from cachepoint.blocksource import BlockSource, TieredSource
 from cachepoint.capture.engine import CaptureOptions, CaptureReport, capture
 from cachepoint.capture.watch import WatchOptions, WatchSpec, watch_in_thread
 from cachepoint.disk.exports import Disks
-from cachepoint.disk.nbd import NbdLimits
-from cachepoint.errors import CachepointError, NotFound, PullsPaused
+from cachepoint.disk.nbd import NbdLimits, check_exposure
+from cachepoint.errors import CachepointError, InvalidInput, NotFound, PullIncomplete, PullsPaused
 from cachepoint.ids import LATEST, Ref
 from cachepoint.model import Manifest, VersionInfo
 from cachepoint.replication import outbox
@@ -53,7 +55,11 @@ from cachepoint.store import format as fmt
 from cachepoint.store.headroom import DEFAULT_RESERVE, ensure_reserve
 from cachepoint.store.space import SpaceLimit
 from cachepoint.store.store import Store
+from cachepoint.trust.fleet_view import VIEW_FILE, FleetView
+from cachepoint.trust.guard import Guard
+from cachepoint.trust.location import STORE_IDENTITY
 from cachepoint.trust.node import daemon_identity, keep_renewed, names
+from cachepoint.trust.peer_authz import PeerAuthorizer, peer_reader
 from cachepoint.v1 import (
     agent_pb2_grpc,
     blocks_pb2_grpc,
@@ -63,6 +69,9 @@ from cachepoint.v1 import (
     fleet_pb2_grpc,
 )
 from cachepoint.wire import manifest_from_bytes
+
+if TYPE_CHECKING:
+    from cachepoint.http.auth import HttpTrust
 
 log = logging.getLogger("cachepoint.daemon")
 STATE_FILE = "daemon.json"
@@ -94,8 +103,14 @@ class DaemonSettings:
     """HOST:PORT for NBD exports of attached disks, e.g. 127.0.0.1:10809 (empty: no TCP NBD)."""
     nbd_socket: str = ""
     """Unix socket path for NBD exports (empty: none)."""
+    nbd_tls: bool = False
+    """NBD over TCP requires TLS with a client certificate of the fleet (cachepoint/disk/nbd_access.py);
+    without it, ``nbd`` must be a loopback address."""
     http: str = ""
     """HOST:PORT for HTTP (versions' files and images' disks, with Range); empty: no HTTP."""
+    http_tls: bool = False
+    """Serve HTTP with TLS under the node's identity, clients authenticated (cachepoint/http/auth.py);
+    False: plaintext, on loopback only."""
     snapshot_every: float = 0.0
     """Seconds between scheduled snapshots of attached user disks with new writes (0: none)."""
     read_cache: int = 1 << 30
@@ -161,6 +176,11 @@ class Daemon:
         self.scrub_stop = asyncio.Event()
         self.scrub_progress: ScrubProgress | None = None
         self.gate: PullGate | None = None  # set once the store is open
+        # With TLS: the revocations and assignments the coordinator's heartbeat replies hand out, which
+        # the peer port applies (cachepoint/trust/fleet_view.py); its guard ends revoked open calls.
+        self.fleet_view = FleetView()
+        self.peer_guard: Guard | None = None
+        self.version_blocks: VersionBlocks | None = None  # what the peer port answers for, with TLS
 
     # -- pulls ---------------------------------------------------------------------------------
 
@@ -180,6 +200,8 @@ class Daemon:
                     avoid=self._avoided(),
                     account=self._account,  # a pull that fails half-way is counted too
                     room=self.gate.check,
+                    share=True,  # with the site's other pullers of the version (docs/design.md)
+                    partial=self._partial,
                 )
             except PullsPaused as err:
                 self.gate.note_paused(err)
@@ -195,9 +217,13 @@ class Daemon:
             )
         return result
 
-    async def open_remote(self, ref: Ref) -> tuple[VersionInfo, Manifest, Callable[[list[bytes]], None]]:
-        """Resolve ``ref`` at the coordinator for a lazy boot: the version, its manifest, and a
-        blocking fetch (called from the disk's reader threads) of blocks missing here."""
+    def _partial(self, info: VersionInfo, ids: frozenset[bytes] | None) -> None:
+        if self.version_blocks is not None:
+            self.version_blocks.pulling(info.layer, info.number, ids)
+
+    async def open_remote(self, ref: Ref) -> tuple[VersionInfo, Manifest, BlockSource]:
+        """Resolve ``ref`` at the coordinator for a lazy boot: the version, its manifest, and the
+        fleet as a blocking source of its blocks (called from the disk's reader threads)."""
         coordinator = self.settings.coordinator
         async with channel.channel(coordinator) as ch:
             catalog = catalog_pb2_grpc.CatalogStub(ch)
@@ -206,27 +232,36 @@ class Daemon:
                 manifest_raw = await fetch_manifest(catalog, info, coordinator)
             except grpc.aio.AioRpcError as err:
                 raise from_rpc_error(err, coordinator) from err
-        loop = asyncio.get_running_loop()
         manifest = manifest_from_bytes(manifest_raw)
 
-        def fetch(ids: list[bytes]) -> None:
-            asyncio.run_coroutine_threadsafe(self._fetch_for(info, ids, manifest.block_size), loop).result(
-                timeout=LAZY_FETCH_TIMEOUT
-            )
+        def fetch(ids: list[bytes]) -> Awaitable[dict[bytes, bytes]]:
+            return self._fetch_for(info, ids, manifest.block_size)
 
-        return info, manifest, fetch
+        loop = asyncio.get_running_loop()
+        return info, manifest, TieredSource(fetch, loop, LAZY_FETCH_TIMEOUT, manifest.block_size)
 
-    async def _fetch_for(self, info: VersionInfo, ids: list[bytes], block_size: int) -> None:
+    async def _fetch_for(self, info: VersionInfo, ids: list[bytes], block_size: int) -> dict[bytes, bytes]:
+        """The verified stored values of ``ids`` that some source had (peers first, then the origin)."""
         async with channel.channel(self.settings.coordinator) as ch:
             peers = await find_peers(ch, self.node_id, info, self.address)
         avoided = self._avoided()
         sources = [p for p in peers if p.address not in avoided]
         sources.append(Source("origin", self.settings.coordinator, SourceClass.ORIGIN))
+        got: dict[bytes, bytes] = {}
         try:
-            fetcher = Fetcher(self.store, sources, limits=self.settings.limits, block_size=block_size)  # type: ignore[arg-type]
+            fetcher = Fetcher(
+                self.store,  # type: ignore[arg-type]
+                sources,
+                limits=self.settings.limits,
+                block_size=block_size,
+                keep=got.update,
+            )
             await fetcher.fetch(ids, info.ref, version=info.ref)
+        except PullIncomplete as err:  # what no source had is missing: the reader names the block
+            log.warning("lazy fetch for %s: %s", info.ref, err)
         finally:
             self._account(sources)
+        return got
 
     def _account(self, sources: list[Source]) -> None:
         """Add a fetch's per-source counters to the daemon's totals, and avoid for a while every
@@ -305,9 +340,19 @@ class Daemon:
         try:
             async with channel.channel(self.settings.coordinator) as ch:
                 request = await self._heartbeat_request()
-                await fleet_pb2_grpc.FleetStub(ch).Heartbeat(request, timeout=UNARY_DEADLINE)
+                reply = await fleet_pb2_grpc.FleetStub(ch).Heartbeat(request, timeout=UNARY_DEADLINE)
+            self.apply_fleet_view(reply)
         except grpc.aio.AioRpcError as err:
             log.info("could not report inventory now: %s", err.details())
+
+    def apply_fleet_view(self, reply: fleet_pb2.HeartbeatResponse) -> None:
+        if not self.fleet_view.apply(reply):
+            return
+        if self.peer_guard is not None:
+            self.peer_guard.close_revoked()
+        disks: Disks | None = getattr(self, "disks", None)  # made by run()
+        if disks is not None and disks.server is not None:
+            disks.server.close_refused()  # NBD clients revoked since they attached
 
     async def heartbeat(self) -> None:
         backoff = BACKOFF_START
@@ -329,7 +374,8 @@ class Daemon:
                             interval = max(response.heartbeat_interval_ms / 1000, 0.2)
                             registered = True
                             self.registered.set()
-                        await fleet.Heartbeat(await self._heartbeat_request(), timeout=UNARY_DEADLINE)
+                        reply = await fleet.Heartbeat(await self._heartbeat_request(), timeout=UNARY_DEADLINE)
+                        self.apply_fleet_view(reply)
                         if not self.connected:
                             self.outbox_wakeup.set()  # back online: deliver what waited
                         self.connected = True
@@ -483,7 +529,48 @@ class Daemon:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
+    def http_trust_check(self) -> Callable[..., HttpTrust] | None:
+        """Refuse an HTTP setting that cannot be served (plaintext off loopback, TLS without an
+        identity); what makes the HTTP server's trust once the store is open, or None: plaintext."""
+        if not self.settings.http:
+            return None
+        from cachepoint.http import tls
+
+        if not self.settings.http_tls:
+            tls.check_plaintext_listen(self.settings.http, "--http-tls (config: http_tls = true)")
+            return None
+        identity = daemon_identity()
+        if identity is None:
+            raise InvalidInput(
+                f"--http-tls serves HTTP on {self.settings.http} with this node's identity, and "
+                f"{self.settings.store / STORE_IDENTITY} has none: enroll first (`cachepoint enroll`)"
+            )
+        from cachepoint.http.access import UsersOf, route_rules
+        from cachepoint.http.auth import Authenticator, HttpTrust, Revoked
+
+        def trust(
+            store: Store, node: str, revoked: Revoked | None = None, users_of: UsersOf | None = None
+        ) -> HttpTrust:
+            # ``revoked`` and ``users_of``: the fleet's revocations and assignments as this node
+            # knows them. Without them a revoked principal's certificate is served until it expires
+            # (cert_lifetime) and its tokens until theirs (--ttl), and only this node reads as a node.
+            return HttpTrust(
+                tls.ServerTls(identity.current, identity.ca_pem),
+                Authenticator(identity.ca_pem, revoked),
+                route_rules(store, node, users_of),
+            )
+
+        return trust
+
     async def run(self, stop: asyncio.Event | None = None) -> None:
+        http_trust = self.http_trust_check()  # before anything is bound
+        if self.settings.nbd:
+            check_exposure(self.settings.nbd, self.settings.nbd_tls)  # before anything binds
+        if self.settings.nbd_tls and daemon_identity() is None:
+            raise InvalidInput(
+                "--nbd-tls serves the node's certificate, and this daemon has none: enroll it first "
+                f"(`cachepoint enroll`, which keeps it in {self.settings.store / STORE_IDENTITY})"
+            )
         # A new store gets a directory no other user may write, whatever the umask: it holds the agent socket.
         self.settings.store.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.store = Store.open(self.settings.store, writable=True, create=True)
@@ -495,17 +582,28 @@ class Daemon:
             self.node_id, self.settings.site = names(identity, self.node_id, self.settings.site, "default")
         self.node_id = self.node_id or f"{os.uname().nodename}-{store_id}"
         credentials = identity.server_credentials() if identity is not None else None
-        server = Server(self.settings.listen, "cachepoint.v1.BlockExchange", credentials, node=True)
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        users_of = self.fleet_view.users_of
+        if identity is not None:
+            self.fleet_view = FleetView(self.settings.store / VIEW_FILE)
+            users_of = self.fleet_view.users_of
+            self.peer_guard = Guard(self.fleet_view)
+            interceptors = [self.peer_guard, PeerAuthorizer(users_of)]
+        server = Server(
+            self.settings.listen, "cachepoint.v1.BlockExchange", credentials, interceptors, node=True
+        )
         store = self.store
+        self.version_blocks = VersionBlocks(store)
         blocks = BlockExchangeService(
             store,
             self.serve_counters,
             accepts_pushes=False,
             fetch_limits=channel.NODE_FETCH_LIMITS,
-            answerable=peer_answers(VersionBlocks(store)),
+            answerable=peer_answers(self.version_blocks, users_of),
         )
+        catalog = CatalogReadService(store, peer_reader(users_of))
         server.add(lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(blocks, s))
-        server.add(lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogReadService(store), s))
+        server.add(lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(catalog, s))
         tasks: list[asyncio.Task[None]] = []
         remote = self.open_remote if self.settings.coordinator else None
         self.disks = Disks(store, remote, read_cache=self.settings.read_cache)
@@ -520,13 +618,38 @@ class Daemon:
             self.address = await server.start()
             extra["agent"] = str(await agent.start())
             if self.settings.nbd or self.settings.nbd_socket:
+                nbd_tls = None
+                if self.settings.nbd_tls and identity is not None:
+                    from cachepoint.disk.nbd_access import nbd_tls as make_nbd_tls
+
+                    # The fleet's revocations and assignments as this node's heartbeats brought them.
+                    nbd_tls = make_nbd_tls(
+                        identity,
+                        self.node_id,
+                        self.disks.layers_of,
+                        lambda principal: self.fleet_view.refuses(principal),
+                        lambda node: self.fleet_view.users_of(node),
+                    )
                 extra["nbd"] = await self.disks.serve(
-                    self.settings.nbd or None, self.settings.nbd_socket or None, self.settings.nbd_limits
+                    self.settings.nbd or None,
+                    self.settings.nbd_socket or None,
+                    self.settings.nbd_limits,
+                    nbd_tls,
                 )
             if self.settings.http:
                 from cachepoint.http.app import start_http
+                from cachepoint.http.objects import Resolver
 
-                http_runner, extra["http"] = await start_http(store, self.settings.http)
+                await self.disks.open_cache()
+                resolver = Resolver(store, source=self.disks.local_source(), attached=self.disks.lazy_version)
+                trust = None
+                if http_trust is not None:
+                    # The view heartbeats update in place (the identity's, made above): not a copy.
+                    view = self.fleet_view
+                    trust = http_trust(store, self.node_id, view.refuses, view.users_of)
+                http_runner, extra["http"] = await start_http(
+                    store, self.settings.http, trust=trust, resolver=resolver
+                )
             stop = stop or stop_event_on_signals()
             if self.settings.scrub_every > 0:
                 task = scrub_schedule(store, self.settings.scrub_every, self.scrub)

@@ -2,11 +2,13 @@
 
 Part 1, the local store: ingest a gold image, ingest a patched version (only changed blocks are
 stored), look at the log and the diff, export and verify, roll back, check integrity, composite an
-image from layers. Part 2, the fleet on loopback: a coordinator and two cachepoints in one site; a
-published image reaches both (the second from its site peer), a changed version moves only its delta,
-and each node tells how many bytes came from peers and how many from the coordinator. Part 3, user
-data: a home directory captured on a blade, an application install it labels, and the user's
-history at the coordinator.
+image from layers. Part 2, the fleet on loopback, with mutual TLS: a coordinator with its own CA,
+a publisher and two cachepoints in one site enrolled with one-time join tokens, and a client without a
+certificate refused; a published image reaches both nodes (the second from its site peer), a changed
+version moves only its delta, and each node tells how many bytes came from peers and how many from
+the coordinator. Part 3, user data: a home directory captured on the blade the user is assigned to,
+an application install it labels, the user's history at the coordinator read with her own
+certificate, and the other blade refused it (PERMISSION_DENIED naming principal, method and rule).
 
 Every step runs the real commands as child processes (each command is printed before it runs).
 Ctrl-C stops everything cleanly.
@@ -121,17 +123,34 @@ class Demo:
     def run(self, *args: str | Path) -> None:
         self.run_on(Path(self.env["CACHEPOINT_STORE"]), *args)
 
-    def run_on(self, store: Path, *args: str | Path) -> None:
-        shown = " ".join(shlex.quote(str(a)) for a in args)
-        print(f"$ cachepoint {shown}", flush=True)
+    def run_on(
+        self, store: Path, *args: str | Path, shown: dict[str, str] | None = None, note: str = ""
+    ) -> None:
+        """Run `cachepoint ARGS` on ``store``; ``shown`` replaces arguments in the printed command,
+        ``note`` follows it as a comment."""
+        printed = " ".join(shlex.quote((shown or {}).get(str(a), str(a))) for a in args)
+        print(f"$ cachepoint {printed}" + (f"    # {note}" if note else ""), flush=True)
         subprocess.run(
             [sys.executable, "-m", "cachepoint", *map(str, args)], env=self.env_for(store), check=True
         )
 
-    def coordinator_cli(self, *args: str) -> None:
+    def coordinator_cli(self, *args: str, capture: bool = False, note: str = "") -> str:
+        """Run `cachepoint-coordinator ARGS`; with ``capture``, return what it printed instead."""
+        printed = " ".join(shlex.quote(a) for a in args)
+        print(f"$ cachepoint-coordinator {printed}" + (f"    # {note}" if note else ""), flush=True)
+        command = [sys.executable, "-c", "from coordinator.cli import main; main()", *args]
+        done = subprocess.run(command, env=self.env, check=True, text=True, capture_output=capture)
+        return done.stdout or ""
+
+    def coordinator_refuses(self, *args: str) -> None:
+        """Run a `cachepoint-coordinator` command that must be refused and show its message and exit
+        code (the demo stops if it was not refused: then the fleet is open, which matters more)."""
         print(f"$ cachepoint-coordinator {' '.join(shlex.quote(a) for a in args)}", flush=True)
         command = [sys.executable, "-c", "from coordinator.cli import main; main()", *args]
-        subprocess.run(command, env=self.env, check=True)
+        done = subprocess.run(command, env=self.env, text=True, capture_output=True, timeout=120)
+        if done.returncode == 0:
+            raise SystemExit(f"this call should have been refused, and was not:\n{done.stdout}")
+        print(f"{done.stderr.strip()}\n(refused: exit {done.returncode})", flush=True)
 
     def check_same(self, exported: Path, source: Path) -> None:
         same = sha256_of(exported) == sha256_of(source)
@@ -140,10 +159,43 @@ class Demo:
             raise SystemExit(f"export of {exported} differs from {source}")
 
 
+class Enrollment:
+    """Machines join the fleet the way an operator enrolls them: a one-time join token from the
+    coordinator's data directory, spent on the machine, which makes its key there."""
+
+    def __init__(self, demo: Demo, data: Path, coordinator: str) -> None:
+        self.demo, self.data, self.coordinator = demo, data, coordinator
+
+    def token(self, name: str, *options: str) -> str:
+        args = ["enroll", name, "--data", str(self.data), *options, "--json"]
+        out = self.demo.coordinator_cli(*args, capture=True, note="a join token, valid once for an hour")
+        return str(json.loads(out)["token"])
+
+    def enroll(self, store: Path, name: str, *options: str, identity: Path | None = None) -> None:
+        token = self.token(name, *options)
+        elsewhere = ("--identity", identity) if identity is not None else ()
+        # The token is a secret (and long): the command is shown with its first characters only.
+        self.demo.run_on(
+            store,
+            "enroll",
+            "--coordinator",
+            self.coordinator,
+            "--token",
+            token,
+            *elsewhere,
+            shown={token: token[:14] + "…"},
+            note=f"on {name}'s machine",
+        )
+
+    def assign(self, user: str, node: str) -> None:
+        self.demo.coordinator_cli("assign", user, node, "--data", str(self.data))
+
+
 def fleet_part(demo: Demo, v1: Path, v2: Path) -> None:
     workdir = demo.workdir
     layer = "os/win10"
-    demo.say("part 2: a coordinator and two cachepoints of one site, on loopback")
+    demo.say("part 2: a fleet on loopback with mutual TLS: a coordinator and two cachepoints of one site")
+    data = workdir / "coordinator"
     coordinator = demo.start(
         "coordinator",
         [
@@ -152,15 +204,25 @@ def fleet_part(demo: Demo, v1: Path, v2: Path) -> None:
             "from coordinator.cli import main; main()",
             "serve",
             "--data",
-            str(workdir / "coordinator"),
+            str(data),
             "--listen",
             "127.0.0.1:0",
+            "--tls",
         ],
         demo.env,
     )
     stores = {"blade-1": workdir / "blade-1", "blade-2": workdir / "blade-2"}
+    admin = workdir / "admin"
+    demo.say("enroll: a one-time join token each; the key is made where it is kept and never leaves it")
+    fleet = Enrollment(demo, data, coordinator)
+    fleet.enroll(admin, "release-bot", "--role", "publisher")
+    for name, store in stores.items():
+        fleet.enroll(store, name, "--site", "hq")
+    demo.say("anything without a certificate of the fleet's CA is refused in the TLS handshake")
+    demo.coordinator_refuses("fleet", "--coordinator", coordinator)
 
     def cachepoint(name: str) -> str:
+        # Its node id and site come from its certificate; its peer port serves mutual TLS too.
         return demo.start(
             name,
             [
@@ -172,10 +234,6 @@ def fleet_part(demo: Demo, v1: Path, v2: Path) -> None:
                 "127.0.0.1:0",
                 "--coordinator",
                 coordinator,
-                "--site",
-                "hq",
-                "--node-id",
-                name,
                 "--subscribe",
                 f"{layer}:production",
             ],
@@ -183,52 +241,16 @@ def fleet_part(demo: Demo, v1: Path, v2: Path) -> None:
         )
 
     cachepoint("blade-1")
-    admin = demo.env_for(workdir / "admin")
-    demo.say("publish the gold image: it reaches blade-1 from the coordinator")
-    print(f"$ cachepoint publish {layer} {v1.name} --coordinator {coordinator} --tag production", flush=True)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cachepoint",
-            "publish",
-            layer,
-            str(v1),
-            "--coordinator",
-            coordinator,
-            "--tag",
-            "production",
-            "-m",
-            "gold image",
-        ],
-        env=admin,
-        check=True,
-    )
+    demo.say("publish the gold image as release-bot: it reaches blade-1 from the coordinator")
+    to_production = ("--coordinator", coordinator, "--tag", "production", "-m")
+    demo.run_on(admin, "publish", layer, v1, *to_production, "gold image")
     demo.wait_for({"blade-1": stores["blade-1"]}, f"{layer}@1")
     demo.say("blade-2 joins the site: it gets the image from its site peer, not across the WAN")
     cachepoint("blade-2")
     demo.wait_for(stores, f"{layer}@1")
     demo.report_sources(stores)
     demo.say("publish a version with 5% of its blocks changed: only the delta moves")
-    print(f"$ cachepoint publish {layer} {v2.name} --coordinator {coordinator} --tag production", flush=True)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cachepoint",
-            "publish",
-            layer,
-            str(v2),
-            "--coordinator",
-            coordinator,
-            "--tag",
-            "production",
-            "-m",
-            "patch tuesday",
-        ],
-        env=admin,
-        check=True,
-    )
+    demo.run_on(admin, "publish", layer, v2, *to_production, "patch tuesday")
     demo.wait_for(stores, f"{layer}@2")
     demo.say("bytes each blade fetched, by source (site peers vs the coordinator)")
     demo.report_sources(stores)
@@ -236,20 +258,23 @@ def fleet_part(demo: Demo, v1: Path, v2: Path) -> None:
     demo.run_on(stores["blade-2"], "export", f"{layer}:production", out)
     demo.check_same(out, v2)
     print("\nfleet:", flush=True)
-    demo.coordinator_cli("fleet", "--coordinator", coordinator)
-    user_part(demo, stores["blade-1"], coordinator)
+    demo.coordinator_cli("--identity", str(admin / "identity"), "fleet", "--coordinator", coordinator)
+    user_part(demo, fleet, stores)
 
 
-def user_part(demo: Demo, blade: Path, coordinator: str) -> None:
+def user_part(demo: Demo, fleet: Enrollment, stores: dict[str, Path]) -> None:
     """Part 3: a user's home directory captured on a blade (through its daemon, which sends each
-    version to the coordinator), an application install the capture notices, and the user's
-    history as the coordinator keeps it."""
+    version to the coordinator), an application install the capture notices, the user's history as
+    the coordinator keeps it, and a blade alice does not use refused her files."""
+    blade, coordinator = stores["blade-1"], fleet.coordinator
     home = demo.workdir / "alice-home"
     (home / "Documents").mkdir(parents=True)
     (home / "Documents" / "plan.txt").write_text("q3 plan, first draft\n")
     (home / ".config" / "editor").mkdir(parents=True)
     (home / ".config" / "editor" / "settings.ini").write_text("theme = dark\n")
-    demo.say("part 3: user data. alice's home directory, captured on blade-1 (only changed files are read)")
+    demo.say("part 3: user data. alice uses blade-1, which may now commit (and read) her layers")
+    fleet.assign("alice", "blade-1")
+    demo.say("alice's home directory, captured on blade-1 (only changed files are read)")
     demo.run_on(blade, "capture", home, "--user", "alice", "-m", "first day")
     demo.say("alice installs an application: the capture sees a new executable and labels the version")
     app = home / "Apps" / "Editor"
@@ -261,9 +286,15 @@ def user_part(demo: Demo, blade: Path, coordinator: str) -> None:
     deadline = time.monotonic() + 120
     while demo.status(blade)["outbox_depth"] and time.monotonic() < deadline:
         time.sleep(0.3)  # the blade's outbox delivers both versions to the coordinator
-    demo.say("the coordinator's timeline of alice: every version from every device, with labels")
-    demo.coordinator_cli("history", "timeline", "alice", "--coordinator", coordinator)
-    demo.coordinator_cli("history", "file", "alice", "Documents/plan.txt", "--coordinator", coordinator)
+    demo.say("the coordinator's timeline of alice, read with her own certificate")
+    alice = demo.workdir / "alice-identity"
+    fleet.enroll(demo.workdir / "alice-laptop", "alice", "--role", "user:alice", identity=alice)
+    timeline = ("history", "timeline", "alice", "--coordinator", coordinator)
+    plan = ("history", "file", "alice", "Documents/plan.txt", "--coordinator", coordinator)
+    demo.coordinator_cli("--identity", str(alice), *timeline)
+    demo.coordinator_cli("--identity", str(alice), *plan)
+    demo.say("blade-2 is not alice's: the coordinator refuses it her files, naming who, what and the rule")
+    demo.coordinator_refuses("--identity", str(stores["blade-2"] / "identity"), *plan)
 
 
 def main() -> None:

@@ -72,6 +72,10 @@ class AlreadyExists(InvalidInput):
     """{}"""
 
 
+class PlaintextNbdOffLoopback(InvalidInput):
+    """refusing to serve NBD on {} without TLS: {}"""
+
+
 class NotFound(CachepointError):
     """{}"""
 
@@ -150,6 +154,12 @@ class RemoteRefused(CachepointError):
     """{} refused the request ({}): {}"""
 
     exit_code = EXIT_REMOTE
+
+
+class RemoteOutOfSpace(CachepointError):
+    """{} refused the request for lack of disk space ({}): {}"""
+
+    exit_code = EXIT_NO_SPACE
 
 
 class IntegrityFailure(CachepointError):

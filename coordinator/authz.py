@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,15 +24,16 @@ from cachepoint.rpc.block_access import VersionBlocks
 from cachepoint.rpc.block_exchange import Answerable
 from cachepoint.rpc.wrapping import around_calls, responses
 from cachepoint.store.store import Store
+from cachepoint.trust import reading
 from cachepoint.trust.principal import Principal
 from coordinator.assignments import Assignments
 from coordinator.history.audit import AuditEntry, AuditLog, recorded_actor
 from coordinator.history.holds import Holds
-from coordinator.history.users import owner_of
 from coordinator.pki.guard import Refused, peer_principal
 
 log = logging.getLogger("coordinator.authz")
 ACCESS_DENIED = "access.denied"  # audit action; subject: the method
+GUARD_AUDIT_EVERY = 600.0  # seconds: repeated certificate refusals of one principal and method
 PUBLISHED_ROOTS = ("os/", "app/")
 
 
@@ -57,16 +59,8 @@ class Rule:
 
 
 def may_read_layer(principal: Principal, layer: str, facts: Facts) -> bool:
-    """os/ and app/ layers: every principal of the fleet. user/NAME/...: the user NAME, an auditor, and
-    a node NAME is assigned to."""
-    user = owner_of(layer)
-    if user is None:
-        return True
-    return (
-        principal.has("auditor")
-        or any(r.kind == "user" and r.user == user for r in principal.roles)
-        or (principal.has("node") and user in facts.assignments.users_of(principal.name))
-    )
+    """cachepoint/trust/reading.py's rule, with the coordinator's assignments."""
+    return reading.may_read_layer(principal, layer, facts.assignments.users_of)
 
 
 def _anyone(principal: Principal, request: Any, facts: Facts) -> str:
@@ -86,7 +80,7 @@ def _commit(principal: Principal, request: Any, facts: Facts) -> str:
     layer: str = request.layer
     if layer.startswith(PUBLISHED_ROOTS):
         return "" if principal.has("publisher") else f"{layer} is an os/ or app/ layer: needs role publisher"
-    user = owner_of(layer)
+    user = reading.owner_of(layer)
     if user is not None:
         if principal.has("node") and user in facts.assignments.users_of(principal.name):
             return ""
@@ -106,6 +100,20 @@ def _read_layer(field: str) -> Check:
         layer = getattr(request, field)
         layer = layer if isinstance(layer, str) else layer.layer
         return "" if may_read_layer(principal, layer, facts) else f"may not read {layer}"
+
+    return check
+
+
+def _own_node(field: str) -> Check:
+    """A node speaks for itself only: Register and Heartbeat under the id its certificate names."""
+
+    def check(principal: Principal, request: Any, facts: Facts) -> str:
+        if not principal.has("node"):
+            return "needs role node"
+        node_id = request.node.node_id if field == "node" else request.node_id
+        if node_id != principal.name:
+            return f"node id {node_id!r} is not the certificate's {principal.name!r}"
+        return ""
 
     return check
 
@@ -133,7 +141,23 @@ def _release_hold(principal: Principal, request: Any, facts: Facts) -> str:
 
 
 ANY = Rule("any", "any principal of the fleet", _anyone)
-NODE = Rule("node", "role node", _role("node"))
+REGISTER = Rule(
+    "own-node", "role node, under the node id its certificate names", _own_node("node"), changes_state=True
+)
+HEARTBEAT = Rule(
+    "own-node", "role node, under the node id its certificate names", _own_node("node_id"), changes_state=True
+)
+HOLDINGS = Rule(
+    "holdings",
+    "any principal; shows holdings only of layers it may read (admin, auditor: all, and assignments)",
+    _anyone,
+)
+LISTED = Rule("listed", "any principal; names only layers it may read (Watch: their events)", _anyone)
+MANIFEST = Rule(
+    "manifest",
+    "any principal; answers only for a manifest of a version it may read, else NOT_FOUND",
+    _anyone,
+)
 ADMIN = Rule("admin", "role admin", _role("admin"), changes_state=True)
 AUDITOR = Rule("auditor", "role auditor", _role("auditor"))
 OVERSIGHT = Rule("oversight", "role auditor or admin", _role("auditor", "admin"))
@@ -163,19 +187,19 @@ ENROLL = Rule("enroll", "any principal (the join token or the own certificate de
 
 RULES: dict[str, Rule] = {
     "/cachepoint.v1.Catalog/Resolve": READ_REF,
-    "/cachepoint.v1.Catalog/ListLayers": ANY,
+    "/cachepoint.v1.Catalog/ListLayers": LISTED,
     "/cachepoint.v1.Catalog/ListVersions": READ_LAYER,
-    "/cachepoint.v1.Catalog/GetManifest": ANY,
+    "/cachepoint.v1.Catalog/GetManifest": MANIFEST,
     "/cachepoint.v1.Catalog/Commit": COMMIT,
     "/cachepoint.v1.Catalog/SetTag": TAG,
-    "/cachepoint.v1.Catalog/Watch": ANY,
+    "/cachepoint.v1.Catalog/Watch": LISTED,
     "/cachepoint.v1.BlockExchange/HasBlocks": BLOCKS,
     "/cachepoint.v1.BlockExchange/FetchBlocks": BLOCKS,
     "/cachepoint.v1.BlockExchange/PushBlocks": PUSH,
-    "/cachepoint.v1.Fleet/Register": NODE,
-    "/cachepoint.v1.Fleet/Heartbeat": NODE,
-    "/cachepoint.v1.Fleet/FindPeers": ANY,
-    "/cachepoint.v1.Fleet/ListNodes": ANY,
+    "/cachepoint.v1.Fleet/Register": REGISTER,
+    "/cachepoint.v1.Fleet/Heartbeat": HEARTBEAT,
+    "/cachepoint.v1.Fleet/FindPeers": HOLDINGS,
+    "/cachepoint.v1.Fleet/ListNodes": HOLDINGS,
     "/cachepoint.v1.History/Timeline": OWN_HISTORY,
     "/cachepoint.v1.History/FileHistory": OWN_HISTORY,
     "/cachepoint.v1.History/Diff": READ_DIFF,
@@ -191,6 +215,23 @@ RULES: dict[str, Rule] = {
     "/cachepoint.v1.Enrollment/Renew": ENROLL,
     "/grpc.health.v1.Health/Check": ANY,
     "/grpc.health.v1.Health/Watch": ANY,
+    "/grpc.health.v1.Health/List": ANY,
+}
+# The coordinator's REST API (coordinator/history/rest.py, with --http-tls): route -> the same rules.
+# A rule's check sees a RestCall (coordinator/history/rest_access.py) with the fields it reads.
+REST_RULES: dict[str, Rule] = {
+    "GET /healthz": ANY,
+    "GET /v1/history/users/{user}/timeline": OWN_HISTORY,
+    "GET /v1/history/users/{user}/files/{path}": OWN_HISTORY,
+    "GET /v1/history/users/{user}/content/{path}": RESTORE,
+    "POST /v1/history/users/{user}/export": EXPORT,
+    "GET /v1/history/diff": READ_DIFF,
+    "GET /v1/history/holds": OVERSIGHT,
+    "PUT /v1/history/holds/{user}": HOLD,
+    "DELETE /v1/history/holds/{user}": RELEASE,
+    "POST /v1/history/gc": GC,
+    "GET /v1/history/audit": OVERSIGHT,
+    "GET /v1/history/audit/verify": OVERSIGHT,
 }
 # Outside the gRPC table: enrolling (`cachepoint-coordinator enroll`), assignments, retention and GC
 # settings are changed by an admin at the coordinator's data directory, which only they can write.
@@ -199,6 +240,15 @@ RULES: dict[str, Rule] = {
 def table_rows() -> list[tuple[str, str, str]]:
     """(method, rule, who) for README.md."""
     return [(method.lstrip("/"), rule.name, rule.text) for method, rule in RULES.items()]
+
+
+def http_table_rows() -> list[tuple[str, str, str, str]]:
+    """(server, route, rule, who) for README.md: the coordinator's REST API, then a daemon's HTTP
+    server, whose rules (cachepoint/http/access.py) are these rules by name, checked at a node."""
+    from cachepoint.http.access import ROUTES
+
+    rows = [("coordinator", route, rule.name, rule.text) for route, rule in REST_RULES.items()]
+    return rows + [("daemon", route, rule, who) for route, (rule, who) in ROUTES.items()]
 
 
 def acting(context: grpc.aio.ServicerContext, claimed: str) -> str:
@@ -214,6 +264,7 @@ class Authorizer(grpc.aio.ServerInterceptor):
         self.audit = audit
         self.facts = Facts(assignments, Holds(store.db, audit))
         self.store = store
+        self._guard_audited: dict[tuple[str, str], float] = {}  # (actor, method) -> when, monotonic
 
     def refusal(self, principal: Principal, method: str, request: Any) -> tuple[Rule | None, str]:
         rule = RULES.get(method)
@@ -239,15 +290,35 @@ class Authorizer(grpc.aio.ServerInterceptor):
         if not message:
             return
         if rule is None or rule.changes_state:
-            entry = AuditEntry(
-                recorded_actor(principal.name),
-                ACCESS_DENIED,
-                method.lstrip("/"),
-                {"rule": rule.name if rule else None, "refusal": message},
-            )
-            await asyncio.to_thread(self.audit.append, [entry], self.store.db.batch())
+            await self._audit_refusal(principal.name, method, rule.name if rule else None, message)
         log.warning("%s", message)
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+
+    async def _audit_refusal(self, actor: str, method: str, rule: str | None, message: str) -> None:
+        entry = AuditEntry(
+            recorded_actor(actor), ACCESS_DENIED, method.lstrip("/"), {"rule": rule, "refusal": message}
+        )
+        await asyncio.to_thread(self.audit.append, [entry], self.store.db.batch())
+
+    async def guard_refused(
+        self, context: grpc.aio.ServicerContext, method: str, principal: Principal | None, message: str
+    ) -> None:
+        """The Guard's refusals (a revoked principal, a certificate expired on an open connection) of
+        calls that would change state are audited too, under rule ``certificate``."""
+        rule = RULES.get(method)
+        if rule is not None and not rule.changes_state:
+            return
+        actor = principal.name if principal else "unauthenticated"
+        # A revoked daemon left running retries its heartbeat every few seconds: one record per
+        # principal and method per GUARD_AUDIT_EVERY, not one per attempt.
+        now = time.monotonic()
+        key = (actor, method)
+        if now - self._guard_audited.get(key, -GUARD_AUDIT_EVERY) < GUARD_AUDIT_EVERY:
+            return
+        if len(self._guard_audited) > 10_000:
+            self._guard_audited.clear()
+        self._guard_audited[key] = now
+        await self._audit_refusal(actor, method, "certificate", message)
 
     async def intercept_service(
         self,
@@ -277,14 +348,21 @@ class Authorizer(grpc.aio.ServerInterceptor):
         return authorized
 
 
+def caller(context: grpc.aio.ServicerContext) -> Principal | None:
+    """The call's principal (the Guard has checked it), None without TLS."""
+    if not (context.auth_context() or {}).get("x509_pem_cert"):
+        return None
+    return peer_principal(context)
+
+
 def layer_reader(facts: Facts) -> LayerReader:
     """For listings (Watch, ListLayers): which layers the call's principal may see; None without TLS
     (every layer). A node watching everything sees only the events of layers it may read."""
 
     def reader(context: grpc.aio.ServicerContext) -> Callable[[str], bool] | None:
-        if not (context.auth_context() or {}).get("x509_pem_cert"):
+        principal = caller(context)
+        if principal is None:
             return None
-        principal = peer_principal(context)
         return lambda layer: may_read_layer(principal, layer, facts)
 
     return reader

@@ -10,7 +10,7 @@ import click
 import grpc
 
 from cachepoint import __version__
-from cachepoint.config import parse_duration
+from cachepoint.config import parse_duration, parse_switch
 from cachepoint.console import emit_json, handles_errors, json_option, when
 from cachepoint.errors import InvalidInput
 from cachepoint.rpc import channel
@@ -19,6 +19,7 @@ from cachepoint.store.store import Store
 from cachepoint.trust.identity import activate
 from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc
 from coordinator.history.cli import coordinator_option, history_group
+from coordinator.pki.bearer import token_cmd
 from coordinator.pki.cli import COMMANDS as pki_commands
 
 
@@ -41,7 +42,7 @@ def cli(identity: str | None) -> None:
     "--config",
     "config",
     type=click.Path(path_type=Path),
-    help="TOML config (keys: data, listen, http, [retention.KIND] tables).",
+    help="TOML config (keys: data, listen, http, http_tls, [retention.KIND] tables).",
 )
 @click.option("--data", "data", type=click.Path(path_type=Path), help="Data directory (an embedded store).")
 @click.option("--listen", default=None, help="HOST:PORT for gRPC (port 0: any) [127.0.0.1:7400].")
@@ -52,6 +53,12 @@ def cli(identity: str | None) -> None:
     help="Also serve history, holds and audit as REST/JSON here (a bare PORT: on 127.0.0.1) [none].",
 )
 @click.option("--tls", is_flag=True, help="Serve mutual TLS, making the fleet's CA in DATA/ca/ if none.")
+@click.option(
+    "--http-tls",
+    "http_tls",
+    is_flag=True,
+    help="Serve --http with TLS too; clients need a certificate or token of the fleet (implies --tls).",
+)
 @click.option(
     "--ca-cert", type=click.Path(path_type=Path), help="Import this CA certificate (PEM) into DATA/ca/."
 )
@@ -70,6 +77,7 @@ def serve_cmd(
     listen: str | None,
     http: str | None,
     tls: bool,
+    http_tls: bool,
     ca_cert: Path | None,
     ca_key: Path | None,
     tls_names: tuple[str, ...],
@@ -88,12 +96,13 @@ def serve_cmd(
         raise InvalidInput("say where the coordinator keeps its data: --data DIR or `data` in the config")
     rest = http if http is not None else settings.http
     if rest.isdigit():
-        rest = f"127.0.0.1:{rest}"  # loopback unless a host is named: REST has no authentication
+        rest = f"127.0.0.1:{rest}"  # loopback unless a host is named (which plaintext refuses)
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
     gc_every = parse_duration(settings.gc_every)
     rules = settings.retention_rules
-    trust = trust_settings(settings, data, tls, ca_cert, ca_key, list(tls_names), enroll_listen)
+    http_tls = http_tls or parse_switch(settings.http_tls, "http_tls")
+    trust = trust_settings(settings, data, tls or http_tls, ca_cert, ca_key, list(tls_names), enroll_listen)
     asyncio.run(
         serve(
             data,
@@ -102,6 +111,7 @@ def serve_cmd(
             retention=rules,
             gc_every=gc_every,
             trust_settings=trust,
+            http_tls=http_tls,
         )
     )
 
@@ -162,7 +172,7 @@ def assign_cmd(user: str, node: str, data: Path, as_json: bool) -> None:
     Takes effect at once, also at a running coordinator (DATA/assignments.json)."""
     from coordinator.assignments import Assignments
 
-    _assignment_changed(Assignments(data).assign(user, node), user, node, "assigned", as_json)
+    _assignment_changed(data, Assignments(data).assign(user, node), user, node, "assigned", as_json)
 
 
 @cli.command("unassign")
@@ -177,10 +187,15 @@ def unassign_cmd(user: str, node: str, data: Path, as_json: bool) -> None:
     """Take USER from NODE: NODE may no longer read or commit user/USER/... layers."""
     from coordinator.assignments import Assignments
 
-    _assignment_changed(Assignments(data).unassign(user, node), user, node, "unassigned", as_json)
+    _assignment_changed(data, Assignments(data).unassign(user, node), user, node, "unassigned", as_json)
 
 
-def _assignment_changed(changed: bool, user: str, node: str, what: str, as_json: bool) -> None:
+def _assignment_changed(data: Path, changed: bool, user: str, node: str, what: str, as_json: bool) -> None:
+    if changed:  # audited by the coordinator (coordinator/pki/audit_queue.py)
+        from coordinator.pki import audit_queue
+
+        action = audit_queue.ASSIGNED if what == "assigned" else audit_queue.UNASSIGNED
+        audit_queue.queue(data, action, f"user/{user}", {"node": node})
     if as_json:
         emit_json({"user": user, "node": node, what: True, "changed": changed})
     else:
@@ -221,6 +236,7 @@ def repair_cmd(data: Path, as_json: bool) -> None:
 cli.add_command(history_group)
 for _command in pki_commands:
     cli.add_command(_command)
+cli.add_command(token_cmd)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 data = "/srv/cachepoint/coordinator"   # the embedded store
 listen = "0.0.0.0:7400"
 http = "127.0.0.1:7480"                # REST for history, holds and audit (empty: none)
+http_tls = true                        # REST with TLS, clients authenticated (plaintext: loopback only)
 gc_every = "1d"                        # retention GC on a schedule (default "0": only `history gc`)
 tls = "on"                             # mutual TLS with the fleet's CA in DATA/ca/ (made if missing)
 cert_lifetime = "3d"                   # of every certificate the CA issues
@@ -37,6 +38,9 @@ class CoordinatorSettings:
     """HOST:PORT of the gRPC server (Catalog, BlockExchange, Fleet, History, health)."""
     http: str = ""
     """HOST:PORT of the REST server for history, holds and audit; empty: none."""
+    http_tls: str = "false"
+    """true: the REST server takes TLS with the coordinator's certificate, and clients authenticate
+    with a certificate or a bearer token of the fleet (implies tls); false: plaintext, loopback only."""
     gc_every: str = "0"
     """Run the retention GC this often, e.g. "1d" (0: only when `history gc` asks)."""
     tls: str = "off"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from cachepoint.errors import InvalidInput
+from cachepoint.http.tls import check_plaintext_listen
 from cachepoint.rpc.block_access import VersionBlocks
 from cachepoint.rpc.block_exchange import BlockExchangeService, ServeCounters
 from cachepoint.rpc.channel import ORIGIN_FETCH_LIMITS
@@ -17,7 +19,7 @@ from cachepoint.rpc.serving import Server, announce, stop_event_on_signals
 from cachepoint.store.store import Store
 from cachepoint.v1 import blocks_pb2_grpc, catalog_pb2_grpc, fleet_pb2_grpc, history_pb2_grpc
 from coordinator.assignments import Assignments
-from coordinator.authz import Authorizer, block_answers, layer_reader
+from coordinator.authz import Authorizer, block_answers, caller, layer_reader
 from coordinator.catalog.events import EventLog
 from coordinator.catalog.service import CatalogService
 from coordinator.fleet.registry import Registry
@@ -26,12 +28,14 @@ from coordinator.history.audit import AuditLog
 from coordinator.history.retention import Retention
 from coordinator.history.rpc import HistoryService
 from coordinator.history.service import History
+from coordinator.pki.audit_queue import keep_draining
 from coordinator.pki.trust import FleetTrust, TrustSettings
 
 log = logging.getLogger("coordinator")
 STATE_FILE = "coordinator.json"
 CATALOG = "cachepoint.v1.Catalog"
 SCHEDULED_GC_ACTOR = "coordinator (gc_every)"
+HTTP_TLS_OPTION = "--http-tls"
 
 
 async def serve(
@@ -42,8 +46,14 @@ async def serve(
     retention: Retention | None = None,
     gc_every: float = 0.0,
     trust_settings: TrustSettings | None = None,
+    http_tls: bool = False,
 ) -> None:
-    """``trust_settings`` None: plaintext, as before the fleet had a CA."""
+    """``trust_settings`` None: plaintext, as before the fleet had a CA. ``http_tls``: the REST API
+    with TLS and the authorization table too (it needs the CA); without it, on loopback only."""
+    if http and not http_tls:
+        check_plaintext_listen(http, HTTP_TLS_OPTION)  # before anything is bound
+    if http_tls and trust_settings is None:
+        raise InvalidInput("--http-tls serves the REST API with the fleet's CA: serve with --tls too")
     store = Store.open(data, writable=True, create=True)
     try:
         counters = ServeCounters()
@@ -51,7 +61,7 @@ async def serve(
         audit = AuditLog(store.db)
         writes = asyncio.Lock()  # commits, tag moves, holds and the history GC, one at a time
         history = History(store, events, audit, writes, retention or Retention({}))
-        trust = FleetTrust(data, trust_settings, listen) if trust_settings is not None else None
+        trust = FleetTrust(data, trust_settings, listen, audit) if trust_settings is not None else None
         assignments = Assignments(data)
         authorizer = Authorizer(store, audit, assignments)
         if trust is not None:
@@ -77,33 +87,47 @@ async def serve(
                 CatalogService(store, events, audit, writes, layer_reader(authorizer.facts)), s
             )
         )
-        server.add(
-            lambda s: fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(Registry(), assignments), s)
-        )
+        fleet = FleetService(Registry(), assignments, caller, trust.revoked if trust is not None else None)
+        server.add(lambda s: fleet_pb2_grpc.add_FleetServicer_to_server(fleet, s))
         server.add(lambda s: history_pb2_grpc.add_HistoryServicer_to_server(HistoryService(history), s))
         address = await server.start()
         rest: web.AppRunner | None = None
         scheduled: asyncio.Task[None] | None = None
+        queued: asyncio.Task[None] | None = None
         try:
             extra: dict[str, object] = {}
             if trust is not None:
                 extra |= await trust.start()
             if http:
+                from cachepoint.http.auth import Authenticator, HttpTrust
+                from cachepoint.http.tls import ServerTls
                 from coordinator.history.rest import start_rest
+                from coordinator.history.rest_access import audited_refusals, rest_rules
 
-                rest, extra["http"] = await start_rest(history, http)
+                rest_trust = None
+                if http_tls and trust is not None:
+                    rest_trust = HttpTrust(
+                        ServerTls(trust.tls.current, trust.settings.ca.cert_pem),
+                        Authenticator(trust.settings.ca.cert_pem, trust.guard.revocations.refuses),
+                        rest_rules(authorizer.facts),
+                        audited_refusals(audit, store),
+                    )
+                rest, extra["http"] = await start_rest(history, http, rest_trust)
             stop = stop or stop_event_on_signals()
             announce(
                 address, data / STATE_FILE, role="coordinator", catalog_position=events.position, **extra
             )
             log.info("coordinator serving %s on %s", data, address)
             scheduled = asyncio.create_task(scheduled_gc(history, gc_every)) if gc_every > 0 else None
+            # What `enroll`, `revoke`, `assign` queued for the audit log (coordinator/pki/audit_queue.py).
+            queued = asyncio.create_task(keep_draining(data, audit), name="audit queue")
             await stop.wait()
         finally:
-            if scheduled is not None:
-                scheduled.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await scheduled
+            for task in (scheduled, queued):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             if rest is not None:
                 await rest.cleanup()
             events.close()

@@ -425,11 +425,13 @@ class Fleet:
         prefix: Sequence[str] = (),
         config: Path | None = None,
         env: dict[str, str] | None = None,
+        extra: Iterable[str] = (),
     ) -> Node:
         """A daemon whose node id is ``name``; its store defaults to ``root/name`` (so a restart under
         the same name comes back with what it held). ``prefix`` runs it (and CLI calls to it) under a
         command, e.g. `ip netns exec NAME`; ``config`` is its own TOML settings file (wan_rate,
-        site_rate...); ``env`` adds variables (e.g. libfaketime's)."""
+        site_rate...); ``env`` adds variables (e.g. libfaketime's); ``extra`` adds options of `serve`
+        (``--http ADDR --http-tls``)."""
         store = store or self.root / name
         trust = self._node_trust(coordinator)
         if trust is not None and not _enrolled_elsewhere(store, trust):
@@ -439,7 +441,7 @@ class Fleet:
         else:
             trust = None
         args = [sys.executable, "-m", "cachepoint", "serve", "--listen", listen, "--node-id", name]
-        args += ["--site", site, "-v"]
+        args += ["--site", site, "-v", *extra]
         if coordinator:
             args += ["--coordinator", coordinator]
         for ref in subscribe:
@@ -454,6 +456,18 @@ class Fleet:
         assert node.ready.get("node_id") == name, node.ready
         if trust is not None:
             tls.serve(node.address, trust, peer=True)
+        return node
+
+    def serve_store(self, name: str, store: Path, *args: str, config: Path | None = None) -> Node:
+        """`cachepoint serve` on ``store`` with its gRPC port on 127.0.0.1:0 and ``args`` as given (no
+        coordinator, node id or subscription unless ``args`` names them): for a daemon whose node id
+        comes from its identity, or one that serves NBD or HTTP."""
+        command = [sys.executable, "-m", "cachepoint", "serve", "--listen", "127.0.0.1:0", "-v", *args]
+        env = cli_env(store)
+        if config is not None:
+            env["CACHEPOINT_CONFIG"] = str(config)
+        node: Node = self._spawn(name, command, env, Node, store=store)
+        node.node_id = str(node.ready.get("node_id", ""))
         return node
 
     def logs(self) -> str:
@@ -631,3 +645,45 @@ class ThrottledProxy:
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
+
+
+# -- identities issued directly by a CA, and the files NBD clients read ------------------------------
+
+
+def issue_identity(ca_data: Path, directory: Path, name: str, *roles: str, days: int = 2) -> Path:
+    """An identity (key.pem, cert.pem, ca.pem) for principal ``name`` with ``roles`` ("node",
+    "user:alice"...), issued by the CA in ``ca_data``/ca (made there when missing), as enrollment would
+    issue it; ``directory`` may be STORE/identity for a daemon."""
+    from datetime import timedelta
+
+    from cryptography.hazmat.primitives import serialization
+
+    from cachepoint.trust.identity import key_pem, new_key
+    from cachepoint.trust.principal import Principal, Role
+    from coordinator.pki.ca import CertificateAuthority
+
+    ca = (
+        CertificateAuthority.load(ca_data)
+        if CertificateAuthority.exists(ca_data)
+        else CertificateAuthority.create(ca_data)
+    )
+    key = new_key()
+    principal = Principal(name, tuple(Role.parse(role) for role in roles))
+    cert = ca.issue(key.public_key(), principal, timedelta(days=days))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "key.pem").write_bytes(key_pem(key))
+    (directory / "key.pem").chmod(0o600)
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "ca.pem").write_bytes(ca.cert_pem)
+    return directory
+
+
+def nbd_client_credentials(identity: Path, directory: Path) -> Path:
+    """The files qemu's tls-creds-x509 (endpoint=client) and libnbd's tls-certificates= read, made from
+    an identity: ca-cert.pem, client-cert.pem, client-key.pem."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ca-cert.pem").write_bytes((identity / "ca.pem").read_bytes())
+    (directory / "client-cert.pem").write_bytes((identity / "cert.pem").read_bytes())
+    (directory / "client-key.pem").write_bytes((identity / "key.pem").read_bytes())
+    (directory / "client-key.pem").chmod(0o600)
+    return directory

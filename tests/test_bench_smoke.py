@@ -45,7 +45,9 @@ def test_quick_bench_writes_a_full_report(tmp_path: Path) -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        # A guard against a hang, not a speed limit: the quick run takes about a minute on an idle
+        # machine, and several times that on a busy one (two coordinators, one of them over TLS).
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()
@@ -59,8 +61,13 @@ def test_quick_bench_writes_a_full_report(tmp_path: Path) -> None:
         assert NUMBER_CELL.search(sections[title]), f"no numeric figures in section {title!r}"
     # Every acceptance target gets a verdict, in the summary and in its section's table.
     # One verdict per acceptance target: ingest, re-ingest, clones, delta bytes, delta time vs rsync,
-    # NBD read vs the raw file, re-capture vs first capture.
-    assert len(re.findall(r"\| (?:PASS|FAIL) \|", sections["Summary"])) == 7
+    # delta time over mutual TLS vs plaintext, NBD read vs the raw file, re-capture vs first capture.
+    assert len(re.findall(r"\| (?:PASS|FAIL) \|", sections["Summary"])) == 8
+    # The TLS pull was measured (an enrolled coordinator and receiver), not reported as not measured.
+    delta = sections["Delta sync over gRPC"]
+    assert re.search(r"\| `pull\(\)` over mutual TLS, [^|]* \| \d+\.\d+ \(runs ", delta), delta
+    ratio = r"\| TLS / plaintext, `pull\(\)` call alone \| \d+\.\d+× [^|]*\| [^|]* \| (?:PASS|FAIL) \|"
+    assert re.search(ratio, delta), delta
     for title in MEASURED[1:]:
         assert re.search(r"\| (?:PASS|FAIL) \|", sections[title]), f"no verdict in section {title!r}"
     assert re.search(r"\d+(?:\.\d+)? MiB/s", sections["Summary"])

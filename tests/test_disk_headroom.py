@@ -130,6 +130,9 @@ def test_a_daemon_pauses_pulls_at_min_free_and_resumes_when_space_returns(scene:
     text = cachepoint_cli(scene.store, "status").out
     assert "pulls paused:" in text and "at min_free 5%" in text, text
     assert "pulls paused" in node.stderr()
+    # A pin asks the daemon for the same pull: refused with the same message, as out of space (exit 7).
+    pin = cachepoint_cli(scene.store, "pin", "os/x:production", check=False)
+    assert pin.code == 7 and "pulls paused" in pin.err and "at min_free 5%" in pin.err, (pin.code, pin.err)
     stored = fsck(scene.store)["unreferenced_blocks"]  # what the paused pull had stored
     wanted = len(stored_block_ids(image))
     assert 0 < stored < wanted

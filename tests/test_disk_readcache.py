@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cachepoint.blocks import block_digest
+from cachepoint.blocks import CODEC_ZSTD, block_digest
 from cachepoint.disk.attach import open_disk
 from cachepoint.disk.composite import CompositeDisk
 from cachepoint.disk.readcache import DecodedCache
@@ -43,9 +43,17 @@ def test_blocks_come_back_as_put_and_the_clock_recycles_the_least_recently_used(
         cache.put(block_digest(block), block)
     out = bytearray(BS)
     assert cache.copy_many([(block_digest(blocks[0]), memoryview(out))]) == [] and out == blocks[0]
-    cache.put(block_digest(blocks[3]), blocks[3])  # full: a slot not used since the sweep goes
+    # Full, and every slot used since the hand passed: each offer clears one slot's use, keeps nothing.
+    for _ in range(3):
+        cache.put(block_digest(blocks[3]), blocks[3])
+    assert cache.refused == 3
+    assert cache.copy_many([(block_digest(blocks[0]), memoryview(out))]) == []  # in use again
+    for _ in range(2):  # the hand skips block 0 (used) and takes block 1's slot (not used for a sweep)
+        cache.put(block_digest(blocks[3]), blocks[3])
     present = [not cache.copy_many([(block_digest(b), memoryview(bytearray(BS)))]) for b in blocks]
-    assert present.count(True) == 3 and present[3]
+    assert present == [True, False, True, True]
+    cache.close()
+    cache = DecodedCache(tmp_path / "cache", capacity=3 * BS, slot_size=BS)
     short = os.urandom(100)
     cache.put(block_digest(short), short)  # a disk's short last block
     out = bytearray(BS)
@@ -54,6 +62,21 @@ def test_blocks_come_back_as_put_and_the_clock_recycles_the_least_recently_used(
     assert cache.copy_many([(b"x" * 32, memoryview(bytearray(2 * BS)))]) == [0]
     cache.close()
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_sequential_read_twice_the_cache_hits_half_of_it_from_the_second_pass_on(tmp_path: Path):
+    cache = DecodedCache(tmp_path / "cache", capacity=8 * BS, slot_size=BS)
+    blocks = [(block_digest(b), b) for b in (os.urandom(BS) for _ in range(16))]
+    hits = []
+    for _ in range(3):
+        before = cache.hits
+        for start in range(0, len(blocks), 4):  # a reader's batches of 4 blocks
+            batch = blocks[start : start + 4]
+            missing = cache.copy_many([(digest, memoryview(bytearray(BS))) for digest, _ in batch])
+            cache.put_many([batch[position] for position in missing])
+        hits.append(cache.hits - before)
+    assert hits == [0, 8, 8], "plain CLOCK would be FIFO here: no hit at all"
+    cache.close()
 
 
 def test_a_damaged_cache_file_is_noticed_and_the_block_is_read_from_the_store(store: Store, tmp_path: Path):
@@ -74,12 +97,13 @@ def test_a_damaged_cache_file_is_noticed_and_the_block_is_read_from_the_store(st
     cache.close()
 
 
-def test_blocks_are_verified_before_they_enter_the_cache(store: Store, tmp_path: Path):
+def test_a_block_that_cannot_be_decoded_never_enters_the_cache(store: Store, tmp_path: Path):
     data = os.urandom(4 * BS)
     ref = put_layer(store, tmp_path, "os/base", data)
     digest = block_digest(data[BS : 2 * BS])
     batch = store.db.batch()
-    batch.put(digest, b"\x00" + os.urandom(BS), store.db.handle[fmt.CF_BLOCKS])  # raw codec, wrong bytes
+    undecodable = bytes((CODEC_ZSTD,)) + bytes(4) + os.urandom(BS)  # no zstd frame magic
+    batch.put(digest, undecodable, store.db.handle[fmt.CF_BLOCKS])
     store.db.write(batch)
     cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, slot_size=BS)
     disk = open_disk(store, [ref], decoded=cache)

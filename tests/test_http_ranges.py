@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
 
-from cachepoint.blocks import encode_block
+from cachepoint.blocks import CODEC_ZSTD
 from cachepoint.http.app import start_http
 from cachepoint.layers.ingest import IngestOptions, ingest
 from cachepoint.model import LayerKind
@@ -358,7 +358,8 @@ async def test_if_range_honours_the_range_only_for_the_exact_strong_etag(base_ur
 
 @pytest.fixture
 def corrupt_store(tmp_path: Path) -> Iterator[tuple[Store, bytes, list[str]]]:
-    """A disk layer whose block 0 and block 30 hold other bytes than their ids say."""
+    """A disk layer whose block 0 and block 30 hold values that cannot be decoded (damage a read must
+    catch: local reads do not hash, a value that decodes to other bytes is the scrub's to find)."""
     data = os.urandom(40 * BS)
     (tmp_path / "d.img").write_bytes(data)
     with Store.open(tmp_path / "store", writable=True, create=True) as writable:
@@ -366,7 +367,8 @@ def corrupt_store(tmp_path: Path) -> Iterator[tuple[Store, bytes, list[str]]]:
         assert result.version is not None
         entry = writable.catalog.manifest(result.version.manifest_digest).entries[0]
         bad = [entry.digest_at(0), entry.digest_at(30)]
-        writable.blocks.put_many([(d, encode_block(os.urandom(BS))) for d in bad], durable=True)
+        undecodable = bytes((CODEC_ZSTD,)) + bytes(4) + os.urandom(BS)  # no zstd frame magic
+        writable.blocks.put_many([(d, undecodable) for d in bad], durable=True)
     with Store.open(tmp_path / "store") as opened:
         yield opened, data, ["sha256:" + d.hex() for d in bad]
 

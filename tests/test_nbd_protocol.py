@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from cachepoint.disk.nbd import BlockDevice, NbdLimits, NbdServer, start_nbd
+from cachepoint.disk.nbd import BlockDevice, NbdLimits, NbdServer, NbdTls, start_nbd
 from cachepoint.disk.nbd import protocol as nbd
 from cachepoint.disk.nbd import server as nbd_server
 
@@ -88,6 +88,7 @@ class ServerThread:
         tcp: str | None = "127.0.0.1:0",
         unix_path: str | None = None,
         limits: NbdLimits | None = None,
+        tls: NbdTls | None = None,
     ) -> None:
         self.exports = exports
         self.loop = asyncio.new_event_loop()
@@ -95,7 +96,12 @@ class ServerThread:
         self.thread.start()
         self.server: NbdServer = self.call(
             start_nbd(
-                self.exports.get, lambda: sorted(self.exports), tcp=tcp, unix_path=unix_path, limits=limits
+                self.exports.get,
+                lambda: sorted(self.exports),
+                tcp=tcp,
+                unix_path=unix_path,
+                limits=limits,
+                tls=tls,
             )
         )
 

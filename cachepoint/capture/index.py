@@ -37,7 +37,8 @@ from dataclasses import dataclass
 
 import rocksdict
 
-from cachepoint.blocks import decode_block, decode_verified, encode_block
+from cachepoint.blocks import decode_block, encode_block
+from cachepoint.blocksource import StoreSource
 from cachepoint.capture import classify
 from cachepoint.ids import DIGEST_SIZE, HOLE_DIGEST
 from cachepoint.model import EntryType, FileEntry
@@ -133,12 +134,11 @@ def _first_blocks(store: Store, entries: Sequence[FileEntry], indexes: list[int]
         if digest and digest != HOLE_DIGEST:
             by_digest.setdefault(digest, []).append(i)
     ids = list(by_digest)
+    source = StoreSource(store)
     for start in range(0, len(ids), 256):
-        chunk = ids[start : start + 256]
-        for digest, value in zip(chunk, store.blocks.raw_many(chunk), strict=True):
-            if value is None:
-                continue  # not here (a lazily fetched version): its name alone decides
-            head = decode_verified(digest, value)[: classify.MAGIC_BYTES]
+        # A block not here (a lazily fetched version) is absent: its file's name alone decides.
+        for digest, data in source.get_many(ids[start : start + 256]).items():
+            head = data[: classify.MAGIC_BYTES]
             for i in by_digest[digest]:
                 heads[i] = head
     return heads

@@ -13,13 +13,15 @@ from cachepoint.cli.context import (
     Context,
     allow_same_option,
     block_size_option,
+    chunking_option,
+    chunking_options,
     kind_from_name,
     kind_option,
     message_option,
     pass_ctx,
     tag_option,
 )
-from cachepoint.config import parse_byte_size, parse_duration
+from cachepoint.config import parse_byte_size, parse_duration, parse_switch
 from cachepoint.console import emit_json, handles_errors, human, json_option
 from cachepoint.ids import Ref, validate_layer_name
 from cachepoint.layers.ingest import IngestOptions
@@ -35,6 +37,7 @@ from cachepoint.progress import progress_bar
 @kind_option
 @message_option
 @block_size_option
+@chunking_option
 @tag_option
 @allow_same_option
 @json_option
@@ -48,6 +51,7 @@ def publish_cmd(
     kind: str | None,
     message: str,
     block_size: str | None,
+    chunking: str | None,
     tags: tuple[str, ...],
     allow_same: bool,
     as_json: bool,
@@ -65,6 +69,7 @@ def publish_cmd(
         device=ctx.device,
         block_size=parse_block_size(block_size) if block_size else None,
         new_layer_block_size=parse_block_size(ctx.settings.block_size),
+        **chunking_options(ctx.settings, chunking),
         tags=tags,
         allow_same=allow_same,
     )
@@ -142,7 +147,21 @@ def pull_cmd(ctx: Context, ref: str, origin: str, wan_rate: str | None, as_json:
     "--nbd-socket", default=None, metavar="PATH", help="Serve attached disks over NBD on a Unix socket."
 )
 @click.option(
+    "--nbd-tls",
+    is_flag=True,
+    default=None,
+    help="NBD over TCP requires TLS and a client certificate of the fleet; needed for a non-loopback "
+    "--nbd [config nbd_tls].",
+)
+@click.option(
     "--http", default=None, metavar="HOST:PORT", help="Serve versions and images over HTTP with Range."
+)
+@click.option(
+    "--http-tls",
+    "http_tls",
+    is_flag=True,
+    default=None,
+    help="HTTPS with this node's identity; clients need a certificate or token of the fleet.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log pulls and reconnections.")
 @pass_ctx
@@ -156,7 +175,9 @@ def serve_cmd(
     subscribe: tuple[str, ...],
     nbd: str | None,
     nbd_socket: str | None,
+    nbd_tls: bool | None,
     http: str | None,
+    http_tls: bool | None,
     verbose: bool,
 ) -> None:
     """Run the cachepoint daemon: serve blocks to peers, follow subscriptions, answer `status`."""
@@ -181,7 +202,9 @@ def serve_cmd(
         limits=class_limits(s.wan_rate, s.site_rate),
         nbd=nbd or "",
         nbd_socket=nbd_socket or "",
+        nbd_tls=nbd_tls or parse_switch(s.nbd_tls, "nbd_tls"),
         http=http or "",
+        http_tls=http_tls or parse_switch(s.http_tls, "http_tls"),
         snapshot_every=parse_duration(s.snapshot_every),
         read_cache=parse_byte_size(s.read_cache, "read_cache"),
         nbd_limits=NbdLimits(

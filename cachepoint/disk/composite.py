@@ -2,7 +2,9 @@
 
 Each block reads from the user's working layer if it names the block, else from the topmost layer
 of the stack that holds data there (cachepoint/layers/composite.py's rule: a hole lets the block
-below show; no layer at all reads as zeros). Every block fetched is verified against its id.
+below show; no layer at all reads as zeros). Blocks come from one source (cachepoint/blocksource):
+the local store, or for a lazily booted disk the store with the fleet behind it, read through a cache
+of decoded blocks.
 
 Writes never touch the layers: a write computes the whole new block (read-modify-write when it
 covers part of one) and records it in the working layer, or drops the working entry when the new
@@ -20,12 +22,12 @@ import bisect
 import errno
 import os
 import threading
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cachepoint.blocks import block_digest, decode_verified, is_hole
+from cachepoint.blocks import block_digest, is_hole
+from cachepoint.blocksource import BlockSource, CachedSource, MemoryCache, StoreSource, Target, WriteBack
 from cachepoint.disk.marker import reads_as_zeros, zero_marker
 from cachepoint.disk.readcache import DecodedCache
 from cachepoint.disk.working import WorkingLayer
@@ -36,11 +38,11 @@ from cachepoint.model import FileEntry, Manifest, VersionInfo
 from cachepoint.store.store import Store
 
 CACHE_BYTES = 16 * 1024 * 1024  # decoded blocks kept: a partial write reads its block back at once
-READAHEAD_BLOCKS = 32  # fetched after a cold read: 2 MiB at 64 KiB blocks, one round trip
+READAHEAD_BLOCKS = 32  # named to a far source on a cold read: 2 MiB at 64 KiB blocks, one round trip
 
 Stack = list[tuple[VersionInfo, Manifest]]
 
-# Cold reads decompress and hash; more threads than cores only fight over the GIL between those
+# Cold reads decompress; more threads than cores only fight over the GIL between those
 # steps (a cold copy of a 1 GiB disk by qemu-img, 8 requests in flight: 2.2 s with 6 threads, 1.35 s with 2).
 _COLD_READERS = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="disk-read")
 
@@ -91,33 +93,6 @@ class _View:
         return self.lower[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
 
 
-class _BlockCache:
-    """Decoded blocks by digest (content never changes under an id), least recently used out."""
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._used = 0
-        self._blocks: OrderedDict[bytes, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, digest: bytes) -> bytes | None:
-        with self._lock:
-            data = self._blocks.get(digest)
-            if data is not None:
-                self._blocks.move_to_end(digest)
-            return data
-
-    def put(self, digest: bytes, data: bytes) -> None:
-        with self._lock:
-            if digest in self._blocks or len(data) > self._capacity:
-                return
-            self._blocks[digest] = data
-            self._used += len(data)
-            while self._used > self._capacity:
-                _, dropped = self._blocks.popitem(last=False)
-                self._used -= len(dropped)
-
-
 class CompositeDisk:
     """A BlockDevice (cachepoint/disk/nbd.py) over a stack of disk-image versions, lowest first.
 
@@ -130,11 +105,12 @@ class CompositeDisk:
         store: Store,
         stack: Stack,
         working: WorkingLayer | None = None,
-        fetch_missing: Callable[[list[bytes]], None] | None = None,
+        source: BlockSource | None = None,
         decoded: DecodedCache | None = None,
     ) -> None:
-        """``fetch_missing`` (lazy boot): called from a worker thread with ids of blocks that are not
-        in the local store, it fetches them into the store (verified) before the read goes on."""
+        """Blocks come from ``source`` (default: the store; a lazily booted disk's: the store with the
+        fleet behind it, ``WriteBack``), read through ``decoded`` (the daemon's cache shared by every
+        disk; default: a small one of this disk's own)."""
         if not stack:
             raise InvalidInput("a disk needs at least one layer")
         tree = [info.ref for info, manifest in stack if not manifest.single_file]
@@ -147,16 +123,24 @@ class CompositeDisk:
         self._block_size = placed.block_size
         self._size = placed.entry.size
         self.lock = threading.Lock()  # writers and snapshots
-        self._fetching = threading.Lock()  # lazy fetches (see _fill)
-        self._cache = _BlockCache(CACHE_BYTES)
-        self.decoded = decoded  # verified blocks shared by every disk of a daemon (readcache.py)
-        self.fetch_missing = fetch_missing
-        self.fetched_lazily = 0  # blocks a read had to fetch (the read's own and its readahead)
+        self.inner = source or StoreSource(store)
+        self.decoded = decoded  # blocks shared by every disk of a daemon (readcache.py)
+        self.source = CachedSource(self.inner, decoded if decoded is not None else MemoryCache(CACHE_BYTES))
         self._zero_block = bytes(self._block_size)
+        # A content-chunked image (attached alone, read-only): reads find chunks by its extent index.
+        self._chunks = placed.entry if placed.entry.chunked else None
+        if self._chunks is not None and working is not None:
+            raise InvalidInput(
+                f"{stack[-1][0].ref} is content-chunked: it attaches read-only (a user layer needs "
+                "layers made with --chunking fixed)"
+            )
         if working is not None:
             self._check_working(working)
         self._view = _View.of(
-            placed.entry.blocks, working.entries if working else {}, self._size, self._block_size
+            b"" if self._chunks else placed.entry.blocks,
+            working.entries if working else {},
+            self._size,
+            self._block_size,
         )
 
     def _check_working(self, working: WorkingLayer) -> None:
@@ -224,6 +208,8 @@ class CompositeDisk:
         self._check_range(offset, length)
         if length == 0:
             return b""
+        if self._chunks is not None:
+            return self._read_chunks(self._chunks, offset, length, warm_only)
         bs = self._block_size
         first, last = offset // bs, (offset + length - 1) // bs
         span = bytearray((last - first + 1) * bs)  # zero-filled: holes need no work
@@ -238,6 +224,8 @@ class CompositeDisk:
         """Runs from ``offset`` as (bytes, reads as zeros), from the block ids alone (NBD block
         status): nothing is read or fetched, so a client can skip what is all zeros."""
         self._check_range(offset, length)
+        if self._chunks is not None:
+            return _chunk_zero_runs(self._chunks, self._block_size, offset, length, limit)
         view, bs, end = self._view, self._block_size, offset + length
         runs: list[tuple[int, bool]] = []
         pos, index = offset, offset // bs
@@ -296,18 +284,19 @@ class CompositeDisk:
         if offset < 0 or length < 0 or offset + length > self._size:
             raise ValueError(f"bytes {offset}..{offset + length} are outside the {self._size}-byte disk")
 
+    @property
+    def fetched_lazily(self) -> int:
+        """Blocks reads had to fetch from the fleet (their own and their readahead)."""
+        return self.inner.fetched if isinstance(self.inner, WriteBack) else 0
+
     def _fill(self, view: _View, first: int, stop: int, out: memoryview, warm_only: bool = False) -> bool:
-        """Copy blocks ``first``..``stop`` into ``out`` (zero-filled, one block size per block),
-        verified: from the caches when they hold them, else from the store (fetched first on a
-        lazily booted disk). Holes and zero markers are left as zeros. With ``warm_only`` nothing
-        waits: False as soon as a block is neither in memory nor in the page cache."""
+        """Copy blocks ``first``..``stop`` into ``out`` (zero-filled, one block size per block) from
+        the source. Holes and zero markers are left as zeros. With ``warm_only`` nothing waits: False
+        as soon as a block is neither in memory nor in the page cache."""
         bs = self._block_size
-        wanted: dict[bytes, list[int]] = {}  # digest -> block indexes still to fill
         entries, lower, lower_zeros = view.entries, view.lower, view.lower_zeros
-        decoded = self.decoded
         full_blocks = self._size // bs  # blocks before this one are whole
-        cached: list[tuple[bytes, memoryview]] = []  # asked of the decoded cache in one call
-        cached_index: list[int] = []
+        wanted: list[Target] = []
         # The loop runs per 64 KiB block of every read: it stays flat (no calls it can avoid).
         for index in range(first, stop):
             length = bs if index < full_blocks else self.block_length(index)
@@ -319,78 +308,86 @@ class CompositeDisk:
             elif reads_as_zeros(digest, length):
                 continue
             at = (index - first) * bs
-            target = out[at : at + length]
-            if decoded is not None:
-                cached.append((digest, target))
-                cached_index.append(index)
-                continue
-            data = self._cache.get(digest)
-            if data is not None:
-                n = min(len(data), length)
-                target[:n] = memoryview(data)[:n]
-                continue
-            if warm_only:
-                return False
-            wanted.setdefault(digest, []).append(index)
-        if decoded is not None and cached:
-            for position in decoded.copy_many(cached, nowait=warm_only):
-                if warm_only:
-                    return False
-                wanted.setdefault(cached[position][0], []).append(cached_index[position])
+            wanted.append((digest, out[at : at + length]))
         if not wanted:
             return True
-        digests = list(wanted)
-        values = self.store.blocks.raw_many(digests)
-        absent = [d for d, v in zip(digests, values, strict=True) if v is None]
-        if absent and self.fetch_missing is not None:
-            # One fetch at a time per disk: reads run in parallel, and two of them must not both
-            # fetch the blocks (or the readahead) they share. What the other fetched is then here.
-            with self._fetching:
-                absent = self.store.blocks.missing(absent)
-                ahead = self._readahead(view, stop, set(absent)) if absent else []
-                if absent:
-                    self.fetch_missing(absent + ahead)
-                    self.fetched_lazily += len(absent) + len(ahead)
-            values = self.store.blocks.raw_many(digests)
-        verified: list[tuple[bytes, bytes]] = []
-        for digest, value in zip(digests, values, strict=True):
-            if value is None:
-                raise BlockMissing(BlockId(digest))
-            data = decode_verified(digest, value)
-            verified.append((digest, data))
-            for index in wanted[digest]:
-                at = (index - first) * bs
-                n = min(len(data), self.block_length(index))
-                out[at : at + n] = memoryview(data)[:n]
-        if self.decoded is not None:
-            self.decoded.put_many(verified)  # together: in consecutive slots, read back together
-        else:
-            for digest, data in verified:
-                self._cache.put(digest, data)
-        return True
+        also = self._readahead(view, stop) if self.inner.far and not warm_only else ()
+        missing = self.source.read_into(wanted, nowait=warm_only, also=also)
+        if not missing:
+            return True
+        if warm_only:
+            return False
+        raise BlockMissing(BlockId(wanted[missing[0]][0]))
+
+    def _read_chunks(self, entry: FileEntry, offset: int, length: int, warm_only: bool) -> bytearray | None:
+        """``_read`` of a content-chunked image: the chunks under the range, by binary search of the
+        extent index, each copied in whole where the range covers it (else through a scratch copy)."""
+        bs, stop = self._block_size, offset + length
+        out = bytearray(length)  # zero-filled: holes need no work
+        view = memoryview(out)
+        targets: list[tuple[bytes, memoryview]] = []
+        partial: list[tuple[int, int, bytearray]] = []  # (chunk start, chunk end, scratch)
+        indexes = entry.blocks_between(offset, stop, bs)
+        for index in indexes:
+            digest = entry.digest_at(index)
+            if digest == HOLE_DIGEST:
+                continue
+            start, end = entry.span(index, bs)
+            if start >= offset and end <= stop:
+                targets.append((digest, view[start - offset : end - offset]))
+            else:
+                scratch = bytearray(end - start)
+                partial.append((start, end, scratch))
+                targets.append((digest, memoryview(scratch)))
+        if not self._fill_chunks(entry, targets, indexes.stop, warm_only):
+            return None
+        for start, end, scratch in partial:
+            lo, hi = max(start, offset), min(end, stop)
+            view[lo - offset : hi - offset] = memoryview(scratch)[lo - start : hi - start]
+        return out
+
+    def _fill_chunks(
+        self, entry: FileEntry, targets: list[tuple[bytes, memoryview]], after: int, warm_only: bool
+    ) -> bool:
+        """Copy each chunk into its target (of the chunk's length) from the source; on a lazy disk the
+        chunks after index ``after`` are the readahead of a fetch."""
+        if not targets:
+            return True
+        taken = {digest for digest, _ in targets}
+        also = self._chunk_readahead(entry, after, taken) if self.inner.far and not warm_only else ()
+        missing = self.source.read_into(targets, nowait=warm_only, also=also)
+        if not missing:
+            return True
+        if warm_only:
+            return False
+        raise BlockMissing(BlockId(targets[missing[0]][0]))
+
+    def _chunk_readahead(self, entry: FileEntry, start: int, taken: set[bytes]) -> list[bytes]:
+        ahead: list[bytes] = []
+        for index in range(start, min(start + READAHEAD_BLOCKS, entry.block_count)):
+            digest = entry.digest_at(index)
+            if digest == HOLE_DIGEST or digest in taken:
+                continue
+            taken.add(digest)
+            ahead.append(digest)
+        return ahead
 
     def _remember(self, digest: bytes, data: bytes) -> None:
-        """Keep a verified block (or one just written, named by its own digest) for the next read."""
-        if self.decoded is not None:
-            self.decoded.put(digest, data)
-        else:
-            self._cache.put(digest, data)
+        """Keep a block just written (named by its own digest) for the next read."""
+        self.source.remember([(digest, data)])
 
     def _block(self, view: _View, index: int) -> bytes:
         block = bytearray(self._block_size)
         self._fill(view, index, index + 1, memoryview(block))
         return bytes(block[: self.block_length(index)])
 
-    def _readahead(self, view: _View, start: int, taken: set[bytes]) -> list[bytes]:
-        """Ids of the next blocks after a cold read that are not local: sequential reads (a boot, a
-        copy) then find them here instead of paying a round trip each."""
+    def _readahead(self, view: _View, stop: int) -> Sequence[bytes]:
+        """Ids of the blocks after a read, for a source where a miss costs a round trip: sequential
+        reads (a boot, a copy) then find them here instead of paying a round trip each."""
         ahead: list[bytes] = []
-        for index in range(start, min(start + READAHEAD_BLOCKS, self.block_count)):
+        for index in range(stop, min(stop + READAHEAD_BLOCKS, self.block_count)):
             digest = view.digest(index)
-            if reads_as_zeros(digest, self.block_length(index)) or digest in taken:
-                continue
-            taken.add(digest)
-            if not self.store.blocks.has(digest):
+            if not reads_as_zeros(digest, self.block_length(index)):
                 ahead.append(digest)
         return ahead
 
@@ -466,3 +463,27 @@ class CompositeDisk:
         lower = composite_disks(stack).entry.blocks
         self.stack = stack
         self._view = _View.of(lower, self.working.reset(info.number), self._size, self._block_size)
+
+
+def _chunk_zero_runs(
+    entry: FileEntry, bs: int, offset: int, length: int, limit: int
+) -> list[tuple[int, bool]]:
+    """``zero_runs`` of a content-chunked image, from its extent index: a hole extent is one run."""
+    runs: list[tuple[int, bool]] = []
+    pos, end = offset, offset + length
+    index = entry.block_at(offset, bs)
+    while pos < end:
+        if index < entry.block_count:
+            zeros, stop = entry.digest_at(index) == HOLE_DIGEST, entry.span(index, bs)[1]
+        else:
+            zeros, stop = True, end  # past the ids: zeros
+        step = min(stop, end) - pos
+        if runs and runs[-1][1] == zeros:
+            runs[-1] = (runs[-1][0] + step, zeros)
+        elif len(runs) == limit:
+            break
+        else:
+            runs.append((step, zeros))
+        pos += step
+        index += 1
+    return runs

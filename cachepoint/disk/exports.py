@@ -11,12 +11,13 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable
 
+from cachepoint.blocksource import BlockSource, CachedSource, StoreSource, WriteBack
 from cachepoint.disk.attach import open_image
 from cachepoint.disk.composite import CompositeDisk
-from cachepoint.disk.nbd import NbdLimits, NbdServer, start_nbd
+from cachepoint.disk.nbd import NbdLimits, NbdServer, NbdTls, start_nbd
 from cachepoint.disk.readcache import DecodedCache
 from cachepoint.disk.snapshot import snapshot
-from cachepoint.errors import InvalidInput, NotFound
+from cachepoint.errors import CachepointError, InvalidInput, NotFound
 from cachepoint.ids import Ref, validate_layer_name
 from cachepoint.model import Manifest, VersionInfo
 from cachepoint.store.store import IngestPins, Store
@@ -33,8 +34,15 @@ def user_layer_of(user: str, image: str) -> str:
 
 
 # Lazy boot: given a ref this store does not hold, the daemon resolves it at the coordinator and
-# returns the version, its manifest, and a function that fetches missing blocks into the store.
-RemoteOpener = Callable[[Ref], Awaitable[tuple[VersionInfo, Manifest, Callable[[list[bytes]], None]]]]
+# returns the version, its manifest, and the fleet as a source of its blocks (TieredSource).
+RemoteOpener = Callable[[Ref], Awaitable[tuple[VersionInfo, Manifest, BlockSource]]]
+
+
+def _same_ref(wanted: Ref, name: str) -> bool:
+    try:
+        return Ref.parse(name) == wanted
+    except (CachepointError, ValueError):
+        return False
 
 
 class Disks:
@@ -47,18 +55,56 @@ class Disks:
         self._read_cache = read_cache
         self.decoded: DecodedCache | None = None
         self._pins: dict[int, IngestPins] = {}  # lazily booted disks' blocks, by id(disk)
+        self._layers: dict[str, tuple[str, ...]] = {}  # every layer under each export, for NBD's TLS
+        self._tls = False
 
-    async def serve(
-        self, tcp: str | None, unix_path: str | None, limits: NbdLimits | None = None
-    ) -> list[str]:
-        if self._read_cache > 0:
-            # One cache for every disk: images that share an OS layer share its warm blocks.
+    async def open_cache(self) -> None:
+        """Create the decoded-block cache (once): one for every disk and the HTTP reader, so images
+        that share an OS layer share its warm blocks."""
+        if self._read_cache > 0 and self.decoded is None:
             path = self.store.root / READ_CACHE_FILE
             self.decoded = await asyncio.to_thread(DecodedCache, path, self._read_cache)
+
+    def local_source(self) -> BlockSource:
+        """The store's blocks, through the decoded cache when there is one."""
+        local = StoreSource(self.store)
+        return local if self.decoded is None else CachedSource(local, self.decoded)
+
+    def lazy_version(self, ref: str) -> tuple[VersionInfo, Manifest, BlockSource] | None:
+        """The version, manifest and block source of a lazily attached ``ref`` (as attached, or by its
+        version's own ref), for the HTTP reader; None when no such disk is attached."""
+        try:
+            wanted = Ref.parse(ref)
+        except (CachepointError, ValueError):
+            return None
+        with self._lock:
+            disks = list(self.attached.items())
+        for name, disk in disks:
+            if id(disk) not in self._pins:  # not lazily booted
+                continue
+            info, manifest = disk.stack[0]
+            if _same_ref(wanted, name) or (wanted.layer, wanted.number) == (info.layer, info.number):
+                return info, manifest, disk.source
+        return None
+
+    async def serve(
+        self,
+        tcp: str | None,
+        unix_path: str | None,
+        limits: NbdLimits | None = None,
+        tls: NbdTls | None = None,
+    ) -> list[str]:
+        await self.open_cache()
         self.server = await start_nbd(
-            self.attached.get, lambda: sorted(self.attached), tcp, unix_path, limits
+            self.attached.get, lambda: sorted(self.attached), tcp, unix_path, limits, tls
         )
+        self._tls = tls is not None
         return self.server.addresses
+
+    def layers_of(self, name: str) -> tuple[str, ...] | None:
+        """The layers export ``name`` reads (its user's layer included); None when it is not attached."""
+        with self._lock:
+            return self._layers.get(name) if name in self.attached else None
 
     def uris(self, name: str) -> list[str]:
         uris = []
@@ -66,7 +112,7 @@ class Disks:
             if address.startswith("unix:"):
                 uris.append(f"nbd+unix:///{name}?socket={address[len('unix:') :]}")
             else:
-                uris.append(f"nbd://{address}/{name}")
+                uris.append(f"{'nbds' if self._tls else 'nbd'}://{address}/{name}")
         return uris
 
     async def attach(self, image: str, user: str) -> tuple[str, CompositeDisk]:
@@ -80,20 +126,26 @@ class Disks:
             if name in self.attached:
                 return name, self.attached[name]
         if not user and "/" in image and self.remote is not None:
-            disk = await self._attach_ref(Ref.parse(image))
+            ref = Ref.parse(image)
+            layers: tuple[str, ...] = (ref.layer,)
+            disk = await self._attach_ref(ref)
         else:
+            refs = self.store.catalog.image(image).refs
+            layers = tuple(Ref.parse(r).layer for r in refs) + ((layer,) if layer else ())
             disk = await asyncio.to_thread(
                 open_image, self.store, image, user_layer=layer, name=name, decoded=self.decoded
             )
         with self._lock:
+            self._layers[name] = layers
             self.attached[name] = disk
         return name, disk
 
     async def _attach_ref(self, ref: Ref) -> CompositeDisk:
         """A read-only disk of one version, booted lazily: blocks not here are fetched on first read."""
         assert self.remote is not None
-        info, manifest, fetch = await self.remote(ref)
-        disk = CompositeDisk(self.store, [(info, manifest)], fetch_missing=fetch, decoded=self.decoded)
+        info, manifest, fleet = await self.remote(ref)
+        source = WriteBack(StoreSource(self.store, manifest.block_size), fleet)
+        disk = CompositeDisk(self.store, [(info, manifest)], source=source, decoded=self.decoded)
         # No local version names these blocks: pinned while the disk is attached, or GC would take
         # what the reads fetched.
         pins = self.store.register_pins(info.layer)
@@ -111,6 +163,7 @@ class Disks:
         disk = self.get(name)
         with self._lock:
             self.attached.pop(name, None)
+            self._layers.pop(name, None)
         if discard and disk.working is not None:
             await asyncio.to_thread(disk.working.discard)
         await asyncio.to_thread(disk.close)

@@ -1,16 +1,23 @@
 """Decoded blocks kept for the next read, in a sparse file the kernel caches.
 
-A block read from the store costs a RocksDB get, zstd decompression and a SHA-256 check (~100 µs
-for 64 KiB); a disk that boots or is copied reads the same blocks again. This cache keeps each
+A block read from the store costs a RocksDB get and zstd decompression (tens of µs for 64 KiB); a
+disk that boots or is copied reads the same blocks again. This cache keeps each
 verified block's plain bytes in a slot of one file, so a warm read is one pread out of the page
 cache straight into the reply's buffer. The kernel decides what stays in memory (a Python heap
 cache would pin it), and the file only takes disk space for slots in use. (pwrite, not a shared
 mapping: a store into a mapped hole faults once per page, which made filling 10x slower.)
 
 Slots are found by block id and recycled with the CLOCK algorithm (a cheap approximation of least
-recently used). The cache trusts only what it checked: a block enters it after its SHA-256 was
-verified, and each slot carries an xxh3-64 of its bytes, checked on every hit (~3 µs), so a
-damaged cache file is noticed and the block is read from the store again. The file is rebuilt
+recently used), made scan-resistant: a full cache takes a new block only where the hand finds a slot
+unused since it last passed, else it clears that slot's bit and does not keep the block (nor pay its
+write). Plain CLOCK turns a sequential read larger than the cache into FIFO and never hits: each block
+is gone before the next pass. Here the blocks in use stay, and a read of a disk twice the cache's
+size hits half of it from the second pass on; a block not used for a whole sweep still makes room.
+
+A block enters it as its source gave it (cachepoint/blocksource: the store's records
+are checked by RocksDB, blocks from other machines by their SHA-256), and each slot carries an
+xxh3-64 of its bytes, checked on every hit (~3 µs), so a damaged cache file is noticed and the block
+is read from its source again. The file is rebuilt
 empty each time a daemon starts; it holds nothing the store does not.
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import xxhash
@@ -51,6 +59,7 @@ class DecodedCache:
         self.misses = 0
         self.damaged = 0
         self.failed_writes = 0
+        self.refused = 0  # blocks offered while the hand found only slots in use
 
     def copy_many(self, wanted: list[tuple[bytes, memoryview]], nowait: bool = False) -> list[int]:
         """Copy each (digest, target) block into the start of its target; returns the positions in
@@ -110,18 +119,30 @@ class DecodedCache:
                         self.damaged += 1
                         self._forget(slot)
 
+    def get_many(self, ids: Sequence[bytes]) -> dict[bytes, bytes]:
+        """The cached blocks of ``ids``, each a copy of exactly its bytes."""
+        with self._lock:
+            lengths = {d: self._length[slot] for d in ids if (slot := self._index.get(d)) is not None}
+        buffers = {digest: bytearray(length) for digest, length in lengths.items()}
+        wanted = [(digest, memoryview(buffer)) for digest, buffer in buffers.items()]
+        lost = {wanted[position][0] for position in self.copy_many(wanted)}
+        return {digest: bytes(buffer) for digest, buffer in buffers.items() if digest not in lost}
+
     def put(self, digest: bytes, data: bytes | memoryview) -> None:
-        """Keep a block whose bytes were verified against ``digest``."""
+        """Keep a block whose bytes are those of ``digest``."""
         self.put_many([(digest, data)])
 
     def put_many(self, blocks: list[tuple[bytes, bytes | memoryview]]) -> None:
-        """Keep verified blocks, in consecutive slots where the clock allows: one read's blocks,
+        """Keep blocks, in consecutive slots where the clock allows: one read's blocks,
         put together, can then be read back together (see ``copy_many``)."""
         with self._lock:
             for digest, data in blocks:
                 if len(data) > self.slot_size or digest in self._index:
                     continue  # larger than a slot: not cached
                 slot = self._victim()
+                if slot is None:
+                    self.refused += 1
+                    continue
                 try:
                     os.pwrite(self._fd, data, slot * self.slot_size)
                 except OSError as err:  # a full disk must cost the cache, never the read
@@ -135,16 +156,16 @@ class DecodedCache:
                 self._check[slot] = xxhash.xxh3_64_intdigest(data)
                 self._used[slot] = 1
 
-    def _victim(self) -> int:
-        """The next slot without a recent use (CLOCK), emptied."""
-        while True:
-            slot = self._hand
-            self._hand = (slot + 1) % self.slots
-            if self._used[slot]:
-                self._used[slot] = 0
-                continue
-            self._forget(slot)
-            return slot
+    def _victim(self) -> int | None:
+        """The slot at the hand, emptied, if it was not used since the hand last passed; else None,
+        with its use cleared (one step of CLOCK's sweep per block offered)."""
+        slot = self._hand
+        self._hand = (slot + 1) % self.slots
+        if self._used[slot]:
+            self._used[slot] = 0
+            return None
+        self._forget(slot)
+        return slot
 
     def _forget(self, slot: int) -> None:
         old = self._digest[slot]

@@ -29,7 +29,10 @@ holds ~4 MiB while its client is slow to read (cachepoint/http/reader.py reads a
 RESPONSE_LIMITS.per_server are streamed at once, RESPONSE_LIMITS.per_peer per client address (over
 a limit: wait up to 5 s, then 503), and a client that takes nothing for 30 s loses its connection.
 
-There is no authentication yet: bind it to loopback unless the network is trusted.
+Without TLS the server listens on loopback only (``check_plaintext_listen``). With TLS
+(``serve --http-tls``, cachepoint/http/tls.py) every request is authenticated by a client certificate
+or a bearer token and checked against the route table of cachepoint/http/access.py (auth.py's
+middleware, before any handler: 401 and 403 are JSON in the shape above).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from cachepoint.errors import (
     InvalidInput,
     NotFound,
 )
+from cachepoint.http.auth import HttpTrust
 from cachepoint.http.objects import Resolver, Served
 from cachepoint.http.ranges import (
     ByteRange,
@@ -59,6 +63,7 @@ from cachepoint.http.ranges import (
     range_allowed,
 )
 from cachepoint.http.reader import read_range
+from cachepoint.http.tls import check_plaintext_listen
 from cachepoint.slots import SlotLimits, Slots, TooManyStreams
 from cachepoint.store import format as fmt
 from cachepoint.store.store import Store
@@ -72,6 +77,7 @@ READY_TIMEOUT = 5.0  # seconds a readiness probe waits for the store before answ
 SHUTDOWN_TIMEOUT = 2.0
 MAX_BODY = 64 * 1024  # no route reads a body; aiohttp's own default would allow 1 MiB
 RESPONSE_LIMITS = SlotLimits(per_server=16, per_peer=8, wait=5.0, stall=30.0)
+HTTP_TLS_OPTION = "--http-tls (config: http_tls = true)"
 
 STORE = web.AppKey("store", Store)
 RESOLVER = web.AppKey("resolver", Resolver)
@@ -258,11 +264,10 @@ async def stream(
     """Write each part's head and bytes. The first chunk is read before the headers go out, so a bad
     block there is still a 500 naming it; after that the status is sent, and a bad block can only
     cut the response short (the client sees fewer bytes than Content-Length) and is logged."""
-    store = request.app[STORE]
     slots = request.app[RESPONSES]
     peer = request.remote or "unknown"
     # Generators do nothing until iterated: only the part being written reads (and reads ahead).
-    readers = [read_range(store, served.placed, wanted) for _, wanted in parts]
+    readers = [read_range(served.source, served.placed, wanted) for _, wanted in parts]
     sent = 0
 
     async def write(data: bytes | bytearray | memoryview) -> None:
@@ -314,11 +319,19 @@ async def stream(
 # -- app and server ------------------------------------------------------------------------------
 
 
-def make_app(store: Store, response_limits: SlotLimits = RESPONSE_LIMITS) -> web.Application:
-    """The HTTP app over an open store; the caller owns the store and closes it after the app."""
-    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
+def make_app(
+    store: Store,
+    response_limits: SlotLimits = RESPONSE_LIMITS,
+    trust: HttpTrust | None = None,
+    resolver: Resolver | None = None,
+) -> web.Application:
+    """The HTTP app over an open store; the caller owns the store and closes it after the app.
+    ``trust``: every request authenticated and authorized first (None: plaintext, no checks).
+    ``resolver``: the daemon's, which reads through its decoded cache and knows its lazy attachments."""
+    middlewares = [errors_as_json] if trust is None else [errors_as_json, trust.middleware()]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[STORE] = store
-    app[RESOLVER] = Resolver(store)
+    app[RESOLVER] = resolver or Resolver(store)
     app[RESPONSES] = Slots("HTTP responses", response_limits)
     add_routes(app)
     return app
@@ -332,16 +345,23 @@ def _split_listen(listen: str) -> tuple[str, int]:
 
 
 async def start_http(
-    store: Store, listen: str, response_limits: SlotLimits = RESPONSE_LIMITS
+    store: Store,
+    listen: str,
+    response_limits: SlotLimits = RESPONSE_LIMITS,
+    trust: HttpTrust | None = None,
+    resolver: Resolver | None = None,
 ) -> tuple[web.AppRunner, str]:
     """Serve ``make_app(store)`` on HOST:PORT; returns the runner (``await runner.cleanup()`` stops
-    it, before the store is closed) and the bound "host:port" (the real port when 0 was asked)."""
+    it, before the store is closed) and the bound "host:port" (the real port when 0 was asked).
+    Without ``trust``, only on a loopback address (PlaintextOffLoopback, before binding)."""
     host, port = _split_listen(listen)
-    app = make_app(store, response_limits)
+    if trust is None:
+        check_plaintext_listen(listen, HTTP_TLS_OPTION)
+    app = make_app(store, response_limits, trust, resolver)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=trust.tls.context if trust else None)
         await site.start()
     except BaseException:
         await runner.cleanup()

@@ -4,6 +4,9 @@ Refs and tags are resolved on every request (tags move); everything derived from
 (the parsed manifest, a tree's path index, a composite disk) is immutable and kept in a small cache,
 because rebuilding it per request dominates small range requests: a 10 GiB disk of 64 KiB blocks has
 163,840 ids, and compositing a stack walks every id of every layer in Python.
+
+A ref this store does not hold but the daemon has attached lazily (`cachepoint attach os/x:tag`) is
+served from that attachment's version and block source: HTTP reads fetch through the fleet too.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
-from cachepoint.errors import InvalidInput, NotFound
+from cachepoint.blocksource import BlockSource, StoreSource
+from cachepoint.errors import InvalidInput, LayerNotFound, NotFound, RefNotFound
 from cachepoint.ids import Ref, validate_layer_name
 from cachepoint.layers.composite import composite_disks
 from cachepoint.layers.export import PlacedFile
@@ -26,6 +30,10 @@ CACHE_BYTES = 64 * 1024 * 1024
 _ENTRY_OVERHEAD = 256  # rough bytes of Python objects around one entry's packed ids
 
 V = TypeVar("V")
+
+# A ref's lazily attached version, its manifest and the source its disk reads through; None when the
+# daemon has no such attachment (cachepoint/disk/exports.py ``Disks.lazy_version``).
+Attached = Callable[[str], tuple[VersionInfo, Manifest, BlockSource] | None]
 
 
 class WrongKind(InvalidInput):
@@ -53,6 +61,8 @@ class Served:
     """Quoted strong entity tag: the bytes are a function of the manifest digests it is derived from."""
     resolved: str
     """The versions behind the URL (``os/win10@7``, or an image's stack), sent as Cachepoint-Ref."""
+    source: BlockSource
+    """Where the bytes come from."""
 
     @property
     def size(self) -> int:
@@ -106,9 +116,19 @@ class DerivedCache:
 class Resolver:
     """Blocking catalog look-ups for the HTTP handlers (run them in a worker thread)."""
 
-    def __init__(self, store: Store, cache: DerivedCache | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        cache: DerivedCache | None = None,
+        source: BlockSource | None = None,
+        attached: Attached | None = None,
+    ) -> None:
+        """``source``: where the store's blocks are read (default: the store itself; the daemon's:
+        through its decoded cache). ``attached``: lazily attached refs the store does not hold."""
         self._store = store
         self._cache = cache or DerivedCache()
+        self.source = source or StoreSource(store)
+        self._attached = attached
 
     def _manifest(self, digest: bytes) -> Manifest:
         return self._cache.get(
@@ -119,13 +139,23 @@ class Resolver:
         info = self._store.catalog.resolve(Ref.parse(ref))
         return info, self._manifest(info.manifest_digest)
 
+    def _served_version(self, ref: str) -> tuple[VersionInfo, Manifest, BlockSource]:
+        """A version of this store, else one the daemon attached lazily."""
+        try:
+            return (*self._version(ref), self.source)
+        except (LayerNotFound, RefNotFound):
+            found = self._attached(ref) if self._attached is not None else None
+            if found is None:
+                raise
+            return found
+
     def version_file(self, ref: str) -> Served:
         """The disk image of a single-file layer version."""
-        info, manifest = self._version(ref)
+        info, manifest, source = self._served_version(ref)
         if not manifest.single_file:
             raise WrongKind(info.ref, "a tree layer", "ask for one of its files under .../files/PATH")
         placed = PlacedFile(manifest.entries[0], manifest.block_size)
-        return Served(placed, f'"{info.manifest_digest.hex()}"', info.ref)
+        return Served(placed, f'"{info.manifest_digest.hex()}"', info.ref, source)
 
     def version_path(self, ref: str, path: str) -> Served:
         """A regular file of a tree layer version, found by its manifest path (never on a filesystem)."""
@@ -133,7 +163,7 @@ class Resolver:
             check_relative_path(path)
         except ValueError as err:
             raise InvalidPath(path, err) from err
-        info, manifest = self._version(ref)
+        info, manifest, source = self._served_version(ref)
         if manifest.single_file:
             raise WrongKind(info.ref, "a disk image layer", "ask for its bytes at .../file")
         index = self._cache.get(
@@ -145,7 +175,7 @@ class Resolver:
         if entry.type != EntryType.FILE:
             raise NotAFile(path, info.ref, entry.type.name.lower())
         etag = _etag(b"file", info.manifest_digest, path.encode())
-        return Served(PlacedFile(entry, manifest.block_size), etag, info.ref)
+        return Served(PlacedFile(entry, manifest.block_size), etag, info.ref, source)
 
     def image_disk(self, name: str) -> Served:
         """The composite disk of an image: each block from the topmost layer that has data there."""
@@ -161,4 +191,4 @@ class Resolver:
             ("disk", digests), lambda: composite_disks(stack), lambda p: _weight([p.entry])
         )
         resolved = " ".join(info.ref for info, _ in stack)
-        return Served(placed, _etag(b"image", *digests), resolved)
+        return Served(placed, _etag(b"image", *digests), resolved, self.source)

@@ -1,7 +1,8 @@
 """Export: write a version (or a composited image) back out, byte for byte, holes as holes.
 
-Worker threads fetch blocks, verify each against its id (zstd and SHA-256 release the GIL) and
-pwrite them; a hole is never written, the file is sized with ftruncate so it stays sparse.
+Worker threads read blocks from a source (cachepoint/blocksource: the store, by default), decode
+them (zstd releases the GIL) and pwrite them; a hole is never written, the file is sized with
+ftruncate so it stays sparse.
 Everything is written beside DEST and renamed into place once synced (``cachepoint.atomic``): a
 failed export leaves nothing behind, and what was at DEST (with ``force``) stays until the end.
 """
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cachepoint.atomic import new_file, new_tree
-from cachepoint.blocks import decode_verified
-from cachepoint.errors import BlockMissing, InvalidInput
-from cachepoint.ids import HOLE_DIGEST, BlockId
+from cachepoint.blocksource import BlockSource, as_source
+from cachepoint.blocksource.base import require
+from cachepoint.errors import InvalidInput
+from cachepoint.ids import HOLE_DIGEST
 from cachepoint.layers.source import WHITEOUT_PREFIX
 from cachepoint.model import EntryType, FileEntry, Manifest
 from cachepoint.store.store import Store
@@ -29,7 +31,8 @@ ProgressFn = Callable[[int, int], None]
 
 @dataclass(frozen=True, slots=True)
 class PlacedFile:
-    """A file to write: its entry and the block size its ids were cut with."""
+    """A file to write: its entry and the block size its ids were cut with (for content chunks, the
+    longest chunk: where each one lies is the entry's extent index, ``entry.span``)."""
 
     entry: FileEntry
     block_size: int
@@ -53,23 +56,27 @@ class ExportResult:
 
 def _jobs(fd: int, placed: PlacedFile) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
     per_job = max(1, JOB_BLOCKS_BYTES // placed.block_size)
-    blocks = [(i * placed.block_size, d) for i, d in enumerate(placed.entry.digests()) if d != HOLE_DIGEST]
+    entry, bs = placed.entry, placed.block_size
+    blocks = [(entry.span(i, bs)[0], d) for i, d in enumerate(entry.digests()) if d != HOLE_DIGEST]
     for start in range(0, len(blocks), per_job):
         yield fd, blocks[start : start + per_job]
 
 
+Reader = Store | BlockSource  # where blocks are read: a store reads its own
+
+
 class _Writer:
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, source: BlockSource) -> None:
+        self.source = source
 
     def write_job(self, job: tuple[int, list[tuple[int, bytes]]]) -> int:
         fd, blocks = job
-        values = self.store.blocks.raw_many([d for _, d in blocks])
+        ids = [d for _, d in blocks]
+        found = self.source.get_many(ids)
+        require(ids, found)
         written = 0
-        for (offset, digest), value in zip(blocks, values, strict=True):
-            if value is None:
-                raise BlockMissing(BlockId(digest))
-            data = decode_verified(digest, value)
+        for offset, digest in blocks:
+            data = found[digest]
             os.pwrite(fd, data, offset)
             written += len(data)
         return written
@@ -80,7 +87,7 @@ _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def write_files(
-    store: Store, targets: list[tuple[PlacedFile, Path]], progress: ProgressFn | None = None
+    store: Reader, targets: list[tuple[PlacedFile, Path]], progress: ProgressFn | None = None
 ) -> int:
     """Create each file (new: O_EXCL), write its blocks in parallel, give it its mode and mtime and
     sync it; returns the bytes written (holes excluded). At most OPEN_FILES are open at once."""
@@ -109,7 +116,7 @@ def _finish(target: tuple[PlacedFile, int]) -> None:
 
 
 def write_open_files(
-    store: Store,
+    store: Reader,
     targets: list[tuple[PlacedFile, int]],
     progress: ProgressFn | None = None,
     done: int = 0,
@@ -121,7 +128,7 @@ def write_open_files(
     ``done`` offsets the progress figures."""
     total = done + sum(p.entry.size for p, _ in targets)
     start = done
-    writer = _Writer(store)
+    writer = _Writer(as_source(store))
     pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="export")
     try:
         jobs = []
@@ -142,7 +149,7 @@ def write_open_files(
 
 
 def export_single(
-    store: Store,
+    store: Reader,
     placed: PlacedFile,
     dest: Path,
     progress: ProgressFn | None = None,
@@ -158,7 +165,7 @@ def export_single(
 
 
 def export_tree(
-    store: Store,
+    store: Reader,
     entries: list[PlacedFile],
     dest: Path,
     progress: ProgressFn | None = None,
@@ -175,7 +182,7 @@ def export_tree(
 
 
 def _build_tree(
-    store: Store, entries: list[PlacedFile], dest: Path, progress: ProgressFn | None
+    store: Reader, entries: list[PlacedFile], dest: Path, progress: ProgressFn | None
 ) -> tuple[list[tuple[PlacedFile, Path]], int]:
     directories = {""}
     files: list[tuple[PlacedFile, Path]] = []
@@ -222,7 +229,7 @@ def place(manifest: Manifest) -> list[PlacedFile]:
 
 
 def export_manifest(
-    store: Store,
+    store: Reader,
     manifest: Manifest,
     dest: Path,
     progress: ProgressFn | None = None,

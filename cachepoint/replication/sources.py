@@ -56,6 +56,9 @@ class Source:
     # A peer that holds another version than the one pulled (its parent): named in its requests, as a
     # peer with TLS answers only for blocks of a version it holds (block_access.py).
     holds: str = ""
+    # A site peer pulling the same version now: it holds only part of it, and is asked only for the
+    # blocks it fetches across the WAN for the site (cachepoint/replication/rendezvous.py).
+    puller: bool = False
     _channel: grpc.aio.Channel | None = None
 
     @property

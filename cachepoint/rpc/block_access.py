@@ -18,7 +18,8 @@ import grpc
 from cachepoint.errors import CachepointError
 from cachepoint.ids import Ref
 from cachepoint.store.store import Store
-from cachepoint.trust.principal import NotAPrincipal, Principal, principal_of_pem
+from cachepoint.trust.principal import NotAPrincipal, principal_of_pem
+from cachepoint.trust.reading import UsersOf, may_read_layer
 
 CACHED_IDS = 2_000_000  # ids kept in the cache at most, over all versions
 NOTHING: frozenset[bytes] = frozenset()
@@ -34,6 +35,17 @@ class VersionBlocks:
         self._lock = threading.Lock()
         self._sets: OrderedDict[tuple[str, int], frozenset[bytes]] = OrderedDict()
         self._held = 0
+        # Versions this node is pulling now, not yet in its catalog: its site peers pulling them too
+        # ask it for its share of their blocks (docs/design.md "Site fan-out").
+        self._pulling: dict[tuple[str, int], frozenset[bytes]] = {}
+
+    def pulling(self, layer: str, number: int, ids: frozenset[bytes] | None) -> None:
+        """Answer for ``layer@number``'s ``ids`` while it is being pulled here; None: no longer."""
+        with self._lock:
+            if ids is None:
+                self._pulling.pop((layer, number), None)
+            else:
+                self._pulling[(layer, number)] = ids
 
     def readable(self, version: str, may_read: Reader) -> frozenset[bytes]:
         """The ids of ``version`` ("LAYER@N" or "LAYER:TAG") when ``may_read`` allows its layer; else
@@ -44,6 +56,10 @@ class VersionBlocks:
             return NOTHING
         if not may_read(ref.layer):
             return NOTHING
+        with self._lock:
+            pulling = self._pulling.get((ref.layer, ref.number)) if ref.number is not None else None
+        if pulling is not None:
+            return pulling
         try:
             info = self.store.catalog.resolve(ref)
         except CachepointError:
@@ -68,24 +84,11 @@ class VersionBlocks:
         return ids
 
 
-def _peer_may_read(principal: Principal) -> Reader:
-    """At a node's peer port: os/ and app/ layers for every principal of the fleet; a user's layers
-    (user/NAME/...) for that user and auditors only. A node does not know which nodes a user is
-    assigned to, so those nodes fetch a user's blocks from the coordinator, which does."""
-
-    def may_read(layer: str) -> bool:
-        parts = layer.split("/")
-        if parts[0] != "user" or len(parts) < 2:
-            return True
-        return principal.has("auditor") or any(
-            r.kind == "user" and r.user == parts[1] for r in principal.roles
-        )
-
-    return may_read
-
-
-def peer_answers(blocks: VersionBlocks) -> Callable[[grpc.aio.ServicerContext, str], frozenset[bytes] | None]:
-    """BlockExchange's filter at a node's peer port; without TLS (no client certificate), every block."""
+def peer_answers(
+    blocks: VersionBlocks, users_of: UsersOf
+) -> Callable[[grpc.aio.ServicerContext, str], frozenset[bytes] | None]:
+    """BlockExchange's filter at a node's peer port, with the layer rule of cachepoint/trust/reading.py
+    and the assignments of the node's fleet view; without TLS (no client certificate), every block."""
 
     def answerable(context: grpc.aio.ServicerContext, version: str) -> frozenset[bytes] | None:
         pems = (context.auth_context() or {}).get("x509_pem_cert") or []
@@ -95,6 +98,6 @@ def peer_answers(blocks: VersionBlocks) -> Callable[[grpc.aio.ServicerContext, s
             principal = principal_of_pem(pems[0])
         except (NotAPrincipal, ValueError):
             return NOTHING
-        return blocks.readable(version, _peer_may_read(principal))
+        return blocks.readable(version, lambda layer: may_read_layer(principal, layer, users_of))
 
     return answerable

@@ -1,4 +1,9 @@
-"""BlockExchange over a local store: every node serves its blocks; only an origin takes pushes."""
+"""BlockExchange over a local store: every node serves its blocks; only an origin takes pushes.
+
+FetchBlocks answers from a block source (cachepoint/blocksource; the store's by default) with stored
+values as they are: the caller verifies each block against its id as it arrives, so the server does
+not hash. Which ids a caller may learn of is decided before the source is asked (``answerable``,
+cachepoint/rpc/block_access.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 
 from cachepoint.blocks import decode_verified, size_problem
+from cachepoint.blocksource import BlockSource, StoreSource
 from cachepoint.errors import BlockCorrupt, InvalidInput
 from cachepoint.ids import DIGEST_SIZE, BlockId, unpack_ids
 from cachepoint.rpc.channel import BATCH_BYTES, MAX_FETCH_IDS, MAX_HAS_IDS
@@ -67,8 +73,11 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
         accepts_pushes: bool,
         fetch_limits: SlotLimits,
         answerable: Answerable = answer_all,
+        source: BlockSource | None = None,
     ) -> None:
+        """``source``: what FetchBlocks serves (default: the store's own blocks)."""
         self.store = store
+        self.source = source or StoreSource(store)
         self.counters = counters
         self.accepts_pushes = accepts_pushes
         self.fetches = StreamSlots("FetchBlocks", fetch_limits)
@@ -106,8 +115,9 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
         size = 0
         for start in range(0, len(ids), READ_CHUNK):
             chunk = ids[start : start + READ_CHUNK]
-            values = await asyncio.to_thread(self.store.blocks.raw_many, chunk)
-            for digest, value in zip(chunk, values, strict=True):
+            values = await asyncio.to_thread(self.source.stored_many, chunk)
+            for digest in chunk:
+                value = values.get(digest)
                 if value is None:
                     continue  # not held here: left out, the caller asks elsewhere
                 batch.blocks.append(stored_block_to_pb(digest, value))

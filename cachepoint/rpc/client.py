@@ -10,10 +10,12 @@ from cachepoint.errors import (
     IntegrityFailure,
     InvalidInput,
     NotFound,
+    RemoteOutOfSpace,
     RemoteRefused,
     Unreachable,
 )
 from cachepoint.rpc import channel
+from cachepoint.rpc.errors import OUT_OF_SPACE_TRAILER
 
 UNARY_DEADLINE = 30.0  # seconds: a catalog call that takes longer is a sick server, not a slow one
 
@@ -32,6 +34,11 @@ def _tls_hint(code: grpc.StatusCode, details: str) -> str:
     )
 
 
+def _trailers(err: grpc.RpcError) -> set[tuple[str, str]]:
+    trailing = err.trailing_metadata() if isinstance(err, grpc.aio.AioRpcError | grpc.Call) else None
+    return {(str(key), str(value)) for key, value in trailing or ()}
+
+
 def from_rpc_error(err: grpc.RpcError, address: str) -> CachepointError:
     code = err.code() if isinstance(err, grpc.aio.AioRpcError | grpc.Call) else grpc.StatusCode.UNKNOWN
     details = err.details() if isinstance(err, grpc.aio.AioRpcError | grpc.Call) else str(err)
@@ -45,4 +52,6 @@ def from_rpc_error(err: grpc.RpcError, address: str) -> CachepointError:
         return AlreadyExists(f"{address}: {details}")
     if code == grpc.StatusCode.DATA_LOSS:  # the remote found damage in what it holds
         return IntegrityFailure(f"{address}: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and OUT_OF_SPACE_TRAILER in _trailers(err):
+        return RemoteOutOfSpace(address, code.name, details)
     return RemoteRefused(address, code.name, details)

@@ -7,7 +7,8 @@
 | NotFound (layer, version, tag, manifest, block) | NOT_FOUND |
 | MissingBlocks (a commit naming blocks the node lacks), PreconditionFailed | FAILED_PRECONDITION |
 | NotAnOrigin (pushing to a node that does not take pushes) | PERMISSION_DENIED |
-| OutOfSpace, TooManyStreams (a peer or the node at its limit of streams) | RESOURCE_EXHAUSTED |
+| OutOfSpace (with the trailer OUT_OF_SPACE_TRAILER), TooManyStreams (a peer or the node at its limit
+of streams) | RESOURCE_EXHAUSTED |
 | PeerStalled (a caller that read nothing of a stream for its stall time) | DEADLINE_EXCEEDED |
 | BlockCorrupt, BlockUnreadable, IntegrityFailure (e.g. an unreadable audit record) | DATA_LOSS |
 | CatalogUnreadable (a GC that cannot prove it read the catalog), RecordsUnreadable, StoreDamaged |
@@ -43,6 +44,10 @@ from cachepoint.errors import (
 from cachepoint.slots import TooManyStreams
 
 log = logging.getLogger("cachepoint.rpc")
+
+# RESOURCE_EXHAUSTED means both "no disk space" and "too many streams"; this trailer tells the caller
+# which, so its command exits 7 (out of space) and not 10 (refused). See cachepoint/rpc/client.py.
+OUT_OF_SPACE_TRAILER = ("cachepoint-error", "out-of-space")
 
 
 class MissingBlocks(CachepointError):
@@ -93,7 +98,8 @@ async def _abort(context: grpc.aio.ServicerContext, err: BaseException, name: st
     code = status_for(err)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("%s failed", name)
-    await context.abort(code, str(err) or type(err).__name__)
+    trailer = (OUT_OF_SPACE_TRAILER,) if isinstance(err, OutOfSpace) else ()
+    await context.abort(code, str(err) or type(err).__name__, trailing_metadata=trailer)
 
 
 def rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:

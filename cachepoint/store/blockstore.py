@@ -1,4 +1,7 @@
-"""Blocks in the store: presence, staged writes, verified reads, sizes."""
+"""Blocks in the store: presence, staged writes, raw reads, sizes.
+
+Readers get plain blocks through cachepoint/blocksource (``StoreSource``: decoded, not hashed: blocks
+are verified once, on their way in). ``read`` hashes on purpose, for the checks that look for rot."""
 
 from __future__ import annotations
 
@@ -70,6 +73,7 @@ class BlockStore:
             return [self.raw(digest) for digest in digests]
 
     def read(self, digest: bytes) -> bytes:
+        """One block, decoded and checked against its id (SHA-256): for checks (heal), not readers."""
         value = self.raw(digest)
         if value is None:
             raise BlockMissing(BlockId(digest))

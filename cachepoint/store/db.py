@@ -35,6 +35,10 @@ KEEP_INFO_LOGS = 8
 def _options(for_blocks: bool = False) -> rocksdict.Options:
     options = rocksdict.Options(raw_mode=True)
     options.set_compression_type(rocksdict.DBCompressionType.none())
+    # RocksDB's defaults, stated because reads rely on them: every SST block read is checked against
+    # its CRC (ReadOptions.verify_checksums) and damage found at open or in compaction stops the
+    # database (paranoid checks). Local block reads do not hash again (cachepoint/blocksource).
+    options.set_paranoid_checks(True)
     # Every writable open starts a new info LOG (~200 KiB: it lists every family's options) and keeps
     # the old one; RocksDB keeps 1000 by default, a quarter of a GiB for a store written by commands.
     options.set_keep_log_file_num(KEEP_INFO_LOGS)
@@ -259,9 +263,10 @@ class StoreDB:
             # database holds now (every record read with checks; a damaged catalog cannot be copied).
             journal.checkpoint(self.journaled_state(), db_seq)
             self.journal = journal
+            self._note_journal_end()
             return
         try:
-            tail = jr.read_tail(journal.path, store_id, after_seq=db_seq)
+            tail = jr.read_tail(journal.path, store_id, after_seq=db_seq, resume=self._journal_end())
         except jr.JournalError as err:
             raise StoreDamaged(self.root, str(err)) from err
         journal.open(max(tail.last_seq, db_seq), tail.torn_at)
@@ -279,6 +284,25 @@ class StoreDB:
             batch.inner.put(fmt.META_JOURNAL_SEQ, fmt.u64(seq), self.handle[fmt.CF_META])
             self.write_unjournaled(batch.inner, sync=True, wal=True)
             log.warning("store %s: applied journal record %d that the database lacked", self.root, seq)
+        self._note_journal_end()
+
+    def _journal_end(self) -> tuple[int, int] | None:
+        raw = self.get(fmt.CF_META, fmt.META_JOURNAL_END)
+        if raw is None or len(raw) != 16:
+            return None
+        return fmt.read_u64(raw[:8]), fmt.read_u64(raw[8:])
+
+    def _note_journal_end(self) -> None:
+        """Record where the journal ends when the database is level with it and the record says
+        otherwise (a checkpoint replaced the file, a roll-forward, a store older than the record), so
+        that the next open scans only what comes after."""
+        if self.journal is None or self.journal.last_seq != self.journal_seq():
+            return
+        position = self.journal.position()
+        if self._journal_end() != position:
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            batch.put(fmt.META_JOURNAL_END, _position_bytes(position), self.handle[fmt.CF_META])
+            self.write_unjournaled(batch, sync=True, wal=True)
 
     def checkpoint_journal(self) -> None:
         """Rewrite the journal as one snapshot of the journaled families (after deletions that must not
@@ -287,6 +311,7 @@ class StoreDB:
             self.journal = jr.Journal(self.root, self.meta(fmt.META_STORE_ID) or b"")
         with self.journal.lock:
             self.journal.checkpoint(self.journaled_state(), self.journal_seq())
+            self._note_journal_end()
 
     def journaled_state(self) -> dict[str, dict[bytes, bytes]]:
         """Every journaled family as the database holds it (checked reads: raises when it cannot)."""
@@ -320,6 +345,8 @@ class StoreDB:
                     raise OutOfSpace(self.root, f"catalog journal: {err}") from err
                 raise
             batch.inner.put(fmt.META_JOURNAL_SEQ, fmt.u64(seq), self.handle[fmt.CF_META])
+            end = _position_bytes(journal.position())
+            batch.inner.put(fmt.META_JOURNAL_END, end, self.handle[fmt.CF_META])
             try:
                 self.write_unjournaled(batch.inner, sync=True, wal=True)
             except BaseException:
@@ -437,3 +464,7 @@ class StoreDB:
             self.db.close()
         except Exception:  # closing twice or after a failed open is harmless
             pass
+
+
+def _position_bytes(position: tuple[int, int]) -> bytes:
+    return fmt.u64(position[0]) + fmt.u64(position[1])

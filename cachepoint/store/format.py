@@ -115,6 +115,10 @@ META_FORMAT_VERSION = b"format_version"
 META_STORE_ID = b"store_id"
 META_PREFILTER_SEED = b"prefilter_seed"
 META_JOURNAL_SEQ = b"journal_seq"
+# Where the journal record after ``journal_seq`` starts: (journal file's inode u64, offset u64). A
+# writable open scans the journal from there instead of from its start; the inode tells a checkpoint's
+# new file (whose offsets differ) from the file the offset was taken in.
+META_JOURNAL_END = b"journal_end"
 
 # Families whose every write is also appended to the catalog journal (cachepoint/store/journal.py),
 # so that repair can rebuild them. The others are bulk data (blocks: verified by their ids and
@@ -140,7 +144,7 @@ JOURNALED_FAMILIES = frozenset(
 META_SCRUB = b"scrub"
 # Meta keys that are the database's own bookkeeping, not catalog content (the scrub record is
 # rewritten every few seconds while a scrub runs: journaling it would cost an fsync each time).
-UNJOURNALED_META = frozenset({META_JOURNAL_SEQ, META_SCRUB})
+UNJOURNALED_META = frozenset({META_JOURNAL_SEQ, META_JOURNAL_END, META_SCRUB})
 
 SEP = b"\x00"
 PREFILTER_DIGEST_SIZE = 16

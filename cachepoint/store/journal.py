@@ -35,6 +35,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import xxhash
 
@@ -232,20 +233,57 @@ class JournalTail:
     torn_at: int | None = None  # where an unfinished last record starts (a crash while appending)
 
 
-def read_tail(path: Path, store_id: bytes, after_seq: int) -> JournalTail:
+def read_tail(
+    path: Path, store_id: bytes, after_seq: int, resume: tuple[int, int] | None = None
+) -> JournalTail:
     """The journal's last seq and the batch records past ``after_seq``, for a writable open. Checks
-    every record (xxh3 runs at memory speed) but decodes only those it returns."""
+    every record it reads (xxh3 runs at memory speed) but decodes only those it returns.
+
+    ``resume`` (inode, offset): where the record after ``after_seq`` starts, as the database recorded
+    it. The scan then starts there, so an open costs what was appended since the last database write,
+    not the whole journal; when the offset does not fit this file (a checkpoint replaced it, damage),
+    the whole file is read."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            header = f.read(HEADER_SIZE)
+            if len(header) == HEADER_SIZE and header.startswith(HEADER_MAGIC):
+                if header[len(HEADER_MAGIC) :] != store_id:
+                    raise JournalError(f"{path} belongs to another store")
+            tail = _tail_from(f, resume, after_seq) if resume is not None else None
+            if tail is None:
+                f.seek(0)
+                tail = _scan_tail(f.read(), HEADER_SIZE, 0, after_seq)
     except OSError as err:
         raise JournalError(f"cannot read {path}: {err}") from err
-    if len(data) >= HEADER_SIZE and data.startswith(HEADER_MAGIC):
-        if data[len(HEADER_MAGIC) : HEADER_SIZE] != store_id:
-            raise JournalError(f"{path} belongs to another store")
+    return tail
+
+
+def _tail_from(f: BinaryIO, resume: tuple[int, int], after_seq: int) -> JournalTail | None:
+    """The tail read from the recorded offset, or None when that offset cannot be trusted."""
+    inode, offset = resume
+    stat = os.fstat(f.fileno())
+    if stat.st_ino != inode or not HEADER_SIZE <= offset <= stat.st_size:
+        return None
+    f.seek(offset)
+    data = f.read()
+    if data:
+        first = next(scan_records(data, 0))
+        # The next record must start exactly there and be the one after the database's.
+        if isinstance(first, Damage) and first.offset == 0 and not first.torn:
+            return None
+        if not isinstance(first, Damage) and first[1] != after_seq + 1:
+            return None
+    tail = _scan_tail(data, 0, offset, after_seq)
+    tail.last_seq = max(tail.last_seq, after_seq)
+    return tail
+
+
+def _scan_tail(data: bytes, start: int, base: int, after_seq: int) -> JournalTail:
+    """``data`` is the file from offset ``base`` on; offsets in the result are the file's."""
     tail = JournalTail()
-    for item in scan_records(data, HEADER_SIZE):
+    for item in scan_records(data, start):
         if isinstance(item, Damage):
-            tail.torn_at = item.offset if item.torn else None
+            tail.torn_at = base + item.offset if item.torn else None
             continue
         tail.torn_at = None
         _, seq, kind, ops = item
@@ -293,6 +331,11 @@ class Journal:
             raise
         self.last_seq = seq
         return seq, before
+
+    def position(self) -> tuple[int, int]:
+        """(inode, size) of the journal file: after an append, where the next record will start."""
+        stat = os.fstat(self._fd)
+        return stat.st_ino, stat.st_size
 
     def undo(self, seq: int, size_before: int) -> None:
         """Take back the last record: its database write failed, so the batch never happened."""

@@ -78,10 +78,12 @@ async def enroll(coordinator: str, token: JoinToken, directory: Path) -> Identit
             response = await enrollment_pb2_grpc.EnrollmentStub(ch).Enroll(request, timeout=UNARY_DEADLINE)
         except grpc.RpcError as err:
             raise from_rpc_error(err, address) from err
-    if response.ca_certificate_pem.strip() != ca_pem.strip():
-        raise RemoteRefused(address, "TLS", "the CA certificate it returned is not the one it presented")
+    if ca_pem.strip() not in response.ca_certificate_pem:
+        raise RemoteRefused(address, "TLS", "the CA certificates it returned lack the one it presented")
     try:
-        return Identity.save(directory, key_pem(key), response.certificate_pem, ca_pem)
+        # The bundle it returned, fetched over TLS verified against the pinned CA: during a rotation
+        # of the fleet's CA, the new CA and the old one (coordinator/pki/rotation.py).
+        return Identity.save(directory, key_pem(key), response.certificate_pem, response.ca_certificate_pem)
     except ValueError as err:
         raise InvalidInput(f"the certificate {address} issued is unusable: {err}") from err
 
@@ -97,4 +99,6 @@ async def renew(identity: Identity, coordinator: str) -> None:
             response = await enrollment_pb2_grpc.EnrollmentStub(ch).Renew(request, timeout=UNARY_DEADLINE)
         except grpc.RpcError as err:
             raise from_rpc_error(err, coordinator) from err
-    identity.replace(key_pem(key), response.certificate_pem)
+    # With the trust bundle it hands out: after a rotation of the fleet's CA, a renewal moves this
+    # identity onto the new CA and makes it trust both until the old one is retired.
+    identity.replace(key_pem(key), response.certificate_pem, response.ca_certificate_pem or None)

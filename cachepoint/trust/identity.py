@@ -117,10 +117,18 @@ class Identity:
         (self.directory / (KEY_FILE + ".new")).replace(self.directory / KEY_FILE)
         (self.directory / (CERT_FILE + ".new")).replace(self.directory / CERT_FILE)
 
-    def replace(self, key: bytes, cert: bytes) -> None:
-        """A renewed pair: written, then served and presented from now on."""
-        Identity(self.directory, key, cert, self.ca_pem)._write()  # parsed first: a bad one is refused
-        self._set(key, cert, self.ca_pem)
+    def replace(self, key: bytes, cert: bytes, ca: bytes | None = None) -> None:
+        """A renewed pair (and, when given, the CA certificates to trust from now on): written, then
+        served and presented from now on."""
+        ca = ca or self.ca_pem
+        Identity(self.directory, key, cert, ca)._write()  # parsed first: a bad one is refused
+        self._set(key, cert, ca)
+
+    def current(self) -> tuple[int, bytes, bytes]:
+        """(generation, key PEM, certificate PEM), one consistent pair: what an HTTP server with TLS
+        serves (cachepoint/http/tls.py), the renewed pair from the handshake after a renewal."""
+        with self._lock:
+            return self.generation, self.key_pem, self.cert_pem
 
     # -- lifetime ----------------------------------------------------------------------------------
 

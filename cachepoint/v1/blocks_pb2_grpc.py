@@ -31,6 +31,12 @@ class BlockExchangeStub:
     RESOURCE_EXHAUSTED for an oversized message, and for a ninth FetchBlocks or PushBlocks stream at
     once from one peer address (trailing metadata "cachepoint-busy": ask again later);
     PERMISSION_DENIED for PushBlocks to a node that is not an origin.
+    With mutual TLS (README "Who may do what"): a call without a current client certificate of the
+    fleet's CA (none, another CA's, an expired one) is refused in the TLS handshake, which the client
+    sees as UNAVAILABLE (gRPC's Python server cannot ask for a client certificate without requiring
+    it); a revoked principal, or a call the authorization table does not allow, gets PERMISSION_DENIED
+    naming the principal, the method and the rule.
+    HasBlocks and FetchBlocks answer only for blocks of the version named, when the caller may read it.
     """
 
     def __init__(self, channel):
@@ -62,6 +68,12 @@ class BlockExchangeServicer:
     RESOURCE_EXHAUSTED for an oversized message, and for a ninth FetchBlocks or PushBlocks stream at
     once from one peer address (trailing metadata "cachepoint-busy": ask again later);
     PERMISSION_DENIED for PushBlocks to a node that is not an origin.
+    With mutual TLS (README "Who may do what"): a call without a current client certificate of the
+    fleet's CA (none, another CA's, an expired one) is refused in the TLS handshake, which the client
+    sees as UNAVAILABLE (gRPC's Python server cannot ask for a client certificate without requiring
+    it); a revoked principal, or a call the authorization table does not allow, gets PERMISSION_DENIED
+    naming the principal, the method and the rule.
+    HasBlocks and FetchBlocks answer only for blocks of the version named, when the caller may read it.
     """
 
     def HasBlocks(self, request, context):
@@ -115,6 +127,12 @@ class BlockExchange:
     RESOURCE_EXHAUSTED for an oversized message, and for a ninth FetchBlocks or PushBlocks stream at
     once from one peer address (trailing metadata "cachepoint-busy": ask again later);
     PERMISSION_DENIED for PushBlocks to a node that is not an origin.
+    With mutual TLS (README "Who may do what"): a call without a current client certificate of the
+    fleet's CA (none, another CA's, an expired one) is refused in the TLS handshake, which the client
+    sees as UNAVAILABLE (gRPC's Python server cannot ask for a client certificate without requiring
+    it); a revoked principal, or a call the authorization table does not allow, gets PERMISSION_DENIED
+    naming the principal, the method and the rule.
+    HasBlocks and FetchBlocks answer only for blocks of the version named, when the caller may read it.
     """
 
     @staticmethod

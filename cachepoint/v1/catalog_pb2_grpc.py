@@ -31,6 +31,14 @@ class CatalogStub:
     unknown layer, version, tag or manifest; FAILED_PRECONDITION for a commit naming blocks the
     coordinator lacks (the message says how many and names the first); OUT_OF_RANGE for a Watch
     position that is ahead of the log.
+    With mutual TLS (README "Who may do what"): a call without a current client certificate of the
+    fleet's CA (none, another CA's, an expired one) is refused in the TLS handshake, which the client
+    sees as UNAVAILABLE (gRPC's Python server cannot ask for a client certificate without requiring
+    it); a revoked principal, or a call the authorization table does not allow, gets PERMISSION_DENIED
+    naming the principal, the method and the rule.
+    GetManifest of a manifest that no version the caller may read references is NOT_FOUND, exactly as
+    for a digest that is not there; ListLayers and Watch name only layers the caller may read. A node's
+    peer port serves the reads only (Commit, SetTag, Watch: PERMISSION_DENIED with TLS).
     """
 
     def __init__(self, channel):
@@ -81,6 +89,14 @@ class CatalogServicer:
     unknown layer, version, tag or manifest; FAILED_PRECONDITION for a commit naming blocks the
     coordinator lacks (the message says how many and names the first); OUT_OF_RANGE for a Watch
     position that is ahead of the log.
+    With mutual TLS (README "Who may do what"): a call without a current client certificate of the
+    fleet's CA (none, another CA's, an expired one) is refused in the TLS handshake, which the client
+    sees as UNAVAILABLE (gRPC's Python server cannot ask for a client certificate without requiring
+    it); a revoked principal, or a call the authorization table does not allow, gets PERMISSION_DENIED
+    naming the principal, the method and the rule.
+    GetManifest of a manifest that no version the caller may read references is NOT_FOUND, exactly as
+    for a digest that is not there; ListLayers and Watch name only layers the caller may read. A node's
+    peer port serves the reads only (Commit, SetTag, Watch: PERMISSION_DENIED with TLS).
     """
 
     def Resolve(self, request, context):
@@ -179,6 +195,14 @@ class Catalog:
     unknown layer, version, tag or manifest; FAILED_PRECONDITION for a commit naming blocks the
     coordinator lacks (the message says how many and names the first); OUT_OF_RANGE for a Watch
     position that is ahead of the log.
+    With mutual TLS (README "Who may do what"): a call without a current client certificate of the
+    fleet's CA (none, another CA's, an expired one) is refused in the TLS handshake, which the client
+    sees as UNAVAILABLE (gRPC's Python server cannot ask for a client certificate without requiring
+    it); a revoked principal, or a call the authorization table does not allow, gets PERMISSION_DENIED
+    naming the principal, the method and the rule.
+    GetManifest of a manifest that no version the caller may read references is NOT_FOUND, exactly as
+    for a digest that is not there; ListLayers and Watch name only layers the caller may read. A node's
+    peer port serves the reads only (Commit, SetTag, Watch: PERMISSION_DENIED with TLS).
     """
 
     @staticmethod

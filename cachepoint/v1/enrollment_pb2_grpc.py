@@ -58,7 +58,8 @@ class EnrollmentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Renew(self, request, context):
-        """On the main port (mutual TLS): a fresh certificate for the caller, for a new key.
+        """On the main port (mutual TLS): a fresh certificate for the caller, for a new key. Without a
+        current certificate of the fleet's CA the TLS handshake fails: UNAVAILABLE at the client.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

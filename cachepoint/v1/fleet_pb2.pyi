@@ -39,31 +39,57 @@ class HeartbeatRequest(_message.Message):
     load: int
     def __init__(self, node_id: _Optional[str] = ..., complete: _Optional[_Iterable[_Union[_version_pb2.Ref, _Mapping]]] = ..., load: _Optional[int] = ...) -> None: ...
 
+class Revocation(_message.Message):
+    __slots__ = ("name", "revoked_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    revoked_at: float
+    def __init__(self, name: _Optional[str] = ..., revoked_at: _Optional[float] = ...) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("node_id", "users")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    users: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., users: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class HeartbeatResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("trust_view", "revoked", "assignments")
+    TRUST_VIEW_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    trust_view: bool
+    revoked: _containers.RepeatedCompositeFieldContainer[Revocation]
+    assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
+    def __init__(self, trust_view: _Optional[bool] = ..., revoked: _Optional[_Iterable[_Union[Revocation, _Mapping]]] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
 
 class FindPeersRequest(_message.Message):
-    __slots__ = ("requester_id", "version", "block_ids", "limit")
+    __slots__ = ("requester_id", "version", "block_ids", "limit", "pulling")
     REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PULLING_FIELD_NUMBER: _ClassVar[int]
     requester_id: str
     version: _version_pb2.Ref
     block_ids: bytes
     limit: int
-    def __init__(self, requester_id: _Optional[str] = ..., version: _Optional[_Union[_version_pb2.Ref, _Mapping]] = ..., block_ids: _Optional[bytes] = ..., limit: _Optional[int] = ...) -> None: ...
+    pulling: bool
+    def __init__(self, requester_id: _Optional[str] = ..., version: _Optional[_Union[_version_pb2.Ref, _Mapping]] = ..., block_ids: _Optional[bytes] = ..., limit: _Optional[int] = ..., pulling: _Optional[bool] = ...) -> None: ...
 
 class Peer(_message.Message):
-    __slots__ = ("node", "same_site", "load")
+    __slots__ = ("node", "same_site", "load", "pulling")
     NODE_FIELD_NUMBER: _ClassVar[int]
     SAME_SITE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    PULLING_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
     same_site: bool
     load: int
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., same_site: _Optional[bool] = ..., load: _Optional[int] = ...) -> None: ...
+    pulling: bool
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., same_site: _Optional[bool] = ..., load: _Optional[int] = ..., pulling: _Optional[bool] = ...) -> None: ...
 
 class FindPeersResponse(_message.Message):
     __slots__ = ("peers",)

@@ -28,6 +28,12 @@ if _version_not_supported:
 class FleetStub:
     """Status codes: INVALID_ARGUMENT for a registration without node id, site or address; NOT_FOUND for
     a heartbeat from a node the coordinator does not know (it registers again).
+    With mutual TLS (README "Who may do what"): PERMISSION_DENIED for Register or Heartbeat under a
+    node id other than the one the caller's certificate names (audited); FindPeers and ListNodes show a
+    caller only holdings of layers it may read (admins and auditors see all, and assignments). A call
+    without a client certificate of the fleet's CA, or with an expired one, is refused in the TLS
+    handshake: the client sees UNAVAILABLE (gRPC's Python server cannot ask for a client certificate
+    without requiring it); a revoked principal gets PERMISSION_DENIED.
     """
 
     def __init__(self, channel):
@@ -61,6 +67,12 @@ class FleetStub:
 class FleetServicer:
     """Status codes: INVALID_ARGUMENT for a registration without node id, site or address; NOT_FOUND for
     a heartbeat from a node the coordinator does not know (it registers again).
+    With mutual TLS (README "Who may do what"): PERMISSION_DENIED for Register or Heartbeat under a
+    node id other than the one the caller's certificate names (audited); FindPeers and ListNodes show a
+    caller only holdings of layers it may read (admins and auditors see all, and assignments). A call
+    without a client certificate of the fleet's CA, or with an expired one, is refused in the TLS
+    handshake: the client sees UNAVAILABLE (gRPC's Python server cannot ask for a client certificate
+    without requiring it); a revoked principal gets PERMISSION_DENIED.
     """
 
     def Register(self, request, context):
@@ -121,6 +133,12 @@ def add_FleetServicer_to_server(servicer, server):
 class Fleet:
     """Status codes: INVALID_ARGUMENT for a registration without node id, site or address; NOT_FOUND for
     a heartbeat from a node the coordinator does not know (it registers again).
+    With mutual TLS (README "Who may do what"): PERMISSION_DENIED for Register or Heartbeat under a
+    node id other than the one the caller's certificate names (audited); FindPeers and ListNodes show a
+    caller only holdings of layers it may read (admins and auditors see all, and assignments). A call
+    without a client certificate of the fleet's CA, or with an expired one, is refused in the TLS
+    handshake: the client sees UNAVAILABLE (gRPC's Python server cannot ask for a client certificate
+    without requiring it); a revoked principal gets PERMISSION_DENIED.
     """
 
     @staticmethod

@@ -30,6 +30,11 @@ class HistoryStub:
     or reason (the message names the field and its limit); NOT_FOUND for a user without layers, a
     path no version holds, no version at the time asked, or releasing a user that is not on hold;
     ALREADY_EXISTS for holding a user already on hold (the message says who set it and when).
+    With mutual TLS (README "Who may do what"): a call without a current client certificate of the
+    fleet's CA (none, another CA's, an expired one) is refused in the TLS handshake, which the client
+    sees as UNAVAILABLE (gRPC's Python server cannot ask for a client certificate without requiring
+    it); a revoked principal, or a call the authorization table does not allow, gets PERMISSION_DENIED
+    naming the principal, the method and the rule.
     """
 
     def __init__(self, channel):
@@ -100,6 +105,11 @@ class HistoryServicer:
     or reason (the message names the field and its limit); NOT_FOUND for a user without layers, a
     path no version holds, no version at the time asked, or releasing a user that is not on hold;
     ALREADY_EXISTS for holding a user already on hold (the message says who set it and when).
+    With mutual TLS (README "Who may do what"): a call without a current client certificate of the
+    fleet's CA (none, another CA's, an expired one) is refused in the TLS handshake, which the client
+    sees as UNAVAILABLE (gRPC's Python server cannot ask for a client certificate without requiring
+    it); a revoked principal, or a call the authorization table does not allow, gets PERMISSION_DENIED
+    naming the principal, the method and the rule.
     """
 
     def Timeline(self, request, context):
@@ -239,6 +249,11 @@ class History:
     or reason (the message names the field and its limit); NOT_FOUND for a user without layers, a
     path no version holds, no version at the time asked, or releasing a user that is not on hold;
     ALREADY_EXISTS for holding a user already on hold (the message says who set it and when).
+    With mutual TLS (README "Who may do what"): a call without a current client certificate of the
+    fleet's CA (none, another CA's, an expired one) is refused in the TLS handshake, which the client
+    sees as UNAVAILABLE (gRPC's Python server cannot ask for a client certificate without requiring
+    it); a revoked principal, or a call the authorization table does not allow, gets PERMISSION_DENIED
+    naming the principal, the method and the rule.
     """
 
     @staticmethod

@@ -42,8 +42,7 @@ class CatalogService(CatalogReadService):
         reader: LayerReader = lambda context: None,
     ) -> None:
         """``reader``: which layers a call may see in listings (coordinator/authz.py layer_reader)."""
-        super().__init__(store)
-        self.reader = reader
+        super().__init__(store, reader)
         self.events = events
         self.audit = audit
         # Version numbers and event positions are handed out in order; holds and the history GC take
@@ -199,16 +198,6 @@ class CatalogService(CatalogReadService):
             )
         await self.events.published()
         return moved
-
-    @rpc_errors
-    async def ListLayers(  # noqa: N802
-        self, request: catalog_pb2.ListLayersRequest, context: grpc.aio.ServicerContext
-    ) -> catalog_pb2.ListLayersResponse:
-        response = await super().ListLayers(request, context)
-        may_read = self.reader(context)
-        if may_read is None:
-            return response
-        return catalog_pb2.ListLayersResponse(layers=[s for s in response.layers if may_read(s.name)])
 
     @rpc_errors
     async def Watch(  # noqa: N802

@@ -14,44 +14,40 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from cachepoint.blocks import decode_verified
-from cachepoint.errors import BlockMissing
-from cachepoint.ids import HOLE_DIGEST, BlockId
+from cachepoint.blocksource import BlockSource, as_source
+from cachepoint.blocksource.base import require
+from cachepoint.ids import HOLE_DIGEST
 from cachepoint.model import FileEntry
 from cachepoint.store.store import Store
 
-READ_BATCH = 16  # blocks fetched from the store per call
+READ_BATCH = 16  # blocks asked of the source per call
 CHUNK_BYTES = 1024 * 1024  # what a reader yields at a time (and what travels per message)
 CACHE_ENTRIES = 65_536  # ~100 bytes each
 
 
 def content_key(entry: FileEntry, block_size: int) -> bytes:
     """Equal keys mean equal bytes (the same blocks, in the same order, cut at the same size)."""
-    return hashlib.sha256(struct.pack(">IQ", block_size, entry.size) + entry.blocks).digest()
+    return hashlib.sha256(struct.pack(">IQ", block_size, entry.size) + entry.blocks + entry.extents).digest()
 
 
 class FileReader:
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, source: Store | BlockSource) -> None:
+        self.source = as_source(source)
         self._digests: OrderedDict[bytes, str] = OrderedDict()
         self._lock = threading.Lock()
 
     def blocks(self, entry: FileEntry, block_size: int) -> Iterator[bytes]:
-        """The file's bytes block by block, each verified against its id; holes as zeros."""
+        """The file's bytes block by block; holes as zeros. BlockMissing names a block the source
+        lacks (see cachepoint/blocksource for the other errors)."""
         digests = entry.digests()
         for start in range(0, len(digests), READ_BATCH):
             batch = digests[start : start + READ_BATCH]
-            stored = [d for d in batch if d != HOLE_DIGEST]
-            values = dict(zip(stored, self.store.blocks.raw_many(stored), strict=True))
+            stored = [d for d in dict.fromkeys(batch) if d != HOLE_DIGEST]
+            found = self.source.get_many(stored)
+            require(stored, found)
             for index, digest in enumerate(batch, start):
-                length = min(block_size, entry.size - index * block_size)
-                if digest == HOLE_DIGEST:
-                    yield bytes(length)
-                    continue
-                value = values[digest]
-                if value is None:
-                    raise BlockMissing(BlockId(digest))
-                yield decode_verified(digest, value)[:length]
+                lo, hi = entry.span(index, block_size)
+                yield bytes(hi - lo) if digest == HOLE_DIGEST else found[digest][: hi - lo]
 
     def chunks(self, entry: FileEntry, block_size: int) -> Iterator[bytes]:
         """The file's bytes in pieces of about CHUNK_BYTES."""

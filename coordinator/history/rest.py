@@ -17,8 +17,11 @@ Routes (all listed in ``add_routes``); TIME is what the CLI takes (ISO 8601, now
   POST   /v1/history/users/{user}/export {"from": TIME, "to": TIME, "actor": ...}  an application/x-tar
 
 Errors are JSON ``{"error": message, "type": name}`` with the status of the first matching row of
-``ERROR_STATUS``. There is no authentication: the actor is what the caller says, so serve it on
-loopback (the default) or behind something that authenticates.
+``ERROR_STATUS``. Without TLS nothing is authenticated and the actor is what the caller says, so
+plaintext is served on loopback only. With ``serve --http-tls`` every request is authenticated (client
+certificate or bearer token, cachepoint/http/auth.py) and checked against coordinator/authz.py's
+REST_RULES before its handler runs, and the actor recorded is the authenticated principal, whatever
+``actor`` the request carries.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from typing import Any
 from aiohttp import web
 
 from cachepoint.errors import AlreadyExists, CachepointError, IntegrityFailure, InvalidInput, NotFound
+from cachepoint.http.auth import HttpTrust, principal_of_request
+from cachepoint.http.tls import check_plaintext_listen
 from cachepoint.ids import Ref
 from cachepoint.rpc.serving import split_address
 from coordinator.history.files import CHUNK_BYTES
@@ -42,6 +47,7 @@ log = logging.getLogger("coordinator.rest")
 HISTORY = web.AppKey("history", History)
 SHUTDOWN_TIMEOUT = 2.0
 MAX_BODY = 64 * 1024  # a JSON request body (a hold's reason is at most 1000 characters)
+HTTP_TLS_OPTION = "--http-tls"
 
 ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
     (AlreadyExists, 409),
@@ -130,6 +136,12 @@ def _text(data: dict[str, Any], name: str) -> str:
     return value
 
 
+def _actor(request: web.Request, claimed: str) -> str:
+    """Who to record: the authenticated principal with TLS; without it, what the caller says."""
+    principal = principal_of_request(request)
+    return principal.name if principal is not None else claimed
+
+
 # -- handlers --------------------------------------------------------------------------------------
 
 
@@ -163,7 +175,7 @@ async def file_content(request: web.Request) -> web.StreamResponse:
         request.query.get("layer", ""),
         request.match_info["path"],
         _time(request, "at", end=True),
-        request.query.get("actor", ""),
+        _actor(request, request.query.get("actor", "")),
     )
     # A header goes out before the body, so the digest is computed first (cached for the next ask).
     sha = await asyncio.to_thread(history.files.sha256, download.entry, download.block_size)
@@ -200,14 +212,14 @@ async def holds(request: web.Request) -> web.Response:
 async def set_hold(request: web.Request) -> web.Response:
     data = await _body(request)
     hold = await request.app[HISTORY].set_hold(
-        request.match_info["user"], _text(data, "reason"), _text(data, "actor")
+        request.match_info["user"], _text(data, "reason"), _actor(request, _text(data, "actor"))
     )
     return web.json_response(hold.as_json(), status=201)
 
 
 async def release_hold(request: web.Request) -> web.Response:
     data = await _body(request)
-    actor = request.query.get("actor") or _text(data, "actor")
+    actor = _actor(request, request.query.get("actor") or _text(data, "actor"))
     hold = await request.app[HISTORY].release_hold(request.match_info["user"], actor)
     return web.json_response({"released": hold.as_json()})
 
@@ -217,7 +229,7 @@ async def collect(request: web.Request) -> web.Response:
     dry_run = data.get("dry_run", False)
     if not isinstance(dry_run, bool):
         raise InvalidInput("dry_run must be true or false")
-    report = await request.app[HISTORY].collect(_text(data, "actor"), dry_run)
+    report = await request.app[HISTORY].collect(_actor(request, _text(data, "actor")), dry_run)
     return web.json_response(report.as_json())
 
 
@@ -240,7 +252,7 @@ async def export(request: web.Request) -> web.StreamResponse:
         request.match_info["user"],
         parse_time(from_text, "from") if from_text else 0,
         parse_time(to_text, "to", end=True) if to_text else 0,
-        _text(data, "actor"),
+        _actor(request, _text(data, "actor")),
     )
     try:
         size = await asyncio.to_thread(lambda: out.seek(0, 2))
@@ -259,21 +271,28 @@ async def export(request: web.Request) -> web.StreamResponse:
 # -- app and server --------------------------------------------------------------------------------
 
 
-def make_app(history: History) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
+def make_app(history: History, trust: HttpTrust | None = None) -> web.Application:
+    middlewares = [errors_as_json] if trust is None else [errors_as_json, trust.middleware()]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[HISTORY] = history
     add_routes(app)
     return app
 
 
-async def start_rest(history: History, listen: str) -> tuple[web.AppRunner, str]:
+async def start_rest(
+    history: History, listen: str, trust: HttpTrust | None = None
+) -> tuple[web.AppRunner, str]:
     """Serve the app on HOST:PORT; returns the runner (``await runner.cleanup()`` stops it) and the
-    bound "host:port" (the real port when 0 was asked)."""
+    bound "host:port" (the real port when 0 was asked). Without ``trust``, only on a loopback address
+    (PlaintextOffLoopback, before binding)."""
     host, port = split_address(listen)
-    runner = web.AppRunner(make_app(history), handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    if trust is None:
+        check_plaintext_listen(listen, HTTP_TLS_OPTION)
+    runner = web.AppRunner(make_app(history, trust), handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host.strip("[]"), port).start()
+        ssl_context = trust.tls.context if trust is not None else None
+        await web.TCPSite(runner, host.strip("[]"), port, ssl_context=ssl_context).start()
     except OSError as err:
         await runner.cleanup()
         raise InvalidInput(f"cannot serve REST on {listen}: {err}") from err

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from cachepoint.blocksource import StoreSource, VerifiedSource
 from cachepoint.ids import Ref
 from cachepoint.model import FileEntry
 from cachepoint.store import format as fmt
@@ -73,7 +74,8 @@ class History:
         self.audit = audit
         self.writes = writes
         self.retention = retention
-        self.files = FileReader(store)
+        # Evidence states each file's SHA-256: its blocks are checked as they are read.
+        self.files = FileReader(VerifiedSource(StoreSource(store)))
         self.queries = Queries(store, self.files)
         self.holds = Holds(store.db, audit)
         self.gc = CoordinatorGc(store, events, audit, self.holds, retention)

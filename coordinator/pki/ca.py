@@ -61,12 +61,17 @@ class CertificateAuthority:
     @classmethod
     def load(cls, data: Path) -> CertificateAuthority:
         directory = data / CA_DIR
+        return cls.load_files(directory / CERT_FILE, directory / KEY_FILE, directory)
+
+    @classmethod
+    def load_files(cls, cert_file: Path, key_file: Path, directory: Path) -> CertificateAuthority:
+        """A CA from its two PEM files (unencrypted key); ``directory``: where it saves itself."""
         try:
-            cert = x509.load_pem_x509_certificate((directory / CERT_FILE).read_bytes())
-            key = serialization.load_pem_private_key((directory / KEY_FILE).read_bytes(), None)
-        except (OSError, ValueError) as err:
-            raise InvalidInput(f"cannot read the fleet's CA in {directory}: {err}") from err
-        return cls._checked(key, cert, directory / KEY_FILE, directory / CERT_FILE, directory)
+            cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+            key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+        except (OSError, ValueError, TypeError) as err:
+            raise InvalidInput(f"cannot read the CA in {cert_file} and {key_file}: {err}") from err
+        return cls._checked(key, cert, key_file, cert_file, directory)
 
     @classmethod
     def _checked(
@@ -84,7 +89,10 @@ class CertificateAuthority:
 
     @classmethod
     def create(cls, data: Path) -> CertificateAuthority:
-        directory = data / CA_DIR
+        return cls.create_in(data / CA_DIR)
+
+    @classmethod
+    def create_in(cls, directory: Path) -> CertificateAuthority:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name(

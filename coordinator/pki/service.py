@@ -18,10 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cachepoint.trust.principal import Principal, Role
 from cachepoint.trust.token import secret_hash
 from cachepoint.v1 import enrollment_pb2, enrollment_pb2_grpc
+from coordinator.history.audit import AuditEntry, AuditLog
 from coordinator.pki import tokens
-from coordinator.pki.ca import CertificateAuthority
+from coordinator.pki.audit_queue import ENROLLED, RENEWED
 from coordinator.pki.guard import Refused, peer_principal
 from coordinator.pki.revocation import Revocations
+from coordinator.pki.rotation import LiveAuthorities
 
 log = logging.getLogger("coordinator.pki")
 MAX_CSR = 16 * 1024
@@ -29,12 +31,30 @@ MAX_CSR = 16 * 1024
 
 class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
     def __init__(
-        self, data: Path, ca: CertificateAuthority, lifetime: timedelta, revocations: Revocations
+        self,
+        data: Path,
+        authorities: LiveAuthorities,
+        lifetime: timedelta,
+        revocations: Revocations,
+        audit: AuditLog | None = None,
     ) -> None:
         self.data = data
-        self.ca = ca
+        self.authorities = authorities
         self.lifetime = lifetime
         self.revocations = revocations
+        self.audit = audit
+
+    async def _audited(self, actor: str, action: str, cert: x509.Certificate, **details: object) -> None:
+        """Each certificate handed out is in the audit log, with its serial (as `openssl x509` shows it)."""
+        if self.audit is None:
+            return
+        details = {
+            **details,
+            "serial": f"{cert.serial_number:x}",
+            "not_after": cert.not_valid_after_utc.isoformat(),
+        }
+        entry = AuditEntry(actor, action, actor, details)
+        await asyncio.to_thread(self.audit.append, [entry])
 
     async def _public_key(
         self, csr_pem: bytes, context: grpc.aio.ServicerContext
@@ -53,9 +73,15 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"certificate request refused: {err}")
         return key
 
-    def _response(self, cert: x509.Certificate) -> enrollment_pb2.EnrollResponse:
+    def _issue(self, key: ec.EllipticCurvePublicKey, principal: Principal) -> tuple[x509.Certificate, bytes]:
+        """A certificate from the issuing CA, and the trust bundle to keep beside it (during a CA
+        rotation both CAs, coordinator/pki/rotation.py)."""
+        current = self.authorities.refresh()
+        return current.issuing.issue(key, principal, self.lifetime), current.bundle_pem
+
+    def _response(self, cert: x509.Certificate, bundle: bytes) -> enrollment_pb2.EnrollResponse:
         return enrollment_pb2.EnrollResponse(
-            certificate_pem=cert.public_bytes(serialization.Encoding.PEM), ca_certificate_pem=self.ca.cert_pem
+            certificate_pem=cert.public_bytes(serialization.Encoding.PEM), ca_certificate_pem=bundle
         )
 
     async def Enroll(  # noqa: N802 - gRPC method name
@@ -69,9 +95,12 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
         principal = Principal(entry.name, (Role.parse(entry.role),), entry.site)
         await self._after_revocation(entry.name)
-        cert = self.ca.issue(key, principal, self.lifetime)
+        cert, bundle = self._issue(key, principal)
         log.warning("enrolled %s as %s (site %r) from %s", entry.name, entry.role, entry.site, context.peer())
-        return self._response(cert)
+        await self._audited(
+            entry.name, ENROLLED, cert, role=entry.role, site=entry.site or None, peer=context.peer()
+        )
+        return self._response(cert, bundle)
 
     async def _after_revocation(self, name: str) -> None:
         """Certificates carry their issue time in whole seconds, and a revocation refuses every one
@@ -89,9 +118,10 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         except Refused as refused:
             await context.abort(refused.code, str(refused))
         key = await self._public_key(request.csr_pem, context)
-        cert = self.ca.issue(key, Principal(current.name, current.roles, current.site), self.lifetime)
+        cert, bundle = self._issue(key, Principal(current.name, current.roles, current.site))
         log.info("renewed the certificate of %s until %s", current.name, cert.not_valid_after_utc)
-        return self._response(cert)
+        await self._audited(current.name, RENEWED, cert, previous_serial=f"{current.serial:x}")
+        return self._response(cert, bundle)
 
 
 def register(server: grpc.aio.Server, service: EnrollmentService) -> None:

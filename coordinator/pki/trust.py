@@ -13,9 +13,11 @@ from pathlib import Path
 import grpc
 
 from cachepoint.rpc.serving import Server, split_address
+from coordinator.history.audit import AuditLog
 from coordinator.pki.ca import CertificateAuthority, server_hosts
-from coordinator.pki.guard import Guard
+from coordinator.pki.guard import coordinator_guard
 from coordinator.pki.revocation import Revocations
+from coordinator.pki.rotation import LiveAuthorities
 from coordinator.pki.service import EnrollmentService, register
 from coordinator.pki.tls import CoordinatorTls
 
@@ -40,13 +42,18 @@ def enroll_address(listen: str, enroll_listen: str) -> str:
 
 
 class FleetTrust:
-    def __init__(self, data: Path, settings: TrustSettings, listen: str) -> None:
+    def __init__(
+        self, data: Path, settings: TrustSettings, listen: str, audit: AuditLog | None = None
+    ) -> None:
         self.settings = settings
         host, _ = split_address(listen)
-        self.tls = CoordinatorTls(settings.ca, server_hosts(host, settings.tls_names), settings.lifetime)
-        revocations = Revocations(data)
-        self.guard = Guard(revocations)
-        self.enrollment = EnrollmentService(data, settings.ca, settings.lifetime, revocations)
+        self.authorities = LiveAuthorities(data, settings.ca)
+        self.tls = CoordinatorTls(self.authorities, server_hosts(host, settings.tls_names), settings.lifetime)
+        self.revocations = Revocations(data)
+        self.guard = coordinator_guard(self.revocations)
+        self.enrollment = EnrollmentService(
+            data, self.authorities, settings.lifetime, self.revocations, audit
+        )
         self.enroll_server = Server(
             enroll_address(listen, settings.enroll_listen),
             "cachepoint.v1.Enrollment",
@@ -60,9 +67,16 @@ class FleetTrust:
     ) -> Server:
         """The Guard authenticates every call first; then ``authorizer`` (coordinator/authz.py) decides."""
         interceptors = [self.guard] if authorizer is None else [self.guard, authorizer]
+        if authorizer is not None:
+            self.guard.on_refusal = getattr(authorizer, "guard_refused", None)
         server = Server(listen, name, self.tls.credentials(True), interceptors)
         server.add(self.register)
         return server
+
+    def revoked(self) -> dict[str, float]:
+        """Every revoked name and when, as heartbeat replies hand it to the nodes."""
+        self.revocations.refresh()
+        return dict(self.revocations.revoked)
 
     def register(self, server: grpc.aio.Server) -> None:
         register(server, self.enrollment)  # Renew, and Enroll for callers who already have a certificate
@@ -71,7 +85,7 @@ class FleetTrust:
         """Start the enrollment port and the revocation watch; what to announce."""
         address = await self.enroll_server.start()
         self._watch = asyncio.create_task(self.guard.watch(), name="revocations")
-        return {"enroll": address, "ca_fingerprint": self.settings.ca.fingerprint}
+        return {"enroll": address, "ca_fingerprint": self.authorities.current.serving.fingerprint}
 
     async def stop(self) -> None:
         if self._watch is not None:

@@ -2,8 +2,9 @@
 parsing and packing of option data and replies. No I/O here.
 
 Supported: the fixed newstyle handshake, NBD_OPT_INFO/GO/LIST/ABORT/EXPORT_NAME, structured replies,
-and the ``base:allocation`` metadata context for NBD_CMD_BLOCK_STATUS. Not offered: TLS and
-extended headers (a client is told NBD_REP_ERR_UNSUP and goes on without them).
+the ``base:allocation`` metadata context for NBD_CMD_BLOCK_STATUS, and NBD_OPT_STARTTLS when the
+server is given TLS (tls.py). Not offered: extended headers (a client is told NBD_REP_ERR_UNSUP and
+goes on without them).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ REP_SERVER = 2
 REP_INFO = 3
 REP_META_CONTEXT = 4
 REP_ERR_UNSUP = (1 << 31) + 1
+REP_ERR_POLICY = (1 << 31) + 2
 REP_ERR_INVALID = (1 << 31) + 3
+REP_ERR_TLS_REQD = (1 << 31) + 5
 REP_ERR_UNKNOWN = (1 << 31) + 6
 
 INFO_EXPORT = 0
@@ -162,11 +165,15 @@ def transmission_flags(device: BlockDevice, structured: bool) -> int:
     flags = TX_HAS_FLAGS | TX_SEND_FLUSH | TX_SEND_FUA
     if structured:
         flags |= TX_SEND_DF  # every read is answered with one content chunk anyway
+    # Multi-conn: every connection to an export is served by one device object, so all see the same
+    # bytes at once. A read-only export never changes; a writable one applies each WRITE to the shared
+    # device before replying, and FLUSH syncs the one store under it, so a flush on any connection
+    # covers the writes answered on all of them (what the spec asks of NBD_FLAG_CAN_MULTI_CONN).
+    # nbdcopy --connections=N and qemu-img convert -m then read in parallel.
+    flags |= TX_CAN_MULTI_CONN
     if device.read_only:
         return flags | TX_READ_ONLY
-    # Every connection to an export shares one device and one store, and FLUSH syncs that store: a
-    # client may spread its requests over several connections.
-    return flags | TX_SEND_TRIM | TX_SEND_WRITE_ZEROES | TX_CAN_MULTI_CONN
+    return flags | TX_SEND_TRIM | TX_SEND_WRITE_ZEROES
 
 
 def option_reply(option: int, reply: int, payload: bytes = b"") -> bytes:

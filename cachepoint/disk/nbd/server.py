@@ -5,6 +5,10 @@ chooses one (NBD_OPT_GO, NBD_OPT_INFO or the old NBD_OPT_EXPORT_NAME), so the da
 and detach disks while the server runs. After the handshake a connection is served by
 transmission.py (requests in parallel, structured replies and block status when negotiated).
 
+With TLS (tls.py) a TCP client must upgrade with NBD_OPT_STARTTLS before anything else and present a
+certificate; each export it names is then checked against that certificate. Refusals are NBD errors
+and one log line per connection.
+
 A misbehaving client only ever loses its own connection: every read from a socket is bounded (the
 handshake by a deadline, a request by its declared length, which is capped), and a write applies
 only once its whole payload has arrived. What all connections together hold in memory is bounded
@@ -19,6 +23,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import stat
 import struct
 from collections.abc import Callable
@@ -27,6 +32,7 @@ from cachepoint import memory
 from cachepoint.disk.nbd import protocol as p
 from cachepoint.disk.nbd.limits import NbdLimits, ServerBudgets
 from cachepoint.disk.nbd.protocol import BlockDevice, Violation
+from cachepoint.disk.nbd.tls import NbdTls
 from cachepoint.disk.nbd.transmission import Negotiated, Stalled, transmit
 
 log = logging.getLogger(__name__)
@@ -44,15 +50,23 @@ class NbdServer:
     """Listening sockets and the connections they accepted. Made by ``start_nbd``."""
 
     def __init__(
-        self, exports: ExportLookup, list_exports: ExportList, limits: NbdLimits | None = None
+        self,
+        exports: ExportLookup,
+        list_exports: ExportList,
+        limits: NbdLimits | None = None,
+        tls: NbdTls | None = None,
     ) -> None:
         self._exports = exports
         self._list_exports = list_exports
+        self.tls = tls
         self.budgets = ServerBudgets(limits or NbdLimits())
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        # TLS connections in transmission: (peer, client certificate, export), checked again by
+        # close_refused when what the server knows of the fleet changes (a revocation).
+        self._authorized: dict[asyncio.StreamWriter, tuple[str, bytes, str]] = {}
         self._closing = False
         self.addresses: list[str] = []
 
@@ -104,7 +118,8 @@ class NbdServer:
         peer = writer.get_extra_info("peername") or "unix client"
         self._writers.add(writer)
         sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family == socket.AF_UNIX:
+        local = sock is not None and sock.family == socket.AF_UNIX
+        if local:
             # A Unix socket's send buffer does not grow by itself (TCP's does): at the default
             # 208 KiB a 2 MiB read reply took ten wake-ups, and copies were 2x slower than over TCP.
             with contextlib.suppress(OSError):
@@ -113,13 +128,19 @@ class NbdServer:
             # asyncio.timeout, not wait_for: 3.11's wait_for loses a cancellation that arrives as
             # the handshake completes, and close() would then leave this connection running.
             async with asyncio.timeout(HANDSHAKE_SECONDS):
-                chosen = await _Handshake(self, reader, writer).run()
+                tls = None if local else self.tls
+                handshake = _Handshake(self, reader, writer, tls, str(peer))
+                chosen = await handshake.run()
             if chosen is not None:
+                if handshake.certificate is not None:
+                    self._authorized[writer] = (str(peer), handshake.certificate, handshake.export)
                 await transmit(chosen, reader, writer, self.budgets)
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as err:
             log.debug("nbd client %s went away: %r", peer, err)
         except Violation as err:
             log.info("nbd client %s dropped: %s", peer, err)
+        except TlsFailed as err:
+            log.warning("nbd client %s refused: %s", peer, err)
         except Stalled as err:
             log.info("nbd client %s dropped: %s", peer, err)
             writer.transport.abort()  # what is queued for it would never leave
@@ -130,6 +151,7 @@ class NbdServer:
         finally:
             self._connections.discard(task)
             self._writers.discard(writer)
+            self._authorized.pop(writer, None)
             writer.close()
             try:
                 await asyncio.wait_for(writer.wait_closed(), CLOSE_SECONDS)
@@ -139,6 +161,26 @@ class NbdServer:
                 writer.transport.abort()
             if not self._closing:
                 memory.after_load()  # its buffers are free now: give them back to the system soon
+
+    def close_refused(self) -> int:
+        """End the TLS connections whose client may no longer use the export it chose (its principal
+        was revoked since): asked when what the server's ``authorize`` knows changes. Returns how
+        many ended."""
+        if self.tls is None:
+            return 0
+        ended = 0
+        for writer, (peer, certificate, export) in list(self._authorized.items()):
+            try:
+                why = self.tls.authorize(certificate, export)
+            except Exception:
+                log.exception("nbd: checking access to export %r failed", export)
+                continue
+            if why:
+                log.warning("nbd client %s disconnected from %r: %s", peer, export, why)
+                self._authorized.pop(writer, None)
+                writer.transport.abort()
+                ended += 1
+        return ended
 
     def lookup(self, name: str) -> BlockDevice | None:
         try:
@@ -151,14 +193,31 @@ class NbdServer:
         return self._list_exports()
 
 
+class TlsFailed(Exception):
+    """The client's TLS handshake failed (no certificate, another CA's, expired...): the
+    connection ends, as the spec says, since STARTTLS was already acknowledged."""
+
+
 class _Handshake:
     """Option haggling for one connection; ``run`` returns what transmission needs, or None when
-    the client aborted."""
+    the client aborted. With ``tls``, the connection must upgrade first (FORCEDTLS)."""
 
-    def __init__(self, server: NbdServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(
+        self,
+        server: NbdServer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        tls: NbdTls | None = None,
+        peer: str = "",
+    ):
         self.server = server
         self.reader = reader
         self.writer = writer
+        self.tls = tls
+        self.peer = peer
+        self.certificate: bytes | None = None  # the client's, in DER, once TLS is up
+        self.export = ""  # the export chosen
+        self.refusal_logged = False
         self.structured = False
         self.contexts_for: str | None = None  # the export base:allocation was selected for
 
@@ -181,12 +240,32 @@ class _Handshake:
             if length > p.MAX_OPTION_DATA:
                 raise Violation(f"option {option} carries {length} bytes")
             data = await reader.readexactly(length)
+            if option == p.OPT_STARTTLS:
+                await self._starttls(data)
+                continue
+            if self.tls is not None and self.certificate is None and option != p.OPT_ABORT:
+                if option == p.OPT_EXPORT_NAME:
+                    # It cannot be answered with an error: the spec says to end the session.
+                    self.refused("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS: this server requires TLS")
+                    return None
+                self.refused("plaintext option before NBD_OPT_STARTTLS: this server requires TLS")
+                await self.reply(
+                    option,
+                    p.REP_ERR_TLS_REQD,
+                    b"this server requires TLS: send NBD_OPT_STARTTLS (nbds:// URIs, qemu's tls-creds) "
+                    b"with a client certificate of the fleet",
+                )
+                continue
             if option == p.OPT_EXPORT_NAME:
                 name = p.decode_name(data)
                 device = None if name is None else self.server.lookup(name)
                 if device is None:
                     # This option cannot answer with an error: the spec says to drop the session.
                     raise Violation(f"no export named {name!r}")
+                refusal = self.refusal(name or "")
+                if refusal:
+                    self.refused(refusal)
+                    return None
                 tail = b"" if no_zeroes else bytes(124)
                 flags = p.transmission_flags(device, self.structured)
                 writer.write(struct.pack(">QH", device.size, flags) + tail)
@@ -205,11 +284,53 @@ class _Handshake:
                 await self._structured_reply(data)
             elif option in (p.OPT_LIST_META_CONTEXT, p.OPT_SET_META_CONTEXT):
                 await self._meta_context(option, data)
-            else:  # TLS, extended headers and anything newer
+            else:  # extended headers and anything newer
                 await self.reply(option, p.REP_ERR_UNSUP, b"not supported by this server")
         raise Violation(f"more than {MAX_OPTIONS} options")
 
+    # -- TLS and who may use an export ----------------------------------------------------------
+
+    async def _starttls(self, data: bytes) -> None:
+        if self.tls is None:
+            # NOTLS mode (no TLS configured, or a Unix socket connection): the client goes on without.
+            await self.reply(p.OPT_STARTTLS, p.REP_ERR_UNSUP, b"TLS is not configured on this connection")
+            return
+        if self.certificate is not None:
+            await self.reply(p.OPT_STARTTLS, p.REP_ERR_INVALID, b"TLS is already up")
+            return
+        if data:
+            await self.reply(p.OPT_STARTTLS, p.REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+            return
+        await self.reply(p.OPT_STARTTLS, p.REP_ACK)
+        try:
+            await self.writer.start_tls(self.tls.context())
+        except ssl.SSLError as err:
+            why = getattr(err, "verify_message", None) or getattr(err, "reason", None) or str(err)
+            raise TlsFailed(f"TLS handshake failed: {why}") from err
+        tls_object = self.writer.get_extra_info("ssl_object")
+        certificate = tls_object.getpeercert(binary_form=True) if tls_object is not None else None
+        if not certificate:  # CERT_REQUIRED makes this unreachable; never serve without one
+            raise TlsFailed("no client certificate after the TLS handshake")
+        self.certificate = certificate
+
+    def refusal(self, name: str) -> str:
+        """Why this connection may not use export ``name``; "" when it may (always, without TLS)."""
+        if self.tls is None or self.certificate is None:
+            return ""
+        try:
+            return self.tls.authorize(self.certificate, name)
+        except Exception:
+            log.exception("nbd: checking access to export %r failed", name)
+            return f"access to export {name!r} could not be checked"
+
+    def refused(self, why: str) -> None:
+        """One log line per connection, however many options the client tries."""
+        if not self.refusal_logged:
+            self.refusal_logged = True
+            log.warning("nbd client %s refused: %s", self.peer, why)
+
     def _negotiated(self, device: BlockDevice, name: str) -> Negotiated:
+        self.export = name
         # Contexts chosen for another export than the one entered do not apply (the spec ties a
         # NBD_OPT_SET_META_CONTEXT to the export it names).
         allocation = self.contexts_for is not None and self.contexts_for == name
@@ -220,6 +341,8 @@ class _Handshake:
             await self.reply(p.OPT_LIST, p.REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
             return
         for name in self.server.export_names():
+            if self.refusal(name):
+                continue  # a client is not shown what it may not use
             raw = name.encode()
             await self.reply(p.OPT_LIST, p.REP_SERVER, struct.pack(">I", len(raw)) + raw)
         await self.reply(p.OPT_LIST, p.REP_ACK)
@@ -233,6 +356,11 @@ class _Handshake:
         device = self.server.lookup(name)
         if device is None:
             await self.reply(option, p.REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
+            return None
+        refusal = self.refusal(name)
+        if refusal:
+            self.refused(refusal)
+            await self.reply(option, p.REP_ERR_POLICY, refusal.encode()[: p.MAX_MESSAGE])
             return None
         flags = p.transmission_flags(device, self.structured)
         await self.reply(option, p.REP_INFO, struct.pack(">HQH", p.INFO_EXPORT, device.size, flags))
@@ -265,6 +393,11 @@ class _Handshake:
         name, queries = parsed
         if self.server.lookup(name) is None:
             await self.reply(option, p.REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
+            return
+        refusal = self.refusal(name)
+        if refusal:
+            self.refused(refusal)
+            await self.reply(option, p.REP_ERR_POLICY, refusal.encode()[: p.MAX_MESSAGE])
             return
         listing = option == p.OPT_LIST_META_CONTEXT
         found = p.matching_contexts(queries, listing)
@@ -314,11 +447,13 @@ async def start_nbd(
     tcp: str | None = "127.0.0.1:10809",
     unix_path: str | None = None,
     limits: NbdLimits | None = None,
+    tls: NbdTls | None = None,
 ) -> NbdServer:
-    """Listen on TCP and/or a Unix socket; ``exports(name)`` is asked when a client picks an export."""
+    """Listen on TCP and/or a Unix socket; ``exports(name)`` is asked when a client picks an export.
+    With ``tls``, TCP clients must upgrade to TLS first (tls.py)."""
     if tcp is None and unix_path is None:
         raise ValueError("the NBD server needs a TCP address or a Unix socket path")
-    server = NbdServer(exports, list_exports, limits)
+    server = NbdServer(exports, list_exports, limits, tls)
     try:
         if tcp is not None:
             await server.listen_tcp(tcp)

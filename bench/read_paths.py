@@ -1,0 +1,181 @@
+"""``python -m bench.read_paths``: the two local read paths against their raw-file ceilings.
+
+- NBD: warm sequential read of an image whose data is about twice the daemon's ``read_cache``, so most
+  blocks come from the store (RocksDB read and decode) on every pass: whole `qemu-img convert -f raw
+  -O raw` commands from the daemon's NBD export and from the raw file.
+- HTTP: 1 MiB Range GETs at random 1 MiB-aligned offsets, 8 at a time from one aiohttp client, against
+  the daemon's ``/v1/versions/REF/file`` and against aiohttp's ``web.FileResponse`` of the raw file
+  (a child process), requests per second.
+
+Prints one JSON object with every figure. Not part of ``make bench``: it measures the read path
+alone, in a few minutes, on a smaller image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from bench.harness import MiB, parse_size, remove, settle, warm
+from bench.ingest_bench import _ingest
+from bench.replication_bench import ROOT, _announcement, _await_port, _free_port, _run, _sha256, _spawn
+from cachepoint.samples import generate
+
+LAYER = "os/bench"
+IMAGE = "bench"
+CACHEPOINT = [sys.executable, "-m", "cachepoint"]
+RANGE_BYTES = MiB
+CONCURRENT = 8
+RUNS = 3
+LOOPBACK = "127.0.0.1:0"
+
+FILE_SERVER = """
+import sys
+from aiohttp import web
+path, port = sys.argv[1], int(sys.argv[2])
+async def handle(request):
+    return web.FileResponse(path)
+app = web.Application()
+app.router.add_get("/file", handle)
+web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+"""
+
+
+def _convert(src: str, out: Path, label: str) -> list[float]:
+    cmd = ["qemu-img", "convert", "-f", "raw", "-O", "raw", src, str(out)]
+    remove(out)
+    _run(cmd, f"{label} (warm-up)")
+    times = []
+    for _ in range(RUNS):
+        remove(out)
+        settle()
+        seconds, _ = _run(cmd, label)
+        times.append(seconds)
+    return times
+
+
+async def _ranges(url: str, size: int, requests: int, seed: int) -> float:
+    """Requests per second of ``requests`` 1 MiB Range GETs, CONCURRENT at a time, each body read whole."""
+    rng = random.Random(seed)
+    starts = [rng.randrange(size // RANGE_BYTES) * RANGE_BYTES for _ in range(requests)]
+    queue = list(reversed(starts))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONCURRENT)) as session:
+
+        async def worker() -> None:
+            while queue:
+                start = queue.pop()
+                headers = {"Range": f"bytes={start}-{start + RANGE_BYTES - 1}"}
+                async with session.get(url, headers=headers) as reply:
+                    body = await reply.read()
+                    if reply.status != 206 or len(body) != RANGE_BYTES:
+                        raise RuntimeError(f"{url}: status {reply.status}, {len(body)} bytes")
+
+        begin = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENT)))
+        return requests / (time.perf_counter() - begin)
+
+
+def _best_rate(url: str, size: int, requests: int) -> list[float]:
+    asyncio.run(_ranges(url, size, requests, seed=0))  # warm-up
+    return [asyncio.run(_ranges(url, size, requests, seed=run + 1)) for run in range(RUNS)]
+
+
+def data_bytes(image: Path) -> int:
+    """Bytes of the image outside all-zero 64 KiB blocks (those are holes: never stored or cached)."""
+    zeros = bytes(64 * 1024)
+    total = 0
+    with open(image, "rb") as f:
+        while block := f.read(len(zeros)):
+            total += len(block) if block != zeros[: len(block)] else 0
+    return total
+
+
+def measure(work: Path, size: int, requests: int, read_cache: int = 0) -> dict[str, object]:
+    image = work / "v1.img"
+    if not image.exists():
+        generate(image, size)
+    data = data_bytes(image)
+    read_cache = read_cache or data // 2
+    with contextlib.ExitStack() as stack:
+        store = work / "store"
+        remove(store)
+        _ingest(store, image, LAYER, create=True)
+        config = work / "config.toml"
+        config.write_text(f'read_cache = "{read_cache}"\n')
+        env = dict(os.environ, CACHEPOINT_STORE=str(store), CACHEPOINT_CONFIG=str(config))
+        _run([*CACHEPOINT, "image", "create", IMAGE, LAYER], "image create", env=env, cwd=ROOT)
+        out, log = work / "serve.out", work / "serve.log"
+        with open(out, "wb") as stdout:
+            proc = _spawn(
+                stack,
+                [*CACHEPOINT, "serve", "--listen", "127.0.0.1:0", "--nbd", "127.0.0.1:0", "--http", LOOPBACK],
+                log,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                env=env,
+                cwd=ROOT,
+            )
+        ready = _announcement(proc, out, log, "cachepoint serve")
+        _, attached = _run([*CACHEPOINT, "attach", IMAGE, "--json"], "attach", env=env, cwd=ROOT)
+        uri = next(u for u in json.loads(attached)["nbd_uris"] if u.startswith("nbd://"))
+        warm(image)
+        copy = work / "out.img"
+        nbd = _convert(uri, copy, "qemu-img from NBD")
+        raw = _convert(str(image), copy, "qemu-img from the raw file")
+        _run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(copy)], "check copy")
+        identical = _sha256(copy) == _sha256(image)
+        remove(copy)
+        port = _free_port()
+        server = _spawn(
+            stack, [sys.executable, "-c", FILE_SERVER, str(image), str(port)], work / "files.log"
+        )
+        _await_port(server, port, work / "files.log", "FileResponse server")
+        http = _best_rate(f"http://{ready['http']}/v1/versions/os%2Fbench@1/file", size, requests)
+        files = _best_rate(f"http://127.0.0.1:{port}/file", size, requests)
+    return {
+        "image_bytes": size,
+        "data_bytes": data,
+        "read_cache": read_cache,
+        "nbd_seconds": nbd,
+        "raw_seconds": raw,
+        "nbd_mib_s": size / MiB / min(nbd),
+        "raw_mib_s": size / MiB / min(raw),
+        "nbd_share": min(raw) / min(nbd),
+        "nbd_copy_identical": identical,
+        "http_req_s": http,
+        "file_response_req_s": files,
+        "http_share": max(http) / max(files),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.read_paths", description=__doc__)
+    parser.add_argument("--size", type=parse_size, default=parse_size("768M"), help="image size")
+    parser.add_argument("--requests", type=int, default=400, help="Range GETs per run")
+    parser.add_argument(
+        "--read-cache", type=parse_size, default=0, help="the daemon's read_cache (default: half the data)"
+    )
+    parser.add_argument("--work", type=Path, help="scratch directory (kept; default: a temporary one)")
+    args = parser.parse_args(argv)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        result = measure(args.work, args.size, args.requests, args.read_cache)
+    else:
+        with tempfile.TemporaryDirectory(prefix="read-paths-") as tmp:
+            result = measure(Path(tmp), args.size, args.requests, args.read_cache)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The BlockSource interface (the contract is in the package docstring)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+from cachepoint.errors import BlockMissing
+from cachepoint.ids import BlockId
+
+Target = tuple[bytes, memoryview]  # a block id and where its bytes go (a block's extent in a buffer)
+
+
+class BlockSource(abc.ABC):
+    far = False
+    """A miss may cost a round trip to another machine: callers name their readahead in ``also``."""
+
+    @abc.abstractmethod
+    def get_many(self, ids: Sequence[bytes], *, also: Sequence[bytes] = ()) -> dict[bytes, bytes]:
+        """The plain bytes of each id this source can give; an id it cannot give is absent (missing).
+        ``also``: ids the caller expects to want next (a disk's readahead); a source that must go
+        far for a missing id may fetch them in the same trip and keep them, never return them.
+
+        Raises BlockUnreadable or BlockCorrupt naming a block it holds but cannot read."""
+
+    @abc.abstractmethod
+    def stored_many(self, ids: Sequence[bytes]) -> dict[bytes, bytes]:
+        """The stored values (codec byte + payload, cachepoint/blocks.py) of the ids this source can
+        give, for sending to another machine as they are; absent where missing."""
+
+    def read_into(
+        self, wanted: Sequence[Target], *, nowait: bool = False, also: Sequence[bytes] = ()
+    ) -> list[int]:
+        """Copy each block into the start of its target (at most the target's length); returns the
+        positions in ``wanted`` of blocks that are missing. ``nowait``: copy only what is in memory
+        and return every other position, so that an event loop can try here before a thread.
+
+        This default asks ``get_many``; a cache answers from its own memory without the copy."""
+        if nowait or not wanted:
+            return list(range(len(wanted)))
+        found = self.get_many(list(dict.fromkeys(d for d, _ in wanted)), also=also)
+        missing = []
+        for position, (digest, target) in enumerate(wanted):
+            data = found.get(digest)
+            if data is None:
+                missing.append(position)
+                continue
+            n = min(len(data), len(target))
+            target[:n] = memoryview(data)[:n]
+        return missing
+
+    def remember(self, blocks: Sequence[tuple[bytes, bytes]]) -> None:  # noqa: B027 - optional
+        """Blocks the caller just made, each named by its own digest (a disk's copy-on-write): a
+        source that caches may keep them. Others ignore them."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release what the source holds (channels, cache files) once no reader uses it."""
+
+
+def require(ids: Sequence[bytes], found: dict[bytes, bytes]) -> None:
+    """For a reader whose blocks must all be there: BlockMissing naming the first that is not."""
+    for digest in ids:
+        if digest not in found:
+            raise BlockMissing(BlockId(digest))
