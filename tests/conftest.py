@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import tls
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -49,7 +51,9 @@ def cli_env(store: Path) -> dict[str, str]:
 def run_cli(
     store: Path, *args: str | Path, check: bool = True, timeout: float = 300, prefix: Sequence[str] = ()
 ) -> Run:
-    """``prefix``: a command the CLI runs under, e.g. `ip netns exec NAME` (tests/netns.py)."""
+    """``prefix``: a command the CLI runs under, e.g. `ip netns exec NAME` (tests/netns.py). A command
+    that reaches a TLS address of the harness presents the store's identity (tests/tls.py)."""
+    tls.client_identity(store, args)
     proc = subprocess.run(
         [*prefix, sys.executable, "-m", "cachepoint", *map(str, args)],
         env=cli_env(store),
@@ -67,7 +71,10 @@ def run_cli(
 @contextlib.contextmanager
 def daemon(store: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[dict[str, object]]:
     """A `cachepoint serve` child on ``store`` (gRPC on port 0 plus ``args``): yields its ready line,
-    then stops it with SIGTERM and insists on a clean exit."""
+    then stops it with SIGTERM and insists on a clean exit. With the harness's TLS on, the store gets a
+    node identity first (of the fleet of ``--coordinator``, else of a CA of its own beside the store),
+    and its peer port serves mutual TLS (tests.tls.channel dials it)."""
+    trust = standalone_node(store, args)
     proc = subprocess.Popen(
         [sys.executable, "-m", "cachepoint", "serve", "--listen", "127.0.0.1:0", *args],
         env=env or cli_env(store),
@@ -80,11 +87,26 @@ def daemon(store: Path, *args: str, env: dict[str, str] | None = None) -> Iterat
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line, f"the daemon did not start: {proc.stderr.read() if proc.stderr else ''}"
-        yield dict(json.loads(line))
+        ready = dict(json.loads(line))
+        if trust is not None:
+            tls.serve(str(ready["listening"]), trust, peer=True)
+        yield ready
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
         assert code == 0, f"the daemon exited {code}: {proc.stderr.read() if proc.stderr else ''}"
+
+
+def standalone_node(store: Path, args: Sequence[str]) -> tls.Trust | None:
+    """The fleet whose node identity a daemon() child presents (None: plaintext)."""
+    if not tls.ENABLED:
+        return None
+    trust = tls.trust_of(args)
+    if trust is None:
+        trust = tls.Trust.for_data(store.parent / f"{store.name}-ca")
+    name = args[args.index("--node-id") + 1] if "--node-id" in args[:-1] else store.name
+    trust.node(store, name, "")
+    return trust
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ import grpc
 
 from cachepoint.blocks import is_hole
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, version_pb2
+from tests import tls
 from tests.conftest import REPO, Run, cli_env, run_cli, sha256_file
 
 LAYER = "os/x"
@@ -121,15 +123,26 @@ def cli_json(store: Path, *args: str | Path, prefix: Sequence[str] = ()) -> dict
 
 
 def coordinator_cli(
-    *args: str, check: bool = True, timeout: float = CLI_TIMEOUT, prefix: Sequence[str] = ()
+    *args: str,
+    check: bool = True,
+    timeout: float = CLI_TIMEOUT,
+    prefix: Sequence[str] = (),
+    identity: Path | None = None,
 ) -> Run:
+    """``identity``: the one to present (CACHEPOINT_IDENTITY); by default, when ``--coordinator`` names
+    a TLS coordinator of the harness and the environment names none, an operator's (tests/tls.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "CACHEPOINT_DEBUG"}
+    if identity is None and tls.ENV_IDENTITY not in env:  # a test's own CACHEPOINT_IDENTITY is kept
+        identity = tls.operator_identity(args)
+    if identity is not None:
+        env[tls.ENV_IDENTITY] = str(identity)
     proc = subprocess.run(
         [*prefix, sys.executable, "-c", COORDINATOR_MAIN, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=REPO,
-        env={k: v for k, v in os.environ.items() if k != "CACHEPOINT_DEBUG"},
+        env=env,
     )
     result = Run(proc.returncode, proc.stdout, proc.stderr)
     if check and proc.returncode != 0:
@@ -149,7 +162,7 @@ def export_digest(store: Path, ref: str, dest: Path) -> str:
 
 def coordinator_versions(address: str, layer: str) -> list[version_pb2.VersionInfo]:
     """The versions of ``layer`` the coordinator lists (none when it does not know the layer)."""
-    with grpc.insecure_channel(address) as ch:
+    with tls.channel(address) as ch:
         try:
             response = catalog_pb2_grpc.CatalogStub(ch).ListVersions(
                 catalog_pb2.ListVersionsRequest(layer=layer), timeout=10
@@ -182,6 +195,7 @@ class Child:
     stderr_path: Path
     ready: dict[str, Any] = field(default_factory=dict)
     prefix: tuple[str, ...] = ()  # the command it runs under (a network namespace); so do CLI calls to it
+    trust: tls.Trust | None = None  # the fleet CA whose identity it presents; None: plaintext
 
     @property
     def address(self) -> str:
@@ -234,6 +248,12 @@ class Node(Child):
     def subscription(self, status: dict[str, Any], ref: str = PRODUCTION) -> dict[str, Any]:
         return next(s for s in status["subscriptions"] if s["ref"] == ref)
 
+    def assign(self, user: str) -> None:
+        """Assign ``user`` to this node at its coordinator, so that it may commit and read the user's
+        layers (coordinator/authz.py); nothing to do in plaintext."""
+        if self.trust is not None:
+            self.trust.assign(user, self.node_id)
+
 
 def _wait_ready(child: Child, timeout: float) -> dict[str, Any]:
     """The first stdout line is the JSON announcement; the child dying first is a failure with its stderr."""
@@ -258,10 +278,16 @@ def _wait_ready(child: Child, timeout: float) -> dict[str, Any]:
 class Fleet:
     """Starts children under ``root`` and stops all of them on exit."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tls_on: bool | None = None) -> None:
+        """``tls_on``: run this fleet with mutual TLS (default: unless CACHEPOINT_TEST_TLS=0). A
+        coordinator started with an explicit ``--tls`` (or an operator's CA) is the test's own: the
+        harness then issues nothing for it, and the test enrolls what it needs."""
         self.root = root
         self.children: list[Child] = []
         self._starts = 0
+        self.tls_on = tls.ENABLED if tls_on is None else tls_on
+        self.trust: tls.Trust | None = None
+        self._enroll_target: tuple[Child, Path] | None = None  # the last coordinator the harness set up
         (root / "logs").mkdir(parents=True, exist_ok=True)
 
     def __enter__(self) -> Fleet:
@@ -302,6 +328,12 @@ class Fleet:
         """A coordinator on ``data``; ``extra`` adds options of `serve` (``--config FILE``, ``--http 0``);
         ``prefix`` runs it under a command (`ip netns exec NAME`)."""
         data = data or self.root / name
+        extra = list(extra)
+        managed = self.tls_on and not any(a == "--tls" or a.startswith("--ca-") for a in extra)
+        trust = None
+        if managed:
+            trust = self._trust(data)
+            extra.insert(0, "--tls")
         args = [
             sys.executable,
             "-c",
@@ -314,9 +346,73 @@ class Fleet:
             "-v",
             *extra,
         ]
-        child: Child = self._spawn(name, args, cli_env(data), Child, prefix)
+        child: Child = self._spawn(name, args, cli_env(data), Child, prefix, trust=trust)
         assert child.ready.get("role") == "coordinator", child.ready
+        if trust is not None:
+            tls.serve(child.address, trust, peer=False)
+            self._enroll_target = (child, data)
         return child
+
+    def _trust(self, data: Path | None = None) -> tls.Trust:
+        """The fleet's CA, made in ``data`` (a coordinator's data directory; the default coordinator's
+        when none is named) the first time, and copied into each other coordinator's data."""
+        if self.trust is None:
+            self.trust = tls.Trust.for_data(data or self.root / "coordinator")
+        elif data is not None:
+            self.trust.copy_to(data)
+        return self.trust
+
+    def _node_trust(self, coordinator: str | None) -> tls.Trust | None:
+        """Whose node identity a daemon presents: its coordinator's fleet when the harness serves TLS
+        there; a daemon without a coordinator, the fleet's; None: plaintext."""
+        if not self.tls_on:
+            return None
+        if coordinator is None:
+            return self._trust()
+        served = tls.served(coordinator)
+        return served.trust if served is not None else None
+
+    def identity(self, store: Path, *roles: str) -> Path | None:
+        """Give ``store`` an identity with ``roles`` (publisher, auditor, admin, user:NAME; added to what
+        the harness gave it before), as CLI commands on it present; None in plaintext."""
+        if not self.tls_on:
+            return None
+        return self._trust().client(store, roles)
+
+    def assign(self, user: str, node: str) -> None:
+        """Assign ``user`` to the node ``node`` at the fleet's coordinators (`cachepoint-coordinator
+        assign`): it may then commit and read user/USER/... layers."""
+        if self.trust is not None:
+            self.trust.assign(user, node)
+
+    def add_port(self, server: grpc.Server, name: str) -> str:
+        """Bind an in-process gRPC server (a test's own peer) to a loopback port, serving mutual TLS as
+        the node ``name`` of this fleet when the fleet runs TLS; its address."""
+        if not self.tls_on:
+            return f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        trust = self._trust()
+        identity = trust.node(self.root / "peers" / name, name, "")
+        credentials = grpc.ssl_server_credentials(
+            [((identity / "key.pem").read_bytes(), (identity / "cert.pem").read_bytes())],
+            root_certificates=(identity / "ca.pem").read_bytes(),
+            require_client_auth=True,
+        )
+        address = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', credentials)}"
+        tls.serve(address, trust, peer=True)
+        return address
+
+    def channel(self, address: str, *roles: str, name: str | None = None) -> grpc.Channel:
+        """A raw gRPC channel to a coordinator or a daemon's peer port (tests.tls.channel)."""
+        return tls.channel(address, *roles, name=name)
+
+    def enroll(self, store: Path, name: str, *args: str) -> dict[str, Any]:
+        """The real enrollment: a join token from the coordinator's data, then `cachepoint enroll` on
+        ``store`` (``args``: --site S, --role R of the token). Slower than what the harness issues."""
+        assert self._enroll_target is not None, "enroll needs a coordinator the harness set up with TLS"
+        coordinator, data = self._enroll_target
+        token = coordinator_cli("enroll", name, "--data", str(data), *args, "--json").json()
+        assert isinstance(token, dict), token
+        return cli_json(store, "enroll", "--coordinator", coordinator.address, "--token", token["token"])
 
     def cachepoint(
         self,
@@ -337,6 +433,13 @@ class Fleet:
         site_rate...); ``env`` adds variables (e.g. libfaketime's); ``extra`` adds options of `serve`
         (``--http ADDR --http-tls``)."""
         store = store or self.root / name
+        trust = self._node_trust(coordinator)
+        if trust is not None and not _enrolled_elsewhere(store, trust):
+            trust.node(store, name, site)
+            for user in _watched_users(config or store.parent / "xdg-config" / "cachepoint" / "config.toml"):
+                trust.assign(user, name)
+        else:
+            trust = None
         args = [sys.executable, "-m", "cachepoint", "serve", "--listen", listen, "--node-id", name]
         args += ["--site", site, "-v", *extra]
         if coordinator:
@@ -347,8 +450,12 @@ class Fleet:
         if config is not None:
             child_env["CACHEPOINT_CONFIG"] = str(config)
         child_env.update(env or {})
-        node: Node = self._spawn(name, args, child_env, Node, prefix, store=store, node_id=name, site=site)
+        node: Node = self._spawn(
+            name, args, child_env, Node, prefix, store=store, node_id=name, site=site, trust=trust
+        )
         assert node.ready.get("node_id") == name, node.ready
+        if trust is not None:
+            tls.serve(node.address, trust, peer=True)
         return node
 
     def serve_store(self, name: str, store: Path, *args: str, config: Path | None = None) -> Node:
@@ -426,6 +533,29 @@ class Fleet:
         wait_until(f"the coordinator to list {node_id} holding {version}", probe, timeout, logs=self.logs)
 
 
+def _enrolled_elsewhere(store: Path, trust: tls.Trust) -> bool:
+    """A store the test enrolled itself (an identity the harness did not issue): left as it is."""
+    directory = store / tls.IDENTITY
+    return (directory / "cert.pem").exists() and not trust.issued(directory)
+
+
+def _watched_users(config: Path | None) -> list[str]:
+    """The users whose directories a daemon's settings file watches (``watch = ["alice=/home/alice",
+    "user/bob/profile=/srv/p"]``): its node must be assigned them to commit their versions."""
+    if config is None or not config.exists():
+        return []
+    try:
+        settings = tomllib.loads(config.read_text())
+    except (OSError, ValueError):
+        return []
+    users = []
+    for entry in settings.get("watch", []):
+        target = str(entry).partition("=")[0]
+        parts = target.split("/")
+        users.append(parts[1] if parts[0] == "user" and len(parts) > 1 else target)
+    return [u for u in users if u]
+
+
 # -- a bandwidth-capped loopback proxy ---------------------------------------------------------------
 
 
@@ -451,6 +581,10 @@ class ThrottledProxy:
         self._thread.start()
         if not self._ready.wait(10) or self._error is not None:
             raise RuntimeError(f"proxy did not start: {self._error!r}")
+        # TLS passes through unchanged: a client of the proxy presents what the upstream asks for.
+        upstream = tls.served(f"{self.upstream[0]}:{self.upstream[1]}")
+        if upstream is not None:
+            tls.serve(self.address, upstream.trust, upstream.peer)
         return self
 
     def __exit__(self, *exc: object) -> None:

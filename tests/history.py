@@ -19,7 +19,9 @@ HOME = f"user/{USER}/home"
 
 def make_version(node: Node, home: Path, message: str) -> dict[str, Any]:
     """A new version of the user's home directory on a device: `cachepoint capture` through the
-    device's daemon, which queues it in the outbox for the coordinator."""
+    device's daemon, which queues it in the outbox for the coordinator. The device is assigned the user
+    first (with TLS, the coordinator takes the user's versions only from a device assigned to them)."""
+    node.assign(USER)
     return cli_json(node.store, "capture", home, "--user", USER, "-m", message)
 
 

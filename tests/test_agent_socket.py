@@ -23,6 +23,7 @@ import grpc
 import pytest
 
 from cachepoint.v1 import agent_pb2, agent_pb2_grpc, catalog_pb2, catalog_pb2_grpc
+from tests import tls
 from tests.conftest import REPO, cli_env, daemon, run_cli
 
 EXIT_INVALID, EXIT_BUSY = 4, 5
@@ -88,7 +89,7 @@ def test_the_peer_port_does_not_serve_the_agent_so_a_host_file_cannot_be_ingeste
     harmless.write_text("the owner's own file\n")
     with daemon(store) as ready:
         peer = str(ready["listening"])
-        with grpc.insecure_channel(peer) as ch:
+        with tls.channel(peer) as ch:  # a member of the fleet, when the peer port serves TLS
             stub = agent_pb2_grpc.AgentStub(ch)
             calls = {
                 "Ingest": lambda: stub.Ingest(

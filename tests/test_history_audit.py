@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import grpc
 import pytest
 
 from cachepoint.store import format as fmt
@@ -48,7 +47,7 @@ def test_admin_actions_are_audited_and_a_changed_record_on_disk_is_named(tmp_pat
         coordinator = fleet.coordinator(data=data)
         address = coordinator.address
         cli_json(admin, "publish", LAYER, image, "--coordinator", address, "--tag", "production")
-        with grpc.insecure_channel(address) as ch:
+        with fleet.channel(address, "publisher", name="rel") as ch:  # with TLS, the actor is its name
             catalog_pb2_grpc.CatalogStub(ch).SetTag(
                 catalog_pb2.SetTagRequest(
                     ref=version_pb2.Ref(layer=LAYER, number=1), tag="staging", actor="rel"

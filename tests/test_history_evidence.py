@@ -20,6 +20,7 @@ from cachepoint.v1 import history_pb2, history_pb2_grpc
 from coordinator.history.audit import GENESIS_HASH, AuditEntry, record_from_json, seal
 from coordinator.history.evidence import HashingReader, is_safe_member, member_name
 from coordinator.history.files import CHUNK_BYTES
+from tests import tls
 from tests.fleet import Fleet
 from tests.history import (
     USER,
@@ -191,7 +192,7 @@ def test_history_get_never_writes_outside_its_destination(fleet_with_history, tm
     assert symlink.code == 4 and "is a symlink" in symlink.err
 
     # The same refusals over gRPC and REST, and the coordinator keeps serving.
-    with grpc.insecure_channel(address) as ch:
+    with tls.channel(address) as ch:
         stub = history_pb2_grpc.HistoryStub(ch)
         with pytest.raises(grpc.RpcError) as err:
             next(

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import grpc
-
 from cachepoint.model import LayerKind, Manifest
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, version_pb2
 from cachepoint.wire import manifest_digest, manifest_to_bytes
@@ -143,7 +141,8 @@ def test_the_software_timeline_of_a_capture_shows_in_the_history(tmp_path):
     )
     with Fleet(tmp_path / "fleet") as fleet:
         address = fleet.coordinator().address
-        with grpc.insecure_channel(address) as ch:
+        fleet.assign(USER, "desk")  # with TLS, a user's versions come from a node assigned to them
+        with fleet.channel(address, "node", name="desk") as ch:
             catalog_pb2_grpc.CatalogStub(ch).Commit(request, timeout=10)
         (entry,) = history_json(address, "timeline", USER)["versions"]
         assert entry["labels"] == ["app installed: Programs/Editor"]

@@ -21,12 +21,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-import grpc
 import pytest
 
 from cachepoint.disk.nbd import protocol as nbd
 from cachepoint.rpc.channel import MAX_FETCH_IDS
 from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc
+from tests import tls
 from tests.conftest import cli_env, daemon, run_cli
 from tests.fleet import BLOCK, random_image, stored_block_ids
 from tests.test_nbd_protocol import connect, request, request_disc
@@ -191,14 +191,15 @@ def test_nbd_clients_stalled_mid_write_keep_the_daemon_under_its_memory_bound(tm
 # -- FetchBlocks streams nobody reads ------------------------------------------------------------
 
 
+VERSION = "os/base@1"  # what the blocks are asked for (with TLS, only a version's blocks are served)
 LOAD_SETTLE = 3.0  # seconds for 200 calls to reach the daemon and stall there (a bound, not a speed)
 
 
 def normal_fetch(address: str, ids: list[bytes]) -> int:
     """A peer that reads what it asked for: the number of blocks that came."""
-    with grpc.insecure_channel(address) as ch:
+    with tls.channel(address) as ch:
         stream = blocks_pb2_grpc.BlockExchangeStub(ch).FetchBlocks(
-            blocks_pb2.FetchBlocksRequest(ids=b"".join(ids)), timeout=60
+            blocks_pb2.FetchBlocksRequest(ids=b"".join(ids), version=VERSION), timeout=60
         )
         return sum(len(batch.blocks) for batch in stream)
 
@@ -212,10 +213,10 @@ async def while_unread(address: str, ids: list[bytes], count: int, measure: Call
         ("grpc.max_receive_message_length", 64 * MiB),
         ("grpc.use_local_subchannel_pool", 1),
     ]
-    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
+    channels = [tls.aio_channel(address, options=options) for _ in range(count)]
     calls = []
     try:
-        request = blocks_pb2.FetchBlocksRequest(ids=b"".join(ids))
+        request = blocks_pb2.FetchBlocksRequest(ids=b"".join(ids), version=VERSION)
         for ch in channels:
             calls.append(blocks_pb2_grpc.BlockExchangeStub(ch).FetchBlocks(request, timeout=120))
         await asyncio.sleep(LOAD_SETTLE)

@@ -70,8 +70,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         generate(image, 8 * MiB, seed=61)
         publish(root / "admin", coordinator.address, image, "production")
         channels = {
-            "coordinator": grpc.insecure_channel(coordinator.address),
-            "cachepoint": grpc.insecure_channel(cachepoint.address),
+            # With TLS: a publisher's identity (it pushes and commits os/ layers), at the peer port too.
+            "coordinator": fleet.channel(coordinator.address, "publisher"),
+            "cachepoint": fleet.channel(cachepoint.address, "publisher"),
         }
         try:
             yield Servers(fleet, coordinator, cachepoint, channels, root)
@@ -96,6 +97,16 @@ def blocks(servers: Servers, which: str) -> blocks_pb2_grpc.BlockExchangeStub:
 
 def catalog(servers: Servers, which: str = "coordinator") -> catalog_pb2_grpc.CatalogStub:
     return catalog_pb2_grpc.CatalogStub(servers.channel(which))
+
+
+def commit_request(layer: str, ids: list[bytes]) -> catalog_pb2.CommitRequest:
+    raw = single_file_manifest(ids)
+    return catalog_pb2.CommitRequest(
+        layer=layer,
+        kind=int(LayerKind.OS),
+        manifest=catalog_pb2.ManifestBlob(digest=manifest_digest(raw), manifest=raw),
+        author="test",
+    )
 
 
 def single_file_manifest(ids: list[bytes]) -> bytes:
@@ -152,7 +163,15 @@ def test_a_pushed_block_whose_bytes_do_not_match_its_id_is_rejected_and_not_stor
     response = stub.PushBlocks(iter([batch]), timeout=DEADLINE)
     assert response.rejected == bad_id
     assert response.accepted == 1
-    present = stub.HasBlocks(blocks_pb2.HasBlocksRequest(ids=good_id + bad_id), timeout=DEADLINE).present
+    # A commit names only blocks the coordinator holds (HasBlocks answers, with TLS, only for blocks of
+    # a version): one of the two is missing, and the good one alone makes a version.
+    both = commit_request("os/pushed-both", [good_id, bad_id])
+    err = rpc_error(lambda: catalog(servers).Commit(both, timeout=DEADLINE))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
+    assert err.details().startswith("1 of the blocks"), "a block that failed verification was stored"
+    catalog(servers).Commit(commit_request("os/pushed-good", [good_id]), timeout=DEADLINE)
+    request = blocks_pb2.HasBlocksRequest(ids=good_id + bad_id, version="os/pushed-good@1")
+    present = stub.HasBlocks(request, timeout=DEADLINE).present
     assert present[0] & 0b01, "the good block of the same push was not stored"
     assert not present[0] & 0b10, "a block that failed verification was stored"
     servers.assert_serving()
@@ -256,8 +275,12 @@ def test_watch_after_a_position_beyond_the_log_is_out_of_range(servers: Servers)
 
 
 def test_heartbeat_from_an_unknown_node_is_not_found(servers: Servers) -> None:
-    stub = fleet_pb2_grpc.FleetStub(servers.channel("coordinator"))
-    err = rpc_error(lambda: stub.Heartbeat(fleet_pb2.HeartbeatRequest(node_id="nobody"), timeout=DEADLINE))
+    # With TLS a heartbeat comes from a node, here one of the fleet that never registered.
+    with servers.fleet.channel(servers.coordinator.address, "node", name="nobody") as ch:
+        stub = fleet_pb2_grpc.FleetStub(ch)
+        err = rpc_error(
+            lambda: stub.Heartbeat(fleet_pb2.HeartbeatRequest(node_id="nobody"), timeout=DEADLINE)
+        )
     assert err.code() == grpc.StatusCode.NOT_FOUND
     assert "nobody" in err.details()
     servers.assert_serving()

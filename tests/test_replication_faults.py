@@ -105,7 +105,7 @@ def test_a_peer_serving_corrupted_blocks_is_dropped_and_no_bad_block_is_stored(
     liar = LyingPeer(stored_values(admin, ids))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     blocks_pb2_grpc.add_BlockExchangeServicer_to_server(liar, server)
-    liar_address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    liar_address = fleet.add_port(server, "liar")
     server.start()
 
     # The puller is a plain `cachepoint pull`; its fleet identity is its device name. Registering that
@@ -116,7 +116,9 @@ def test_a_peer_serving_corrupted_blocks_is_dropped_and_no_bad_block_is_stored(
     puller = home / "store"
 
     stop_heartbeats = threading.Event()
-    channel = grpc.insecure_channel(coordinator.address)
+    # With TLS each node registers under its own certificate's name.
+    channel = fleet.channel(coordinator.address, "node", name="liar")
+    puller_channel = fleet.channel(coordinator.address, "node", name="puller")
     fleet_stub = fleet_pb2_grpc.FleetStub(channel)
     holds_v1 = fleet_pb2.HeartbeatRequest(node_id="liar", complete=[version_pb2.Ref(layer=LAYER, number=1)])
 
@@ -135,8 +137,10 @@ def test_a_peer_serving_corrupted_blocks_is_dropped_and_no_bad_block_is_stored(
         # The puller serves nothing; its registered address is one where nothing listens.
         puller_node = fleet_pb2.NodeInfo(node_id="puller", site="a", address=f"127.0.0.1:{free_port()}")
         liar_node = fleet_pb2.NodeInfo(node_id="liar", site="a", address=liar_address)
-        for node in (puller_node, liar_node):
-            fleet_stub.Register(fleet_pb2.RegisterRequest(node=node), timeout=10)
+        fleet_pb2_grpc.FleetStub(puller_channel).Register(
+            fleet_pb2.RegisterRequest(node=puller_node), timeout=10
+        )
+        fleet_stub.Register(fleet_pb2.RegisterRequest(node=liar_node), timeout=10)
         beater.start()
         fleet.wait_fleet_holds(coordinator.address, "liar", f"{LAYER}@1")
         run = cachepoint_cli(puller, "pull", PRODUCTION, "--from", coordinator.address, "--json")
@@ -146,6 +150,7 @@ def test_a_peer_serving_corrupted_blocks_is_dropped_and_no_bad_block_is_stored(
             beater.join(15)
         server.stop(grace=None)
         channel.close()
+        puller_channel.close()
 
     result: dict[str, Any] = run.json()
     assert liar.requests > 0 and liar.corrupted > 0, "the liar was never asked: the test proves nothing"
@@ -186,6 +191,7 @@ def test_a_pull_killed_mid_transfer_keeps_its_verified_blocks_and_the_next_pull_
     assert total == 512  # random data: every block distinct, none a hole
     publish(tmp_path / "admin", coordinator.address, image, "production")
     puller = tmp_path / "puller"
+    fleet.identity(puller)  # the pull below is a child of its own, not run_cli
 
     # 32 MiB at 8 MiB/s takes ~4 s through the proxy: long enough to land a kill in the middle.
     with ThrottledProxy(coordinator.address, 8 * MiB) as proxy:

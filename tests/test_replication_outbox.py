@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import grpc
-
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, version_pb2
 from tests.fleet import Fleet, Node, cachepoint_cli, free_port, wait_until
 from tests.fleet import coordinator_versions as fleet_versions
@@ -27,7 +25,9 @@ def write_home(root: Path, files: dict[str, str]) -> Path:
 
 
 def ingest_on(node: Node, path: Path, message: str) -> dict[str, object]:
-    """`cachepoint ingest` on a store its daemon holds: the command goes through the daemon."""
+    """`cachepoint ingest` on a store its daemon holds: the command goes through the daemon (whose node
+    is assigned the user, with TLS the coordinator's condition for taking the user's versions)."""
+    node.assign(HOME.split("/")[1])
     return dict(cachepoint_cli(node.store, "ingest", HOME, path, "-m", message, "--json").json())  # type: ignore[arg-type]
 
 
@@ -76,7 +76,7 @@ def test_a_retried_commit_returns_the_first_version_instead_of_a_second(tmp_path
         ingest_on(laptop, write_home(home, {"a": "1"}), "one")
         wait_until("v1 delivered", lambda: len(coordinator_versions(coordinator.address)) == 1 or None, 30)
         v1 = coordinator_versions(coordinator.address)[0]
-        with grpc.insecure_channel(coordinator.address) as ch:
+        with fleet.channel(coordinator.address, "node", name="laptop") as ch:
             catalog = catalog_pb2_grpc.CatalogStub(ch)
             blob = catalog.GetManifest(catalog_pb2.GetManifestRequest(digest=v1.manifest_digest), timeout=10)
             assert hashlib.sha256(blob.manifest).digest() == v1.manifest_digest
@@ -101,6 +101,9 @@ def test_two_devices_that_made_versions_apart_both_keep_theirs_with_parents_that
         ingest_on(desk_node, write_home(desk, {"profile.ini": "theme=dark"}), "from the desk")
         wait_until("v1 delivered", lambda: len(coordinator_versions(address)) == 1 or None, 30)
         # The laptop starts from the coordinator's v1, fetched before its daemon takes the store.
+        # (With TLS the pull presents the laptop's node identity: a node assigned alice reads her layer.)
+        fleet.identity(tmp_path / "fleet" / "laptop", "node")
+        fleet.assign("alice", "laptop")
         cachepoint_cli(tmp_path / "fleet" / "laptop", "pull", f"{HOME}@1", "--from", address)
         laptop = fleet.cachepoint("laptop", address, subscribe=())
 

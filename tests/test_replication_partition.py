@@ -155,6 +155,7 @@ def test_a_partition_mid_pull_keeps_site_peers_serving_and_the_pull_resumes_with
     home = tmp_path / "home"
     home.mkdir()
     (home / "notes.txt").write_text("written during the partition")
+    b.assign("alice")  # with TLS, the coordinator takes alice's versions from a node assigned to her
     made = b.cli_json("ingest", HOME, home, "-m", "during the partition")
     assert made["version"] == 1
 

@@ -27,12 +27,15 @@ from cachepoint.rpc.serving import Server
 from cachepoint.rpc.streams import peer_host
 from cachepoint.slots import SlotLimits
 from cachepoint.store.store import Store
+from cachepoint.trust.identity import Identity
 from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc
+from tests import tls
 from tests.conftest import run_cli
 from tests.fleet import random_image, stored_block_ids
 
 MiB = 1 << 20
 TIMEOUT = 30.0  # every call and wait is bounded by this
+VERSION = "os/base@1"
 
 
 @dataclass
@@ -61,10 +64,19 @@ def blocks_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[byt
     return root / "store", sorted(stored_block_ids(image))
 
 
+def node_credentials(root: Path) -> tuple[tls.Trust | None, grpc.ServerCredentials | None]:
+    """With the harness's TLS on, a node identity of a CA of its own, served as the daemon serves it."""
+    if not tls.ENABLED:
+        return None, None
+    trust = tls.Trust.for_data(root / "ca-data")
+    return trust, Identity.load(trust.node(root / "node", "node", "")).server_credentials()
+
+
 @pytest.fixture
 def serve(blocks_dir: tuple[Path, list[bytes]]) -> Iterator[Any]:
     """start(limits) -> Served: a node's gRPC server (as the daemon builds it) with BlockExchange."""
     store = Store.open(blocks_dir[0], writable=False)
+    trust, credentials = node_credentials(blocks_dir[0].parent)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="grpc-test-loop", daemon=True)
     thread.start()
@@ -74,13 +86,15 @@ def serve(blocks_dir: tuple[Path, list[bytes]]) -> Iterator[Any]:
         service = BlockExchangeService(store, ServeCounters(), accepts_pushes=False, fetch_limits=limits)
 
         async def begin() -> str:
-            server = Server(listen, "cachepoint.v1.BlockExchange", node=True)
+            server = Server(listen, "cachepoint.v1.BlockExchange", node=True, credentials=credentials)
             server.add(lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(service, s))
             servers.append(server)
             return await server.start()
 
         served = Served("", service, blocks_dir[1], loop)
         served.address = served.call(begin())
+        if trust is not None:
+            tls.serve(served.address, trust, peer=True)
         return served
 
     try:
@@ -96,9 +110,9 @@ def serve(blocks_dir: tuple[Path, list[bytes]]) -> Iterator[Any]:
 
 def fetch(address: str, ids: list[bytes]) -> int:
     """A normal caller: every block it asked for, read to the end; returns how many came."""
-    with grpc.insecure_channel(address) as ch:
+    with tls.channel(address) as ch:
         stream = blocks_pb2_grpc.BlockExchangeStub(ch).FetchBlocks(
-            blocks_pb2.FetchBlocksRequest(ids=b"".join(ids)), timeout=TIMEOUT
+            blocks_pb2.FetchBlocksRequest(ids=b"".join(ids), version=VERSION), timeout=TIMEOUT
         )
         return sum(len(batch.blocks) for batch in stream)
 
@@ -108,12 +122,12 @@ def unread_fetches(address: str, ids: list[bytes], count: int) -> Iterator[list[
     """``count`` FetchBlocks calls, each on its own connection with a small receive window, started
     and never read; cancelled and closed on exit."""
     options = [("grpc.http2.bdp_probe", 0), ("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.insecure_channel(address, options=options) for _ in range(count)]
+    channels = [tls.channel(address, options=options) for _ in range(count)]
     calls = []
     try:
+        request = blocks_pb2.FetchBlocksRequest(ids=b"".join(ids), version=VERSION)
         for ch in channels:
-            stub = blocks_pb2_grpc.BlockExchangeStub(ch)
-            calls.append(stub.FetchBlocks(blocks_pb2.FetchBlocksRequest(ids=b"".join(ids)), timeout=TIMEOUT))
+            calls.append(blocks_pb2_grpc.BlockExchangeStub(ch).FetchBlocks(request, timeout=TIMEOUT))
         yield calls
     finally:
         for call in calls:
@@ -188,7 +202,7 @@ def test_a_fetch_over_the_limit_goes_ahead_once_a_slot_frees(serve) -> None:
 
 def test_a_daemon_refuses_a_message_larger_than_any_request_it_takes(serve) -> None:
     served = serve(channel.NODE_FETCH_LIMITS)
-    with grpc.insecure_channel(served.address) as ch:
+    with tls.channel(served.address) as ch:
         request = blocks_pb2.HasBlocksRequest(ids=bytes(channel.NODE_MAX_RECEIVE + MiB))
         with pytest.raises(grpc.RpcError) as caught:
             blocks_pb2_grpc.BlockExchangeStub(ch).HasBlocks(request, timeout=TIMEOUT)

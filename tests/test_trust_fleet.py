@@ -427,7 +427,7 @@ def test_a_daemon_keeps_serving_across_the_renewal_of_its_certificate(tmp_path: 
 
 
 def test_plaintext_stays_the_default_without_a_ca(tmp_path: Path) -> None:
-    with Fleet(tmp_path) as fleet:
+    with Fleet(tmp_path, tls_on=False) as fleet:  # the harness's own fleets have a CA unless told
         coordinator = fleet.coordinator()
         assert "enroll" not in coordinator.ready
         assert not (data_of(fleet) / "ca").exists()

@@ -106,7 +106,15 @@ def pull_cmd(ctx: Context, ref: str, origin: str, wan_rate: str | None, as_json:
         with progress_bar(f"pull {ref}", not as_json, unit="blocks") as progress:
             limits = class_limits(wan_rate or ctx.settings.wan_rate, ctx.settings.site_rate)
             result = asyncio.run(
-                pull(store, parsed, origin, node_id=ctx.device, progress=progress, limits=limits)
+                pull(
+                    store,
+                    parsed,
+                    origin,
+                    node_id=ctx.device,
+                    progress=progress,
+                    limits=limits,
+                    origin_may_be_node=True,  # --from: "a coordinator or a peer"
+                )
             )
     if as_json:
         emit_json(result.as_json())

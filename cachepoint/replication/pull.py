@@ -83,6 +83,8 @@ async def find_peers(ch: grpc.aio.Channel, node_id: str, info: VersionInfo, own_
     if found is not None and info.parent:
         named = {source.name for source in found}
         parent_holders = await _holders(ch, node_id, info.layer, info.parent) or []
+        for source in parent_holders:
+            source.holds = f"{info.layer}@{info.parent}"
         found += [source for source in parent_holders if source.name not in named]
     return [source for source in found or [] if source.address != own_address]
 
@@ -162,6 +164,8 @@ async def pull(
     avoid: set[str] | frozenset[str] = frozenset(),
     account: Callable[[list[Source]], None] | None = None,
     room: RoomFn | None = None,
+    origin_may_be_node: bool = False,
+    node_origin: bool = False,
     share: bool = False,
     partial: PartialFn | None = None,
 ) -> PullResult:
@@ -170,10 +174,15 @@ async def pull(
     was fetched from each, and a pull that fails half-way has still moved those bytes.
     ``room``: asked before each batch is stored (see Fetcher); what it raises ends the pull, which
     unpins its blocks: a later GC may collect them, and the next pull fetches only what is missing.
+    With TLS ``origin`` is checked as the coordinator (its certificate names the address dialled).
+    ``origin_may_be_node``: the user named it (`pull --from`, "a coordinator or a peer"), so one whose
+    certificate does not name the address is asked again as a node of the fleet (``node_origin``:
+    checked for the name every node's certificate carries). Never for a daemon's own coordinator,
+    where a node of the fleet at its address must not pass for it.
     ``share``: when no node of this site holds the version complete, share its WAN fetch with the
     site's other pullers of it (docs/design.md "Site fan-out"); False: fetch alone, as a CLI pull."""
     try:
-        async with channel.channel(origin) as ch:
+        async with channel.channel(origin, peer=node_origin) as ch:
             catalog = catalog_pb2_grpc.CatalogStub(ch)
             info = await resolve(catalog, ref)
             tags = (ref.tag,) if ref.tag else ()
@@ -208,7 +217,7 @@ async def pull(
                         peers = [peer for peer in peers if peer.name not in named] + pullers
                         limits = site_budget(limits, len(pullers) + 1)
                     sources += [peer for peer in peers if peer.address not in avoid]
-                sources.append(Source("origin", origin, SourceClass.ORIGIN))
+                sources.append(Source("origin", origin, SourceClass.ORIGIN, node_origin=node_origin))
                 result = PullResult(info, planned_blocks=len(missing), sources=sources)
                 fetcher = Fetcher(
                     store,
@@ -233,4 +242,29 @@ async def pull(
                     sharing(info, None)
             return result
     except grpc.RpcError as err:
+        # (The handshake fails at the first call, Resolve: nothing was done yet.)
+        if origin_may_be_node and not node_origin and _not_the_coordinators_name(err):
+            return await pull(
+                store,
+                ref,
+                origin,
+                node_id=node_id,
+                own_address=own_address,
+                progress=progress,
+                extra_sources=extra_sources,
+                limits=limits,
+                avoid=avoid,
+                account=account,
+                room=room,
+                share=share,
+                partial=partial,
+                node_origin=True,
+            )
         raise from_rpc_error(err, origin) from err
+
+
+def _not_the_coordinators_name(err: grpc.RpcError) -> bool:
+    """With TLS: the origin's certificate does not name the address dialled (it is no coordinator)."""
+    if channel.identity() is None or not isinstance(err, grpc.aio.AioRpcError):
+        return False
+    return err.code() == grpc.StatusCode.UNAVAILABLE and "Hostname Verification" in (err.details() or "")

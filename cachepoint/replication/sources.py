@@ -52,6 +52,10 @@ class Source:
     counters: SourceCounters = field(default_factory=SourceCounters)
     dropped: str = ""  # why this source is no longer used in this pull
     sent_corrupt: bool = False  # it sent bytes that do not hash to their id: not to be trusted for a while
+    node_origin: bool = False  # an origin that is a node of the fleet (`pull --from PEER`): checked as a peer
+    # A peer that holds another version than the one pulled (its parent): named in its requests, as a
+    # peer with TLS answers only for blocks of a version it holds (block_access.py).
+    holds: str = ""
     # A site peer pulling the same version now: it holds only part of it, and is asked only for the
     # blocks it fetches across the WAN for the site (cachepoint/replication/rendezvous.py).
     puller: bool = False
@@ -64,7 +68,9 @@ class Source:
     def stub(self) -> blocks_pb2_grpc.BlockExchangeStub:
         if self._channel is None:
             self._channel = channel.channel(
-                self.address, peer=self.source_class != SourceClass.ORIGIN, max_receive=FETCH_MAX_MESSAGE
+                self.address,
+                peer=self.source_class != SourceClass.ORIGIN or self.node_origin,
+                max_receive=FETCH_MAX_MESSAGE,
             )
         return blocks_pb2_grpc.BlockExchangeStub(self._channel)
 
@@ -74,7 +80,8 @@ class Source:
         """Stream (id, stored value) batches; a gap longer than ``stall`` seconds raises TimeoutError.
         ``version`` ("LAYER@N"): the version the blocks are of (a server with TLS answers only for
         blocks of a version the caller may read)."""
-        call = self.stub().FetchBlocks(blocks_pb2.FetchBlocksRequest(ids=b"".join(ids), version=version))
+        request = blocks_pb2.FetchBlocksRequest(ids=b"".join(ids), version=self.holds or version)
+        call = self.stub().FetchBlocks(request)
         try:
             while True:
                 # call.read(), not the call's async iterator under wait_for: that pattern keeps the
