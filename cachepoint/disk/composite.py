@@ -168,6 +168,10 @@ class CompositeDisk:
         warm = self._read(offset, length, warm_only=True)
         if warm is not None:
             return warm
+        return await self.read_cold(offset, length)
+
+    async def read_cold(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """``read`` in a thread, without trying memory first (the caller just did: read_warm)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(_COLD_READERS, self.read_sync, offset, length)
 

@@ -184,6 +184,7 @@ async def transmit(
                     task.add_done_callback(running.discard)
                     continue
                 hold.give_back()
+                request.warm_tried = True
             try:
                 # Taken before the payload is read: while a budget is full this loop reads nothing
                 # more from the socket, and the client waits in TCP, not in our memory.
@@ -265,6 +266,7 @@ class _Request:
     offset: int
     length: int
     data: bytearray | None = None  # a WRITE's payload, once read
+    warm_tried: bool = False  # a READ that read_warm could not answer: straight to read_cold
 
     async def serve(self, out: _Output, hold: _Hold) -> None:
         try:
@@ -354,7 +356,9 @@ class _Request:
             return self._error(code, str(err))
 
     async def _read(self) -> Reply:
-        payload = await self.chosen.device.read(self.offset, self.length) if self.length else b""
+        device = self.chosen.device
+        read = getattr(device, "read_cold", device.read) if self.warm_tried else device.read
+        payload = await read(self.offset, self.length) if self.length else b""
         if len(payload) != self.length:
             log.error("nbd: device returned %d bytes for a %d-byte read", len(payload), self.length)
             return self._error(p.EIO, "short read")
