@@ -53,6 +53,12 @@ web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 """
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used: on a shared machine, steadier than wall time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _nbdcopy(uri: str, out: Path) -> list[float]:
     """``nbdcopy --connections=4`` of the export into a file (multi-conn: four connections at once)."""
     cmd = ["nbdcopy", "--connections=4", uri, str(out)]
@@ -147,9 +153,13 @@ def measure(
         uri = next(u for u in json.loads(attached)["nbd_uris"] if u.startswith("nbd://"))
         warm(image)
         copy = work / "out.img"
+        before = _cpu_seconds(proc.pid)
         nbd = _convert(uri, copy, "qemu-img from NBD")
+        nbd_cpu = (_cpu_seconds(proc.pid) - before) / (RUNS + 1)  # the warm-up is a whole copy too
         raw = _convert(str(image), copy, "qemu-img from the raw file")
+        before = _cpu_seconds(proc.pid)
         nbdcopy = _nbdcopy(uri, copy) if shutil.which("nbdcopy") else []
+        nbdcopy_cpu = (_cpu_seconds(proc.pid) - before) / (RUNS + 1) if nbdcopy else None
         _run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(copy)], "check copy")
         identical = _sha256(copy) == _sha256(image)
         remove(copy)
@@ -162,6 +172,8 @@ def measure(
             "nbd_mib_s": size / MiB / min(nbd),
             "raw_mib_s": size / MiB / min(raw),
             "nbd_share": min(raw) / min(nbd),
+            "nbd_daemon_cpu_s_per_copy": nbd_cpu,
+            "nbdcopy_daemon_cpu_s_per_copy": nbdcopy_cpu,
             "nbdcopy_seconds": nbdcopy,
             "nbdcopy_mib_s": size / MiB / min(nbdcopy) if nbdcopy else None,
             "nbd_copy_identical": identical,
