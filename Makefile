@@ -38,6 +38,8 @@ test: $(STAMP) test-tools
 bench: $(STAMP) test-tools
 	command -v rsync >/dev/null || (apt-get update -qq && apt-get install -y -qq rsync) \
 		|| echo "could not install rsync: the rsync comparison will be reported as not measured" >&2
+	command -v casync >/dev/null || (apt-get update -qq && apt-get install -y -qq casync) \
+		|| echo "could not install casync: the casync comparison will be reported as not measured" >&2
 	$(BIN)/python -m bench.run
 
 proto: $(STAMP)

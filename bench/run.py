@@ -19,6 +19,7 @@ from bench.ceiling import ceiling, census
 from bench.harness import Bench, Section, SectionFn, human_bytes, parse_size, remove, verdict
 from bench.ingest_bench import clones, first_ingest, reingest
 from bench.nbd_bench import nbd_read
+from bench.real_image_bench import real_image
 from bench.replication_bench import delta_sync
 from bench.report import render, write_atomic
 
@@ -26,7 +27,16 @@ HERE = Path(__file__).resolve().parent
 QUICK_SIZE = "64M"
 
 # Order matters: a section may use figures of those before it (the ingest targets use the ceiling).
-SECTIONS: list[SectionFn] = [ceiling, first_ingest, reingest, clones, delta_sync, nbd_read, capture_recapture]
+SECTIONS: list[SectionFn] = [
+    ceiling,
+    first_ingest,
+    reingest,
+    clones,
+    delta_sync,
+    nbd_read,
+    capture_recapture,
+    real_image,
+]
 
 
 def _size(text: str) -> int:

@@ -4,6 +4,8 @@ The TOML keys are the field names, e.g.::
 
     store = "/var/lib/cachepoint"
     block_size = "64K"
+    chunking = "content"
+    chunk_average = "32K"
     author = "image-team"
     device = "build-01"
     # for `cachepoint serve`
@@ -57,7 +59,16 @@ class Settings:
     store: str = ""
     """The store directory (holds ``db/``). Default: $XDG_DATA_HOME/cachepoint."""
     block_size: str = "64K"
-    """Block size of new layers: a power of two from 4K to 4M."""
+    """Block size of new layers with fixed chunking: a power of two from 4K to 4M."""
+    chunking: str = "fixed"
+    """How `ingest` and `publish` cut a new disk-image layer: "fixed" (block_size blocks on a fixed
+    grid: stackable under other layers and a user layer) or "content" (chunks on chunk_unit
+    boundaries chosen by content, chunk_average long on average: the same file data at any aligned
+    offset gives the same chunks; attached alone, read-only). Trees always use fixed blocks."""
+    chunk_average: str = "32K"
+    """Average chunk length of new content-chunked layers: a power of two, 2 units to 1M."""
+    chunk_unit: str = "4K"
+    """Content chunks start and end on multiples of this (the guest file system's block size)."""
     author: str = ""
     """Recorded as the author of new versions. Default: the login name."""
     device: str = ""

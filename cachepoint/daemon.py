@@ -180,6 +180,7 @@ class Daemon:
         # the peer port applies (cachepoint/trust/fleet_view.py); its guard ends revoked open calls.
         self.fleet_view = FleetView()
         self.peer_guard: Guard | None = None
+        self.version_blocks: VersionBlocks | None = None  # what the peer port answers for, with TLS
 
     # -- pulls ---------------------------------------------------------------------------------
 
@@ -199,6 +200,8 @@ class Daemon:
                     avoid=self._avoided(),
                     account=self._account,  # a pull that fails half-way is counted too
                     room=self.gate.check,
+                    share=True,  # with the site's other pullers of the version (docs/design.md)
+                    partial=self._partial,
                 )
             except PullsPaused as err:
                 self.gate.note_paused(err)
@@ -213,6 +216,10 @@ class Daemon:
                 ", ".join(f"{s.name}={s.counters.blocks}" for s in result.sources),
             )
         return result
+
+    def _partial(self, info: VersionInfo, ids: frozenset[bytes] | None) -> None:
+        if self.version_blocks is not None:
+            self.version_blocks.pulling(info.layer, info.number, ids)
 
     async def open_remote(self, ref: Ref) -> tuple[VersionInfo, Manifest, BlockSource]:
         """Resolve ``ref`` at the coordinator for a lazy boot: the version, its manifest, and the
@@ -586,12 +593,13 @@ class Daemon:
             self.settings.listen, "cachepoint.v1.BlockExchange", credentials, interceptors, node=True
         )
         store = self.store
+        self.version_blocks = VersionBlocks(store)
         blocks = BlockExchangeService(
             store,
             self.serve_counters,
             accepts_pushes=False,
             fetch_limits=channel.NODE_FETCH_LIMITS,
-            answerable=peer_answers(VersionBlocks(store), users_of),
+            answerable=peer_answers(self.version_blocks, users_of),
         )
         catalog = CatalogReadService(store, peer_reader(users_of))
         server.add(lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(blocks, s))

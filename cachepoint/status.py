@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from cachepoint.errors import NotFound, StoreBusy
+from cachepoint.errors import InvalidInput, NotFound, StoreBusy
 from cachepoint.layers.ingest import IngestOptions
 from cachepoint.rpc.agent_socket import agent_channel
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
@@ -41,6 +41,12 @@ async def daemon_status(store: Path) -> agent_pb2.StatusResponse:
 
 async def ingest_via_daemon(store: Path, path: Path, options: IngestOptions) -> dict[str, object]:
     """Ask the daemon that holds ``store`` to ingest ``path`` (a path on this host)."""
+    if options.chunking is not None:
+        # The Agent's IngestRequest has no chunking field yet: refuse rather than cut another way.
+        raise InvalidInput(
+            f"--chunking cannot be passed to the daemon that holds {store}: ingest while it is stopped "
+            "(a layer keeps its chunking, so later versions need no flag)"
+        )
     try:
         address = agent_socket(store)
     except NotFound as err:

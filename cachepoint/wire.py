@@ -8,13 +8,19 @@ from typing import TYPE_CHECKING, overload
 
 from cachepoint.blocks import raw_size
 from cachepoint.ids import Ref
-from cachepoint.model import ClassChanges, EntryType, FileEntry, LayerKind, Manifest, VersionInfo
+from cachepoint.model import Chunking, ClassChanges, EntryType, FileEntry, LayerKind, Manifest, VersionInfo
 from cachepoint.v1 import blocks_pb2, manifest_pb2, version_pb2
 
 if TYPE_CHECKING:
     from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 1  # fixed blocks: byte for byte what every version before content chunking wrote
+MANIFEST_FORMAT_CHUNKED = 2  # content chunks with an extent index per file
+SUPPORTED_MANIFEST_FORMATS = (MANIFEST_FORMAT, MANIFEST_FORMAT_CHUNKED)
+
+
+def _format_of(chunking: Chunking) -> int:
+    return MANIFEST_FORMAT_CHUNKED if chunking == Chunking.CONTENT else MANIFEST_FORMAT
 
 
 def _entry_to_pb(e: FileEntry) -> manifest_pb2.FileEntry:
@@ -26,15 +32,21 @@ def _entry_to_pb(e: FileEntry) -> manifest_pb2.FileEntry:
         mtime_ns=e.mtime_ns,
         symlink_target=e.target,
         blocks=e.blocks,
+        extents=e.extents,
     )
 
 
 def manifest_to_bytes(manifest: Manifest) -> bytes:
+    # Fields at their defaults are not serialized: a fixed manifest's bytes, and so its digest, are
+    # the same as before these fields existed.
     message = manifest_pb2.Manifest(
-        format=MANIFEST_FORMAT,
+        format=_format_of(manifest.chunking),
         block_size=manifest.block_size,
         single_file=manifest.single_file,
         entries=[_entry_to_pb(e) for e in manifest.entries],
+        chunking=int(manifest.chunking),
+        unit_size=manifest.unit_size,
+        chunk_average=manifest.chunk_average,
     )
     return message.SerializeToString(deterministic=True)
 
@@ -57,8 +69,19 @@ def _entry_type(value: int) -> EntryType:
 def _parse_manifest(serialized: bytes) -> manifest_pb2.Manifest:
     message = manifest_pb2.Manifest()
     message.ParseFromString(serialized)
-    if message.format != MANIFEST_FORMAT:
-        raise ValueError(f"manifest format {message.format} is not supported (expected {MANIFEST_FORMAT})")
+    if message.format not in SUPPORTED_MANIFEST_FORMATS:
+        raise ValueError(
+            f"manifest format {message.format} is not supported (this version reads "
+            f"{', '.join(map(str, SUPPORTED_MANIFEST_FORMATS))})"
+        )
+    try:
+        chunking = Chunking(message.chunking)
+    except ValueError:
+        raise ValueError(f"manifest chunking {message.chunking} is not supported") from None
+    if message.format != _format_of(chunking):
+        raise ValueError(f"manifest format {message.format} does not go with {chunking} chunking")
+    if chunking == Chunking.CONTENT and not message.unit_size:
+        raise ValueError("a content-chunked manifest must name its unit size")
     return message
 
 
@@ -71,15 +94,24 @@ def _entry_from_pb(e: manifest_pb2.FileEntry) -> FileEntry:
         mtime_ns=e.mtime_ns,
         target=e.symlink_target,
         blocks=e.blocks,
+        extents=e.extents,
     )
 
 
 def manifest_from_bytes(serialized: bytes) -> Manifest:
     message = _parse_manifest(serialized)
+    chunking = Chunking(message.chunking)
+    entries = tuple(_entry_from_pb(e) for e in message.entries)
+    for entry in entries:
+        if bool(entry.extents) != (chunking == Chunking.CONTENT and entry.block_count > 0):
+            raise ValueError(f"entry {entry.path!r}: an extent index goes with content chunking only")
     return Manifest(
         block_size=message.block_size,
         single_file=message.single_file,
-        entries=tuple(_entry_from_pb(e) for e in message.entries),
+        entries=entries,
+        chunking=chunking,
+        unit_size=message.unit_size,
+        chunk_average=message.chunk_average,
     )
 
 
@@ -112,6 +144,7 @@ class StoredManifest:
         self._message = _parse_manifest(serialized)
         self.block_size: int = self._message.block_size
         self.single_file: bool = self._message.single_file
+        self.chunking = Chunking(self._message.chunking)
         self.entries: Sequence[FileEntry] = _LazyEntries(self._message.entries)
 
     def columns(self) -> tuple[list[str], list[int], list[int], list[int], list[int]]:

@@ -140,3 +140,71 @@ def wan_link() -> Iterator[WanLink]:
         for ns in reversed(created):
             with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
                 ip("netns", "del", ns.name)
+
+
+# -- a site with a LAN: a bridge and one namespace per node ---------------------------------------------
+
+SITE_GATEWAY = f"{SUBNET}.1.254"
+BRIDGE = "lan"
+
+
+@dataclass
+class SiteLan:
+    """A datacenter, a site router joined to it by the WAN veth, and ``nodes`` node namespaces on the
+    site's bridge (each with its own veth and address, the router as gateway)::
+
+        [dc] wan 10.231.0.1 <== WAN veth (tbf) ==> wan 10.231.0.2 [router] lan (bridge) 10.231.1.254
+                                                                      |-- veth -- eth0 10.231.1.1 [node 1]
+                                                                      |-- veth -- eth0 10.231.1.2 [node 2] ...
+
+    Traffic between nodes crosses only the bridge; everything between a node and the datacenter crosses
+    the WAN veth, whose counters are the site's WAN bytes."""
+
+    wan: WanLink
+    nodes: list[Namespace]
+
+    @property
+    def dc(self) -> Namespace:
+        return self.wan.dc
+
+    def node_address(self, index: int) -> str:
+        """The LAN address of node ``index`` (from 1)."""
+        return f"{SUBNET}.1.{index}"
+
+    def add_node(self) -> tuple[Namespace, str]:
+        """One more node namespace on the bridge (a node that joins the site later); removed on exit."""
+        index = len(self.nodes) + 1
+        ns = Namespace(f"{self.wan.site.name}-n{index}")
+        ip("netns", "add", ns.name)
+        self.nodes.append(ns)
+        ip("-n", ns.name, "link", "set", "lo", "up")
+        port = f"n{index}"
+        ip("link", "add", "eth0", "netns", ns.name, "type", "veth", "peer", "name", port,
+           "netns", self.wan.site.name)  # fmt: skip
+        ip("-n", self.wan.site.name, "link", "set", port, "master", BRIDGE, "up")
+        address = self.node_address(index)
+        ip("-n", ns.name, "addr", "add", f"{address}/24", "dev", "eth0")
+        ip("-n", ns.name, "link", "set", "eth0", "up")
+        ip("-n", ns.name, "route", "add", "default", "via", SITE_GATEWAY)
+        return ns, address
+
+
+@contextlib.contextmanager
+def site_lan(nodes: int) -> Iterator[SiteLan]:
+    """``wan_link`` plus a bridged LAN of ``nodes`` node namespaces behind the site's end; every
+    namespace is removed on exit, failed or not (the caller stops its daemons first)."""
+    with wan_link() as link:
+        lan = SiteLan(link, [])
+        try:
+            router = link.site
+            ip("-n", router.name, "link", "add", BRIDGE, "type", "bridge")
+            ip("-n", router.name, "addr", "add", f"{SITE_GATEWAY}/24", "dev", BRIDGE)
+            ip("-n", router.name, "link", "set", BRIDGE, "up")
+            router.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+            for _ in range(nodes):
+                lan.add_node()
+            yield lan
+        finally:
+            for ns in reversed(lan.nodes):
+                with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                    ip("netns", "del", ns.name)

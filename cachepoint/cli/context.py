@@ -15,9 +15,9 @@ import click
 
 from cachepoint.config import Settings, parse_byte_size
 from cachepoint.console import when
-from cachepoint.errors import StoreBusy
+from cachepoint.errors import InvalidInput, StoreBusy
 from cachepoint.layers.ingest import default_author
-from cachepoint.model import LayerKind, VersionInfo
+from cachepoint.model import Chunking, LayerKind, VersionInfo
 from cachepoint.store.store import Store
 
 
@@ -68,6 +68,31 @@ message_option = click.option("-m", "--message", default="", help="What this ver
 block_size_option = click.option(
     "--block-size", default=None, help="Block size of a new layer: 4K..4M, a power of two [64K]."
 )
+chunking_option = click.option(
+    "--chunking",
+    type=click.Choice(["fixed", "content"]),
+    default=None,
+    help="How a new disk-image layer is cut: fixed blocks, or content-aligned chunks [config: chunking].",
+)
+
+
+def chunking_options(settings: Settings, flag: str | None) -> dict[str, Any]:
+    """IngestOptions fields for --chunking and the chunking, chunk_average and chunk_unit settings."""
+    from cachepoint.blocks import parse_block_size
+    from cachepoint.chunking import ChunkParams
+
+    try:
+        default = Chunking.parse(settings.chunking)
+    except ValueError as err:
+        raise InvalidInput(f"config chunking: {err}") from None
+    params = ChunkParams(parse_block_size(settings.chunk_unit), parse_block_size(settings.chunk_average))
+    return {
+        "chunking": Chunking.parse(flag) if flag else None,
+        "new_layer_chunking": default,
+        "chunk_params": params,
+    }
+
+
 tag_option = click.option(
     "--tag", "tags", multiple=True, help="Also point this tag at the new version (repeatable)."
 )

@@ -13,6 +13,8 @@ from cachepoint.cli.context import (
     Context,
     allow_same_option,
     block_size_option,
+    chunking_option,
+    chunking_options,
     kind_from_name,
     kind_option,
     message_option,
@@ -35,6 +37,7 @@ from cachepoint.progress import progress_bar
 @kind_option
 @message_option
 @block_size_option
+@chunking_option
 @tag_option
 @allow_same_option
 @json_option
@@ -48,6 +51,7 @@ def publish_cmd(
     kind: str | None,
     message: str,
     block_size: str | None,
+    chunking: str | None,
     tags: tuple[str, ...],
     allow_same: bool,
     as_json: bool,
@@ -65,6 +69,7 @@ def publish_cmd(
         device=ctx.device,
         block_size=parse_block_size(block_size) if block_size else None,
         new_layer_block_size=parse_block_size(ctx.settings.block_size),
+        **chunking_options(ctx.settings, chunking),
         tags=tags,
         allow_same=allow_same,
     )

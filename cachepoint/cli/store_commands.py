@@ -16,6 +16,8 @@ from cachepoint.cli.context import (
     Context,
     allow_same_option,
     block_size_option,
+    chunking_option,
+    chunking_options,
     kind_from_name,
     kind_option,
     message_option,
@@ -56,6 +58,7 @@ def init_cmd(ctx: Context, as_json: bool) -> None:
 @kind_option
 @message_option
 @block_size_option
+@chunking_option
 @tag_option
 @allow_same_option
 @json_option
@@ -68,6 +71,7 @@ def ingest_cmd(
     kind: str | None,
     message: str,
     block_size: str | None,
+    chunking: str | None,
     tags: tuple[str, ...],
     allow_same: bool,
     as_json: bool,
@@ -85,6 +89,7 @@ def ingest_cmd(
         device=ctx.device,
         block_size=requested,
         new_layer_block_size=parse_block_size(ctx.settings.block_size),
+        **chunking_options(ctx.settings, chunking),
         tags=tags,
         allow_same=allow_same,
     )

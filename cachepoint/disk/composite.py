@@ -127,10 +127,20 @@ class CompositeDisk:
         self.decoded = decoded  # blocks shared by every disk of a daemon (readcache.py)
         self.source = CachedSource(self.inner, decoded if decoded is not None else MemoryCache(CACHE_BYTES))
         self._zero_block = bytes(self._block_size)
+        # A content-chunked image (attached alone, read-only): reads find chunks by its extent index.
+        self._chunks = placed.entry if placed.entry.chunked else None
+        if self._chunks is not None and working is not None:
+            raise InvalidInput(
+                f"{stack[-1][0].ref} is content-chunked: it attaches read-only (a user layer needs "
+                "layers made with --chunking fixed)"
+            )
         if working is not None:
             self._check_working(working)
         self._view = _View.of(
-            placed.entry.blocks, working.entries if working else {}, self._size, self._block_size
+            b"" if self._chunks else placed.entry.blocks,
+            working.entries if working else {},
+            self._size,
+            self._block_size,
         )
 
     def _check_working(self, working: WorkingLayer) -> None:
@@ -207,6 +217,8 @@ class CompositeDisk:
         self._check_range(offset, length)
         if length == 0:
             return b""
+        if self._chunks is not None:
+            return self._read_chunks(self._chunks, offset, length, warm_only)
         bs = self._block_size
         first, last = offset // bs, (offset + length - 1) // bs
         span = bytearray((last - first + 1) * bs)  # zero-filled: holes need no work
@@ -221,6 +233,8 @@ class CompositeDisk:
         """Runs from ``offset`` as (bytes, reads as zeros), from the block ids alone (NBD block
         status): nothing is read or fetched, so a client can skip what is all zeros."""
         self._check_range(offset, length)
+        if self._chunks is not None:
+            return _chunk_zero_runs(self._chunks, self._block_size, offset, length, limit)
         view, bs, end = self._view, self._block_size, offset + length
         runs: list[tuple[int, bool]] = []
         pos, index = offset, offset // bs
@@ -314,6 +328,59 @@ class CompositeDisk:
             return False
         raise BlockMissing(BlockId(wanted[missing[0]][0]))
 
+    def _read_chunks(self, entry: FileEntry, offset: int, length: int, warm_only: bool) -> bytearray | None:
+        """``_read`` of a content-chunked image: the chunks under the range, by binary search of the
+        extent index, each copied in whole where the range covers it (else through a scratch copy)."""
+        bs, stop = self._block_size, offset + length
+        out = bytearray(length)  # zero-filled: holes need no work
+        view = memoryview(out)
+        targets: list[tuple[bytes, memoryview]] = []
+        partial: list[tuple[int, int, bytearray]] = []  # (chunk start, chunk end, scratch)
+        indexes = entry.blocks_between(offset, stop, bs)
+        for index in indexes:
+            digest = entry.digest_at(index)
+            if digest == HOLE_DIGEST:
+                continue
+            start, end = entry.span(index, bs)
+            if start >= offset and end <= stop:
+                targets.append((digest, view[start - offset : end - offset]))
+            else:
+                scratch = bytearray(end - start)
+                partial.append((start, end, scratch))
+                targets.append((digest, memoryview(scratch)))
+        if not self._fill_chunks(entry, targets, indexes.stop, warm_only):
+            return None
+        for start, end, scratch in partial:
+            lo, hi = max(start, offset), min(end, stop)
+            view[lo - offset : hi - offset] = memoryview(scratch)[lo - start : hi - start]
+        return out
+
+    def _fill_chunks(
+        self, entry: FileEntry, targets: list[tuple[bytes, memoryview]], after: int, warm_only: bool
+    ) -> bool:
+        """Copy each chunk into its target (of the chunk's length) from the source; on a lazy disk the
+        chunks after index ``after`` are the readahead of a fetch."""
+        if not targets:
+            return True
+        taken = {digest for digest, _ in targets}
+        also = self._chunk_readahead(entry, after, taken) if self.inner.far and not warm_only else ()
+        missing = self.source.read_into(targets, nowait=warm_only, also=also)
+        if not missing:
+            return True
+        if warm_only:
+            return False
+        raise BlockMissing(BlockId(targets[missing[0]][0]))
+
+    def _chunk_readahead(self, entry: FileEntry, start: int, taken: set[bytes]) -> list[bytes]:
+        ahead: list[bytes] = []
+        for index in range(start, min(start + READAHEAD_BLOCKS, entry.block_count)):
+            digest = entry.digest_at(index)
+            if digest == HOLE_DIGEST or digest in taken:
+                continue
+            taken.add(digest)
+            ahead.append(digest)
+        return ahead
+
     def _remember(self, digest: bytes, data: bytes) -> None:
         """Keep a block just written (named by its own digest) for the next read."""
         self.source.remember([(digest, data)])
@@ -405,3 +472,27 @@ class CompositeDisk:
         lower = composite_disks(stack).entry.blocks
         self.stack = stack
         self._view = _View.of(lower, self.working.reset(info.number), self._size, self._block_size)
+
+
+def _chunk_zero_runs(
+    entry: FileEntry, bs: int, offset: int, length: int, limit: int
+) -> list[tuple[int, bool]]:
+    """``zero_runs`` of a content-chunked image, from its extent index: a hole extent is one run."""
+    runs: list[tuple[int, bool]] = []
+    pos, end = offset, offset + length
+    index = entry.block_at(offset, bs)
+    while pos < end:
+        if index < entry.block_count:
+            zeros, stop = entry.digest_at(index) == HOLE_DIGEST, entry.span(index, bs)[1]
+        else:
+            zeros, stop = True, end  # past the ids: zeros
+        step = min(stop, end) - pos
+        if runs and runs[-1][1] == zeros:
+            runs[-1] = (runs[-1][0] + step, zeros)
+        elif len(runs) == limit:
+            break
+        else:
+            runs.append((step, zeros))
+        pos += step
+        index += 1
+    return runs

@@ -29,10 +29,18 @@ _ZEROS = memoryview(bytes(CHUNK_BYTES))
 def spans(placed: PlacedFile, wanted: ByteRange) -> Iterator[ByteRange]:
     """Split a range into spans of CHUNK_BYTES (or one block, for blocks larger than that) that end on
     block boundaries, so no block is read twice."""
-    step = max(1, CHUNK_BYTES // placed.block_size) * placed.block_size
+    entry, bs = placed.entry, placed.block_size
+    step = max(1, CHUNK_BYTES // bs) * bs
     pos = wanted.start
     while pos < wanted.stop:
         end = min(wanted.stop, (pos // step + 1) * step)
+        if entry.chunked and end < wanted.stop:
+            # Variable chunks: end where the chunk under ``end`` starts, or after it when it started
+            # before ``pos`` (chunks are at most block_size <= step long). Holes may be read twice.
+            index = entry.block_at(end, bs)
+            if index < entry.block_count and _digest(placed, index) != HOLE_DIGEST:
+                start, stop = entry.span(index, bs)
+                end = start if start > pos else min(wanted.stop, stop)
         yield ByteRange(pos, end)
         pos = end
 
@@ -43,31 +51,33 @@ def _digest(placed: PlacedFile, index: int) -> bytes:
 
 
 def is_all_holes(placed: PlacedFile, span: ByteRange) -> bool:
-    bs = placed.block_size
-    return all(_digest(placed, i) == HOLE_DIGEST for i in range(span.start // bs, (span.stop - 1) // bs + 1))
+    blocks = placed.entry.blocks_between(span.start, span.stop, placed.block_size)
+    return all(_digest(placed, i) == HOLE_DIGEST for i in blocks)
 
 
 def blocks_in(placed: PlacedFile, span: ByteRange) -> list[tuple[int, int, bytes]]:
     """(offset, length, id) of each stored block the span touches, in order: the one place that
-    finds blocks by offset."""
-    bs = placed.block_size
-    return [
-        (index * bs, bs, digest)
-        for index in range(span.start // bs, (span.stop - 1) // bs + 1)
-        if (digest := _digest(placed, index)) != HOLE_DIGEST
-    ]
+    finds blocks by offset (fixed blocks or the extent index of content chunks)."""
+    entry, bs = placed.entry, placed.block_size
+    found = []
+    for index in entry.blocks_between(span.start, span.stop, bs):
+        digest = _digest(placed, index)
+        if digest != HOLE_DIGEST:
+            start, end = entry.span(index, bs)
+            found.append((start, end - start, digest))
+    return found
 
 
 class _Span:
-    """A buffer over the whole blocks a span touches (zero-filled: holes, and the tail of a short
-    block, need no work), and where each stored block goes in it."""
+    """A buffer over the whole blocks a span touches (zero-filled: holes, and bytes past a block's
+    end, need no work), and where each stored block goes in it."""
 
     def __init__(self, placed: PlacedFile, span: ByteRange) -> None:
         blocks = blocks_in(placed, span)
-        bs = placed.block_size
-        self.base = span.start // bs * bs
+        self.base = min(span.start, blocks[0][0]) if blocks else span.start
+        end = max(span.stop, blocks[-1][0] + blocks[-1][1]) if blocks else span.stop
         self.span = span
-        self.buffer = bytearray(((span.stop - 1) // bs + 1) * bs - self.base)
+        self.buffer = bytearray(end - self.base)
         view = memoryview(self.buffer)
         self.wanted: list[Target] = [
             (digest, view[offset - self.base : offset - self.base + length])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from cachepoint.errors import InvalidInput
 from cachepoint.ids import DIGEST_SIZE, HOLE_DIGEST
 from cachepoint.layers.export import PlacedFile
-from cachepoint.model import EntryType, FileEntry, Manifest, VersionInfo
+from cachepoint.model import Chunking, EntryType, FileEntry, Manifest, VersionInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,16 @@ def composite_trees(stack: list[tuple[VersionInfo, Manifest]]) -> list[PlacedFil
 
 
 def composite_disks(stack: list[tuple[VersionInfo, Manifest]]) -> PlacedFile:
+    chunked = [info.ref for info, manifest in stack if manifest.chunking == Chunking.CONTENT]
+    if chunked and len(stack) == 1:
+        return PlacedFile(stack[0][1].entries[0], stack[0][1].block_size)
+    if chunked:
+        # Layering needs one grid for every layer; content chunks have none (yet): such a layer is
+        # attached and exported alone.
+        raise InvalidInput(
+            f"cannot composite {', '.join(chunked)} with other layers: content-chunked layers are "
+            "attached alone and read-only (make the layers below with --chunking fixed to stack them)"
+        )
     block_size = stack[0][1].block_size
     for info, manifest in stack:
         if manifest.block_size != block_size:

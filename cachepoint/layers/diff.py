@@ -33,8 +33,10 @@ class Diff:
 
 def changed_ranges(old: FileEntry, new: FileEntry, old_bs: int, new_bs: int) -> list[tuple[int, int]]:
     """Byte ranges of ``new`` that differ from ``old``, adjacent changed blocks merged."""
-    if old_bs != new_bs:
+    if old_bs != new_bs or old.chunked != new.chunked:
         return [(0, new.size)] if new.size else []
+    if new.chunked:
+        return _changed_chunk_ranges(old, new, new_bs)
     bs = new_bs
     old_ids, new_ids = old.digests(), new.digests()
     ranges: list[tuple[int, int]] = []
@@ -48,6 +50,27 @@ def changed_ranges(old: FileEntry, new: FileEntry, old_bs: int, new_bs: int) -> 
         else:
             ranges.append((start, end))
     if new.size < old.size:  # truncated: the tail that is gone is a change too
+        if ranges and ranges[-1][1] == new.size:
+            ranges[-1] = (ranges[-1][0], old.size)
+        else:
+            ranges.append((new.size, old.size))
+    return ranges
+
+
+def _changed_chunk_ranges(old: FileEntry, new: FileEntry, bs: int) -> list[tuple[int, int]]:
+    """``changed_ranges`` of content-chunked files: a chunk of ``new`` is unchanged where ``old`` has
+    the same id over the same bytes (holes: the same extent of zeros)."""
+    same = {(*old.span(i, bs), old.digest_at(i)) for i in range(old.block_count)}
+    ranges: list[tuple[int, int]] = []
+    for index in range(new.block_count):
+        start, end = new.span(index, bs)
+        if (start, end, new.digest_at(index)) in same:
+            continue
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], end)
+        else:
+            ranges.append((start, end))
+    if new.size < old.size:
         if ranges and ranges[-1][1] == new.size:
             ranges[-1] = (ranges[-1][0], old.size)
         else:

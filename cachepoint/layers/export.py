@@ -31,7 +31,8 @@ ProgressFn = Callable[[int, int], None]
 
 @dataclass(frozen=True, slots=True)
 class PlacedFile:
-    """A file to write: its entry and the block size its ids were cut with."""
+    """A file to write: its entry and the block size its ids were cut with (for content chunks, the
+    longest chunk: where each one lies is the entry's extent index, ``entry.span``)."""
 
     entry: FileEntry
     block_size: int
@@ -55,7 +56,8 @@ class ExportResult:
 
 def _jobs(fd: int, placed: PlacedFile) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
     per_job = max(1, JOB_BLOCKS_BYTES // placed.block_size)
-    blocks = [(i * placed.block_size, d) for i, d in enumerate(placed.entry.digests()) if d != HOLE_DIGEST]
+    entry, bs = placed.entry, placed.block_size
+    blocks = [(entry.span(i, bs)[0], d) for i, d in enumerate(entry.digests()) if d != HOLE_DIGEST]
     for start in range(0, len(blocks), per_job):
         yield fd, blocks[start : start + per_job]
 

@@ -22,11 +22,13 @@ from pathlib import Path
 import xxhash
 
 from cachepoint.blocks import DEFAULT_BLOCK_SIZE, encode_block, is_hole
-from cachepoint.errors import InvalidBlockSize, NotFound, SourceUnreadable
+from cachepoint.chunking import ChunkParams
+from cachepoint.errors import InvalidBlockSize, InvalidInput, NotFound, SourceUnreadable
 from cachepoint.ids import DIGEST_SIZE, HOLE_DIGEST, Ref, validate_layer_name, validate_tag
-from cachepoint.layers.source import SourceFile, scan
+from cachepoint.layers.chunked import cut_content, previous_chunks
+from cachepoint.layers.source import SourceFile, SourceTree, scan
 from cachepoint.layers.unchanged import named_by_all, same_content, target_tags
-from cachepoint.model import EntryType, FileEntry, LayerKind, Manifest, VersionInfo
+from cachepoint.model import Chunking, EntryType, FileEntry, LayerKind, Manifest, VersionInfo
 from cachepoint.store import format as fmt
 from cachepoint.store.catalog import PendingCommit
 from cachepoint.store.store import IngestPins, Store
@@ -50,6 +52,10 @@ class IngestOptions:
     device: str = ""
     block_size: int | None = None  # None: the layer's own, or new_layer_block_size for a new layer
     new_layer_block_size: int = DEFAULT_BLOCK_SIZE
+    # None: the layer's own, or new_layer_chunking for a new disk-image layer (trees are always FIXED).
+    chunking: Chunking | None = None
+    new_layer_chunking: Chunking = Chunking.FIXED
+    chunk_params: ChunkParams = field(default_factory=ChunkParams)  # a new CONTENT layer's
     tags: tuple[str, ...] = ()
     workers: int = 0  # 0: one per core
     allow_same: bool = False  # False: no new version when the target tag already names this content
@@ -421,6 +427,9 @@ def prepare(
     for tag in options.tags:
         validate_tag(tag)
     tree = scan(Path(path))
+    content = resolve_chunking(store, options, tree.single_file)
+    if content is not None:
+        return _prepare_content(store, tree, options, content, started, progress)
     block_size = resolve_block_size(store, options.layer, options.block_size, options.new_layer_block_size)
     prev, prev_digest = _previous_for(store, options.layer, block_size)
     cut = cut_files(
@@ -442,6 +451,95 @@ def prepare(
     stats.logical_bytes = manifest.logical_bytes
     stats.skipped = list(tree.skipped)
     return PreparedVersion(manifest, manifest_to_bytes(manifest), cut.prefilter, cut.pins, stats, started)
+
+
+def _latest_manifest(store: Store, layer: str) -> tuple[Manifest, bytes] | None:
+    record = store.catalog.layer_or_none(layer)
+    if record is None:
+        return None
+    info = store.catalog.version(layer, record.latest)
+    return store.catalog.manifest(info.manifest_digest), info.manifest_digest
+
+
+def resolve_chunking(store: Store, options: IngestOptions, single_file: bool) -> ChunkParams | None:
+    """The content-chunking parameters of this ingest, or None for fixed blocks. A layer keeps the
+    chunking it was made with (as it keeps its block size); a new disk image gets the requested or
+    the default one, a tree always fixed blocks (per-file chunks gain little for files cut alone)."""
+    latest = _latest_manifest(store, options.layer)
+    if latest is not None:
+        manifest = latest[0]
+        if options.chunking is not None and options.chunking != manifest.chunking:
+            raise InvalidInput(
+                f"layer {options.layer!r} uses {manifest.chunking} chunking; a layer's chunking is fixed"
+            )
+        if manifest.chunking != Chunking.CONTENT:
+            return None
+        if options.block_size is not None:
+            raise InvalidBlockSize(options.block_size, f"layer {options.layer!r} uses content chunking")
+        return ChunkParams(manifest.unit_size, manifest.chunk_average)
+    chunking = options.chunking if options.chunking is not None else options.new_layer_chunking
+    if chunking != Chunking.CONTENT or not single_file:
+        if options.chunking == Chunking.CONTENT and not single_file:
+            raise InvalidInput(f"content chunking is for disk images; {options.layer!r} would hold a tree")
+        return None
+    if options.block_size is not None:
+        raise InvalidBlockSize(options.block_size, "--block-size applies to fixed chunking only")
+    return options.chunk_params
+
+
+def _prepare_content(
+    store: Store,
+    tree: SourceTree,
+    options: IngestOptions,
+    params: ChunkParams,
+    started: float,
+    progress: ProgressFn | None,
+) -> PreparedVersion:
+    """Cut a disk image into content-aligned chunks (cachepoint/layers/chunked.py)."""
+    previous = {}
+    latest = _latest_manifest(store, options.layer)
+    if latest is not None and tree.files:
+        manifest, digest = latest
+        files = [i for i, e in enumerate(manifest.entries) if e.type == EntryType.FILE]
+        if len(files) == 1:  # a disk image keeps its identity when its file name changes
+            entry = manifest.entries[files[0]]
+            previous = previous_chunks(entry, manifest.block_size, store.catalog.prefilter(digest, files[0]))
+    pins = store.begin_ingest(options.layer)
+    stats = IngestResult()
+    entries = list(tree.entries)
+    prefilter: dict[int, bytes] = {}
+    try:
+        for source in tree.files:
+            cut = cut_content(
+                store, source, params, pins, previous, options.workers or os.cpu_count() or 2, progress
+            )
+            entries[source.entry_index] = replace(
+                entries[source.entry_index], blocks=cut.blocks, extents=cut.extents
+            )
+            prefilter[source.entry_index] = cut.prefilter
+            stats.blocks += cut.chunks + cut.holes
+            stats.holes += cut.holes
+            stats.reused += cut.reused
+            stats.deduplicated += cut.deduplicated
+            stats.new_blocks += cut.new_blocks
+            stats.new_bytes += cut.new_bytes
+            stats.new_stored_bytes += cut.new_stored_bytes
+            stats.bytes_read += cut.bytes_read
+        store.blocks.persist()
+    except BaseException:
+        store.end_ingest(pins, committed=False)
+        raise
+    manifest = Manifest(
+        params.max_length,
+        tree.single_file,
+        tuple(entries),
+        chunking=Chunking.CONTENT,
+        unit_size=params.unit,
+        chunk_average=params.average,
+    )
+    stats.logical_bytes = manifest.logical_bytes
+    stats.skipped = list(tree.skipped)
+    return PreparedVersion(manifest, manifest_to_bytes(manifest), prefilter, pins, stats, started)
 
 
 def unchanged_here(store: Store, options: IngestOptions, prepared: PreparedVersion) -> VersionInfo | None:

@@ -34,13 +34,14 @@ def named_by_all(versions: Iterable[VersionInfo | None]) -> VersionInfo | None:
 
 def _entry_content(entry: FileEntry, single_file: bool) -> tuple[object, ...]:
     path = "" if single_file else entry.path
-    return (path, entry.type, entry.mode, entry.size, entry.blocks, entry.target)
+    return (path, entry.type, entry.mode, entry.size, entry.blocks, entry.extents, entry.target)
 
 
 def same_content(old: Manifest, new: Manifest) -> bool:
     """Whether exporting ``old`` and ``new`` writes the same bytes, modes and names (mtimes aside)."""
-    if (old.block_size, old.single_file, len(old.entries)) != (
+    if (old.block_size, old.chunking, old.single_file, len(old.entries)) != (
         new.block_size,
+        new.chunking,
         new.single_file,
         len(new.entries),
     ):

@@ -12,12 +12,22 @@ they arrive, so a killed pull keeps them and asks again only for the units that 
 ``room``, when given, is asked before each write whether the disk can take the batch (the daemon's
 min_free, cachepoint/replication/gate.py); when it raises, every stream stops and the fetch raises
 that error.
+
+Site fan-out (docs/design.md): given ``node_id`` and sources marked ``puller`` (site peers pulling the
+same version now), each missing block has an owner by rendezvous hashing over this node and the
+pullers. Units of this node's share go to the usual sources (complete holders, then the origin); a
+unit another puller owns is asked of that puller only, again and again while it lacks the blocks,
+until the owner has gone SHARE_STALL_SECONDS without delivering a block while it was waited for: then
+it is dropped and its share is split again over the pullers that remain (this node included, which
+takes its part from the origin).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,6 +36,7 @@ import grpc
 from cachepoint.blocks import MAX_BLOCK_SIZE, decode_verified, size_problem
 from cachepoint.errors import BlockCorrupt, PullIncomplete
 from cachepoint.ids import BlockId
+from cachepoint.replication import rendezvous
 from cachepoint.replication.ratelimit import TokenBucket
 from cachepoint.replication.sources import Source, SourceClass
 from cachepoint.rpc.guards import BUSY_KEY
@@ -38,6 +49,10 @@ STREAMS_PER_SOURCE = 2
 STALL_SECONDS = 10.0
 BUSY_PAUSE = 0.25  # seconds before asking a busy source again, times the refusals in a row
 BUSY_RETRIES = 12  # refusals in a row (~20 s of pauses) before a busy source is dropped
+# An owner of a share that lacks what it is asked for is asked again after this pause (a poll per
+# stream: cheap, a lookup of at most UNIT_BLOCKS ids on the peer).
+OWNER_POLL = 0.2
+SHARE_STALL_SECONDS = 15.0  # an owner that delivers nothing for this long has its share taken over
 ProgressFn = Callable[[int, int], None]
 RoomFn = Callable[[int], None]  # raises when the disk cannot take that many more bytes
 KeepFn = Callable[[list[tuple[bytes, bytes]]], None]  # takes verified (id, stored value) pairs
@@ -47,6 +62,7 @@ KeepFn = Callable[[list[tuple[bytes, bytes]]], None]  # takes verified (id, stor
 class _Unit:
     ids: list[bytes]
     tried: set[str] = field(default_factory=set)  # sources that lacked these ids or failed on them
+    owner: str = ""  # the puller that fetches these from the WAN for the site; "" this node
 
 
 @dataclass
@@ -90,10 +106,13 @@ class Fetcher:
         room: RoomFn | None = None,
         block_size: int = MAX_BLOCK_SIZE,
         keep: KeepFn | None = None,
+        node_id: str = "",
+        share_stall: float = SHARE_STALL_SECONDS,
     ) -> None:
         """``block_size``: the layer's, when the blocks are a version's; larger blocks are refused.
         ``keep``: given each batch of verified blocks (on the event loop) instead of the store (a
-        lazy read's TieredSource, whose caller writes them back)."""
+        lazy read's TieredSource, whose caller writes them back). ``node_id``: this node's, for the
+        rendezvous with the sources marked ``puller`` (ignored without them)."""
         self.store = store
         self.keep = keep
         self.block_size = block_size
@@ -111,42 +130,85 @@ class Fetcher:
         self._wanted: set[bytes] = set()
         self._inflight = 0
         self._changed = asyncio.Condition()
+        self.node_id = node_id
+        self.share_stall = share_stall
+        self._pullers = {s.name: s for s in self.sources if s.puller} if node_id else {}
+        # Per owner: when it last delivered a block (or the fetch began), and when to ask it again.
+        self._delivered_at: dict[str, float] = {}
+        self._ask_again_at: dict[str, float] = {}
 
-    def _eligible(self, unit: _Unit, source: Source) -> bool:
+    def _eligible(self, unit: _Unit, source: Source, now: float = 0.0) -> bool:
         if source.name in unit.tried or not source.alive:
             return False
-        # Only when every nearer live source has already failed this unit.
+        if unit.owner:  # another puller's share: only from it, and not before it is due again
+            return source.name == unit.owner and now >= self._ask_again_at.get(unit.owner, 0.0)
+        if source.puller:
+            return False
+        # Only when every nearer live source has already failed this unit (pullers hold only their share).
         return all(
             other.name in unit.tried or not other.alive
             for other in self.sources
-            if other.source_class < source.source_class
+            if other.source_class < source.source_class and not other.puller
         )
 
     def _stuck(self) -> bool:
         """No unit in flight and none that any live source may still take."""
         return self._inflight == 0 and not any(
-            self._eligible(u, s) for u in self._queue for s in self.sources
+            u.owner or any(self._eligible(u, s) for s in self.sources) for u in self._queue
         )
+
+    def _units(self, ids: list[bytes], tried: set[str] | None = None) -> list[_Unit]:
+        """``ids`` cut into units, by owner when the site shares the fetch (live pullers only)."""
+        owners = [self.node_id, *(name for name, s in self._pullers.items() if s.alive)]
+        groups = rendezvous.split(ids, owners) if len(owners) > 1 else {self.node_id: ids}
+        return [
+            _Unit(group[i : i + UNIT_BLOCKS], set(tried or ()), "" if owner == self.node_id else owner)
+            for owner, group in groups.items()
+            for i in range(0, len(group), UNIT_BLOCKS)
+        ]
+
+    def _take_over(self, now: float) -> None:
+        """Drop owners that stalled; split the shares of owners gone (dropped) over those that remain."""
+        waited = {unit.owner for unit in self._queue if unit.owner}
+        for name in waited:
+            source = self._pullers[name]
+            if source.alive and now - self._delivered_at.get(name, now) > self.share_stall:
+                self._drop(source, f"delivered none of its share for {self.share_stall:.0f}s")
+        orphans = [unit for unit in self._queue if unit.owner and not self._pullers[unit.owner].alive]
+        if orphans:
+            self._queue = [unit for unit in self._queue if unit not in orphans]
+            for unit in orphans:
+                self._queue += self._units(unit.ids, unit.tried)
 
     async def _take(self, source: Source) -> _Unit | None:
         async with self._changed:
             while True:
                 if not self._wanted or not source.alive or self._halt is not None:
                     return None
+                now = time.monotonic()
+                if self._pullers:
+                    self._take_over(now)
                 for index, unit in enumerate(self._queue):
-                    if self._eligible(unit, source):
+                    if self._eligible(unit, source, now):
                         self._inflight += 1
                         return self._queue.pop(index)
                 if self._stuck():
                     self._changed.notify_all()
                     return None
-                await self._changed.wait()
+                # Waiting for an owner to have more of its share is waiting for time, not an event.
+                polling = any(unit.owner for unit in self._queue)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), OWNER_POLL if polling else None)
 
     async def _give_back(self, unit: _Unit, source: Source, blame: bool = True) -> None:
         async with self._changed:
             self._inflight -= 1
             rest = [d for d in unit.ids if d in self._wanted]
             if rest:
+                if unit.owner and source.alive:  # the owner has not fetched these yet: ask it again soon
+                    blame = False
+                    if len(rest) == len(unit.ids):
+                        self._ask_again_at[unit.owner] = time.monotonic() + OWNER_POLL
                 unit.ids = rest
                 if blame:
                     unit.tried.add(source.name)
@@ -182,6 +244,8 @@ class Fetcher:
                                     self.result.bytes += len(value)
                                     source.counters.blocks += 1
                                     source.counters.bytes += len(value)
+                            if source.puller:
+                                self._delivered_at[source.name] = time.monotonic()
                         if self.progress is not None:
                             self.progress(total - len(self._wanted), total)
                     if bad:
@@ -239,7 +303,9 @@ class Fetcher:
         self._version = version
         unique = list(dict.fromkeys(missing))
         self._wanted = set(unique)
-        self._queue = [_Unit(unique[i : i + UNIT_BLOCKS]) for i in range(0, len(unique), UNIT_BLOCKS)]
+        self._queue = self._units(unique)
+        started = time.monotonic()
+        self._delivered_at = {name: started for name in self._pullers}
         total = len(unique)
         if total and self.room is not None:
             try:

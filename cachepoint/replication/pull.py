@@ -21,6 +21,12 @@ from cachepoint.store.store import Store
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, fleet_pb2, fleet_pb2_grpc, version_pb2
 from cachepoint.wire import manifest_digest, manifest_from_bytes, ref_to_pb, version_from_pb
 
+# Seconds a pull waits, once announced, for the site's other pullers of the version to announce theirs:
+# nodes told of a version by the same Watch event start within it of each other (a node that starts
+# later still sees the earlier ones; they just do not count on it, and may fetch some of its share).
+PULLERS_SETTLE = 1.0
+PartialFn = Callable[[VersionInfo, frozenset[bytes] | None], None]
+
 
 @dataclass
 class PullResult:
@@ -81,10 +87,50 @@ async def find_peers(ch: grpc.aio.Channel, node_id: str, info: VersionInfo, own_
     return [source for source in found or [] if source.address != own_address]
 
 
-async def _holders(ch: grpc.aio.Channel, node_id: str, layer: str, number: int) -> list[Source] | None:
-    """Nodes holding ``layer@number`` complete; None when the catalog has no Fleet service."""
+async def site_pullers(
+    ch: grpc.aio.Channel, node_id: str, info: VersionInfo, own_address: str
+) -> list[Source]:
+    """The other nodes of this site pulling ``info`` now, as partial holders (docs/design.md "Site
+    fan-out"). This node announces its own pull, waits PULLERS_SETTLE for the site's other nodes that
+    heard of the version at about the same moment to announce theirs, then asks who they are. The
+    wait is paid once per pull that finds no complete holder in its site (a pull with one does not
+    share: it takes everything from that holder). None for a catalog without Fleet."""
+    try:
+        if await _holders(ch, node_id, info.layer, info.number, pulling=True) is None:
+            return []
+    except grpc.aio.AioRpcError as err:
+        if err.code() == grpc.StatusCode.NOT_FOUND:  # not registered (yet): fetch alone
+            return []
+        raise
+    await asyncio.sleep(PULLERS_SETTLE)
+    found = await _holders(ch, node_id, info.layer, info.number, pulling=True) or []
+    return [source for source in found if source.puller and source.address != own_address]
+
+
+def site_budget(limits: dict[SourceClass, float] | None, pullers: int) -> dict[SourceClass, float] | None:
+    """Each of a site's ``pullers`` of a version takes an equal part of the node's rates, so that
+    ``wan_rate`` and ``site_rate`` hold for the site as a whole while they pull together (every node
+    of a site is meant to have the same settings). A part is not given back when a puller finishes
+    early: the last ones finish below the site's rate (the cost of not coordinating live)."""
+    if not limits or pullers <= 1:
+        return limits
+    return {cls: rate / pullers for cls, rate in limits.items()}
+
+
+async def _site_holds(ch: grpc.aio.Channel, node_id: str, info: VersionInfo) -> bool:
+    """Whether a node of this site holds ``info`` complete (holders of its parent do not count: they
+    lack its new blocks, which are what the site's pullers share)."""
+    found = await _holders(ch, node_id, info.layer, info.number) or []
+    return any(source.source_class == SourceClass.SITE for source in found)
+
+
+async def _holders(
+    ch: grpc.aio.Channel, node_id: str, layer: str, number: int, pulling: bool = False
+) -> list[Source] | None:
+    """Nodes holding ``layer@number`` complete (and with ``pulling``, this node's site peers pulling it
+    too, marked ``puller``); None when the catalog has no Fleet service."""
     request = fleet_pb2.FindPeersRequest(
-        requester_id=node_id, version=version_pb2.Ref(layer=layer, number=number)
+        requester_id=node_id, version=version_pb2.Ref(layer=layer, number=number), pulling=pulling
     )
     try:
         response = await fleet_pb2_grpc.FleetStub(ch).FindPeers(request, timeout=UNARY_DEADLINE)
@@ -93,7 +139,12 @@ async def _holders(ch: grpc.aio.Channel, node_id: str, layer: str, number: int) 
             return None
         raise
     return [
-        Source(p.node.node_id, p.node.address, SourceClass.SITE if p.same_site else SourceClass.PEER)
+        Source(
+            p.node.node_id,
+            p.node.address,
+            SourceClass.SITE if p.same_site else SourceClass.PEER,
+            puller=p.pulling,
+        )
         for p in response.peers
     ]
 
@@ -111,12 +162,16 @@ async def pull(
     avoid: set[str] | frozenset[str] = frozenset(),
     account: Callable[[list[Source]], None] | None = None,
     room: RoomFn | None = None,
+    share: bool = False,
+    partial: PartialFn | None = None,
 ) -> PullResult:
     """``avoid``: addresses of peers not to use (e.g. ones that recently sent corrupt blocks).
     ``account`` is handed the sources once the fetch ends, complete or not: their counters say what
     was fetched from each, and a pull that fails half-way has still moved those bytes.
     ``room``: asked before each batch is stored (see Fetcher); what it raises ends the pull, which
-    unpins its blocks: a later GC may collect them, and the next pull fetches only what is missing."""
+    unpins its blocks: a later GC may collect them, and the next pull fetches only what is missing.
+    ``share``: when no node of this site holds the version complete, share its WAN fetch with the
+    site's other pullers of it (docs/design.md "Site fan-out"); False: fetch alone, as a CLI pull."""
     try:
         async with channel.channel(origin) as ch:
             catalog = catalog_pb2_grpc.CatalogStub(ch)
@@ -134,6 +189,7 @@ async def pull(
             # both the blocks found here and the ones fetched, until the version references them.
             pins = store.register_pins(info.layer)
             committed = False
+            sharing: PartialFn | None = None
             try:
                 block_ids = manifest.block_ids()
                 store.pin(pins, block_ids)
@@ -141,11 +197,27 @@ async def pull(
                 sources = list(extra_sources or [])
                 if missing:
                     peers = await find_peers(ch, node_id, info, own_address)
+                    if node_id and share and not await _site_holds(ch, node_id, info):
+                        if partial is not None:
+                            partial(info, frozenset(block_ids))
+                            sharing = partial
+                        pullers = await site_pullers(ch, node_id, info, own_address)
+                        # One source per node (the fetcher keys what each lacked by name): a puller
+                        # that also holds the parent is asked for its share only.
+                        named = {source.name for source in pullers}
+                        peers = [peer for peer in peers if peer.name not in named] + pullers
+                        limits = site_budget(limits, len(pullers) + 1)
                     sources += [peer for peer in peers if peer.address not in avoid]
                 sources.append(Source("origin", origin, SourceClass.ORIGIN))
                 result = PullResult(info, planned_blocks=len(missing), sources=sources)
                 fetcher = Fetcher(
-                    store, sources, progress, limits=limits, room=room, block_size=manifest.block_size
+                    store,
+                    sources,
+                    progress,
+                    limits=limits,
+                    room=room,
+                    block_size=manifest.block_size,
+                    node_id=node_id,
                 )
                 try:
                     result.fetched = await fetcher.fetch(missing, info.ref, version=info.ref)
@@ -157,6 +229,8 @@ async def pull(
                 committed = True
             finally:
                 store.end_ingest(pins, committed=committed)
+                if sharing is not None:  # committed, the catalog answers for it; failed, nobody asks
+                    sharing(info, None)
             return result
     except grpc.RpcError as err:
         raise from_rpc_error(err, origin) from err

@@ -52,6 +52,9 @@ class Source:
     counters: SourceCounters = field(default_factory=SourceCounters)
     dropped: str = ""  # why this source is no longer used in this pull
     sent_corrupt: bool = False  # it sent bytes that do not hash to their id: not to be trusted for a while
+    # A site peer pulling the same version now: it holds only part of it, and is asked only for the
+    # blocks it fetches across the WAN for the site (cachepoint/replication/rendezvous.py).
+    puller: bool = False
     _channel: grpc.aio.Channel | None = None
 
     @property

@@ -35,6 +35,17 @@ class VersionBlocks:
         self._lock = threading.Lock()
         self._sets: OrderedDict[tuple[str, int], frozenset[bytes]] = OrderedDict()
         self._held = 0
+        # Versions this node is pulling now, not yet in its catalog: its site peers pulling them too
+        # ask it for its share of their blocks (docs/design.md "Site fan-out").
+        self._pulling: dict[tuple[str, int], frozenset[bytes]] = {}
+
+    def pulling(self, layer: str, number: int, ids: frozenset[bytes] | None) -> None:
+        """Answer for ``layer@number``'s ``ids`` while it is being pulled here; None: no longer."""
+        with self._lock:
+            if ids is None:
+                self._pulling.pop((layer, number), None)
+            else:
+                self._pulling[(layer, number)] = ids
 
     def readable(self, version: str, may_read: Reader) -> frozenset[bytes]:
         """The ids of ``version`` ("LAYER@N" or "LAYER:TAG") when ``may_read`` allows its layer; else
@@ -45,6 +56,10 @@ class VersionBlocks:
             return NOTHING
         if not may_read(ref.layer):
             return NOTHING
+        with self._lock:
+            pulling = self._pulling.get((ref.layer, ref.number)) if ref.number is not None else None
+        if pulling is not None:
+            return pulling
         try:
             info = self.store.catalog.resolve(ref)
         except CachepointError:

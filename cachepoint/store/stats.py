@@ -49,7 +49,8 @@ def store_stats(store: Store) -> StoreStats:
                     continue
                 for index, digest in enumerate(entry.digests()):
                     if digest != HOLE_DIGEST:
-                        size += min(manifest.block_size, entry.size - index * manifest.block_size)
+                        start, end = entry.span(index, manifest.block_size)
+                        size += end - start
             manifests[info.manifest_digest] = size
         referenced += manifests[info.manifest_digest]
     unique = stored_blocks = count = 0

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cachepoint.v1 import version_pb2 as cachepoint_dot_v1_dot_version__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x61\x63hepoint/v1/fleet.proto\x12\rcachepoint.v1\x1a\x1b\x63\x61\x63hepoint/v1/version.proto\":\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"8\n\x0fRegisterRequest\x12%\n\x04node\x18\x01 \x01(\x0b\x32\x17.cachepoint.v1.NodeInfo\"1\n\x10RegisterResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\"W\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x08\x63omplete\x18\x02 \x03(\x0b\x32\x12.cachepoint.v1.Ref\x12\x0c\n\x04load\x18\x03 \x01(\r\".\n\nRevocation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrevoked_at\x18\x02 \x01(\x01\",\n\nAssignment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05users\x18\x02 \x03(\t\"\x83\x01\n\x11HeartbeatResponse\x12\x12\n\ntrust_view\x18\x01 \x01(\x08\x12*\n\x07revoked\x18\x02 \x03(\x0b\x32\x19.cachepoint.v1.Revocation\x12.\n\x0b\x61ssignments\x18\x03 \x03(\x0b\x32\x19.cachepoint.v1.Assignment\"o\n\x10\x46indPeersRequest\x12\x14\n\x0crequester_id\x18\x01 \x01(\t\x12#\n\x07version\x18\x02 \x01(\x0b\x32\x12.cachepoint.v1.Ref\x12\x11\n\tblock_ids\x18\x03 \x01(\x0c\x12\r\n\x05limit\x18\x04 \x01(\r\"N\n\x04Peer\x12%\n\x04node\x18\x01 \x01(\x0b\x32\x17.cachepoint.v1.NodeInfo\x12\x11\n\tsame_site\x18\x02 \x01(\x08\x12\x0c\n\x04load\x18\x03 \x01(\r\"7\n\x11\x46indPeersResponse\x12\"\n\x05peers\x18\x01 \x03(\x0b\x32\x13.cachepoint.v1.Peer\"\x12\n\x10ListNodesRequest\"\x9d\x01\n\nNodeStatus\x12%\n\x04node\x18\x01 \x01(\x0b\x32\x17.cachepoint.v1.NodeInfo\x12\x14\n\x0clast_seen_ns\x18\x02 \x01(\x03\x12$\n\x08\x63omplete\x18\x03 \x03(\x0b\x32\x12.cachepoint.v1.Ref\x12\x0c\n\x04load\x18\x04 \x01(\r\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\r\n\x05users\x18\x06 \x03(\t\"=\n\x11ListNodesResponse\x12(\n\x05nodes\x18\x01 \x03(\x0b\x32\x19.cachepoint.v1.NodeStatus2\xc4\x02\n\x05\x46leet\x12K\n\x08Register\x12\x1e.cachepoint.v1.RegisterRequest\x1a\x1f.cachepoint.v1.RegisterResponse\x12N\n\tHeartbeat\x12\x1f.cachepoint.v1.HeartbeatRequest\x1a .cachepoint.v1.HeartbeatResponse\x12N\n\tFindPeers\x12\x1f.cachepoint.v1.FindPeersRequest\x1a .cachepoint.v1.FindPeersResponse\x12N\n\tListNodes\x12\x1f.cachepoint.v1.ListNodesRequest\x1a .cachepoint.v1.ListNodesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x61\x63hepoint/v1/fleet.proto\x12\rcachepoint.v1\x1a\x1b\x63\x61\x63hepoint/v1/version.proto\":\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"8\n\x0fRegisterRequest\x12%\n\x04node\x18\x01 \x01(\x0b\x32\x17.cachepoint.v1.NodeInfo\"1\n\x10RegisterResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\"W\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x08\x63omplete\x18\x02 \x03(\x0b\x32\x12.cachepoint.v1.Ref\x12\x0c\n\x04load\x18\x03 \x01(\r\".\n\nRevocation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrevoked_at\x18\x02 \x01(\x01\",\n\nAssignment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05users\x18\x02 \x03(\t\"\x83\x01\n\x11HeartbeatResponse\x12\x12\n\ntrust_view\x18\x01 \x01(\x08\x12*\n\x07revoked\x18\x02 \x03(\x0b\x32\x19.cachepoint.v1.Revocation\x12.\n\x0b\x61ssignments\x18\x03 \x03(\x0b\x32\x19.cachepoint.v1.Assignment\"\x80\x01\n\x10\x46indPeersRequest\x12\x14\n\x0crequester_id\x18\x01 \x01(\t\x12#\n\x07version\x18\x02 \x01(\x0b\x32\x12.cachepoint.v1.Ref\x12\x11\n\tblock_ids\x18\x03 \x01(\x0c\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x0f\n\x07pulling\x18\x05 \x01(\x08\"_\n\x04Peer\x12%\n\x04node\x18\x01 \x01(\x0b\x32\x17.cachepoint.v1.NodeInfo\x12\x11\n\tsame_site\x18\x02 \x01(\x08\x12\x0c\n\x04load\x18\x03 \x01(\r\x12\x0f\n\x07pulling\x18\x04 \x01(\x08\"7\n\x11\x46indPeersResponse\x12\"\n\x05peers\x18\x01 \x03(\x0b\x32\x13.cachepoint.v1.Peer\"\x12\n\x10ListNodesRequest\"\x9d\x01\n\nNodeStatus\x12%\n\x04node\x18\x01 \x01(\x0b\x32\x17.cachepoint.v1.NodeInfo\x12\x14\n\x0clast_seen_ns\x18\x02 \x01(\x03\x12$\n\x08\x63omplete\x18\x03 \x03(\x0b\x32\x12.cachepoint.v1.Ref\x12\x0c\n\x04load\x18\x04 \x01(\r\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\r\n\x05users\x18\x06 \x03(\t\"=\n\x11ListNodesResponse\x12(\n\x05nodes\x18\x01 \x03(\x0b\x32\x19.cachepoint.v1.NodeStatus2\xc4\x02\n\x05\x46leet\x12K\n\x08Register\x12\x1e.cachepoint.v1.RegisterRequest\x1a\x1f.cachepoint.v1.RegisterResponse\x12N\n\tHeartbeat\x12\x1f.cachepoint.v1.HeartbeatRequest\x1a .cachepoint.v1.HeartbeatResponse\x12N\n\tFindPeers\x12\x1f.cachepoint.v1.FindPeersRequest\x1a .cachepoint.v1.FindPeersResponse\x12N\n\tListNodes\x12\x1f.cachepoint.v1.ListNodesRequest\x1a .cachepoint.v1.ListNodesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,18 +46,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ASSIGNMENT']._serialized_end=423
   _globals['_HEARTBEATRESPONSE']._serialized_start=426
   _globals['_HEARTBEATRESPONSE']._serialized_end=557
-  _globals['_FINDPEERSREQUEST']._serialized_start=559
-  _globals['_FINDPEERSREQUEST']._serialized_end=670
-  _globals['_PEER']._serialized_start=672
-  _globals['_PEER']._serialized_end=750
-  _globals['_FINDPEERSRESPONSE']._serialized_start=752
-  _globals['_FINDPEERSRESPONSE']._serialized_end=807
-  _globals['_LISTNODESREQUEST']._serialized_start=809
-  _globals['_LISTNODESREQUEST']._serialized_end=827
-  _globals['_NODESTATUS']._serialized_start=830
-  _globals['_NODESTATUS']._serialized_end=987
-  _globals['_LISTNODESRESPONSE']._serialized_start=989
-  _globals['_LISTNODESRESPONSE']._serialized_end=1050
-  _globals['_FLEET']._serialized_start=1053
-  _globals['_FLEET']._serialized_end=1377
+  _globals['_FINDPEERSREQUEST']._serialized_start=560
+  _globals['_FINDPEERSREQUEST']._serialized_end=688
+  _globals['_PEER']._serialized_start=690
+  _globals['_PEER']._serialized_end=785
+  _globals['_FINDPEERSRESPONSE']._serialized_start=787
+  _globals['_FINDPEERSRESPONSE']._serialized_end=842
+  _globals['_LISTNODESREQUEST']._serialized_start=844
+  _globals['_LISTNODESREQUEST']._serialized_end=862
+  _globals['_NODESTATUS']._serialized_start=865
+  _globals['_NODESTATUS']._serialized_end=1022
+  _globals['_LISTNODESRESPONSE']._serialized_start=1024
+  _globals['_LISTNODESRESPONSE']._serialized_end=1085
+  _globals['_FLEET']._serialized_start=1088
+  _globals['_FLEET']._serialized_end=1412
 # @@protoc_insertion_point(module_scope)

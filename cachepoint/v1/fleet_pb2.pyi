@@ -66,26 +66,30 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, trust_view: _Optional[bool] = ..., revoked: _Optional[_Iterable[_Union[Revocation, _Mapping]]] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
 
 class FindPeersRequest(_message.Message):
-    __slots__ = ("requester_id", "version", "block_ids", "limit")
+    __slots__ = ("requester_id", "version", "block_ids", "limit", "pulling")
     REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PULLING_FIELD_NUMBER: _ClassVar[int]
     requester_id: str
     version: _version_pb2.Ref
     block_ids: bytes
     limit: int
-    def __init__(self, requester_id: _Optional[str] = ..., version: _Optional[_Union[_version_pb2.Ref, _Mapping]] = ..., block_ids: _Optional[bytes] = ..., limit: _Optional[int] = ...) -> None: ...
+    pulling: bool
+    def __init__(self, requester_id: _Optional[str] = ..., version: _Optional[_Union[_version_pb2.Ref, _Mapping]] = ..., block_ids: _Optional[bytes] = ..., limit: _Optional[int] = ..., pulling: _Optional[bool] = ...) -> None: ...
 
 class Peer(_message.Message):
-    __slots__ = ("node", "same_site", "load")
+    __slots__ = ("node", "same_site", "load", "pulling")
     NODE_FIELD_NUMBER: _ClassVar[int]
     SAME_SITE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    PULLING_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
     same_site: bool
     load: int
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., same_site: _Optional[bool] = ..., load: _Optional[int] = ...) -> None: ...
+    pulling: bool
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., same_site: _Optional[bool] = ..., load: _Optional[int] = ..., pulling: _Optional[bool] = ...) -> None: ...
 
 class FindPeersResponse(_message.Message):
     __slots__ = ("peers",)

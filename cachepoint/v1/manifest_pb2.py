@@ -24,17 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x61\x63hepoint/v1/manifest.proto\x12\rcachepoint.v1\"\x97\x01\n\tFileEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12&\n\x04type\x18\x02 \x01(\x0e\x32\x18.cachepoint.v1.EntryType\x12\x0c\n\x04mode\x18\x03 \x01(\r\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x10\n\x08mtime_ns\x18\x05 \x01(\x03\x12\x16\n\x0esymlink_target\x18\x06 \x01(\t\x12\x0e\n\x06\x62locks\x18\x07 \x01(\x0c\"n\n\x08Manifest\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x13\n\x0bsingle_file\x18\x03 \x01(\x08\x12)\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x18.cachepoint.v1.FileEntry*\x87\x01\n\tEntryType\x12\x1a\n\x16\x45NTRY_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45NTRY_TYPE_FILE\x10\x01\x12\x18\n\x14\x45NTRY_TYPE_DIRECTORY\x10\x02\x12\x16\n\x12\x45NTRY_TYPE_SYMLINK\x10\x03\x12\x17\n\x13\x45NTRY_TYPE_WHITEOUT\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x61\x63hepoint/v1/manifest.proto\x12\rcachepoint.v1\"\xa8\x01\n\tFileEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12&\n\x04type\x18\x02 \x01(\x0e\x32\x18.cachepoint.v1.EntryType\x12\x0c\n\x04mode\x18\x03 \x01(\r\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x10\n\x08mtime_ns\x18\x05 \x01(\x03\x12\x16\n\x0esymlink_target\x18\x06 \x01(\t\x12\x0e\n\x06\x62locks\x18\x07 \x01(\x0c\x12\x0f\n\x07\x65xtents\x18\x08 \x01(\x0c\"\xc3\x01\n\x08Manifest\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x13\n\x0bsingle_file\x18\x03 \x01(\x08\x12)\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x18.cachepoint.v1.FileEntry\x12)\n\x08\x63hunking\x18\x05 \x01(\x0e\x32\x17.cachepoint.v1.Chunking\x12\x11\n\tunit_size\x18\x06 \x01(\r\x12\x15\n\rchunk_average\x18\x07 \x01(\r*\x87\x01\n\tEntryType\x12\x1a\n\x16\x45NTRY_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45NTRY_TYPE_FILE\x10\x01\x12\x18\n\x14\x45NTRY_TYPE_DIRECTORY\x10\x02\x12\x16\n\x12\x45NTRY_TYPE_SYMLINK\x10\x03\x12\x17\n\x13\x45NTRY_TYPE_WHITEOUT\x10\x04*4\n\x08\x43hunking\x12\x12\n\x0e\x43HUNKING_FIXED\x10\x00\x12\x14\n\x10\x43HUNKING_CONTENT\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cachepoint.v1.manifest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENTRYTYPE']._serialized_start=314
-  _globals['_ENTRYTYPE']._serialized_end=449
+  _globals['_ENTRYTYPE']._serialized_start=417
+  _globals['_ENTRYTYPE']._serialized_end=552
+  _globals['_CHUNKING']._serialized_start=554
+  _globals['_CHUNKING']._serialized_end=606
   _globals['_FILEENTRY']._serialized_start=48
-  _globals['_FILEENTRY']._serialized_end=199
-  _globals['_MANIFEST']._serialized_start=201
-  _globals['_MANIFEST']._serialized_end=311
+  _globals['_FILEENTRY']._serialized_end=216
+  _globals['_MANIFEST']._serialized_start=219
+  _globals['_MANIFEST']._serialized_end=414
 # @@protoc_insertion_point(module_scope)

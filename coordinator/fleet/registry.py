@@ -1,4 +1,4 @@
-"""Who is in the fleet, where, how busy, and which versions each holds complete.
+"""Who is in the fleet, where, how busy, which versions each holds complete, and which it is pulling.
 
 Kept in memory: nodes register again when a heartbeat is refused (after a coordinator restart), so
 the registry rebuilds itself within one heartbeat interval and is never a second source of truth.
@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 HEARTBEAT_INTERVAL_MS = 2000
 STALE_AFTER_NS = 3 * HEARTBEAT_INTERVAL_MS * 1_000_000  # three missed heartbeats: not offered as a peer
+# A pull announced by FindPeers(pulling) is forgotten this long after its last announcement, should the
+# node never report the version complete (its pull failed, it was given another version to follow).
+PULLING_TTL_NS = 600 * 1_000_000_000
 
 
 @dataclass
@@ -22,6 +25,7 @@ class Node:
     last_seen_ns: int
     load: int = 0
     complete: set[str] = field(default_factory=set)  # refs "layer@N"
+    pulling: dict[str, int] = field(default_factory=dict)  # ref "layer@N" -> when last announced (ns)
 
     def healthy(self, now_ns: int) -> bool:
         return now_ns - self.last_seen_ns < STALE_AFTER_NS
@@ -41,6 +45,7 @@ class Registry:
         previous = self.nodes.get(node_id)
         if previous is not None:
             node.complete = previous.complete
+            node.pulling = previous.pulling
         self.nodes[node_id] = node
         return node
 
@@ -51,7 +56,34 @@ class Registry:
         node.last_seen_ns = time.time_ns()
         node.complete = complete
         node.load = load
+        for ref in complete & node.pulling.keys():
+            del node.pulling[ref]
         return node
+
+    def pulling(self, node_id: str, ref: str) -> None:
+        """``node_id`` is pulling ``ref`` now (a partial holder of it for its site peers)."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            raise UnknownNode(node_id)
+        node.pulling[ref] = time.time_ns()
+
+    def pullers(self, requester_id: str, ref: str) -> list[Node]:
+        """Healthy nodes of the requester's site pulling ``ref`` now (not complete yet), requester
+        excluded, by node id: the candidates of the site's rendezvous for ``ref``'s blocks."""
+        now = time.time_ns()
+        requester = self.nodes.get(requester_id)
+        if requester is None:
+            return []
+        found = [
+            node
+            for node in self.nodes.values()
+            if node.node_id != requester_id
+            and node.site == requester.site
+            and node.healthy(now)
+            and ref not in node.complete
+            and now - node.pulling.get(ref, -PULLING_TTL_NS) < PULLING_TTL_NS
+        ]
+        return sorted(found, key=lambda n: n.node_id)
 
     def holders(self, requester_id: str, ref: str | None, limit: int) -> list[tuple[Node, bool]]:
         """Healthy nodes holding ``ref`` complete (all healthy nodes when ref is None), requester

@@ -110,6 +110,18 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             fleet_pb2.Peer(node=_node_info(node), same_site=same, load=node.load)
             for node, same in self.registry.holders(request.requester_id, ref, limit)
         ]
+        principal = self.caller(context)
+        # With TLS a node announces only its own pulls (as Heartbeat speaks only for itself).
+        speaks_for_itself = principal is None or principal.name == request.requester_id
+        if request.pulling and ref is not None and speaks_for_itself:
+            try:
+                self.registry.pulling(request.requester_id, ref)
+            except UnknownNode as err:
+                raise UnknownNodeError(request.requester_id) from err
+            peers += [
+                fleet_pb2.Peer(node=_node_info(node), same_site=True, load=node.load, pulling=True)
+                for node in self.registry.pullers(request.requester_id, ref)[: max(limit - len(peers), 0)]
+            ]
         return fleet_pb2.FindPeersResponse(peers=peers)
 
     @rpc_errors

@@ -27,7 +27,7 @@ CACHE_ENTRIES = 65_536  # ~100 bytes each
 
 def content_key(entry: FileEntry, block_size: int) -> bytes:
     """Equal keys mean equal bytes (the same blocks, in the same order, cut at the same size)."""
-    return hashlib.sha256(struct.pack(">IQ", block_size, entry.size) + entry.blocks).digest()
+    return hashlib.sha256(struct.pack(">IQ", block_size, entry.size) + entry.blocks + entry.extents).digest()
 
 
 class FileReader:
@@ -46,8 +46,8 @@ class FileReader:
             found = self.source.get_many(stored)
             require(stored, found)
             for index, digest in enumerate(batch, start):
-                length = min(block_size, entry.size - index * block_size)
-                yield bytes(length) if digest == HOLE_DIGEST else found[digest][:length]
+                lo, hi = entry.span(index, block_size)
+                yield bytes(hi - lo) if digest == HOLE_DIGEST else found[digest][: hi - lo]
 
     def chunks(self, entry: FileEntry, block_size: int) -> Iterator[bytes]:
         """The file's bytes in pieces of about CHUNK_BYTES."""
