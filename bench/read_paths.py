@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,25 @@ app = web.Application()
 app.router.add_get("/file", handle)
 web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 """
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used: on a shared machine, steadier than wall time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _nbdcopy(uri: str, out: Path) -> list[float]:
+    """``nbdcopy --connections=4`` of the export into a file (multi-conn: four connections at once)."""
+    cmd = ["nbdcopy", "--connections=4", uri, str(out)]
+    times = []
+    for label in ("nbdcopy (warm-up)", *["nbdcopy"] * RUNS):
+        remove(out)
+        out.touch()
+        settle()
+        seconds, _ = _run(cmd, label)
+        times.append(seconds)
+    return times[1:]
 
 
 def _convert(src: str, out: Path, label: str) -> list[float]:
@@ -101,7 +121,9 @@ def data_bytes(image: Path) -> int:
     return total
 
 
-def measure(work: Path, size: int, requests: int, read_cache: int = 0) -> dict[str, object]:
+def measure(
+    work: Path, size: int, requests: int, read_cache: int = 0, http: bool = True
+) -> dict[str, object]:
     image = work / "v1.img"
     if not image.exists():
         generate(image, size)
@@ -131,31 +153,45 @@ def measure(work: Path, size: int, requests: int, read_cache: int = 0) -> dict[s
         uri = next(u for u in json.loads(attached)["nbd_uris"] if u.startswith("nbd://"))
         warm(image)
         copy = work / "out.img"
+        before = _cpu_seconds(proc.pid)
         nbd = _convert(uri, copy, "qemu-img from NBD")
+        nbd_cpu = (_cpu_seconds(proc.pid) - before) / (RUNS + 1)  # the warm-up is a whole copy too
         raw = _convert(str(image), copy, "qemu-img from the raw file")
+        before = _cpu_seconds(proc.pid)
+        nbdcopy = _nbdcopy(uri, copy) if shutil.which("nbdcopy") else []
+        nbdcopy_cpu = (_cpu_seconds(proc.pid) - before) / (RUNS + 1) if nbdcopy else None
         _run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(copy)], "check copy")
         identical = _sha256(copy) == _sha256(image)
         remove(copy)
+        figures: dict[str, object] = {
+            "image_bytes": size,
+            "data_bytes": data,
+            "read_cache": read_cache,
+            "nbd_seconds": nbd,
+            "raw_seconds": raw,
+            "nbd_mib_s": size / MiB / min(nbd),
+            "raw_mib_s": size / MiB / min(raw),
+            "nbd_share": min(raw) / min(nbd),
+            "nbd_daemon_cpu_s_per_copy": nbd_cpu,
+            "nbdcopy_daemon_cpu_s_per_copy": nbdcopy_cpu,
+            "nbdcopy_seconds": nbdcopy,
+            "nbdcopy_mib_s": size / MiB / min(nbdcopy) if nbdcopy else None,
+            "nbd_copy_identical": identical,
+        }
+        if not http:
+            return figures
         port = _free_port()
         server = _spawn(
             stack, [sys.executable, "-c", FILE_SERVER, str(image), str(port)], work / "files.log"
         )
         _await_port(server, port, work / "files.log", "FileResponse server")
-        http = _best_rate(f"http://{ready['http']}/v1/versions/os%2Fbench@1/file", size, requests)
+        http_rates = _best_rate(f"http://{ready['http']}/v1/versions/os%2Fbench@1/file", size, requests)
         files = _best_rate(f"http://127.0.0.1:{port}/file", size, requests)
     return {
-        "image_bytes": size,
-        "data_bytes": data,
-        "read_cache": read_cache,
-        "nbd_seconds": nbd,
-        "raw_seconds": raw,
-        "nbd_mib_s": size / MiB / min(nbd),
-        "raw_mib_s": size / MiB / min(raw),
-        "nbd_share": min(raw) / min(nbd),
-        "nbd_copy_identical": identical,
-        "http_req_s": http,
+        **figures,
+        "http_req_s": http_rates,
         "file_response_req_s": files,
-        "http_share": max(http) / max(files),
+        "http_share": max(http_rates) / max(files),
     }
 
 
@@ -166,14 +202,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--read-cache", type=parse_size, default=0, help="the daemon's read_cache (default: half the data)"
     )
+    parser.add_argument("--no-http", action="store_true", help="measure the NBD read path only")
     parser.add_argument("--work", type=Path, help="scratch directory (kept; default: a temporary one)")
     args = parser.parse_args(argv)
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
-        result = measure(args.work, args.size, args.requests, args.read_cache)
+        result = measure(args.work, args.size, args.requests, args.read_cache, not args.no_http)
     else:
         with tempfile.TemporaryDirectory(prefix="read-paths-") as tmp:
-            result = measure(Path(tmp), args.size, args.requests, args.read_cache)
+            result = measure(Path(tmp), args.size, args.requests, args.read_cache, not args.no_http)
     print(json.dumps(result, indent=2))
 
 

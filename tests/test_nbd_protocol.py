@@ -79,6 +79,31 @@ class MemoryDevice:
         return runs
 
 
+class WarmMemoryDevice(MemoryDevice):
+    """A MemoryDevice whose first ``warm`` bytes are "in memory": reads inside them are answered by
+    ``read_warm`` (as CompositeDisk answers from its caches), others only by ``read_cold``; ``read``
+    tries one then the other, as CompositeDisk's does. Each call is counted."""
+
+    def __init__(self, size: int, warm: int) -> None:
+        super().__init__(size, read_only=True)
+        self.warm = warm
+        self.calls = {"read_warm": 0, "read_cold": 0, "read": 0}
+
+    def read_warm(self, offset: int, length: int) -> bytes | None:
+        self.calls["read_warm"] += 1
+        return bytes(self.data[offset : offset + length]) if offset + length <= self.warm else None
+
+    async def read_cold(self, offset: int, length: int) -> bytes:
+        self.calls["read_cold"] += 1
+        await asyncio.sleep(0.001)  # a thread's answer comes later than the loop's
+        return bytes(self.data[offset : offset + length])
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self.calls["read"] += 1
+        warm = self.read_warm(offset, length)
+        return warm if warm is not None else await self.read_cold(offset, length)
+
+
 class ServerThread:
     """start_nbd on its own event loop in a daemon thread; ``stop`` closes it within bounds."""
 
@@ -630,6 +655,33 @@ def test_requests_in_flight_are_all_answered_by_handle(serve):
             assert recv_exactly(sock, length) == device.data[offset : offset + length]
         assert not wanted
         request_disc(sock)
+
+
+def test_reads_in_memory_are_answered_at_once_and_others_go_to_the_thread_path_once(serve):
+    device = WarmMemoryDevice(1 << 20, warm=1 << 19)
+    device.data[:] = bytes(range(256)) * 4096
+    server = serve({"disk": device})
+    sock = greet(server.port)
+    with sock:
+        negotiate_structured(sock, "disk")
+        go(sock, "disk")
+        # Alternating: half in the warm first 512 KiB, half past it, all sent before any reply is read.
+        wanted = {h: ((h % 2) * (1 << 19) + h * 4000, 4096 + h) for h in range(1, 33)}
+        for handle, (offset, length) in wanted.items():
+            send_request(sock, nbd.CMD_READ, handle, offset, length)
+        for _ in range(len(wanted)):
+            flags, kind, handle, payload = read_chunk(sock)
+            offset, length = wanted.pop(handle)
+            assert (flags, kind) == (nbd.REPLY_FLAG_DONE, nbd.REPLY_TYPE_OFFSET_DATA)
+            assert payload == struct.pack(">Q", offset) + device.data[offset : offset + length]
+        assert not wanted
+        request_disc(sock)
+        assert_closed_by_server(sock)
+    # The first read at least was answered by the request loop itself (nothing was queued before it),
+    # not through ``read``; each read asked memory once, never again on its way to the thread path.
+    assert device.calls["read"] < 32
+    assert device.calls["read_warm"] == 32 and device.calls["read_cold"] == 16
+    assert server.server.budgets.reads.used == 0
 
 
 @pytest.mark.skipif(

@@ -178,8 +178,17 @@ class CompositeDisk:
         warm = self._read(offset, length, warm_only=True)
         if warm is not None:
             return warm
+        return await self.read_cold(offset, length)
+
+    async def read_cold(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """``read`` in a thread, without trying memory first (the caller just did: read_warm)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(_COLD_READERS, self.read_sync, offset, length)
+
+    def read_warm(self, offset: int, length: int) -> bytes | bytearray | memoryview | None:
+        """The bytes at ``offset`` if every block is in memory (or the page cache), else None: the
+        NBD server answers such a read without a task or a thread."""
+        return self._read(offset, length, warm_only=True)
 
     async def write(self, offset: int, data: bytes) -> None:
         await asyncio.to_thread(self.write_sync, offset, data)

@@ -51,6 +51,13 @@ class Budget:
             await self._freed.wait()
         self.used += amount
 
+    def try_take(self, amount: int) -> bool:
+        """``take`` without waiting: False (and nothing taken) when it would wait."""
+        if self.used and self.used + amount > self.limit:
+            return False
+        self.used += amount
+        return True
+
     def give(self, amount: int) -> None:
         self.used -= amount
         self._freed.set()
