@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bench.capture_bench import capture_recapture
 from bench.ceiling import ceiling, census
+from bench.fanout_model import fanout_model
 from bench.harness import Bench, Section, SectionFn, human_bytes, parse_size, remove, verdict
 from bench.ingest_bench import clones, first_ingest, reingest
 from bench.nbd_bench import nbd_read
@@ -36,6 +37,7 @@ SECTIONS: list[SectionFn] = [
     nbd_read,
     capture_recapture,
     real_image,
+    fanout_model,
 ]
 
 
