@@ -29,9 +29,13 @@ test-tools:
 		|| echo "could not install$$missing: the tests that need them will say they were skipped" >&2; \
 	fi
 
+# Most tests wait on child processes and the network: three workers keep two cores busy (TEST_WORKERS=0
+# runs them in one process).
+TEST_WORKERS ?= 3
+
 test: $(STAMP) test-tools
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # The delta-sync section compares with rsync, the NBD section reads with qemu-img: install them when
 # missing (apt-get, as root). Without them the benchmark still runs and marks those parts not measured.

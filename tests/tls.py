@@ -158,6 +158,11 @@ _served: dict[str, Served] = {}
 _issuers: dict[Path, Trust] = {}  # identity directory -> the fleet that issued it here
 
 
+def issuers() -> dict[Path, Trust]:
+    """The identity directories the harness issued in this process, and by which fleet."""
+    return _issuers
+
+
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
