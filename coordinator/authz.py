@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ import grpc
 from cachepoint.errors import CachepointError
 from cachepoint.rpc.block_access import VersionBlocks
 from cachepoint.rpc.block_exchange import Answerable
-from cachepoint.rpc.wrapping import around_calls, responses
+from cachepoint.rpc.wrapping import AuthorizingInterceptor
 from cachepoint.store.store import Store
 from cachepoint.trust import reading
 from cachepoint.trust.principal import Principal
@@ -259,7 +259,7 @@ def acting(context: grpc.aio.ServicerContext, claimed: str) -> str:
     return claimed
 
 
-class Authorizer(grpc.aio.ServerInterceptor):
+class Authorizer(AuthorizingInterceptor):
     def __init__(self, store: Store, audit: AuditLog, assignments: Assignments) -> None:
         self.audit = audit
         self.facts = Facts(assignments, Holds(store.db, audit))
@@ -319,33 +319,6 @@ class Authorizer(grpc.aio.ServerInterceptor):
             self._guard_audited.clear()
         self._guard_audited[key] = now
         await self._audit_refusal(actor, method, "certificate", message)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        # (Rules of calls whose request is a stream look at roles only.)
-        return around_calls(handler, lambda b: self._unary(b, method), lambda b: self._stream(b, method))
-
-    def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
-        async def authorized(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await self.authorize(context, method, request)
-            return await behavior(request, context)
-
-        return authorized
-
-    def _stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
-        async def authorized(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await self.authorize(context, method, request)
-            async for item in responses(behavior, request, context):
-                yield item
-
-        return authorized
 
 
 def caller(context: grpc.aio.ServicerContext) -> Principal | None:

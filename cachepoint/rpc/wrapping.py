@@ -4,7 +4,7 @@ every call (the coordinator's certificate guard and its authorization)."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -40,3 +40,38 @@ async def responses(
             yield item
     else:
         await result
+
+
+class AuthorizingInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that runs ``authorize`` before every call's behaviour (for a call whose
+    request is a stream, ``request`` is that stream: its rules look at roles only). Subclasses: the
+    coordinator's Authorizer and a node's PeerAuthorizer."""
+
+    async def authorize(self, context: grpc.aio.ServicerContext, method: str, request: Any) -> None:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        return around_calls(handler, lambda b: self._unary(b, method), lambda b: self._stream(b, method))
+
+    def _unary(self, behavior: Behavior, method: str) -> Callable[..., Awaitable[Any]]:
+        async def authorized(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self.authorize(context, method, request)
+            return await behavior(request, context)
+
+        return authorized
+
+    def _stream(self, behavior: Behavior, method: str) -> Callable[..., AsyncIterator[Any]]:
+        async def authorized(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await self.authorize(context, method, request)
+            async for item in responses(behavior, request, context):
+                yield item
+
+        return authorized

@@ -12,14 +12,14 @@ refusal is a log line.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from cachepoint.rpc.catalog_read import LayerReader
-from cachepoint.rpc.wrapping import around_calls, responses
+from cachepoint.rpc.wrapping import AuthorizingInterceptor
 from cachepoint.trust import reading
 from cachepoint.trust.guard import Refused, peer_principal
 from cachepoint.trust.principal import Principal
@@ -111,7 +111,7 @@ def peer_reader(users_of: reading.UsersOf) -> LayerReader:
     return reader
 
 
-class PeerAuthorizer(grpc.aio.ServerInterceptor):
+class PeerAuthorizer(AuthorizingInterceptor):
     def __init__(self, users_of: reading.UsersOf) -> None:
         self.users_of = users_of
 
@@ -141,29 +141,3 @@ class PeerAuthorizer(grpc.aio.ServerInterceptor):
         if message:
             log.warning("%s", message)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        return around_calls(handler, lambda b: self._unary(b, method), lambda b: self._stream(b, method))
-
-    def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
-        async def authorized(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await self.authorize(context, method, request)
-            return await behavior(request, context)
-
-        return authorized
-
-    def _stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
-        async def authorized(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await self.authorize(context, method, request)
-            async for item in responses(behavior, request, context):
-                yield item
-
-        return authorized
