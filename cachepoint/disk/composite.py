@@ -244,12 +244,8 @@ class CompositeDisk:
             else:
                 stop, zeros = view.lower_run(index)
             step = min(stop * bs, end) - pos
-            if runs and runs[-1][1] == zeros:
-                runs[-1] = (runs[-1][0] + step, zeros)
-            elif len(runs) == limit:
+            if not _add_run(runs, step, zeros, limit):
                 break
-            else:
-                runs.append((step, zeros))
             pos += step
             index = stop
         return runs
@@ -487,12 +483,19 @@ def _chunk_zero_runs(
         else:
             zeros, stop = True, end  # past the ids: zeros
         step = min(stop, end) - pos
-        if runs and runs[-1][1] == zeros:
-            runs[-1] = (runs[-1][0] + step, zeros)
-        elif len(runs) == limit:
+        if not _add_run(runs, step, zeros, limit):
             break
-        else:
-            runs.append((step, zeros))
         pos += step
         index += 1
     return runs
+
+
+def _add_run(runs: list[tuple[int, bool]], step: int, zeros: bool, limit: int) -> bool:
+    """Extend the last (length, zeros) run, or start a new one; False when ``limit`` runs are full."""
+    if runs and runs[-1][1] == zeros:
+        runs[-1] = (runs[-1][0] + step, zeros)
+    elif len(runs) == limit:
+        return False
+    else:
+        runs.append((step, zeros))
+    return True
