@@ -90,6 +90,8 @@ def daemon(store: Path, *args: str, env: dict[str, str] | None = None) -> Iterat
         ready = dict(json.loads(line))
         if trust is not None:
             tls.serve(str(ready["listening"]), trust, peer=True)
+        else:
+            tls.forget(str(ready["listening"]))
         yield ready
     finally:
         proc.send_signal(signal.SIGTERM)

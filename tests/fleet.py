@@ -315,6 +315,8 @@ class Fleet:
         child = kind(name, popen, out_path, err_path, prefix=tuple(prefix), **extra)
         self.children.append(child)
         child.ready = _wait_ready(child, READY_TIMEOUT)
+        if "listening" in child.ready:
+            tls.forget(child.address)  # the caller registers it again when it serves TLS
         return child
 
     def coordinator(
@@ -389,7 +391,9 @@ class Fleet:
         """Bind an in-process gRPC server (a test's own peer) to a loopback port, serving mutual TLS as
         the node ``name`` of this fleet when the fleet runs TLS; its address."""
         if not self.tls_on:
-            return f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+            address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+            tls.forget(address)
+            return address
         trust = self._trust()
         identity = trust.node(self.root / "peers" / name, name, "")
         credentials = grpc.ssl_server_credentials(
@@ -585,6 +589,8 @@ class ThrottledProxy:
         upstream = tls.served(f"{self.upstream[0]}:{self.upstream[1]}")
         if upstream is not None:
             tls.serve(self.address, upstream.trust, upstream.peer)
+        else:
+            tls.forget(self.address)
         return self
 
     def __exit__(self, *exc: object) -> None:

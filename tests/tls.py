@@ -179,6 +179,15 @@ def serve(address: str, trust: Trust, peer: bool) -> None:
         _served[key] = _served[address]
 
 
+def forget(address: str) -> None:
+    """A new listener on ``address`` serves what it was started with, not what a closed server of an
+    earlier test on the same port did (the registry lives as long as the test worker)."""
+    _served.pop(address, None)
+    key = _port_key(address)
+    if key is not None:
+        _served.pop(key, None)
+
+
 def served(address: str) -> Served | None:
     found = _served.get(address)
     key = _port_key(address)
