@@ -196,3 +196,43 @@ def _zero_unit(unit: int) -> bytes:
     if found is None:
         found = _zero_units_by_size[unit] = bytes(unit)
     return found
+
+
+# -- unit digests: what a receiver matches a new chunk's units against (docs/design.md "Unit fetch") --
+
+UNIT_DIGEST_SIZE = 16
+MAX_UNIT = 4 * 1024 * KiB
+
+
+def unit_count(length: int, unit: int) -> int:
+    return -(-length // unit)
+
+
+def unit_digests(data: bytes | memoryview, unit: int) -> bytes:
+    """The xxh3-128 (seed 0: the same on every machine) of each ``unit`` bytes of ``data``, packed; the
+    last unit may be short. A hint, never an identity: a chunk assembled from units matched by these
+    is checked against its SHA-256 id before it is kept (a collision then costs a whole-chunk fetch)."""
+    view = memoryview(data)
+    digest = xxhash.xxh3_128_digest
+    return b"".join(digest(view[at : at + unit]) for at in range(0, len(view), unit))
+
+
+def valid_unit(unit: int) -> bool:
+    return MIN_UNIT <= unit <= MAX_UNIT and not unit & (unit - 1)
+
+
+def pack_mask(indexes: list[int]) -> bytes:
+    """A bitmap naming ``indexes`` (least significant bit first, as HasBlocks answers)."""
+    mask = bytearray((max(indexes) + 8) // 8 if indexes else 0)
+    for index in indexes:
+        mask[index // 8] |= 1 << (index % 8)
+    return bytes(mask)
+
+
+def mask_indexes(mask: bytes) -> list[int]:
+    return [at * 8 + bit for at, byte in enumerate(mask) if byte for bit in range(8) if byte >> bit & 1]
+
+
+def select_units(data: bytes | memoryview, unit: int, indexes: list[int]) -> bytes:
+    view = memoryview(data)
+    return b"".join(view[i * unit : (i + 1) * unit] for i in indexes)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from cachepoint.blocks import MAX_BLOCK_SIZE, decode_verified, size_problem
+from cachepoint.chunking import unit_digests
 from cachepoint.errors import BlockCorrupt, PullIncomplete
 from cachepoint.ids import BlockId
 from cachepoint.replication import rendezvous
@@ -41,6 +42,7 @@ from cachepoint.replication.ratelimit import TokenBucket
 from cachepoint.replication.sources import Source, SourceClass
 from cachepoint.rpc.guards import BUSY_KEY
 from cachepoint.store.store import Store
+from cachepoint.store.units import encode_record
 
 log = logging.getLogger("cachepoint.replication")
 
@@ -73,19 +75,23 @@ class FetchResult:
 
 
 def _verify(
-    values: list[tuple[bytes, bytes]], block_size: int
-) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, str]]]:
-    good, bad = [], []
+    values: list[tuple[bytes, bytes]], block_size: int, unit: int = 0
+) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, str]], list[tuple[bytes, bytes]]]:
+    """(good blocks, bad ones with why, and with ``unit`` the good ones' unit digest records: content
+    chunks a later pull can take units from, cachepoint/store/units.py)."""
+    good, bad, records = [], [], []
     for digest, value in values:
         if problem := size_problem(value, block_size):  # before hashing or keeping a byte of it
             bad.append((digest, f"block {BlockId(digest)} is refused: {problem}"))
             continue
         try:
-            decode_verified(digest, value, block_size)
+            data = decode_verified(digest, value, block_size)
             good.append((digest, value))
+            if unit:
+                records.append((digest, encode_record(unit, unit_digests(data, unit))))
         except BlockCorrupt as err:
             bad.append((digest, str(err)))
-    return good, bad
+    return good, bad, records
 
 
 def _busy(err: grpc.RpcError) -> bool:
@@ -108,14 +114,18 @@ class Fetcher:
         keep: KeepFn | None = None,
         node_id: str = "",
         share_stall: float = SHARE_STALL_SECONDS,
+        unit_size: int = 0,
     ) -> None:
         """``block_size``: the layer's, when the blocks are a version's; larger blocks are refused.
+        ``unit_size``: the version's chunk unit when it is content-chunked (each chunk is stored with
+        its unit digests, for the unit fetch of a later version).
         ``keep``: given each batch of verified blocks (on the event loop) instead of the store (a
         lazy read's TieredSource, whose caller writes them back). ``node_id``: this node's, for the
         rendezvous with the sources marked ``puller`` (ignored without them)."""
         self.store = store
         self.keep = keep
         self.block_size = block_size
+        self.unit_size = unit_size
         self.room = room
         self._version = ""
         self._halt: Exception | None = None  # what ``room`` raised: no stream takes more work
@@ -232,9 +242,11 @@ class Fetcher:
                     if bucket is not None:
                         await bucket.pay(sum(len(v) for _, v in values))
                     wanted = [v for v in values if v[0] in self._wanted]
-                    good, bad = await asyncio.to_thread(_verify, wanted, self.block_size)
+                    good, bad, records = await asyncio.to_thread(
+                        _verify, wanted, self.block_size, self.unit_size
+                    )
                     if good:
-                        if not await self._store(good):
+                        if not await self._store(good, records):
                             break  # no room: the fetch is halting
                         async with self._changed:
                             for digest, value in good:
@@ -272,13 +284,13 @@ class Fetcher:
             if not blame:
                 await asyncio.sleep(BUSY_PAUSE * busy)
 
-    async def _store(self, good: list[tuple[bytes, bytes]]) -> bool:
-        """Write verified blocks; False when the fetch is halting (no room)."""
+    async def _store(self, good: list[tuple[bytes, bytes]], records: list[tuple[bytes, bytes]]) -> bool:
+        """Write verified blocks (and their unit records); False when the fetch is halting (no room)."""
         if self.keep is not None:
             self.keep(good)
             return True
         if self.room is None:
-            await asyncio.to_thread(self.store.blocks.put_many, good, True)
+            await asyncio.to_thread(self.store.blocks.put_many, good, True, records)
             return True
         if self._halt is not None:
             return False
@@ -293,7 +305,7 @@ class Fetcher:
                     self._halt = err
                     self._changed.notify_all()
                 return False
-            await asyncio.to_thread(self.store.blocks.put_many, good, True)
+            await asyncio.to_thread(self.store.blocks.put_many, good, True, records)
         finally:
             self._unwritten -= size
         return True

@@ -11,9 +11,10 @@ import grpc
 
 from cachepoint.errors import InvalidInput
 from cachepoint.ids import Ref
-from cachepoint.model import VersionInfo
+from cachepoint.model import Chunking, VersionInfo
 from cachepoint.replication.fetcher import Fetcher, FetchResult, ProgressFn, RoomFn
 from cachepoint.replication.sources import Source, SourceClass
+from cachepoint.replication.unitfetch import UnitFetchResult, fetch_by_units
 from cachepoint.rpc import channel
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
 from cachepoint.store.catalog import PendingCommit
@@ -34,6 +35,7 @@ class PullResult:
     planned_blocks: int = 0  # blocks of the version that were missing here
     already_local: bool = False
     fetched: FetchResult = field(default_factory=FetchResult)
+    units: UnitFetchResult | None = None  # a content-chunked version's unit fetch, when one ran
     sources: list[Source] = field(default_factory=list)
 
     def as_json(self) -> dict[str, object]:
@@ -45,6 +47,7 @@ class PullResult:
             "fetched_blocks": self.fetched.blocks,
             "fetched_bytes": self.fetched.bytes,
             "bad_blocks": self.fetched.bad_blocks,
+            "unit_fetch": self.units.as_json() if self.units is not None else None,
             "sources": [
                 {
                     "name": s.name,
@@ -219,6 +222,11 @@ async def pull(
                     sources += [peer for peer in peers if peer.address not in avoid]
                 sources.append(Source("origin", origin, SourceClass.ORIGIN, node_origin=node_origin))
                 result = PullResult(info, planned_blocks=len(missing), sources=sources)
+                units = await fetch_by_units(store, manifest, missing, sources, info, progress, limits, room)
+                if units is not None:
+                    result.units, done = units
+                    missing = [digest for digest in missing if digest not in done]
+                    progress = _after(progress, len(done))
                 fetcher = Fetcher(
                     store,
                     sources,
@@ -227,9 +235,13 @@ async def pull(
                     room=room,
                     block_size=manifest.block_size,
                     node_id=node_id,
+                    unit_size=manifest.unit_size if manifest.chunking == Chunking.CONTENT else 0,
                 )
                 try:
                     result.fetched = await fetcher.fetch(missing, info.ref, version=info.ref)
+                    if result.units is not None:  # the chunks assembled from units were fetched too
+                        result.fetched.blocks += result.units.chunks + result.units.whole_blocks
+                        result.fetched.bytes += result.units.bytes
                 finally:
                     if account is not None:
                         account(sources)
@@ -261,6 +273,17 @@ async def pull(
                 node_origin=True,
             )
         raise from_rpc_error(err, origin) from err
+
+
+def _after(progress: ProgressFn | None, done: int) -> ProgressFn | None:
+    """The fetcher's progress, counted after the chunks a unit fetch already brought."""
+    if progress is None or not done:
+        return progress
+
+    def report(fetched: int, total: int) -> None:
+        progress(done + fetched, done + total)
+
+    return report
 
 
 def _not_the_coordinators_name(err: grpc.RpcError) -> bool:

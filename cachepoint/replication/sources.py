@@ -26,6 +26,21 @@ from cachepoint.wire import stored_value_from_pb
 FETCH_MAX_MESSAGE = channel.BATCH_BYTES + MAX_STORED_SIZE + 512 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One answer of a unit fetch: a block's unit digests, the units asked for (``partial``: a stored
+    value of their concatenation), or, from a server without unit fetch, the whole stored block."""
+
+    id: bytes
+    unit_digests: bytes
+    value: bytes
+    partial: bool
+
+    @property
+    def whole(self) -> bool:
+        return not self.unit_digests and not self.partial
+
+
 class SourceClass(enum.IntEnum):
     """Preference order: lower is nearer."""
 
@@ -93,7 +108,30 @@ class Source:
         finally:
             call.cancel()
 
+    async def fetch_parts(
+        self, ids: list[bytes], unit: int, masks: list[bytes] | None, stall: float, version: str = ""
+    ) -> AsyncIterator[list[Part]]:
+        """Unit fetch (docs/design.md): the unit digests of ``ids`` (no ``masks``), or the units each
+        mask names. A server without unit fetch answers with whole blocks (``Part.whole``)."""
+        request = blocks_pb2.FetchBlocksRequest(
+            ids=b"".join(ids), version=self.holds or version, unit_size=unit, unit_masks=masks or ()
+        )
+        call = self.stub().FetchBlocks(request)
+        try:
+            while True:
+                batch = await asyncio.wait_for(call.read(), stall)
+                if batch is grpc.aio.EOF:
+                    return
+                yield [_part(block) for block in batch.blocks]
+        finally:
+            call.cancel()
+
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+
+
+def _part(block: blocks_pb2.StoredBlock) -> Part:
+    value = b"" if block.unit_digests else stored_value_from_pb(block)
+    return Part(block.id, block.unit_digests, value, block.partial)

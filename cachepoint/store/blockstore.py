@@ -39,16 +39,26 @@ class BlockStore:
     def missing(self, digests: Iterable[bytes]) -> list[bytes]:
         return [d for d in digests if not self.has(d)]
 
-    def put_many(self, values: Iterable[tuple[bytes, bytes]], durable: bool = False) -> int:
+    def put_many(
+        self,
+        values: Iterable[tuple[bytes, bytes]],
+        durable: bool = False,
+        unit_records: Iterable[tuple[bytes, bytes]] = (),
+    ) -> int:
         """Write encoded blocks. By default with the WAL off (an ingest: durable only after
         ``persist()``); ``durable`` logs them (blocks received from the network, so that a pull or a
-        push killed midway keeps what it stored)."""
+        push killed midway keeps what it stored). ``unit_records``: (chunk id, encoded record) of the
+        ``units`` family (cachepoint/store/units.py), written in the same batch."""
         batch = self._db.batch()
         written = 0
         handle = self._handle
         for digest, value in values:
             batch.put(digest, value, handle)
             written += len(value)
+        units = self._db.handle.get(fmt.CF_UNITS)
+        if units is not None:
+            for digest, record in unit_records:
+                batch.put(digest, record, units)
         self._db.write(batch, wal=durable)
         return written
 
@@ -82,8 +92,11 @@ class BlockStore:
     def delete_many(self, digests: Iterable[bytes]) -> int:
         batch = self._db.batch()
         count = 0
+        units = self._db.handle.get(fmt.CF_UNITS)  # a chunk's unit digests go with it
         for digest in digests:
             batch.delete(digest, self._handle)
+            if units is not None:
+                batch.delete(digest, units)
             count += 1
         if count:
             self._db.write(batch, sync=True)

@@ -24,6 +24,10 @@ Column families, key layout and values (sizes in bytes):
 ``prefilter``  manifest digest[32] entry index[u32 BE] -> xxh3-128 digests[16 per block]
                Derived, store-local state: the xxh3 of every block of each file, seeded with this
                store's secret, so a re-ingest skips unchanged blocks. Rebuildable from the blocks.
+``units``      chunk id[32]      -> unit size[u32 BE] xxh3-128 digests[16 per unit] (content chunks: the
+               seed-0 xxh3-128 of each unit, what a pull matches a new chunk's units against; see
+               cachepoint/store/units.py). Derived, store-local: written as chunks arrive, made from a
+               chunk's bytes when a pull needs it and absent, deleted with the chunk.
 ``ingests``    ingest id[16]     -> JSON {"layer", "pid", "started_ns"}: an ingest in progress.
                Written before its first block and deleted in the batch that commits its version,
                so a record left behind names an ingest that was interrupted.
@@ -52,7 +56,7 @@ Column families, key layout and values (sizes in bytes):
                legal hold; while it exists no version of user/USER/... and none of its blocks is deleted)
 
 Column families added within format 1 (``events``, ``commit_ids``, ``pushed``, ``working``, ``audit``,
-``holds``, ``file_classes``, ``capture_index``) are created when a store is opened for writing; a
+``holds``, ``file_classes``, ``capture_index``, ``units``) are created when a store is opened for writing; a
 read-only open of a store that predates them sees them as empty.
 
 Durability: blocks are written with RocksDB's WAL off (it would write every block twice), then the
@@ -88,6 +92,7 @@ CF_FILE_CLASSES = "file_classes"
 CF_CAPTURE_INDEX = "capture_index"
 CF_AUDIT = "audit"
 CF_HOLDS = "holds"
+CF_UNITS = "units"
 WORKING_HEADER_PREFIX = b"\x00working-disk\x00"
 WORKING_ENTRY_PREFIX = b"\x00working\x00"
 COLUMN_FAMILIES = (
@@ -109,6 +114,7 @@ COLUMN_FAMILIES = (
     CF_CAPTURE_INDEX,
     CF_AUDIT,
     CF_HOLDS,
+    CF_UNITS,
 )
 
 META_FORMAT_VERSION = b"format_version"
@@ -122,7 +128,7 @@ META_JOURNAL_END = b"journal_end"
 
 # Families whose every write is also appended to the catalog journal (cachepoint/store/journal.py),
 # so that repair can rebuild them. The others are bulk data (blocks: verified by their ids and
-# re-fetchable), derived state (prefilter, file_classes, capture_index: rebuildable), transient
+# re-fetchable), derived state (prefilter, file_classes, capture_index, units: rebuildable), transient
 # records (ingests) or an attached disk's map since its last snapshot (working: written at every
 # FLUSH, so journaling it would double the cost of a guest's fsync; a snapshot bounds what it holds).
 JOURNALED_FAMILIES = frozenset(

@@ -15,6 +15,7 @@ from cachepoint.store import format as fmt
 from cachepoint.store.blockstore import BlockStore
 from cachepoint.store.catalog import Catalog
 from cachepoint.store.db import StoreDB
+from cachepoint.store.units import UnitRecords
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Store:
         self.db = db
         self.root = db.root
         self.blocks = BlockStore(db)
+        self.units = UnitRecords(db)
         self.catalog = Catalog(db)
         self.lock = threading.RLock()
         self._ingests: dict[bytes, IngestPins] = {}

@@ -7,16 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StoredBlock(_message.Message):
-    __slots__ = ("id", "codec", "raw_size", "payload")
+    __slots__ = ("id", "codec", "raw_size", "payload", "unit_digests", "partial")
     ID_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    UNIT_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     id: bytes
     codec: int
     raw_size: int
     payload: bytes
-    def __init__(self, id: _Optional[bytes] = ..., codec: _Optional[int] = ..., raw_size: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    unit_digests: bytes
+    partial: bool
+    def __init__(self, id: _Optional[bytes] = ..., codec: _Optional[int] = ..., raw_size: _Optional[int] = ..., payload: _Optional[bytes] = ..., unit_digests: _Optional[bytes] = ..., partial: _Optional[bool] = ...) -> None: ...
 
 class BlockBatch(_message.Message):
     __slots__ = ("blocks",)
@@ -39,12 +43,16 @@ class HasBlocksResponse(_message.Message):
     def __init__(self, present: _Optional[bytes] = ...) -> None: ...
 
 class FetchBlocksRequest(_message.Message):
-    __slots__ = ("ids", "version")
+    __slots__ = ("ids", "version", "unit_size", "unit_masks")
     IDS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    UNIT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    UNIT_MASKS_FIELD_NUMBER: _ClassVar[int]
     ids: bytes
     version: str
-    def __init__(self, ids: _Optional[bytes] = ..., version: _Optional[str] = ...) -> None: ...
+    unit_size: int
+    unit_masks: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, ids: _Optional[bytes] = ..., version: _Optional[str] = ..., unit_size: _Optional[int] = ..., unit_masks: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class PushBlocksResponse(_message.Message):
     __slots__ = ("accepted", "rejected")

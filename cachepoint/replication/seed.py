@@ -1,0 +1,122 @@
+"""The seed of a unit fetch: the units this store already holds, found by their digests.
+
+As casync's ``--seed``: the chunks of the versions of the layer held here (the previous version,
+usually) are where a new version's units are most likely to be. Their unit digests come from the
+``units`` family (cachepoint/store/units.py); a chunk without a record (a store written before unit
+fetch, or a chunk of a local ingest) is decoded and hashed once, and its record written, so the cost
+is paid by the first pull that needs it. Only the units a pull wants are remembered (``locate``), so
+memory follows the new version's units, not the store's size.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from cachepoint.blocks import MAX_BLOCK_SIZE, decode_stored
+from cachepoint.chunking import UNIT_DIGEST_SIZE, unit_digests
+from cachepoint.model import Chunking
+from cachepoint.store.store import Store
+
+READ_BATCH = 1024  # chunk records or values read per call
+DECODED_CHUNKS = 512  # decoded chunks kept between reads: neighbouring new chunks reuse the same old ones
+
+Place = tuple[bytes, int]  # (chunk id, unit index)
+
+
+class Seed:
+    def __init__(self, store: Store, unit: int) -> None:
+        self.store = store
+        self.unit = unit
+        self.where: dict[bytes, Place] = {}  # unit digest -> a chunk here (or planned) that has it
+        self.indexed = 0  # records made from chunks' bytes, for a store or chunks without them
+        self._decoded: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def candidates(self, layer: str) -> list[bytes]:
+        """The chunks of the content-chunked versions of ``layer`` held here, newest version first."""
+        catalog = self.store.catalog
+        found: dict[bytes, None] = {}
+        if catalog.layer_or_none(layer) is None:  # a first pull of the layer: no seed, every unit fetched
+            return []
+        for info in sorted(catalog.versions(layer), key=lambda v: v.number, reverse=True):
+            manifest = catalog.manifest(info.manifest_digest)
+            if manifest.chunking != Chunking.CONTENT or manifest.unit_size != self.unit:
+                continue
+            for entry in manifest.entries:
+                found.update(dict.fromkeys(entry.stored_digests()))
+        return list(found)
+
+    def locate(self, chunks: list[bytes], wanted: set[bytes]) -> None:
+        """Remember where each unit of ``wanted`` lies among ``chunks`` (held here)."""
+        unit = self.unit
+        for start in range(0, len(chunks), READ_BATCH):
+            batch = chunks[start : start + READ_BATCH]
+            records = self.store.units.get_many(batch, unit)
+            lacking = [digest for digest in batch if digest not in records]
+            if lacking:
+                records.update(self._index(lacking))
+            for chunk, packed in records.items():
+                self.add(chunk, packed, wanted)
+
+    def add(self, chunk: bytes, packed: bytes, wanted: set[bytes] | None = None) -> None:
+        where = self.where
+        for index in range(len(packed) // UNIT_DIGEST_SIZE):
+            digest = packed[index * UNIT_DIGEST_SIZE : (index + 1) * UNIT_DIGEST_SIZE]
+            if (wanted is None or digest in wanted) and digest not in where:
+                where[digest] = (chunk, index)
+
+    def forget(self, chunk: bytes, packed: bytes) -> None:
+        """A chunk planned to hold units that did not arrive: later chunks fetch those units themselves."""
+        for index in range(len(packed) // UNIT_DIGEST_SIZE):
+            digest = packed[index * UNIT_DIGEST_SIZE : (index + 1) * UNIT_DIGEST_SIZE]
+            if self.where.get(digest) == (chunk, index):
+                del self.where[digest]
+
+    def _index(self, chunks: list[bytes]) -> dict[bytes, bytes]:
+        """Records for chunks that have none, made from their bytes and written (derived state)."""
+        made: dict[bytes, bytes] = {}
+        for chunk, value in zip(chunks, self.store.blocks.raw_many(chunks), strict=True):
+            if value is None:
+                continue
+            try:
+                made[chunk] = unit_digests(decode_stored(chunk, value, MAX_BLOCK_SIZE), self.unit)
+            except Exception:  # unreadable here: its units are simply not offered
+                continue
+        self.store.units.put_many((chunk, self.unit, packed) for chunk, packed in made.items())
+        self.indexed += len(made)
+        return made
+
+    def read(self, places: Iterable[Place]) -> dict[Place, bytes]:
+        """The bytes of units held here; a place whose chunk is gone or unreadable is left out."""
+        unit = self.unit
+        by_chunk: dict[bytes, list[int]] = {}
+        for chunk, index in places:
+            by_chunk.setdefault(chunk, []).append(index)
+        decoded = {chunk: self._decoded[chunk] for chunk in by_chunk if chunk in self._decoded}
+        absent = [chunk for chunk in by_chunk if chunk not in decoded]
+        for start in range(0, len(absent), READ_BATCH):
+            batch = absent[start : start + READ_BATCH]
+            for chunk, value in zip(batch, self.store.blocks.raw_many(batch), strict=True):
+                if value is None:
+                    continue
+                try:
+                    decoded[chunk] = decode_stored(chunk, value, MAX_BLOCK_SIZE)
+                except Exception:  # unreadable here: those units are fetched instead
+                    continue
+        found: dict[Place, bytes] = {}
+        for chunk, indexes in by_chunk.items():
+            data = decoded.get(chunk)
+            if data is None:
+                continue
+            self._keep(chunk, data)
+            for index in indexes:
+                piece = data[index * unit : (index + 1) * unit]
+                if piece:
+                    found[(chunk, index)] = piece
+        return found
+
+    def _keep(self, chunk: bytes, data: bytes) -> None:
+        self._decoded[chunk] = data
+        self._decoded.move_to_end(chunk)
+        while len(self._decoded) > DECODED_CHUNKS:
+            self._decoded.popitem(last=False)

@@ -1,0 +1,427 @@
+"""Unit fetch: the new content chunks of a pull, assembled from the units held here and only the
+missing units fetched (docs/design.md "Unit fetch").
+
+A file-system write of one 4 KiB page makes a new 32 KiB chunk whose other units this store already
+holds, often in the previous version's chunk at the same place. So, for the chunks a pull lacks:
+1. one FetchBlocks per 4096 chunks asks the source for their unit digests (xxh3-128 per unit);
+2. the seed (cachepoint/replication/seed.py) finds which of those units are held here; a unit that
+   several new chunks share is fetched once, by the first of them;
+3. window after window of UNIT_WINDOW chunks, one FetchBlocks asks for the missing units only (each
+   chunk's answer compressed as one zstd frame); every unit is checked against its digest, each chunk
+   assembled from its units and checked against its SHA-256 id, then stored with its unit digests.
+   The request of a window overlaps the assembly of the one before.
+Whatever fails (a source without unit fetch answers with whole blocks, which are kept as such; a call
+that fails; a unit or a chunk that does not match) is left to the whole-block fetcher: the pull ends
+with the same verified bytes either way, only the traffic differs. A source that sends a unit or a
+chunk that does not match is asked for no more units in this pull (so a lying source learns at most
+one window of which units this node lacks), and the chunk is fetched whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import xxhash
+
+from cachepoint.blocks import block_digest, decode_block, decode_verified, encode_block, size_problem
+from cachepoint.chunking import UNIT_DIGEST_SIZE, pack_mask, unit_count, unit_digests
+from cachepoint.errors import BlockCorrupt
+from cachepoint.ids import BlockId
+from cachepoint.model import Chunking, Manifest, VersionInfo
+from cachepoint.replication.fetcher import STALL_SECONDS
+from cachepoint.replication.ratelimit import TokenBucket
+from cachepoint.replication.seed import Place, Seed
+from cachepoint.replication.sources import Part, Source, SourceClass
+from cachepoint.rpc.channel import MAX_FETCH_IDS
+from cachepoint.store.store import Store
+from cachepoint.store.units import encode_record
+
+log = logging.getLogger("cachepoint.replication")
+
+UNIT_WINDOW = 512  # chunks per units request: ~1-2 MiB of answers for 32 KiB chunks
+ProgressFn = Callable[[int, int], None]
+RoomFn = Callable[[int], None]
+
+
+@dataclass
+class UnitFetchResult:
+    chunks: int = 0  # chunks assembled from units and stored
+    units_local: int = 0  # units of those taken from chunks held here (or fetched once for several)
+    units_fetched: int = 0  # units received
+    bytes: int = 0  # bytes received: unit digests, units, and whole blocks from a server without units
+    whole_blocks: int = 0  # whole blocks a server without unit fetch sent instead (verified, kept)
+    bad_chunks: int = 0  # chunks whose units or assembled bytes did not match: fetched whole instead
+    indexed: int = 0  # chunks held here whose unit digests were made from their bytes for this pull
+    left: int = 0  # chunks left to the whole-block fetch
+
+    def as_json(self) -> dict[str, int]:
+        return {
+            "chunks": self.chunks,
+            "units_local": self.units_local,
+            "units_fetched": self.units_fetched,
+            "bytes": self.bytes,
+            "whole_blocks": self.whole_blocks,
+            "bad_chunks": self.bad_chunks,
+            "indexed": self.indexed,
+            "left_to_whole_fetch": self.left,
+        }
+
+
+@dataclass
+class _Window:
+    ids: list[bytes]
+    plans: dict[bytes, list[Place | None]] = field(default_factory=dict)  # None: fetched with this window
+    fetch: dict[bytes, list[int]] = field(default_factory=dict)  # unit indexes asked for, per chunk
+    received: dict[bytes, bytes] = field(default_factory=dict)  # chunk id -> stored value of its units
+
+
+class UnitFetch:
+    def __init__(
+        self,
+        store: Store,
+        source: Source,
+        unit: int,
+        layer: str,
+        *,
+        stall: float,
+        block_size: int,
+        progress: ProgressFn | None = None,
+        room: RoomFn | None = None,
+        bucket: TokenBucket | None = None,
+    ) -> None:
+        self.store = store
+        self.source = source
+        self.unit = unit
+        self.layer = layer
+        self.stall = stall
+        self.block_size = block_size
+        self.progress = progress
+        self.room = room
+        self.bucket = bucket
+        self.result = UnitFetchResult()
+        self.done: set[bytes] = set()
+        self._total = 0
+        self._stop = ""  # why no more units are asked of the source in this pull
+        self._digests: dict[bytes, bytes] = {}
+        self._seed = Seed(store, unit)
+
+    async def fetch(self, lengths: dict[bytes, int], version: str) -> set[bytes]:
+        """Fetch the chunks ``lengths`` names (id -> length) by units; returns the ids now stored."""
+        self._total = len(lengths)
+        candidates = await asyncio.to_thread(self._seed.candidates, self.layer)
+        if not candidates:  # nothing here to take units from: whole chunks cost less
+            self.result.left = len(lengths)
+            return self.done
+        await self._fetch_digests(lengths, version)
+        if self._digests and not self._stop:
+            wanted = await asyncio.to_thread(self._wanted)
+            await asyncio.to_thread(self._seed.locate, candidates, wanted)
+            self.result.indexed = self._seed.indexed
+            await self._fetch_units(lengths, version)
+        self.result.left = len(lengths) - len(self.done)
+        if self._stop:
+            log.info("unit fetch from %s stopped: %s", self.source.name, self._stop)
+        return self.done
+
+    # -- 1. the unit digests -------------------------------------------------------------------
+
+    async def _fetch_digests(self, lengths: dict[bytes, int], version: str) -> None:
+        ids = list(lengths)
+        for start in range(0, len(ids), MAX_FETCH_IDS):
+            batch = ids[start : start + MAX_FETCH_IDS]
+            try:
+                async for parts in self.source.fetch_parts(batch, self.unit, None, self.stall, version):
+                    await self._pay(parts)
+                    whole = [part for part in parts if part.whole]
+                    if whole:
+                        self._stop = "it answers with whole blocks (no unit fetch)"
+                        await self._keep_whole(whole, lengths)
+                    for part in parts:
+                        length = lengths.get(part.id)
+                        expected = UNIT_DIGEST_SIZE * unit_count(length or 0, self.unit)
+                        if part.unit_digests and length and len(part.unit_digests) == expected:
+                            self._digests[part.id] = part.unit_digests
+            except (grpc.RpcError, TimeoutError) as err:
+                self._stop = f"unit digests: {_why(err)}"
+            if self._stop:
+                return
+
+    def _wanted(self) -> set[bytes]:
+        wanted: set[bytes] = set()
+        for packed in self._digests.values():
+            wanted.update(packed[i : i + UNIT_DIGEST_SIZE] for i in range(0, len(packed), UNIT_DIGEST_SIZE))
+        return wanted
+
+    # -- 2. the units, window by window ----------------------------------------------------------
+
+    async def _fetch_units(self, lengths: dict[bytes, int], version: str) -> None:
+        order = [digest for digest in lengths if digest in self._digests and digest not in self.done]
+        assembling: asyncio.Task[None] | None = None
+        try:
+            for start in range(0, len(order), UNIT_WINDOW):
+                if self._stop:
+                    break
+                window = self._plan(order[start : start + UNIT_WINDOW])
+                await self._ask(window, lengths, version)
+                if assembling is not None:
+                    await assembling  # a window reads the chunks the one before stored
+                assembling = asyncio.create_task(self._assemble(window, lengths))
+        finally:
+            if assembling is not None:
+                await assembling
+
+    def _plan(self, ids: list[bytes]) -> _Window:
+        """Where each unit of ``ids`` comes from: a place held here, or this window's answer (the first
+        chunk that needs a unit not held here fetches it; later ones take it from that chunk)."""
+        window = _Window(ids)
+        where = self._seed.where
+        for chunk in ids:
+            packed = self._digests[chunk]
+            plan: list[Place | None] = []
+            fetch: list[int] = []
+            for index in range(len(packed) // UNIT_DIGEST_SIZE):
+                digest = packed[index * UNIT_DIGEST_SIZE : (index + 1) * UNIT_DIGEST_SIZE]
+                place = where.get(digest)
+                if place is None:
+                    where[digest] = (chunk, index)
+                    fetch.append(index)
+                plan.append(place)
+            window.plans[chunk] = plan
+            if fetch:
+                window.fetch[chunk] = fetch
+        return window
+
+    async def _ask(self, window: _Window, lengths: dict[bytes, int], version: str) -> None:
+        if not window.fetch:
+            return
+        ids = list(window.fetch)
+        masks = [pack_mask(window.fetch[chunk]) for chunk in ids]
+        try:
+            async for parts in self.source.fetch_parts(ids, self.unit, masks, self.stall, version):
+                await self._pay(parts)
+                for part in parts:
+                    if part.partial and part.id in window.fetch:
+                        window.received[part.id] = part.value
+                whole = [part for part in parts if part.whole]
+                if whole:
+                    self._stop = "it answers with whole blocks (no unit fetch)"
+                    await self._keep_whole(whole, lengths)
+        except (grpc.RpcError, TimeoutError) as err:
+            self._stop = f"units: {_why(err)}"
+
+    async def _assemble(self, window: _Window, lengths: dict[bytes, int]) -> None:
+        good, failed, bad = await asyncio.to_thread(self._assembled, window, lengths)
+        for chunk in failed:
+            self._seed.forget(chunk, self._digests[chunk])
+        if bad:
+            self.result.bad_chunks += len(bad)
+            self.source.counters.failures += 1
+            log.warning(
+                "source %s (%s) sent %d chunks' units that do not match, e.g. %s: fetching them whole",
+                self.source.name,
+                self.source.address,
+                len(bad),
+                bad[0],
+            )
+            self._stop = f"it sent units that do not match: {bad[0]}"
+        if not good:
+            return
+        size = sum(len(value) for _, value, _ in good)
+        if self.room is not None:
+            await asyncio.to_thread(self.room, size)  # what it raises ends the pull (as the fetcher's)
+        await asyncio.to_thread(
+            self.store.blocks.put_many,
+            [(chunk, value) for chunk, value, _ in good],
+            True,
+            [(chunk, record) for chunk, _, record in good],
+        )
+        fetched = sum(len(window.fetch.get(chunk, ())) for chunk, _, _ in good)
+        units = sum(len(window.plans[chunk]) for chunk, _, _ in good)
+        self.result.chunks += len(good)
+        self.result.units_fetched += fetched
+        self.result.units_local += units - fetched
+        self.source.counters.blocks += len(good)
+        self.done.update(chunk for chunk, _, _ in good)
+        if self.progress is not None:
+            self.progress(len(self.done), self._total)
+
+    def _assembled(
+        self, window: _Window, lengths: dict[bytes, int]
+    ) -> tuple[list[tuple[bytes, bytes, bytes]], list[bytes], list[str]]:
+        """(stored chunks: id, value, unit record), chunks that failed, and why those that did not
+        match failed. Runs in a thread."""
+        unit = self.unit
+        fetched: dict[Place, bytes] = {}
+        bad: list[str] = []
+        for chunk, value in window.received.items():
+            pieces, problem = self._split(chunk, value, window.fetch[chunk], lengths[chunk])
+            if problem:
+                bad.append(problem)
+            fetched.update(pieces)
+        in_window = set(window.ids)
+        held = self._seed.read(
+            place for plan in window.plans.values() for place in plan if place and place[0] not in in_window
+        )
+        good: list[tuple[bytes, bytes, bytes]] = []
+        failed: list[bytes] = []
+        for chunk in window.ids:
+            pieces: list[bytes] = []
+            for index, place in enumerate(window.plans[chunk]):
+                if place is None:
+                    piece = fetched.get((chunk, index))
+                else:
+                    piece = (fetched if place[0] in in_window else held).get(place)
+                if piece is None:
+                    break
+                pieces.append(piece)
+            else:
+                data = b"".join(pieces)
+                if len(data) == lengths[chunk] and block_digest(data) == chunk:
+                    packed = self._digests[chunk]
+                    good.append((chunk, encode_block(data), encode_record(unit, packed)))
+                    continue
+                if chunk in window.fetch:  # units held here are not the source's doing
+                    bad.append(f"chunk {BlockId(chunk)} assembled from its units does not match its id")
+            failed.append(chunk)
+        return good, failed, bad
+
+    def _split(
+        self, chunk: bytes, value: bytes, indexes: list[int], length: int
+    ) -> tuple[dict[Place, bytes], str]:
+        """The units of an answer, each checked against its digest; or why the answer is refused."""
+        unit = self.unit
+        sizes = [min(unit, length - index * unit) for index in indexes]
+        expected = sum(sizes)
+        if problem := size_problem(value, expected):  # before a byte of it is decoded
+            return {}, f"units of chunk {BlockId(chunk)} refused: {problem}"
+        try:
+            data = decode_block(value, expected)
+        except Exception as err:
+            return {}, f"units of chunk {BlockId(chunk)} cannot be decoded: {err}"
+        if len(data) != expected:
+            return {}, f"units of chunk {BlockId(chunk)}: {len(data)} bytes, {expected} asked for"
+        packed = self._digests[chunk]
+        pieces: dict[Place, bytes] = {}
+        at = 0
+        for index, size in zip(indexes, sizes, strict=True):
+            piece = data[at : at + size]
+            at += size
+            if (
+                xxhash.xxh3_128_digest(piece)
+                != packed[index * UNIT_DIGEST_SIZE : (index + 1) * UNIT_DIGEST_SIZE]
+            ):
+                return {}, f"unit {index} of chunk {BlockId(chunk)} does not match its digest"
+            pieces[(chunk, index)] = piece
+        return pieces, ""
+
+    # -- whole blocks, from a source without unit fetch --------------------------------------------
+
+    async def _keep_whole(self, parts: list[Part], lengths: dict[bytes, int]) -> None:
+        good, records, problems = await asyncio.to_thread(self._verify_whole, parts, lengths)
+        if problems:
+            self.result.bad_chunks += len(problems)
+            log.warning("source %s sent blocks that do not match, e.g. %s", self.source.name, problems[0])
+        if not good:
+            return
+        if self.room is not None:
+            await asyncio.to_thread(self.room, sum(len(value) for _, value in good))
+        await asyncio.to_thread(self.store.blocks.put_many, good, True, records)
+        self.result.whole_blocks += len(good)
+        self.source.counters.blocks += len(good)
+        self.done.update(chunk for chunk, _ in good)
+        if self.progress is not None:
+            self.progress(len(self.done), self._total)
+
+    def _verify_whole(
+        self, parts: list[Part], lengths: dict[bytes, int]
+    ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]], list[str]]:
+        good, records, problems = [], [], []
+        for part in parts:
+            if part.id not in lengths or part.id in self.done:
+                continue
+            if problem := size_problem(part.value, self.block_size):
+                problems.append(f"block {BlockId(part.id)} is refused: {problem}")
+                continue
+            try:
+                data = decode_verified(part.id, part.value, self.block_size)
+            except BlockCorrupt as err:
+                problems.append(str(err))
+                continue
+            good.append((part.id, part.value))
+            records.append((part.id, encode_record(self.unit, unit_digests(data, self.unit))))
+        return good, records, problems
+
+    async def _pay(self, parts: list[Part]) -> None:
+        size = sum(len(part.value) + len(part.unit_digests) for part in parts)
+        self.result.bytes += size
+        self.source.counters.bytes += size
+        if self.bucket is not None:
+            await self.bucket.pay(size)
+
+
+def unit_source(sources: list[Source]) -> Source | None:
+    """The source a unit fetch asks: the nearest complete holder of the version (a site peer, else
+    another peer, else the origin). None while the site shares the version's fetch among its pullers:
+    each new chunk then crosses the WAN once for the whole site, which a unit fetch per node, however
+    much smaller, would not keep."""
+    if any(source.puller for source in sources):
+        return None
+    holders = [source for source in sources if source.alive and not source.holds]
+    return min(holders, key=lambda source: source.source_class, default=None)
+
+
+async def fetch_by_units(
+    store: Store,
+    manifest: Manifest,
+    missing: list[bytes],
+    sources: list[Source],
+    info: VersionInfo,
+    progress: ProgressFn | None,
+    limits: dict[SourceClass, float] | None,
+    room: RoomFn | None,
+) -> tuple[UnitFetchResult, set[bytes]] | None:
+    """The missing chunks of a content-chunked version that a unit fetch assembled (docs/design.md
+    "Unit fetch"), and its counters; None when it does not apply."""
+    source = unit_source(sources)
+    if manifest.chunking != Chunking.CONTENT or not missing or source is None:
+        return None
+    lengths = chunk_lengths(manifest, set(missing))
+    rate = (limits or {}).get(source.source_class, 0)
+    fetch = UnitFetch(
+        store,
+        source,
+        manifest.unit_size,
+        info.layer,
+        stall=STALL_SECONDS,
+        block_size=manifest.block_size,
+        progress=progress,
+        room=room,
+        bucket=TokenBucket(rate) if rate > 0 else None,
+    )
+    done = await fetch.fetch(lengths, info.ref)
+    return fetch.result, done
+
+
+def chunk_lengths(manifest: Manifest, ids: set[bytes]) -> dict[bytes, int]:
+    """The length of each chunk of ``ids``, from the manifest's extent index."""
+    lengths: dict[bytes, int] = {}
+    for entry in manifest.entries:
+        if not entry.chunked:
+            continue
+        ends = entry.ends()
+        for index, digest in enumerate(entry.digests()):
+            if digest in ids and digest not in lengths:
+                lengths[digest] = ends[index] - (ends[index - 1] if index else 0)
+    return lengths
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, grpc.aio.AioRpcError):
+        return f"{err.code().name}: {err.details()}"
+    if isinstance(err, TimeoutError):
+        return "stalled"
+    return str(err)
