@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import grpc
 import pytest
 import rocksdict
 
+from cachepoint.blocks import decode_block, encode_block
 from cachepoint.chunking import ChunkParams
 from cachepoint.layers.ingest import IngestOptions, ingest
 from cachepoint.model import Chunking
@@ -98,10 +100,106 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    with Fleet(tmp_path / "fleet") as running:
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    with Fleet(tmp_path_factory.mktemp("unit-fleet")) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def served(fleet: Fleet, origin: dict[str, Any]) -> str:
+    """The address of a `cachepoint serve` of the origin store, for the module."""
+    return fleet.serve_store("origin", origin["store"]).address
+
+
+@pytest.fixture(scope="module")
+def holding_v1(served: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store that pulled v1 (each test pulls v2 into a copy of it)."""
+    store = tmp_path_factory.mktemp("holding-v1") / "store"
+    _pull(store, f"{LAYER}@1", served)
+    return store
+
+
+def _receiver(holding_v1: Path, tmp_path: Path) -> Path:
+    receiver = tmp_path / "receiver"
+    shutil.copytree(holding_v1, receiver)
+    return receiver
+
+
+class _NodeThread:
+    """A gRPC server in a thread of the test process, with the real Catalog reads and ``blocks`` (a
+    BlockExchangeService playing a fault) over a store opened read-only."""
+
+    def __init__(self, fleet: Fleet, name: str, store_dir: Path, blocks: type[BlockExchangeService]) -> None:
+        self.store = Store.open(store_dir)
+        self.blocks = blocks(self.store, ServeCounters(), False, SlotLimits(8, 8, 5.0, 30.0))
+        self._fleet, self._name = fleet, name
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self.address = ""
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),))
+
+    async def _serve(self) -> None:
+        server = grpc.aio.server()
+        blocks_pb2_grpc.add_BlockExchangeServicer_to_server(self.blocks, server)
+        catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogReadService(self.store), server)
+        self.address = self._fleet.add_port(server, self._name)
+        self._stop = asyncio.Event()
+        await server.start()
+        self._ready.set()
+        await self._stop.wait()
+        await server.stop(None)
+
+    def __enter__(self) -> _NodeThread:
+        self._thread.start()
+        assert self._ready.wait(30), "the in-process node did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+        self._loop.close()
+        self.store.close()
+
+
+class OlderNode(BlockExchangeService):
+    """A node written before unit fetch: its FetchBlocksRequest has no fields 3 and 4, so it drops
+    them while parsing and answers with whole blocks."""
+
+    unit_requests = 0
+
+    async def FetchBlocks(  # noqa: N802 - gRPC method name
+        self, request: blocks_pb2.FetchBlocksRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        if request.unit_size:
+            type(self).unit_requests += 1
+        old = blocks_pb2.FetchBlocksRequest(ids=request.ids, version=request.version)
+        await super().FetchBlocks(old, context)
+
+
+class FlippingNode(BlockExchangeService):
+    """Sends the first unit answer it makes with one byte of its units flipped (a bad disk, a bad
+    NIC, or a liar); every other answer as it should be."""
+
+    flipped = 0
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        write = self.fetches.write
+
+        async def flip_first(context: grpc.aio.ServicerContext, batch: Any) -> None:
+            for block in batch.blocks:
+                if block.partial and not type(self).flipped:
+                    units = bytearray(decode_block(bytes((block.codec,)) + block.payload))
+                    units[len(units) // 2] ^= 0x01
+                    encoded = encode_block(bytes(units))
+                    block.codec, block.payload = encoded[0], encoded[1:]
+                    type(self).flipped += 1
+            await write(context, batch)
+
+        self.fetches.write = flip_first  # type: ignore[method-assign]
 
 
 def _pull(store: Path, ref: str, address: str) -> dict[str, Any]:
@@ -109,12 +207,10 @@ def _pull(store: Path, ref: str, address: str) -> dict[str, Any]:
 
 
 def test_a_pull_of_a_content_chunked_version_fetches_only_the_units_this_store_lacks(
-    fleet: Fleet, origin: dict[str, Any], tmp_path: Path
+    served: str, holding_v1: Path, origin: dict[str, Any], tmp_path: Path
 ) -> None:
-    node = fleet.serve_store("origin", origin["store"])
-    receiver = tmp_path / "receiver"
-    _pull(receiver, f"{LAYER}@1", node.address)
-    result = _pull(receiver, f"{LAYER}@2", node.address)
+    receiver = _receiver(holding_v1, tmp_path)
+    result = _pull(receiver, f"{LAYER}@2", served)
 
     units = result["unit_fetch"]
     assert result["planned_blocks"] == origin["new_chunks"] == result["fetched_blocks"], result
@@ -124,6 +220,58 @@ def test_a_pull_of_a_content_chunked_version_fetches_only_the_units_this_store_l
     assert units["units_local"] > 3 * units["units_fetched"], units
     assert units["bad_chunks"] == 0 and units["indexed"] == 0, units  # v1 arrived with its records
     # Far fewer bytes than the whole new chunks would have taken.
-    assert result["fetched_bytes"] < origin["whole_bytes"] / 2, (result["fetched_bytes"], origin["whole_bytes"])
+    assert result["fetched_bytes"] < origin["whole_bytes"] / 2, (result, origin["whole_bytes"])
+    assert export_digest(receiver, f"{LAYER}@2", tmp_path / "v2.img") == origin["v2_sha256"]
+    assert cli_json(receiver, "fsck")["ok"]
+
+
+def test_a_node_without_unit_fetch_answers_with_whole_chunks_and_the_pull_takes_them(
+    fleet: Fleet, holding_v1: Path, origin: dict[str, Any], tmp_path: Path
+) -> None:
+    receiver = _receiver(holding_v1, tmp_path)
+    with _NodeThread(fleet, "older", origin["store"], OlderNode) as older:
+        result = _pull(receiver, f"{LAYER}@2", older.address)
+    units = result["unit_fetch"]
+    assert OlderNode.unit_requests == 1, "the pull never asked for unit digests: the test proves nothing"
+    assert units["whole_blocks"] == origin["new_chunks"] == result["fetched_blocks"], result
+    assert units["chunks"] == 0 and units["units_fetched"] == 0 and units["bad_chunks"] == 0, units
+    assert export_digest(receiver, f"{LAYER}@2", tmp_path / "v2.img") == origin["v2_sha256"]
+    assert cli_json(receiver, "fsck")["ok"]
+
+
+def test_a_unit_that_does_not_match_its_digest_is_refused_and_its_chunk_fetched_whole(
+    fleet: Fleet, holding_v1: Path, origin: dict[str, Any], tmp_path: Path
+) -> None:
+    receiver = _receiver(holding_v1, tmp_path)
+    with _NodeThread(fleet, "flipping", origin["store"], FlippingNode) as flipping:
+        result = _pull(receiver, f"{LAYER}@2", flipping.address)
+    units = result["unit_fetch"]
+    assert FlippingNode.flipped == 1, "no unit was sent: the test proves nothing"
+    assert units["bad_chunks"] == 1, units
+    # The window of the bad unit is left to the whole-chunk fetch, and no more units are asked for.
+    assert 0 < units["left_to_whole_fetch"] <= origin["new_chunks"], units
+    assert result["fetched_blocks"] == origin["new_chunks"] and result["bad_blocks"] == 0, result
+    assert export_digest(receiver, f"{LAYER}@2", tmp_path / "v2.img") == origin["v2_sha256"]
+    fsck = cli_json(receiver, "fsck")
+    assert fsck["ok"] and fsck["problems"] == [], fsck
+
+
+def test_a_store_written_before_unit_fetch_makes_its_unit_digests_once_and_pulls_only_new_units(
+    served: str, holding_v1: Path, origin: dict[str, Any], tmp_path: Path
+) -> None:
+    receiver = _receiver(holding_v1, tmp_path)
+    # What older code leaves: a store without the units family at all.
+    options = rocksdict.Options(raw_mode=True)
+    families = rocksdict.Rdict.list_cf(str(receiver / "db"), options)
+    db = rocksdict.Rdict(str(receiver / "db"), options, column_families={f: options for f in families})
+    db.drop_column_family(fmt.CF_UNITS)
+    db.close()
+    del db
+    assert fmt.CF_UNITS not in rocksdict.Rdict.list_cf(str(receiver / "db"), options)
+
+    result = _pull(receiver, f"{LAYER}@2", served)
+    units = result["unit_fetch"]
+    assert units["indexed"] > 0, units  # v1's chunks, hashed from their bytes for this pull
+    assert units["units_fetched"] == origin["new_units"] and units["left_to_whole_fetch"] == 0, units
     assert export_digest(receiver, f"{LAYER}@2", tmp_path / "v2.img") == origin["v2_sha256"]
     assert cli_json(receiver, "fsck")["ok"]

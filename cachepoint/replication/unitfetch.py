@@ -76,7 +76,7 @@ class _Window:
     ids: list[bytes]
     plans: dict[bytes, list[Place | None]] = field(default_factory=dict)  # None: fetched with this window
     fetch: dict[bytes, list[int]] = field(default_factory=dict)  # unit indexes asked for, per chunk
-    received: dict[bytes, bytes] = field(default_factory=dict)  # chunk id -> stored value of its units
+    received: dict[bytes, Part] = field(default_factory=dict)  # the answer for each chunk asked
 
 
 class UnitFetch:
@@ -166,7 +166,7 @@ class UnitFetch:
                 if self._stop:
                     break
                 window = self._plan(order[start : start + UNIT_WINDOW])
-                await self._ask(window, lengths, version)
+                await self._ask(window, version)
                 if assembling is not None:
                     await assembling  # a window reads the chunks the one before stored
                 assembling = asyncio.create_task(self._assemble(window, lengths))
@@ -195,26 +195,39 @@ class UnitFetch:
                 window.fetch[chunk] = fetch
         return window
 
-    async def _ask(self, window: _Window, lengths: dict[bytes, int], version: str) -> None:
+    async def _ask(self, window: _Window, version: str) -> None:
         if not window.fetch:
             return
         ids = list(window.fetch)
-        masks = [pack_mask(window.fetch[chunk]) for chunk in ids]
+        # An empty mask asks for the whole chunk as stored: one with no unit held here costs the same
+        # bytes either way, and its stored value is kept as it comes (no decoding, no recompression
+        # on either side).
+        masks = [
+            b"" if len(window.fetch[c]) == len(window.plans[c]) else pack_mask(window.fetch[c]) for c in ids
+        ]
         try:
             async for parts in self.source.fetch_parts(ids, self.unit, masks, self.stall, version):
                 await self._pay(parts)
                 for part in parts:
-                    if part.partial and part.id in window.fetch:
-                        window.received[part.id] = part.value
-                whole = [part for part in parts if part.whole]
-                if whole:
-                    self._stop = "it answers with whole blocks (no unit fetch)"
-                    await self._keep_whole(whole, lengths)
+                    if part.id in window.fetch and not part.unit_digests:
+                        window.received[part.id] = part
         except (grpc.RpcError, TimeoutError) as err:
             self._stop = f"units: {_why(err)}"
 
     async def _assemble(self, window: _Window, lengths: dict[bytes, int]) -> None:
-        good, failed, bad = await asyncio.to_thread(self._assembled, window, lengths)
+        fetched, whole, bad = await asyncio.to_thread(self._received, window, lengths)
+        # Two halves at once: zstd and SHA-256 release the GIL, and assembly is the pull's main cost.
+        half = (len(window.ids) + 1) // 2
+        halves = await asyncio.gather(
+            *(
+                asyncio.to_thread(self._assembled, window, ids, lengths, fetched, whole)
+                for ids in (window.ids[:half], window.ids[half:])
+                if ids
+            )
+        )
+        good = [item for stored, _, _ in halves for item in stored]
+        failed = [chunk for _, lost, _ in halves for chunk in lost]
+        bad += [why for _, _, whys in halves for why in whys]
         for chunk in failed:
             self._seed.forget(chunk, self._digests[chunk])
         if bad:
@@ -239,36 +252,70 @@ class UnitFetch:
             True,
             [(chunk, record) for chunk, _, record in good],
         )
-        fetched = sum(len(window.fetch.get(chunk, ())) for chunk, _, _ in good)
+        fetched_units = sum(len(window.fetch.get(chunk, ())) for chunk, _, _ in good)
         units = sum(len(window.plans[chunk]) for chunk, _, _ in good)
         self.result.chunks += len(good)
-        self.result.units_fetched += fetched
-        self.result.units_local += units - fetched
+        self.result.units_fetched += fetched_units
+        self.result.units_local += units - fetched_units
         self.source.counters.blocks += len(good)
         self.done.update(chunk for chunk, _, _ in good)
         if self.progress is not None:
             self.progress(len(self.done), self._total)
 
-    def _assembled(
+    def _received(
         self, window: _Window, lengths: dict[bytes, int]
+    ) -> tuple[dict[Place, bytes], dict[bytes, bytes], list[str]]:
+        """The units a window's answer brought (each checked against its digest), the whole chunks it
+        brought (verified against their ids: their stored values are kept as they are), and why any
+        answer was refused. Runs in a thread."""
+        fetched: dict[Place, bytes] = {}
+        whole: dict[bytes, bytes] = {}
+        bad: list[str] = []
+        unit = self.unit
+        for chunk, part in window.received.items():
+            if part.partial:
+                pieces, problem = self._split(chunk, part.value, window.fetch[chunk], lengths[chunk])
+                if problem:
+                    bad.append(problem)
+                fetched.update(pieces)
+                continue
+            if problem := size_problem(part.value, self.block_size):
+                bad.append(f"block {BlockId(chunk)} is refused: {problem}")
+                continue
+            try:
+                data = decode_verified(chunk, part.value, self.block_size)
+            except BlockCorrupt as err:
+                bad.append(str(err))
+                continue
+            whole[chunk] = part.value
+            fetched.update(
+                ((chunk, i), data[i * unit : (i + 1) * unit]) for i in range(len(window.plans[chunk]))
+            )
+        return fetched, whole, bad
+
+    def _assembled(
+        self,
+        window: _Window,
+        ids: list[bytes],
+        lengths: dict[bytes, int],
+        fetched: dict[Place, bytes],
+        whole: dict[bytes, bytes],
     ) -> tuple[list[tuple[bytes, bytes, bytes]], list[bytes], list[str]]:
         """(stored chunks: id, value, unit record), chunks that failed, and why those that did not
         match failed. Runs in a thread."""
         unit = self.unit
-        fetched: dict[Place, bytes] = {}
-        bad: list[str] = []
-        for chunk, value in window.received.items():
-            pieces, problem = self._split(chunk, value, window.fetch[chunk], lengths[chunk])
-            if problem:
-                bad.append(problem)
-            fetched.update(pieces)
-        in_window = set(window.ids)
+        in_window = window.plans.keys()
         held = self._seed.read(
-            place for plan in window.plans.values() for place in plan if place and place[0] not in in_window
+            place for chunk in ids for place in window.plans[chunk] if place and place[0] not in in_window
         )
         good: list[tuple[bytes, bytes, bytes]] = []
         failed: list[bytes] = []
-        for chunk in window.ids:
+        bad: list[str] = []
+        for chunk in ids:
+            if chunk in whole:
+                data = b"".join(fetched[(chunk, i)] for i in range(len(window.plans[chunk])))
+                good.append((chunk, whole[chunk], encode_record(unit, unit_digests(data, unit))))
+                continue
             pieces: list[bytes] = []
             for index, place in enumerate(window.plans[chunk]):
                 if place is None:

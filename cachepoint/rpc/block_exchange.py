@@ -108,10 +108,13 @@ def _unit_answers(
     answers = []
     for digest in ids:
         value = values.get(digest)
-        if value is not None:
-            answer = unit_answer(digest, value, unit, None if masks is None else masks[digest])
-            if answer is not None:
-                answers.append(answer)
+        if value is None:
+            continue
+        mask = None if masks is None else masks[digest]
+        if mask == b"":  # the whole block, as stored
+            answers.append(stored_block_to_pb(digest, value))
+        elif (answer := unit_answer(digest, value, unit, mask)) is not None:
+            answers.append(answer)
     return answers
 
 
