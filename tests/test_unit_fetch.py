@@ -32,6 +32,7 @@ from cachepoint.slots import SlotLimits
 from cachepoint.store import format as fmt
 from cachepoint.store.store import Store
 from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc, catalog_pb2_grpc
+from tests import tls
 from tests.fleet import Fleet, cli_json, export_digest
 
 KiB = 1024
@@ -94,6 +95,7 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "v1": v1,
         "v2": v2,
         "new_chunks": len(new),
+        "a_new_chunk": new[0],
         "whole_bytes": whole,
         "new_units": _new_units(v1, v2),
         "v2_sha256": hashlib.sha256(v2.read_bytes()).hexdigest(),
@@ -275,3 +277,40 @@ def test_a_store_written_before_unit_fetch_makes_its_unit_digests_once_and_pulls
     assert units["units_fetched"] == origin["new_units"] and units["left_to_whole_fetch"] == 0, units
     assert export_digest(receiver, f"{LAYER}@2", tmp_path / "v2.img") == origin["v2_sha256"]
     assert cli_json(receiver, "fsck")["ok"]
+
+
+def test_unit_requests_out_of_bounds_get_invalid_argument_naming_the_limit(
+    served: str, origin: dict[str, Any]
+) -> None:
+    chunk = origin["a_new_chunk"]
+    v2 = f"{LAYER}@2"
+    cases = [
+        (blocks_pb2.FetchBlocksRequest(ids=chunk, unit_size=3000), "unit_size 3000 is not a power of two"),
+        (blocks_pb2.FetchBlocksRequest(ids=chunk, unit_masks=[b"\x01"]), "unit_masks without a unit_size"),
+        (
+            blocks_pb2.FetchBlocksRequest(ids=chunk, unit_size=UNIT, unit_masks=[b"\x01", b"\x01"]),
+            "2 unit masks for 1 ids",
+        ),
+        (
+            blocks_pb2.FetchBlocksRequest(ids=chunk, unit_size=UNIT, unit_masks=[bytes(200)]),
+            "a unit mask is over 128 bytes",
+        ),
+        (  # a chunk is at most 128 KiB here: unit 799 is past its end
+            blocks_pb2.FetchBlocksRequest(
+                ids=chunk, unit_size=UNIT, unit_masks=[bytes(99) + b"\x80"], version=v2
+            ),
+            "names unit 799, the block has",
+        ),
+    ]
+    with tls.channel(served) as ch:
+        stub = blocks_pb2_grpc.BlockExchangeStub(ch)
+        for request, text in cases:
+            with pytest.raises(grpc.RpcError) as raised:
+                list(stub.FetchBlocks(request, timeout=30))
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value
+            assert text in (raised.value.details() or ""), raised.value.details()
+        # The server stays up and answers a good request: the chunk's unit digests.
+        answer = [b for batch in stub.FetchBlocks(
+            blocks_pb2.FetchBlocksRequest(ids=chunk, unit_size=UNIT, version=v2), timeout=30
+        ) for b in batch.blocks]  # fmt: skip
+        assert len(answer) == 1 and answer[0].id == chunk and len(answer[0].unit_digests) % 16 == 0, answer
