@@ -234,8 +234,9 @@ def test_a_node_without_unit_fetch_answers_with_whole_chunks_and_the_pull_takes_
     with _NodeThread(fleet, "older", origin["store"], OlderNode) as older:
         result = _pull(receiver, f"{LAYER}@2", older.address)
     units = result["unit_fetch"]
-    assert OlderNode.unit_requests == 1, "the pull never asked for unit digests: the test proves nothing"
-    assert units["whole_blocks"] == origin["new_chunks"] == result["fetched_blocks"], result
+    assert OlderNode.unit_requests >= 1, "the pull never asked for unit digests: the test proves nothing"
+    # Its whole blocks are kept as they come; what it was not asked for yet, the fetcher takes.
+    assert 0 < units["whole_blocks"] <= origin["new_chunks"] == result["fetched_blocks"], result
     assert units["chunks"] == 0 and units["units_fetched"] == 0 and units["bad_chunks"] == 0, units
     assert export_digest(receiver, f"{LAYER}@2", tmp_path / "v2.img") == origin["v2_sha256"]
     assert cli_json(receiver, "fsck")["ok"]

@@ -222,27 +222,31 @@ async def pull(
                     sources += [peer for peer in peers if peer.address not in avoid]
                 sources.append(Source("origin", origin, SourceClass.ORIGIN, node_origin=node_origin))
                 result = PullResult(info, planned_blocks=len(missing), sources=sources)
-                units = await fetch_by_units(store, manifest, missing, sources, info, progress, limits, room)
-                if units is not None:
-                    result.units, done = units
-                    missing = [digest for digest in missing if digest not in done]
-                    progress = _after(progress, len(done))
-                fetcher = Fetcher(
-                    store,
-                    sources,
-                    progress,
-                    limits=limits,
-                    room=room,
-                    block_size=manifest.block_size,
-                    node_id=node_id,
-                    unit_size=manifest.unit_size if manifest.chunking == Chunking.CONTENT else 0,
-                )
                 try:
+                    units = await fetch_by_units(
+                        store, manifest, missing, sources, info, progress, limits, room
+                    )
+                    if units is not None:
+                        result.units, done = units
+                        missing = [digest for digest in missing if digest not in done]
+                        progress = _after(progress, len(done))
+                    fetcher = Fetcher(
+                        store,
+                        sources,
+                        progress,
+                        limits=limits,
+                        room=room,
+                        block_size=manifest.block_size,
+                        node_id=node_id,
+                        unit_size=manifest.unit_size if manifest.chunking == Chunking.CONTENT else 0,
+                    )
                     result.fetched = await fetcher.fetch(missing, info.ref, version=info.ref)
                     if result.units is not None:  # the chunks assembled from units were fetched too
                         result.fetched.blocks += result.units.chunks + result.units.whole_blocks
                         result.fetched.bytes += result.units.bytes
                 finally:
+                    for source in sources:  # the fetcher closes them; not when the unit fetch failed
+                        await source.close()
                     if account is not None:
                         account(sources)
                 pending = PendingCommit(manifest_raw, {})

@@ -22,16 +22,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
-import xxhash
 
-from cachepoint.blocks import block_digest, decode_block, decode_verified, encode_block, size_problem
+from cachepoint.blocks import decode_verified, size_problem
 from cachepoint.chunking import UNIT_DIGEST_SIZE, pack_mask, unit_count, unit_digests
 from cachepoint.errors import BlockCorrupt
 from cachepoint.ids import BlockId
 from cachepoint.model import Chunking, Manifest, VersionInfo
+from cachepoint.replication.assembly import Assembler, Window
 from cachepoint.replication.fetcher import STALL_SECONDS
 from cachepoint.replication.ratelimit import TokenBucket
 from cachepoint.replication.seed import Place, Seed
@@ -43,6 +43,7 @@ from cachepoint.store.units import encode_record
 log = logging.getLogger("cachepoint.replication")
 
 UNIT_WINDOW = 512  # chunks per units request: ~1-2 MiB of answers for 32 KiB chunks
+DIGEST_CALLS = 2  # unit-digest calls at once
 ProgressFn = Callable[[int, int], None]
 RoomFn = Callable[[int], None]
 
@@ -69,14 +70,6 @@ class UnitFetchResult:
             "indexed": self.indexed,
             "left_to_whole_fetch": self.left,
         }
-
-
-@dataclass
-class _Window:
-    ids: list[bytes]
-    plans: dict[bytes, list[Place | None]] = field(default_factory=dict)  # None: fetched with this window
-    fetch: dict[bytes, list[int]] = field(default_factory=dict)  # unit indexes asked for, per chunk
-    received: dict[bytes, Part] = field(default_factory=dict)  # the answer for each chunk asked
 
 
 class UnitFetch:
@@ -108,6 +101,7 @@ class UnitFetch:
         self._stop = ""  # why no more units are asked of the source in this pull
         self._digests: dict[bytes, bytes] = {}
         self._seed = Seed(store, unit)
+        self._assembler = Assembler(unit, block_size, self._digests, self._seed)
 
     async def fetch(self, lengths: dict[bytes, int], version: str) -> set[bytes]:
         """Fetch the chunks ``lengths`` names (id -> length) by units; returns the ids now stored."""
@@ -130,25 +124,33 @@ class UnitFetch:
     # -- 1. the unit digests -------------------------------------------------------------------
 
     async def _fetch_digests(self, lengths: dict[bytes, int], version: str) -> None:
+        """DIGEST_CALLS calls at once (the server makes digests in a thread per call: both cores),
+        each for up to MAX_FETCH_IDS chunks; an old server's whole blocks are kept as they come."""
         ids = list(lengths)
-        for start in range(0, len(ids), MAX_FETCH_IDS):
-            batch = ids[start : start + MAX_FETCH_IDS]
-            try:
-                async for parts in self.source.fetch_parts(batch, self.unit, None, self.stall, version):
-                    await self._pay(parts)
-                    whole = [part for part in parts if part.whole]
-                    if whole:
-                        self._stop = "it answers with whole blocks (no unit fetch)"
-                        await self._keep_whole(whole, lengths)
-                    for part in parts:
-                        length = lengths.get(part.id)
-                        expected = UNIT_DIGEST_SIZE * unit_count(length or 0, self.unit)
-                        if part.unit_digests and length and len(part.unit_digests) == expected:
-                            self._digests[part.id] = part.unit_digests
-            except (grpc.RpcError, TimeoutError) as err:
-                self._stop = f"unit digests: {_why(err)}"
-            if self._stop:
-                return
+        size = min(MAX_FETCH_IDS, -(-len(ids) // DIGEST_CALLS))
+        batches = [ids[start : start + size] for start in range(0, len(ids), size)]
+        calls = asyncio.Semaphore(DIGEST_CALLS)
+
+        async def ask(batch: list[bytes]) -> None:
+            async with calls:
+                if self._stop:
+                    return
+                try:
+                    async for parts in self.source.fetch_parts(batch, self.unit, None, self.stall, version):
+                        await self._pay(parts)
+                        whole = [part for part in parts if part.whole]
+                        if whole:
+                            self._stop = "it answers with whole blocks (no unit fetch)"
+                            await self._keep_whole(whole, lengths)
+                        for part in parts:
+                            length = lengths.get(part.id)
+                            expected = UNIT_DIGEST_SIZE * unit_count(length or 0, self.unit)
+                            if part.unit_digests and length and len(part.unit_digests) == expected:
+                                self._digests[part.id] = part.unit_digests
+                except (grpc.RpcError, TimeoutError) as err:
+                    self._stop = f"unit digests: {_why(err)}"
+
+        await asyncio.gather(*(ask(batch) for batch in batches))
 
     def _wanted(self) -> set[bytes]:
         wanted: set[bytes] = set()
@@ -174,10 +176,10 @@ class UnitFetch:
             if assembling is not None:
                 await assembling
 
-    def _plan(self, ids: list[bytes]) -> _Window:
+    def _plan(self, ids: list[bytes]) -> Window:
         """Where each unit of ``ids`` comes from: a place held here, or this window's answer (the first
         chunk that needs a unit not held here fetches it; later ones take it from that chunk)."""
-        window = _Window(ids)
+        window = Window(ids)
         where = self._seed.where
         for chunk in ids:
             packed = self._digests[chunk]
@@ -195,7 +197,7 @@ class UnitFetch:
                 window.fetch[chunk] = fetch
         return window
 
-    async def _ask(self, window: _Window, version: str) -> None:
+    async def _ask(self, window: Window, version: str) -> None:
         if not window.fetch:
             return
         ids = list(window.fetch)
@@ -214,13 +216,13 @@ class UnitFetch:
         except (grpc.RpcError, TimeoutError) as err:
             self._stop = f"units: {_why(err)}"
 
-    async def _assemble(self, window: _Window, lengths: dict[bytes, int]) -> None:
-        fetched, whole, bad = await asyncio.to_thread(self._received, window, lengths)
+    async def _assemble(self, window: Window, lengths: dict[bytes, int]) -> None:
+        fetched, whole, bad = await asyncio.to_thread(self._assembler.received, window, lengths)
         # Two halves at once: zstd and SHA-256 release the GIL, and assembly is the pull's main cost.
         half = (len(window.ids) + 1) // 2
         halves = await asyncio.gather(
             *(
-                asyncio.to_thread(self._assembled, window, ids, lengths, fetched, whole)
+                asyncio.to_thread(self._assembler.assembled, window, ids, lengths, fetched, whole)
                 for ids in (window.ids[:half], window.ids[half:])
                 if ids
             )
@@ -261,109 +263,6 @@ class UnitFetch:
         self.done.update(chunk for chunk, _, _ in good)
         if self.progress is not None:
             self.progress(len(self.done), self._total)
-
-    def _received(
-        self, window: _Window, lengths: dict[bytes, int]
-    ) -> tuple[dict[Place, bytes], dict[bytes, bytes], list[str]]:
-        """The units a window's answer brought (each checked against its digest), the whole chunks it
-        brought (verified against their ids: their stored values are kept as they are), and why any
-        answer was refused. Runs in a thread."""
-        fetched: dict[Place, bytes] = {}
-        whole: dict[bytes, bytes] = {}
-        bad: list[str] = []
-        unit = self.unit
-        for chunk, part in window.received.items():
-            if part.partial:
-                pieces, problem = self._split(chunk, part.value, window.fetch[chunk], lengths[chunk])
-                if problem:
-                    bad.append(problem)
-                fetched.update(pieces)
-                continue
-            if problem := size_problem(part.value, self.block_size):
-                bad.append(f"block {BlockId(chunk)} is refused: {problem}")
-                continue
-            try:
-                data = decode_verified(chunk, part.value, self.block_size)
-            except BlockCorrupt as err:
-                bad.append(str(err))
-                continue
-            whole[chunk] = part.value
-            fetched.update(
-                ((chunk, i), data[i * unit : (i + 1) * unit]) for i in range(len(window.plans[chunk]))
-            )
-        return fetched, whole, bad
-
-    def _assembled(
-        self,
-        window: _Window,
-        ids: list[bytes],
-        lengths: dict[bytes, int],
-        fetched: dict[Place, bytes],
-        whole: dict[bytes, bytes],
-    ) -> tuple[list[tuple[bytes, bytes, bytes]], list[bytes], list[str]]:
-        """(stored chunks: id, value, unit record), chunks that failed, and why those that did not
-        match failed. Runs in a thread."""
-        unit = self.unit
-        in_window = window.plans.keys()
-        held = self._seed.read(
-            place for chunk in ids for place in window.plans[chunk] if place and place[0] not in in_window
-        )
-        good: list[tuple[bytes, bytes, bytes]] = []
-        failed: list[bytes] = []
-        bad: list[str] = []
-        for chunk in ids:
-            if chunk in whole:
-                data = b"".join(fetched[(chunk, i)] for i in range(len(window.plans[chunk])))
-                good.append((chunk, whole[chunk], encode_record(unit, unit_digests(data, unit))))
-                continue
-            pieces: list[bytes] = []
-            for index, place in enumerate(window.plans[chunk]):
-                if place is None:
-                    piece = fetched.get((chunk, index))
-                else:
-                    piece = (fetched if place[0] in in_window else held).get(place)
-                if piece is None:
-                    break
-                pieces.append(piece)
-            else:
-                data = b"".join(pieces)
-                if len(data) == lengths[chunk] and block_digest(data) == chunk:
-                    packed = self._digests[chunk]
-                    good.append((chunk, encode_block(data), encode_record(unit, packed)))
-                    continue
-                if chunk in window.fetch:  # units held here are not the source's doing
-                    bad.append(f"chunk {BlockId(chunk)} assembled from its units does not match its id")
-            failed.append(chunk)
-        return good, failed, bad
-
-    def _split(
-        self, chunk: bytes, value: bytes, indexes: list[int], length: int
-    ) -> tuple[dict[Place, bytes], str]:
-        """The units of an answer, each checked against its digest; or why the answer is refused."""
-        unit = self.unit
-        sizes = [min(unit, length - index * unit) for index in indexes]
-        expected = sum(sizes)
-        if problem := size_problem(value, expected):  # before a byte of it is decoded
-            return {}, f"units of chunk {BlockId(chunk)} refused: {problem}"
-        try:
-            data = decode_block(value, expected)
-        except Exception as err:
-            return {}, f"units of chunk {BlockId(chunk)} cannot be decoded: {err}"
-        if len(data) != expected:
-            return {}, f"units of chunk {BlockId(chunk)}: {len(data)} bytes, {expected} asked for"
-        packed = self._digests[chunk]
-        pieces: dict[Place, bytes] = {}
-        at = 0
-        for index, size in zip(indexes, sizes, strict=True):
-            piece = data[at : at + size]
-            at += size
-            if (
-                xxhash.xxh3_128_digest(piece)
-                != packed[index * UNIT_DIGEST_SIZE : (index + 1) * UNIT_DIGEST_SIZE]
-            ):
-                return {}, f"unit {index} of chunk {BlockId(chunk)} does not match its digest"
-            pieces[(chunk, index)] = piece
-        return pieces, ""
 
     # -- whole blocks, from a source without unit fetch --------------------------------------------
 
