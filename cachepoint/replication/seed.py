@@ -21,6 +21,7 @@ from cachepoint.chunking import UNIT_DIGEST_SIZE, unit_digests
 from cachepoint.model import Chunking
 from cachepoint.store.store import Store
 
+SEED_VERSIONS = 3
 READ_BATCH = 1024  # chunk records or values read per call
 DECODED_CHUNKS = 512  # decoded chunks kept between reads: neighbouring new chunks reuse the same old ones
 
@@ -37,17 +38,23 @@ class Seed:
         self._lock = threading.Lock()  # ``read`` runs in two threads at once
 
     def candidates(self, layer: str) -> list[bytes]:
-        """The chunks of the content-chunked versions of ``layer`` held here, newest version first."""
+        """The chunks of the SEED_VERSIONS newest content-chunked versions of ``layer`` held here
+        (each version's manifest is read and its chunks' records scanned: a bound on the cost per pull;
+        the previous version holds nearly all the units a new one shares)."""
         catalog = self.store.catalog
         found: dict[bytes, None] = {}
-        if catalog.layer_or_none(layer) is None:  # a first pull of the layer: no seed, every unit fetched
+        if catalog.layer_or_none(layer) is None:  # a first pull of the layer: no seed
             return []
+        taken = 0
         for info in sorted(catalog.versions(layer), key=lambda v: v.number, reverse=True):
             manifest = catalog.manifest(info.manifest_digest)
             if manifest.chunking != Chunking.CONTENT or manifest.unit_size != self.unit:
                 continue
             for entry in manifest.entries:
                 found.update(dict.fromkeys(entry.stored_digests()))
+            taken += 1
+            if taken == SEED_VERSIONS:
+                break
         return list(found)
 
     def locate(self, chunks: list[bytes], wanted: set[bytes]) -> None:
