@@ -22,6 +22,7 @@ from cachepoint.model import Chunking
 from cachepoint.store.store import Store
 
 SEED_VERSIONS = 3
+PRELOAD_BYTES = 64 * 1024 * 1024  # records read ahead (16 bytes a unit: 16 GiB of seed); the rest after
 READ_BATCH = 1024  # chunk records or values read per call
 DECODED_CHUNKS = 512  # decoded chunks kept between reads: neighbouring new chunks reuse the same old ones
 
@@ -36,6 +37,9 @@ class Seed:
         self.indexed = 0  # records made from chunks' bytes, for a store or chunks without them
         self._decoded: OrderedDict[bytes, bytes] = OrderedDict()
         self._lock = threading.Lock()  # ``read`` runs in two threads at once
+        self._chunks: list[bytes] = []
+        self._loaded: list[dict[bytes, bytes]] = []
+        self._next = 0
 
     def candidates(self, layer: str) -> list[bytes]:
         """The chunks of the SEED_VERSIONS newest content-chunked versions of ``layer`` held here
@@ -57,16 +61,31 @@ class Seed:
                 break
         return list(found)
 
-    def locate(self, chunks: list[bytes], wanted: set[bytes]) -> None:
-        """Remember where each unit of ``wanted`` lies among ``chunks`` (held here)."""
-        unit = self.unit
-        for start in range(0, len(chunks), READ_BATCH):
-            batch = chunks[start : start + READ_BATCH]
-            records = self.store.units.get_many(batch, unit)
-            lacking = [digest for digest in batch if digest not in records]
-            if lacking:
-                records.update(self._index(lacking))
+    def load(self, chunks: list[bytes]) -> None:
+        """Read the records of ``chunks`` (held here), up to PRELOAD_BYTES of them, making those that
+        are absent: while the unit digests of the new chunks are on their way."""
+        self._chunks, self._loaded, self._next = chunks, [], 0
+        size = 0
+        while self._next < len(chunks) and size < PRELOAD_BYTES:
+            records = self._records(chunks[self._next : self._next + READ_BATCH])
+            self._loaded.append(records)
+            size += sum(len(packed) for packed in records.values())
+            self._next += READ_BATCH
+
+    def locate(self, wanted: set[bytes]) -> None:
+        """Remember where each unit of ``wanted`` lies among the chunks ``load`` was given."""
+        for records in self._loaded:
             self._add_many(records, wanted)
+        self._loaded = []
+        for start in range(self._next, len(self._chunks), READ_BATCH):
+            self._add_many(self._records(self._chunks[start : start + READ_BATCH]), wanted)
+
+    def _records(self, batch: list[bytes]) -> dict[bytes, bytes]:
+        records = self.store.units.get_many(batch, self.unit)
+        lacking = [digest for digest in batch if digest not in records]
+        if lacking:
+            records.update(self._index(lacking))
+        return records
 
     def _add_many(self, records: dict[bytes, bytes], wanted: set[bytes]) -> None:
         """Most units held here are not wanted: they are sliced and tested in bulk (list

@@ -110,10 +110,14 @@ class UnitFetch:
         if not candidates:  # nothing here to take units from: whole chunks cost less
             self.result.left = len(lengths)
             return self.done
-        await self._fetch_digests(lengths, version)
+        loading = asyncio.create_task(asyncio.to_thread(self._seed.load, candidates))
+        try:
+            await self._fetch_digests(lengths, version)
+        finally:
+            await loading
         if self._digests and not self._stop:
             wanted = await asyncio.to_thread(self._wanted)
-            await asyncio.to_thread(self._seed.locate, candidates, wanted)
+            await asyncio.to_thread(self._seed.locate, wanted)
             self.result.indexed = self._seed.indexed
             await self._fetch_units(lengths, version)
         self.result.left = len(lengths) - len(self.done)
