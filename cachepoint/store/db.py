@@ -437,7 +437,9 @@ class StoreDB:
         except Exception as err:
             raise RecordsUnreadable(family, self.root, err) from err
         if iterator.valid() and iterator.key().startswith(prefix):
-            raise RecordsUnreadable(family, self.root, f"the scan stopped early at {iterator.key()[:40]!r}")
+            raise RecordsUnreadable(
+                family, self.root, f"the scan stopped early at {iterator.key()[:40]!r}"
+            )
 
     def get(self, family: str, key: bytes) -> bytes | None:
         """One record, or None when absent; raises RecordsUnreadable when RocksDB cannot read it."""
