@@ -14,7 +14,8 @@ Whatever fails (a source without unit fetch answers with whole blocks, which are
 that fails; a unit or a chunk that does not match) is left to the whole-block fetcher: the pull ends
 with the same verified bytes either way, only the traffic differs. A source that sends a unit or a
 chunk that does not match is asked for no more units in this pull (so a lying source learns at most
-one window of which units this node lacks), and the chunk is fetched whole.
+two windows' worth of which units this node lacks: the next window is asked while one is assembled),
+and the chunk is fetched whole.
 """
 
 from __future__ import annotations
