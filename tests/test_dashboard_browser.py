@@ -1,0 +1,180 @@
+"""The coordinator's dashboard in a real browser: Debian's chromium, driven by selenium through
+chromium-driver, loads the page of a running coordinator with two daemons, and the DOM holds the nodes,
+the versions they hold and the tags; then a daemon stops and the page, refreshing itself, marks it
+offline. The screenshot is checked for content (a blank or unstyled page fails) and, with
+CACHEPOINT_DASHBOARD_SCREENSHOT=PATH (`make screenshot`), saved there: docs/dashboard.png is one.
+
+This fleet runs in plaintext on loopback (``tls_on=False``), where the coordinator's REST API is open
+to anyone: a browser cannot be handed a bearer token before the page's script runs, and the rules of
+the dashboard's routes with ``--http-tls`` are tested with curl in tests/test_dashboard_access.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fleet import LAYER, Fleet, publish, random_image, wait_until
+
+CHROMIUM = shutil.which("chromium")
+DRIVER = shutil.which("chromedriver")
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:  # pragma: no cover - the dev extra installs it
+    webdriver = None  # type: ignore[assignment]
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or DRIVER is None or webdriver is None,
+    reason="needs chromium and chromedriver (`make test` installs chromium and chromium-driver with "
+    "apt-get) and selenium (the dev extra)",
+)
+SCREENSHOT_ENV = "CACHEPOINT_DASHBOARD_SCREENSHOT"
+MIB = 1024 * 1024
+WIDTH = 1440
+BROWSER_WAIT = 30.0  # seconds the page may take to show what the coordinator knows: a bound
+OFFLINE_WAIT = 40.0  # three missed heartbeats (6 s), then the page's next refresh (4 s), with slack
+
+
+def snapshot(http: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{http}/v1/dashboard", timeout=10) as reply:
+        data = json.load(reply)
+    assert isinstance(data, dict), data
+    return data
+
+
+def hold(http: str, user: str, reason: str) -> None:
+    body = json.dumps({"reason": reason, "actor": "audrey"}).encode()
+    request = urllib.request.Request(
+        f"http://{http}/v1/history/holds/{user}",
+        data=body,
+        method="PUT",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        assert reply.status == 201
+
+
+def browser(profile: Path) -> Any:
+    options = Options()
+    options.binary_location = CHROMIUM  # type: ignore[assignment]
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",  # the tests run as root
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        f"--window-size={WIDTH},1000",
+        "--force-device-scale-factor=1",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        # Every name but loopback fails to resolve: a page that fetched from outside would log errors.
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    os.environ.setdefault("SE_OFFLINE", "true")  # selenium's manager never downloads a driver
+    return webdriver.Chrome(options=options, service=Service(executable_path=DRIVER))
+
+
+def assert_not_blank(png: bytes) -> None:
+    """A rendered dashboard has many colours and no colour covering nearly everything (a blank page,
+    or one whose stylesheet did not load, fails)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    colours = image.getcolors(maxcolors=1 << 20)
+    assert colours is not None
+    pixels = image.width * image.height
+    commonest = max(count for count, _ in colours)
+    assert len(colours) > 200, f"{len(colours)} colours in the screenshot"
+    assert commonest < 0.8 * pixels, f"one colour covers {commonest / pixels:.0%} of the screenshot"
+
+
+def test_a_browser_shows_the_fleets_nodes_versions_and_tags_and_marks_a_stopped_node_offline(
+    tmp_path: Path,
+) -> None:
+    first_image, second_image = tmp_path / "v1.img", tmp_path / "v2.img"
+    random_image(first_image, 2 * MIB, seed=71)
+    random_image(second_image, 2 * MIB, seed=72)
+    admin = tmp_path / "admin"
+    with Fleet(tmp_path / "fleet", tls_on=False) as fleet:
+        coordinator = fleet.coordinator(extra=["--http", "127.0.0.1:0"])
+        http = coordinator.ready["http"]
+        blade = fleet.cachepoint("blade-01", coordinator.address, site="branch-a")
+        publish(admin, coordinator.address, first_image, "production")
+        fleet.wait_holds(blade, 1)
+        fleet.wait_fleet_holds(coordinator.address, "blade-01", f"{LAYER}@1")
+        laptop = fleet.cachepoint("laptop-07", coordinator.address, site="branch-a")
+        fleet.wait_holds(laptop, 1)
+        publish(admin, coordinator.address, second_image, "staging")
+        hold(http, "alice", "litigation 2026-114")
+
+        def reported() -> dict[str, Any] | None:
+            data = snapshot(http)
+            nodes = {n["node_id"]: n for site in data["sites"] for n in site["nodes"]}
+            ready = len(nodes) == 2 and all(
+                f"{LAYER}@1" in n["held"] and n["software"] for n in nodes.values()
+            )
+            return data if ready and nodes["laptop-07"]["site_bytes"] > 0 else None
+
+        data = wait_until(
+            "both nodes' heartbeats to report os/x@1 and their traffic", reported, 30.0, logs=fleet.logs
+        )
+        assert data["totals"]["online"] == 2 and data["totals"]["holds"] == 1, data["totals"]
+
+        driver = browser(tmp_path / "chromium")
+        try:
+            driver.set_page_load_timeout(BROWSER_WAIT)
+            driver.get(f"http://{http}/")
+            wait = WebDriverWait(driver, BROWSER_WAIT)
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-node-id='laptop-07']"))
+            for node in ("blade-01", "laptop-07"):
+                row = driver.find_element(By.CSS_SELECTOR, f"tr[data-node-id='{node}']")
+                assert "online" in row.get_attribute("class"), row.get_attribute("outerHTML")
+                assert f"{LAYER}@1" in row.text, row.text
+            layer = driver.find_element(By.CSS_SELECTOR, f"[data-layer='{LAYER}']")
+            assert "production" in layer.text and "staging" in layer.text, layer.text
+            newest = layer.find_element(By.CSS_SELECTOR, f"tr[data-ref='{LAYER}@2']")
+            assert "staging" in newest.text and "0/2 nodes" in newest.text, newest.text
+            assert "litigation 2026-114" in driver.find_element(By.ID, "holds").text
+            assert "hold.set" in driver.find_element(By.ID, "audit").text
+            # The whole page in one image: the viewport made as tall as the document.
+            height = int(driver.execute_script("return document.documentElement.scrollHeight"))
+            metrics = {"width": WIDTH, "height": min(height, 4000), "deviceScaleFactor": 1, "mobile": False}
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+            png = driver.get_screenshot_as_png()
+            driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+            (tmp_path / "dashboard.png").write_bytes(png)
+            assert_not_blank(png)
+            if target := os.environ.get(SCREENSHOT_ENV):
+                Path(target).write_bytes(png)
+
+            laptop.stop()
+            wait = WebDriverWait(driver, OFFLINE_WAIT)
+            wait.until(
+                lambda d: (
+                    "offline"
+                    in d.find_element(By.CSS_SELECTOR, "tr[data-node-id='laptop-07']").get_attribute("class")
+                )
+            )
+            offline = driver.find_element(By.CSS_SELECTOR, "[data-stat='offline'] .value").text
+            assert offline == "1", offline
+            errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+            assert errors == [], errors  # no script error, no resource the CSP or the resolver refused
+        finally:
+            driver.quit()
