@@ -1,8 +1,9 @@
 """The coordinator's dashboard in a real browser: Debian's chromium, driven by selenium through
 chromium-driver, loads the page of a running coordinator with two daemons, and the DOM holds the nodes,
-the versions they hold and the tags; then a daemon stops and the page, refreshing itself, marks it
-offline. The screenshot is checked for content (a blank or unstyled page fails) and, with
-CACHEPOINT_DASHBOARD_SCREENSHOT=PATH (`make screenshot`), saved there: docs/dashboard.png is one.
+the versions they hold and the tags. Then a hold is set whose reason holds markup, and a daemon stops:
+the page, refreshing itself, shows the reason as text and marks the node offline. The screenshot is
+checked for content (a blank or unstyled page fails) and, with CACHEPOINT_DASHBOARD_SCREENSHOT=PATH
+(`make screenshot`), saved there: docs/dashboard.png is one.
 
 This fleet runs in plaintext on loopback (``tls_on=False``), where the coordinator's REST API is open
 to anyone: a browser cannot be handed a bearer token before the page's script runs, and the rules of
@@ -163,6 +164,13 @@ def test_a_browser_shows_the_fleets_nodes_versions_and_tags_and_marks_a_stopped_
             assert_not_blank(png)
             if target := os.environ.get(SCREENSHOT_ENV):
                 Path(target).write_bytes(png)
+
+            # What users typed is shown as text, never run as markup; the page picks it up by itself.
+            hold(http, "mallory", "order <i id='injected'>7</i>")
+            WebDriverWait(driver, BROWSER_WAIT).until(
+                lambda d: "order <i id='injected'>7</i>" in d.find_element(By.ID, "holds").text
+            )
+            assert driver.find_elements(By.ID, "injected") == []
 
             laptop.stop()
             wait = WebDriverWait(driver, OFFLINE_WAIT)
