@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.pki.bearer import issue
 from tests.fleet import Fleet
 from tests.test_http_trust_fleet import (
     assert_forbidden,
     assert_unauthenticated,
-    bearer,
     curl,
     person,
     with_cert,
     with_token,
 )
-from tests.test_trust_fleet import tls_coordinator
+from tests.test_trust_fleet import data_of, tls_coordinator
 
 pytestmark = pytest.mark.skipif(
     shutil.which("curl") is None, reason="curl is not installed (`make test` installs it with apt-get)"
@@ -64,5 +64,6 @@ def test_with_http_tls_the_dashboard_page_is_open_and_its_snapshot_is_for_audito
         by_cert = curl(base + SNAPSHOT, "--cacert", ca, *with_cert(audrey))
         assert by_cert.status == 200, by_cert
         assert by_cert.json()["totals"]["nodes"] == 0, by_cert.json()
-        by_token = curl(base + SNAPSHOT, "--cacert", ca, *with_token(bearer(fleet, "root", "admin")))
+        admin_token, _ = issue(data_of(fleet), "root", "admin", "1h")  # as `cachepoint-coordinator token`
+        by_token = curl(base + SNAPSHOT, "--cacert", ca, *with_token(admin_token))
         assert by_token.status == 200 and "audit" in by_token.json(), by_token

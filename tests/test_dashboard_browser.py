@@ -5,9 +5,10 @@ the page, refreshing itself, shows the reason as text and marks the node offline
 checked for content (a blank or unstyled page fails) and, with CACHEPOINT_DASHBOARD_SCREENSHOT=PATH
 (`make screenshot`), saved there: docs/dashboard.png is one.
 
-This fleet runs in plaintext on loopback (``tls_on=False``), where the coordinator's REST API is open
-to anyone: a browser cannot be handed a bearer token before the page's script runs, and the rules of
-the dashboard's routes with ``--http-tls`` are tested with curl in tests/test_dashboard_access.py.
+That fleet runs in plaintext on loopback (``tls_on=False``), where the coordinator's REST API is open
+to anyone, so the browser needs no credential. With ``--http-tls`` (the second test) the page asks for
+a bearer token and shows the fleet once an auditor's is given; every rule of the dashboard's routes is
+tested with curl in tests/test_dashboard_access.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from typing import Any
 
 import pytest
 
+from coordinator.pki.bearer import issue
 from tests.fleet import LAYER, Fleet, publish, random_image, wait_until
+from tests.test_trust_fleet import data_of, tls_coordinator
 
 CHROMIUM = shutil.which("chromium")
 DRIVER = shutil.which("chromedriver")
@@ -65,7 +68,7 @@ def hold(http: str, user: str, reason: str) -> None:
         assert reply.status == 201
 
 
-def browser(profile: Path) -> Any:
+def browser(profile: Path, *extra: str) -> Any:
     options = Options()
     options.binary_location = CHROMIUM  # type: ignore[assignment]
     for flag in (
@@ -83,6 +86,7 @@ def browser(profile: Path) -> Any:
         "--disable-sync",
         # Every name but loopback fails to resolve: a page that fetched from outside would log errors.
         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        *extra,
     ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -184,5 +188,36 @@ def test_a_browser_shows_the_fleets_nodes_versions_and_tags_and_marks_a_stopped_
             assert offline == "1", offline
             errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
             assert errors == [], errors  # no script error, no resource the CSP or the resolver refused
+        finally:
+            driver.quit()
+
+
+def test_with_http_tls_the_page_asks_for_a_token_and_shows_the_fleet_to_an_auditors_only(
+    tmp_path: Path,
+) -> None:
+    with Fleet(tmp_path / "fleet") as fleet:
+        coordinator = tls_coordinator(fleet, "--http", "127.0.0.1:0", "--http-tls")
+        # Tokens as `cachepoint-coordinator token` makes them, minted here (a CLI call costs seconds).
+        node_token, _ = issue(data_of(fleet), "n1", "node", "1h")
+        auditor_token, _ = issue(data_of(fleet), "audrey", "auditor", "1h")
+        # The fleet's own CA signed the server's certificate: this browser profile does not know it.
+        driver = browser(tmp_path / "chromium", "--ignore-certificate-errors")
+        try:
+            driver.set_page_load_timeout(BROWSER_WAIT)
+            driver.get(f"https://{coordinator.ready['http']}/")  # the page itself needs no credential
+            wait = WebDriverWait(driver, BROWSER_WAIT)
+            notice = driver.find_element(By.ID, "notice")
+            wait.until(lambda d: notice.is_displayed() and "Not authenticated" in notice.text)
+
+            def give(token: str) -> None:
+                driver.find_element(By.ID, "token").send_keys(token)
+                driver.find_element(By.CSS_SELECTOR, "#token-form button").click()
+
+            give(node_token)
+            wait.until(lambda d: "403" in notice.text and "oversight" in notice.text)
+            give(auditor_token)
+            wait.until(lambda d: not notice.is_displayed())
+            wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "[data-stat='nodes'] .value").text == "0")
+            assert "no node has registered yet" in driver.find_element(By.ID, "sites").text
         finally:
             driver.quit()
