@@ -487,10 +487,10 @@ class Daemon:
     async def _sync(self, sub: SubscriptionState) -> None:
         sub.state = "pulling"
         result = await self.pull(sub.ref)
+        sub.wanted = sub.held = result.version.number  # before the report, which says what is held
         if not result.already_local:
             await self.report_inventory()
-        sub.wanted = sub.held = result.version.number
-        sub.state = "current"
+        sub.state = "current"  # once the coordinator knows (site peers asking now are sent here)
         sub.last_error = ""
 
     async def follow(self, sub: SubscriptionState) -> None:

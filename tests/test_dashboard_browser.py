@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from coordinator.pki.bearer import issue
-from tests.fleet import LAYER, Fleet, publish, random_image, wait_until
+from tests.fleet import CONVERGE_TIMEOUT, LAYER, Fleet, publish, random_image, wait_until
 from tests.test_trust_fleet import data_of, tls_coordinator
 
 CHROMIUM = shutil.which("chromium")
@@ -94,6 +94,21 @@ def browser(profile: Path, *extra: str) -> Any:
     return webdriver.Chrome(options=options, service=Service(executable_path=DRIVER))
 
 
+# Read in one script call: the page redraws every few seconds, and an element found in one call may be
+# gone (stale) by the next.
+def text(driver: Any, css: str) -> str:
+    return str(
+        driver.execute_script(
+            "const e = document.querySelector(arguments[0]); return e ? e.innerText : ''", css
+        )
+    )
+
+
+def attribute(driver: Any, css: str, name: str) -> str:
+    script = "const e = document.querySelector(arguments[0]); return e ? e.getAttribute(arguments[1]) : null"
+    return str(driver.execute_script(script, css, name))
+
+
 def assert_not_blank(png: bytes) -> None:
     """A rendered dashboard has many colours and no colour covering nearly everything (a blank page,
     or one whose stylesheet did not load, fails)."""
@@ -120,25 +135,31 @@ def test_a_browser_shows_the_fleets_nodes_versions_and_tags_and_marks_a_stopped_
     with Fleet(tmp_path / "fleet", tls_on=False) as fleet:
         coordinator = fleet.coordinator(extra=["--http", "127.0.0.1:0"])
         http = coordinator.ready["http"]
-        blade = fleet.cachepoint("blade-01", coordinator.address, site="branch-a")
+        fleet.cachepoint("blade-01", coordinator.address, site="branch-a")
         publish(admin, coordinator.address, first_image, "production")
-        fleet.wait_holds(blade, 1)
-        fleet.wait_fleet_holds(coordinator.address, "blade-01", f"{LAYER}@1")
-        laptop = fleet.cachepoint("laptop-07", coordinator.address, site="branch-a")
-        fleet.wait_holds(laptop, 1)
+
+        # Waited for in the dashboard's own snapshot (a CLI call per probe would cost seconds each).
+        def nodes_holding(*names: str) -> dict[str, Any] | None:
+            data = snapshot(http)
+            nodes = {n["node_id"]: n for site in data["sites"] for n in site["nodes"]}
+            held = all(f"{LAYER}@1" in nodes[name]["held"] for name in names if name in nodes)
+            return data if held and set(names) <= set(nodes) else None
+
+        wait_until(
+            "blade-01 to report os/x@1", lambda: nodes_holding("blade-01"), CONVERGE_TIMEOUT, logs=fleet.logs
+        )
+        laptop = fleet.cachepoint("laptop-07", coordinator.address, site="branch-a")  # fetches from blade-01
         publish(admin, coordinator.address, second_image, "staging")
         hold(http, "alice", "litigation 2026-114")
 
         def reported() -> dict[str, Any] | None:
-            data = snapshot(http)
-            nodes = {n["node_id"]: n for site in data["sites"] for n in site["nodes"]}
-            ready = len(nodes) == 2 and all(
-                f"{LAYER}@1" in n["held"] and n["software"] for n in nodes.values()
-            )
-            return data if ready and nodes["laptop-07"]["site_bytes"] > 0 else None
+            data = nodes_holding("blade-01", "laptop-07")
+            nodes = {n["node_id"]: n for site in data["sites"] for n in site["nodes"]} if data else {}
+            ready = all(n["software"] and not n["lag"] for n in nodes.values())
+            return data if data and ready and nodes["laptop-07"]["site_bytes"] > 0 else None
 
         data = wait_until(
-            "both nodes' heartbeats to report os/x@1 and their traffic", reported, 30.0, logs=fleet.logs
+            "both nodes to report os/x@1 and their traffic", reported, CONVERGE_TIMEOUT, logs=fleet.logs
         )
         assert data["totals"]["online"] == 2 and data["totals"]["holds"] == 1, data["totals"]
 
@@ -147,17 +168,21 @@ def test_a_browser_shows_the_fleets_nodes_versions_and_tags_and_marks_a_stopped_
             driver.set_page_load_timeout(BROWSER_WAIT)
             driver.get(f"http://{http}/")
             wait = WebDriverWait(driver, BROWSER_WAIT)
-            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-node-id='laptop-07']"))
-            for node in ("blade-01", "laptop-07"):
-                row = driver.find_element(By.CSS_SELECTOR, f"tr[data-node-id='{node}']")
-                assert "online" in row.get_attribute("class"), row.get_attribute("outerHTML")
-                assert f"{LAYER}@1" in row.text, row.text
-            layer = driver.find_element(By.CSS_SELECTOR, f"[data-layer='{LAYER}']")
-            assert "production" in layer.text and "staging" in layer.text, layer.text
-            newest = layer.find_element(By.CSS_SELECTOR, f"tr[data-ref='{LAYER}@2']")
-            assert "staging" in newest.text and "0/2 nodes" in newest.text, newest.text
-            assert "litigation 2026-114" in driver.find_element(By.ID, "holds").text
-            assert "hold.set" in driver.find_element(By.ID, "audit").text
+            node = "tr[data-node-id='{}']".format
+            wait.until(lambda d: text(d, node("laptop-07")))
+            # Green once their heartbeats agree (one in flight may still say what was true before).
+            wait.until(
+                lambda d: all(attribute(d, node(n), "class") == "online" for n in ("blade-01", "laptop-07"))
+            )
+            for name in ("blade-01", "laptop-07"):
+                row = text(driver, node(name))
+                assert f"{LAYER}@1" in row and "os/x:production" in row, row
+            layer = text(driver, f"[data-layer='{LAYER}']")
+            assert "production" in layer and "staging" in layer, layer
+            newest = text(driver, f"[data-layer='{LAYER}'] tr[data-ref='{LAYER}@2']")
+            assert "staging" in newest and "0/2 nodes" in newest, newest
+            assert "litigation 2026-114" in text(driver, "#holds")
+            assert "hold.set" in text(driver, "#audit")
             # The whole page in one image: the viewport made as tall as the document.
             height = int(driver.execute_script("return document.documentElement.scrollHeight"))
             metrics = {"width": WIDTH, "height": min(height, 4000), "deviceScaleFactor": 1, "mobile": False}
@@ -172,19 +197,15 @@ def test_a_browser_shows_the_fleets_nodes_versions_and_tags_and_marks_a_stopped_
             # What users typed is shown as text, never run as markup; the page picks it up by itself.
             hold(http, "mallory", "order <i id='injected'>7</i>")
             WebDriverWait(driver, BROWSER_WAIT).until(
-                lambda d: "order <i id='injected'>7</i>" in d.find_element(By.ID, "holds").text
+                lambda d: "order <i id='injected'>7</i>" in text(d, "#holds")
             )
             assert driver.find_elements(By.ID, "injected") == []
 
             laptop.stop()
-            wait = WebDriverWait(driver, OFFLINE_WAIT)
-            wait.until(
-                lambda d: (
-                    "offline"
-                    in d.find_element(By.CSS_SELECTOR, "tr[data-node-id='laptop-07']").get_attribute("class")
-                )
+            WebDriverWait(driver, OFFLINE_WAIT).until(
+                lambda d: attribute(d, node("laptop-07"), "class") == "offline"
             )
-            offline = driver.find_element(By.CSS_SELECTOR, "[data-stat='offline'] .value").text
+            offline = text(driver, "[data-stat='offline'] .value")
             assert offline == "1", offline
             errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
             assert errors == [], errors  # no script error, no resource the CSP or the resolver refused
@@ -217,7 +238,7 @@ def test_with_http_tls_the_page_asks_for_a_token_and_shows_the_fleet_to_an_audit
             wait.until(lambda d: "403" in notice.text and "oversight" in notice.text)
             give(auditor_token)
             wait.until(lambda d: not notice.is_displayed())
-            wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "[data-stat='nodes'] .value").text == "0")
-            assert "no node has registered yet" in driver.find_element(By.ID, "sites").text
+            wait.until(lambda d: text(d, "[data-stat='nodes'] .value") == "0")
+            assert "no node has registered yet" in text(driver, "#sites")
         finally:
             driver.quit()

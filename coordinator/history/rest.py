@@ -4,7 +4,7 @@ Routes (all listed in ``add_routes``); TIME is what the CLI takes (ISO 8601, now
 
   GET    /healthz
   GET    /                               the dashboard (coordinator/dashboard/), and its assets:
-  GET    /dashboard/{asset}                dashboard.css, dashboard.js
+  GET    /dashboard/{asset}                dashboard.css, dashboard.js, favicon.svg
   GET    /v1/dashboard                   the snapshot the dashboard shows (JSON)
   GET    /v1/history/users/{user}/timeline?from=TIME&to=TIME&layer=home
   GET    /v1/history/users/{user}/files/{path}?layer=home            every version of one file
