@@ -28,6 +28,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, MethodDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from cachepoint.trust import peer_authz
 from cachepoint.trust.principal import PEER_TLS_NAME, Principal, Role
@@ -38,8 +39,10 @@ from tests.fleet import Child, Fleet, coordinator_cli, wait_until
 from tests.test_authz_fleet import audit_records, enrolled
 from tests.test_trust_fleet import credentials, data_of, issued_here, tls_coordinator
 
-COORDINATOR_SERVICES = (blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2, health_pb2)
-PEER_SERVICES = (blocks_pb2, catalog_pb2, health_pb2)
+COORDINATOR_SERVICES = (
+    blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2, health_pb2, reflection_pb2
+)
+PEER_SERVICES = (blocks_pb2, catalog_pb2, health_pb2, reflection_pb2)
 HANDSHAKE = grpc.StatusCode.UNAVAILABLE
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 CALL_TIMEOUT = 15.0
