@@ -33,13 +33,22 @@ ENV_COORDINATOR = "CACHEPOINT_COORDINATOR"
 DEFAULT_COORDINATOR = "127.0.0.1:7400"
 T = TypeVar("T")
 
+
+
+def _configured_coordinator(click_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    """--coordinator, else the environment, else `coordinator` in the config (--config), else loopback."""
+    settings = click_ctx.find_root().obj
+    return value or getattr(settings, "coordinator", "") or DEFAULT_COORDINATOR
+
+
 coordinator_option = click.option(
     "--coordinator",
     "address",
     envvar=ENV_COORDINATOR,
-    default=DEFAULT_COORDINATOR,
-    show_default=True,
-    help=f"HOST:PORT of the running coordinator [env {ENV_COORDINATOR}].",
+    default=None,
+    callback=_configured_coordinator,
+    help=f"HOST:PORT of the running coordinator [env {ENV_COORDINATOR}; config coordinator; "
+    f"{DEFAULT_COORDINATOR}].",
 )
 actor_option = click.option(
     "--actor", default=None, help="Who is acting, for the audit log [default: the login name]."
