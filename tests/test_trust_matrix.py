@@ -226,6 +226,7 @@ def test_the_methods_open_to_every_principal_are_those_whose_answers_are_filtere
         "/grpc.health.v1.Health/Check",
         "/grpc.health.v1.Health/Watch",
         "/grpc.health.v1.Health/List",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",  # the schema: public
     }
     assert OPEN["peer"] == {
         "/cachepoint.v1.Catalog/ListLayers",
@@ -235,4 +236,5 @@ def test_the_methods_open_to_every_principal_are_those_whose_answers_are_filtere
         "/grpc.health.v1.Health/Check",
         "/grpc.health.v1.Health/Watch",
         "/grpc.health.v1.Health/List",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",  # the schema: public
     }

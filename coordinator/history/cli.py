@@ -184,9 +184,10 @@ def diff_cmd(old: str, new: str, address: str, as_json: bool) -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=click.Path(),  # the text as typed: a trailing slash says "a directory"
     default=None,
-    help="A file to write, or a directory to write it into under its own name [standard output].",
+    help="A file to write, or a directory to write it into under its own name (DIR/ is made if "
+    "missing) [standard output].",
 )
 @click.option(
     "--force",
@@ -202,7 +203,7 @@ def get_cmd(
     path: str,
     at_text: str | None,
     layer: str,
-    output: Path | None,
+    output: str | None,
     force: bool,
     actor: str | None,
     address: str,
