@@ -115,6 +115,11 @@ def test_the_identity_comes_from_the_config_when_no_flag_or_environment_names_on
     )
     assert result.exit_code != 0
     assert "no-such-identity" in result.output
+    coordinator_config = tmp_path / "coordinator.toml"
+    coordinator_config.write_text(f'identity = "{tmp_path / "no-such-admin"}"\n')
+    fleet = run(coordinator_cli, "fleet", "--config", coordinator_config, env={"CACHEPOINT_IDENTITY": ""})
+    assert fleet.exit_code != 0
+    assert "no-such-admin" in fleet.output
 
 
 def cachepoint(store: Path, *args: str | Path, **env: str) -> dict[str, object]:
