@@ -220,6 +220,9 @@ RULES: dict[str, Rule] = {
     "/grpc.health.v1.Health/Check": ANY,
     "/grpc.health.v1.Health/Watch": ANY,
     "/grpc.health.v1.Health/List": ANY,
+    # grpcurl-style tools list the services and read their schemas (public: the .proto files ship
+    # in the wheel); a caller still needs a certificate of the fleet to get this far.
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": ANY,
 }
 # The coordinator's REST API (coordinator/history/rest.py, with --http-tls): route -> the same rules.
 # A rule's check sees a RestCall (coordinator/history/rest_access.py) with the fields it reads.
