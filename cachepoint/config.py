@@ -84,7 +84,8 @@ class Settings:
     """`serve`: HOST:PORT of the daemon's gRPC server (peers fetch blocks here)."""
     coordinator: str = ""
     """HOST:PORT of the coordinator [env CACHEPOINT_COORDINATOR]: `serve` follows it (empty: serves the
-    local store alone); `publish`, `pull`, `scrub`, `repair` and `enroll` ask it unless told otherwise."""
+    local store alone); `publish`, `pull`, `scrub`, `repair` and `enroll` ask it unless told otherwise.
+    Replicas: "a:7400,b:7400" or a list; calls go to the first that is up (docs/design.md "Failover")."""
     site: str = "default"
     """`serve`: locality label; peers of one site fetch from each other first."""
     node_id: str = ""
@@ -131,6 +132,10 @@ class Settings:
     bearer token of the fleet (true); false: plaintext HTTP, on a loopback address only."""
 
 
+# String keys that also take a TOML list, kept as the comma-separated string the flag takes.
+JOINED_LISTS = ("coordinator",)
+
+
 def apply_toml(settings: object, path: Path) -> None:
     """Set a settings dataclass's fields from a TOML file whose keys are the field names: unknown
     keys are refused by name; list fields take lists of strings, the others strings."""
@@ -143,7 +148,9 @@ def apply_table(settings: object, data: dict[str, object], path: Path) -> None:
     if unknown:
         raise InvalidInput(f"config {path}: unknown keys {unknown} (known: {sorted(kinds)})")
     for key, value in data.items():
-        if str(kinds[key]).startswith("list"):
+        if key in JOINED_LISTS and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            setattr(settings, key, ",".join(value))  # coordinator = ["a:7400", "b:7400"]: its replicas
+        elif str(kinds[key]).startswith("list"):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise InvalidInput(f"config {path}: {key} must be a list of strings")
             setattr(settings, key, list(value))

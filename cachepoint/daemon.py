@@ -42,7 +42,7 @@ from cachepoint.replication.gate import PullGate
 from cachepoint.replication.heal import HealResult, heal_blocks
 from cachepoint.replication.pull import PullResult, fetch_manifest, find_peers, pull, resolve
 from cachepoint.replication.sources import Source, SourceClass
-from cachepoint.rpc import channel
+from cachepoint.rpc import channel, replicas
 from cachepoint.rpc.agent import AgentService
 from cachepoint.rpc.agent_socket import AgentServer
 from cachepoint.rpc.block_access import VersionBlocks, peer_answers
@@ -225,7 +225,7 @@ class Daemon:
     async def open_remote(self, ref: Ref) -> tuple[VersionInfo, Manifest, BlockSource]:
         """Resolve ``ref`` at the coordinator for a lazy boot: the version, its manifest, and the
         fleet as a blocking source of its blocks (called from the disk's reader threads)."""
-        coordinator = self.settings.coordinator
+        coordinator = await replicas.reachable(self.settings.coordinator)
         async with channel.channel(coordinator) as ch:
             catalog = catalog_pb2_grpc.CatalogStub(ch)
             try:
@@ -243,11 +243,12 @@ class Daemon:
 
     async def _fetch_for(self, info: VersionInfo, ids: list[bytes], block_size: int) -> dict[bytes, bytes]:
         """The verified stored values of ``ids`` that some source had (peers first, then the origin)."""
-        async with channel.channel(self.settings.coordinator) as ch:
+        origin = await replicas.reachable(self.settings.coordinator)
+        async with channel.channel(origin) as ch:
             peers = await find_peers(ch, self.node_id, info, self.address)
         avoided = self._avoided()
         sources = [p for p in peers if p.address not in avoided]
-        sources.append(Source("origin", self.settings.coordinator, SourceClass.ORIGIN))
+        sources.append(Source("origin", origin, SourceClass.ORIGIN))
         got: dict[bytes, bytes] = {}
         try:
             fetcher = Fetcher(
@@ -349,9 +350,11 @@ class Daemon:
         this site that asks for it is sent here rather than across the WAN. Best effort: the regular
         heartbeat repeats it."""
         try:
-            async with channel.channel(self.settings.coordinator) as ch:
-                request = await self._heartbeat_request()
-                reply = await fleet_pb2_grpc.FleetStub(ch).Heartbeat(request, timeout=UNARY_DEADLINE)
+            request = await self._heartbeat_request()
+            reply = await replicas.call(
+                self.settings.coordinator,
+                lambda ch, _: fleet_pb2_grpc.FleetStub(ch).Heartbeat(request, timeout=UNARY_DEADLINE),
+            )
             self.apply_fleet_view(reply)
         except grpc.aio.AioRpcError as err:
             log.info("could not report inventory now: %s", err.details())
@@ -369,8 +372,8 @@ class Daemon:
         backoff = BACKOFF_START
         registered = False
         interval = 2.0
-        while True:  # a renewed certificate: the channel is made again, presenting it
-            async with channel.channel(self.settings.coordinator) as ch:
+        while True:  # a renewed certificate or a replica that is down: the channel is made again
+            async with channel.channel(await replicas.reachable(self.settings.coordinator)) as ch:
                 fleet = fleet_pb2_grpc.FleetStub(ch)
                 made_with = channel.generation()
                 while made_with == channel.generation():
@@ -401,6 +404,7 @@ class Daemon:
                         # Heartbeats are cheap: retry often, so a returning coordinator sees us quickly.
                         await asyncio.sleep(backoff * (1 + random.random() / 2))
                         backoff = min(backoff * 2, HEARTBEAT_BACKOFF_MAX)
+                        break  # pick a replica again (rpc/replicas.py): this one may be gone
 
     async def deliver(self) -> None:
         """Drain the outbox whenever there may be something to send; retry with backoff while the
@@ -516,7 +520,8 @@ class Daemon:
                     sub.last_error = str(err)
                 if sub.ref.number is not None and sub.state == "current":
                     return  # a fixed version never moves
-                async with channel.channel(self.settings.coordinator) as ch:
+                # After a disconnect, from ``position`` again, on whichever replica is up.
+                async with channel.channel(await replicas.reachable(self.settings.coordinator)) as ch:
                     catalog = catalog_pb2_grpc.CatalogStub(ch)
                     stream = catalog.Watch(catalog_pb2.WatchRequest(after=position, layers=[sub.ref.layer]))
                     backoff = BACKOFF_START

@@ -15,7 +15,7 @@ from cachepoint.cli.anywhere import OptionsAnywhereGroup
 from cachepoint.config import parse_duration, parse_switch
 from cachepoint.console import emit_json, handles_errors, json_option, when
 from cachepoint.errors import InvalidInput
-from cachepoint.rpc import channel
+from cachepoint.rpc import channel, replicas
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
 from cachepoint.store.store import Store
 from cachepoint.trust.identity import activate
@@ -154,6 +154,7 @@ def serve_cmd(
 
 
 async def _list_nodes(address: str) -> fleet_pb2.ListNodesResponse:
+    address = await replicas.reachable(address)
     async with channel.channel(address) as ch:
         try:
             return await fleet_pb2_grpc.FleetStub(ch).ListNodes(

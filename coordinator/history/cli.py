@@ -19,6 +19,7 @@ from cachepoint.errors import EXIT_CORRUPT, InvalidInput
 from cachepoint.ids import Ref
 from cachepoint.layers.ingest import default_author
 from cachepoint.progress import progress_bar
+from cachepoint.rpc import replicas
 from cachepoint.store.store import Store
 from coordinator.catalog.clock import CLOCK_TOLERANCE_NS, span
 from coordinator.history.audit import AuditLog, AuditRecord, Verdict
@@ -72,7 +73,7 @@ def _times(from_text: str | None, to_text: str | None) -> tuple[int, int]:
 
 def _call(address: str, work: Callable[[HistoryClient], Awaitable[T]]) -> T:
     async def run() -> T:
-        async with HistoryClient(address) as client:
+        async with HistoryClient(await replicas.reachable(address)) as client:
             return await work(client)
 
     return asyncio.run(run())
