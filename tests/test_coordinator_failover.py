@@ -16,6 +16,8 @@ from typing import Any
 import grpc
 import pytest
 
+from cachepoint.config import load_settings
+from cachepoint.rpc import replicas
 from cachepoint.samples import generate
 from tests.fleet import (
     LAYER,
@@ -152,3 +154,22 @@ def test_a_publish_whose_commit_reply_was_lost_retries_on_the_next_replica_witho
         assert relay.commits == 1  # the first attempt made the version
         assert published["version"] == 1
         assert [v.number for v in coordinator_versions(coordinator.address, LAYER)] == [1]
+
+
+def test_calls_start_at_the_replica_that_answered_last_and_go_round_the_list() -> None:
+    spec = "127.0.0.1:1, 127.0.0.1:2,127.0.0.1:3"
+    assert replicas.order(spec) == ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+    replicas.answered(spec, "127.0.0.1:2")
+    assert replicas.order(spec) == ["127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:1"]
+    assert replicas.order(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"])[0] == "127.0.0.1:2"
+
+
+def test_the_config_takes_the_replicas_as_a_list_or_a_string_and_the_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('coordinator = ["a.example:7400", "b.example:7400"]\n')
+    monkeypatch.delenv("CACHEPOINT_COORDINATOR", raising=False)
+    assert load_settings(str(config), str(tmp_path)).coordinator == "a.example:7400,b.example:7400"
+    monkeypatch.setenv("CACHEPOINT_COORDINATOR", "c.example:7400,d.example:7400")
+    assert load_settings(str(config), str(tmp_path)).coordinator == "c.example:7400,d.example:7400"
