@@ -84,6 +84,13 @@ def optional_address(text: str) -> object:
     return address(text) if text else None
 
 
+def replicas(value: Any) -> object:
+    """``coordinator``: HOST:PORT, its replicas as "a:7400,b:7400", or a list of HOST:PORT."""
+    if isinstance(value, list):
+        return strings(address)(value)
+    return scalar(lambda text: [address(part.strip()) for part in text.split(",") if part.strip()])(value)
+
+
 def cachepoint_checks() -> dict[str, Check]:
     """How `cachepoint` reads each key of its config (cachepoint/config.py, Settings)."""
     from cachepoint.blocks import parse_block_size
@@ -110,7 +117,7 @@ def cachepoint_checks() -> dict[str, Check]:
         "author": scalar(),
         "device": scalar(),
         "listen": scalar(address),
-        "coordinator": scalar(optional_address),
+        "coordinator": replicas,
         "site": scalar(),
         "node_id": scalar(),
         "subscribe": strings(Ref.parse),

@@ -25,7 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from cachepoint.config import apply_table, parse_duration, parse_switch
-from cachepoint.config_check import Check, optional_address, read_toml, scalar
+from cachepoint.config_check import Check, optional_address, read_toml, replicas, scalar
 from cachepoint.errors import InvalidInput
 from cachepoint.model import LayerKind
 from coordinator.history.retention import Retention, RetentionPolicy, parse_policies
@@ -111,7 +111,7 @@ def coordinator_checks() -> dict[str, Check]:
         "cert_lifetime": scalar(_lifetime),
         "enroll_listen": scalar(optional_address),
         "tls_name": scalar(),
-        "coordinator": scalar(optional_address),
+        "coordinator": replicas,
         "identity": scalar(),
         "retention": lambda value: parse_policies(value, "retention"),
     }

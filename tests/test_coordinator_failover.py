@@ -13,12 +13,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import click
 import grpc
 import pytest
+from click.testing import CliRunner
 
+from cachepoint.cli import cli as cachepoint_cli
 from cachepoint.config import load_settings
+from cachepoint.errors import EXIT_INVALID
 from cachepoint.rpc import replicas
 from cachepoint.samples import generate
+from coordinator.cli import cli as coordinator_cli
 from tests.fleet import (
     LAYER,
     PRODUCTION,
@@ -173,3 +178,21 @@ def test_the_config_takes_the_replicas_as_a_list_or_a_string_and_the_environment
     assert load_settings(str(config), str(tmp_path)).coordinator == "a.example:7400,b.example:7400"
     monkeypatch.setenv("CACHEPOINT_COORDINATOR", "c.example:7400,d.example:7400")
     assert load_settings(str(config), str(tmp_path)).coordinator == "c.example:7400,d.example:7400"
+
+
+@pytest.mark.parametrize("program", [cachepoint_cli, coordinator_cli], ids=["cachepoint", "coordinator"])
+def test_check_config_takes_the_replicas_as_a_list_or_a_string_and_names_a_bad_one(
+    program: click.Command, tmp_path: Path
+) -> None:
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    for config, text in (
+        (good, 'coordinator = ["a.example:7400", "b.example:7400"]\n'),
+        (bad, 'coordinator = "a.example:7400,nowhere"\n'),
+    ):
+        config.write_text(text)
+    assert CliRunner().invoke(program, ["check-config", str(good)]).exit_code == 0
+    refused = CliRunner().invoke(program, ["check-config", str(bad)])
+    assert refused.exit_code == EXIT_INVALID
+    assert "coordinator: address 'nowhere' must look like HOST:PORT" in refused.output, refused.output
+    (good.with_suffix(".str.toml")).write_text('coordinator = "a.example:7400, b.example:7400"\n')
+    assert CliRunner().invoke(program, ["check-config", str(good.with_suffix(".str.toml"))]).exit_code == 0
