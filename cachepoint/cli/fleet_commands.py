@@ -37,8 +37,8 @@ from cachepoint.progress import progress_bar
     "--coordinator",
     "coordinator",
     default=None,
-    metavar="HOST:PORT",
-    help="The coordinator [env CACHEPOINT_COORDINATOR; config coordinator].",
+    metavar="HOST:PORT[,HOST:PORT]",
+    help="The coordinator, or its replicas [env CACHEPOINT_COORDINATOR; config coordinator].",
 )
 @kind_option
 @message_option
@@ -145,7 +145,12 @@ def pull_cmd(ctx: Context, ref: str, origin: str | None, wan_rate: str | None, a
 
 @click.command("serve")
 @click.option("--listen", default=None, metavar="HOST:PORT", help="gRPC address for peers [127.0.0.1:7401].")
-@click.option("--coordinator", default=None, metavar="HOST:PORT", help="The coordinator (none: offline).")
+@click.option(
+    "--coordinator",
+    default=None,
+    metavar="HOST:PORT[,HOST:PORT]",
+    help="The coordinator, or its replicas in the order to try (none: offline).",
+)
 @click.option("--site", default=None, help="Locality label [default].")
 @click.option("--node-id", default=None, help="Name in the fleet [host name and store id].")
 @click.option("--subscribe", "subscribe", multiple=True, metavar="REF", help="Keep REF current (repeatable).")
