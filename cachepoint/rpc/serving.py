@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cachepoint.errors import InvalidInput
 from cachepoint.rpc import channel
+from cachepoint.sdnotify import notify_ready
 
 log = logging.getLogger("cachepoint.serve")
 STOP_GRACE = 5.0
@@ -90,3 +91,4 @@ def announce(address: str, state_file: Path | None, **extra: object) -> None:
         tmp.write_text(json.dumps(record))
         tmp.replace(state_file)
     print(json.dumps(record), flush=True)
+    notify_ready()  # Type=notify units: every port is bound by now
