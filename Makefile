@@ -3,8 +3,11 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# ansible-core and ansible-lint for ansible/ and its tests, apart from the project's dependencies.
+ANSIBLE_VENV := .venv-ansible
+ANSIBLE_STAMP := $(ANSIBLE_VENV)/.installed
 
-.PHONY: run test test-tools bench proto lint clean
+.PHONY: run test test-tools ansible-tools ansible-lint bench proto lint clean
 
 # Debian packages some tests drive as real clients (command:package). Installed when missing.
 TEST_TOOLS := qemu-img:qemu-utils qemu-io:qemu-utils mkfs.ext4:e2fsprogs debugfs:e2fsprogs curl:curl setpriv:util-linux \
@@ -16,6 +19,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+$(ANSIBLE_STAMP): ansible/tools-requirements.txt
+	test -x $(ANSIBLE_VENV)/bin/python || $(PY) -m venv $(ANSIBLE_VENV)
+	$(ANSIBLE_VENV)/bin/pip install -q --upgrade pip
+	$(ANSIBLE_VENV)/bin/pip install -q -r ansible/tools-requirements.txt
+	touch $(ANSIBLE_STAMP)
+
+ansible-tools: $(ANSIBLE_STAMP)
+
+ansible-lint: $(ANSIBLE_STAMP)
+	$(ANSIBLE_VENV)/bin/ansible-playbook --syntax-check -i ansible/inventory/example ansible/site.yml
+	cd ansible && PATH=$(CURDIR)/$(ANSIBLE_VENV)/bin:$$PATH ansible-lint --offline --profile production
 
 run: $(STAMP)
 	$(BIN)/python -m cachepoint.demo
@@ -33,7 +48,7 @@ test-tools:
 # runs them in one process).
 TEST_WORKERS ?= 3
 
-test: $(STAMP) test-tools
+test: $(STAMP) $(ANSIBLE_STAMP) test-tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
@@ -53,4 +68,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(ANSIBLE_VENV) build *.egg-info
