@@ -117,7 +117,9 @@ def machine(tmp_path: Path) -> Iterator[Machine]:
 
 
 def build_wheels(into: Path) -> Path:
-    """The project's wheel and every dependency's, so the playbook installs offline; the project's."""
+    """The project's wheel and every dependency's, so the playbook installs offline; the project's.
+    Built with the dev venv's setuptools (grpcio-tools brings a recent one): an isolated build would
+    install one first, for every run."""
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", str(REPO), "-w", str(into)],
         check=True,
@@ -135,11 +137,10 @@ def inventory(path: Path, wheel: Path) -> dict[str, int]:
         name: free_port()
         for name in ("grpc", "enroll", "http", "blade", "blade_http", "laptop", "laptop_http")
     }
-    node = {"cachepoint_listen": "", "cachepoint_http": "", "cachepoint_site": "test-site"}
 
     def cachepoint(kind: str) -> dict[str, object]:
         return {
-            **node,
+            "cachepoint_site": "test-site",
             "cachepoint_instance": NODES[kind],
             "cachepoint_user": NODES[kind],  # users made at once by two hosts of one machine would race
             "cachepoint_node_name": f"{kind}-1",
@@ -153,7 +154,6 @@ def inventory(path: Path, wheel: Path) -> dict[str, int]:
             "vars": {
                 "ansible_connection": "local",
                 "ansible_python_interpreter": sys.executable,
-                "ansible_become": False,  # root already, and no sudo needed
                 "cachepoint_install_wheel": str(wheel),
                 "cachepoint_install_prefix": PREFIX,
                 "cachepoint_install_python": str(TARGET_PYTHON),
@@ -222,78 +222,31 @@ def test_site_yml_deploys_an_enrolled_replicating_fleet_under_systemd_and_a_seco
     for port in (ports["http"], ports["blade_http"], ports["laptop_http"]):
         assert healthy(port)
     for instance in NODES.values():
-        identity = f"/var/lib/{instance}/identity/cert.pem"
-        assert machine.run("test", "-f", identity, check=False).returncode == 0, f"{instance} not enrolled"
+        cert = f"/var/lib/{instance}/identity/cert.pem"
+        assert machine.run("test", "-f", cert, check=False).returncode == 0, f"{instance} not enrolled"
 
     # A publisher enrolls the way the nodes did, then publishes; both nodes follow the ref.
     venv = Path(PREFIX) / "venv" / "bin"
-    token = machine.run(
-        "runuser",
-        "-u",
-        "cachepoint-coordinator",
-        "--",
-        venv / "cachepoint-coordinator",
-        "enroll",
-        "publisher",
-        "--data",
-        f"/var/lib/{COORDINATOR}",
-        "--role",
-        "publisher",
-        "--json",
-    ).stdout
     coordinator = f"127.0.0.1:{ports['grpc']}"
-    machine.run(
-        venv / "cachepoint",
-        "--store",
-        tmp_path / "publisher",
-        "enroll",
-        "--coordinator",
-        coordinator,
-        "--token",
-        json.loads(token)["token"],
-        "--identity",
-        tmp_path / "publisher-id",
-    )
+    enroll = f"runuser -u cachepoint-coordinator -- {venv}/cachepoint-coordinator enroll publisher"
+    token = machine.run(*enroll.split(), "--data", f"/var/lib/{COORDINATOR}", "--role", "publisher", "--json")
+    identity = ["--identity", tmp_path / "publisher-id"]
+    store = ["--store", tmp_path / "publisher"]
+    token_args = ["--token", json.loads(token.stdout)["token"]]
+    machine.run(venv / "cachepoint", *store, "enroll", "--coordinator", coordinator, *token_args, *identity)
     image = tmp_path / "demo.img"
     random_image(image, 1 << 20, seed=14)
-    publisher = ["--store", tmp_path / "publisher", "--identity", tmp_path / "publisher-id"]
-    published = machine.run(
-        venv / "cachepoint",
-        *publisher,
-        "publish",
-        "os/demo",
-        image,
-        "--coordinator",
-        coordinator,
-        "--tag",
-        "production",
-        "--json",
-    )
+    publish = ["publish", "os/demo", image, "--coordinator", coordinator, "--tag", "production", "--json"]
+    published = machine.run(venv / "cachepoint", *store, *identity, *publish)
     version = json.loads(published.stdout)["ref"]
 
     def holds(instance: str) -> bool:
-        status = machine.run(
-            "runuser",
-            "-u",
-            instance,
-            "--",
-            venv / "cachepoint",
-            "--config",
-            f"/etc/{instance}/config.toml",
-            "status",
-            "--json",
-            check=False,
-        )
+        command = f"runuser -u {instance} -- {venv}/cachepoint --config /etc/{instance}/config.toml status"
+        status = machine.run(*command.split(), "--json", check=False)
         return status.returncode == 0 and version in json.loads(status.stdout)["versions"]
 
     for instance in NODES.values():
-        wait_until(
-            f"{instance} to hold {version}",
-            lambda i=instance: holds(i),
-            120,
-            interval=1,
-            logs=machine.journal,
-        )
+        wait_until(f"{instance} to hold {version}", lambda i=instance: holds(i), 120, 1, machine.journal)
 
     second = apply(machine, hosts)
     assert second == {"coord": 0, "blade": 0, "laptop": 0}, second
