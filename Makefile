@@ -11,7 +11,8 @@ ANSIBLE_STAMP := $(ANSIBLE_VENV)/.installed
 
 # Debian packages some tests drive as real clients (command:package). Installed when missing.
 TEST_TOOLS := qemu-img:qemu-utils qemu-io:qemu-utils mkfs.ext4:e2fsprogs debugfs:e2fsprogs curl:curl setpriv:util-linux \
-	ip:iproute2 tc:iproute2 faketime:faketime nbdinfo:libnbd-bin nbdcopy:libnbd-bin unshare:util-linux
+	ip:iproute2 tc:iproute2 faketime:faketime nbdinfo:libnbd-bin nbdcopy:libnbd-bin unshare:util-linux \
+	nsenter:util-linux runuser:util-linux pgrep:procps systemctl:systemd
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH"; exit 1; }
@@ -43,6 +44,9 @@ test-tools:
 		(apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
 		|| echo "could not install$$missing: the tests that need them will say they were skipped" >&2; \
 	fi
+	@# The deployment test's services get their venv from the system's Python (ansible/README.md).
+	@/usr/bin/python3 -c 'import ensurepip' 2>/dev/null || (apt-get update -qq && apt-get install -y -qq python3-venv \
+		>/dev/null) || echo "could not install python3-venv: the deployment test will say it was skipped" >&2
 
 # Most tests wait on child processes and the network: three workers keep two cores busy (TEST_WORKERS=0
 # runs them in one process).
