@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.fleet import free_port, random_image, wait_until
+from tests.fleet import random_image, wait_until
 
 SYSTEMD_NS = REPO / "tests" / "tools" / "systemd-ns"
 ANSIBLE_BIN = REPO / ".venv-ansible" / "bin"
@@ -131,12 +133,25 @@ def build_wheels(into: Path) -> Path:
     return wheel
 
 
+def quiet_ports(names: list[str]) -> dict[str, int]:
+    """Free loopback ports below the ephemeral range: the services bind them minutes after they are
+    picked, and the other tests' servers (port 0) take theirs from the ephemeral range."""
+    ports: dict[str, int] = {}
+    while len(ports) < len(names):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports.values():
+            ports[names[len(ports)]] = port
+    return ports
+
+
 def inventory(path: Path, wheel: Path) -> dict[str, int]:
     """Three hosts on this machine; returns the ports."""
-    ports = {
-        name: free_port()
-        for name in ("grpc", "enroll", "http", "blade", "blade_http", "laptop", "laptop_http")
-    }
+    ports = quiet_ports(["grpc", "enroll", "http", "blade", "blade_http", "laptop", "laptop_http"])
 
     def cachepoint(kind: str) -> dict[str, object]:
         return {
