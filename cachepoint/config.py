@@ -28,6 +28,7 @@ The TOML keys are the field names, e.g.::
     reserve = "64M"
     agent_group = "cachepoint"
     http_tls = true
+    log_format = "json"
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ class Settings:
     http_tls: str = "false"
     """`serve --http`: HTTPS with the node's identity, clients authenticated by a certificate or a
     bearer token of the fleet (true); false: plaintext HTTP, on a loopback address only."""
+    log_format: str = ""
+    """`serve`: log lines as "json" or "text"; empty: JSON unless stderr is a terminal."""
 
 
 def apply_toml(settings: object, path: Path) -> None:

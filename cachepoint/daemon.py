@@ -34,6 +34,7 @@ from cachepoint.disk.exports import Disks
 from cachepoint.disk.nbd import NbdLimits, check_exposure
 from cachepoint.errors import CachepointError, InvalidInput, NotFound, PullIncomplete, PullsPaused
 from cachepoint.ids import LATEST, Ref
+from cachepoint.metrics.node import NodeMetrics
 from cachepoint.model import Manifest, VersionInfo
 from cachepoint.replication import outbox
 from cachepoint.replication.fetcher import Fetcher
@@ -181,6 +182,8 @@ class Daemon:
         self.fleet_view = FleetView()
         self.peer_guard: Guard | None = None
         self.version_blocks: VersionBlocks | None = None  # what the peer port answers for, with TLS
+        self.metrics = NodeMetrics()  # served at /metrics by the HTTP server (cachepoint/metrics/node.py)
+        self.metrics.attach(self)
 
     # -- pulls ---------------------------------------------------------------------------------
 
@@ -188,6 +191,7 @@ class Daemon:
         assert self.store is not None
         assert self.gate is not None
         async with self._pull_lock:
+            started = time.monotonic()
             try:
                 result = await pull(
                     self.store,
@@ -204,9 +208,15 @@ class Daemon:
                     partial=self._partial,
                 )
             except PullsPaused as err:
+                self.metrics.pulled("failed", time.monotonic() - started)
                 self.gate.note_paused(err)
                 await asyncio.to_thread(self.gate.settle)
                 raise
+            except BaseException:
+                self.metrics.pulled("failed", time.monotonic() - started)
+                raise
+        outcome = "already_local" if result.already_local else "fetched"
+        self.metrics.pulled(outcome, time.monotonic() - started)
         self.peers_known = max(self.peers_known, sum(1 for s in result.sources if s.name != "origin"))
         if not result.already_local:
             log.info(
@@ -270,6 +280,7 @@ class Daemon:
             if source.sent_corrupt and source.source_class != SourceClass.ORIGIN:
                 self.suspects[source.address] = time.monotonic() + SUSPECT_SECONDS
                 log.warning("avoiding peer %s for %.0fs: %s", source.address, SUSPECT_SECONDS, source.dropped)
+            self.metrics.fetched(source)
             totals = self.sources.setdefault(str(source.source_class), SourceTotals())
             totals.blocks += source.counters.blocks
             totals.bytes += source.counters.bytes
@@ -312,13 +323,15 @@ class Daemon:
 
         async with self._scrub_lock:
             try:
-                return await scrub(
+                result = await scrub(
                     self.store,
                     rate=self.settings.scrub_rate if rate is None else rate,
                     heal=self.heal,
                     progress=track,
                     stop=self.scrub_stop,
                 )
+                self.metrics.scrubbed(result)
+                return result
             finally:
                 self.scrub_progress = None
 
@@ -590,7 +603,12 @@ class Daemon:
             self.peer_guard = Guard(self.fleet_view)
             interceptors = [self.peer_guard, PeerAuthorizer(users_of)]
         server = Server(
-            self.settings.listen, "cachepoint.v1.BlockExchange", credentials, interceptors, node=True
+            self.settings.listen,
+            "cachepoint.v1.BlockExchange",
+            credentials,
+            interceptors,
+            node=True,
+            metrics=self.metrics.rpc,
         )
         store = self.store
         self.version_blocks = VersionBlocks(store)
@@ -635,6 +653,7 @@ class Daemon:
                     self.settings.nbd_socket or None,
                     self.settings.nbd_limits,
                     nbd_tls,
+                    self.metrics.nbd.observe,
                 )
             if self.settings.http:
                 from cachepoint.http.app import start_http
@@ -648,7 +667,7 @@ class Daemon:
                     view = self.fleet_view
                     trust = http_trust(store, self.node_id, view.refuses, view.users_of)
                 http_runner, extra["http"] = await start_http(
-                    store, self.settings.http, trust=trust, resolver=resolver
+                    store, self.settings.http, trust=trust, resolver=resolver, metrics=self.metrics
                 )
             stop = stop or stop_event_on_signals()
             if self.settings.scrub_every > 0:

@@ -9,6 +9,7 @@ tls = "on"                             # mutual TLS with the fleet's CA in DATA/
 cert_lifetime = "3d"                   # of every certificate the CA issues
 enroll_listen = "0.0.0.0:7401"         # the enrollment port (default: the port after listen)
 tls_name = "coord.example,10.0.0.5"    # more names in the coordinator's certificate
+log_format = "json"                    # or "text" (default: JSON unless stderr is a terminal)
 
 [retention.user]                       # see coordinator/history/retention.py
 keep_last = 10
@@ -52,6 +53,8 @@ class CoordinatorSettings:
     """HOST:PORT of the enrollment port (TLS, no client certificate); empty: the port after listen."""
     tls_name: str = ""
     """More names or addresses for the coordinator's certificate, comma-separated."""
+    log_format: str = ""
+    """Log lines as "json" or "text"; empty: JSON unless stderr is a terminal (cachepoint/logs.py)."""
     retention: dict[LayerKind, RetentionPolicy] = field(default_factory=dict)
     """Retention policy per layer kind (the ``[retention.KIND]`` tables); a kind without one keeps
     every version."""

@@ -164,6 +164,13 @@ def pull_cmd(ctx: Context, ref: str, origin: str, wan_rate: str | None, as_json:
     help="HTTPS with this node's identity; clients need a certificate or token of the fleet.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log pulls and reconnections.")
+@click.option(
+    "--log-format",
+    "log_format",
+    type=click.Choice(["json", "text"]),
+    default=None,
+    help="Log lines as JSON or text [config log_format; JSON unless stderr is a terminal].",
+)
 @pass_ctx
 @handles_errors
 def serve_cmd(
@@ -179,10 +186,12 @@ def serve_cmd(
     http: str | None,
     http_tls: bool | None,
     verbose: bool,
+    log_format: str | None,
 ) -> None:
     """Run the cachepoint daemon: serve blocks to peers, follow subscriptions, answer `status`."""
     import logging
 
+    from cachepoint import logs
     from cachepoint.capture.watch import parse_watch
     from cachepoint.daemon import Daemon, DaemonSettings
     from cachepoint.disk.nbd import NbdLimits
@@ -220,9 +229,7 @@ def serve_cmd(
         reserve=parse_byte_size(s.reserve, "reserve"),
         agent_group=s.agent_group,
     )
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
-    )
+    logs.configure(logging.INFO if verbose else logging.WARNING, log_format or s.log_format)
     asyncio.run(Daemon(settings).run())
 
 

@@ -15,6 +15,7 @@ from cachepoint.blocksource import BlockSource, CachedSource, StoreSource, Write
 from cachepoint.disk.attach import open_image
 from cachepoint.disk.composite import CompositeDisk
 from cachepoint.disk.nbd import NbdLimits, NbdServer, NbdTls, start_nbd
+from cachepoint.disk.nbd.transmission import Observe
 from cachepoint.disk.readcache import DecodedCache
 from cachepoint.disk.snapshot import snapshot
 from cachepoint.errors import CachepointError, InvalidInput, NotFound
@@ -93,10 +94,11 @@ class Disks:
         unix_path: str | None,
         limits: NbdLimits | None = None,
         tls: NbdTls | None = None,
+        observe: Observe | None = None,
     ) -> list[str]:
         await self.open_cache()
         self.server = await start_nbd(
-            self.attached.get, lambda: sorted(self.attached), tcp, unix_path, limits, tls
+            self.attached.get, lambda: sorted(self.attached), tcp, unix_path, limits, tls, observe
         )
         self._tls = tls is not None
         return self.server.addresses

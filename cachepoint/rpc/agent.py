@@ -243,6 +243,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 return collect(store)
 
         result = await asyncio.to_thread(collect_with_headroom)
+        self.daemon.metrics.collected(result)
         return agent_pb2.CollectGarbageResponse(result_json=json.dumps(result.as_json()))
 
     @rpc_errors

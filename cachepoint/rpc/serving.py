@@ -37,12 +37,13 @@ class Server:
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         node: bool = False,
+        metrics: grpc.aio.ServerInterceptor | None = None,
     ) -> None:
         split_address(listen)
         self.listen = listen
         self.name = name
         self.credentials = credentials  # None: plaintext
-        self.grpc = channel.server(interceptors, node)
+        self.grpc = channel.server(interceptors, node, metrics)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self.address = ""
