@@ -12,10 +12,14 @@ import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from cachepoint.disk.nbd import protocol as nbd
+from cachepoint.metrics.node import NodeMetrics
 from tests.fleet import LAYER, PRODUCTION, Fleet, publish, random_image, stored_block_ids, wait_until
+from tests.test_nbd_protocol import MemoryDevice, ServerThread, connect, request, request_disc
 
 HTTP = ("--http", "127.0.0.1:0")
 SITE = "s1"
@@ -149,3 +153,28 @@ def test_a_scrape_with_openmetrics_in_accept_gets_openmetrics(tmp_path: Path) ->
         assert body.rstrip().endswith("# EOF")
         assert "cachepoint_rpcs_in_flight" in body
         assert "cachepoint_store_disk_bytes" in families(str(node.ready["http"]))
+
+
+def test_nbd_requests_are_counted_by_command_and_result_with_their_bytes_and_latency() -> None:
+    metrics = NodeMetrics()
+    server = ServerThread({"disk": MemoryDevice(65536)}, observe=metrics.nbd.observe)
+    try:
+        sock, _, _ = connect(server.port, "disk")
+        with sock:
+            assert request(sock, nbd.CMD_WRITE, 0, data=b"\x01" * 4096) == (0, b"")
+            assert request(sock, nbd.CMD_READ, 0, 4096) == (0, b"\x01" * 4096)
+            assert request(sock, nbd.CMD_READ, 65536 - 10, 100)[0] == nbd.EINVAL  # past the end
+            assert request(sock, nbd.CMD_FLUSH) == (0, b"")
+            request_disc(sock)
+    finally:
+        server.stop()
+    text = generate_latest(metrics.registry).decode()
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    assert value(samples, "cachepoint_nbd_requests_total", op="write", result="ok") == 1
+    assert value(samples, "cachepoint_nbd_requests_total", op="read", result="ok") == 1
+    assert value(samples, "cachepoint_nbd_requests_total", op="read", result="error") == 1
+    assert value(samples, "cachepoint_nbd_requests_total", op="flush", result="ok") == 1
+    assert value(samples, "cachepoint_nbd_bytes_total", op="read") == 4096
+    assert value(samples, "cachepoint_nbd_bytes_total", op="write") == 4096
+    assert value(samples, "cachepoint_nbd_request_duration_seconds_count", op="read") == 2
+    assert value(samples, "cachepoint_nbd_request_duration_seconds_sum", op="read") > 0
