@@ -629,6 +629,7 @@ class Daemon:
             self.settings.store,
             lambda s: agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self), s),
             self.settings.agent_group,
+            self.metrics.rpc,
         )
         http_runner = None
         extra: dict[str, object] = {}

@@ -19,6 +19,7 @@ from prometheus_client.samples import Sample
 from cachepoint.disk.nbd import protocol as nbd
 from cachepoint.metrics.node import NodeMetrics
 from tests.fleet import LAYER, PRODUCTION, Fleet, publish, random_image, stored_block_ids, wait_until
+from tests.test_bounded_input import malformed_call
 from tests.test_nbd_protocol import MemoryDevice, ServerThread, connect, request, request_disc
 
 HTTP = ("--http", "127.0.0.1:0")
@@ -75,6 +76,8 @@ def test_after_a_publish_and_two_pulls_both_programs_metrics_parse_and_hold_what
         fleet.wait_holds(b, 1)
         a.cli_json("gc")
         a.cli_json("scrub")
+        # A call the request guard refuses is counted with its code: the interceptor comes first.
+        malformed_call(coordinator.address, "/cachepoint.v1.Catalog/Commit", "unary")
 
         # -- node a: pulled from the origin, served b, collected and scrubbed ----------------------
         node = scrape(str(a.ready["http"]))
@@ -90,6 +93,9 @@ def test_after_a_publish_and_two_pulls_both_programs_metrics_parse_and_hold_what
         assert value(node, "cachepoint_rpcs_total", method=fetch, code="OK") >= 1
         assert value(node, "cachepoint_rpc_duration_seconds_count", method=fetch) >= 1
         assert value(node, "cachepoint_rpcs_in_flight", method=fetch) == 0
+        # The Agent socket's calls too: status (the harness's waits), gc, scrub.
+        assert value(node, "cachepoint_rpcs_total", method="cachepoint.v1.Agent/Status", code="OK") >= 1
+        assert value(node, "cachepoint_rpcs_total", method="cachepoint.v1.Agent/CollectGarbage") == 1
         assert value(node, "cachepoint_subscription_lag_versions", subscription=PRODUCTION) == 0
         assert value(node, "cachepoint_subscriptions", state="current") == 1
         assert value(node, "cachepoint_outbox_versions") == 0
@@ -126,9 +132,10 @@ def test_after_a_publish_and_two_pulls_both_programs_metrics_parse_and_hold_what
         prefix = "cachepoint_coordinator"
         commit = "cachepoint.v1.Catalog/Commit"
         assert value(central, f"{prefix}_rpcs_total", method=commit, code="OK") == 1
+        assert value(central, f"{prefix}_rpcs_total", method=commit, code="INVALID_ARGUMENT") == 1
         assert value(central, f"{prefix}_rpcs_total", method="cachepoint.v1.BlockExchange/PushBlocks") >= 1
         assert value(central, f"{prefix}_rpcs_total", method="cachepoint.v1.Fleet/Heartbeat", code="OK") >= 2
-        assert value(central, f"{prefix}_rpc_duration_seconds_count", method=commit) == 1
+        assert value(central, f"{prefix}_rpc_duration_seconds_count", method=commit) == 2
         assert value(central, f"{prefix}_commits_total", root="os") == 1
         assert value(central, f"{prefix}_commits_total", root="user") == 0
         assert value(central, f"{prefix}_nodes", site=SITE, state="healthy") == 2
