@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from tests.conftest import REPO, cli_env, run_cli
 from tests.fleet import LAYER, Child, Fleet, publish, random_image, wait_until
 
 KEYS = {"time", "level", "logger", "message", "fields"}
+# gRPC's C core writes to stderr itself, in absl's format ("W0000 00:00:..."), past Python's logging.
+GRPC_CORE = re.compile(r"^([IWEF]\d{4} |WARNING: All log messages before absl)")
 JSON_LOGS = ("--log-format", "json")
 
 
@@ -33,6 +36,8 @@ def json_lines(child: Child, since: int = 0) -> list[dict[str, Any]]:
     is not a JSON object fails the test, naming it)."""
     parsed = []
     for line in child.stderr()[since:].splitlines():
+        if GRPC_CORE.match(line):
+            continue
         try:
             entry = json.loads(line)
         except ValueError:
