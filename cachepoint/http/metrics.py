@@ -3,8 +3,8 @@ Accept) of the server's Exposition, for the daemon's HTTP server and the coordin
 
 Who may scrape: on a plaintext server (loopback only) anyone who can connect; with TLS, the rule
 ``metrics`` of the route tables (role monitor or admin): a Prometheus server scrapes with a bearer
-token of role monitor (`cachepoint-coordinator token prometheus --role monitor`), which reads nothing
-else.
+token of role monitor (`cachepoint-coordinator token prometheus --role monitor`), which has no other
+role's rights.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ PEER_TLS_NAME = "peer.cachepoint.invalid"  # = cachepoint.rpc.channel.PEER_TLS_N
 # Certificates are valid from this long before they are issued, so that a peer whose clock is a little
 # behind accepts them at once; the issue time is recovered exactly as not_before + BACKDATE.
 BACKDATE = timedelta(minutes=5)
-# monitor: scrapes /metrics (a Prometheus server's token), and reads nothing else any principal may not.
+# monitor: scrapes /metrics (a Prometheus server's token), with no other role's rights.
 ROLES = ("node", "publisher", "auditor", "admin", "monitor", "user")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 
