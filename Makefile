@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-tools bench proto lint clean
+.PHONY: run test test-tools bench fleet proto lint clean
 
 # Debian packages some tests drive as real clients (command:package). Installed when missing.
 TEST_TOOLS := qemu-img:qemu-utils qemu-io:qemu-utils mkfs.ext4:e2fsprogs debugfs:e2fsprogs curl:curl setpriv:util-linux \
@@ -45,6 +45,21 @@ bench: $(STAMP) test-tools
 	command -v casync >/dev/null || (apt-get update -qq && apt-get install -y -qq casync) \
 		|| echo "could not install casync: the casync comparison will be reported as not measured" >&2
 	$(BIN)/python -m bench.run
+
+# A demo fleet in network namespaces (fleetlab/demo.py), as root: SITES sites of NODES cachepoints behind
+# WAN links shaped at WAN_RATE, a SIZE version fanned out to them (SITE_FANOUT=false: each node alone).
+# The trap removes what the run started even if it was killed before its own cleanup ran.
+SITES ?= 2
+NODES ?= 3
+SIZE ?= 64M
+WAN_RATE ?= 100mbit
+SITE_FANOUT ?= true
+
+fleet: $(STAMP) test-tools
+	@tag=fleet$$$$; \
+	trap '$(BIN)/python -m fleetlab.demo --cleanup '"$$tag" EXIT; \
+	$(BIN)/python -m fleetlab.demo --sites $(SITES) --nodes $(NODES) --size $(SIZE) \
+		--wan-rate $(WAN_RATE) --site-fanout $(SITE_FANOUT) --tag $$tag
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/cachepoint/v1/*.proto

@@ -14,6 +14,7 @@ The TOML keys are the field names, e.g.::
     site = "branch-12"
     subscribe = ["os/win10:production", "app/office:production"]
     wan_rate = "100Mbit"
+    site_fanout = true
     snapshot_every = "15m"
     read_cache = "1G"
     nbd_write_budget = "64M"
@@ -87,6 +88,9 @@ class Settings:
     """`serve`, `pull`: cap on fetching from other sites and the coordinator, e.g. "100Mbit" (0: none)."""
     site_rate: str = "0"
     """`serve`, `pull`: cap on fetching from peers of the same site (0: none)."""
+    site_fanout: str = "true"
+    """`serve`: nodes of a site pulling one version at once share its WAN fetch, each block crossing
+    the WAN once for the site (true); false: this node fetches what its site lacks on its own."""
     snapshot_every: str = "0"
     """`serve`: snapshot every attached user disk that has new writes this often, e.g. "15m" (0: never)."""
     read_cache: str = "1G"

@@ -99,6 +99,8 @@ class DaemonSettings:
     """Refs to keep current, e.g. os/win10:production."""
     limits: dict[SourceClass, float] = field(default_factory=dict)
     """Bytes per second per class of source (see replication/ratelimit.py)."""
+    site_fanout: bool = True
+    """Share the WAN fetch of a version with the site's other pullers of it (docs/design.md)."""
     nbd: str = ""
     """HOST:PORT for NBD exports of attached disks, e.g. 127.0.0.1:10809 (empty: no TCP NBD)."""
     nbd_socket: str = ""
@@ -149,6 +151,7 @@ class SourceTotals:
     blocks: int = 0
     bytes: int = 0
     failures: int = 0
+    corrupt: int = 0  # sources dropped for a block that failed verification
 
 
 class Daemon:
@@ -200,7 +203,7 @@ class Daemon:
                     avoid=self._avoided(),
                     account=self._account,  # a pull that fails half-way is counted too
                     room=self.gate.check,
-                    share=True,  # with the site's other pullers of the version (docs/design.md)
+                    share=self.settings.site_fanout,  # with the site's other pullers (docs/design.md)
                     partial=self._partial,
                 )
             except PullsPaused as err:
@@ -274,6 +277,7 @@ class Daemon:
             totals.blocks += source.counters.blocks
             totals.bytes += source.counters.bytes
             totals.failures += source.counters.failures
+            totals.corrupt += int(source.sent_corrupt)
 
     def _avoided(self) -> set[str]:
         now = time.monotonic()

@@ -200,6 +200,7 @@ def serve_cmd(
         node_id=node_id or s.node_id,
         subscribe=list(subscribe) or list(s.subscribe),
         limits=class_limits(s.wan_rate, s.site_rate),
+        site_fanout=parse_switch(s.site_fanout, "site_fanout"),
         nbd=nbd or "",
         nbd_socket=nbd_socket or "",
         nbd_tls=nbd_tls or parse_switch(s.nbd_tls, "nbd_tls"),
