@@ -44,6 +44,8 @@ bench: $(STAMP) test-tools
 		|| echo "could not install rsync: the rsync comparison will be reported as not measured" >&2
 	command -v casync >/dev/null || (apt-get update -qq && apt-get install -y -qq casync) \
 		|| echo "could not install casync: the casync comparison will be reported as not measured" >&2
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[bench]' \
+		|| echo "could not install matplotlib: the site fan-out section will have no plots" >&2
 	$(BIN)/python -m bench.run
 
 # A demo fleet in network namespaces (fleetlab/demo.py), as root: SITES sites of NODES cachepoints behind
