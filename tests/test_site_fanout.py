@@ -35,6 +35,7 @@ from tests.fleet import (
     Node,
     cli_json,
     coordinator_cli,
+    publish,
     random_image,
     stored_block_ids,
     wait_until,
@@ -382,3 +383,25 @@ def test_a_node_of_the_site_that_serves_corrupt_blocks_is_dropped_and_its_share_
         node.cli_json("export", PRODUCTION, export)
         assert sha256_file(export) == sha256_file(run.image), node.name
     assert new_bytes <= received <= new_bytes * WAN_FACTOR, (received, new_bytes)
+
+
+def test_with_site_fanout_off_the_nodes_of_a_site_each_fetch_a_new_version_alone(tmp_path: Path) -> None:
+    # On loopback: what is checked is who each node asked, not what crossed a link.
+    config = tmp_path / "nodes.toml"
+    config.write_text("site_fanout = false\n")
+    v1, v2 = tmp_path / "v1.img", tmp_path / "v2.img"
+    random_image(v1, 64 * 1024, seed=71)
+    random_image(v2, 8 * MiB, seed=72)
+    new_ids = stored_block_ids(v2) - stored_block_ids(v1)
+    with Fleet(tmp_path / "fleet") as fleet:
+        coordinator = fleet.coordinator().address
+        admin = tmp_path / "admin"
+        publish(admin, coordinator, v1, "production")
+        nodes = [fleet.cachepoint(f"n{i}", coordinator, site=SITE, config=config) for i in (1, 2)]
+        before = [fleet.wait_holds(node, 1) for node in nodes]
+        publish(admin, coordinator, v2, "production")
+        done = [fleet.wait_holds(node, 2) for node in nodes]
+    counts = [grown(was, now) for was, now in zip(before, done, strict=True)]
+    # Told of @2 by the same event, neither waited for the other nor asked it for a share: each took
+    # every new block from the origin (with the switch on they split them, as the tests above show).
+    assert all(c.get("origin", 0) == len(new_ids) and c.get("site", 0) == 0 for c in counts), counts
