@@ -59,7 +59,7 @@ SITE_FANOUT ?= true
 
 fleet: $(STAMP) test-tools
 	@tag=fleet$$$$; \
-	trap '$(BIN)/python -m fleetlab.demo --cleanup '"$$tag" EXIT; \
+	trap '$(BIN)/python -m fleetlab.demo --cleanup '"$$tag" EXIT INT TERM HUP; \
 	$(BIN)/python -m fleetlab.demo --sites $(SITES) --nodes $(NODES) --size $(SIZE) \
 		--wan-rate $(WAN_RATE) --site-fanout $(SITE_FANOUT) --tag $$tag
 
