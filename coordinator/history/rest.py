@@ -3,6 +3,9 @@
 Routes (all listed in ``add_routes``); TIME is what the CLI takes (ISO 8601, now, now-2h):
 
   GET    /healthz
+  GET    /                               the dashboard (coordinator/dashboard/), and its assets:
+  GET    /dashboard/{asset}                dashboard.css, dashboard.js, favicon.svg
+  GET    /v1/dashboard                   the snapshot the dashboard shows (JSON)
   GET    /v1/history/users/{user}/timeline?from=TIME&to=TIME&layer=home
   GET    /v1/history/users/{user}/files/{path}?layer=home            every version of one file
   GET    /v1/history/users/{user}/content/{path}?at=TIME&layer=home&actor=NAME
@@ -39,6 +42,9 @@ from cachepoint.http.auth import HttpTrust, principal_of_request
 from cachepoint.http.tls import check_plaintext_listen
 from cachepoint.ids import Ref
 from cachepoint.rpc.serving import split_address
+from coordinator.dashboard import routes as dashboard
+from coordinator.dashboard.routes import DASHBOARD
+from coordinator.dashboard.view import Dashboard
 from coordinator.history.files import CHUNK_BYTES
 from coordinator.history.service import History
 from coordinator.history.times import parse_time
@@ -84,6 +90,9 @@ async def errors_as_json(
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/healthz", healthz)
+    r.add_get("/", dashboard.page)
+    r.add_get("/dashboard/{asset}", dashboard.asset)
+    r.add_get("/v1/dashboard", dashboard.snapshot)
     r.add_get("/v1/history/users/{user}/timeline", timeline)
     r.add_get("/v1/history/users/{user}/files/{path:.+}", file_history)
     r.add_get("/v1/history/users/{user}/content/{path:.+}", file_content)
@@ -271,16 +280,20 @@ async def export(request: web.Request) -> web.StreamResponse:
 # -- app and server --------------------------------------------------------------------------------
 
 
-def make_app(history: History, trust: HttpTrust | None = None) -> web.Application:
+def make_app(
+    history: History, trust: HttpTrust | None = None, fleet: Dashboard | None = None
+) -> web.Application:
     middlewares = [errors_as_json] if trust is None else [errors_as_json, trust.middleware()]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[HISTORY] = history
+    if fleet is not None:
+        app[DASHBOARD] = fleet
     add_routes(app)
     return app
 
 
 async def start_rest(
-    history: History, listen: str, trust: HttpTrust | None = None
+    history: History, listen: str, trust: HttpTrust | None = None, fleet: Dashboard | None = None
 ) -> tuple[web.AppRunner, str]:
     """Serve the app on HOST:PORT; returns the runner (``await runner.cleanup()`` stops it) and the
     bound "host:port" (the real port when 0 was asked). Without ``trust``, only on a loopback address
@@ -288,7 +301,9 @@ async def start_rest(
     host, port = split_address(listen)
     if trust is None:
         check_plaintext_listen(listen, HTTP_TLS_OPTION)
-    runner = web.AppRunner(make_app(history, trust), handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    runner = web.AppRunner(
+        make_app(history, trust, fleet), handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+    )
     await runner.setup()
     try:
         ssl_context = trust.tls.context if trust is not None else None
