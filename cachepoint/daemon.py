@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from cachepoint import __version__
 from cachepoint.blocks import DEFAULT_BLOCK_SIZE
 from cachepoint.blocksource import BlockSource, TieredSource
 from cachepoint.capture.engine import CaptureOptions, CaptureReport, capture
@@ -100,6 +101,8 @@ class DaemonSettings:
     """Refs to keep current, e.g. os/win10:production."""
     limits: dict[SourceClass, float] = field(default_factory=dict)
     """Bytes per second per class of source (see replication/ratelimit.py)."""
+    site_fanout: bool = True
+    """Share the WAN fetch of a version with the site's other pullers of it (docs/design.md)."""
     nbd: str = ""
     """HOST:PORT for NBD exports of attached disks, e.g. 127.0.0.1:10809 (empty: no TCP NBD)."""
     nbd_socket: str = ""
@@ -150,6 +153,7 @@ class SourceTotals:
     blocks: int = 0
     bytes: int = 0
     failures: int = 0
+    corrupt: int = 0  # sources dropped for a block that failed verification
 
 
 class Daemon:
@@ -204,7 +208,7 @@ class Daemon:
                     avoid=self._avoided(),
                     account=self._account,  # a pull that fails half-way is counted too
                     room=self.gate.check,
-                    share=True,  # with the site's other pullers of the version (docs/design.md)
+                    share=self.settings.site_fanout,  # with the site's other pullers (docs/design.md)
                     partial=self._partial,
                 )
             except PullsPaused as err:
@@ -285,6 +289,7 @@ class Daemon:
             totals.blocks += source.counters.blocks
             totals.bytes += source.counters.bytes
             totals.failures += source.counters.failures
+            totals.corrupt += int(source.sent_corrupt)
 
     def _avoided(self) -> set[str]:
         now = time.monotonic()
@@ -338,12 +343,22 @@ class Daemon:
     # -- background tasks ------------------------------------------------------------------------
 
     async def _heartbeat_request(self) -> fleet_pb2.HeartbeatRequest:
+        assert self.store is not None
         held = await asyncio.to_thread(self.held_refs)
         request = fleet_pb2.HeartbeatRequest(
             node_id=self.node_id, load=min(self.serve_counters.blocks_served // 1000, 2**31)
         )
         for layer, number in held:
             request.complete.add(layer=layer, number=number)
+        # For the coordinator's dashboard; the outbox count reads the store again (one scan of the
+        # versions' keys per heartbeat, as held_refs does).
+        report = request.report
+        report.software = __version__
+        report.outbox_depth = await asyncio.to_thread(outbox.depth, self.store)
+        for name, totals in sorted(self.sources.items()):
+            report.sources.add(source_class=name, blocks=totals.blocks, bytes=totals.bytes)
+        for sub in self.subscriptions:
+            report.subscriptions.add(ref=str(sub.ref), wanted=sub.wanted, held=sub.held, state=sub.state)
         return request
 
     async def report_inventory(self) -> None:
@@ -489,10 +504,10 @@ class Daemon:
     async def _sync(self, sub: SubscriptionState) -> None:
         sub.state = "pulling"
         result = await self.pull(sub.ref)
+        sub.wanted = sub.held = result.version.number  # before the report, which says what is held
         if not result.already_local:
             await self.report_inventory()
-        sub.wanted = sub.held = result.version.number
-        sub.state = "current"
+        sub.state = "current"  # once the coordinator knows (site peers asking now are sent here)
         sub.last_error = ""
 
     async def follow(self, sub: SubscriptionState) -> None:

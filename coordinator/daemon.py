@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -22,6 +23,7 @@ from coordinator.assignments import Assignments
 from coordinator.authz import Authorizer, block_answers, caller, layer_reader
 from coordinator.catalog.events import EventLog
 from coordinator.catalog.service import CatalogService
+from coordinator.dashboard.view import Dashboard
 from coordinator.fleet.registry import Registry
 from coordinator.fleet.service import FleetService
 from coordinator.history.audit import AuditLog
@@ -92,9 +94,9 @@ async def serve(
                 s,
             )
         )
-        nodes = Registry()
-        metrics.watch(nodes)
-        fleet = FleetService(nodes, assignments, caller, trust.revoked if trust is not None else None)
+        registry = Registry()
+        metrics.watch(registry)
+        fleet = FleetService(registry, assignments, caller, trust.revoked if trust is not None else None)
         server.add(lambda s: fleet_pb2_grpc.add_FleetServicer_to_server(fleet, s))
         server.add(lambda s: history_pb2_grpc.add_HistoryServicer_to_server(HistoryService(history), s))
         address = await server.start()
@@ -119,7 +121,8 @@ async def serve(
                         rest_rules(authorizer.facts),
                         audited_refusals(audit, store),
                     )
-                rest, extra["http"] = await start_rest(history, http, rest_trust, metrics)
+                board = Dashboard(registry, store, authorizer.facts.holds, audit, counters, time.time_ns())
+                rest, extra["http"] = await start_rest(history, http, rest_trust, metrics, board)
             stop = stop or stop_event_on_signals()
             announce(
                 address, data / STATE_FILE, role="coordinator", catalog_position=events.position, **extra

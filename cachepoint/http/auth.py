@@ -10,8 +10,9 @@ a request never passes on its better half. A revoked principal's certificate or 
 revocation file; at a node, the view its heartbeat replies bring: cachepoint/trust/fleet_view.py).
 
 Authorization (403, JSON naming principal, route and rule): each route is a key "METHOD PATTERN"
-(HEAD as GET) of a table of RouteRule; a route missing from the table is refused. ``refused`` is told
-of every 403 of a rule that changes state (the coordinator audits them as ``access.denied``).
+(HEAD as GET) of a table of RouteRule; a route missing from the table is refused; a ``public`` rule
+lets anyone in without a credential (the coordinator's dashboard page, which holds no data). ``refused``
+is told of every 403 of a rule that changes state (the coordinator audits them as ``access.denied``).
 Handlers read the authenticated principal with ``principal_of_request`` and record that, never an
 actor the request claims.
 """
@@ -52,6 +53,7 @@ class RouteRule:
     text: str  # as README.md prints it
     check: Check
     changes_state: bool = False
+    public: bool = False  # served without a credential (a page that holds no data; the data needs one)
 
 
 def _when(moment: datetime) -> str:
@@ -167,6 +169,10 @@ def guard(
     async def authorized(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        route = route_of(request)
+        public = rules.get(route) if route is not None else None
+        if public is not None and public.public:
+            return await handler(request)  # a credential the request carries is not even read
         try:
             principal = authenticator.principal(request)
         except Unauthenticated as err:
@@ -181,7 +187,6 @@ def guard(
             )
             return _json(401, str(err), "Unauthenticated")
         request[PRINCIPAL] = principal
-        route = route_of(request)
         if route is None:
             return await handler(request)  # no such route or method: the handler's 404/405
         rule = rules.get(route)

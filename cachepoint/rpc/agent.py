@@ -62,7 +62,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         response.versions.extend(version_to_pb(v) for v in d.store.catalog.all_versions())
         for name, totals in sorted(d.sources.items()):
             response.sources.add(
-                source_class=name, blocks=totals.blocks, bytes=totals.bytes, failures=totals.failures
+                source_class=name,
+                blocks=totals.blocks,
+                bytes=totals.bytes,
+                failures=totals.failures,
+                corrupt=totals.corrupt,
             )
         if d.gate is not None:
             room = await asyncio.to_thread(d.gate.measure)

@@ -88,6 +88,9 @@ PEER_RULES: dict[str, PeerRule] = {
     "/grpc.health.v1.Health/Check": ANY,
     "/grpc.health.v1.Health/Watch": ANY,
     "/grpc.health.v1.Health/List": ANY,
+    # grpcurl-style tools list the services and read their schemas (public: the .proto files ship
+    # in the wheel); a caller still needs a certificate of the fleet to get this far.
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": ANY,
 }
 
 

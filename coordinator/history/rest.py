@@ -4,6 +4,9 @@ Routes (all listed in ``add_routes``); TIME is what the CLI takes (ISO 8601, now
 
   GET    /healthz
   GET    /metrics                        Prometheus metrics (coordinator/metrics.py)
+  GET    /                               the dashboard (coordinator/dashboard/), and its assets:
+  GET    /dashboard/{asset}                dashboard.css, dashboard.js, favicon.svg
+  GET    /v1/dashboard                   the snapshot the dashboard shows (JSON)
   GET    /v1/history/users/{user}/timeline?from=TIME&to=TIME&layer=home
   GET    /v1/history/users/{user}/files/{path}?layer=home            every version of one file
   GET    /v1/history/users/{user}/content/{path}?at=TIME&layer=home&actor=NAME
@@ -43,6 +46,9 @@ from cachepoint.ids import Ref
 from cachepoint.logs import refused
 from cachepoint.metrics.exposition import Exposition
 from cachepoint.rpc.serving import split_address
+from coordinator.dashboard import routes as dashboard
+from coordinator.dashboard.routes import DASHBOARD
+from coordinator.dashboard.view import Dashboard
 from coordinator.history.files import CHUNK_BYTES
 from coordinator.history.service import History
 from coordinator.history.times import parse_time
@@ -105,6 +111,9 @@ def _refused(request: web.Request, status: int, why: str, kind: str) -> None:
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/healthz", healthz)
+    r.add_get("/", dashboard.page)
+    r.add_get("/dashboard/{asset}", dashboard.asset)
+    r.add_get("/v1/dashboard", dashboard.snapshot)
     r.add_get("/v1/history/users/{user}/timeline", timeline)
     r.add_get("/v1/history/users/{user}/files/{path:.+}", file_history)
     r.add_get("/v1/history/users/{user}/content/{path:.+}", file_content)
@@ -293,18 +302,27 @@ async def export(request: web.Request) -> web.StreamResponse:
 
 
 def make_app(
-    history: History, trust: HttpTrust | None = None, metrics: Exposition | None = None
+    history: History,
+    trust: HttpTrust | None = None,
+    metrics: Exposition | None = None,
+    fleet: Dashboard | None = None,
 ) -> web.Application:
     middlewares = [errors_as_json] if trust is None else [errors_as_json, trust.middleware()]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[HISTORY] = history
+    if fleet is not None:
+        app[DASHBOARD] = fleet
     add_routes(app)
     add_metrics_route(app, metrics)
     return app
 
 
 async def start_rest(
-    history: History, listen: str, trust: HttpTrust | None = None, metrics: Exposition | None = None
+    history: History,
+    listen: str,
+    trust: HttpTrust | None = None,
+    metrics: Exposition | None = None,
+    fleet: Dashboard | None = None,
 ) -> tuple[web.AppRunner, str]:
     """Serve the app on HOST:PORT; returns the runner (``await runner.cleanup()`` stops it) and the
     bound "host:port" (the real port when 0 was asked). Without ``trust``, only on a loopback address
@@ -312,7 +330,7 @@ async def start_rest(
     host, port = split_address(listen)
     if trust is None:
         check_plaintext_listen(listen, HTTP_TLS_OPTION)
-    app = make_app(history, trust, metrics)
+    app = make_app(history, trust, metrics, fleet)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:
