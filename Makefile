@@ -7,12 +7,12 @@ STAMP := $(VENV)/.installed
 ANSIBLE_VENV := .venv-ansible
 ANSIBLE_STAMP := $(ANSIBLE_VENV)/.installed
 
-.PHONY: run test test-tools ansible-tools ansible-lint bench proto lint clean
+.PHONY: run test test-tools ansible-tools ansible-lint bench fleet proto lint screenshot clean
 
 # Debian packages some tests drive as real clients (command:package). Installed when missing.
 TEST_TOOLS := qemu-img:qemu-utils qemu-io:qemu-utils mkfs.ext4:e2fsprogs debugfs:e2fsprogs curl:curl setpriv:util-linux \
 	ip:iproute2 tc:iproute2 faketime:faketime nbdinfo:libnbd-bin nbdcopy:libnbd-bin unshare:util-linux \
-	nsenter:util-linux runuser:util-linux pgrep:procps systemctl:systemd
+	nsenter:util-linux runuser:util-linux pgrep:procps systemctl:systemd chromium:chromium chromedriver:chromium-driver
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH"; exit 1; }
@@ -63,10 +63,32 @@ bench: $(STAMP) test-tools
 		|| echo "could not install rsync: the rsync comparison will be reported as not measured" >&2
 	command -v casync >/dev/null || (apt-get update -qq && apt-get install -y -qq casync) \
 		|| echo "could not install casync: the casync comparison will be reported as not measured" >&2
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[bench]' \
+		|| echo "could not install matplotlib: the site fan-out section will have no plots" >&2
 	$(BIN)/python -m bench.run
+
+# A demo fleet in network namespaces (fleetlab/demo.py), as root: SITES sites of NODES cachepoints behind
+# WAN links shaped at WAN_RATE, a SIZE version fanned out to them (SITE_FANOUT=false: each node alone).
+# The trap removes what the run started even if it was killed before its own cleanup ran.
+SITES ?= 2
+NODES ?= 3
+SIZE ?= 64M
+WAN_RATE ?= 100mbit
+SITE_FANOUT ?= true
+
+fleet: $(STAMP) test-tools
+	@tag=fleet$$$$; \
+	trap '$(BIN)/python -m fleetlab.demo --cleanup '"$$tag" EXIT INT TERM HUP; \
+	$(BIN)/python -m fleetlab.demo --sites $(SITES) --nodes $(NODES) --size $(SIZE) \
+		--wan-rate $(WAN_RATE) --site-fanout $(SITE_FANOUT) --tag $$tag
+
+# docs/dashboard.png, taken by the dashboard's browser test of a live test fleet.
+screenshot: $(STAMP) test-tools
+	CACHEPOINT_DASHBOARD_SCREENSHOT=$(CURDIR)/docs/dashboard.png $(BIN)/python -m pytest -q tests/test_dashboard_browser.py
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/cachepoint/v1/*.proto
+	cp proto/cachepoint/v1/*.proto cachepoint/v1/  # shipped in the wheel beside the code made from them
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
