@@ -15,6 +15,7 @@ The TOML keys are the field names, e.g.::
     site = "branch-12"
     subscribe = ["os/win10:production", "app/office:production"]
     wan_rate = "100Mbit"
+    site_fanout = true
     snapshot_every = "15m"
     read_cache = "1G"
     nbd_write_budget = "64M"
@@ -29,6 +30,7 @@ The TOML keys are the field names, e.g.::
     reserve = "64M"
     agent_group = "cachepoint"
     http_tls = true
+    log_format = "json"
 
 `cachepoint check-config FILE` reads every key as the commands would (cachepoint/config_check.py).
 """
@@ -96,6 +98,9 @@ class Settings:
     """`serve`, `pull`: cap on fetching from other sites and the coordinator, e.g. "100Mbit" (0: none)."""
     site_rate: str = "0"
     """`serve`, `pull`: cap on fetching from peers of the same site (0: none)."""
+    site_fanout: str = "true"
+    """`serve`: nodes of a site pulling one version at once share its WAN fetch, each block crossing
+    the WAN once for the site (true); false: this node fetches what its site lacks on its own."""
     snapshot_every: str = "0"
     """`serve`: snapshot every attached user disk that has new writes this often, e.g. "15m" (0: never)."""
     read_cache: str = "1G"
@@ -130,6 +135,8 @@ class Settings:
     http_tls: str = "false"
     """`serve --http`: HTTPS with the node's identity, clients authenticated by a certificate or a
     bearer token of the fleet (true); false: plaintext HTTP, on a loopback address only."""
+    log_format: str = ""
+    """`serve`: log lines as "json" or "text"; empty: JSON unless stderr is a terminal."""
 
 
 # String keys that also take a TOML list, kept as the comma-separated string the flag takes.

@@ -97,6 +97,7 @@ def cachepoint_checks() -> dict[str, Check]:
     from cachepoint.capture.watch import parse_watch
     from cachepoint.config import parse_byte_size, parse_duration, parse_switch
     from cachepoint.ids import Ref
+    from cachepoint.logs import check_format
     from cachepoint.model import Chunking
     from cachepoint.replication.ratelimit import parse_rate
     from cachepoint.store.space import SpaceLimit
@@ -123,6 +124,7 @@ def cachepoint_checks() -> dict[str, Check]:
         "subscribe": strings(Ref.parse),
         "wan_rate": scalar(parse_rate),
         "site_rate": scalar(parse_rate),
+        "site_fanout": switch("site_fanout"),
         "snapshot_every": scalar(parse_duration),
         "read_cache": size("read_cache"),
         "nbd_write_budget": size("nbd_write_budget"),
@@ -137,6 +139,7 @@ def cachepoint_checks() -> dict[str, Check]:
         "reserve": size("reserve"),
         "agent_group": scalar(),
         "http_tls": switch("http_tls"),
+        "log_format": scalar(check_format),
     }
 
 

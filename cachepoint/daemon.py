@@ -35,6 +35,7 @@ from cachepoint.disk.exports import Disks
 from cachepoint.disk.nbd import NbdLimits, check_exposure
 from cachepoint.errors import CachepointError, InvalidInput, NotFound, PullIncomplete, PullsPaused
 from cachepoint.ids import LATEST, Ref
+from cachepoint.metrics.node import NodeMetrics
 from cachepoint.model import Manifest, VersionInfo
 from cachepoint.replication import outbox
 from cachepoint.replication.fetcher import Fetcher
@@ -100,6 +101,8 @@ class DaemonSettings:
     """Refs to keep current, e.g. os/win10:production."""
     limits: dict[SourceClass, float] = field(default_factory=dict)
     """Bytes per second per class of source (see replication/ratelimit.py)."""
+    site_fanout: bool = True
+    """Share the WAN fetch of a version with the site's other pullers of it (docs/design.md)."""
     nbd: str = ""
     """HOST:PORT for NBD exports of attached disks, e.g. 127.0.0.1:10809 (empty: no TCP NBD)."""
     nbd_socket: str = ""
@@ -150,6 +153,7 @@ class SourceTotals:
     blocks: int = 0
     bytes: int = 0
     failures: int = 0
+    corrupt: int = 0  # sources dropped for a block that failed verification
 
 
 class Daemon:
@@ -182,6 +186,8 @@ class Daemon:
         self.fleet_view = FleetView()
         self.peer_guard: Guard | None = None
         self.version_blocks: VersionBlocks | None = None  # what the peer port answers for, with TLS
+        self.metrics = NodeMetrics()  # served at /metrics by the HTTP server (cachepoint/metrics/node.py)
+        self.metrics.attach(self)
 
     # -- pulls ---------------------------------------------------------------------------------
 
@@ -189,6 +195,7 @@ class Daemon:
         assert self.store is not None
         assert self.gate is not None
         async with self._pull_lock:
+            started = time.monotonic()
             try:
                 result = await pull(
                     self.store,
@@ -201,13 +208,19 @@ class Daemon:
                     avoid=self._avoided(),
                     account=self._account,  # a pull that fails half-way is counted too
                     room=self.gate.check,
-                    share=True,  # with the site's other pullers of the version (docs/design.md)
+                    share=self.settings.site_fanout,  # with the site's other pullers (docs/design.md)
                     partial=self._partial,
                 )
             except PullsPaused as err:
+                self.metrics.pulled("failed", time.monotonic() - started)
                 self.gate.note_paused(err)
                 await asyncio.to_thread(self.gate.settle)
                 raise
+            except BaseException:
+                self.metrics.pulled("failed", time.monotonic() - started)
+                raise
+        outcome = "already_local" if result.already_local else "fetched"
+        self.metrics.pulled(outcome, time.monotonic() - started)
         self.peers_known = max(self.peers_known, sum(1 for s in result.sources if s.name != "origin"))
         if not result.already_local:
             log.info(
@@ -272,10 +285,12 @@ class Daemon:
             if source.sent_corrupt and source.source_class != SourceClass.ORIGIN:
                 self.suspects[source.address] = time.monotonic() + SUSPECT_SECONDS
                 log.warning("avoiding peer %s for %.0fs: %s", source.address, SUSPECT_SECONDS, source.dropped)
+            self.metrics.fetched(source)
             totals = self.sources.setdefault(str(source.source_class), SourceTotals())
             totals.blocks += source.counters.blocks
             totals.bytes += source.counters.bytes
             totals.failures += source.counters.failures
+            totals.corrupt += int(source.sent_corrupt)
 
     def _avoided(self) -> set[str]:
         now = time.monotonic()
@@ -314,13 +329,15 @@ class Daemon:
 
         async with self._scrub_lock:
             try:
-                return await scrub(
+                result = await scrub(
                     self.store,
                     rate=self.settings.scrub_rate if rate is None else rate,
                     heal=self.heal,
                     progress=track,
                     stop=self.scrub_stop,
                 )
+                self.metrics.scrubbed(result)
+                return result
             finally:
                 self.scrub_progress = None
 
@@ -606,7 +623,12 @@ class Daemon:
             self.peer_guard = Guard(self.fleet_view)
             interceptors = [self.peer_guard, PeerAuthorizer(users_of)]
         server = Server(
-            self.settings.listen, "cachepoint.v1.BlockExchange", credentials, interceptors, node=True
+            self.settings.listen,
+            "cachepoint.v1.BlockExchange",
+            credentials,
+            interceptors,
+            node=True,
+            metrics=self.metrics.rpc,
         )
         store = self.store
         self.version_blocks = VersionBlocks(store)
@@ -627,6 +649,7 @@ class Daemon:
             self.settings.store,
             lambda s: agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self), s),
             self.settings.agent_group,
+            self.metrics.rpc,
         )
         http_runner = None
         extra: dict[str, object] = {}
@@ -651,6 +674,7 @@ class Daemon:
                     self.settings.nbd_socket or None,
                     self.settings.nbd_limits,
                     nbd_tls,
+                    self.metrics.nbd.observe,
                 )
             if self.settings.http:
                 from cachepoint.http.app import start_http
@@ -664,7 +688,7 @@ class Daemon:
                     view = self.fleet_view
                     trust = http_trust(store, self.node_id, view.refuses, view.users_of)
                 http_runner, extra["http"] = await start_http(
-                    store, self.settings.http, trust=trust, resolver=resolver
+                    store, self.settings.http, trust=trust, resolver=resolver, metrics=self.metrics
                 )
             stop = stop or stop_event_on_signals()
             if self.settings.scrub_every > 0:

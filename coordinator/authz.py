@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from cachepoint.errors import CachepointError
+from cachepoint.logs import refused
 from cachepoint.rpc.block_access import VersionBlocks
 from cachepoint.rpc.block_exchange import Answerable
 from cachepoint.rpc.wrapping import AuthorizingInterceptor
@@ -184,6 +185,7 @@ HOLD = Rule("hold", "role auditor", _role("auditor"), changes_state=True)
 EXPORT = Rule("export", "role auditor", _role("auditor"), changes_state=True)
 RELEASE = Rule("release", "role auditor, not the one who set the hold", _release_hold, changes_state=True)
 GC = Rule("gc", "role admin", _role("admin"), changes_state=True)
+METRICS = Rule("metrics", "role monitor or admin", _role("monitor", "admin"))
 PAGE = Rule(
     "page", "anyone, no credential: the dashboard's page and assets hold no fleet data", _anyone, public=True
 )
@@ -228,6 +230,7 @@ RULES: dict[str, Rule] = {
 # A rule's check sees a RestCall (coordinator/history/rest_access.py) with the fields it reads.
 REST_RULES: dict[str, Rule] = {
     "GET /healthz": ANY,
+    "GET /metrics": METRICS,
     "GET /": PAGE,
     "GET /dashboard/{asset}": PAGE,
     "GET /v1/dashboard": OVERSIGHT,
@@ -294,14 +297,24 @@ class Authorizer(AuthorizingInterceptor):
     async def authorize(self, context: grpc.aio.ServicerContext, method: str, request: Any) -> None:
         try:
             principal = peer_principal(context)
-        except Refused as refused:
-            await context.abort(refused.code, str(refused))
+        except Refused as err:
+            message = f"{method} from {context.peer()}: {err}"
+            refused(log, logging.WARNING, message, code=err.code.name, method=method, peer=context.peer())
+            await context.abort(err.code, str(err))
         rule, message = self.refusal(principal, method, request)
         if not message:
             return
         if rule is None or rule.changes_state:
             await self._audit_refusal(principal.name, method, rule.name if rule else None, message)
-        log.warning("%s", message)
+        refused(
+            log,
+            logging.WARNING,
+            message,
+            code="PERMISSION_DENIED",
+            method=method,
+            principal=principal.name,
+            rule=rule.name if rule else None,
+        )
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
 
     async def _audit_refusal(self, actor: str, method: str, rule: str | None, message: str) -> None:

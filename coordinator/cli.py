@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import grpc
 
-from cachepoint import __version__
+from cachepoint import __version__, logs
 from cachepoint.cli.anywhere import OptionsAnywhereGroup
 from cachepoint.config import parse_duration, parse_switch
 from cachepoint.console import emit_json, handles_errors, json_option, when
@@ -107,6 +107,13 @@ def check_config_cmd(click_ctx: click.Context, file: Path | None, as_json: bool)
     "--enroll-listen", default=None, help="HOST:PORT of the enrollment port [the port after --listen]."
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log every commit.")
+@click.option(
+    "--log-format",
+    "log_format",
+    type=click.Choice(["json", "text"]),
+    default=None,
+    help="Log lines as JSON or text [config log_format; JSON unless stderr is a terminal].",
+)
 @handles_errors
 def serve_cmd(
     config: Path | None,
@@ -120,6 +127,7 @@ def serve_cmd(
     tls_names: tuple[str, ...],
     enroll_listen: str | None,
     verbose: bool,
+    log_format: str | None,
 ) -> None:
     """Serve Catalog, BlockExchange, Fleet, History and health over gRPC until SIGINT or SIGTERM.
     With a CA (--tls, --ca-cert/--ca-key, or DATA/ca/ from an earlier start): mutual TLS, and an
@@ -135,7 +143,7 @@ def serve_cmd(
     if rest.isdigit():
         rest = f"127.0.0.1:{rest}"  # loopback unless a host is named (which plaintext refuses)
     level = logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
+    logs.configure(level, log_format or settings.log_format)
     gc_every = parse_duration(settings.gc_every)
     rules = settings.retention_rules
     http_tls = http_tls or parse_switch(settings.http_tls, "http_tls")

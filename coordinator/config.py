@@ -10,6 +10,7 @@ tls = "on"                             # mutual TLS with the fleet's CA in DATA/
 cert_lifetime = "3d"                   # of every certificate the CA issues
 enroll_listen = "0.0.0.0:7401"         # the enrollment port (default: the port after listen)
 tls_name = "coord.example,10.0.0.5"    # more names in the coordinator's certificate
+log_format = "json"                    # or "text" (default: JSON unless stderr is a terminal)
 coordinator = "coord.example:7400"     # whom `fleet` and `history` ask (default 127.0.0.1:7400)
 identity = "/etc/cachepoint/admin-id"  # key and certificates they present
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from cachepoint.config import apply_table, parse_duration, parse_switch
 from cachepoint.config_check import Check, optional_address, read_toml, replicas, scalar
 from cachepoint.errors import InvalidInput
+from cachepoint.logs import check_format
 from cachepoint.model import LayerKind
 from coordinator.history.retention import Retention, RetentionPolicy, parse_policies
 from coordinator.pki.ca import CertificateAuthority
@@ -55,6 +57,8 @@ class CoordinatorSettings:
     """HOST:PORT of the enrollment port (TLS, no client certificate); empty: the port after listen."""
     tls_name: str = ""
     """More names or addresses for the coordinator's certificate, comma-separated."""
+    log_format: str = ""
+    """Log lines as "json" or "text"; empty: JSON unless stderr is a terminal (cachepoint/logs.py)."""
     coordinator: str = ""
     """`fleet`, `history`: HOST:PORT of the coordinator they ask [env CACHEPOINT_COORDINATOR]; empty:
     127.0.0.1:7400."""
@@ -113,6 +117,7 @@ def coordinator_checks() -> dict[str, Check]:
         "tls_name": scalar(),
         "coordinator": replicas,
         "identity": scalar(),
+        "log_format": scalar(check_format),
         "retention": lambda value: parse_policies(value, "retention"),
     }
 

@@ -30,6 +30,7 @@ from coordinator.history.audit import AuditLog
 from coordinator.history.retention import Retention
 from coordinator.history.rpc import HistoryService
 from coordinator.history.service import History
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.pki.audit_queue import keep_draining
 from coordinator.pki.trust import FleetTrust, TrustSettings
 
@@ -66,11 +67,12 @@ async def serve(
         trust = FleetTrust(data, trust_settings, listen, audit) if trust_settings is not None else None
         assignments = Assignments(data)
         authorizer = Authorizer(store, audit, assignments)
+        metrics = CoordinatorMetrics(store, events, counters)
         if trust is not None:
-            server = trust.main_server(listen, CATALOG, authorizer)
+            server = trust.main_server(listen, CATALOG, authorizer, metrics.rpc)
         else:
             log.warning("no CA: calls are not authenticated, and every caller may do everything")
-            server = Server(listen, CATALOG)
+            server = Server(listen, CATALOG, metrics=metrics.rpc)
         answerable = block_answers(VersionBlocks(store), authorizer.facts)
         server.add(
             lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(
@@ -86,10 +88,14 @@ async def serve(
         )
         server.add(
             lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(
-                CatalogService(store, events, audit, writes, layer_reader(authorizer.facts)), s
+                CatalogService(
+                    store, events, audit, writes, layer_reader(authorizer.facts), metrics.committed
+                ),
+                s,
             )
         )
         registry = Registry()
+        metrics.watch(registry)
         fleet = FleetService(registry, assignments, caller, trust.revoked if trust is not None else None)
         server.add(lambda s: fleet_pb2_grpc.add_FleetServicer_to_server(fleet, s))
         server.add(lambda s: history_pb2_grpc.add_HistoryServicer_to_server(HistoryService(history), s))
@@ -116,7 +122,7 @@ async def serve(
                         audited_refusals(audit, store),
                     )
                 board = Dashboard(registry, store, authorizer.facts.holds, audit, counters, time.time_ns())
-                rest, extra["http"] = await start_rest(history, http, rest_trust, board)
+                rest, extra["http"] = await start_rest(history, http, rest_trust, metrics, board)
             stop = stop or stop_event_on_signals()
             announce(
                 address, data / STATE_FILE, role="coordinator", catalog_position=events.position, **extra

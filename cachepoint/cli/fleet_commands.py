@@ -183,6 +183,13 @@ def pull_cmd(ctx: Context, ref: str, origin: str | None, wan_rate: str | None, a
     help="HTTPS with this node's identity; clients need a certificate or token of the fleet.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log pulls and reconnections.")
+@click.option(
+    "--log-format",
+    "log_format",
+    type=click.Choice(["json", "text"]),
+    default=None,
+    help="Log lines as JSON or text [config log_format; JSON unless stderr is a terminal].",
+)
 @pass_ctx
 @handles_errors
 def serve_cmd(
@@ -198,10 +205,12 @@ def serve_cmd(
     http: str | None,
     http_tls: bool | None,
     verbose: bool,
+    log_format: str | None,
 ) -> None:
     """Run the cachepoint daemon: serve blocks to peers, follow subscriptions, answer `status`."""
     import logging
 
+    from cachepoint import logs
     from cachepoint.capture.watch import parse_watch
     from cachepoint.daemon import Daemon, DaemonSettings
     from cachepoint.disk.nbd import NbdLimits
@@ -219,6 +228,7 @@ def serve_cmd(
         node_id=node_id or s.node_id,
         subscribe=list(subscribe) or list(s.subscribe),
         limits=class_limits(s.wan_rate, s.site_rate),
+        site_fanout=parse_switch(s.site_fanout, "site_fanout"),
         nbd=nbd or "",
         nbd_socket=nbd_socket or "",
         nbd_tls=nbd_tls or parse_switch(s.nbd_tls, "nbd_tls"),
@@ -239,9 +249,7 @@ def serve_cmd(
         reserve=parse_byte_size(s.reserve, "reserve"),
         agent_group=s.agent_group,
     )
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
-    )
+    logs.configure(logging.INFO if verbose else logging.WARNING, log_format or s.log_format)
     asyncio.run(Daemon(settings).run())
 
 

@@ -16,6 +16,7 @@ from cachepoint.blocksource import BlockSource, CachedSource, StoreSource, Write
 from cachepoint.disk.attach import open_disk
 from cachepoint.disk.composite import CompositeDisk
 from cachepoint.disk.nbd import NbdLimits, NbdServer, NbdTls, start_nbd
+from cachepoint.disk.nbd.transmission import Observe
 from cachepoint.disk.readcache import DecodedCache
 from cachepoint.disk.snapshot import snapshot
 from cachepoint.errors import CachepointError, ImageNotFound, InvalidInput, NotFound
@@ -94,6 +95,7 @@ class Disks:
         unix_path: str | None,
         limits: NbdLimits | None = None,
         tls: NbdTls | None = None,
+        observe: Observe | None = None,
     ) -> list[str]:
         await self.open_cache()
         if unix_path is not None and not Path(unix_path).parent.is_dir():
@@ -103,7 +105,7 @@ class Disks:
             )
         try:
             self.server = await start_nbd(
-                self.attached.get, lambda: sorted(self.attached), tcp, unix_path, limits, tls
+                self.attached.get, lambda: sorted(self.attached), tcp, unix_path, limits, tls, observe
             )
         except OSError as err:  # in use, not ours, no permission: name what was asked for
             asked = " and ".join(

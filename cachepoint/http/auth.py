@@ -28,6 +28,7 @@ from aiohttp import hdrs, web
 from cryptography import x509
 
 from cachepoint.http.tls import ServerTls
+from cachepoint.logs import refused as log_refused
 from cachepoint.trust.bearer import BearerToken, TokenInvalid, TokenNotCurrent
 from cachepoint.trust.principal import NotAPrincipal, Principal, principal_of
 
@@ -175,20 +176,30 @@ def guard(
         try:
             principal = authenticator.principal(request)
         except Unauthenticated as err:
-            log.info("%s %s from %s: 401: %s", request.method, request.path, request.remote, err)
+            log_refused(
+                log,
+                logging.INFO,
+                f"{request.method} {request.path} from {request.remote}: 401: {err}",
+                status=401,
+                method=request.method,
+                path=request.path,
+                remote=request.remote,
+            )
             return _json(401, str(err), "Unauthenticated")
         request[PRINCIPAL] = principal
         if route is None:
             return await handler(request)  # no such route or method: the handler's 404/405
         rule = rules.get(route)
+        fields = {"status": 403, "principal": principal.name, "route": route, "remote": request.remote}
         if rule is None:
             message = f"principal {principal.name!r} may not call {route}: no rule allows it"
+            log_refused(log, logging.WARNING, message, rule=None, **fields)
             return _json(403, message, "Forbidden", principal=principal.name, route=route, rule=None)
         why = await rule.check(principal, request)
         if not why:
             return await handler(request)
         message = f"principal {principal.name!r} may not call {route}: rule {rule.name} ({rule.text}): {why}"
-        log.warning("%s", message)
+        log_refused(log, logging.WARNING, message, rule=rule.name, **fields)
         if rule.changes_state and refused is not None:
             await refused(principal, route, rule, message, request)
         return _json(403, message, "Forbidden", principal=principal.name, route=route, rule=rule.name)

@@ -146,6 +146,7 @@ async def _holders(
             p.node.address,
             SourceClass.SITE if p.same_site else SourceClass.PEER,
             puller=p.pulling,
+            site=p.node.site,
         )
         for p in response.peers
     ]

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cachepoint.errors import InvalidInput
 from cachepoint.rpc import channel
+from cachepoint.sdnotify import notify_ready
 
 log = logging.getLogger("cachepoint.serve")
 STOP_GRACE = 5.0
@@ -61,12 +62,13 @@ class Server:
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         node: bool = False,
+        metrics: grpc.aio.ServerInterceptor | None = None,
     ) -> None:
         split_address(listen)
         self.listen = listen
         self.name = name
         self.credentials = credentials  # None: plaintext
-        self.grpc = channel.server(interceptors, node)
+        self.grpc = channel.server(interceptors, node, metrics)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self.services: list[str] = [HEALTH_SERVICE]
@@ -118,3 +120,4 @@ def announce(address: str, state_file: Path | None, **extra: object) -> None:
         tmp.write_text(json.dumps(record))
         tmp.replace(state_file)
     print(json.dumps(record), flush=True)
+    notify_ready()  # Type=notify units: every port is bound by now

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from cachepoint.logs import refused
 from cachepoint.rpc.catalog_read import LayerReader
 from cachepoint.rpc.wrapping import AuthorizingInterceptor
 from cachepoint.trust import reading
@@ -138,9 +139,12 @@ class PeerAuthorizer(AuthorizingInterceptor):
             return  # a plaintext peer port: no principal (as before the fleet had a CA)
         try:
             principal = peer_principal(context)
-        except Refused as refused:
-            await context.abort(refused.code, str(refused))
+        except Refused as err:
+            message = f"{method} from {context.peer()}: {err}"
+            refused(log, logging.WARNING, message, code=err.code.name, method=method, peer=context.peer())
+            await context.abort(err.code, str(err))
         message = self.refusal(principal, method, request)
         if message:
-            log.warning("%s", message)
+            who = principal.name
+            refused(log, logging.WARNING, message, code="PERMISSION_DENIED", method=method, principal=who)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
