@@ -4,14 +4,13 @@ As casync's ``--seed``: the chunks of the versions of the layer held here (the p
 usually) are where a new version's units are most likely to be. Their unit digests come from the
 ``units`` family (cachepoint/store/units.py); a chunk without a record (a store written before unit
 fetch, or a chunk of a local ingest) is decoded and hashed once, and its record written, so the cost
-is paid by the first pull that needs it. Only the units a pull wants are remembered (``locate``), so
-memory follows the new version's units, not the store's size.
+is paid by the first pull that needs it. Memory follows the seed (the newest versions of the layer,
+bounded by SEED_UNITS), not the store's size.
 """
 
 from __future__ import annotations
 
 import bisect
-import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -22,7 +21,7 @@ from cachepoint.model import Chunking
 from cachepoint.store.store import Store
 
 SEED_VERSIONS = 3
-PRELOAD_BYTES = 64 * 1024 * 1024  # records read ahead (16 bytes a unit: 16 GiB of seed); the rest after
+SEED_UNITS = 2 * 1024 * 1024  # units placed at most (the newest versions' first): a bound on memory
 READ_BATCH = 1024  # chunk records or values read per call
 DECODED_CHUNKS = 512  # decoded chunks kept between reads: neighbouring new chunks reuse the same old ones
 
@@ -33,13 +32,13 @@ class Seed:
     def __init__(self, store: Store, unit: int) -> None:
         self.store = store
         self.unit = unit
-        self.where: dict[bytes, Place] = {}  # unit digest -> a chunk here (or planned) that has it
+        self.where: dict[bytes, Place] = {}  # unit digest -> the new chunk of this pull that fetches it
         self.indexed = 0  # records made from chunks' bytes, for a store or chunks without them
         self._decoded: OrderedDict[bytes, bytes] = OrderedDict()
         self._lock = threading.Lock()  # ``read`` runs in two threads at once
-        self._chunks: list[bytes] = []
-        self._loaded: list[dict[bytes, bytes]] = []
-        self._next = 0
+        self._held: dict[bytes, int] = {}  # unit digest -> its position among the seed's units
+        self._order: list[bytes] = []  # the seed's chunks, in the order of their units' positions
+        self._starts: list[int] = [0]  # the position of each chunk's first unit
 
     def candidates(self, layer: str) -> list[bytes]:
         """The chunks of the SEED_VERSIONS newest content-chunked versions of ``layer`` held here
@@ -62,23 +61,38 @@ class Seed:
         return list(found)
 
     def load(self, chunks: list[bytes]) -> None:
-        """Read the records of ``chunks`` (held here), up to PRELOAD_BYTES of them, making those that
-        are absent: while the unit digests of the new chunks are on their way."""
-        self._chunks, self._loaded, self._next = chunks, [], 0
-        size = 0
-        while self._next < len(chunks) and size < PRELOAD_BYTES:
-            records = self._records(chunks[self._next : self._next + READ_BATCH])
-            self._loaded.append(records)
-            size += sum(len(packed) for packed in records.values())
-            self._next += READ_BATCH
+        """Place every unit of ``chunks`` (held here; the newest versions' first), up to SEED_UNITS
+        units, making the records that are absent. Runs while the first unit digests are on their way,
+        so that each window of them can be matched as it arrives. Units are placed in bulk: digest ->
+        its position among all the seed's units (~0.6 us a unit, ~100 bytes of memory each: 200 MiB
+        at the bound, 8 GiB of seed at 4 KiB); the position is turned into (chunk, index) for the few
+        that a new chunk wants (``held``)."""
+        size = UNIT_DIGEST_SIZE
+        order: list[bytes] = []
+        starts = [0]
+        parts: list[bytes] = []
+        for start in range(0, len(chunks), READ_BATCH):
+            records = self._records(chunks[start : start + READ_BATCH])
+            for chunk, packed in records.items():
+                order.append(chunk)
+                starts.append(starts[-1] + len(packed) // size)
+                parts.append(packed)
+            if starts[-1] >= SEED_UNITS:
+                break
+        blob = b"".join(parts)
+        count = len(blob) // size
+        # Reversed, so that the first place of a digest is the one kept.
+        digests = reversed([blob[at : at + size] for at in range(0, len(blob), size)])
+        self._held = dict(zip(digests, range(count - 1, -1, -1), strict=True))
+        self._order, self._starts = order, starts
 
-    def locate(self, wanted: set[bytes]) -> None:
-        """Remember where each unit of ``wanted`` lies among the chunks ``load`` was given."""
-        for records in self._loaded:
-            self._add_many(records, wanted)
-        self._loaded = []
-        for start in range(self._next, len(self._chunks), READ_BATCH):
-            self._add_many(self._records(self._chunks[start : start + READ_BATCH]), wanted)
+    def held(self, digest: bytes) -> Place | None:
+        """Where a unit is held here, or None."""
+        position = self._held.get(digest)
+        if position is None:
+            return None
+        owner = bisect.bisect_right(self._starts, position) - 1
+        return self._order[owner], position - self._starts[owner]
 
     def _records(self, batch: list[bytes]) -> dict[bytes, bytes]:
         records = self.store.units.get_many(batch, self.unit)
@@ -86,27 +100,6 @@ class Seed:
         if lacking:
             records.update(self._index(lacking))
         return records
-
-    def _add_many(self, records: dict[bytes, bytes], wanted: set[bytes]) -> None:
-        """Most units held here are not wanted: they are sliced and tested in bulk (list
-        comprehensions, ~0.1 us a unit), and only the hits are placed."""
-        size = UNIT_DIGEST_SIZE
-        blob = b"".join(records.values())
-        hits = [
-            k
-            for k, digest in enumerate(blob[i : i + size] for i in range(0, len(blob), size))
-            if digest in wanted
-        ]
-        if not hits:
-            return
-        chunks = list(records)
-        starts = list(itertools.accumulate((len(packed) // size for packed in records.values()), initial=0))
-        where = self.where
-        for k in hits:
-            owner = bisect.bisect_right(starts, k) - 1
-            digest = blob[k * size : (k + 1) * size]
-            if digest not in where:
-                where[digest] = (chunks[owner], k - starts[owner])
 
     def forget(self, chunk: bytes, packed: bytes) -> None:
         """A chunk planned to hold units that did not arrive: later chunks fetch those units themselves."""

@@ -21,6 +21,7 @@ and the chunk is fetched whole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,14 +38,13 @@ from cachepoint.replication.fetcher import STALL_SECONDS
 from cachepoint.replication.ratelimit import TokenBucket
 from cachepoint.replication.seed import Place, Seed
 from cachepoint.replication.sources import Part, Source, SourceClass
-from cachepoint.rpc.channel import MAX_FETCH_IDS
 from cachepoint.store.store import Store
 from cachepoint.store.units import encode_record
 
 log = logging.getLogger("cachepoint.replication")
 
 UNIT_WINDOW = 512  # chunks per units request: ~1-2 MiB of answers for 32 KiB chunks
-DIGEST_CALLS = 2  # unit-digest calls at once
+DIGESTS_AHEAD = 1  # windows whose digests are asked before the units of the window before are
 WHOLE_SHARE = 0.75  # a chunk with this share of its units missing here is asked for whole
 ProgressFn = Callable[[int, int], None]
 RoomFn = Callable[[int], None]
@@ -112,71 +112,95 @@ class UnitFetch:
         if not candidates:  # nothing here to take units from: whole chunks cost less
             self.result.left = len(lengths)
             return self.done
+        ids = list(lengths)
+        windows = [ids[start : start + UNIT_WINDOW] for start in range(0, len(ids), UNIT_WINDOW)]
+        ready: asyncio.Queue[asyncio.Task[list[bytes]] | None] = asyncio.Queue()
+        ahead = asyncio.Semaphore(DIGESTS_AHEAD)
+        # The seed is placed while the first windows' digests are on their way.
         loading = asyncio.create_task(asyncio.to_thread(self._seed.load, candidates))
+        asking = asyncio.create_task(self._digest_windows(windows, lengths, version, ready, ahead))
         try:
-            await self._fetch_digests(lengths, version)
-        finally:
             await loading
-        if self._digests and not self._stop:
-            wanted = await asyncio.to_thread(self._wanted)
-            await asyncio.to_thread(self._seed.locate, wanted)
             self.result.indexed = self._seed.indexed
-            await self._fetch_units(lengths, version)
+            await self._fetch_units(ready, ahead, lengths, version)
+        finally:
+            asking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asking
+            while not ready.empty():  # digest calls asked but no longer wanted
+                if (unwanted := ready.get_nowait()) is not None:
+                    unwanted.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await unwanted
+            if not loading.done():
+                await asyncio.wait([loading])
         self.result.left = len(lengths) - len(self.done)
         if self._stop:
             log.info("unit fetch from %s stopped: %s", self.source.name, self._stop)
         return self.done
 
-    # -- 1. the unit digests -------------------------------------------------------------------
+    # -- 1. the unit digests, window by window ---------------------------------------------------
 
-    async def _fetch_digests(self, lengths: dict[bytes, int], version: str) -> None:
-        """DIGEST_CALLS calls at once (the server makes digests in a thread per call: both cores),
-        each for up to MAX_FETCH_IDS chunks; an old server's whole blocks are kept as they come."""
-        ids = list(lengths)
-        size = min(MAX_FETCH_IDS, -(-len(ids) // DIGEST_CALLS))
-        batches = [ids[start : start + size] for start in range(0, len(ids), size)]
-        calls = asyncio.Semaphore(DIGEST_CALLS)
-
-        async def ask(batch: list[bytes]) -> None:
-            async with calls:
+    async def _digest_windows(
+        self,
+        windows: list[list[bytes]],
+        lengths: dict[bytes, int],
+        version: str,
+        ready: asyncio.Queue[asyncio.Task[list[bytes]] | None],
+        ahead: asyncio.Semaphore,
+    ) -> None:
+        """Ask for each window's digests, at most DIGESTS_AHEAD windows ahead of the one whose units
+        are asked (a bound on memory), handing the calls on in order; None ends them."""
+        try:
+            for ids in windows:
+                await ahead.acquire()
                 if self._stop:
-                    return
-                try:
-                    async for parts in self.source.fetch_parts(batch, self.unit, None, self.stall, version):
-                        await self._pay(parts)
-                        whole = [part for part in parts if part.whole]
-                        if whole:
-                            self._stop = "it answers with whole blocks (no unit fetch)"
-                            await self._keep_whole(whole, lengths)
-                        for part in parts:
-                            length = lengths.get(part.id)
-                            expected = UNIT_DIGEST_SIZE * unit_count(length or 0, self.unit)
-                            if part.unit_digests and length and len(part.unit_digests) == expected:
-                                self._digests[part.id] = part.unit_digests
-                except (grpc.RpcError, TimeoutError) as err:
-                    self._stop = f"unit digests: {_why(err)}"
+                    break
+                ready.put_nowait(asyncio.create_task(self._ask_digests(ids, lengths, version)))
+        finally:
+            ready.put_nowait(None)
 
-        await asyncio.gather(*(ask(batch) for batch in batches))
-
-    def _wanted(self) -> set[bytes]:
-        wanted: set[bytes] = set()
-        for packed in self._digests.values():
-            wanted.update(packed[i : i + UNIT_DIGEST_SIZE] for i in range(0, len(packed), UNIT_DIGEST_SIZE))
-        return wanted
+    async def _ask_digests(self, ids: list[bytes], lengths: dict[bytes, int], version: str) -> list[bytes]:
+        """The ids of ``ids`` whose unit digests arrived; an old server's whole blocks are kept as they
+        come."""
+        try:
+            async for parts in self.source.fetch_parts(ids, self.unit, None, self.stall, version):
+                await self._pay(parts)
+                whole = [part for part in parts if part.whole]
+                if whole:
+                    self._stop = "it answers with whole blocks (no unit fetch)"
+                    await self._keep_whole(whole, lengths)
+                for part in parts:
+                    length = lengths.get(part.id)
+                    expected = UNIT_DIGEST_SIZE * unit_count(length or 0, self.unit)
+                    if part.unit_digests and length and len(part.unit_digests) == expected:
+                        self._digests[part.id] = part.unit_digests
+        except (grpc.RpcError, TimeoutError) as err:
+            self._stop = f"unit digests: {_why(err)}"
+        return [chunk for chunk in ids if chunk in self._digests]
 
     # -- 2. the units, window by window ----------------------------------------------------------
 
-    async def _fetch_units(self, lengths: dict[bytes, int], version: str) -> None:
-        order = [digest for digest in lengths if digest in self._digests and digest not in self.done]
+    async def _fetch_units(
+        self,
+        ready: asyncio.Queue[asyncio.Task[list[bytes]] | None],
+        ahead: asyncio.Semaphore,
+        lengths: dict[bytes, int],
+        version: str,
+    ) -> None:
+        """Per window: its units asked while the window before is assembled (a window reads the
+        chunks the one before stored, so assemblies take turns)."""
         assembling: asyncio.Task[None] | None = None
         try:
-            for start in range(0, len(order), UNIT_WINDOW):
+            while (asked := await ready.get()) is not None:
+                ids = await asked
+                ahead.release()
                 if self._stop:
                     break
-                window = self._plan(order[start : start + UNIT_WINDOW])
+                window = self._plan([chunk for chunk in ids if chunk not in self.done])
                 await self._ask(window, version)
                 if assembling is not None:
-                    await assembling  # a window reads the chunks the one before stored
+                    await assembling
                 assembling = asyncio.create_task(self._assemble(window, lengths))
         finally:
             if assembling is not None:
@@ -186,14 +210,14 @@ class UnitFetch:
         """Where each unit of ``ids`` comes from: a place held here, or this window's answer (the first
         chunk that needs a unit not held here fetches it; later ones take it from that chunk)."""
         window = Window(ids)
-        where = self._seed.where
+        where, held = self._seed.where, self._seed.held
         for chunk in ids:
             packed = self._digests[chunk]
             plan: list[Place | None] = []
             fetch: list[int] = []
             for index in range(len(packed) // UNIT_DIGEST_SIZE):
                 digest = packed[index * UNIT_DIGEST_SIZE : (index + 1) * UNIT_DIGEST_SIZE]
-                place = where.get(digest)
+                place = where.get(digest) or held(digest)
                 if place is None:
                     where[digest] = (chunk, index)
                     fetch.append(index)

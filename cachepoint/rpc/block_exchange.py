@@ -6,13 +6,17 @@ not hash. Which ids a caller may learn of is decided before the source is asked 
 cachepoint/rpc/block_access.py).
 
 With ``unit_size`` (unit fetch, docs/design.md) a block is answered in part: its unit digests, or the
-units its mask names, compressed together. Those are made from the decoded block (~30 us per 32 KiB
-chunk, in a thread), not stored: a version's new chunks are asked for once per receiver."""
+units its mask names, compressed together. Digests come from the ``units`` family when this store
+keeps them (chunks that came from another machine), else from the decoded block (~30 us per 32 KiB
+chunk, in a thread); recently decoded chunks are kept a while (DecodedChunks), so a chunk's digests
+and then its units cost one decoding."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -32,6 +36,7 @@ from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc
 from cachepoint.wire import stored_block_to_pb, stored_value_from_pb
 
 READ_CHUNK = 16  # blocks read from the store per call while filling a batch
+DECODED_BYTES = 48 * 1024 * 1024  # decoded chunks kept for unit answers: three windows of 32 KiB chunks
 log = logging.getLogger("cachepoint.rpc")
 
 
@@ -78,11 +83,40 @@ def checked_masks(request: blocks_pb2.FetchBlocksRequest, count: int) -> list[by
     return masks
 
 
-def unit_answer(digest: bytes, value: bytes, unit: int, mask: bytes | None) -> blocks_pb2.StoredBlock | None:
+class DecodedChunks:
+    """Chunks decoded for a unit answer, the most recent up to DECODED_BYTES: a receiver asks for a
+    window's unit digests, then for some of its units a moment later (docs/design.md "Unit fetch"), so
+    the second answer finds the chunk decoded by the first. Shared by the threads answering calls."""
+
+    def __init__(self, limit: int = DECODED_BYTES) -> None:
+        self.limit = limit
+        self._chunks: OrderedDict[bytes, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def decoded(self, digest: bytes, value: bytes) -> bytes:
+        with self._lock:
+            data = self._chunks.get(digest)
+            if data is not None:
+                self._chunks.move_to_end(digest)
+                return data
+        data = decode_block(value, MAX_BLOCK_SIZE)
+        with self._lock:
+            if digest not in self._chunks:
+                self._chunks[digest] = data
+                self._size += len(data)
+                while self._size > self.limit:
+                    self._size -= len(self._chunks.popitem(last=False)[1])
+        return data
+
+
+def unit_answer(
+    digest: bytes, value: bytes, unit: int, mask: bytes | None, decoded: DecodedChunks | None = None
+) -> blocks_pb2.StoredBlock | None:
     """A block answered in part: its unit digests (no mask) or the units ``mask`` names. None when the
     stored value cannot be decoded: left out, as a block not held (the caller fetches it elsewhere)."""
     try:
-        data = decode_block(value, MAX_BLOCK_SIZE)
+        data = decoded.decoded(digest, value) if decoded is not None else decode_block(value, MAX_BLOCK_SIZE)
     except Exception as err:  # undecodable here: never answered with made-up units
         log.warning("block %s cannot be decoded for a unit answer: %s", BlockId(digest), err)
         return None
@@ -103,17 +137,26 @@ def unit_answer(digest: bytes, value: bytes, unit: int, mask: bytes | None) -> b
 
 
 def _unit_answers(
-    ids: list[bytes], values: dict[bytes, bytes], unit: int, masks: dict[bytes, bytes] | None
+    ids: list[bytes],
+    values: dict[bytes, bytes],
+    unit: int,
+    masks: dict[bytes, bytes] | None,
+    records: dict[bytes, bytes],
+    decoded: DecodedChunks,
 ) -> list[blocks_pb2.StoredBlock]:
+    """``records``: unit digests this store keeps (chunks that came from another machine), answered
+    as they are, without decoding the chunk."""
     answers = []
     for digest in ids:
         value = values.get(digest)
         if value is None:
             continue
         mask = None if masks is None else masks[digest]
-        if mask == b"":  # the whole block, as stored
+        if mask is None and digest in records:
+            answers.append(blocks_pb2.StoredBlock(id=digest, unit_digests=records[digest]))
+        elif mask == b"":  # the whole block, as stored
             answers.append(stored_block_to_pb(digest, value))
-        elif (answer := unit_answer(digest, value, unit, mask)) is not None:
+        elif (answer := unit_answer(digest, value, unit, mask, decoded)) is not None:
             answers.append(answer)
     return answers
 
@@ -144,6 +187,13 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
         self.accepts_pushes = accepts_pushes
         self.fetches = StreamSlots("FetchBlocks", fetch_limits)
         self.answerable = answerable
+        self.decoded = DecodedChunks()
+
+    def _unit_answers(
+        self, ids: list[bytes], values: dict[bytes, bytes], unit: int, masks: dict[bytes, bytes] | None
+    ) -> list[blocks_pb2.StoredBlock]:
+        records = self.store.units.get_many([d for d in ids if d in values], unit) if masks is None else {}
+        return _unit_answers(ids, values, unit, masks, records, self.decoded)
 
     @rpc_errors
     async def HasBlocks(  # noqa: N802 - gRPC method name
@@ -181,7 +231,7 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
             chunk = ids[start : start + READ_CHUNK]
             values = await asyncio.to_thread(self.source.stored_many, chunk)
             if request.unit_size:
-                answers = await asyncio.to_thread(_unit_answers, chunk, values, request.unit_size, by_id)
+                answers = await asyncio.to_thread(self._unit_answers, chunk, values, request.unit_size, by_id)
                 for answer in answers:
                     batch.blocks.append(answer)
                     size += len(answer.payload) + len(answer.unit_digests)
