@@ -385,9 +385,10 @@ def model_table(base: Scenario, inputs: Inputs, policies: tuple[str, ...] = ("co
     return table
 
 
-def inputs_text(inputs: Inputs) -> list[str]:
+def inputs_text(inputs: Inputs, sources: dict[str, str] | None = None) -> list[str]:
+    """``sources``: where this run took inputs from, over ``SOURCES``."""
     lines = []
-    for name, source in SOURCES.items():
+    for name, source in {**SOURCES, **(sources or {})}.items():
         value = getattr(inputs, name)
         lines.append(f"- `{name}` = {value:,.6g}: {source}")
     lines.append(
@@ -398,7 +399,7 @@ def inputs_text(inputs: Inputs) -> list[str]:
     return lines
 
 
-def method_text(base: Scenario, inputs: Inputs) -> str:
+def method_text(base: Scenario, inputs: Inputs, sources: dict[str, str] | None = None) -> str:
     wire = base.version_bytes * inputs.wire_overhead
     floor_wan = wire * 8 / base.wan_bits_s
     floor_node = wire / inputs.node_intake_bytes_s
@@ -424,15 +425,26 @@ def method_text(base: Scenario, inputs: Inputs) -> str:
             "limits and compaction, CPU spent serving peers, site budgets, the control plane, and the "
             "pipelining of blocks inside a piece. Inputs:",
             "",
-            *inputs_text(inputs),
+            *inputs_text(inputs, sources),
         ]
     )
 
 
-def _inputs_from(bench: Bench) -> tuple[Inputs, list[str]]:
-    """This run's delta-sync and ceiling figures when those sections ran, else the committed ones."""
+FLEET_SOURCES = {
+    "node_intake_bytes_s": "measured: this run's site fan-out section, a daemon joining a site of 8 "
+    "in network namespaces and taking the whole version from its peers over the bridge (version bytes / "
+    "seconds from its start to its commit; 2 shared cores)",
+    "wire_overhead": "measured: this run's site fan-out section, one node's WAN bytes (frames, headers, "
+    "control traffic) / the version's stored bytes",
+}
+
+
+def _inputs_from(bench: Bench) -> tuple[Inputs, list[str], dict[str, str]]:
+    """This run's figures when their sections ran (the site fan-out's over the delta sync's), else the
+    committed ones."""
     inputs = Inputs()
     notes: list[str] = []
+    sources: dict[str, str] = {}
     delta = bench.sections.get("delta_sync")
     if delta and {"api_best_seconds", "changed_at_rest_bytes", "wire_ratio"} <= delta.figures.keys():
         f = delta.figures
@@ -442,18 +454,33 @@ def _inputs_from(bench: Bench) -> tuple[Inputs, list[str]]:
             wire_overhead=f["wire_ratio"],
         )
         notes.append("node intake and wire overhead from this run's delta sync")
+    fleet = bench.sections.get("site_fanout")
+    if fleet and fleet.figures.get("node_intake_bytes_s", 0) > 0:
+        # The fleet in namespaces measures what the model needs most directly: a daemon taking a
+        # version from its site peers over a bridge (intake), and a single node's WAN bytes over the
+        # version's stored bytes (frames, headers, control traffic: the wire overhead).
+        inputs = replace(
+            inputs,
+            node_intake_bytes_s=fleet.figures["node_intake_bytes_s"],
+            wire_overhead=fleet.figures["wan_ratio_one_node"],
+        )
+        notes.append(
+            "node intake (a daemon joining a site of 8 and taking the version from its peers) and wire "
+            "overhead (one node's WAN bytes / stored bytes) from this run's site fan-out section"
+        )
+        sources = FLEET_SOURCES
     ceiling = bench.sections.get("ceiling")
     if ceiling and "t1_all_mib_s" in ceiling.figures:
         inputs = replace(inputs, verify_s_per_mib=1 / ceiling.figures["t1_all_mib_s"])
         notes.append("verify floor from this run's ceiling")
-    return inputs, notes
+    return inputs, notes, sources
 
 
 def fanout_model(bench: Bench) -> Section:
-    inputs, notes = _inputs_from(bench)
+    inputs, notes, sources = _inputs_from(bench)
     base = Scenario()
     table = model_table(base, inputs)
-    method = method_text(base, inputs)
+    method = method_text(base, inputs, sources)
     if notes:
         method += "\n\n(" + "; ".join(notes) + "; otherwise the figures of the report of 2026-11-26.)"
     return Section(key="fanout_model", title="Fan-out at scale (a model)", method=method, table=table)

@@ -115,9 +115,13 @@ def warm(path: Path) -> None:
 
 
 class Bench:
-    def __init__(self, size: int, work: Path) -> None:
+    def __init__(self, size: int, work: Path, quick: bool = False, report_dir: Path | None = None) -> None:
+        """``quick``: a smoke run (sections that need minutes or root may say they were not run);
+        ``report_dir``: where the report goes, and the plots it links to."""
         self.size = size
         self.work = work
+        self.quick = quick
+        self.report_dir = report_dir or work
         self.started = time.perf_counter()
         self.sections: dict[str, Section] = {}
         self._v1: Path | None = None

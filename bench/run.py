@@ -24,6 +24,7 @@ from bench.read_paths import read_paths
 from bench.real_image_bench import real_image
 from bench.replication_bench import delta_sync
 from bench.report import render, write_atomic
+from bench.site_fanout_bench import site_fanout
 
 HERE = Path(__file__).resolve().parent
 QUICK_SIZE = "64M"
@@ -39,6 +40,7 @@ SECTIONS: list[SectionFn] = [
     capture_recapture,
     real_image,
     read_paths,
+    site_fanout,
     fanout_model,
 ]
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         owned = False
     # Other work on the machine skews every figure; the report records how busy it was.
     load = os.getloadavg()
-    bench = Bench(args.size, work)
+    bench = Bench(args.size, work, quick=args.quick, report_dir=args.out.parent)
     bench.log(f"benchmark of a {human_bytes(args.size)} image in {work}")
     try:
         # Reading v1 for its census also warms the page cache before the first timed run.

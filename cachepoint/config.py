@@ -8,12 +8,14 @@ The TOML keys are the field names, e.g.::
     chunk_average = "32K"
     author = "image-team"
     device = "build-01"
+    coordinator = "coordinator.example:7400"   # for serve, publish, pull, scrub, repair, enroll
+    identity = "/etc/cachepoint/identity"      # key and certificates to call the fleet with
     # for `cachepoint serve`
     listen = "0.0.0.0:7401"
-    coordinator = "coordinator.example:7400"
     site = "branch-12"
     subscribe = ["os/win10:production", "app/office:production"]
     wan_rate = "100Mbit"
+    site_fanout = true
     snapshot_every = "15m"
     read_cache = "1G"
     nbd_write_budget = "64M"
@@ -28,20 +30,24 @@ The TOML keys are the field names, e.g.::
     reserve = "64M"
     agent_group = "cachepoint"
     http_tls = true
+    log_format = "json"
+
+`cachepoint check-config FILE` reads every key as the commands would (cachepoint/config_check.py).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from cachepoint.config_check import read_toml
 from cachepoint.errors import InvalidInput
 
 ENV_STORE = "CACHEPOINT_STORE"
 ENV_CONFIG = "CACHEPOINT_CONFIG"
+ENV_COORDINATOR = "CACHEPOINT_COORDINATOR"
 
 
 def default_config_path() -> Path:
@@ -57,7 +63,10 @@ def default_store_path() -> Path:
 @dataclass
 class Settings:
     store: str = ""
-    """The store directory (holds ``db/``). Default: $XDG_DATA_HOME/cachepoint."""
+    """The store directory (holds ``db/``). Default: $XDG_DATA_HOME/cachepoint (~/.local/share/cachepoint;
+    for root, /root/.local/share/cachepoint: a system daemon names its store)."""
+    identity: str = ""
+    """Key and certificates to call the fleet with [env CACHEPOINT_IDENTITY]. Default: STORE/identity."""
     block_size: str = "64K"
     """Block size of new layers with fixed chunking: a power of two from 4K to 4M."""
     chunking: str = "fixed"
@@ -76,7 +85,9 @@ class Settings:
     listen: str = "127.0.0.1:7401"
     """`serve`: HOST:PORT of the daemon's gRPC server (peers fetch blocks here)."""
     coordinator: str = ""
-    """`serve`: HOST:PORT of the coordinator; empty: serve the local store alone."""
+    """HOST:PORT of the coordinator [env CACHEPOINT_COORDINATOR]: `serve` follows it (empty: serves the
+    local store alone); `publish`, `pull`, `scrub`, `repair` and `enroll` ask it unless told otherwise.
+    Replicas: "a:7400,b:7400" or a list; calls go to the first that is up (docs/design.md "Failover")."""
     site: str = "default"
     """`serve`: locality label; peers of one site fetch from each other first."""
     node_id: str = ""
@@ -87,6 +98,9 @@ class Settings:
     """`serve`, `pull`: cap on fetching from other sites and the coordinator, e.g. "100Mbit" (0: none)."""
     site_rate: str = "0"
     """`serve`, `pull`: cap on fetching from peers of the same site (0: none)."""
+    site_fanout: str = "true"
+    """`serve`: nodes of a site pulling one version at once share its WAN fetch, each block crossing
+    the WAN once for the site (true); false: this node fetches what its site lacks on its own."""
     snapshot_every: str = "0"
     """`serve`: snapshot every attached user disk that has new writes this often, e.g. "15m" (0: never)."""
     read_cache: str = "1G"
@@ -121,21 +135,29 @@ class Settings:
     http_tls: str = "false"
     """`serve --http`: HTTPS with the node's identity, clients authenticated by a certificate or a
     bearer token of the fleet (true); false: plaintext HTTP, on a loopback address only."""
+    log_format: str = ""
+    """`serve`: log lines as "json" or "text"; empty: JSON unless stderr is a terminal."""
+
+
+# String keys that also take a TOML list, kept as the comma-separated string the flag takes.
+JOINED_LISTS = ("coordinator",)
 
 
 def apply_toml(settings: object, path: Path) -> None:
     """Set a settings dataclass's fields from a TOML file whose keys are the field names: unknown
     keys are refused by name; list fields take lists of strings, the others strings."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise InvalidInput(f"cannot read config {path}: {err}") from err
+    apply_table(settings, read_toml(path), path)
+
+
+def apply_table(settings: object, data: dict[str, object], path: Path) -> None:
     kinds = {f.name: f.type for f in fields(settings)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(kinds))
     if unknown:
         raise InvalidInput(f"config {path}: unknown keys {unknown} (known: {sorted(kinds)})")
     for key, value in data.items():
-        if str(kinds[key]).startswith("list"):
+        if key in JOINED_LISTS and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            setattr(settings, key, ",".join(value))  # coordinator = ["a:7400", "b:7400"]: its replicas
+        elif str(kinds[key]).startswith("list"):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise InvalidInput(f"config {path}: {key} must be a list of strings")
             setattr(settings, key, list(value))
@@ -153,6 +175,8 @@ def load_settings(config_path: str | None, store_flag: str | None) -> Settings:
         raise InvalidInput(f"config file {path} does not exist")
     if os.environ.get(ENV_STORE):
         settings.store = os.environ[ENV_STORE]
+    if os.environ.get(ENV_COORDINATOR):
+        settings.coordinator = os.environ[ENV_COORDINATOR]
     if store_flag:
         settings.store = store_flag
     if not settings.store:

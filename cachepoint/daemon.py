@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from cachepoint import memory
+from cachepoint import __version__, memory
 from cachepoint.blocks import DEFAULT_BLOCK_SIZE
 from cachepoint.blocksource import BlockSource, TieredSource
 from cachepoint.capture.engine import CaptureOptions, CaptureReport, capture
@@ -35,6 +35,7 @@ from cachepoint.disk.exports import Disks
 from cachepoint.disk.nbd import NbdLimits, check_exposure
 from cachepoint.errors import CachepointError, InvalidInput, NotFound, PullIncomplete, PullsPaused
 from cachepoint.ids import LATEST, Ref
+from cachepoint.metrics.node import NodeMetrics
 from cachepoint.model import Manifest, VersionInfo
 from cachepoint.replication import outbox
 from cachepoint.replication.fetcher import Fetcher
@@ -42,7 +43,7 @@ from cachepoint.replication.gate import PullGate
 from cachepoint.replication.heal import HealResult, heal_blocks
 from cachepoint.replication.pull import PullResult, fetch_manifest, find_peers, pull, resolve
 from cachepoint.replication.sources import Source, SourceClass
-from cachepoint.rpc import channel
+from cachepoint.rpc import channel, replicas
 from cachepoint.rpc.agent import AgentService
 from cachepoint.rpc.agent_socket import AgentServer
 from cachepoint.rpc.block_access import VersionBlocks, peer_answers
@@ -100,6 +101,8 @@ class DaemonSettings:
     """Refs to keep current, e.g. os/win10:production."""
     limits: dict[SourceClass, float] = field(default_factory=dict)
     """Bytes per second per class of source (see replication/ratelimit.py)."""
+    site_fanout: bool = True
+    """Share the WAN fetch of a version with the site's other pullers of it (docs/design.md)."""
     nbd: str = ""
     """HOST:PORT for NBD exports of attached disks, e.g. 127.0.0.1:10809 (empty: no TCP NBD)."""
     nbd_socket: str = ""
@@ -150,6 +153,7 @@ class SourceTotals:
     blocks: int = 0
     bytes: int = 0
     failures: int = 0
+    corrupt: int = 0  # sources dropped for a block that failed verification
 
 
 class Daemon:
@@ -182,6 +186,8 @@ class Daemon:
         self.fleet_view = FleetView()
         self.peer_guard: Guard | None = None
         self.version_blocks: VersionBlocks | None = None  # what the peer port answers for, with TLS
+        self.metrics = NodeMetrics()  # served at /metrics by the HTTP server (cachepoint/metrics/node.py)
+        self.metrics.attach(self)
 
     # -- pulls ---------------------------------------------------------------------------------
 
@@ -189,6 +195,7 @@ class Daemon:
         assert self.store is not None
         assert self.gate is not None
         async with self._pull_lock:
+            started = time.monotonic()
             try:
                 result = await pull(
                     self.store,
@@ -201,13 +208,19 @@ class Daemon:
                     avoid=self._avoided(),
                     account=self._account,  # a pull that fails half-way is counted too
                     room=self.gate.check,
-                    share=True,  # with the site's other pullers of the version (docs/design.md)
+                    share=self.settings.site_fanout,  # with the site's other pullers (docs/design.md)
                     partial=self._partial,
                 )
             except PullsPaused as err:
+                self.metrics.pulled("failed", time.monotonic() - started)
                 self.gate.note_paused(err)
                 await asyncio.to_thread(self.gate.settle)
                 raise
+            except BaseException:
+                self.metrics.pulled("failed", time.monotonic() - started)
+                raise
+        outcome = "already_local" if result.already_local else "fetched"
+        self.metrics.pulled(outcome, time.monotonic() - started)
         self.peers_known = max(self.peers_known, sum(1 for s in result.sources if s.name != "origin"))
         if not result.already_local:
             log.info(
@@ -225,7 +238,7 @@ class Daemon:
     async def open_remote(self, ref: Ref) -> tuple[VersionInfo, Manifest, BlockSource]:
         """Resolve ``ref`` at the coordinator for a lazy boot: the version, its manifest, and the
         fleet as a blocking source of its blocks (called from the disk's reader threads)."""
-        coordinator = self.settings.coordinator
+        coordinator = await replicas.reachable(self.settings.coordinator)
         async with channel.channel(coordinator) as ch:
             catalog = catalog_pb2_grpc.CatalogStub(ch)
             try:
@@ -243,11 +256,12 @@ class Daemon:
 
     async def _fetch_for(self, info: VersionInfo, ids: list[bytes], block_size: int) -> dict[bytes, bytes]:
         """The verified stored values of ``ids`` that some source had (peers first, then the origin)."""
-        async with channel.channel(self.settings.coordinator) as ch:
+        origin = await replicas.reachable(self.settings.coordinator)
+        async with channel.channel(origin) as ch:
             peers = await find_peers(ch, self.node_id, info, self.address)
         avoided = self._avoided()
         sources = [p for p in peers if p.address not in avoided]
-        sources.append(Source("origin", self.settings.coordinator, SourceClass.ORIGIN))
+        sources.append(Source("origin", origin, SourceClass.ORIGIN))
         got: dict[bytes, bytes] = {}
         try:
             fetcher = Fetcher(
@@ -271,10 +285,12 @@ class Daemon:
             if source.sent_corrupt and source.source_class != SourceClass.ORIGIN:
                 self.suspects[source.address] = time.monotonic() + SUSPECT_SECONDS
                 log.warning("avoiding peer %s for %.0fs: %s", source.address, SUSPECT_SECONDS, source.dropped)
+            self.metrics.fetched(source)
             totals = self.sources.setdefault(str(source.source_class), SourceTotals())
             totals.blocks += source.counters.blocks
             totals.bytes += source.counters.bytes
             totals.failures += source.counters.failures
+            totals.corrupt += int(source.sent_corrupt)
 
     def _avoided(self) -> set[str]:
         now = time.monotonic()
@@ -313,25 +329,37 @@ class Daemon:
 
         async with self._scrub_lock:
             try:
-                return await scrub(
+                result = await scrub(
                     self.store,
                     rate=self.settings.scrub_rate if rate is None else rate,
                     heal=self.heal,
                     progress=track,
                     stop=self.scrub_stop,
                 )
+                self.metrics.scrubbed(result)
+                return result
             finally:
                 self.scrub_progress = None
 
     # -- background tasks ------------------------------------------------------------------------
 
     async def _heartbeat_request(self) -> fleet_pb2.HeartbeatRequest:
+        assert self.store is not None
         held = await asyncio.to_thread(self.held_refs)
         request = fleet_pb2.HeartbeatRequest(
             node_id=self.node_id, load=min(self.serve_counters.blocks_served // 1000, 2**31)
         )
         for layer, number in held:
             request.complete.add(layer=layer, number=number)
+        # For the coordinator's dashboard; the outbox count reads the store again (one scan of the
+        # versions' keys per heartbeat, as held_refs does).
+        report = request.report
+        report.software = __version__
+        report.outbox_depth = await asyncio.to_thread(outbox.depth, self.store)
+        for name, totals in sorted(self.sources.items()):
+            report.sources.add(source_class=name, blocks=totals.blocks, bytes=totals.bytes)
+        for sub in self.subscriptions:
+            report.subscriptions.add(ref=str(sub.ref), wanted=sub.wanted, held=sub.held, state=sub.state)
         return request
 
     async def report_inventory(self) -> None:
@@ -339,9 +367,11 @@ class Daemon:
         this site that asks for it is sent here rather than across the WAN. Best effort: the regular
         heartbeat repeats it."""
         try:
-            async with channel.channel(self.settings.coordinator) as ch:
-                request = await self._heartbeat_request()
-                reply = await fleet_pb2_grpc.FleetStub(ch).Heartbeat(request, timeout=UNARY_DEADLINE)
+            request = await self._heartbeat_request()
+            reply = await replicas.call(
+                self.settings.coordinator,
+                lambda ch, _: fleet_pb2_grpc.FleetStub(ch).Heartbeat(request, timeout=UNARY_DEADLINE),
+            )
             self.apply_fleet_view(reply)
         except grpc.aio.AioRpcError as err:
             log.info("could not report inventory now: %s", err.details())
@@ -359,8 +389,8 @@ class Daemon:
         backoff = BACKOFF_START
         registered = False
         interval = 2.0
-        while True:  # a renewed certificate: the channel is made again, presenting it
-            async with channel.channel(self.settings.coordinator) as ch:
+        while True:  # a renewed certificate or a replica that is down: the channel is made again
+            async with channel.channel(await replicas.reachable(self.settings.coordinator)) as ch:
                 fleet = fleet_pb2_grpc.FleetStub(ch)
                 made_with = channel.generation()
                 while made_with == channel.generation():
@@ -391,6 +421,7 @@ class Daemon:
                         # Heartbeats are cheap: retry often, so a returning coordinator sees us quickly.
                         await asyncio.sleep(backoff * (1 + random.random() / 2))
                         backoff = min(backoff * 2, HEARTBEAT_BACKOFF_MAX)
+                        break  # pick a replica again (rpc/replicas.py): this one may be gone
 
     async def deliver(self) -> None:
         """Drain the outbox whenever there may be something to send; retry with backoff while the
@@ -477,10 +508,10 @@ class Daemon:
     async def _sync(self, sub: SubscriptionState) -> None:
         sub.state = "pulling"
         result = await self.pull(sub.ref)
+        sub.wanted = sub.held = result.version.number  # before the report, which says what is held
         if not result.already_local:
             await self.report_inventory()
-        sub.wanted = sub.held = result.version.number
-        sub.state = "current"
+        sub.state = "current"  # once the coordinator knows (site peers asking now are sent here)
         sub.last_error = ""
 
     async def follow(self, sub: SubscriptionState) -> None:
@@ -506,7 +537,8 @@ class Daemon:
                     sub.last_error = str(err)
                 if sub.ref.number is not None and sub.state == "current":
                     return  # a fixed version never moves
-                async with channel.channel(self.settings.coordinator) as ch:
+                # After a disconnect, from ``position`` again, on whichever replica is up.
+                async with channel.channel(await replicas.reachable(self.settings.coordinator)) as ch:
                     catalog = catalog_pb2_grpc.CatalogStub(ch)
                     stream = catalog.Watch(catalog_pb2.WatchRequest(after=position, layers=[sub.ref.layer]))
                     backoff = BACKOFF_START
@@ -592,7 +624,12 @@ class Daemon:
             self.peer_guard = Guard(self.fleet_view)
             interceptors = [self.peer_guard, PeerAuthorizer(users_of)]
         server = Server(
-            self.settings.listen, "cachepoint.v1.BlockExchange", credentials, interceptors, node=True
+            self.settings.listen,
+            "cachepoint.v1.BlockExchange",
+            credentials,
+            interceptors,
+            node=True,
+            metrics=self.metrics.rpc,
         )
         store = self.store
         self.version_blocks = VersionBlocks(store)
@@ -613,6 +650,7 @@ class Daemon:
             self.settings.store,
             lambda s: agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self), s),
             self.settings.agent_group,
+            self.metrics.rpc,
         )
         http_runner = None
         extra: dict[str, object] = {}
@@ -637,6 +675,7 @@ class Daemon:
                     self.settings.nbd_socket or None,
                     self.settings.nbd_limits,
                     nbd_tls,
+                    self.metrics.nbd.observe,
                 )
             if self.settings.http:
                 from cachepoint.http.app import start_http
@@ -650,7 +689,7 @@ class Daemon:
                     view = self.fleet_view
                     trust = http_trust(store, self.node_id, view.refuses, view.users_of)
                 http_runner, extra["http"] = await start_http(
-                    store, self.settings.http, trust=trust, resolver=resolver
+                    store, self.settings.http, trust=trust, resolver=resolver, metrics=self.metrics
                 )
             stop = stop or stop_event_on_signals()
             if self.settings.scrub_every > 0:

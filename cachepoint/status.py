@@ -93,7 +93,13 @@ def status_json(s: agent_pb2.StatusResponse) -> dict[str, object]:
         "outbox_depth": s.outbox_depth,
         "peers_known": s.peers_known,
         "bytes_by_source": {
-            c.source_class: {"blocks": c.blocks, "bytes": c.bytes, "failures": c.failures} for c in s.sources
+            c.source_class: {
+                "blocks": c.blocks,
+                "bytes": c.bytes,
+                "failures": c.failures,
+                "corrupt": c.corrupt,  # of the failures, sources dropped for a block that failed its hash
+            }
+            for c in s.sources
         },
         # The last finished scrub pass (cachepoint/scrub.py) and the one running now, if any.
         "scrub": scrub.get("last"),

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from cachepoint.errors import CachepointError
+from cachepoint.logs import refused
 from cachepoint.rpc.block_access import VersionBlocks
 from cachepoint.rpc.block_exchange import Answerable
 from cachepoint.rpc.wrapping import AuthorizingInterceptor
@@ -56,6 +57,7 @@ class Rule:
     text: str  # as README.md prints it
     check: Check
     changes_state: bool = False
+    public: bool = False  # REST only: served without a credential (a page that holds no data)
 
 
 def may_read_layer(principal: Principal, layer: str, facts: Facts) -> bool:
@@ -183,6 +185,10 @@ HOLD = Rule("hold", "role auditor", _role("auditor"), changes_state=True)
 EXPORT = Rule("export", "role auditor", _role("auditor"), changes_state=True)
 RELEASE = Rule("release", "role auditor, not the one who set the hold", _release_hold, changes_state=True)
 GC = Rule("gc", "role admin", _role("admin"), changes_state=True)
+METRICS = Rule("metrics", "role monitor or admin", _role("monitor", "admin"))
+PAGE = Rule(
+    "page", "anyone, no credential: the dashboard's page and assets hold no fleet data", _anyone, public=True
+)
 ENROLL = Rule("enroll", "any principal (the join token or the own certificate decides)", _anyone)
 
 RULES: dict[str, Rule] = {
@@ -216,11 +222,18 @@ RULES: dict[str, Rule] = {
     "/grpc.health.v1.Health/Check": ANY,
     "/grpc.health.v1.Health/Watch": ANY,
     "/grpc.health.v1.Health/List": ANY,
+    # grpcurl-style tools list the services and read their schemas (public: the .proto files ship
+    # in the wheel); a caller still needs a certificate of the fleet to get this far.
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": ANY,
 }
 # The coordinator's REST API (coordinator/history/rest.py, with --http-tls): route -> the same rules.
 # A rule's check sees a RestCall (coordinator/history/rest_access.py) with the fields it reads.
 REST_RULES: dict[str, Rule] = {
     "GET /healthz": ANY,
+    "GET /metrics": METRICS,
+    "GET /": PAGE,
+    "GET /dashboard/{asset}": PAGE,
+    "GET /v1/dashboard": OVERSIGHT,
     "GET /v1/history/users/{user}/timeline": OWN_HISTORY,
     "GET /v1/history/users/{user}/files/{path}": OWN_HISTORY,
     "GET /v1/history/users/{user}/content/{path}": RESTORE,
@@ -284,14 +297,24 @@ class Authorizer(AuthorizingInterceptor):
     async def authorize(self, context: grpc.aio.ServicerContext, method: str, request: Any) -> None:
         try:
             principal = peer_principal(context)
-        except Refused as refused:
-            await context.abort(refused.code, str(refused))
+        except Refused as err:
+            message = f"{method} from {context.peer()}: {err}"
+            refused(log, logging.WARNING, message, code=err.code.name, method=method, peer=context.peer())
+            await context.abort(err.code, str(err))
         rule, message = self.refusal(principal, method, request)
         if not message:
             return
         if rule is None or rule.changes_state:
             await self._audit_refusal(principal.name, method, rule.name if rule else None, message)
-        log.warning("%s", message)
+        refused(
+            log,
+            logging.WARNING,
+            message,
+            code="PERMISSION_DENIED",
+            method=method,
+            principal=principal.name,
+            rule=rule.name if rule else None,
+        )
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
 
     async def _audit_refusal(self, actor: str, method: str, rule: str | None, message: str) -> None:

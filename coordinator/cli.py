@@ -4,37 +4,74 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 import click
 import grpc
 
-from cachepoint import __version__
+from cachepoint import __version__, logs
+from cachepoint.cli.anywhere import OptionsAnywhereGroup
 from cachepoint.config import parse_duration, parse_switch
 from cachepoint.console import emit_json, handles_errors, json_option, when
 from cachepoint.errors import InvalidInput
-from cachepoint.rpc import channel
+from cachepoint.rpc import channel, replicas
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
 from cachepoint.store.store import Store
 from cachepoint.trust.identity import activate
+from cachepoint.trust.location import ENV_IDENTITY
 from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc
 from coordinator.history.cli import coordinator_option, history_group
 from coordinator.pki.bearer import token_cmd
 from coordinator.pki.cli import COMMANDS as pki_commands
 
+CHECK_CONFIG = "check-config"
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+@click.group(cls=OptionsAnywhereGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--identity",
     "identity",
     metavar="DIR",
-    help="Key and certificates to call the coordinator with (fleet, history) [env CACHEPOINT_IDENTITY].",
+    help="Key and certificates to call the coordinator with (fleet, history) [env CACHEPOINT_IDENTITY; "
+    "config identity].",
+)
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(path_type=Path),
+    help="TOML config: serve's settings; coordinator and identity for fleet and history.",
 )
 @click.version_option(__version__, prog_name="cachepoint-coordinator")
+@click.pass_context
 @handles_errors
-def cli(identity: str | None) -> None:
-    """The coordinator: catalog of layers and versions, fleet membership, origin of every block."""
-    activate(identity, None)
+def cli(click_ctx: click.Context, identity: str | None, config: Path | None) -> None:
+    """The coordinator: catalog of layers and versions, fleet membership, origin of every block.
+    --identity and --config may also follow the command."""
+    from coordinator.config import CoordinatorSettings, load
+
+    if click_ctx.invoked_subcommand == CHECK_CONFIG:
+        return  # it reads the config itself, and reports every problem rather than the first
+    settings = load(config) if click_ctx.invoked_subcommand != "serve" else CoordinatorSettings()
+    click_ctx.obj = settings
+    activate(identity or os.environ.get(ENV_IDENTITY) or settings.identity or None, None)
+
+
+@cli.command(CHECK_CONFIG)
+@click.argument("file", required=False, type=click.Path(path_type=Path))
+@json_option
+@click.pass_context
+@handles_errors
+def check_config_cmd(click_ctx: click.Context, file: Path | None, as_json: bool) -> None:
+    """Check FILE (default: --config): unknown keys and values that do not parse are named, each with
+    why (exit 4)."""
+    from cachepoint.config_check import check_file, report
+    from coordinator.config import coordinator_checks
+
+    file = file or click_ctx.find_root().params.get("config")
+    if file is None:
+        raise InvalidInput("name the config to check: check-config FILE (or --config FILE)")
+    report(file, check_file(file, coordinator_checks()), as_json)
 
 
 @cli.command("serve")
@@ -70,6 +107,13 @@ def cli(identity: str | None) -> None:
     "--enroll-listen", default=None, help="HOST:PORT of the enrollment port [the port after --listen]."
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log every commit.")
+@click.option(
+    "--log-format",
+    "log_format",
+    type=click.Choice(["json", "text"]),
+    default=None,
+    help="Log lines as JSON or text [config log_format; JSON unless stderr is a terminal].",
+)
 @handles_errors
 def serve_cmd(
     config: Path | None,
@@ -83,6 +127,7 @@ def serve_cmd(
     tls_names: tuple[str, ...],
     enroll_listen: str | None,
     verbose: bool,
+    log_format: str | None,
 ) -> None:
     """Serve Catalog, BlockExchange, Fleet, History and health over gRPC until SIGINT or SIGTERM.
     With a CA (--tls, --ca-cert/--ca-key, or DATA/ca/ from an earlier start): mutual TLS, and an
@@ -90,7 +135,7 @@ def serve_cmd(
     from coordinator.config import load, trust_settings
     from coordinator.daemon import serve
 
-    settings = load(config)
+    settings = load(config or click.get_current_context().find_root().params.get("config"))
     data = data or (Path(settings.data) if settings.data else None)
     if data is None:
         raise InvalidInput("say where the coordinator keeps its data: --data DIR or `data` in the config")
@@ -98,7 +143,7 @@ def serve_cmd(
     if rest.isdigit():
         rest = f"127.0.0.1:{rest}"  # loopback unless a host is named (which plaintext refuses)
     level = logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
+    logs.configure(level, log_format or settings.log_format)
     gc_every = parse_duration(settings.gc_every)
     rules = settings.retention_rules
     http_tls = http_tls or parse_switch(settings.http_tls, "http_tls")
@@ -117,6 +162,7 @@ def serve_cmd(
 
 
 async def _list_nodes(address: str) -> fleet_pb2.ListNodesResponse:
+    address = await replicas.reachable(address)
     async with channel.channel(address) as ch:
         try:
             return await fleet_pb2_grpc.FleetStub(ch).ListNodes(

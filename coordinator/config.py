@@ -1,4 +1,5 @@
-"""Settings of `cachepoint-coordinator serve`: defaults, then a TOML file, then flags.
+"""Settings of `cachepoint-coordinator`: defaults, then a TOML file, then the environment, then flags.
+Read as `cachepoint`'s are (cachepoint/config.py; `check-config` in cachepoint/config_check.py).
 
 data = "/srv/cachepoint/coordinator"   # the embedded store
 listen = "0.0.0.0:7400"
@@ -9,6 +10,9 @@ tls = "on"                             # mutual TLS with the fleet's CA in DATA/
 cert_lifetime = "3d"                   # of every certificate the CA issues
 enroll_listen = "0.0.0.0:7401"         # the enrollment port (default: the port after listen)
 tls_name = "coord.example,10.0.0.5"    # more names in the coordinator's certificate
+log_format = "json"                    # or "text" (default: JSON unless stderr is a terminal)
+coordinator = "coord.example:7400"     # whom `fleet` and `history` ask (default 127.0.0.1:7400)
+identity = "/etc/cachepoint/admin-id"  # key and certificates they present
 
 [retention.user]                       # see coordinator/history/retention.py
 keep_last = 10
@@ -17,13 +21,14 @@ keep_daily = 7
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from cachepoint.config import parse_duration
+from cachepoint.config import apply_table, parse_duration, parse_switch
+from cachepoint.config_check import Check, optional_address, read_toml, replicas, scalar
 from cachepoint.errors import InvalidInput
+from cachepoint.logs import check_format
 from cachepoint.model import LayerKind
 from coordinator.history.retention import Retention, RetentionPolicy, parse_policies
 from coordinator.pki.ca import CertificateAuthority
@@ -52,6 +57,13 @@ class CoordinatorSettings:
     """HOST:PORT of the enrollment port (TLS, no client certificate); empty: the port after listen."""
     tls_name: str = ""
     """More names or addresses for the coordinator's certificate, comma-separated."""
+    log_format: str = ""
+    """Log lines as "json" or "text"; empty: JSON unless stderr is a terminal (cachepoint/logs.py)."""
+    coordinator: str = ""
+    """`fleet`, `history`: HOST:PORT of the coordinator they ask [env CACHEPOINT_COORDINATOR]; empty:
+    127.0.0.1:7400."""
+    identity: str = ""
+    """`fleet`, `history`: key and certificates they present [env CACHEPOINT_IDENTITY]."""
     retention: dict[LayerKind, RetentionPolicy] = field(default_factory=dict)
     """Retention policy per layer kind (the ``[retention.KIND]`` tables); a kind without one keeps
     every version."""
@@ -65,22 +77,49 @@ def load(path: Path | None) -> CoordinatorSettings:
     settings = CoordinatorSettings()
     if path is None:
         return settings
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise InvalidInput(f"cannot read config {path}: {err}") from err
-    known = {f.name for f in fields(settings)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise InvalidInput(f"config {path}: unknown keys {unknown} (known: {sorted(known)})")
+    data = read_toml(path)
+    if "retention" in data:
+        settings.retention = parse_policies(data.pop("retention"), str(path))
     for key, value in data.items():
-        if key == "retention":
-            settings.retention = parse_policies(value, str(path))
-        elif isinstance(value, dict | list):
+        if isinstance(value, dict | list):
             raise InvalidInput(f"config {path}: {key} must be a string")
-        else:
-            setattr(settings, key, str(value))
+    apply_table(settings, data, path)
     return settings
+
+
+def _http(text: str) -> object:
+    return None if not text or text.isdigit() else optional_address(text)
+
+
+def _tls(text: str) -> object:
+    if text not in ("on", "off"):
+        raise InvalidInput(f"tls = {text!r}: write \"on\" or \"off\"")
+    return text
+
+
+def _lifetime(text: str) -> object:
+    if parse_duration(text) < 1:
+        raise InvalidInput(f"cert_lifetime {text!r}: at least 1s (default 3d)")
+    return text
+
+
+def coordinator_checks() -> dict[str, Check]:
+    """How `cachepoint-coordinator` reads each key of its config (`check-config`)."""
+    return {
+        "data": scalar(),
+        "listen": scalar(optional_address),
+        "http": scalar(_http),
+        "http_tls": scalar(lambda text: parse_switch(text, "http_tls")),
+        "gc_every": scalar(parse_duration),
+        "tls": scalar(_tls),
+        "cert_lifetime": scalar(_lifetime),
+        "enroll_listen": scalar(optional_address),
+        "tls_name": scalar(),
+        "coordinator": replicas,
+        "identity": scalar(),
+        "log_format": scalar(check_format),
+        "retention": lambda value: parse_policies(value, "retention"),
+    }
 
 
 def trust_settings(

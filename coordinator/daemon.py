@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -22,12 +23,14 @@ from coordinator.assignments import Assignments
 from coordinator.authz import Authorizer, block_answers, caller, layer_reader
 from coordinator.catalog.events import EventLog
 from coordinator.catalog.service import CatalogService
+from coordinator.dashboard.view import Dashboard
 from coordinator.fleet.registry import Registry
 from coordinator.fleet.service import FleetService
 from coordinator.history.audit import AuditLog
 from coordinator.history.retention import Retention
 from coordinator.history.rpc import HistoryService
 from coordinator.history.service import History
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.pki.audit_queue import keep_draining
 from coordinator.pki.trust import FleetTrust, TrustSettings
 
@@ -64,11 +67,12 @@ async def serve(
         trust = FleetTrust(data, trust_settings, listen, audit) if trust_settings is not None else None
         assignments = Assignments(data)
         authorizer = Authorizer(store, audit, assignments)
+        metrics = CoordinatorMetrics(store, events, counters)
         if trust is not None:
-            server = trust.main_server(listen, CATALOG, authorizer)
+            server = trust.main_server(listen, CATALOG, authorizer, metrics.rpc)
         else:
             log.warning("no CA: calls are not authenticated, and every caller may do everything")
-            server = Server(listen, CATALOG)
+            server = Server(listen, CATALOG, metrics=metrics.rpc)
         answerable = block_answers(VersionBlocks(store), authorizer.facts)
         server.add(
             lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(
@@ -84,10 +88,15 @@ async def serve(
         )
         server.add(
             lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(
-                CatalogService(store, events, audit, writes, layer_reader(authorizer.facts)), s
+                CatalogService(
+                    store, events, audit, writes, layer_reader(authorizer.facts), metrics.committed
+                ),
+                s,
             )
         )
-        fleet = FleetService(Registry(), assignments, caller, trust.revoked if trust is not None else None)
+        registry = Registry()
+        metrics.watch(registry)
+        fleet = FleetService(registry, assignments, caller, trust.revoked if trust is not None else None)
         server.add(lambda s: fleet_pb2_grpc.add_FleetServicer_to_server(fleet, s))
         server.add(lambda s: history_pb2_grpc.add_HistoryServicer_to_server(HistoryService(history), s))
         address = await server.start()
@@ -112,7 +121,8 @@ async def serve(
                         rest_rules(authorizer.facts),
                         audited_refusals(audit, store),
                     )
-                rest, extra["http"] = await start_rest(history, http, rest_trust)
+                board = Dashboard(registry, store, authorizer.facts.holds, audit, counters, time.time_ns())
+                rest, extra["http"] = await start_rest(history, http, rest_trust, metrics, board)
             stop = stop or stop_event_on_signals()
             announce(
                 address, data / STATE_FILE, role="coordinator", catalog_position=events.position, **extra

@@ -4,6 +4,10 @@ processes on loopback, each asked for port 0 and read back from the JSON line it
 Every wait polls a condition against a deadline and, when it times out, says what it last saw and
 shows the stderr of every child. Teardown sends SIGTERM to each child this module started (by its
 own pid), waits, and kills only the ones that do not stop in time.
+
+Children log as text (``--log-format text``, LOG_FORMAT): their stderr is a file, where the daemons
+would write JSON lines, and tests grep it for phrases and show it in failure messages. A test of the
+JSON logs passes ``--log-format json`` in ``extra`` (the last one given wins).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ CLI_TIMEOUT = 120.0
 CONVERGE_TIMEOUT = 90.0  # a subscription retrying a missing layer backs off up to 30 s (+50% jitter)
 COORDINATOR_MAIN = "from coordinator.cli import main; main()"
 LOG_TAIL = 40  # lines of each child's stderr shown in a failure message
+LOG_FORMAT = ("--log-format", "text")
 
 T = TypeVar("T")
 
@@ -346,6 +351,7 @@ class Fleet:
             "--listen",
             listen,
             "-v",
+            *LOG_FORMAT,
             *extra,
         ]
         child: Child = self._spawn(name, args, cli_env(data), Child, prefix, trust=trust)
@@ -445,7 +451,7 @@ class Fleet:
         else:
             trust = None
         args = [sys.executable, "-m", "cachepoint", "serve", "--listen", listen, "--node-id", name]
-        args += ["--site", site, "-v", *extra]
+        args += ["--site", site, "-v", *LOG_FORMAT, *extra]
         if coordinator:
             args += ["--coordinator", coordinator]
         for ref in subscribe:
@@ -466,7 +472,9 @@ class Fleet:
         """`cachepoint serve` on ``store`` with its gRPC port on 127.0.0.1:0 and ``args`` as given (no
         coordinator, node id or subscription unless ``args`` names them): for a daemon whose node id
         comes from its identity, or one that serves NBD or HTTP."""
-        command = [sys.executable, "-m", "cachepoint", "serve", "--listen", "127.0.0.1:0", "-v", *args]
+        command = [
+            sys.executable, "-m", "cachepoint", "serve", "--listen", "127.0.0.1:0", "-v", *LOG_FORMAT, *args
+        ]
         env = cli_env(store)
         if config is not None:
             env["CACHEPOINT_CONFIG"] = str(config)

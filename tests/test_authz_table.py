@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from cachepoint.trust.peer_authz import PEER_RULES, peer_table_rows
 from cachepoint.v1 import blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2
@@ -35,7 +36,8 @@ def test_the_readme_prints_exactly_the_table_the_coordinator_checks() -> None:
 def test_every_method_the_coordinator_serves_has_a_rule() -> None:
     served = {
         f"/{service.full_name}/{method.name}"
-        for module in (blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2, health_pb2)
+        for module in (blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2)
+        + (health_pb2, reflection_pb2)
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     }
@@ -93,7 +95,7 @@ def test_the_readme_prints_exactly_the_table_a_nodes_peer_port_checks() -> None:
 def test_every_method_a_nodes_peer_port_serves_has_a_rule() -> None:
     served = {
         f"/{service.full_name}/{method.name}"
-        for module in (blocks_pb2, catalog_pb2, health_pb2)
+        for module in (blocks_pb2, catalog_pb2, health_pb2, reflection_pb2)
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     }

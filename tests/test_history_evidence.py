@@ -190,6 +190,12 @@ def test_history_get_never_writes_outside_its_destination(fleet_with_history, tm
     assert sorted(os.listdir(dest)) == ["notes.txt", "report final.txt"]
     symlink = history(address, "get", USER, "link", "-o", dest, check=False)
     assert symlink.code == 4 and "is a symlink" in symlink.err
+    # A trailing slash names a directory: made when missing (its parent must exist), never a file.
+    history(address, "get", USER, "notes.txt", "-o", f"{tmp_path / 'restored'}/")
+    assert (tmp_path / "restored" / "notes.txt").read_text() == "second, longer"
+    orphan = history(address, "get", USER, "notes.txt", "-o", f"{tmp_path / 'no' / 'restored'}/", check=False)
+    assert orphan.code == 4 and f"its parent {tmp_path / 'no'} does not exist" in orphan.err
+    assert not (tmp_path / "no").exists()
 
     # The same refusals over gRPC and REST, and the coordinator keeps serving.
     with tls.channel(address) as ch:

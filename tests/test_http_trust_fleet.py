@@ -123,6 +123,7 @@ def refusals(url: str, creds: Credentials, method: str, body: dict[str, Any] | N
 # (method, path, body, route, rule, who may, expected status, who may not (or None: anyone may))
 REST_CALLS: list[tuple[str, str, dict[str, Any] | None, str, str, str, int, str | None]] = [
     ("GET", "/healthz", None, "GET /healthz", "any", "n1", 200, None),
+    ("GET", "/metrics", None, "GET /metrics", "metrics", "prom", 200, "audrey"),
     (
         "GET",
         "/v1/history/users/alice/timeline",
@@ -226,6 +227,7 @@ def test_every_rest_route_with_tls_refuses_callers_without_a_valid_credential_an
                 ("otto", "auditor"),
                 ("root", "admin"),
                 ("carol", "auditor"),
+                ("prom", "monitor"),
             ]
         }
         other = CertificateAuthority.create(tmp_path / "other")
@@ -335,7 +337,12 @@ def test_a_daemons_https_serves_each_route_only_to_principals_the_table_lets_rea
 
         people = {
             name: person(fleet, tmp_path, name, role)
-            for name, role in [("alice", "user:alice"), ("bob", "user:bob"), ("n2", "node")]
+            for name, role in [
+                ("alice", "user:alice"),
+                ("bob", "user:bob"),
+                ("n2", "node"),
+                ("prom", "monitor"),
+            ]
         }
         people["n1"] = store / "identity"
         creds = Credentials(
@@ -361,6 +368,7 @@ def test_a_daemons_https_serves_each_route_only_to_principals_the_table_lets_rea
             calls = [  # (path, route, rule, who may, who may not)
                 ("/healthz", "GET /healthz", "any", "alice", None),
                 ("/readyz", "GET /readyz", "any", "n2", None),
+                ("/metrics", "GET /metrics", "metrics", "prom", "n2"),
                 ("/v1/versions/os%2Fx@1/file", "GET /v1/versions/{ref}/file", read_ref, "alice", None),
                 (bob_disk, "GET /v1/versions/{ref}/file", read_ref, "bob", "alice"),
                 (bob_disk, "GET /v1/versions/{ref}/file", read_ref, "n1", "n2"),

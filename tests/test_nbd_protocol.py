@@ -23,6 +23,7 @@ import pytest
 from cachepoint.disk.nbd import BlockDevice, NbdLimits, NbdServer, NbdTls, start_nbd
 from cachepoint.disk.nbd import protocol as nbd
 from cachepoint.disk.nbd import server as nbd_server
+from cachepoint.disk.nbd.transmission import Observe
 
 TIMEOUT = 30.0
 
@@ -114,6 +115,7 @@ class ServerThread:
         unix_path: str | None = None,
         limits: NbdLimits | None = None,
         tls: NbdTls | None = None,
+        observe: Observe | None = None,
     ) -> None:
         self.exports = exports
         self.loop = asyncio.new_event_loop()
@@ -127,6 +129,7 @@ class ServerThread:
                 unix_path=unix_path,
                 limits=limits,
                 tls=tls,
+                observe=observe,
             )
         )
 

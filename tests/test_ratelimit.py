@@ -16,6 +16,22 @@ def test_rates_parse_in_bits_or_bytes_per_second(text, rate):
     assert parse_rate(text) == pytest.approx(rate)
 
 
+@pytest.mark.parametrize(
+    ("text", "rate"),
+    [
+        ("10Mbps", 10e6 / 8),  # megabits, as a datasheet means it, not megabytes
+        ("10MBps", 10e6),
+        ("100 Mbit/s", 100e6 / 8),
+        ("12MiB/s", 12 << 20),
+        ("1MiB/s", 1 << 20),
+        ("8Kibit", 1024),
+        ("1GB/s", 1e9),
+    ],
+)
+def test_a_lower_case_b_is_a_bit_and_an_upper_case_b_a_byte(text, rate):
+    assert parse_rate(text) == pytest.approx(rate)
+
+
 def test_a_malformed_rate_is_refused_with_examples():
     with pytest.raises(InvalidInput) as err:
         parse_rate("fast")

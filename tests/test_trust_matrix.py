@@ -28,6 +28,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, MethodDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from cachepoint.trust import peer_authz
 from cachepoint.trust.principal import PEER_TLS_NAME, Principal, Role
@@ -38,8 +39,10 @@ from tests.fleet import Child, Fleet, coordinator_cli, wait_until
 from tests.test_authz_fleet import audit_records, enrolled
 from tests.test_trust_fleet import credentials, data_of, issued_here, tls_coordinator
 
-COORDINATOR_SERVICES = (blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2, health_pb2)
-PEER_SERVICES = (blocks_pb2, catalog_pb2, health_pb2)
+COORDINATOR_SERVICES = (
+    blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2, health_pb2, reflection_pb2
+)
+PEER_SERVICES = (blocks_pb2, catalog_pb2, health_pb2, reflection_pb2)
 HANDSHAKE = grpc.StatusCode.UNAVAILABLE
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 CALL_TIMEOUT = 15.0
@@ -223,6 +226,7 @@ def test_the_methods_open_to_every_principal_are_those_whose_answers_are_filtere
         "/grpc.health.v1.Health/Check",
         "/grpc.health.v1.Health/Watch",
         "/grpc.health.v1.Health/List",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",  # the schema: public
     }
     assert OPEN["peer"] == {
         "/cachepoint.v1.Catalog/ListLayers",
@@ -232,4 +236,5 @@ def test_the_methods_open_to_every_principal_are_those_whose_answers_are_filtere
         "/grpc.health.v1.Health/Check",
         "/grpc.health.v1.Health/Watch",
         "/grpc.health.v1.Health/List",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",  # the schema: public
     }

@@ -189,6 +189,10 @@ def forget(address: str) -> None:
 
 
 def served(address: str) -> Served | None:
+    """What the harness serves at ``address``; of a list of replicas ("a:P1,b:P2", as --coordinator
+    takes it), the first entry it serves."""
+    if "," in address:
+        return next(filter(None, (served(part.strip()) for part in address.split(","))), None)
     found = _served.get(address)
     key = _port_key(address)
     return found if found is not None or key is None else _served.get(key)

@@ -14,6 +14,8 @@ The group and `main` are here; the commands are in one module per area:
     repair_command.py    repair: salvage a damaged store
     scrub_commands.py    scrub: verify every stored block, heal bad ones from the fleet
     trust_commands.py    enroll: join the fleet's PKI with a one-time token
+    config_command.py    check-config: every key of a config file read as the commands read it
+    anywhere.py          the group whose options (--store, --config, --identity) may follow the command
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import click
 from cachepoint import __version__
 from cachepoint.cli import (
     capture_commands,
+    config_command,
     disk_commands,
     fleet_commands,
     image_commands,
@@ -35,16 +38,17 @@ from cachepoint.cli import (
     store_commands,
     trust_commands,
 )
+from cachepoint.cli.anywhere import OptionsAnywhereGroup
 from cachepoint.cli.context import Context
 from cachepoint.config import load_settings
 from cachepoint.console import fail
 from cachepoint.errors import EXIT_FAILURE, CachepointError
-from cachepoint.trust.location import identity_dir
+from cachepoint.trust.location import ENV_IDENTITY, identity_dir
 
 __all__ = ["Context", "cli", "main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OptionsAnywhereGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--store",
     "store",
@@ -65,9 +69,13 @@ def cli(click_ctx: click.Context, store: str | None, config: str | None, identit
     """Versioned, deduplicated, layered disk images.
 
     Refs name versions: LAYER@N (a number), LAYER:TAG (a tag), LAYER (= LAYER:latest).
+    --store, --config and --identity may also follow the command.
     """
+    if click_ctx.invoked_subcommand == config_command.NAME:
+        return  # it reads the config itself, and reports every problem rather than the first
     try:
         click_ctx.obj = Context(load_settings(config, store))
+        identity = identity or os.environ.get(ENV_IDENTITY) or click_ctx.obj.settings.identity or None
         if click_ctx.invoked_subcommand != "enroll":  # enroll makes the identity: nothing to present yet
             if identity_dir(identity, click_ctx.obj.store_path) is not None:
                 # grpc and cryptography load only for a command that has an identity to present.
@@ -88,6 +96,7 @@ for _module in (
     repair_command,
     scrub_commands,
     trust_commands,
+    config_command,
 ):
     for _command in _module.COMMANDS:
         cli.add_command(_command)

@@ -51,6 +51,17 @@ class Context:
         with headroom(self.store_path, self.reserve_bytes) as released:
             yield released
 
+    def coordinator(self, flag: str | None, what: str) -> str:
+        """The coordinator a client command asks: its flag, else CACHEPOINT_COORDINATOR or the config's
+        ``coordinator`` (load_settings put the environment's over the file's)."""
+        address = flag or self.settings.coordinator
+        if not address:
+            raise InvalidInput(
+                f"say which coordinator to {what}: --coordinator HOST:PORT, CACHEPOINT_COORDINATOR, "
+                "or coordinator = \"HOST:PORT\" in the config"
+            )
+        return address
+
     @property
     def author(self) -> str:
         return self.settings.author or default_author()

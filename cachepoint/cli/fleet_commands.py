@@ -33,7 +33,13 @@ from cachepoint.progress import progress_bar
 @click.command("publish")
 @click.argument("layer")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--coordinator", "coordinator", required=True, metavar="HOST:PORT", help="The coordinator.")
+@click.option(
+    "--coordinator",
+    "coordinator",
+    default=None,
+    metavar="HOST:PORT[,HOST:PORT]",
+    help="The coordinator, or its replicas [env CACHEPOINT_COORDINATOR; config coordinator].",
+)
 @kind_option
 @message_option
 @block_size_option
@@ -47,7 +53,7 @@ def publish_cmd(
     ctx: Context,
     layer: str,
     path: Path,
-    coordinator: str,
+    coordinator: str | None,
     kind: str | None,
     message: str,
     block_size: str | None,
@@ -61,6 +67,7 @@ def publish_cmd(
     from cachepoint.replication.publish import publish
 
     validate_layer_name(layer)
+    coordinator = ctx.coordinator(coordinator, "publish to")
     options = IngestOptions(
         layer=layer,
         kind=LayerKind.parse(kind) if kind else kind_from_name(layer),
@@ -89,18 +96,25 @@ def publish_cmd(
 
 @click.command("pull")
 @click.argument("ref")
-@click.option("--from", "origin", required=True, metavar="HOST:PORT", help="A coordinator or a peer.")
+@click.option(
+    "--from",
+    "origin",
+    default=None,
+    metavar="HOST:PORT",
+    help="A coordinator or a peer [the coordinator: env CACHEPOINT_COORDINATOR; config coordinator].",
+)
 @click.option(
     "--wan-rate", default=None, help="Cap on fetching across the WAN, e.g. 100Mbit [config wan_rate]."
 )
 @json_option
 @pass_ctx
 @handles_errors
-def pull_cmd(ctx: Context, ref: str, origin: str, wan_rate: str | None, as_json: bool) -> None:
+def pull_cmd(ctx: Context, ref: str, origin: str | None, wan_rate: str | None, as_json: bool) -> None:
     """Fetch REF's missing blocks (nearest sources first, every block verified) and commit it here."""
     from cachepoint.replication.pull import pull
     from cachepoint.replication.ratelimit import class_limits
 
+    origin = ctx.coordinator(origin, "pull from")
     parsed = Ref.parse(ref)
     with ctx.open(writable=True, create=True) as store:
         with progress_bar(f"pull {ref}", not as_json, unit="blocks") as progress:
@@ -131,7 +145,12 @@ def pull_cmd(ctx: Context, ref: str, origin: str, wan_rate: str | None, as_json:
 
 @click.command("serve")
 @click.option("--listen", default=None, metavar="HOST:PORT", help="gRPC address for peers [127.0.0.1:7401].")
-@click.option("--coordinator", default=None, metavar="HOST:PORT", help="The coordinator (none: offline).")
+@click.option(
+    "--coordinator",
+    default=None,
+    metavar="HOST:PORT[,HOST:PORT]",
+    help="The coordinator, or its replicas in the order to try (none: offline).",
+)
 @click.option("--site", default=None, help="Locality label [default].")
 @click.option("--node-id", default=None, help="Name in the fleet [host name and store id].")
 @click.option("--subscribe", "subscribe", multiple=True, metavar="REF", help="Keep REF current (repeatable).")
@@ -164,6 +183,13 @@ def pull_cmd(ctx: Context, ref: str, origin: str, wan_rate: str | None, as_json:
     help="HTTPS with this node's identity; clients need a certificate or token of the fleet.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log pulls and reconnections.")
+@click.option(
+    "--log-format",
+    "log_format",
+    type=click.Choice(["json", "text"]),
+    default=None,
+    help="Log lines as JSON or text [config log_format; JSON unless stderr is a terminal].",
+)
 @pass_ctx
 @handles_errors
 def serve_cmd(
@@ -179,10 +205,12 @@ def serve_cmd(
     http: str | None,
     http_tls: bool | None,
     verbose: bool,
+    log_format: str | None,
 ) -> None:
     """Run the cachepoint daemon: serve blocks to peers, follow subscriptions, answer `status`."""
     import logging
 
+    from cachepoint import logs
     from cachepoint.capture.watch import parse_watch
     from cachepoint.daemon import Daemon, DaemonSettings
     from cachepoint.disk.nbd import NbdLimits
@@ -200,6 +228,7 @@ def serve_cmd(
         node_id=node_id or s.node_id,
         subscribe=list(subscribe) or list(s.subscribe),
         limits=class_limits(s.wan_rate, s.site_rate),
+        site_fanout=parse_switch(s.site_fanout, "site_fanout"),
         nbd=nbd or "",
         nbd_socket=nbd_socket or "",
         nbd_tls=nbd_tls or parse_switch(s.nbd_tls, "nbd_tls"),
@@ -220,9 +249,7 @@ def serve_cmd(
         reserve=parse_byte_size(s.reserve, "reserve"),
         agent_group=s.agent_group,
     )
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
-    )
+    logs.configure(logging.INFO if verbose else logging.WARNING, log_format or s.log_format)
     asyncio.run(Daemon(settings).run())
 
 

@@ -9,7 +9,6 @@ import click
 
 from cachepoint.cli.context import Context, pass_ctx
 from cachepoint.console import emit_json, handles_errors, json_option
-from cachepoint.errors import InvalidInput
 
 
 @click.command("enroll")
@@ -35,12 +34,11 @@ def enroll_cmd(
     from cachepoint.trust.token import JoinToken
 
     parsed = JoinToken.parse(token)
-    address = coordinator or ctx.settings.coordinator
-    if not address:
-        raise InvalidInput("say which coordinator to enroll with: --coordinator HOST:PORT")
+    address = ctx.coordinator(coordinator, "enroll with")
     from cachepoint.trust.location import STORE_IDENTITY, identity_dir
 
-    target = identity_dir(directory, None) or ctx.store_path / STORE_IDENTITY
+    configured = Path(ctx.settings.identity) if ctx.settings.identity else None
+    target = identity_dir(directory, None) or configured or ctx.store_path / STORE_IDENTITY
     identity = asyncio.run(enroll(address, parsed, Path(target)))
     data = {**identity.principal.as_json(), "identity": str(identity.directory), "coordinator": address}
     if as_json:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from cachepoint.blocksource import BlockSource, CachedSource, StoreSource, WriteBack
-from cachepoint.disk.attach import open_image
+from cachepoint.disk.attach import open_disk
 from cachepoint.disk.composite import CompositeDisk
 from cachepoint.disk.nbd import NbdLimits, NbdServer, NbdTls, start_nbd
+from cachepoint.disk.nbd.transmission import Observe
 from cachepoint.disk.readcache import DecodedCache
 from cachepoint.disk.snapshot import snapshot
-from cachepoint.errors import CachepointError, InvalidInput, NotFound
+from cachepoint.errors import CachepointError, ImageNotFound, InvalidInput, NotFound
 from cachepoint.ids import Ref, validate_layer_name
 from cachepoint.model import Manifest, VersionInfo
 from cachepoint.store.store import IngestPins, Store
@@ -93,11 +95,23 @@ class Disks:
         unix_path: str | None,
         limits: NbdLimits | None = None,
         tls: NbdTls | None = None,
+        observe: Observe | None = None,
     ) -> list[str]:
         await self.open_cache()
-        self.server = await start_nbd(
-            self.attached.get, lambda: sorted(self.attached), tcp, unix_path, limits, tls
-        )
+        if unix_path is not None and not Path(unix_path).parent.is_dir():
+            raise InvalidInput(
+                f"--nbd-socket {unix_path}: the directory {Path(unix_path).parent} does not exist "
+                "(the daemon makes the socket, not its directory)"
+            )
+        try:
+            self.server = await start_nbd(
+                self.attached.get, lambda: sorted(self.attached), tcp, unix_path, limits, tls, observe
+            )
+        except OSError as err:  # in use, not ours, no permission: name what was asked for
+            asked = " and ".join(
+                [f"--nbd {tcp}"] * bool(tcp) + [f"--nbd-socket {unix_path}"] * bool(unix_path)
+            )
+            raise InvalidInput(f"cannot serve NBD on {asked}: {err.strerror or err}") from err
         self._tls = tls is not None
         return self.server.addresses
 
@@ -130,15 +144,27 @@ class Disks:
             layers: tuple[str, ...] = (ref.layer,)
             disk = await self._attach_ref(ref)
         else:
-            refs = self.store.catalog.image(image).refs
+            refs = self._local_refs(image)
             layers = tuple(Ref.parse(r).layer for r in refs) + ((layer,) if layer else ())
             disk = await asyncio.to_thread(
-                open_image, self.store, image, user_layer=layer, name=name, decoded=self.decoded
+                open_disk, self.store, refs, user_layer=layer, name=name, decoded=self.decoded
             )
         with self._lock:
             self._layers[name] = layers
             self.attached[name] = disk
         return name, disk
+
+    def _local_refs(self, image: str) -> tuple[str, ...]:
+        """The refs of the image named ``image``; else, without a coordinator to ask, the version held
+        here that ``image`` names as a ref (os/win10:production), so a daemon serving its own store
+        alone attaches what it holds."""
+        try:
+            return self.store.catalog.image(image).refs
+        except ImageNotFound:
+            if not any(mark in image for mark in "/@:"):
+                raise  # a name, not a ref: the image is what is missing
+        self.store.catalog.resolve(image)  # the ref's own NotFound (layer, version or tag) when absent
+        return (image,)
 
     async def _attach_ref(self, ref: Ref) -> CompositeDisk:
         """A read-only disk of one version, booted lazily: blocks not here are fetched on first read."""

@@ -46,6 +46,10 @@ async def _anyone(principal: Principal, request: web.Request) -> str:
     return ""
 
 
+async def _monitor(principal: Principal, request: web.Request) -> str:
+    return "" if principal.has("monitor") or principal.has("admin") else "needs role monitor or admin"
+
+
 def _read_ref(node: str, users_of: UsersOf | None) -> Check:
     async def check(principal: Principal, request: web.Request) -> str:
         try:
@@ -82,6 +86,7 @@ ANY = ("any", "any principal of the fleet")
 ROUTES: dict[str, tuple[str, str]] = {
     "GET /healthz": ANY,
     "GET /readyz": ANY,
+    "GET /metrics": ("metrics", "role monitor or admin"),
     "GET /v1/versions/{ref}/file": ("read-ref", READ_HERE),
     "GET /v1/versions/{ref}/files/{path}": ("read-ref", READ_HERE),
     "GET /v1/images/{name}/disk": ("read-layer", READ_HERE + ", for every layer of the image"),
@@ -95,6 +100,7 @@ def route_rules(store: Store, node: str, users_of: UsersOf | None = None) -> dic
     """The table's rules for the daemon named ``node`` on ``store``."""
     checks = {
         "any": _anyone,
+        "metrics": _monitor,
         "read-ref": _read_ref(node, users_of),
         "read-layer": _read_image(store, node, users_of),
     }

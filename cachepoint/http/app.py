@@ -7,6 +7,7 @@ Routes (GET and HEAD; all listed in ``add_routes``):
   /v1/images/{name}/disk           the composite disk of an image (a stack of disk image layers)
   /healthz                         the process answers
   /readyz                          the store answers a read
+  /metrics                         Prometheus metrics (cachepoint/http/metrics.py)
 
 ``{ref}`` and ``{name}`` are one path segment each, so the '/' of a layer or image name is
 percent-encoded as %2F: ``/v1/versions/os%2Fwin10@7/file`` (os/win10@7),
@@ -53,6 +54,7 @@ from cachepoint.errors import (
     NotFound,
 )
 from cachepoint.http.auth import HttpTrust
+from cachepoint.http.metrics import add_metrics_route
 from cachepoint.http.objects import Resolver, Served
 from cachepoint.http.ranges import (
     ByteRange,
@@ -64,6 +66,8 @@ from cachepoint.http.ranges import (
 )
 from cachepoint.http.reader import read_range
 from cachepoint.http.tls import check_plaintext_listen
+from cachepoint.logs import refused
+from cachepoint.metrics.exposition import Exposition
 from cachepoint.slots import SlotLimits, Slots, TooManyStreams
 from cachepoint.store import format as fmt
 from cachepoint.store.store import Store
@@ -133,14 +137,32 @@ async def errors_as_json(
                 request.path,
                 err,
             )
+        else:
+            _refused(request, status, str(err), type(err).__name__)
         return error_response(status, str(err), type(err).__name__)
     except web.HTTPException as err:
         if err.status < 400:
             raise
+        _refused(request, err.status, str(err.reason), "HTTPError")
         # aiohttp's own refusals (no such route, wrong method) in the same shape; 405 keeps Allow.
         allow = err.headers.get(hdrs.ALLOW)
         kept = {hdrs.ALLOW: allow} if allow is not None else None
         return error_response(err.status, f"{err.reason}: {request.method} {request.path}", "HTTPError", kept)
+
+
+def _refused(request: web.Request, status: int, why: str, kind: str) -> None:
+    """One line for a request refused as the client's error (400, 404, 405...), at INFO: a client
+    asking for what is not there is not the server's problem, but the operator may want to see it."""
+    refused(
+        log,
+        logging.INFO,
+        f"{request.method} {request.path} from {request.remote}: {status}: {why}",
+        status=status,
+        method=request.method,
+        path=request.path,
+        remote=request.remote,
+        type=kind,
+    )
 
 
 # -- routes --------------------------------------------------------------------------------------
@@ -324,16 +346,19 @@ def make_app(
     response_limits: SlotLimits = RESPONSE_LIMITS,
     trust: HttpTrust | None = None,
     resolver: Resolver | None = None,
+    metrics: Exposition | None = None,
 ) -> web.Application:
     """The HTTP app over an open store; the caller owns the store and closes it after the app.
     ``trust``: every request authenticated and authorized first (None: plaintext, no checks).
-    ``resolver``: the daemon's, which reads through its decoded cache and knows its lazy attachments."""
+    ``resolver``: the daemon's, which reads through its decoded cache and knows its lazy attachments.
+    ``metrics``: what /metrics shows (the daemon's; None: an empty registry)."""
     middlewares = [errors_as_json] if trust is None else [errors_as_json, trust.middleware()]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[STORE] = store
     app[RESOLVER] = resolver or Resolver(store)
     app[RESPONSES] = Slots("HTTP responses", response_limits)
     add_routes(app)
+    add_metrics_route(app, metrics)
     return app
 
 
@@ -350,6 +375,7 @@ async def start_http(
     response_limits: SlotLimits = RESPONSE_LIMITS,
     trust: HttpTrust | None = None,
     resolver: Resolver | None = None,
+    metrics: Exposition | None = None,
 ) -> tuple[web.AppRunner, str]:
     """Serve ``make_app(store)`` on HOST:PORT; returns the runner (``await runner.cleanup()`` stops
     it, before the store is closed) and the bound "host:port" (the real port when 0 was asked).
@@ -357,7 +383,7 @@ async def start_http(
     host, port = _split_listen(listen)
     if trust is None:
         check_plaintext_listen(listen, HTTP_TLS_OPTION)
-    app = make_app(store, response_limits, trust, resolver)
+    app = make_app(store, response_limits, trust, resolver, metrics)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:

@@ -10,8 +10,9 @@ a request never passes on its better half. A revoked principal's certificate or 
 revocation file; at a node, the view its heartbeat replies bring: cachepoint/trust/fleet_view.py).
 
 Authorization (403, JSON naming principal, route and rule): each route is a key "METHOD PATTERN"
-(HEAD as GET) of a table of RouteRule; a route missing from the table is refused. ``refused`` is told
-of every 403 of a rule that changes state (the coordinator audits them as ``access.denied``).
+(HEAD as GET) of a table of RouteRule; a route missing from the table is refused; a ``public`` rule
+lets anyone in without a credential (the coordinator's dashboard page, which holds no data). ``refused``
+is told of every 403 of a rule that changes state (the coordinator audits them as ``access.denied``).
 Handlers read the authenticated principal with ``principal_of_request`` and record that, never an
 actor the request claims.
 """
@@ -27,6 +28,7 @@ from aiohttp import hdrs, web
 from cryptography import x509
 
 from cachepoint.http.tls import ServerTls
+from cachepoint.logs import refused as log_refused
 from cachepoint.trust.bearer import BearerToken, TokenInvalid, TokenNotCurrent
 from cachepoint.trust.principal import NotAPrincipal, Principal, principal_of
 
@@ -51,6 +53,7 @@ class RouteRule:
     text: str  # as README.md prints it
     check: Check
     changes_state: bool = False
+    public: bool = False  # served without a credential (a page that holds no data; the data needs one)
 
 
 def _when(moment: datetime) -> str:
@@ -166,24 +169,37 @@ def guard(
     async def authorized(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        route = route_of(request)
+        public = rules.get(route) if route is not None else None
+        if public is not None and public.public:
+            return await handler(request)  # a credential the request carries is not even read
         try:
             principal = authenticator.principal(request)
         except Unauthenticated as err:
-            log.info("%s %s from %s: 401: %s", request.method, request.path, request.remote, err)
+            log_refused(
+                log,
+                logging.INFO,
+                f"{request.method} {request.path} from {request.remote}: 401: {err}",
+                status=401,
+                method=request.method,
+                path=request.path,
+                remote=request.remote,
+            )
             return _json(401, str(err), "Unauthenticated")
         request[PRINCIPAL] = principal
-        route = route_of(request)
         if route is None:
             return await handler(request)  # no such route or method: the handler's 404/405
         rule = rules.get(route)
+        fields = {"status": 403, "principal": principal.name, "route": route, "remote": request.remote}
         if rule is None:
             message = f"principal {principal.name!r} may not call {route}: no rule allows it"
+            log_refused(log, logging.WARNING, message, rule=None, **fields)
             return _json(403, message, "Forbidden", principal=principal.name, route=route, rule=None)
         why = await rule.check(principal, request)
         if not why:
             return await handler(request)
         message = f"principal {principal.name!r} may not call {route}: rule {rule.name} ({rule.text}): {why}"
-        log.warning("%s", message)
+        log_refused(log, logging.WARNING, message, rule=rule.name, **fields)
         if rule.changes_state and refused is not None:
             await refused(principal, route, rule, message, request)
         return _json(403, message, "Forbidden", principal=principal.name, route=route, rule=rule.name)

@@ -36,7 +36,7 @@ from cachepoint.model import VersionInfo
 from cachepoint.replication.fetcher import Fetcher
 from cachepoint.replication.pull import find_peers
 from cachepoint.replication.sources import Source, SourceClass
-from cachepoint.rpc import channel
+from cachepoint.rpc import channel, replicas
 from cachepoint.store.store import Store
 
 log = logging.getLogger("cachepoint.replication")
@@ -134,6 +134,7 @@ async def heal_blocks(
     result = HealResult()
     versions = await asyncio.to_thread(versions_using, store, unique)
     sources: list[Source] = []
+    coordinator = await replicas.reachable(coordinator)
     async with channel.channel(coordinator) as ch:
         try:
             sources = await _peers(ch, versions, node_id, own_address, avoid)

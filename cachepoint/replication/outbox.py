@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from cachepoint.model import VersionInfo
 from cachepoint.replication.publish import push_blocks
-from cachepoint.rpc import channel
+from cachepoint.rpc import channel, replicas
 from cachepoint.rpc.client import UNARY_DEADLINE
 from cachepoint.store import format as fmt
 from cachepoint.store.store import Store
@@ -74,7 +74,8 @@ async def drain(store: Store, coordinator: str) -> list[Delivered]:
     queue = await asyncio.to_thread(pending, store)
     if not queue:
         return delivered
-    async with channel.channel(coordinator) as ch:
+    # A replica that fails half-way fails this drain; the daemon's next one starts at the next replica.
+    async with channel.channel(await replicas.reachable(coordinator)) as ch:
         catalog = catalog_pb2_grpc.CatalogStub(ch)
         for info in queue:
             manifest_raw = await asyncio.to_thread(store.catalog.manifest_bytes, info.manifest_digest)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from cachepoint.layers.ingest import (
 )
 from cachepoint.layers.unchanged import named_by_all, same_content, target_tags
 from cachepoint.model import VersionInfo
-from cachepoint.rpc import channel
+from cachepoint.rpc import replicas
 from cachepoint.rpc.channel import BATCH_BYTES, MAX_HAS_IDS
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
 from cachepoint.store.catalog import PendingCommit
@@ -170,18 +171,20 @@ async def publish(
 ) -> PublishResult:
     prepared = await asyncio.to_thread(prepare, store, path, options, progress)
     committed = False
-    blocks = size = 0
+    # One id for every attempt of this commit: a retry on another replica (rpc/replicas.py), or after
+    # a reply that was lost, returns the version the first attempt made instead of making a second.
+    commit_id = f"publish:{uuid.uuid4().hex}:{manifest_digest(prepared.manifest_bytes).hex()}"
+
+    async def send(ch: grpc.aio.Channel, address: str) -> tuple[VersionInfo, bytes, int, int, bool]:
+        same = None if options.allow_same else await unchanged_at(ch, options, prepared)
+        if same is not None:
+            return same[0], same[1], 0, 0, True
+        blocks, size = await push_blocks(store, ch, sorted(prepared.manifest.block_ids()), options.layer)
+        info = await _commit(ch, options, prepared, commit_id)
+        return info, prepared.manifest_bytes, blocks, size, False
+
     try:
-        async with channel.channel(coordinator) as ch:
-            same = None if options.allow_same else await unchanged_at(ch, options, prepared)
-            if same is not None:
-                info, manifest_bytes = same
-            else:
-                blocks, size = await push_blocks(
-                    store, ch, sorted(prepared.manifest.block_ids()), options.layer
-                )
-                info = await _commit(ch, options, prepared)
-                manifest_bytes = prepared.manifest_bytes
+        info, manifest_bytes, blocks, size, unchanged = await replicas.call(coordinator, send)
         # Recorded here either way, so the next publish of the layer starts from it.
         pending = PendingCommit(manifest_bytes, prepared.prefilter, prepared.pins.ingest_id)
         await asyncio.to_thread(store.catalog.import_version, info, pending, options.tags)
@@ -192,12 +195,14 @@ async def publish(
         prepared.release(store, committed)
     result = prepared.result
     result.version = info
-    result.unchanged = same is not None
+    result.unchanged = unchanged
     result.seconds = time.monotonic() - prepared.started
     return PublishResult(info, result, blocks, size, unchanged=result.unchanged)
 
 
-async def _commit(ch: grpc.aio.Channel, options: IngestOptions, prepared: PreparedVersion) -> VersionInfo:
+async def _commit(
+    ch: grpc.aio.Channel, options: IngestOptions, prepared: PreparedVersion, commit_id: str
+) -> VersionInfo:
     request = catalog_pb2.CommitRequest(
         layer=options.layer,
         kind=int(options.kind),
@@ -209,5 +214,6 @@ async def _commit(ch: grpc.aio.Channel, options: IngestOptions, prepared: Prepar
         device=options.device,
         message=options.message,
         tags=list(options.tags),
+        commit_id=commit_id,
     )
     return version_from_pb(await catalog_pb2_grpc.CatalogStub(ch).Commit(request, timeout=UNARY_DEADLINE))

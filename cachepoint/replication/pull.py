@@ -14,7 +14,7 @@ from cachepoint.ids import Ref
 from cachepoint.model import VersionInfo
 from cachepoint.replication.fetcher import Fetcher, FetchResult, ProgressFn, RoomFn
 from cachepoint.replication.sources import Source, SourceClass
-from cachepoint.rpc import channel
+from cachepoint.rpc import channel, replicas
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
 from cachepoint.store.catalog import PendingCommit
 from cachepoint.store.store import Store
@@ -146,6 +146,7 @@ async def _holders(
             p.node.address,
             SourceClass.SITE if p.same_site else SourceClass.PEER,
             puller=p.pulling,
+            site=p.node.site,
         )
         for p in response.peers
     ]
@@ -181,6 +182,7 @@ async def pull(
     where a node of the fleet at its address must not pass for it.
     ``share``: when no node of this site holds the version complete, share its WAN fetch with the
     site's other pullers of it (docs/design.md "Site fan-out"); False: fetch alone, as a CLI pull."""
+    origin = await replicas.reachable(origin, peer=node_origin)  # of several replicas, one that is up
     try:
         async with channel.channel(origin, peer=node_origin) as ch:
             catalog = catalog_pb2_grpc.CatalogStub(ch)

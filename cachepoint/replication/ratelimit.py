@@ -10,21 +10,27 @@ import time
 from cachepoint.errors import InvalidInput
 from cachepoint.replication.sources import SourceClass
 
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(i?)(bit|b|byte|bytes)?(?:/s|ps)?\s*$", re.IGNORECASE)
-_SCALE = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
-_BINARY_SCALE = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+# NUMBER, a prefix (SI k M G T, or binary Ki Mi Gi Ti), a unit, then "/s" or "ps". A lower-case b is a
+# bit and an upper-case B a byte, as on every network datasheet ("10Mbps" is ten megabits, "10MBps" ten
+# megabytes); bit(s) and byte(s) may be spelled out in any case; no unit means bytes.
+_RATE_RE = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*(?:([kKmMgGtT])(i?))?((?i:bits?|bytes?)|[bB])?(/s|ps)?\s*$"
+)
+_SCALE = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_BINARY_SCALE = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+RATE_EXAMPLES = "100Mbit or 10Mbps (bits/s), 12MiB/s or 20MB/s (bytes/s), or 0 (unlimited)"
 
 
 def parse_rate(text: str) -> float:
-    """Bytes per second from ``100Mbit``, ``20MB``, ``1.5Gbit/s``, ``500k`` (bytes), ``50MiB/s``
-    (binary). 0 = unlimited."""
+    """Bytes per second from a rate in bits (``100Mbit``, ``10Mbps``, ``1.5Gbit/s``) or in bytes
+    (``12MiB/s``, ``20MB``, ``500k``). 0 = unlimited."""
     match = _RATE_RE.match(text)
     if not match:
-        raise InvalidInput(f"rate {text!r}: write it like 100Mbit, 20MB, 50MiB/s or 0 (unlimited)")
-    scale = _BINARY_SCALE if match.group(3) else _SCALE
-    value = float(match.group(1)) * scale[match.group(2).lower()]
-    unit = (match.group(4) or "b").lower()
-    return value / 8 if unit == "bit" else value
+        raise InvalidInput(f"rate {text!r}: write it like {RATE_EXAMPLES}")
+    number, prefix, binary, unit = match.group(1), match.group(2) or "", match.group(3), match.group(4) or "B"
+    value = float(number) * (_BINARY_SCALE if binary else _SCALE)[prefix.lower()]
+    in_bits = unit == "b" or unit.lower().startswith("bit")
+    return value / 8 if in_bits else value
 
 
 class TokenBucket:

@@ -59,6 +59,7 @@ class Source:
     # A site peer pulling the same version now: it holds only part of it, and is asked only for the
     # blocks it fetches across the WAN for the site (cachepoint/replication/rendezvous.py).
     puller: bool = False
+    site: str = ""  # the peer's site, as the coordinator names it (metrics); empty for the origin
     _channel: grpc.aio.Channel | None = None
 
     @property

@@ -62,7 +62,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         response.versions.extend(version_to_pb(v) for v in d.store.catalog.all_versions())
         for name, totals in sorted(d.sources.items()):
             response.sources.add(
-                source_class=name, blocks=totals.blocks, bytes=totals.bytes, failures=totals.failures
+                source_class=name,
+                blocks=totals.blocks,
+                bytes=totals.bytes,
+                failures=totals.failures,
+                corrupt=totals.corrupt,
             )
         if d.gate is not None:
             room = await asyncio.to_thread(d.gate.measure)
@@ -243,6 +247,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 return collect(store)
 
         result = await asyncio.to_thread(collect_with_headroom)
+        self.daemon.metrics.collected(result)
         return agent_pb2.CollectGarbageResponse(result_json=json.dumps(result.as_json()))
 
     @rpc_errors

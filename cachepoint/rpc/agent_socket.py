@@ -123,8 +123,16 @@ def clear_stale_socket(store: Path, path: Path, reach: str) -> None:
 class AgentServer:
     """A gRPC server on the store's agent socket: the Agent service and nothing else."""
 
-    def __init__(self, store: Path, register: Callable[[grpc.aio.Server], None], group: str = "") -> None:
+    def __init__(
+        self,
+        store: Path,
+        register: Callable[[grpc.aio.Server], None],
+        group: str = "",
+        metrics: grpc.aio.ServerInterceptor | None = None,
+    ) -> None:
+        """``metrics``: counts its calls, as the peer port's (cachepoint/rpc/metrics.py)."""
         self.store = store
+        self.metrics = metrics
         self.path = socket_path(store)
         self.register = register
         self.group = group
@@ -136,7 +144,7 @@ class AgentServer:
         gid = resolve_group(self.group) if self.group else None
         target = self._targets.enter_context(unix_target(self.path))
         clear_stale_socket(self.store, self.path, target.removeprefix("unix:"))
-        server = self.grpc = channel.server()
+        server = self.grpc = channel.server(metrics=self.metrics)
         self.register(server)
         # The socket is created (by add_insecure_port) with the umask's bits: 0177 for that moment, so it
         # is never reachable by others, even briefly. The umask is the process's: held only that long.

@@ -96,10 +96,15 @@ def channel(address: str, peer: bool = False, max_receive: int = MAX_MESSAGE) ->
     return grpc.aio.secure_channel(address, _identity.channel_credentials(), options=options)
 
 
-def server(interceptors: Sequence[grpc.aio.ServerInterceptor] = (), node: bool = False) -> grpc.aio.Server:
+def server(
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    node: bool = False,
+    metrics: grpc.aio.ServerInterceptor | None = None,
+) -> grpc.aio.Server:
     """A server with our options; ``node``: a cachepoint daemon's, with its smaller limits. Every server
-    refuses malformed requests and caps block streams per peer (guards.py)."""
-    guards = [RequestGuard(), *interceptors]
+    refuses malformed requests and caps block streams per peer (guards.py). ``metrics`` (rpc/metrics.py)
+    goes first, so that it sees the status of calls the others refuse."""
+    guards = [*([metrics] if metrics is not None else []), RequestGuard(), *interceptors]
     if node:
         return grpc.aio.server(
             options=NODE_SERVER_OPTIONS, maximum_concurrent_rpcs=NODE_MAX_CALLS, interceptors=guards

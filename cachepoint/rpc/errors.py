@@ -15,6 +15,9 @@ of streams) | RESOURCE_EXHAUSTED |
 DATA_LOSS |
 | StoreBusy | UNAVAILABLE |
 | anything else | INTERNAL (logged with its traceback) |
+
+Every other status is logged in one line without a traceback: the codes of a caller's mistake
+(CLIENT_CODES: bad input, not found, not allowed) at INFO, the rest (damage, busy) at WARNING.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from cachepoint.errors import (
     StoreBusy,
     StoreDamaged,
 )
+from cachepoint.logs import refused
 from cachepoint.slots import TooManyStreams
 
 log = logging.getLogger("cachepoint.rpc")
@@ -87,6 +91,19 @@ STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
 ]
 
 
+CLIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+
+
 def status_for(err: BaseException) -> grpc.StatusCode:
     for kind, code in STATUS_TABLE:
         if isinstance(err, kind):
@@ -98,6 +115,10 @@ async def _abort(context: grpc.aio.ServicerContext, err: BaseException, name: st
     code = status_for(err)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("%s failed", name)
+    else:
+        level = logging.INFO if code in CLIENT_CODES else logging.WARNING
+        message = f"{name} from {context.peer()}: {code.name}: {err}"
+        refused(log, level, message, code=code.name, method=name, peer=context.peer())
     trailer = (OUT_OF_SPACE_TRAILER,) if isinstance(err, OutOfSpace) else ()
     await context.abort(code, str(err) or type(err).__name__, trailing_metadata=trailer)
 

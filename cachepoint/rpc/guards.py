@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from cachepoint.logs import refused
 from cachepoint.rpc.streams import peer_host
 
 log = logging.getLogger("cachepoint.rpc")
@@ -55,11 +56,13 @@ class PeerStreams:
         peer = peer_host(context.peer() or "")
         count = self.open.get(peer, 0)
         if count >= self.limit:
-            log.info(
-                "%s: refused a stream from %s, which has %d open (the limit per peer)",
-                self.method,
-                peer,
-                count,
+            refused(
+                log,
+                logging.INFO,
+                f"{self.method}: refused a stream from {peer}, which has {count} open (the limit per peer)",
+                code="RESOURCE_EXHAUSTED",
+                method=self.method,
+                peer=peer,
             )
             context.set_trailing_metadata(((BUSY_KEY, str(self.limit)),))
             await context.abort(
@@ -110,7 +113,14 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 
 async def _refuse(context: grpc.aio.ServicerContext, method: str, malformed: _Malformed) -> None:
-    log.warning("%s: refused a malformed request from %s: %s", method, context.peer(), malformed.error)
+    refused(
+        log,
+        logging.WARNING,
+        f"{method}: refused a malformed request from {context.peer()}: {malformed.error}",
+        code="INVALID_ARGUMENT",
+        method=method,
+        peer=context.peer(),
+    )
     await context.abort(
         grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the request is not a valid message ({malformed.error})"
     )

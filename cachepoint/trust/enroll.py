@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cachepoint.errors import InvalidInput, RemoteRefused, Unreachable
-from cachepoint.rpc import channel
+from cachepoint.rpc import channel, replicas
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
 from cachepoint.rpc.serving import split_address
 from cachepoint.trust.identity import Identity, csr_pem, key_pem, new_key
@@ -68,8 +68,16 @@ def fetch_ca(address: str, fingerprint: str) -> bytes:
 
 async def enroll(coordinator: str, token: JoinToken, directory: Path) -> Identity:
     """Spend ``token`` at ``coordinator`` (HOST:PORT of its main port) for an identity in ``directory``."""
-    address = enroll_address(coordinator, token)
-    ca_pem = await asyncio.to_thread(fetch_ca, address, token.ca_fingerprint)
+    # Of several replicas, the first whose enrollment port answers; the token is spent on it alone.
+    candidates = replicas.order(coordinator)
+    for index, replica in enumerate(candidates):
+        address = enroll_address(replica, token)
+        try:
+            ca_pem = await asyncio.to_thread(fetch_ca, address, token.ca_fingerprint)
+            break
+        except Unreachable:
+            if index == len(candidates) - 1:
+                raise
     key = new_key()
     request = enrollment_pb2.EnrollRequest(token_secret=token.secret, csr_pem=csr_pem(key))
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from cachepoint.logs import refused as log_refused
 from cachepoint.rpc.wrapping import around_calls, responses
 from cachepoint.trust.principal import NotAPrincipal, Principal, principal_of_pem
 
@@ -138,14 +139,16 @@ class Guard(grpc.aio.ServerInterceptor):
     async def _enter(self, context: grpc.aio.ServicerContext, method: str) -> OpenCall:
         try:
             call = OpenCall(self.check(context))
-        except Refused as refused:
+        except Refused as err:
+            message = f"{method} from {context.peer()}: {err}"
+            log_refused(log, logging.WARNING, message, code=err.code.name, method=method, peer=context.peer())
             if self.on_refusal is not None:
                 try:
                     principal: Principal | None = peer_principal(context)
                 except Refused:
                     principal = None
-                await self.on_refusal(context, method, principal, str(refused))
-            await context.abort(refused.code, str(refused))
+                await self.on_refusal(context, method, principal, str(err))
+            await context.abort(err.code, str(err))
         task = asyncio.current_task()
         if task is not None:
             self.open[task] = call

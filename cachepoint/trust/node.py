@@ -8,7 +8,7 @@ import asyncio
 import logging
 
 from cachepoint.errors import CachepointError, InvalidInput
-from cachepoint.rpc import channel
+from cachepoint.rpc import channel, replicas
 from cachepoint.trust.enroll import renew
 from cachepoint.trust.identity import Identity
 
@@ -53,7 +53,7 @@ async def keep_renewed(identity: Identity, coordinator: str) -> None:
             await asyncio.sleep(wait)
             continue
         try:
-            await renew(identity, coordinator)
+            await renew(identity, await replicas.reachable(coordinator))
             log.info("certificate of %s renewed until %s", identity.principal.name, identity.not_after)
         except CachepointError as err:
             log.warning(

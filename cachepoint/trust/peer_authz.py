@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from cachepoint.logs import refused
 from cachepoint.rpc.catalog_read import LayerReader
 from cachepoint.rpc.wrapping import AuthorizingInterceptor
 from cachepoint.trust import reading
@@ -87,6 +88,9 @@ PEER_RULES: dict[str, PeerRule] = {
     "/grpc.health.v1.Health/Check": ANY,
     "/grpc.health.v1.Health/Watch": ANY,
     "/grpc.health.v1.Health/List": ANY,
+    # grpcurl-style tools list the services and read their schemas (public: the .proto files ship
+    # in the wheel); a caller still needs a certificate of the fleet to get this far.
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": ANY,
 }
 
 
@@ -135,9 +139,12 @@ class PeerAuthorizer(AuthorizingInterceptor):
             return  # a plaintext peer port: no principal (as before the fleet had a CA)
         try:
             principal = peer_principal(context)
-        except Refused as refused:
-            await context.abort(refused.code, str(refused))
+        except Refused as err:
+            message = f"{method} from {context.peer()}: {err}"
+            refused(log, logging.WARNING, message, code=err.code.name, method=method, peer=context.peer())
+            await context.abort(err.code, str(err))
         message = self.refusal(principal, method, request)
         if message:
-            log.warning("%s", message)
+            who = principal.name
+            refused(log, logging.WARNING, message, code="PERMISSION_DENIED", method=method, principal=who)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)

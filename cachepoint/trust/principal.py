@@ -3,7 +3,7 @@
 A certificate's subject CN is the principal's name (a node's id, a person's or a tool's name); its
 Subject Alternative Names carry URIs in the ``cachepoint:`` scheme, one fact each:
 
-    cachepoint:role:node            the principal's role (node, publisher, auditor, admin, user)
+    cachepoint:role:node            the principal's role (node, publisher, auditor, admin, monitor, user)
     cachepoint:site:branch-12       a node's site
     cachepoint:user:alice           the user a ``user`` role acts for (role ``user:alice``)
 
@@ -28,7 +28,8 @@ PEER_TLS_NAME = "peer.cachepoint.invalid"  # = cachepoint.rpc.channel.PEER_TLS_N
 # Certificates are valid from this long before they are issued, so that a peer whose clock is a little
 # behind accepts them at once; the issue time is recovered exactly as not_before + BACKDATE.
 BACKDATE = timedelta(minutes=5)
-ROLES = ("node", "publisher", "auditor", "admin", "user")
+# monitor: scrapes /metrics (a Prometheus server's token), with no other role's rights.
+ROLES = ("node", "publisher", "auditor", "admin", "monitor", "user")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 
 
@@ -47,14 +48,16 @@ def check_name(text: str, what: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Role:
-    """``node``, ``publisher``, ``auditor``, ``admin`` or ``user:NAME``."""
+    """``node``, ``publisher``, ``auditor``, ``admin``, ``monitor`` or ``user:NAME``."""
 
     kind: str
     user: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in ROLES:
-            raise ValueError(f"role {self.kind!r}: one of node, publisher, auditor, admin, user:NAME")
+            raise ValueError(
+                f"role {self.kind!r}: one of node, publisher, auditor, admin, monitor, user:NAME"
+            )
         if (self.kind == "user") != bool(self.user):
             raise ValueError("role user needs a name (user:NAME), and only role user takes one")
         if self.user:

@@ -13,16 +13,18 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SourceCounters(_message.Message):
-    __slots__ = ("source_class", "blocks", "bytes", "failures")
+    __slots__ = ("source_class", "blocks", "bytes", "failures", "corrupt")
     SOURCE_CLASS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_FIELD_NUMBER: _ClassVar[int]
     source_class: str
     blocks: int
     bytes: int
     failures: int
-    def __init__(self, source_class: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., failures: _Optional[int] = ...) -> None: ...
+    corrupt: int
+    def __init__(self, source_class: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., failures: _Optional[int] = ..., corrupt: _Optional[int] = ...) -> None: ...
 
 class Subscription(_message.Message):
     __slots__ = ("ref", "wanted", "held", "state", "last_error")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cachepoint.v1 import version_pb2 as cachepoint_dot_v1_dot_version__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x61\x63hepoint/v1/fleet.proto\x12\rcachepoint.v1\x1a\x1b\x63\x61\x63hepoint/v1/version.proto\":\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"8\n\x0fRegisterRequest\x12%\n\x04node\x18\x01 \x01(\x0b\x32\x17.cachepoint.v1.NodeInfo\"1\n\x10RegisterResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\"W\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x08\x63omplete\x18\x02 \x03(\x0b\x32\x12.cachepoint.v1.Ref\x12\x0c\n\x04load\x18\x03 \x01(\r\".\n\nRevocation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrevoked_at\x18\x02 \x01(\x01\",\n\nAssignment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05users\x18\x02 \x03(\t\"\x83\x01\n\x11HeartbeatResponse\x12\x12\n\ntrust_view\x18\x01 \x01(\x08\x12*\n\x07revoked\x18\x02 \x03(\x0b\x32\x19.cachepoint.v1.Revocation\x12.\n\x0b\x61ssignments\x18\x03 \x03(\x0b\x32\x19.cachepoint.v1.Assignment\"\x80\x01\n\x10\x46indPeersRequest\x12\x14\n\x0crequester_id\x18\x01 \x01(\t\x12#\n\x07version\x18\x02 \x01(\x0b\x32\x12.cachepoint.v1.Ref\x12\x11\n\tblock_ids\x18\x03 \x01(\x0c\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x0f\n\x07pulling\x18\x05 \x01(\x08\"_\n\x04Peer\x12%\n\x04node\x18\x01 \x01(\x0b\x32\x17.cachepoint.v1.NodeInfo\x12\x11\n\tsame_site\x18\x02 \x01(\x08\x12\x0c\n\x04load\x18\x03 \x01(\r\x12\x0f\n\x07pulling\x18\x04 \x01(\x08\"7\n\x11\x46indPeersResponse\x12\"\n\x05peers\x18\x01 \x03(\x0b\x32\x13.cachepoint.v1.Peer\"\x12\n\x10ListNodesRequest\"\x9d\x01\n\nNodeStatus\x12%\n\x04node\x18\x01 \x01(\x0b\x32\x17.cachepoint.v1.NodeInfo\x12\x14\n\x0clast_seen_ns\x18\x02 \x01(\x03\x12$\n\x08\x63omplete\x18\x03 \x03(\x0b\x32\x12.cachepoint.v1.Ref\x12\x0c\n\x04load\x18\x04 \x01(\r\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\r\n\x05users\x18\x06 \x03(\t\"=\n\x11ListNodesResponse\x12(\n\x05nodes\x18\x01 \x03(\x0b\x32\x19.cachepoint.v1.NodeStatus2\xc4\x02\n\x05\x46leet\x12K\n\x08Register\x12\x1e.cachepoint.v1.RegisterRequest\x1a\x1f.cachepoint.v1.RegisterResponse\x12N\n\tHeartbeat\x12\x1f.cachepoint.v1.HeartbeatRequest\x1a .cachepoint.v1.HeartbeatResponse\x12N\n\tFindPeers\x12\x1f.cachepoint.v1.FindPeersRequest\x1a .cachepoint.v1.FindPeersResponse\x12N\n\tListNodes\x12\x1f.cachepoint.v1.ListNodesRequest\x1a .cachepoint.v1.ListNodesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x61\x63hepoint/v1/fleet.proto\x12\rcachepoint.v1\x1a\x1b\x63\x61\x63hepoint/v1/version.proto\":\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"8\n\x0fRegisterRequest\x12%\n\x04node\x18\x01 \x01(\x0b\x32\x17.cachepoint.v1.NodeInfo\"1\n\x10RegisterResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\"\x82\x01\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x08\x63omplete\x18\x02 \x03(\x0b\x32\x12.cachepoint.v1.Ref\x12\x0c\n\x04load\x18\x03 \x01(\r\x12)\n\x06report\x18\x04 \x01(\x0b\x32\x19.cachepoint.v1.NodeReport\"B\n\x0bSourceBytes\x12\x14\n\x0csource_class\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\"N\n\x12SubscriptionReport\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06wanted\x18\x02 \x01(\x04\x12\x0c\n\x04held\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\"\x9b\x01\n\nNodeReport\x12\x10\n\x08software\x18\x01 \x01(\t\x12\x14\n\x0coutbox_depth\x18\x02 \x01(\r\x12+\n\x07sources\x18\x03 \x03(\x0b\x32\x1a.cachepoint.v1.SourceBytes\x12\x38\n\rsubscriptions\x18\x04 \x03(\x0b\x32!.cachepoint.v1.SubscriptionReport\".\n\nRevocation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrevoked_at\x18\x02 \x01(\x01\",\n\nAssignment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05users\x18\x02 \x03(\t\"\x83\x01\n\x11HeartbeatResponse\x12\x12\n\ntrust_view\x18\x01 \x01(\x08\x12*\n\x07revoked\x18\x02 \x03(\x0b\x32\x19.cachepoint.v1.Revocation\x12.\n\x0b\x61ssignments\x18\x03 \x03(\x0b\x32\x19.cachepoint.v1.Assignment\"\x80\x01\n\x10\x46indPeersRequest\x12\x14\n\x0crequester_id\x18\x01 \x01(\t\x12#\n\x07version\x18\x02 \x01(\x0b\x32\x12.cachepoint.v1.Ref\x12\x11\n\tblock_ids\x18\x03 \x01(\x0c\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x0f\n\x07pulling\x18\x05 \x01(\x08\"_\n\x04Peer\x12%\n\x04node\x18\x01 \x01(\x0b\x32\x17.cachepoint.v1.NodeInfo\x12\x11\n\tsame_site\x18\x02 \x01(\x08\x12\x0c\n\x04load\x18\x03 \x01(\r\x12\x0f\n\x07pulling\x18\x04 \x01(\x08\"7\n\x11\x46indPeersResponse\x12\"\n\x05peers\x18\x01 \x03(\x0b\x32\x13.cachepoint.v1.Peer\"\x12\n\x10ListNodesRequest\"\x9d\x01\n\nNodeStatus\x12%\n\x04node\x18\x01 \x01(\x0b\x32\x17.cachepoint.v1.NodeInfo\x12\x14\n\x0clast_seen_ns\x18\x02 \x01(\x03\x12$\n\x08\x63omplete\x18\x03 \x03(\x0b\x32\x12.cachepoint.v1.Ref\x12\x0c\n\x04load\x18\x04 \x01(\r\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\r\n\x05users\x18\x06 \x03(\t\"=\n\x11ListNodesResponse\x12(\n\x05nodes\x18\x01 \x03(\x0b\x32\x19.cachepoint.v1.NodeStatus2\xc4\x02\n\x05\x46leet\x12K\n\x08Register\x12\x1e.cachepoint.v1.RegisterRequest\x1a\x1f.cachepoint.v1.RegisterResponse\x12N\n\tHeartbeat\x12\x1f.cachepoint.v1.HeartbeatRequest\x1a .cachepoint.v1.HeartbeatResponse\x12N\n\tFindPeers\x12\x1f.cachepoint.v1.FindPeersRequest\x1a .cachepoint.v1.FindPeersResponse\x12N\n\tListNodes\x12\x1f.cachepoint.v1.ListNodesRequest\x1a .cachepoint.v1.ListNodesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,26 +38,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST']._serialized_end=189
   _globals['_REGISTERRESPONSE']._serialized_start=191
   _globals['_REGISTERRESPONSE']._serialized_end=240
-  _globals['_HEARTBEATREQUEST']._serialized_start=242
-  _globals['_HEARTBEATREQUEST']._serialized_end=329
-  _globals['_REVOCATION']._serialized_start=331
-  _globals['_REVOCATION']._serialized_end=377
-  _globals['_ASSIGNMENT']._serialized_start=379
-  _globals['_ASSIGNMENT']._serialized_end=423
-  _globals['_HEARTBEATRESPONSE']._serialized_start=426
-  _globals['_HEARTBEATRESPONSE']._serialized_end=557
-  _globals['_FINDPEERSREQUEST']._serialized_start=560
-  _globals['_FINDPEERSREQUEST']._serialized_end=688
-  _globals['_PEER']._serialized_start=690
-  _globals['_PEER']._serialized_end=785
-  _globals['_FINDPEERSRESPONSE']._serialized_start=787
-  _globals['_FINDPEERSRESPONSE']._serialized_end=842
-  _globals['_LISTNODESREQUEST']._serialized_start=844
-  _globals['_LISTNODESREQUEST']._serialized_end=862
-  _globals['_NODESTATUS']._serialized_start=865
-  _globals['_NODESTATUS']._serialized_end=1022
-  _globals['_LISTNODESRESPONSE']._serialized_start=1024
-  _globals['_LISTNODESRESPONSE']._serialized_end=1085
-  _globals['_FLEET']._serialized_start=1088
-  _globals['_FLEET']._serialized_end=1412
+  _globals['_HEARTBEATREQUEST']._serialized_start=243
+  _globals['_HEARTBEATREQUEST']._serialized_end=373
+  _globals['_SOURCEBYTES']._serialized_start=375
+  _globals['_SOURCEBYTES']._serialized_end=441
+  _globals['_SUBSCRIPTIONREPORT']._serialized_start=443
+  _globals['_SUBSCRIPTIONREPORT']._serialized_end=521
+  _globals['_NODEREPORT']._serialized_start=524
+  _globals['_NODEREPORT']._serialized_end=679
+  _globals['_REVOCATION']._serialized_start=681
+  _globals['_REVOCATION']._serialized_end=727
+  _globals['_ASSIGNMENT']._serialized_start=729
+  _globals['_ASSIGNMENT']._serialized_end=773
+  _globals['_HEARTBEATRESPONSE']._serialized_start=776
+  _globals['_HEARTBEATRESPONSE']._serialized_end=907
+  _globals['_FINDPEERSREQUEST']._serialized_start=910
+  _globals['_FINDPEERSREQUEST']._serialized_end=1038
+  _globals['_PEER']._serialized_start=1040
+  _globals['_PEER']._serialized_end=1135
+  _globals['_FINDPEERSRESPONSE']._serialized_start=1137
+  _globals['_FINDPEERSRESPONSE']._serialized_end=1192
+  _globals['_LISTNODESREQUEST']._serialized_start=1194
+  _globals['_LISTNODESREQUEST']._serialized_end=1212
+  _globals['_NODESTATUS']._serialized_start=1215
+  _globals['_NODESTATUS']._serialized_end=1372
+  _globals['_LISTNODESRESPONSE']._serialized_start=1374
+  _globals['_LISTNODESRESPONSE']._serialized_end=1435
+  _globals['_FLEET']._serialized_start=1438
+  _globals['_FLEET']._serialized_end=1762
 # @@protoc_insertion_point(module_scope)

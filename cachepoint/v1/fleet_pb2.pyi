@@ -30,14 +30,50 @@ class RegisterResponse(_message.Message):
     def __init__(self, heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "complete", "load")
+    __slots__ = ("node_id", "complete", "load", "report")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     complete: _containers.RepeatedCompositeFieldContainer[_version_pb2.Ref]
     load: int
-    def __init__(self, node_id: _Optional[str] = ..., complete: _Optional[_Iterable[_Union[_version_pb2.Ref, _Mapping]]] = ..., load: _Optional[int] = ...) -> None: ...
+    report: NodeReport
+    def __init__(self, node_id: _Optional[str] = ..., complete: _Optional[_Iterable[_Union[_version_pb2.Ref, _Mapping]]] = ..., load: _Optional[int] = ..., report: _Optional[_Union[NodeReport, _Mapping]] = ...) -> None: ...
+
+class SourceBytes(_message.Message):
+    __slots__ = ("source_class", "blocks", "bytes")
+    SOURCE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    source_class: str
+    blocks: int
+    bytes: int
+    def __init__(self, source_class: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class SubscriptionReport(_message.Message):
+    __slots__ = ("ref", "wanted", "held", "state")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    WANTED_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    wanted: int
+    held: int
+    state: str
+    def __init__(self, ref: _Optional[str] = ..., wanted: _Optional[int] = ..., held: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+
+class NodeReport(_message.Message):
+    __slots__ = ("software", "outbox_depth", "sources", "subscriptions")
+    SOFTWARE_FIELD_NUMBER: _ClassVar[int]
+    OUTBOX_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIPTIONS_FIELD_NUMBER: _ClassVar[int]
+    software: str
+    outbox_depth: int
+    sources: _containers.RepeatedCompositeFieldContainer[SourceBytes]
+    subscriptions: _containers.RepeatedCompositeFieldContainer[SubscriptionReport]
+    def __init__(self, software: _Optional[str] = ..., outbox_depth: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceBytes, _Mapping]]] = ..., subscriptions: _Optional[_Iterable[_Union[SubscriptionReport, _Mapping]]] = ...) -> None: ...
 
 class Revocation(_message.Message):
     __slots__ = ("name", "revoked_at")

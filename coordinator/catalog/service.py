@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import rocksdict
@@ -40,9 +40,12 @@ class CatalogService(CatalogReadService):
         audit: AuditLog,
         writes: asyncio.Lock,
         reader: LayerReader = lambda context: None,
+        on_commit: Callable[[VersionInfo], None] | None = None,
     ) -> None:
-        """``reader``: which layers a call may see in listings (coordinator/authz.py layer_reader)."""
+        """``reader``: which layers a call may see in listings (coordinator/authz.py layer_reader).
+        ``on_commit``: told of every version committed (the metrics)."""
         super().__init__(store, reader)
+        self.on_commit = on_commit
         self.events = events
         self.audit = audit
         # Version numbers and event positions are handed out in order; holds and the history GC take
@@ -169,6 +172,8 @@ class CatalogService(CatalogReadService):
             committer = acting(context, request.author)
             info = await asyncio.to_thread(self._commit, request, received_ns, committer)
         await self.events.published()
+        if self.on_commit is not None:
+            self.on_commit(info)
         log.info("committed %s (%d bytes) by %s@%s", info.ref, info.logical_bytes, info.author, info.device)
         return version_to_pb(info)
 

@@ -16,6 +16,30 @@ STALE_AFTER_NS = 3 * HEARTBEAT_INTERVAL_MS * 1_000_000  # three missed heartbeat
 PULLING_TTL_NS = 600 * 1_000_000_000
 
 
+@dataclass(frozen=True, slots=True)
+class SubscriptionLag:
+    ref: str
+    wanted: int
+    held: int
+    state: str
+
+    @property
+    def lag(self) -> int:
+        """Versions the node is behind the one its ref names (0 when it holds it, or follows none)."""
+        return max(self.wanted - self.held, 0) if self.wanted else 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeReport:
+    """What a node's heartbeat says of how it is doing (coordinator/dashboard shows it). Counters are
+    since the node started."""
+
+    software: str = ""
+    outbox_depth: int = 0
+    bytes_by_source: tuple[tuple[str, int, int], ...] = ()  # (source class, blocks, bytes)
+    subscriptions: tuple[SubscriptionLag, ...] = ()
+
+
 @dataclass
 class Node:
     node_id: str
@@ -26,6 +50,7 @@ class Node:
     load: int = 0
     complete: set[str] = field(default_factory=set)  # refs "layer@N"
     pulling: dict[str, int] = field(default_factory=dict)  # ref "layer@N" -> when last announced (ns)
+    report: NodeReport = field(default_factory=NodeReport)
 
     def healthy(self, now_ns: int) -> bool:
         return now_ns - self.last_seen_ns < STALE_AFTER_NS
@@ -46,16 +71,21 @@ class Registry:
         if previous is not None:
             node.complete = previous.complete
             node.pulling = previous.pulling
+            node.report = previous.report
         self.nodes[node_id] = node
         return node
 
-    def heartbeat(self, node_id: str, complete: set[str], load: int) -> Node:
+    def heartbeat(
+        self, node_id: str, complete: set[str], load: int, report: NodeReport | None = None
+    ) -> Node:
         node = self.nodes.get(node_id)
         if node is None:
             raise UnknownNode(node_id)
         node.last_seen_ns = time.time_ns()
         node.complete = complete
         node.load = load
+        if report is not None:
+            node.report = report
         for ref in complete & node.pulling.keys():
             del node.pulling[ref]
         return node

@@ -20,7 +20,14 @@ from cachepoint.trust.principal import Principal
 from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc, version_pb2
 from cachepoint.wire import ref_from_pb
 from coordinator.assignments import Assignments
-from coordinator.fleet.registry import HEARTBEAT_INTERVAL_MS, Node, Registry, UnknownNode
+from coordinator.fleet.registry import (
+    HEARTBEAT_INTERVAL_MS,
+    Node,
+    NodeReport,
+    Registry,
+    SubscriptionLag,
+    UnknownNode,
+)
 
 MAX_PEERS = 64
 # The call's principal, None without TLS (everything is shown); the revoked names and when.
@@ -37,6 +44,26 @@ def _ref_text(ref: version_pb2.Ref) -> str:
     if parsed.number is None:
         raise InvalidInput(f"holdings are versions (LAYER@N), not tags: {parsed}")
     return str(parsed)
+
+
+MAX_REPORTED = 256  # sources and subscriptions kept of one heartbeat's report (a bound, not a rule)
+
+
+def _report(request: fleet_pb2.HeartbeatRequest) -> NodeReport | None:
+    if not request.HasField("report"):
+        return None  # a node older than the dashboard: keep what is known
+    report = request.report
+    return NodeReport(
+        software=report.software[:64],
+        outbox_depth=report.outbox_depth,
+        bytes_by_source=tuple(
+            (s.source_class[:32], s.blocks, s.bytes) for s in report.sources[:MAX_REPORTED]
+        ),
+        subscriptions=tuple(
+            SubscriptionLag(s.ref[:256], s.wanted, s.held, s.state[:32])
+            for s in report.subscriptions[:MAX_REPORTED]
+        ),
+    )
 
 
 def _node_info(node: Node) -> fleet_pb2.NodeInfo:
@@ -92,7 +119,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
     ) -> fleet_pb2.HeartbeatResponse:
         complete = {_ref_text(ref) for ref in request.complete}
         try:
-            self.registry.heartbeat(request.node_id, complete, request.load)
+            self.registry.heartbeat(request.node_id, complete, request.load, _report(request))
         except UnknownNode as err:
             raise UnknownNodeError(request.node_id) from err
         return self._view()

@@ -19,6 +19,7 @@ from cachepoint.errors import EXIT_CORRUPT, InvalidInput
 from cachepoint.ids import Ref
 from cachepoint.layers.ingest import default_author
 from cachepoint.progress import progress_bar
+from cachepoint.rpc import replicas
 from cachepoint.store.store import Store
 from coordinator.catalog.clock import CLOCK_TOLERANCE_NS, span
 from coordinator.history.audit import AuditLog, AuditRecord, Verdict
@@ -33,13 +34,22 @@ ENV_COORDINATOR = "CACHEPOINT_COORDINATOR"
 DEFAULT_COORDINATOR = "127.0.0.1:7400"
 T = TypeVar("T")
 
+
+
+def _configured_coordinator(click_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    """--coordinator, else the environment, else `coordinator` in the config (--config), else loopback."""
+    settings = click_ctx.find_root().obj
+    return value or getattr(settings, "coordinator", "") or DEFAULT_COORDINATOR
+
+
 coordinator_option = click.option(
     "--coordinator",
     "address",
     envvar=ENV_COORDINATOR,
-    default=DEFAULT_COORDINATOR,
-    show_default=True,
-    help=f"HOST:PORT of the running coordinator [env {ENV_COORDINATOR}].",
+    default=None,
+    callback=_configured_coordinator,
+    help=f"HOST:PORT of the running coordinator [env {ENV_COORDINATOR}; config coordinator; "
+    f"{DEFAULT_COORDINATOR}].",
 )
 actor_option = click.option(
     "--actor", default=None, help="Who is acting, for the audit log [default: the login name]."
@@ -63,7 +73,7 @@ def _times(from_text: str | None, to_text: str | None) -> tuple[int, int]:
 
 def _call(address: str, work: Callable[[HistoryClient], Awaitable[T]]) -> T:
     async def run() -> T:
-        async with HistoryClient(address) as client:
+        async with HistoryClient(await replicas.reachable(address)) as client:
             return await work(client)
 
     return asyncio.run(run())
@@ -175,9 +185,10 @@ def diff_cmd(old: str, new: str, address: str, as_json: bool) -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=click.Path(),  # the text as typed: a trailing slash says "a directory"
     default=None,
-    help="A file to write, or a directory to write it into under its own name [standard output].",
+    help="A file to write, or a directory to write it into under its own name (DIR/ is made if "
+    "missing) [standard output].",
 )
 @click.option(
     "--force",
@@ -193,7 +204,7 @@ def get_cmd(
     path: str,
     at_text: str | None,
     layer: str,
-    output: Path | None,
+    output: str | None,
     force: bool,
     actor: str | None,
     address: str,

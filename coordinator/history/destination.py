@@ -18,16 +18,25 @@ from cachepoint.errors import InvalidInput
 from cachepoint.model import check_relative_path
 
 
-def file_target(dest: Path, path: str) -> Path:
+def file_target(dest: str | Path, path: str) -> Path:
     """Where `history get` writes ``path``: into ``dest`` under the path's last segment when ``dest``
-    is a directory, else at ``dest`` itself. The last segment of a checked manifest path is never
-    empty, '.', '..' or anything with a '/'."""
+    is a directory, or names one with a trailing slash (made here if its parent exists), else at
+    ``dest`` itself. The last segment of a checked manifest path is never empty, '.', '..' or
+    anything with a '/'."""
     name = check_relative_path(path).rsplit("/", 1)[-1]
-    if dest.is_dir():
-        return dest / name
-    if not dest.parent.is_dir():
-        raise InvalidInput(f"cannot write {dest}: directory {dest.parent} does not exist")
-    return dest
+    directory = Path(dest)
+    if str(dest).endswith(os.sep) and not directory.is_dir():
+        if not directory.parent.is_dir():
+            raise InvalidInput(f"cannot make directory {dest}: its parent {directory.parent} does not exist")
+        try:
+            directory.mkdir()
+        except OSError as err:
+            raise InvalidInput(f"cannot make directory {dest}: {err.strerror or err}") from err
+    if directory.is_dir():
+        return directory / name
+    if not directory.parent.is_dir():
+        raise InvalidInput(f"cannot write {dest}: directory {directory.parent} does not exist")
+    return directory
 
 
 async def receive(chunks: AsyncIterator[bytes], target: Path, *, force: bool, mode: int = 0o600) -> int:

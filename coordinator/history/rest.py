@@ -3,6 +3,10 @@
 Routes (all listed in ``add_routes``); TIME is what the CLI takes (ISO 8601, now, now-2h):
 
   GET    /healthz
+  GET    /metrics                        Prometheus metrics (coordinator/metrics.py)
+  GET    /                               the dashboard (coordinator/dashboard/), and its assets:
+  GET    /dashboard/{asset}                dashboard.css, dashboard.js, favicon.svg
+  GET    /v1/dashboard                   the snapshot the dashboard shows (JSON)
   GET    /v1/history/users/{user}/timeline?from=TIME&to=TIME&layer=home
   GET    /v1/history/users/{user}/files/{path}?layer=home            every version of one file
   GET    /v1/history/users/{user}/content/{path}?at=TIME&layer=home&actor=NAME
@@ -36,9 +40,15 @@ from aiohttp import web
 
 from cachepoint.errors import AlreadyExists, CachepointError, IntegrityFailure, InvalidInput, NotFound
 from cachepoint.http.auth import HttpTrust, principal_of_request
+from cachepoint.http.metrics import add_metrics_route
 from cachepoint.http.tls import check_plaintext_listen
 from cachepoint.ids import Ref
+from cachepoint.logs import refused
+from cachepoint.metrics.exposition import Exposition
 from cachepoint.rpc.serving import split_address
+from coordinator.dashboard import routes as dashboard
+from coordinator.dashboard.routes import DASHBOARD
+from coordinator.dashboard.view import Dashboard
 from coordinator.history.files import CHUNK_BYTES
 from coordinator.history.service import History
 from coordinator.history.times import parse_time
@@ -73,17 +83,37 @@ async def errors_as_json(
         status = status_for(err)
         if status >= 500:
             log.error("%s %s: %s", request.method, request.path, err)
+        else:
+            _refused(request, status, str(err), type(err).__name__)
         return web.json_response({"error": str(err), "type": type(err).__name__}, status=status)
     except web.HTTPException as err:
         if err.status < 400:
             raise
+        _refused(request, err.status, str(err.reason), "HTTPError")
         message = f"{err.reason}: {request.method} {request.path}"
         return web.json_response({"error": message, "type": "HTTPError"}, status=err.status)
+
+
+def _refused(request: web.Request, status: int, why: str, kind: str) -> None:
+    """One line per request refused as the client's error (cachepoint/http/app.py does the same)."""
+    refused(
+        log,
+        logging.INFO,
+        f"{request.method} {request.path} from {request.remote}: {status}: {why}",
+        status=status,
+        method=request.method,
+        path=request.path,
+        remote=request.remote,
+        type=kind,
+    )
 
 
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/healthz", healthz)
+    r.add_get("/", dashboard.page)
+    r.add_get("/dashboard/{asset}", dashboard.asset)
+    r.add_get("/v1/dashboard", dashboard.snapshot)
     r.add_get("/v1/history/users/{user}/timeline", timeline)
     r.add_get("/v1/history/users/{user}/files/{path:.+}", file_history)
     r.add_get("/v1/history/users/{user}/content/{path:.+}", file_content)
@@ -271,16 +301,28 @@ async def export(request: web.Request) -> web.StreamResponse:
 # -- app and server --------------------------------------------------------------------------------
 
 
-def make_app(history: History, trust: HttpTrust | None = None) -> web.Application:
+def make_app(
+    history: History,
+    trust: HttpTrust | None = None,
+    metrics: Exposition | None = None,
+    fleet: Dashboard | None = None,
+) -> web.Application:
     middlewares = [errors_as_json] if trust is None else [errors_as_json, trust.middleware()]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[HISTORY] = history
+    if fleet is not None:
+        app[DASHBOARD] = fleet
     add_routes(app)
+    add_metrics_route(app, metrics)
     return app
 
 
 async def start_rest(
-    history: History, listen: str, trust: HttpTrust | None = None
+    history: History,
+    listen: str,
+    trust: HttpTrust | None = None,
+    metrics: Exposition | None = None,
+    fleet: Dashboard | None = None,
 ) -> tuple[web.AppRunner, str]:
     """Serve the app on HOST:PORT; returns the runner (``await runner.cleanup()`` stops it) and the
     bound "host:port" (the real port when 0 was asked). Without ``trust``, only on a loopback address
@@ -288,7 +330,8 @@ async def start_rest(
     host, port = split_address(listen)
     if trust is None:
         check_plaintext_listen(listen, HTTP_TLS_OPTION)
-    runner = web.AppRunner(make_app(history, trust), handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    app = make_app(history, trust, metrics, fleet)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:
         ssl_context = trust.tls.context if trust is not None else None

@@ -50,7 +50,7 @@ def _route_rule(rule: Rule, facts: Facts) -> RouteRule:
         except CachepointError as err:
             return f"cannot be checked: {err}"
 
-    return RouteRule(rule.name, rule.text, check, rule.changes_state)
+    return RouteRule(rule.name, rule.text, check, rule.changes_state, rule.public)
 
 
 def rest_rules(facts: Facts) -> dict[str, RouteRule]:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cachepoint.atomic import TEMP_PREFIX
 from cachepoint.trust.identity import write_file
 from coordinator.history.audit import AuditEntry, AuditLog, recorded_actor
 
@@ -69,7 +70,9 @@ def drain(data: Path, audit: AuditLog) -> int:
     """Append every queued record, oldest first, in one batch; remove their files. Returns how many."""
     directory = data / QUEUE_DIR
     try:
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))[:DRAIN_MAX]
+        # A record being written has a temporary name that may also end in .json: never take it.
+        queued = (n for n in os.listdir(directory) if n.endswith(".json") and not n.startswith(TEMP_PREFIX))
+        names = sorted(queued)[:DRAIN_MAX]
     except FileNotFoundError:
         return 0
     entries, done = [], []

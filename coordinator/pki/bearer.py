@@ -44,7 +44,7 @@ def issue(data: Path, name: str, role: str, ttl: str, now: float | None = None) 
 @click.option(
     "--data", "data", type=click.Path(path_type=Path), required=True, help="The coordinator's data directory."
 )
-@click.option("--role", required=True, help="node, publisher, auditor, admin or user:NAME.")
+@click.option("--role", required=True, help="node, publisher, auditor, admin, monitor or user:NAME.")
 @click.option(
     "--ttl", default=DEFAULT_TTL, show_default=True, help="How long the token is valid (at most 30d)."
 )

@@ -49,7 +49,7 @@ def _checked(name: str, what: str) -> str:
     "--role",
     default="node",
     show_default=True,
-    help="node, publisher, auditor, admin or user:NAME.",
+    help="node, publisher, auditor, admin, monitor or user:NAME.",
 )
 @click.option("--ttl", default="1h", show_default=True, help="How long the token can be used (once).")
 @json_option

@@ -63,13 +63,18 @@ class FleetTrust:
         self._watch: asyncio.Task[None] | None = None
 
     def main_server(
-        self, listen: str, name: str, authorizer: grpc.aio.ServerInterceptor | None = None
+        self,
+        listen: str,
+        name: str,
+        authorizer: grpc.aio.ServerInterceptor | None = None,
+        metrics: grpc.aio.ServerInterceptor | None = None,
     ) -> Server:
-        """The Guard authenticates every call first; then ``authorizer`` (coordinator/authz.py) decides."""
+        """The Guard authenticates every call first; then ``authorizer`` (coordinator/authz.py) decides.
+        ``metrics`` counts every call, refused ones too (cachepoint/rpc/metrics.py)."""
         interceptors = [self.guard] if authorizer is None else [self.guard, authorizer]
         if authorizer is not None:
             self.guard.on_refusal = getattr(authorizer, "guard_refused", None)
-        server = Server(listen, name, self.tls.credentials(True), interceptors)
+        server = Server(listen, name, self.tls.credentials(True), interceptors, metrics=metrics)
         server.add(self.register)
         return server
 

@@ -33,7 +33,7 @@ from cachepoint.disk.nbd import protocol as p
 from cachepoint.disk.nbd.limits import NbdLimits, ServerBudgets
 from cachepoint.disk.nbd.protocol import BlockDevice, Violation
 from cachepoint.disk.nbd.tls import NbdTls
-from cachepoint.disk.nbd.transmission import Negotiated, Stalled, transmit
+from cachepoint.disk.nbd.transmission import Negotiated, Observe, Stalled, transmit
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,10 @@ class NbdServer:
         list_exports: ExportList,
         limits: NbdLimits | None = None,
         tls: NbdTls | None = None,
+        observe: Observe | None = None,
     ) -> None:
         self._exports = exports
+        self.observe = observe  # told of every request answered (transmission.py)
         self._list_exports = list_exports
         self.tls = tls
         self.budgets = ServerBudgets(limits or NbdLimits())
@@ -136,7 +138,7 @@ class NbdServer:
             if chosen is not None:
                 if handshake.certificate is not None:
                     self._authorized[writer] = (str(peer), handshake.certificate, handshake.export)
-                await transmit(chosen, reader, writer, self.budgets)
+                await transmit(chosen, reader, writer, self.budgets, self.observe)
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as err:
             log.debug("nbd client %s went away: %r", peer, err)
         except Violation as err:
@@ -450,12 +452,13 @@ async def start_nbd(
     unix_path: str | None = None,
     limits: NbdLimits | None = None,
     tls: NbdTls | None = None,
+    observe: Observe | None = None,
 ) -> NbdServer:
     """Listen on TCP and/or a Unix socket; ``exports(name)`` is asked when a client picks an export.
     With ``tls``, TCP clients must upgrade to TLS first (tls.py)."""
     if tcp is None and unix_path is None:
         raise ValueError("the NBD server needs a TCP address or a Unix socket path")
-    server = NbdServer(exports, list_exports, limits, tls)
+    server = NbdServer(exports, list_exports, limits, tls, observe)
     try:
         if tcp is not None:
             await server.listen_tcp(tcp)
