@@ -88,7 +88,6 @@ screenshot: $(STAMP) test-tools
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/cachepoint/v1/*.proto
-	cp proto/cachepoint/v1/*.proto cachepoint/v1/  # shipped in the wheel beside the code made from them
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
