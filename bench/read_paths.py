@@ -8,7 +8,8 @@
   (a child process), requests per second.
 
 Run alone it prints one JSON object with every figure, for a generated image. In ``make bench`` the
-section ``read_paths`` measures the same on the real ext4 image (bench/real_image_bench.py).
+section ``read_paths`` measures the same on the real ext4 image (bench/real_image_bench.py), and
+what an empty node fetches to boot it lazily (bench/lazy_boot.py).
 """
 
 from __future__ import annotations
@@ -245,6 +246,7 @@ QUICK_REQUESTS = 64
 
 def read_paths(bench: Bench) -> Section:
     """The two local read paths of the real ext4 image (bench/real_image_bench.py's v1, cached)."""
+    from bench import lazy_boot
     from bench.real_image_bench import HERE as BENCH_HERE
     from bench.real_image_bench import _data_bytes, build_images
 
@@ -260,10 +262,11 @@ def read_paths(bench: Bench) -> Section:
         f"random 1 MiB-aligned offsets, {CONCURRENT} at a time from one aiohttp client, against the "
         "daemon's `/v1/versions/REF/file` and against aiohttp's `web.FileResponse` of the raw file (a "
         f"child process); requests per second, one warm-up then the best of {RUNS}. The NBD copy's "
-        "SHA-256 must equal the image's."
+        "SHA-256 must equal the image's. " + lazy_boot.METHOD
     )
     table = Table(["Measure", "Measured", "Target", "Result"])
     section = Section("read_paths", TITLE, method, table)
+    v1: Path | None = None
     try:
         cache = Path(os.environ.get("BENCH_CACHE") or BENCH_HERE / "cache")
         v1, _ = build_images(cache, _data_bytes(bench), bench.log)
@@ -288,8 +291,12 @@ def read_paths(bench: Bench) -> Section:
             Check(NBD_CHECK, why, f"≥ {SHARE:.0%}", False),
             Check(HTTP_CHECK, why, f"≥ {SHARE:.0%}", False),
         ]
-        return section
-    _fill(section, figures)
+    else:
+        _fill(section, figures)
+    if v1 is None:
+        table.add("Lazy boot", "not measured: the real image was not built", "", "")
+    else:
+        section.warnings += lazy_boot.section_rows(bench, table, v1)
     return section
 
 
