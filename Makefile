@@ -54,7 +54,7 @@ TEST_WORKERS ?= 3
 
 test: $(STAMP) $(ANSIBLE_STAMP) test-tools
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	$(BIN)/python -m pytest -q --durations=15 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # The delta-sync section compares with rsync, the NBD section reads with qemu-img: install them when
 # missing (apt-get, as root). Without them the benchmark still runs and marks those parts not measured.
@@ -88,7 +88,6 @@ screenshot: $(STAMP) test-tools
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/cachepoint/v1/*.proto
-	cp proto/cachepoint/v1/*.proto cachepoint/v1/  # shipped in the wheel beside the code made from them
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

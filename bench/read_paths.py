@@ -7,8 +7,9 @@
   the daemon's ``/v1/versions/REF/file`` and against aiohttp's ``web.FileResponse`` of the raw file
   (a child process), requests per second.
 
-Prints one JSON object with every figure. Not part of ``make bench``: it measures the read path
-alone, in a few minutes, on a smaller image.
+Run alone it prints one JSON object with every figure, for a generated image. In ``make bench`` the
+section ``read_paths`` measures the same on the real ext4 image (bench/real_image_bench.py), and
+what an empty node fetches to boot it lazily (bench/lazy_boot.py).
 """
 
 from __future__ import annotations
@@ -25,10 +26,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
-from bench.harness import MiB, parse_size, remove, settle, warm
+from bench.harness import (
+    Bench,
+    Check,
+    GiB,
+    MiB,
+    Section,
+    Table,
+    human_bytes,
+    parse_size,
+    remove,
+    settle,
+    verdict,
+    warm,
+)
 from bench.ingest_bench import _ingest
 from bench.replication_bench import ROOT, _announcement, _await_port, _free_port, _run, _sha256, _spawn
 from cachepoint.samples import generate
@@ -181,9 +196,7 @@ def measure(
         if not http:
             return figures
         port = _free_port()
-        server = _spawn(
-            stack, [sys.executable, "-c", FILE_SERVER, str(image), str(port)], work / "files.log"
-        )
+        server = _spawn(stack, [sys.executable, "-c", FILE_SERVER, str(image), str(port)], work / "files.log")
         _await_port(server, port, work / "files.log", "FileResponse server")
         http_rates = _best_rate(f"http://{ready['http']}/v1/versions/os%2Fbench@1/file", size, requests)
         files = _best_rate(f"http://127.0.0.1:{port}/file", size, requests)
@@ -216,3 +229,154 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# -- the `make bench` section ---------------------------------------------------------------------------
+
+SHARE = 0.5  # each path must reach this share of its raw-file ceiling
+TITLE = "Read paths on the real disk image: NBD and HTTP"
+NBD_CHECK = (
+    f"real image: NBD warm sequential read, data twice the read cache, ≥ {SHARE:.0%} of qemu-img convert "
+    "of the raw file"
+)
+HTTP_CHECK = f"real image: HTTP 1 MiB random Range GETs (8 at once) ≥ {SHARE:.0%} of aiohttp FileResponse"
+FULL_REQUESTS = 400
+QUICK_REQUESTS = 64
+
+
+def read_paths(bench: Bench) -> Section:
+    """The two local read paths of the real ext4 image (bench/real_image_bench.py's v1, cached)."""
+    from bench import lazy_boot
+    from bench.real_image_bench import HERE as BENCH_HERE
+    from bench.real_image_bench import _data_bytes, build_images
+
+    requests = FULL_REQUESTS if bench.size >= GiB else QUICK_REQUESTS
+    method = (
+        "v1 of the real disk image (the section above: ext4 from this machine's system files, cached under "
+        "BENCH_CACHE) is ingested into a fresh store and served by a `cachepoint serve` child whose "
+        "`read_cache` is half the image's data (its non-zero 64 KiB blocks), so most blocks come from the "
+        "store (RocksDB read and decode) on every pass. NBD: whole `qemu-img convert -f raw -O raw` "
+        f"commands from the export and from the raw file, one warm-up then the best of {RUNS}; beside "
+        "them, for information, `nbdcopy --connections=4` from the export and the daemon's CPU seconds "
+        f"per copy (steadier than wall time on a shared machine). HTTP: {requests} GETs of 1 MiB at "
+        f"random 1 MiB-aligned offsets, {CONCURRENT} at a time from one aiohttp client, against the "
+        "daemon's `/v1/versions/REF/file` and against aiohttp's `web.FileResponse` of the raw file (a "
+        f"child process); requests per second, one warm-up then the best of {RUNS}. The NBD copy's "
+        "SHA-256 must equal the image's. " + lazy_boot.METHOD
+    )
+    table = Table(["Measure", "Measured", "Target", "Result"])
+    section = Section("read_paths", TITLE, method, table)
+    v1: Path | None = None
+    try:
+        cache = Path(os.environ.get("BENCH_CACHE") or BENCH_HERE / "cache")
+        v1, _ = build_images(cache, _data_bytes(bench), bench.log)
+        work = bench.path("read_paths")
+        remove(work)
+        work.mkdir()
+        try:
+            os.link(v1, work / "v1.img")
+        except OSError:
+            shutil.copyfile(v1, work / "v1.img")
+        bench.log(f"read paths: {v1.name}, {requests} Range GETs per run")
+        figures = measure(work, os.path.getsize(v1), requests)
+        remove(work)
+    except Exception as err:  # a failed measurement is a result to report, not a reason to lose the rest
+        import traceback
+
+        bench.log("read paths failed:\n" + traceback.format_exc())
+        why = f"not measured: {type(err).__name__}: {err}"
+        table.add("Read paths", why, f"≥ {SHARE:.0%} of raw", "FAIL")
+        section.warnings.append(why)
+        section.checks += [
+            Check(NBD_CHECK, why, f"≥ {SHARE:.0%}", False),
+            Check(HTTP_CHECK, why, f"≥ {SHARE:.0%}", False),
+        ]
+    else:
+        _fill(section, figures)
+    if v1 is None:
+        table.add("Lazy boot", "not measured: the real image was not built", "", "")
+    else:
+        section.warnings += lazy_boot.section_rows(bench, table, v1)
+    return section
+
+
+def _fill(section: Section, f: dict[str, Any]) -> None:
+    table = section.table
+    nbd_share, identical = float(f["nbd_share"]), bool(f["nbd_copy_identical"])
+    nbd_ok = nbd_share >= SHARE and identical
+    http_share = float(f["http_share"])
+    http_ok = http_share >= SHARE
+    raw_mib_s = float(f["raw_mib_s"])
+    table.add(
+        "Image / data (non-zero 64 KiB blocks) / read_cache",
+        " / ".join(human_bytes(int(f[k])) for k in ("image_bytes", "data_bytes", "read_cache")),
+        "",
+        "",
+    )
+    table.add(f"`qemu-img convert` from NBD, best of {RUNS} (s)", f"{min(f['nbd_seconds']):.3f}", "", "")
+    table.add("… all runs (s)", ", ".join(f"{t:.3f}" for t in f["nbd_seconds"]), "", "")
+    table.add(
+        f"`qemu-img convert` from the raw file, best of {RUNS} (s)", f"{min(f['raw_seconds']):.3f}", "", ""
+    )
+    table.add("… all runs (s)", ", ".join(f"{t:.3f}" for t in f["raw_seconds"]), "", "")
+    table.add(
+        "NBD throughput (MiB/s)",
+        f"{float(f['nbd_mib_s']):.1f}",
+        f"≥ {SHARE * raw_mib_s:.1f}",
+        verdict(nbd_ok),
+    )
+    table.add("Raw-file throughput (MiB/s)", f"{raw_mib_s:.1f}", "", "")
+    table.add("NBD / raw file", f"{nbd_share:.1%}", f"≥ {SHARE:.0%}", verdict(nbd_ok))
+    table.add(
+        "Daemon CPU per `qemu-img convert` copy (s)", f"{float(f['nbd_daemon_cpu_s_per_copy']):.2f}", "", ""
+    )
+    if f["nbdcopy_seconds"]:
+        copied = float(f["nbdcopy_mib_s"])
+        table.add(
+            f"`nbdcopy --connections=4` from NBD, best of {RUNS} (s)",
+            f"{min(f['nbdcopy_seconds']):.3f} ({copied:.1f} MiB/s, {copied / raw_mib_s:.1%} of raw; "
+            f"daemon CPU {float(f['nbdcopy_daemon_cpu_s_per_copy']):.2f} s per copy)",
+            "",
+            "",
+        )
+    else:
+        table.add(
+            "`nbdcopy --connections=4` from NBD",
+            "not measured: nbdcopy is not installed (libnbd-bin)",
+            "",
+            "",
+        )
+    table.add(
+        "SHA-256 of the NBD copy equals the image's", "yes" if identical else "no", "yes", verdict(identical)
+    )
+    http, files = f["http_req_s"], f["file_response_req_s"]
+    table.add(f"HTTP Range GETs, daemon, best of {RUNS} (req/s)", f"{max(http):.1f}", "", "")
+    table.add("… all runs (req/s)", ", ".join(f"{r:.1f}" for r in http), "", "")
+    table.add(f"HTTP Range GETs, aiohttp FileResponse, best of {RUNS} (req/s)", f"{max(files):.1f}", "", "")
+    table.add("… all runs (req/s)", ", ".join(f"{r:.1f}" for r in files), "", "")
+    table.add("HTTP daemon / FileResponse", f"{http_share:.1%}", f"≥ {SHARE:.0%}", verdict(http_ok))
+    section.figures.update(
+        {
+            "nbd_share": nbd_share,
+            "http_share": http_share,
+            "nbd_mib_s": float(f["nbd_mib_s"]),
+            "raw_mib_s": raw_mib_s,
+        }
+    )
+    section.checks += [
+        Check(
+            NBD_CHECK,
+            f"{nbd_share:.1%} ({float(f['nbd_mib_s']):.0f} of {raw_mib_s:.0f} MiB/s)"
+            + ("" if identical else "; the NBD copy differs from the image"),
+            f"≥ {SHARE:.0%}",
+            nbd_ok,
+        ),
+        Check(
+            HTTP_CHECK,
+            f"{http_share:.1%} ({max(http):.0f} of {max(files):.0f} req/s)",
+            f"≥ {SHARE:.0%}",
+            http_ok,
+        ),
+    ]
+    if not identical:
+        section.warnings.append("the NBD copy's SHA-256 differs from the image's")

@@ -20,6 +20,7 @@ from bench.fanout_model import fanout_model
 from bench.harness import Bench, Section, SectionFn, human_bytes, parse_size, remove, verdict
 from bench.ingest_bench import clones, first_ingest, reingest
 from bench.nbd_bench import nbd_read
+from bench.read_paths import read_paths
 from bench.real_image_bench import real_image
 from bench.replication_bench import delta_sync
 from bench.report import render, write_atomic
@@ -38,6 +39,7 @@ SECTIONS: list[SectionFn] = [
     nbd_read,
     capture_recapture,
     real_image,
+    read_paths,
     site_fanout,
     fanout_model,
 ]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from cachepoint import __version__
+from cachepoint import __version__, memory
 from cachepoint.blocks import DEFAULT_BLOCK_SIZE
 from cachepoint.blocksource import BlockSource, TieredSource
 from cachepoint.capture.engine import CaptureOptions, CaptureReport, capture
@@ -597,6 +597,7 @@ class Daemon:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         http_trust = self.http_trust_check()  # before anything is bound
+        memory.keep_reply_buffers()  # replies reuse freed heap instead of faulting in new pages
         if self.settings.nbd:
             check_exposure(self.settings.nbd, self.settings.nbd_tls)  # before anything binds
         if self.settings.nbd_tls and daemon_identity() is None:

@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from cachepoint.errors import InvalidInput
 
@@ -83,3 +83,27 @@ def refused(logger: logging.Logger, level: int, message: str, **fields: object) 
     text, and ``fields`` (status or code, method or route, principal, peer...) with ``refused`` true,
     so that a log query finds every refusal. Never a traceback: the caller's error is not ours."""
     logger.log(level, "%s", message, extra={"refused": True, **fields})
+
+
+class Request(Protocol):
+    """What an HTTP request (aiohttp's web.Request) tells of itself for a refusal's line."""
+
+    method: str
+    path: str
+    remote: str | None
+
+
+def refused_request(logger: logging.Logger, request: Request, status: int, why: str, kind: str) -> None:
+    """One line for an HTTP request refused as the client's error (400, 404, 405...), at INFO: a client
+    asking for what is not there is not the server's problem, but the operator may want to see it. Both
+    HTTP servers' error middlewares (cachepoint/http/app.py, coordinator/history/rest.py) use it."""
+    refused(
+        logger,
+        logging.INFO,
+        f"{request.method} {request.path} from {request.remote}: {status}: {why}",
+        status=status,
+        method=request.method,
+        path=request.path,
+        remote=request.remote,
+        type=kind,
+    )

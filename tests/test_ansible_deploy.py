@@ -213,6 +213,11 @@ def apply(machine: Machine, hosts: Path) -> dict[str, int]:
     return {host: changed for host, (changed, _) in recap.items()}
 
 
+def fetch(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+        return reply.read().decode()
+
+
 def healthy(port: int) -> bool:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as reply:
         return reply.status == 200
@@ -262,6 +267,17 @@ def test_site_yml_deploys_an_enrolled_replicating_fleet_under_systemd_and_a_seco
 
     for instance in NODES.values():
         wait_until(f"{instance} to hold {version}", lambda i=instance: holds(i), 120, 1, machine.journal)
+
+    # What docs/operations.md shows a newcomer next: the fleet on the dashboard, and both programs'
+    # metrics (plaintext HTTP on loopback is open to anyone on this machine).
+    page = fetch(ports["http"], "/")
+    assert "<title>" in page and "dashboard" in page.lower(), page[:200]
+    snapshot = json.loads(fetch(ports["http"], "/v1/dashboard"))
+    assert snapshot["totals"]["nodes"] == 2 and snapshot["totals"]["online"] == 2, snapshot["totals"]
+    assert version in json.dumps(snapshot["sites"]), snapshot["sites"]
+    assert re.search(r"^cachepoint_coordinator_\w+", fetch(ports["http"], "/metrics"), re.MULTILINE)
+    for node in ("blade", "laptop"):
+        assert re.search(r"^cachepoint_\w+_bytes_total\{", fetch(ports[f"{node}_http"], "/metrics"), re.M)
 
     second = apply(machine, hosts)
     assert second == {"coord": 0, "blade": 0, "laptop": 0}, second

@@ -26,6 +26,7 @@ SECTIONS = [
     "NBD sequential read",
     "File-level capture: re-capture after 1% of files changed",
     "Real disk image: content-aligned chunks",
+    "Read paths on the real disk image: NBD and HTTP",
     "Site fan-out on a fleet in network namespaces",
     "Fan-out at scale (a model)",
 ]
@@ -70,10 +71,10 @@ def test_quick_bench_writes_a_full_report(tmp_path: Path) -> None:
     # One verdict per acceptance target: ingest, re-ingest, clones, delta bytes, delta time vs rsync,
     # delta time over mutual TLS vs plaintext, NBD read vs the raw file, re-capture vs first capture;
     # then the real image's (bytes against the ideal, pull time, ingests, exports identical, and casync
-    # and rsync where they are installed).
+    # and rsync where they are installed); then the read paths of the real image (NBD and HTTP).
     real_verdicts = len(re.findall(r"\| (?:PASS|FAIL) \|", sections[REAL_IMAGE]))
     assert real_verdicts >= 4, sections[REAL_IMAGE]
-    assert len(re.findall(r"\| (?:PASS|FAIL) \|", sections["Summary"])) == 8 + real_verdicts
+    assert len(re.findall(r"\| (?:PASS|FAIL) \|", sections["Summary"])) == 10 + real_verdicts
     # The TLS pull was measured (an enrolled coordinator and receiver), not reported as not measured.
     delta = sections["Delta sync over gRPC"]
     assert re.search(r"\| `pull\(\)` over mutual TLS, [^|]* \| \d+\.\d+ \(runs ", delta), delta

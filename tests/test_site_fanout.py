@@ -23,7 +23,7 @@ import pytest
 
 from cachepoint.blocks import encode_block
 from cachepoint.replication import rendezvous
-from cachepoint.replication.fetcher import STREAMS_PER_SOURCE
+from cachepoint.replication.fetcher import SHARE_STALL_SECONDS, STREAMS_PER_SOURCE
 from cachepoint.rpc.channel import BATCH_BYTES
 from cachepoint.store.store import Store
 from tests.conftest import sha256_file
@@ -284,6 +284,7 @@ def test_a_wan_cut_mid_fan_out_leaves_the_site_exchanging_what_it_has_and_nothin
 
     wait_until("a third of @2 to cross the WAN", a_third_across, 120, interval=0.1, logs=fleet.logs)
     site.wan.cut()
+    cut_at = time.monotonic()
     at_cut = [held(node.store, new_ids) for node in nodes]
     assert all(len(h) < len(new_ids) for h in at_cut), "a node had finished: the test proves nothing"
 
@@ -297,6 +298,10 @@ def test_a_wan_cut_mid_fan_out_leaves_the_site_exchanging_what_it_has_and_nothin
     # Peers share as they fetch, so at the cut they were close: some took the last blocks from others.
     assert any(len(shared) > len(h) for h in at_cut), ([len(h) for h in at_cut], len(shared))
     assert len(shared) < len(new_ids), "everything crossed before the cut: the test proves nothing"
+    # Down longer than a stalled owner's grace: every owner stalls at once, and a node that took the
+    # others' shares over would fetch them again once the link returns (the WAN's own failure, not theirs).
+    time.sleep(max(0.0, cut_at + SHARE_STALL_SECONDS + 3 - time.monotonic()))
+    assert not site.wan.is_up()
 
     site.wan.restore()
     done = [fleet.wait_holds(node, 2) for node in nodes]

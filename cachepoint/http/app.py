@@ -66,7 +66,7 @@ from cachepoint.http.ranges import (
 )
 from cachepoint.http.reader import read_range
 from cachepoint.http.tls import check_plaintext_listen
-from cachepoint.logs import refused
+from cachepoint.logs import refused_request
 from cachepoint.metrics.exposition import Exposition
 from cachepoint.slots import SlotLimits, Slots, TooManyStreams
 from cachepoint.store import format as fmt
@@ -138,31 +138,17 @@ async def errors_as_json(
                 err,
             )
         else:
-            _refused(request, status, str(err), type(err).__name__)
+            refused_request(log, request, status, str(err), type(err).__name__)
         return error_response(status, str(err), type(err).__name__)
     except web.HTTPException as err:
         if err.status < 400:
             raise
-        _refused(request, err.status, str(err.reason), "HTTPError")
+        refused_request(log, request, err.status, str(err.reason), "HTTPError")
         # aiohttp's own refusals (no such route, wrong method) in the same shape; 405 keeps Allow.
         allow = err.headers.get(hdrs.ALLOW)
         kept = {hdrs.ALLOW: allow} if allow is not None else None
         return error_response(err.status, f"{err.reason}: {request.method} {request.path}", "HTTPError", kept)
 
-
-def _refused(request: web.Request, status: int, why: str, kind: str) -> None:
-    """One line for a request refused as the client's error (400, 404, 405...), at INFO: a client
-    asking for what is not there is not the server's problem, but the operator may want to see it."""
-    refused(
-        log,
-        logging.INFO,
-        f"{request.method} {request.path} from {request.remote}: {status}: {why}",
-        status=status,
-        method=request.method,
-        path=request.path,
-        remote=request.remote,
-        type=kind,
-    )
 
 
 # -- routes --------------------------------------------------------------------------------------

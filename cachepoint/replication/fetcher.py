@@ -55,6 +55,10 @@ BUSY_RETRIES = 12  # refusals in a row (~20 s of pauses) before a busy source is
 # stream: cheap, a lookup of at most UNIT_BLOCKS ids on the peer).
 OWNER_POLL = 0.2
 SHARE_STALL_SECONDS = 15.0  # an owner that delivers nothing for this long has its share taken over
+# ... when this node's own fetches across the WAN delivered within that time. Without that evidence the
+# WAN may be down for the whole site (a cut link): every owner stalls at once, and taking their shares
+# over would fetch each of them a second time once the link returns. A hung owner then waits longer.
+BLIND_TAKE_OVER = 4.0
 ProgressFn = Callable[[int, int], None]
 RoomFn = Callable[[int], None]  # raises when the disk cannot take that many more bytes
 KeepFn = Callable[[list[tuple[bytes, bytes]]], None]  # takes verified (id, stored value) pairs
@@ -146,6 +150,7 @@ class Fetcher:
         # Per owner: when it last delivered a block (or the fetch began), and when to ask it again.
         self._delivered_at: dict[str, float] = {}
         self._ask_again_at: dict[str, float] = {}
+        self._wan_at = 0.0  # when a source across the WAN (not of this site) last delivered
 
     def _eligible(self, unit: _Unit, source: Source, now: float = 0.0) -> bool:
         if source.name in unit.tried or not source.alive:
@@ -180,10 +185,12 @@ class Fetcher:
     def _take_over(self, now: float) -> None:
         """Drop owners that stalled; split the shares of owners gone (dropped) over those that remain."""
         waited = {unit.owner for unit in self._queue if unit.owner}
+        wan_works = now - self._wan_at <= self.share_stall
+        deadline = self.share_stall if wan_works else self.share_stall * BLIND_TAKE_OVER
         for name in waited:
             source = self._pullers[name]
-            if source.alive and now - self._delivered_at.get(name, now) > self.share_stall:
-                self._drop(source, f"delivered none of its share for {self.share_stall:.0f}s")
+            if source.alive and now - self._delivered_at.get(name, now) > deadline:
+                self._drop(source, f"delivered none of its share for {deadline:.0f}s")
         orphans = [unit for unit in self._queue if unit.owner and not self._pullers[unit.owner].alive]
         if orphans:
             self._queue = [unit for unit in self._queue if unit not in orphans]
@@ -258,6 +265,8 @@ class Fetcher:
                                     source.counters.bytes += len(value)
                             if source.puller:
                                 self._delivered_at[source.name] = time.monotonic()
+                            elif source.source_class != SourceClass.SITE:
+                                self._wan_at = time.monotonic()
                         if self.progress is not None:
                             self.progress(total - len(self._wanted), total)
                     if bad:
@@ -318,6 +327,7 @@ class Fetcher:
         self._queue = self._units(unique)
         started = time.monotonic()
         self._delivered_at = {name: started for name in self._pullers}
+        self._wan_at = started
         total = len(unique)
         if total and self.room is not None:
             try:

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from cachepoint.rpc.wrapping import Behavior, around_calls, responses
+from cachepoint.rpc.wrapping import Behavior, WrappingInterceptor, responses
 
 # Seconds: a unary call takes milliseconds; FetchBlocks and PushBlocks streams seconds to minutes.
 DURATION_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0, 1800.0)
@@ -44,7 +44,7 @@ def _code(context: grpc.aio.ServicerContext, failed: BaseException | None) -> st
     return "UNKNOWN" if failed is not None and not isinstance(failed, grpc.aio.AbortError) else "OK"
 
 
-class RpcMetrics(grpc.aio.ServerInterceptor):
+class RpcMetrics(WrappingInterceptor):
     """``PREFIX_rpcs_total{method,code}``, ``PREFIX_rpc_duration_seconds{method}`` and
     ``PREFIX_rpcs_in_flight{method}`` in ``registry``."""
 
@@ -70,16 +70,8 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         )
         self.open: dict[str, int] = {}  # method -> calls running now, for collectors that read one method
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = str(handler_call_details.method).lstrip("/")
-        return around_calls(handler, lambda b: self._unary(b, method), lambda b: self._stream(b, method))
+    def method_of(self, details: grpc.HandlerCallDetails) -> str:
+        return str(details.method).lstrip("/")
 
     def _enter(self, method: str) -> float:
         self.in_flight.labels(method).inc()

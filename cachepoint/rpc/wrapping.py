@@ -1,5 +1,5 @@
 """Wrapping a grpc.aio method handler's behaviour, for server interceptors that run something around
-every call (the coordinator's certificate guard and its authorization)."""
+every call (the certificate guard, authorization, the RPC metrics)."""
 
 from __future__ import annotations
 
@@ -42,13 +42,12 @@ async def responses(
         await result
 
 
-class AuthorizingInterceptor(grpc.aio.ServerInterceptor):
-    """A server interceptor that runs ``authorize`` before every call's behaviour (for a call whose
-    request is a stream, ``request`` is that stream: its rules look at roles only). Subclasses: the
-    coordinator's Authorizer and a node's PeerAuthorizer."""
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that passes every call's behaviour through ``_unary`` or ``_stream`` with the
+    call's method name. Subclasses: AuthorizingInterceptor, the certificate Guard, RpcMetrics."""
 
-    async def authorize(self, context: grpc.aio.ServicerContext, method: str, request: Any) -> None:
-        raise NotImplementedError
+    def method_of(self, details: grpc.HandlerCallDetails) -> str:
+        return str(details.method)
 
     async def intercept_service(
         self,
@@ -58,8 +57,23 @@ class AuthorizingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method
+        method = self.method_of(handler_call_details)
         return around_calls(handler, lambda b: self._unary(b, method), lambda b: self._stream(b, method))
+
+    def _unary(self, behavior: Behavior, method: str) -> Callable[..., Awaitable[Any]]:
+        raise NotImplementedError
+
+    def _stream(self, behavior: Behavior, method: str) -> Callable[..., AsyncIterator[Any]]:
+        raise NotImplementedError
+
+
+class AuthorizingInterceptor(WrappingInterceptor):
+    """A server interceptor that runs ``authorize`` before every call's behaviour (for a call whose
+    request is a stream, ``request`` is that stream: its rules look at roles only). Subclasses: the
+    coordinator's Authorizer and a node's PeerAuthorizer."""
+
+    async def authorize(self, context: grpc.aio.ServicerContext, method: str, request: Any) -> None:
+        raise NotImplementedError
 
     def _unary(self, behavior: Behavior, method: str) -> Callable[..., Awaitable[Any]]:
         async def authorized(request: Any, context: grpc.aio.ServicerContext) -> Any:

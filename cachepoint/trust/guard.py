@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import grpc
 
 from cachepoint.logs import refused as log_refused
-from cachepoint.rpc.wrapping import around_calls, responses
+from cachepoint.rpc.wrapping import WrappingInterceptor, responses
 from cachepoint.trust.principal import NotAPrincipal, Principal, principal_of_pem
 
 log = logging.getLogger("cachepoint.trust")
@@ -75,7 +75,7 @@ class OpenCall:
     ended_because: str = ""  # set when the call is ended for a revocation
 
 
-class Guard(grpc.aio.ServerInterceptor):
+class Guard(WrappingInterceptor):
     def __init__(self, revocations: RevocationList, check_every: float = 1.0) -> None:
         self.revocations = revocations
         self.check_every = check_every
@@ -95,17 +95,6 @@ class Guard(grpc.aio.ServerInterceptor):
         if at is not None:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, _revoked_message(principal, at))
         return principal
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        return around_calls(handler, lambda b: self._unary(b, method), lambda b: self._stream(b, method))
 
     def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:

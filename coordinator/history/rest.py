@@ -43,7 +43,7 @@ from cachepoint.http.auth import HttpTrust, principal_of_request
 from cachepoint.http.metrics import add_metrics_route
 from cachepoint.http.tls import check_plaintext_listen
 from cachepoint.ids import Ref
-from cachepoint.logs import refused
+from cachepoint.logs import refused_request
 from cachepoint.metrics.exposition import Exposition
 from cachepoint.rpc.serving import split_address
 from coordinator.dashboard import routes as dashboard
@@ -84,28 +84,15 @@ async def errors_as_json(
         if status >= 500:
             log.error("%s %s: %s", request.method, request.path, err)
         else:
-            _refused(request, status, str(err), type(err).__name__)
+            refused_request(log, request, status, str(err), type(err).__name__)
         return web.json_response({"error": str(err), "type": type(err).__name__}, status=status)
     except web.HTTPException as err:
         if err.status < 400:
             raise
-        _refused(request, err.status, str(err.reason), "HTTPError")
+        refused_request(log, request, err.status, str(err.reason), "HTTPError")
         message = f"{err.reason}: {request.method} {request.path}"
         return web.json_response({"error": message, "type": "HTTPError"}, status=err.status)
 
-
-def _refused(request: web.Request, status: int, why: str, kind: str) -> None:
-    """One line per request refused as the client's error (cachepoint/http/app.py does the same)."""
-    refused(
-        log,
-        logging.INFO,
-        f"{request.method} {request.path} from {request.remote}: {status}: {why}",
-        status=status,
-        method=request.method,
-        path=request.path,
-        remote=request.remote,
-        type=kind,
-    )
 
 
 def add_routes(app: web.Application) -> None:
