@@ -13,7 +13,10 @@ PROTOS = Path(__file__).resolve().parent / "proto" / "cachepoint" / "v1"
 class BuildWithProtos(build_py):
     def run(self) -> None:
         super().run()
+        if getattr(self, "editable_mode", False):  # an editable install reads the tree: nothing to copy
+            return
         target = Path(self.build_lib) / "cachepoint" / "v1"
+        target.mkdir(parents=True, exist_ok=True)
         for proto in sorted(PROTOS.glob("*.proto")):
             self.copy_file(str(proto), str(target / proto.name))
 
