@@ -103,12 +103,14 @@ class Machine:
 @pytest.fixture
 def machine(tmp_path: Path) -> Iterator[Machine]:
     """systemd, with tmp_path shared both ways; stopped (and its overlay dropped) also on failure."""
+    # Inside, /tmp is a fresh tmpfs: a checkout under /tmp (its .venv-ansible) is shared too.
+    shared = [tmp_path, *([REPO] if REPO.is_relative_to("/tmp") else [])]
     started = subprocess.run(
         [str(SYSTEMD_NS), "start"],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "SYSTEMD_NS_BIND": str(tmp_path)},
+        env={**os.environ, "SYSTEMD_NS_BIND": " ".join(map(str, shared))},
     )
     assert started.returncode == 0, started.stderr
     pid = started.stdout.strip()
