@@ -67,3 +67,12 @@ def fail(message: str, code: int, as_json: bool) -> None:
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Machine-readable output, no progress bars."
 )
+
+# Both programs' `serve` (cachepoint/logs.py writes the lines).
+log_format_option = click.option(
+    "--log-format",
+    "log_format",
+    type=click.Choice(["json", "text"]),
+    default=None,
+    help="Log lines as JSON or text [config log_format; JSON unless stderr is a terminal].",
+)

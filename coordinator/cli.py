@@ -13,7 +13,7 @@ import grpc
 from cachepoint import __version__, logs
 from cachepoint.cli.anywhere import OptionsAnywhereGroup
 from cachepoint.config import parse_duration, parse_switch
-from cachepoint.console import emit_json, handles_errors, json_option, when
+from cachepoint.console import emit_json, handles_errors, json_option, log_format_option, when
 from cachepoint.errors import InvalidInput
 from cachepoint.rpc import channel, replicas
 from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
@@ -107,13 +107,7 @@ def check_config_cmd(click_ctx: click.Context, file: Path | None, as_json: bool)
     "--enroll-listen", default=None, help="HOST:PORT of the enrollment port [the port after --listen]."
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log every commit.")
-@click.option(
-    "--log-format",
-    "log_format",
-    type=click.Choice(["json", "text"]),
-    default=None,
-    help="Log lines as JSON or text [config log_format; JSON unless stderr is a terminal].",
-)
+@log_format_option
 @handles_errors
 def serve_cmd(
     config: Path | None,

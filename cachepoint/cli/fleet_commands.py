@@ -22,7 +22,7 @@ from cachepoint.cli.context import (
     tag_option,
 )
 from cachepoint.config import parse_byte_size, parse_duration, parse_switch
-from cachepoint.console import emit_json, handles_errors, human, json_option
+from cachepoint.console import emit_json, handles_errors, human, json_option, log_format_option
 from cachepoint.ids import Ref, validate_layer_name
 from cachepoint.layers.ingest import IngestOptions
 from cachepoint.layers.unchanged import unchanged_line
@@ -183,13 +183,7 @@ def pull_cmd(ctx: Context, ref: str, origin: str | None, wan_rate: str | None, a
     help="HTTPS with this node's identity; clients need a certificate or token of the fleet.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log pulls and reconnections.")
-@click.option(
-    "--log-format",
-    "log_format",
-    type=click.Choice(["json", "text"]),
-    default=None,
-    help="Log lines as JSON or text [config log_format; JSON unless stderr is a terminal].",
-)
+@log_format_option
 @pass_ctx
 @handles_errors
 def serve_cmd(
