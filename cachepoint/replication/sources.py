@@ -9,6 +9,7 @@ digests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -97,17 +98,10 @@ class Source:
         ``version`` ("LAYER@N"): the version the blocks are of (a server with TLS answers only for
         blocks of a version the caller may read)."""
         request = blocks_pb2.FetchBlocksRequest(ids=b"".join(ids), version=self.holds or version)
-        call = self.stub().FetchBlocks(request)
-        try:
-            while True:
-                # call.read(), not the call's async iterator under wait_for: that pattern keeps the
-                # call in a reference cycle, and its connection open until the cyclic GC runs.
-                batch = await asyncio.wait_for(call.read(), stall)
-                if batch is grpc.aio.EOF:
-                    return
+        # aclosing: a consumer that stops early cancels the call now, not when the collector runs.
+        async with contextlib.aclosing(self._batches(request, stall)) as batches:
+            async for batch in batches:
                 yield [(block.id, stored_value_from_pb(block)) for block in batch.blocks]
-        finally:
-            call.cancel()
 
     async def fetch_parts(
         self, ids: list[bytes], unit: int, masks: list[bytes] | None, stall: float, version: str = ""
@@ -117,13 +111,24 @@ class Source:
         request = blocks_pb2.FetchBlocksRequest(
             ids=b"".join(ids), version=self.holds or version, unit_size=unit, unit_masks=masks or ()
         )
+        # aclosing: a consumer that stops early cancels the call now, not when the collector runs.
+        async with contextlib.aclosing(self._batches(request, stall)) as batches:
+            async for batch in batches:
+                yield [_part(block) for block in batch.blocks]
+
+    async def _batches(
+        self, request: blocks_pb2.FetchBlocksRequest, stall: float
+    ) -> AsyncIterator[blocks_pb2.BlockBatch]:
+        """The FetchBlocks answer's batches; a gap longer than ``stall`` seconds raises TimeoutError."""
         call = self.stub().FetchBlocks(request)
         try:
             while True:
+                # call.read(), not the call's async iterator under wait_for: that pattern keeps the
+                # call in a reference cycle, and its connection open until the cyclic GC runs.
                 batch = await asyncio.wait_for(call.read(), stall)
                 if batch is grpc.aio.EOF:
                     return
-                yield [_part(block) for block in batch.blocks]
+                yield batch
         finally:
             call.cancel()
 
