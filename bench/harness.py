@@ -22,7 +22,20 @@ KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 
-RUNS = 3  # best of RUNS for every timed figure: the minimum is the least disturbed by noise
+# Best of RUNS for every timed figure: the minimum is the least disturbed by noise. BENCH_RUNS=1 is for
+# a smoke run (tests/test_bench_smoke.py), which checks that every section runs and reports, not its
+# figures: each extra run only repeats the same code, for minutes.
+RUNS_ENV = "BENCH_RUNS"
+
+
+def _runs() -> int:
+    text = os.environ.get(RUNS_ENV) or "3"
+    if not text.isdigit() or int(text) < 1:
+        raise SystemExit(f"{RUNS_ENV}={text!r}: write the number of timed runs per figure, 1 or more")
+    return int(text)
+
+
+RUNS = _runs()
 V1_SEED = 1
 V2_SEED = 2
 V2_FRACTION = 0.05

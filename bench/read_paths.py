@@ -31,6 +31,7 @@ from typing import Any
 import aiohttp
 
 from bench.harness import (
+    RUNS,
     Bench,
     Check,
     GiB,
@@ -53,7 +54,6 @@ IMAGE = "bench"
 CACHEPOINT = [sys.executable, "-m", "cachepoint"]
 RANGE_BYTES = MiB
 CONCURRENT = 8
-RUNS = 3
 LOOPBACK = "127.0.0.1:0"
 
 FILE_SERVER = """

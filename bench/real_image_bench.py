@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Bench, Check, MiB, Section, Table, human_bytes, remove, settle, verdict, warm
+from bench.harness import RUNS, Bench, Check, MiB, Section, Table, human_bytes, remove, settle, verdict, warm
 from bench.replication_bench import (
     CACHEPOINT,
     _announcement,
@@ -65,7 +65,7 @@ REPLACED_LIBRARIES = 60
 MAX_FILE = 32 * MiB
 IMAGE_VERSION = "3"  # bump when v1's recipe changes, so cached images are rebuilt
 UPGRADE_VERSION = "3"  # the same for v2's
-INGEST_RUNS = 3
+INGEST_RUNS = RUNS
 CHOSEN = "content 32K"  # the default the measurements below chose (docs/design.md)
 IDEAL_LIMIT = 1.15
 RSYNC_SPEEDUP = 4.0

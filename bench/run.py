@@ -2,7 +2,8 @@
 
 Each section is a function in SECTIONS, run in order; later sections (replication, NBD, capture) are
 added by appending theirs. Progress goes to stderr; the report is rewritten whole from this run's
-measurements.
+measurements. BENCH_RUNS=N times every figure N times instead of 3 (1: a smoke run, whose figures
+are not to be trusted).
 """
 
 from __future__ import annotations
