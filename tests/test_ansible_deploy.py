@@ -9,6 +9,7 @@ server listens on a free loopback port. The three inventory hosts are this machi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -120,17 +121,45 @@ def machine(tmp_path: Path) -> Iterator[Machine]:
         subprocess.run([str(SYSTEMD_NS), "stop", pid], timeout=60)
 
 
-def build_wheels(into: Path) -> Path:
-    """The project's wheel and every dependency's, so the playbook installs offline; the project's.
-    Built with the dev venv's setuptools (grpcio-tools brings a recent one): an isolated build would
+# The dependencies' wheels, kept between runs beside the tools' venv: gathering them asks the package
+# index for each one (a minute or two here), and they change only with the project's requirements.
+DEPENDENCY_WHEELS = REPO / ".venv-ansible" / "dependency-wheels"
+
+
+def _pip_wheel(into: Path, *args: str) -> None:
+    """Built with the dev venv's setuptools (grpcio-tools brings a recent one): an isolated build would
     install one first, for every run."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", str(REPO), "-w", str(into)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", *args, str(REPO)]
+        + ["-w", str(into)],
         check=True,
         capture_output=True,
         timeout=600,
         cwd=into.parent,
     )
+
+
+def build_wheels(into: Path) -> Path:
+    """The project's wheel, built now, and every dependency's, so the playbook installs offline; the
+    project's. The dependencies' come from DEPENDENCY_WHEELS when a run with the same requirements (and
+    Python) left them there."""
+    requirements = hashlib.sha256(sys.version.encode())
+    for name in ("pyproject.toml", "setup.py"):
+        requirements.update((REPO / name).read_bytes())
+    cached = DEPENDENCY_WHEELS / requirements.hexdigest()[:16]
+    into.mkdir(parents=True)
+    if cached.is_dir():
+        _pip_wheel(into, "--no-deps")
+        for dependency in cached.glob("*.whl"):
+            shutil.copy2(dependency, into)
+    else:
+        _pip_wheel(into)
+        partial = DEPENDENCY_WHEELS / f"{cached.name}.partial-{os.getpid()}"
+        partial.mkdir(parents=True)
+        for dependency in into.glob("*.whl"):
+            if not dependency.name.startswith("cachepoint-"):
+                shutil.copy2(dependency, partial)
+        partial.rename(cached)  # whole or absent: a run killed while copying leaves only a .partial
     (wheel,) = into.glob("cachepoint-*.whl")
     return wheel
 
