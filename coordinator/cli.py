@@ -82,6 +82,13 @@ def check_config_cmd(click_ctx: click.Context, file: Path | None, as_json: bool)
     help="TOML config (keys: data, listen, http, http_tls, [retention.KIND] tables).",
 )
 @click.option("--data", "data", type=click.Path(path_type=Path), help="Data directory (an embedded store).")
+@click.option(
+    "--catalog",
+    default=None,
+    metavar="URL",
+    help="postgresql://… : the catalog in PostgreSQL, for several replicas (with --blocks) [embedded].",
+)
+@click.option("--blocks", default=None, metavar="URL", help="file:///DIR : blocks every replica mounts.")
 @click.option("--listen", default=None, help="HOST:PORT for gRPC (port 0: any) [127.0.0.1:7400].")
 @click.option(
     "--http",
@@ -112,6 +119,8 @@ def check_config_cmd(click_ctx: click.Context, file: Path | None, as_json: bool)
 def serve_cmd(
     config: Path | None,
     data: Path | None,
+    catalog: str | None,
+    blocks: str | None,
     listen: str | None,
     http: str | None,
     tls: bool,
@@ -126,7 +135,7 @@ def serve_cmd(
     """Serve Catalog, BlockExchange, Fleet, History and health over gRPC until SIGINT or SIGTERM.
     With a CA (--tls, --ca-cert/--ca-key, or DATA/ca/ from an earlier start): mutual TLS, and an
     enrollment port for `cachepoint enroll`."""
-    from coordinator.config import load, trust_settings
+    from coordinator.config import backend, load, trust_settings
     from coordinator.daemon import serve
 
     settings = load(config or click.get_current_context().find_root().params.get("config"))
@@ -142,6 +151,7 @@ def serve_cmd(
     rules = settings.retention_rules
     http_tls = http_tls or parse_switch(settings.http_tls, "http_tls")
     trust = trust_settings(settings, data, tls or http_tls, ca_cert, ca_key, list(tls_names), enroll_listen)
+    chosen = backend(settings, data, catalog, blocks)
     asyncio.run(
         serve(
             data,
@@ -151,6 +161,7 @@ def serve_cmd(
             gc_every=gc_every,
             trust_settings=trust,
             http_tls=http_tls,
+            backend=chosen,
         )
     )
 

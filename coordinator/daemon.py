@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -21,6 +22,8 @@ from cachepoint.store.store import Store
 from cachepoint.v1 import blocks_pb2_grpc, catalog_pb2_grpc, fleet_pb2_grpc, history_pb2_grpc
 from coordinator.assignments import Assignments
 from coordinator.authz import Authorizer, block_answers, caller, layer_reader
+from coordinator.backends.choice import Backend, replica_name
+from coordinator.backends.section import WriteSection
 from coordinator.catalog.events import EventLog
 from coordinator.catalog.service import CatalogService
 from coordinator.dashboard.view import Dashboard
@@ -50,19 +53,23 @@ async def serve(
     gc_every: float = 0.0,
     trust_settings: TrustSettings | None = None,
     http_tls: bool = False,
+    backend: Backend | None = None,
 ) -> None:
     """``trust_settings`` None: plaintext, as before the fleet had a CA. ``http_tls``: the REST API
-    with TLS and the authorization table too (it needs the CA); without it, on loopback only."""
+    with TLS and the authorization table too (it needs the CA); without it, on loopback only.
+    ``backend``: where the state lives (default: the embedded store in ``data``)."""
     if http and not http_tls:
         check_plaintext_listen(http, HTTP_TLS_OPTION)  # before anything is bound
     if http_tls and trust_settings is None:
         raise InvalidInput("--http-tls serves the REST API with the fleet's CA: serve with --tls too")
-    store = Store.open(data, writable=True, create=True)
+    backend = backend or Backend(data)
+    store = backend.open()
     try:
         counters = ServeCounters()
         events = EventLog(store)
         audit = AuditLog(store.db)
-        writes = asyncio.Lock()  # commits, tag moves, holds and the history GC, one at a time
+        # Commits, tag moves, holds and the history GC, one at a time (across replicas when shared).
+        writes = WriteSection(store.db)
         history = History(store, events, audit, writes, retention or Retention({}))
         trust = FleetTrust(data, trust_settings, listen, audit) if trust_settings is not None else None
         assignments = Assignments(data)
@@ -103,6 +110,7 @@ async def serve(
         rest: web.AppRunner | None = None
         scheduled: asyncio.Task[None] | None = None
         queued: asyncio.Task[None] | None = None
+        listening: asyncio.Task[None] | None = None
         try:
             extra: dict[str, object] = {}
             if trust is not None:
@@ -128,12 +136,19 @@ async def serve(
                 address, data / STATE_FILE, role="coordinator", catalog_position=events.position, **extra
             )
             log.info("coordinator serving %s on %s", data, address)
-            scheduled = asyncio.create_task(scheduled_gc(history, gc_every)) if gc_every > 0 else None
+            if backend.shared:
+                from coordinator.backends.notify import listen
+
+                where = f"catalog {backend_where(store)}"
+                listening = asyncio.create_task(listen(backend.catalog, events, where), name="notifications")
+            if gc_every > 0:
+                lease = gc_lease(store, replica_name(str(address)), gc_every) if backend.shared else None
+                scheduled = asyncio.create_task(scheduled_gc(history, gc_every, lease))
             # What `enroll`, `revoke`, `assign` queued for the audit log (coordinator/pki/audit_queue.py).
             queued = asyncio.create_task(keep_draining(data, audit), name="audit queue")
             await stop.wait()
         finally:
-            for task in (scheduled, queued):
+            for task in (scheduled, queued, listening):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -148,12 +163,30 @@ async def serve(
         store.close()
 
 
-async def scheduled_gc(history: History, every: float) -> None:
+def backend_where(store: Store) -> str:
+    return str(getattr(store.db, "where", store.root))
+
+
+def gc_lease(store: Store, holder: str, every: float) -> Callable[[], bool]:
+    """Whether this replica runs the next scheduled GC: the one holding the lease (renewed each
+    period, so it stays with one replica while that one lives)."""
+    from coordinator.backends import lease
+
+    def held() -> bool:
+        return lease.take(store.db, lease.GC_LEASE, holder, every * 1.5)  # type: ignore[arg-type]
+
+    return held
+
+
+async def scheduled_gc(history: History, every: float, lease: Callable[[], bool] | None = None) -> None:
     """The retention GC every ``every`` seconds, audited under the actor SCHEDULED_GC_ACTOR. A run
-    that fails is logged and the next one tries again: the coordinator stays up."""
+    that fails is logged and the next one tries again: the coordinator stays up. With replicas, only
+    the one holding ``lease`` runs it."""
     while True:
         await asyncio.sleep(every)
         try:
+            if lease is not None and not await asyncio.to_thread(lease):
+                continue
             report = await history.collect(SCHEDULED_GC_ACTOR, dry_run=False)
             log.info("scheduled gc: %d versions deleted", len(report.deleted))
         except Exception:

@@ -42,10 +42,12 @@ class Store:
     Inside that process, ``lock`` orders block pinning against GC's sweep.
     """
 
-    def __init__(self, db: StoreDB) -> None:
+    def __init__(self, db: StoreDB, blocks: BlockStore | None = None) -> None:
+        """``blocks``: where the blocks live when not in ``db`` (a coordinator's shared directory,
+        coordinator/backends/fileblocks.py); by default the database's own family."""
         self.db = db
         self.root = db.root
-        self.blocks = BlockStore(db)
+        self.blocks = blocks if blocks is not None else BlockStore(db)
         self.units = UnitRecords(db)
         self.catalog = Catalog(db)
         self.lock = threading.RLock()

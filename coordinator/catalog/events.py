@@ -28,14 +28,16 @@ class EventLog:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._lock = threading.Lock()
-        last = 0
-        for key in store.db.cf[fmt.CF_EVENTS].keys(backwards=True):
-            last = fmt.read_u64(key)
-            break
+        last = self._last_written()
         self.position = last
         self.visible = last
         self._announced: asyncio.Event | None = None
         self.closing = False
+
+    def _last_written(self) -> int:
+        for key in self.store.db.cf[fmt.CF_EVENTS].keys(backwards=True):
+            return fmt.read_u64(key)
+        return 0
 
     def _event(self) -> asyncio.Event:
         # Created lazily: it must belong to the running event loop.
@@ -46,6 +48,8 @@ class EventLog:
     def stage(self, batch: rocksdict.WriteBatch, event: catalog_pb2.CatalogEvent) -> None:
         """Number the event and add it to the batch of the change it records (under the commit lock)."""
         with self._lock:
+            if self.store.db.shared:  # other replicas number events too (in the same write section)
+                self.position = max(self.position, self._last_written())
             self.position += 1
             event.position = self.position
         batch.put(fmt.u64(event.position), event.SerializeToString(), self.store.db.handle[fmt.CF_EVENTS])
@@ -55,6 +59,21 @@ class EventLog:
         self.visible = self.position
         announced, self._announced = self._event(), asyncio.Event()
         announced.set()
+
+    def seen_elsewhere(self, position: int) -> None:
+        """Another replica wrote events up to ``position`` (its notification, backends/notify.py)."""
+        if position > self.visible:
+            self.visible = position
+            self.position = max(self.position, position)
+            announced, self._announced = self._event(), asyncio.Event()
+            announced.set()
+
+    async def catch_up(self) -> int:
+        """``visible`` as the shared log has it now (a Watch resuming with a position it got from another
+        replica, maybe ahead of this one's last notification)."""
+        if self.store.db.shared:
+            self.seen_elsewhere(await asyncio.to_thread(self._last_written))
+        return self.visible
 
     def close(self) -> None:
         """End every Watch stream (they check ``closing`` when woken), so the server stops at once."""

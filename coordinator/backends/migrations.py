@@ -1,0 +1,102 @@
+"""The PostgreSQL schema, as numbered migrations applied in order at start (and by `migrate`).
+
+A migration is never edited once released: a change is a new one. Replicas starting at the same time
+apply them one at a time under an advisory lock, and each is recorded in ``schema_migrations`` in the
+same transaction as its statements, so a crash leaves the schema at a whole migration.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import psycopg
+
+from cachepoint.errors import IncompatibleFormat
+
+log = logging.getLogger(__name__)
+
+# pg_advisory_lock keys of this program (one bigint namespace per database).
+MIGRATION_LOCK = 0x63_70_6D_69_67  # "cpmig"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "records",
+        """
+        -- Every record the embedded store keeps in a RocksDB column family, one row each: the same
+        -- keys and values (cachepoint/store/format.py), so the catalog, history, audit and event
+        -- code is one code path on both backends. bytea compares bytewise, as RocksDB's keys do.
+        CREATE TABLE records (
+            family text NOT NULL,
+            key bytea NOT NULL,
+            value bytea NOT NULL,
+            PRIMARY KEY (family, key)
+        );
+        """,
+    ),
+    Migration(
+        2,
+        "leases",
+        """
+        -- Work one replica does at a time (the retention GC): held until it expires or is renewed.
+        CREATE TABLE leases (
+            name text PRIMARY KEY,
+            holder text NOT NULL,
+            expires timestamptz NOT NULL
+        );
+        """,
+    ),
+)
+
+LATEST = MIGRATIONS[-1].version
+
+
+def applied(conn: psycopg.Connection) -> int:
+    """The schema version of the database (0: none of ours)."""
+    row = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return 0
+    row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+    return int(row[0]) if row else 0
+
+
+def migrate(conn: psycopg.Connection, where: str) -> list[int]:
+    """Bring the schema up to LATEST; returns the versions applied. Refuses a database whose schema
+    is newer than this program (an older replica must not write to a newer schema)."""
+    done: list[int] = []
+    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    try:
+        with conn.transaction():
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+        current = applied(conn)
+        if current > LATEST:
+            raise IncompatibleFormat(
+                where, current, list(range(1, LATEST + 1)), "the schema is newer: upgrade the coordinator"
+            )
+        for migration in MIGRATIONS:
+            if migration.version <= current:
+                continue
+            with conn.transaction():
+                conn.execute(migration.sql)  # type: ignore[arg-type]  # our own literal text
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                    (migration.version, migration.name),
+                )
+            log.warning("%s: applied schema migration %d (%s)", where, migration.version, migration.name)
+            done.append(migration.version)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+    return done

@@ -1,0 +1,201 @@
+"""Several active coordinator replicas over one PostgreSQL catalog and one block directory: concurrent
+commits through different replicas, GC on one while another receives a push, Watch across them."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+
+from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, version_pb2
+from tests.fleet import BLOCK, LAYER, Fleet, coordinator_cli, publish, random_image
+from tests.replicas import open_shared, start_replicas
+
+RACE = "os/race"
+COMMITS_EACH = 50
+
+
+def _manifest(address: str, fleet: Fleet) -> catalog_pb2.ManifestBlob:
+    with fleet.channel(address) as ch:
+        stub = catalog_pb2_grpc.CatalogStub(ch)
+        info = stub.Resolve(
+            catalog_pb2.ResolveRequest(ref=version_pb2.Ref(layer=LAYER, tag="latest")), timeout=10
+        )
+        return stub.GetManifest(catalog_pb2.GetManifestRequest(digest=info.manifest_digest), timeout=10)
+
+
+def _commit_many(
+    fleet: Fleet, address: str, who: str, manifest: catalog_pb2.ManifestBlob, made: list[int]
+) -> None:
+    with fleet.channel(address, "publisher") as ch:
+        stub = catalog_pb2_grpc.CatalogStub(ch)
+        for i in range(COMMITS_EACH):
+            info = stub.Commit(
+                catalog_pb2.CommitRequest(
+                    layer=RACE,
+                    manifest=manifest,
+                    author=who,
+                    device=who,
+                    message=f"{who} {i}",
+                    tags=["staging"],
+                    commit_id=f"{who}-{i}-{uuid.uuid4()}",
+                ),
+                timeout=60,
+            )
+            made.append(info.number)
+
+
+def test_two_publishers_committing_through_different_replicas_get_versions_1_to_100_once_each(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    blocks = tmp_path / "blocks"
+    with Fleet(tmp_path) as fleet:
+        replicas = start_replicas(fleet, postgres_dsn, blocks, 3)
+        admin = tmp_path / "admin"
+        fleet.identity(admin, "publisher", "admin")
+        image = tmp_path / "image"
+        random_image(image, 4 * BLOCK, seed=7)
+        publish(admin, replicas[2].address, image)
+        manifest = _manifest(replicas[1].address, fleet)
+
+        made_a: list[int] = []
+        made_b: list[int] = []
+        threads = [
+            threading.Thread(
+                target=_commit_many, args=(fleet, replicas[0].address, "alice", manifest, made_a)
+            ),
+            threading.Thread(target=_commit_many, args=(fleet, replicas[1].address, "bob", manifest, made_b)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=600)
+        assert len(made_a) == len(made_b) == COMMITS_EACH, (made_a, made_b)
+        assert sorted(made_a + made_b) == list(range(1, 2 * COMMITS_EACH + 1))
+        # Interleaved, not one after the other: the two really ran at the same time.
+        assert max(made_a) > min(made_b) and max(made_b) > min(made_a)
+
+        # Every replica lists the same 100 versions.
+        for replica in replicas:
+            with fleet.channel(replica.address) as ch:
+                listed = catalog_pb2_grpc.CatalogStub(ch).ListVersions(
+                    catalog_pb2.ListVersionsRequest(layer=RACE), timeout=10
+                )
+            assert [v.number for v in listed.versions] == list(range(1, 101)) or sorted(
+                v.number for v in listed.versions
+            ) == list(range(1, 101))
+
+        # Every tag move once, in the tag history and in the Watch log.
+        store = open_shared(postgres_dsn, blocks, tmp_path / "reader")
+        try:
+            moves = [m for m in store.catalog.tag_history(RACE) if m["tag"] == "staging"]
+        finally:
+            store.close()
+        assert sorted(m["version"] for m in moves) == list(range(1, 101))
+        with fleet.channel(replicas[2].address) as ch:
+            stream = catalog_pb2_grpc.CatalogStub(ch).Watch(
+                catalog_pb2.WatchRequest(layers=[RACE]), timeout=30
+            )
+            seen: list[catalog_pb2.CatalogEvent] = []
+            for event in stream:
+                seen.append(event)
+                if len([e for e in seen if e.WhichOneof("event") == "tag_moved"]) >= 200:
+                    break
+            stream.cancel()
+        positions = [e.position for e in seen]
+        assert positions == sorted(set(positions)), "events out of order or repeated"
+        staging = [
+            e.tag_moved.number
+            for e in seen
+            if e.WhichOneof("event") == "tag_moved" and e.tag_moved.tag == "staging"
+        ]
+        assert sorted(staging) == list(range(1, 101))
+
+        # One audit chain, 100 staging moves in it, verified through any replica.
+        verdict = coordinator_cli(
+            "history", "audit", "verify", "--coordinator", replicas[0].address, "--json"
+        ).json()
+        assert verdict["ok"], verdict
+        listed = coordinator_cli(
+            "history", "audit", "list", "--coordinator", replicas[1].address, "--json", "--limit", "1000"
+        ).json()
+        records = listed["records"] if isinstance(listed, dict) else listed
+        staging_moves = [r for r in records if r["subject"] == f"{RACE}:staging"]
+        assert sorted(r["details"]["version"] for r in staging_moves) == list(range(1, 101))
+
+
+def test_a_replica_serves_watch_events_another_replica_committed(tmp_path: Path, postgres_dsn: str) -> None:
+    """LISTEN/NOTIFY: a Watch stream on one replica wakes for a commit made through another at once
+    (well before the stream's keepalive would look at the log again)."""
+    blocks = tmp_path / "blocks"
+    with Fleet(tmp_path) as fleet:
+        first, second = start_replicas(fleet, postgres_dsn, blocks, 2)
+        admin = tmp_path / "admin"
+        fleet.identity(admin, "publisher", "admin")
+        image = tmp_path / "image"
+        random_image(image, 2 * BLOCK, seed=3)
+        with fleet.channel(first.address) as ch:
+            stream = catalog_pb2_grpc.CatalogStub(ch).Watch(
+                catalog_pb2.WatchRequest(layers=[LAYER]), timeout=60
+            )
+            started = time.monotonic()
+            publish(admin, second.address, image)
+            published = time.monotonic()
+            event = next(iter(stream))
+            arrived = time.monotonic()
+            stream.cancel()
+        assert event.WhichOneof("event") == "version_committed"
+        assert event.version_committed.number == 1
+        # Not a speed claim: the keepalive re-read comes after 15 s; a notified stream does not wait for it.
+        assert arrived - published < 10.0, (started, published, arrived)
+
+
+def test_watch_resumed_on_another_replica_from_a_position_misses_nothing(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    blocks = tmp_path / "blocks"
+    with Fleet(tmp_path) as fleet:
+        first, second = start_replicas(fleet, postgres_dsn, blocks, 2)
+        admin = tmp_path / "admin"
+        fleet.identity(admin, "publisher", "admin")
+        image = tmp_path / "image"
+        for seed in range(3):
+            random_image(image, 2 * BLOCK, seed=seed)
+            publish(admin, first.address, image)
+        with fleet.channel(first.address) as ch:
+            stream = catalog_pb2_grpc.CatalogStub(ch).Watch(
+                catalog_pb2.WatchRequest(layers=[LAYER]), timeout=30
+            )
+            head = [next(iter(stream)) for _ in range(2)]
+            stream.cancel()
+        first.kill()
+        with fleet.channel(second.address) as ch:
+            stub = catalog_pb2_grpc.CatalogStub(ch)
+            stream = stub.Watch(catalog_pb2.WatchRequest(layers=[LAYER], after=head[-1].position), timeout=30)
+            rest = []
+            for event in stream:
+                rest.append(event)
+                if event.WhichOneof("event") == "version_committed" and event.version_committed.number == 3:
+                    break
+            stream.cancel()
+        committed = [
+            e.version_committed.number for e in head + rest if e.WhichOneof("event") == "version_committed"
+        ]
+        assert committed == [1, 2, 3]
+        positions = [e.position for e in head + rest]
+        assert positions == sorted(set(positions))
+
+
+def test_a_watch_position_ahead_of_the_shared_log_is_refused(tmp_path: Path, postgres_dsn: str) -> None:
+    with Fleet(tmp_path) as fleet:
+        (replica,) = start_replicas(fleet, postgres_dsn, tmp_path / "blocks", 1)
+        with fleet.channel(replica.address) as ch:
+            stream = catalog_pb2_grpc.CatalogStub(ch).Watch(catalog_pb2.WatchRequest(after=10**6), timeout=10)
+            try:
+                next(iter(stream))
+                raise AssertionError("a position ahead of the log was accepted")
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.OUT_OF_RANGE  # type: ignore[attr-defined]
