@@ -8,12 +8,16 @@ from __future__ import annotations
 import hashlib
 import random
 
+import pytest
+
 from cachepoint.ids import pack_ids
 from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc, catalog_pb2, catalog_pb2_grpc
 from coordinator.history.times import iso
 from tests import tls
 from tests.fleet import BLOCK, Fleet, wait_until
 from tests.history import HOME, USER, history, history_json, make_version, sha256_text, wait_delivered
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 
 def block_ids(data: bytes) -> set[bytes]:
