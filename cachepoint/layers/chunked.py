@@ -52,9 +52,10 @@ def previous_chunks(entry: FileEntry, block_size: int, record: bytes | None) -> 
         return {}
     found: PreviousChunks = {}
     blocks = entry.blocks
+    count = entry.block_count
+    ends = entry.ends() if entry.extents else [entry.span(i, block_size)[1] for i in range(count)]
     start = 0
-    for index in range(entry.block_count):
-        end = entry.span(index, block_size)[1] if not entry.extents else entry.ends()[index]
+    for index, end in enumerate(ends[:count]):
         digest = blocks[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
         if digest != HOLE_DIGEST:
             found[start] = (end, record[index * XXH_SIZE : (index + 1) * XXH_SIZE], digest)
