@@ -415,7 +415,7 @@ def test_an_image_of_many_windows_is_cut_as_in_one_piece_and_so_is_its_re_ingest
     # Small windows: the unfinished chunk at each window's end moves into the next window's buffer,
     # and buffers are reused once their chunks are stored, many times over.
     monkeypatch.setattr(chunked, "JOB_BYTES", 64 * KiB)
-    params = ChunkParams(UNIT, 16 * KiB)  # windows of 4 x 64 KiB (max_length), room for 64 KiB
+    params = ChunkParams(UNIT, 16 * KiB)  # 64 KiB windows, as long as a chunk may be (max_length)
     rng = random.Random(31)
     v1 = disk_bytes(31, 5 * 1024 * KiB + 555)
     v2 = bytearray(v1[: 700 * KiB] + rng.randbytes(5 * UNIT) + v1[700 * KiB :])  # later data moves

@@ -148,9 +148,9 @@ def cut_content(
         raise SourceUnreadable(source.disk_path, err.strerror or str(err)) from err
     hole: list[int] = []  # [start, length] of a run of holes not yet recorded: it may go on
     # Room before each window's bytes for the unfinished chunk the previous window leaves (it is
-    # shorter than max_length); windows grow with large chunks so that the room stays a small share.
+    # shorter than max_length): copied there, never read again.
     room = params.max_length
-    job = max(JOB_BYTES, 4 * room)
+    job = JOB_BYTES
     buffers: list[mmap.mmap] = []
 
     def append(end: int, chunk: _Chunk | None) -> None:
