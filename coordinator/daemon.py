@@ -20,7 +20,6 @@ from cachepoint.rpc.channel import ORIGIN_FETCH_LIMITS
 from cachepoint.rpc.serving import Server, announce, stop_event_on_signals
 from cachepoint.store.store import Store
 from cachepoint.v1 import blocks_pb2_grpc, catalog_pb2_grpc, fleet_pb2_grpc, history_pb2_grpc
-from coordinator.assignments import Assignments
 from coordinator.authz import Authorizer, block_answers, caller, layer_reader
 from coordinator.backends.choice import Backend, replica_name
 from coordinator.backends.section import WriteSection
@@ -34,6 +33,7 @@ from coordinator.history.retention import Retention
 from coordinator.history.rpc import HistoryService
 from coordinator.history.service import History
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.pki import state
 from coordinator.pki.audit_queue import keep_draining
 from coordinator.pki.trust import FleetTrust, TrustSettings
 
@@ -71,8 +71,12 @@ async def serve(
         # Commits, tag moves, holds and the history GC, one at a time (across replicas when shared).
         writes = WriteSection(store.db)
         history = History(store, events, audit, writes, retention or Retention({}))
-        trust = FleetTrust(data, trust_settings, listen, audit) if trust_settings is not None else None
-        assignments = Assignments(data)
+        # Tokens, revocations, assignments: DATA's files, or PostgreSQL's tables shared by the replicas.
+        records = state.serving(data, store.db)
+        trust = (
+            FleetTrust(data, trust_settings, listen, records, audit) if trust_settings is not None else None
+        )
+        assignments = records.assignments
         authorizer = Authorizer(store, audit, assignments)
         metrics = CoordinatorMetrics(store, events, counters)
         if trust is not None:
@@ -111,6 +115,7 @@ async def serve(
         scheduled: asyncio.Task[None] | None = None
         queued: asyncio.Task[None] | None = None
         listening: asyncio.Task[None] | None = None
+        following: asyncio.Task[None] | None = None
         try:
             extra: dict[str, object] = {}
             if trust is not None:
@@ -141,6 +146,8 @@ async def serve(
 
                 where = f"catalog {backend_where(store)}"
                 listening = asyncio.create_task(listen(backend.catalog, events, where), name="notifications")
+            if records.follow is not None:
+                following = asyncio.create_task(records.follow(), name="trust records")
             if gc_every > 0:
                 lease = gc_lease(store, replica_name(str(address)), gc_every) if backend.shared else None
                 scheduled = asyncio.create_task(scheduled_gc(history, gc_every, lease))
@@ -148,7 +155,7 @@ async def serve(
             queued = asyncio.create_task(keep_draining(data, audit), name="audit queue")
             await stop.wait()
         finally:
-            for task in (scheduled, queued, listening):
+            for task in (scheduled, queued, listening, following):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

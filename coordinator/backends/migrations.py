@@ -55,6 +55,41 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        3,
+        "fleet trust",
+        """
+        -- What every replica must agree on about the fleet's members (coordinator/backends/
+        -- trust_tables.py): join tokens, revocations, user assignments. The CA's key and certificate
+        -- stay files each replica is given. Times are the writer's clock, as the embedded files keep them.
+        CREATE TABLE join_tokens (
+            secret_hash text PRIMARY KEY,  -- SHA-256 of the token's secret in hex; the secret is never kept
+            name text NOT NULL,
+            role text NOT NULL,
+            site text NOT NULL DEFAULT '',
+            created_at timestamptz NOT NULL,
+            expires_at timestamptz NOT NULL,
+            spent_at timestamptz  -- NULL until the one enrollment that spends it
+        );
+        CREATE TABLE revocations (
+            name text PRIMARY KEY,
+            revoked_at timestamptz NOT NULL  -- certificates of name issued up to here are refused
+        );
+        CREATE TABLE assignments (
+            node text NOT NULL,
+            user_name text NOT NULL,
+            assigned_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (node, user_name)
+        );
+        -- Bumped in the transaction of every change to revocations or assignments: replicas poll this
+        -- one small table and read the other again only when its row moved.
+        CREATE TABLE trust_versions (
+            kind text PRIMARY KEY,
+            version bigint NOT NULL
+        );
+        INSERT INTO trust_versions (kind, version) VALUES ('revocations', 0), ('assignments', 0);
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -19,7 +19,7 @@ from cachepoint.trust import reading
 from cachepoint.trust.principal import Principal
 from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc, version_pb2
 from cachepoint.wire import ref_from_pb
-from coordinator.assignments import Assignments
+from coordinator.assignments import AssignmentView
 from coordinator.fleet.registry import (
     HEARTBEAT_INTERVAL_MS,
     Node,
@@ -74,7 +74,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
     def __init__(
         self,
         registry: Registry,
-        assignments: Assignments | None = None,
+        assignments: AssignmentView | None = None,
         caller: Caller = lambda context: None,
         revoked: RevokedNames | None = None,
     ) -> None:

@@ -22,8 +22,8 @@ from coordinator.history.audit import AuditEntry, AuditLog
 from coordinator.pki import tokens
 from coordinator.pki.audit_queue import ENROLLED, RENEWED
 from coordinator.pki.guard import Refused, peer_principal
-from coordinator.pki.revocation import Revocations
 from coordinator.pki.rotation import LiveAuthorities
+from coordinator.pki.state import TrustRecords
 
 log = logging.getLogger("coordinator.pki")
 MAX_CSR = 16 * 1024
@@ -35,13 +35,13 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         data: Path,
         authorities: LiveAuthorities,
         lifetime: timedelta,
-        revocations: Revocations,
+        records: TrustRecords,
         audit: AuditLog | None = None,
     ) -> None:
         self.data = data
         self.authorities = authorities
         self.lifetime = lifetime
-        self.revocations = revocations
+        self.records = records
         self.audit = audit
 
     async def _audited(self, actor: str, action: str, cert: x509.Certificate, **details: object) -> None:
@@ -89,7 +89,8 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
     ) -> enrollment_pb2.EnrollResponse:
         key = await self._public_key(request.csr_pem, context)  # a bad request does not spend the token
         try:
-            entry = tokens.spend(self.data, secret_hash(request.token_secret))
+            # A file rename, or one UPDATE in PostgreSQL when the tokens are shared by replicas.
+            entry = await asyncio.to_thread(self.records.tokens.spend, secret_hash(request.token_secret))
         except tokens.TokenRefused as err:
             log.warning("enrollment refused from %s: %s", context.peer(), err)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
@@ -105,8 +106,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
     async def _after_revocation(self, name: str) -> None:
         """Certificates carry their issue time in whole seconds, and a revocation refuses every one
         issued up to its second: a name enrolled again in that same second waits for the next one."""
-        self.revocations.refresh()
-        at = self.revocations.revoked.get(name)
+        at = await asyncio.to_thread(self.records.revoked_at, name)
         if at is not None:
             await asyncio.sleep(max(0.0, math.floor(at) + 1 - time.time()))
 

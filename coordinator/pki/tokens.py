@@ -80,6 +80,16 @@ def spend(data: Path, secret_hash: str, now: float | None = None) -> TokenRecord
     return entry
 
 
+class FileTokens:
+    """The token records of DATA/ca/tokens/, as the Enrollment service spends them."""
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+
+    def spend(self, secret_hash: str) -> TokenRecord:
+        return spend(self.data, secret_hash)
+
+
 def purge(data: Path, now: float | None = None) -> None:
     """Forget records spent or expired more than PURGE_AFTER ago."""
     now = time.time() if now is None else now
