@@ -25,6 +25,7 @@ from typing import Any
 
 import psycopg
 
+from cachepoint.errors import StoreBusy
 from cachepoint.trust.principal import Principal
 from coordinator.backends.records import PgStoreDB, section_connection
 from coordinator.backends.section import exclusive
@@ -116,11 +117,18 @@ class TrustTables:
         self.load()
 
     def revoked_at(self, name: str) -> float | None:
-        """When ``name`` was last revoked, read from the database now (enrollment's own check)."""
-        with self.db.connection() as conn:
-            row = conn.execute(
-                "SELECT extract(epoch FROM revoked_at)::float8 FROM revocations WHERE name = %s", (name,)
-            ).fetchone()
+        """When ``name`` was last revoked, read from the database now (enrollment's own check); the
+        copy's answer when the database cannot be reached (its token is spent by then)."""
+        try:
+            with self.db.connection() as conn:
+                row = conn.execute(
+                    "SELECT extract(epoch FROM revoked_at)::float8 FROM revocations WHERE name = %s", (name,)
+                ).fetchone()
+        except (psycopg.Error, StoreBusy) as err:
+            log.warning(
+                "%s: reading the revocation of %r: %s; using this replica's copy", self.db.where, name, err
+            )
+            return self.revocations.revoked.get(name)
         return float(row[0]) if row else None
 
     def load(self) -> bool:

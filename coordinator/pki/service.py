@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from cachepoint.errors import StoreBusy
 from cachepoint.trust.principal import Principal, Role
 from cachepoint.trust.token import secret_hash
 from cachepoint.v1 import enrollment_pb2, enrollment_pb2_grpc
@@ -94,6 +95,8 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         except tokens.TokenRefused as err:
             log.warning("enrollment refused from %s: %s", context.peer(), err)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
+        except StoreBusy as err:  # the replicas' database is unreachable: the token stays unspent
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         principal = Principal(entry.name, (Role.parse(entry.role),), entry.site)
         await self._after_revocation(entry.name)
         cert, bundle = self._issue(key, principal)
