@@ -27,7 +27,7 @@ from coordinator.backends.section import WriteSection
 from coordinator.catalog.events import EventLog
 from coordinator.catalog.service import CatalogService
 from coordinator.dashboard.view import Dashboard
-from coordinator.fleet.registry import Registry
+from coordinator.fleet.registry import FleetRegistry, Registry
 from coordinator.fleet.service import FleetService
 from coordinator.history.audit import AuditLog
 from coordinator.history.retention import Retention
@@ -101,7 +101,7 @@ async def serve(
                 s,
             )
         )
-        registry = Registry()
+        registry = await fleet_registry(backend, store)
         metrics.watch(registry)
         fleet = FleetService(registry, assignments, caller, trust.revoked if trust is not None else None)
         server.add(lambda s: fleet_pb2_grpc.add_FleetServicer_to_server(fleet, s))
@@ -159,8 +159,21 @@ async def serve(
             if trust is not None:
                 await trust.stop()
             await server.stop()
+            if not isinstance(registry, Registry):
+                await registry.close()  # type: ignore[attr-defined]  # the shared one: its pending writes
     finally:
         store.close()
+
+
+async def fleet_registry(backend: Backend, store: Store) -> FleetRegistry:
+    """In memory (embedded), or the one the replicas share in PostgreSQL."""
+    if not backend.shared:
+        return Registry()
+    from coordinator.fleet.shared import SharedRegistry  # psycopg only for a shared backend
+
+    registry = SharedRegistry(backend.catalog, f"fleet registry in {backend_where(store)}")
+    await registry.start()
+    return registry
 
 
 def backend_where(store: Store) -> str:
