@@ -10,8 +10,10 @@ well inside the 6 s a node may go unheard before it is called stale. A flush tha
 restarted) keeps what it had, and the next one writes it with what came since.
 
 Registrations and pull announcements are written at once (a node's next call may reach another
-replica). FindPeers and the listings read PostgreSQL: the holders of a ref through the GIN index on
-``complete``, a site's pullers through the index on ``site``. Health is judged against this replica's
+replica). FindPeers reads the healthy holders of a ref through the GIN index on ``complete`` and
+keeps them HOLDERS_CACHE_S, by site and load, so the many nodes of a rollout asking for one ref cost
+one read a second per replica; a site's pullers are read through the index on ``site``, the
+listings read the table. Health is judged against this replica's
 clock, as the heartbeat times were written by the replicas' clocks: replicas keep their clocks in
 step (NTP), as TLS already requires.
 """
@@ -24,6 +26,7 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -41,6 +44,13 @@ from coordinator.fleet.registry import (
 log = logging.getLogger(__name__)
 
 FLUSH_S = 0.25  # heartbeats are written this often, all at once
+# How long a replica answers FindPeers for a ref from the holders it last read. A rollout is the hot
+# case: thousands of nodes ask for the same ref within seconds, and every one of them would otherwise
+# read all its holders (10,000 rows when all hold it) to pick 64. The cost: a node that just completed
+# the ref is offered up to this much (plus FLUSH_S) later; a stale node may be offered this much longer.
+HOLDERS_CACHE_S = 1.0
+HOLDERS_CACHED = 256  # refs kept at most (a rollout concerns a few)
+SITE_CACHE_S = 60.0  # how long a replica trusts the site it read for a node (it changes on re-registration)
 POOL_MAX = 4  # the registry's own connections, apart from the catalog's pool
 
 _NODE_COLUMNS = "node_id, site, address, registered_ns, last_seen_ns, load, complete, pulling, report"
@@ -61,14 +71,14 @@ FROM (
 WHERE n.node_id = u.node_id
 """
 
-# The requester's site, read in the same statement (one round trip per FindPeers).
+# The requester's site, read in the same statement (one round trip).
 _REQUESTER_SITE = "(SELECT site FROM nodes WHERE node_id = %(requester)s)"
 
-_HOLDERS = f"""
-SELECT {_NODE_COLUMNS}, site = {_REQUESTER_SITE} FROM nodes
-WHERE node_id <> %(requester)s AND last_seen_ns > %(fresh)s AND complete @> ARRAY[%(ref)s]::text[]
-ORDER BY site IS DISTINCT FROM {_REQUESTER_SITE}, load, node_id COLLATE "C"
-LIMIT %(limit)s
+# Every healthy holder of a ref, least loaded first: what a replica keeps for HOLDERS_CACHE_S.
+_HOLDERS = """
+SELECT node_id, site, address, registered_ns, last_seen_ns, load FROM nodes
+WHERE complete @> ARRAY[%(ref)s]::text[] AND last_seen_ns > %(fresh)s
+ORDER BY load, node_id COLLATE "C"
 """
 
 _ANY_HEALTHY = f"""
@@ -125,6 +135,23 @@ def _node(row: tuple[Any, ...]) -> Node:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Holders:
+    read_at: float  # time.monotonic()
+    ordered: list[Node]  # healthy holders by (load, node id), without their holdings
+    by_site: dict[str, list[Node]]  # the same, by site
+
+
+def _holders(rows: list[tuple[Any, ...]]) -> _Holders:
+    ordered = [
+        Node(node_id, site, address, reg, seen, load) for node_id, site, address, reg, seen, load in rows
+    ]
+    by_site: dict[str, list[Node]] = {}
+    for node in ordered:
+        by_site.setdefault(node.site, []).append(node)
+    return _Holders(time.monotonic(), ordered, by_site)
+
+
 class SharedRegistry:
     """A FleetRegistry over PostgreSQL (``dsn``: the catalog's). ``start`` opens it and starts the
     flusher; ``close`` writes what is pending and closes it."""
@@ -140,6 +167,9 @@ class SharedRegistry:
         self.pending: dict[str, tuple[int, list[str], int, str | None]] = {}
         self.known: set[str] = set()  # registered (rows are never deleted): no need to ask again
         self._flusher: asyncio.Task[None] | None = None
+        self._holders: dict[str, _Holders] = {}
+        self._reading: dict[str, asyncio.Future[_Holders]] = {}  # one read per ref at a time
+        self._sites: dict[str, tuple[str, float]] = {}  # node id -> (site, when read)
         self.flushed = 0  # heartbeats written, for the logs and the benchmark
 
     async def start(self) -> None:
@@ -170,6 +200,7 @@ class SharedRegistry:
             )
         self.pending.pop(node_id, None)  # older than the registration
         self.known.add(node_id)
+        self._sites[node_id] = (site, time.monotonic())
 
     async def record_heartbeat(
         self, node_id: str, complete: set[str], load: int, report: NodeReport | None
@@ -241,14 +272,55 @@ class SharedRegistry:
             return await cursor.fetchall()
 
     async def find_holders(self, requester_id: str, ref: str | None, limit: int) -> list[tuple[Node, bool]]:
-        params = {
-            "requester": requester_id,
-            "fresh": time.time_ns() - STALE_AFTER_NS,
-            "ref": ref,
-            "limit": limit or None,
-        }
-        rows = await self._fetch(_ANY_HEALTHY if ref is None else _HOLDERS, params)
-        return [(_node(row[:-1]), bool(row[-1])) for row in rows]
+        now = time.time_ns()
+        if ref is None:  # any healthy node: rare, read as asked
+            params = {"requester": requester_id, "fresh": now - STALE_AFTER_NS, "limit": limit or None}
+            rows = await self._fetch(_ANY_HEALTHY, params)
+            return [(_node(row[:-1]), bool(row[-1])) for row in rows]
+        site = await self._site_of(requester_id)
+        holders = await self._holders_of(ref)
+        wanted = limit or len(holders.ordered)
+        same_site = holders.by_site.get(site, []) if site is not None else []
+        found = [(n, True) for n in same_site if n.node_id != requester_id and n.healthy(now)][:wanted]
+        for node in holders.ordered:
+            if len(found) >= wanted:
+                break
+            if node.site != site and node.node_id != requester_id and node.healthy(now):
+                found.append((node, False))
+        return found
+
+    async def _site_of(self, node_id: str) -> str | None:
+        cached = self._sites.get(node_id)
+        if cached is not None and time.monotonic() - cached[1] < SITE_CACHE_S:
+            return cached[0]
+        rows = await self._fetch("SELECT site FROM nodes WHERE node_id = %(node)s", {"node": node_id})
+        if not rows:
+            return None
+        self._sites[node_id] = (str(rows[0][0]), time.monotonic())
+        return str(rows[0][0])
+
+    async def _holders_of(self, ref: str) -> _Holders:
+        cached = self._holders.get(ref)
+        if cached is not None and time.monotonic() - cached.read_at < HOLDERS_CACHE_S:
+            return cached
+        reading = self._reading.get(ref)
+        if reading is None:  # the first asker reads; the others wait for its answer
+            reading = asyncio.ensure_future(self._read_holders(ref))
+            self._reading[ref] = reading
+            reading.add_done_callback(lambda _: self._reading.pop(ref, None))
+        return await asyncio.shield(reading)
+
+    async def _read_holders(self, ref: str) -> _Holders:
+        rows = await self._fetch(_HOLDERS, {"ref": ref, "fresh": time.time_ns() - STALE_AFTER_NS})
+        holders = _holders(rows)
+        if len(self._holders) >= HOLDERS_CACHED:
+            oldest = min(self._holders, key=lambda r: self._holders[r].read_at)
+            del self._holders[oldest]
+        self._holders[ref] = holders
+        read_at = time.monotonic()
+        for node in holders.ordered:
+            self._sites[node.node_id] = (node.site, read_at)
+        return holders
 
     async def find_pullers(self, requester_id: str, ref: str) -> list[Node]:
         now = time.time_ns()
@@ -269,4 +341,3 @@ class SharedRegistry:
             rows = await cursor.fetchall()
         fresh = time.time_ns() - STALE_AFTER_NS
         return Counter((site, "healthy" if seen > fresh else "stale") for site, seen in rows)
-
