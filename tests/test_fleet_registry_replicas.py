@@ -1,10 +1,13 @@
 """The fleet registry replicas share in PostgreSQL (coordinator/fleet/shared.py): the same answers as the
-in-memory registry, and a node registered through one replica is found, listed and kept by the others."""
+in-memory registry, and a node registered through one replica is found, listed, shown on the dashboard
+and kept by the others."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -87,12 +90,18 @@ def _last_seen_ns(fleet: Fleet, address: str) -> dict[str, int]:
     return {n.node.node_id: n.last_seen_ns for n in reply.nodes if n.healthy}
 
 
+def _dashboard_nodes(http: str) -> set[str]:
+    with urllib.request.urlopen(f"http://{http}/v1/dashboard", timeout=30) as response:
+        snapshot = json.load(response)
+    return {node["node_id"] for site in snapshot["sites"] for node in site["nodes"]}
+
+
 def test_nodes_registered_through_different_replicas_are_found_listed_and_kept_by_every_replica(
     tmp_path: Path, postgres_dsn: str
 ) -> None:
     blocks = tmp_path / "blocks"
     with Fleet(tmp_path) as fleet:
-        first, second = start_replicas(fleet, postgres_dsn, blocks, 2)
+        first, second = start_replicas(fleet, postgres_dsn, blocks, 2, ["--http", "127.0.0.1:0"])
         both = f"{first.address},{second.address}"
         # n1 registers and heartbeats through the first replica (the second only should it fail),
         # n2 through the second.
@@ -120,6 +129,7 @@ def test_nodes_registered_through_different_replicas_are_found_listed_and_kept_b
                 logs=fleet.logs,
             )
             assert listed["n1"]["healthy"] and REF in listed["n1"]["versions"], listed
+            assert _dashboard_nodes(str(replica.ready["http"])) == {"n1", "n2"}
 
         first.kill()  # n1's replica: it heartbeats through the second now
         killed = time.time_ns()
