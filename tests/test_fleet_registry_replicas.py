@@ -75,6 +75,30 @@ def test_the_shared_registry_answers_as_the_in_memory_one(tmp_path: Path, postgr
     assert asyncio.run(shared()) == expected
 
 
+def test_a_node_whose_row_is_gone_from_the_shared_registry_is_told_to_register_again(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    """As after an embedded coordinator's restart: e.g. the database was restored from before it came."""
+    store = open_shared(postgres_dsn, tmp_path / "blocks", tmp_path / "data")
+    store.close()
+
+    async def run() -> None:
+        registry = SharedRegistry(postgres_dsn, "test", flush_s=3600)
+        await registry.start()
+        try:
+            await registry.register_node("n1", "A", "127.0.0.1:7401")
+            async with registry.pool.connection() as conn:
+                await conn.execute("DELETE FROM nodes WHERE node_id = 'n1'")
+            await registry.record_heartbeat("n1", {REF}, 0, None)  # known here: taken, then not written
+            assert await registry.flush() == 0
+            with pytest.raises(UnknownNode):
+                await registry.record_heartbeat("n1", {REF}, 0, None)
+        finally:
+            await registry.close()
+
+    asyncio.run(run())
+
+
 def _find_peers(fleet: Fleet, address: str, requester: str) -> list[str]:
     with fleet.channel(address) as ch:
         version = version_pb2.Ref(layer=LAYER, number=1)

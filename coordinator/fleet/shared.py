@@ -69,6 +69,7 @@ FROM (
         AS b(node_id, seen, load, complete, report)
 ) AS u
 WHERE n.node_id = u.node_id
+RETURNING n.node_id
 """
 
 # The requester's site, read in the same statement (one round trip).
@@ -239,7 +240,7 @@ class SharedRegistry:
         rows = [batch[node_id] for node_id in ids]
         try:
             async with self.pool.connection() as conn:
-                await conn.execute(
+                cursor = await conn.execute(
                     _FLUSH,
                     (
                         ids,
@@ -249,12 +250,16 @@ class SharedRegistry:
                         [row[3] for row in rows],
                     ),
                 )
+                written = {row[0] for row in await cursor.fetchall()}
         except BaseException:
             for node_id, row in batch.items():  # what came since is newer: it stays
                 self.pending.setdefault(node_id, row)
             raise
-        self.flushed += len(ids)
-        return len(ids)
+        self.flushed += len(written)
+        # Rows gone (the table was restored from before they registered): their next heartbeat is
+        # refused, and the node registers again, as after a restart of an embedded coordinator.
+        self.known.difference_update(set(ids) - written)
+        return len(written)
 
     async def _keep_flushing(self) -> None:
         while True:
