@@ -171,7 +171,7 @@ async def fleet_registry(backend: Backend, store: Store) -> FleetRegistry:
         return Registry()
     from coordinator.fleet.shared import SharedRegistry  # psycopg only for a shared backend
 
-    registry = SharedRegistry(backend.catalog, f"fleet registry in {backend_where(store)}")
+    registry = SharedRegistry(backend.catalog, backend_where(store))
     await registry.start()
     return registry
 

@@ -13,9 +13,8 @@ Registrations and pull announcements are written at once (a node's next call may
 replica). FindPeers reads the healthy holders of a ref through the GIN index on ``complete`` and
 keeps them HOLDERS_CACHE_S, by site and load, so the many nodes of a rollout asking for one ref cost
 one read a second per replica; a site's pullers are read through the index on ``site``, the
-listings read the table. Health is judged against this replica's
-clock, as the heartbeat times were written by the replicas' clocks: replicas keep their clocks in
-step (NTP), as TLS already requires.
+listings read the table. Health is judged against this replica's clock, as the heartbeat times were
+written by the replicas' clocks: replicas keep their clocks in step (NTP), as TLS already requires.
 """
 
 from __future__ import annotations
@@ -26,12 +25,14 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 import psycopg_pool
 
+from coordinator.backends.records import CatalogDatabaseDown
 from coordinator.fleet.registry import (
     PULLING_TTL_NS,
     STALE_AFTER_NS,
@@ -47,11 +48,12 @@ FLUSH_S = 0.25  # heartbeats are written this often, all at once
 # How long a replica answers FindPeers for a ref from the holders it last read. A rollout is the hot
 # case: thousands of nodes ask for the same ref within seconds, and every one of them would otherwise
 # read all its holders (10,000 rows when all hold it) to pick 64. The cost: a node that just completed
-# the ref is offered up to this much (plus FLUSH_S) later; a stale node may be offered this much longer.
+# the ref is offered up to this much (plus FLUSH_S) later. Health is checked again at each answer.
 HOLDERS_CACHE_S = 1.0
 HOLDERS_CACHED = 256  # refs kept at most (a rollout concerns a few)
 SITE_CACHE_S = 60.0  # how long a replica trusts the site it read for a node (it changes on re-registration)
 POOL_MAX = 4  # the registry's own connections, apart from the catalog's pool
+CONNECT_S = 10.0  # how long a call waits for a connection before it is answered UNAVAILABLE
 
 _NODE_COLUMNS = "node_id, site, address, registered_ns, last_seen_ns, load, complete, pulling, report"
 
@@ -95,6 +97,10 @@ WHERE site = {_REQUESTER_SITE} AND node_id <> %(requester)s AND last_seen_ns > %
     AND NOT complete @> ARRAY[%(ref)s]::text[] AND (pulling ->> %(ref)s)::bigint > %(recent)s
 ORDER BY node_id COLLATE "C"
 """
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def report_json(report: NodeReport) -> str:
@@ -166,7 +172,7 @@ class SharedRegistry:
         # node id -> (seen ns, sorted complete, load, report as JSON or None): the last heartbeat of each
         # node not written yet.
         self.pending: dict[str, tuple[int, list[str], int, str | None]] = {}
-        self.known: set[str] = set()  # registered (rows are never deleted): no need to ask again
+        self.known: set[str] = set()  # registered: not asked again (until a flush finds the row gone)
         self._flusher: asyncio.Task[None] | None = None
         self._holders: dict[str, _Holders] = {}
         self._reading: dict[str, asyncio.Future[_Holders]] = {}  # one read per ref at a time
@@ -186,11 +192,21 @@ class SharedRegistry:
             await self.flush()
         await self.pool.close()
 
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection; a lost database is CatalogDatabaseDown (UNAVAILABLE: the node's call
+        goes to another replica, or is tried again)."""
+        try:
+            async with self.pool.connection(timeout=CONNECT_S) as conn:
+                yield conn
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as err:
+            raise CatalogDatabaseDown(self.where, first_line(err)) from err
+
     # -- writes --------------------------------------------------------------------------------
 
     async def register_node(self, node_id: str, site: str, address: str) -> None:
         now = time.time_ns()
-        async with self.pool.connection() as conn:
+        async with self._connection() as conn:
             # Registering again keeps what the node held and was pulling, as in memory.
             await conn.execute(
                 "INSERT INTO nodes (node_id, site, address, registered_ns, last_seen_ns)"
@@ -207,7 +223,7 @@ class SharedRegistry:
         self, node_id: str, complete: set[str], load: int, report: NodeReport | None
     ) -> None:
         if node_id not in self.known:
-            async with self.pool.connection() as conn:
+            async with self._connection() as conn:
                 cursor = await conn.execute("SELECT 1 FROM nodes WHERE node_id = %s", (node_id,))
                 if await cursor.fetchone() is None:
                     raise UnknownNode(node_id)
@@ -219,7 +235,7 @@ class SharedRegistry:
 
     async def record_pulling(self, node_id: str, ref: str) -> None:
         now = time.time_ns()
-        async with self.pool.connection() as conn:
+        async with self._connection() as conn:
             # Pulls announced longer ago than PULLING_TTL_NS are dropped as the new one is added.
             cursor = await conn.execute(
                 "UPDATE nodes SET pulling = coalesce((SELECT jsonb_object_agg(key, value)"
@@ -239,7 +255,7 @@ class SharedRegistry:
         ids = sorted(batch)  # one order for every replica: two flushes never wait on each other in a cycle
         rows = [batch[node_id] for node_id in ids]
         try:
-            async with self.pool.connection() as conn:
+            async with self._connection() as conn:
                 cursor = await conn.execute(
                     _FLUSH,
                     (
@@ -266,13 +282,13 @@ class SharedRegistry:
             await asyncio.sleep(self.flush_s)
             try:
                 await self.flush()
-            except (psycopg.Error, psycopg_pool.PoolTimeout) as err:
+            except Exception as err:  # the database restarted or is unreachable: the next flush tries again
                 log.warning("%s: heartbeats not written yet (%s); trying again", self.where, err)
 
     # -- reads ---------------------------------------------------------------------------------
 
     async def _fetch(self, query: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        async with self.pool.connection() as conn:
+        async with self._connection() as conn:
             cursor = await conn.execute(query, params)  # type: ignore[arg-type]  # our own literals
             return await cursor.fetchall()
 
@@ -341,7 +357,7 @@ class SharedRegistry:
         return [_node(row) for row in await self._fetch(f"SELECT {_NODE_COLUMNS} FROM nodes", {})]
 
     async def count_by_state(self) -> Counter[tuple[str, str]]:
-        async with self.pool.connection() as conn:
+        async with self._connection() as conn:
             cursor = await conn.execute("SELECT site, last_seen_ns FROM nodes")
             rows = await cursor.fetchall()
         fresh = time.time_ns() - STALE_AFTER_NS
