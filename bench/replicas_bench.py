@@ -23,6 +23,7 @@ import grpc
 from bench.harness import Bench, Section, Table, remove
 from bench.replication_bench import CACHEPOINT, COORDINATOR, _announcement, _run, _spawn
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, fleet_pb2, fleet_pb2_grpc, version_pb2
+from coordinator.fleet.shared import SharedRegistry
 
 TITLE = "Coordinator replicas over PostgreSQL"
 REPLICAS = (1, 3)
@@ -36,6 +37,7 @@ COMMIT_SECONDS = 15.0
 FINDPEERS_CALLS = 2_000
 FINDPEERS_CONCURRENCY = 4
 REGISTER_CONCURRENCY = 64
+FLUSH_ROUNDS = 3
 DELIVERY_TIMEOUT = 60.0  # a stream that has not received a commit's event by then counts as missed
 SUBSCRIBE_TIMEOUT = 120.0
 CALL_TIMEOUT = 60.0
@@ -59,6 +61,7 @@ class Outcome:
     register_seconds: float = 0.0
     heartbeats: int = 0
     heartbeat_seconds: float = 0.0
+    flush_seconds: list[float] = field(default_factory=list)
     find_ms: list[float] = field(default_factory=list)
     peers: list[int] = field(default_factory=list)
 
@@ -84,7 +87,10 @@ METHOD = (
     "a holder); while those heartbeats keep going round, as fast as the one client sends them (below a "
     "real fleet's 5,000 a second: the rate is in the table), "
     f"{FINDPEERS_CALLS:,} `FindPeers` calls for that version from random nodes, {FINDPEERS_CONCURRENCY} in "
-    "flight, round robin over the replicas; a call's latency is the client's, from send to reply. The "
+    "flight, round robin over the replicas; a call's latency is the client's, from send to reply. Last, "
+    f"the write capacity behind the registry: the benchmark writes one heartbeat of each of the {NODES:,} "
+    "nodes the way a replica's flush does (`SharedRegistry.flush`, one statement), best of "
+    f"{FLUSH_ROUNDS}, to compare with the 5,000 heartbeats a second that 10,000 nodes send. The "
     "server, the replicas and the client share the machine's cores: the figures are of the whole system "
     "on this machine."
 )
@@ -328,6 +334,25 @@ async def _find_peers(cluster: Cluster, outcome: Outcome, log: Any) -> None:
             await channel.close()
 
 
+async def _flushes(dsn: str, outcome: Outcome) -> None:
+    """What PostgreSQL takes to write one heartbeat of every node, as a replica's flush writes them
+    (one statement), with the replicas still running: the write capacity behind the registry."""
+    registry = SharedRegistry(dsn, "bench", flush_s=3600)
+    await registry.start()
+    try:
+        registry.known.update(f"bench-{i:05d}" for i in range(NODES))
+        for round_ in range(FLUSH_ROUNDS):
+            for i in range(NODES):
+                await registry.record_heartbeat(f"bench-{i:05d}", {f"{COMMITTED}@1"}, (i + round_) % 7, None)
+            start = time.perf_counter()
+            written = await registry.flush()
+            outcome.flush_seconds.append(time.perf_counter() - start)
+            if written != NODES:
+                raise RuntimeError(f"replicas: a flush wrote {written} heartbeats of {NODES}")
+    finally:
+        await registry.close()
+
+
 # -- the section -----------------------------------------------------------------------------------
 
 
@@ -341,6 +366,8 @@ def _measure(bench: Bench, stack: contextlib.ExitStack, root: Path, dsn: str, co
     asyncio.run(_commits(cluster, manifest, outcome))
     bench.log(f"replicas x{count}: {NODES} nodes, FindPeers")
     asyncio.run(_find_peers(cluster, outcome, bench.log))
+    bench.log(f"replicas x{count}: flushes of {NODES} heartbeats")
+    asyncio.run(_flushes(dsn, outcome))
     return outcome
 
 
@@ -401,6 +428,12 @@ def _section(outcomes: list[Outcome]) -> Section:
     row(
         "Heartbeats sent meanwhile (one client), per second",
         lambda o: f"{o.heartbeats / o.heartbeat_seconds:.0f}" if o.heartbeat_seconds else "—",
+    )
+    row(
+        f"One flush of {NODES:,} heartbeats (one `UPDATE … unnest`), best of {FLUSH_ROUNDS}: s, heartbeats/s",
+        lambda o: (
+            f"{min(o.flush_seconds):.2f} ({NODES / min(o.flush_seconds):,.0f}/s)" if o.flush_seconds else "—"
+        ),
     )
     row(
         f"`Watch` delivery to {SUBSCRIBERS:,} streams x {WATCH_COMMITS} commits, p50 / p99 / max (ms)",
