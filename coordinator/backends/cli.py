@@ -100,6 +100,6 @@ def _print(report: Report) -> None:
         f"The CA, join tokens, revocations and assignments stay in {report.source} ({kept}), so nodes keep "
         "their identities and need not enroll again. Serve it as a replica:\n"
         f"  {report.serve}\n"
-        "(the catalog URL is shown without its password). For more replicas, copy ca/ and assignments.json "
-        "into each one's data directory."
+        "(the catalog URL is shown without its user and password). For more replicas, copy ca/ and "
+        "assignments.json into each one's data directory."
     )
