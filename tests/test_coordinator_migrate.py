@@ -5,6 +5,7 @@ question as before, and the node started before goes on working without enrollin
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,7 @@ import psycopg
 from cachepoint.store import format as fmt
 from cachepoint.store.store import Store
 from coordinator.backends.embedded_to_shared import Migration
+from coordinator.history.audit import AuditEntry, AuditLog
 from tests.conftest import run_cli
 from tests.fleet import (
     BLOCK,
@@ -144,7 +146,9 @@ def test_migrate_refuses_while_a_coordinator_serves_the_data_and_into_a_database
 
     again = _migrate(data, postgres_dsn, blocks, check=False)
     assert again.code == 4 and "was migrated to" in again.err and database in again.err, again.err
-    embedded = coordinator_cli("serve", "--data", str(data), "--listen", "127.0.0.1:0", check=False)
+    embedded = coordinator_cli(
+        "serve", "--data", str(data), "--listen", "127.0.0.1:0", check=False, timeout=60
+    )  # refused before it binds: it must not serve
     assert embedded.code == 4 and "serve it with --catalog" in embedded.err, embedded.err
 
     other = tmp_path / "other"
@@ -183,3 +187,28 @@ def test_a_copy_that_differs_from_its_source_does_not_verify_and_names_what_diff
     assert differing == [fmt.CF_VERSIONS]
     assert report.blocks.missing == [f"sha256:{lost.hex()}"] and report.blocks.verified == 2
     assert not (source / "migrated.json").exists(), "an unverified copy does not mark the source"
+
+
+def test_a_source_whose_audit_chain_does_not_verify_is_refused_before_anything_is_copied(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    source = tmp_path / "coordinator"
+    with Store.open(source, writable=True, create=True) as store:
+        audit = AuditLog(store.db)
+        audit.append(
+            [
+                AuditEntry("counsel", "hold.set", "user/alice"),
+                AuditEntry("judge", "hold.release", "user/alice"),
+            ]
+        )
+        key, raw = next(iter(store.db.scan(fmt.CF_AUDIT)))
+        changed = json.loads(raw) | {"actor": "someone else"}  # its hash no longer matches
+        batch = store.db.batch()
+        batch.put(key, json.dumps(changed).encode(), store.db.handle[fmt.CF_AUDIT])
+        store.db.write(batch, sync=True)
+    refused = _migrate(source, postgres_dsn, tmp_path / "blocks", check=False)
+    assert refused.code == 8 and "audit log" in refused.err and "record 1" in refused.err, refused.err
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT to_regclass('records')").fetchone()
+    assert row is not None and row[0] is None, "nothing was written to the database"
+    assert not (tmp_path / "blocks").exists()

@@ -10,7 +10,7 @@ import click
 from cachepoint.console import emit_json, fail, handles_errors, human, json_option
 from cachepoint.errors import EXIT_CORRUPT, InvalidInput
 from cachepoint.progress import progress_bar
-from coordinator.backends.embedded_to_shared import STAYS_IN_DATA, Migration, Report
+from coordinator.backends.embedded_to_shared import STAYS_IN_DATA, Migration, MigrationInterrupted, Report
 
 
 @click.command("migrate")
@@ -49,14 +49,10 @@ def migrate_cmd(
     migration = Migration(from_data.absolute(), catalog, target_blocks)
     try:
         migration.open()
-        records, block_count = migration.record_total, migration.totals["blocks"]
-        with progress_bar(f"copy {records} records", not as_json, unit="records") as progress:
-            migration.copy_records(progress)
-        with progress_bar(f"copy {block_count} blocks", not as_json, unit="blocks") as progress:
-            migration.copy_blocks(progress)
-        with progress_bar("verify", not as_json, unit="records") as progress:
-            report = migration.verify(progress)
-        migration.finish()
+        try:
+            report = _run(migration, as_json)
+        except KeyboardInterrupt as err:
+            raise MigrationInterrupted(migration.report.target, from_data) from err
     finally:
         migration.close()
     if as_json:
@@ -70,6 +66,19 @@ def migrate_cmd(
             EXIT_CORRUPT,
             False,
         )
+
+
+def _run(migration: Migration, as_json: bool) -> Report:
+    """The steps after ``open``, each with its progress bar on a terminal."""
+    records, block_count = migration.record_total, migration.totals["blocks"]
+    with progress_bar(f"copy {records} records", not as_json, unit="records") as progress:
+        migration.copy_records(progress)
+    with progress_bar(f"copy {block_count} blocks", not as_json, unit="blocks") as progress:
+        migration.copy_blocks(progress)
+    with progress_bar("verify", not as_json, unit="records") as progress:
+        report = migration.verify(progress)
+    migration.finish()
+    return report
 
 
 def _print(report: Report) -> None:

@@ -38,6 +38,7 @@ from cachepoint.blocks import decode_verified
 from cachepoint.errors import (
     BlockCorrupt,
     BlockUnreadable,
+    CachepointError,
     IntegrityFailure,
     InvalidInput,
     NotFound,
@@ -90,6 +91,13 @@ class AlreadyMigrated(InvalidInput):
 class SourceAuditBroken(IntegrityFailure):
     """the audit log in {} does not verify (record {}: {}): nothing was copied; see `cachepoint-coordinator
     history audit verify --data {}`"""
+
+
+class MigrationInterrupted(CachepointError):
+    """interrupted: the catalog database {} holds a partial copy (drop the database and create it again
+    before migrating again); {} was left as it was"""
+
+    exit_code = 130  # as any command stopped by Ctrl-C
 
 
 @dataclass(frozen=True, slots=True)
