@@ -17,6 +17,7 @@ from coordinator.backends.embedded_to_shared import STAYS_IN_DATA, Migration, Mi
 @click.option(
     "--from-data",
     "from_data",
+    metavar="DIR",
     type=click.Path(path_type=Path),
     required=True,
     help="The data directory of the embedded coordinator (stopped).",
