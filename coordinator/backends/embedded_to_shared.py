@@ -21,7 +21,8 @@ Verification reads both sides again: per family the record count and a SHA-256 o
 pairs in key order (length-prefixed), every block re-read from its file and its id checked, and the
 audit chain verified on the target with the source's head. Only then is the note DATA/migrated.json
 written (coordinator/backends/migrated.py), after which the embedded store is never served again.
-Cost: the source is read twice and the target once, a few minutes per 100 GiB of blocks on local disks.
+Cost: the source is read three times (counting, copy, verify), the target once; every block
+file is synced.
 """
 
 from __future__ import annotations
