@@ -64,6 +64,9 @@ async def serve(
         raise InvalidInput("--http-tls serves the REST API with the fleet's CA: serve with --tls too")
     backend = backend or Backend(data)
     store = backend.open()
+    # What this process received is kept from GC for the grace period; shared blocks carry their own
+    # age (the files' times, which every replica sees), so the memory of one replica is not needed.
+    store.received_grace_s = 0.0 if backend.shared else backend.block_grace_s
     try:
         counters = ServeCounters()
         events = EventLog(store)
