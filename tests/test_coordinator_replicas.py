@@ -356,3 +356,32 @@ def test_a_replica_killed_mid_publish_and_mid_watch_loses_and_doubles_nothing(
         assert status["coordinator_connected"]
         log = node.cli_json("log", LAYER)
         assert sorted(v["version"] for v in log["versions"]) == [1, 2, 3], log
+
+
+def _sweepers(address: str) -> list[str]:
+    listed = coordinator_cli("history", "audit", "list", "--coordinator", address, "--json").json()
+    return [r["actor"] for r in listed["records"] if r["action"] == "gc.sweep"]
+
+
+def test_the_scheduled_gc_runs_on_one_replica_at_a_time_and_moves_on_when_that_one_dies(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_text('gc_every = "1s"\n')
+    with Fleet(tmp_path) as fleet:
+        replicas = start_replicas(fleet, postgres_dsn, tmp_path / "blocks", 2, ["--config", str(config)])
+        survivor_address = replicas[1].address
+        sweeps = wait_until(
+            "three scheduled GC runs", lambda: len(s := _sweepers(survivor_address)) >= 3 and s, 60
+        )
+        assert len(set(sweeps)) == 1, sweeps  # both replicas tick every second; one holds the lease
+        holder = next(r for r in replicas if r.address in sweeps[0])
+        other = next(r for r in replicas if r is not holder)
+        holder.kill()
+        taken = wait_until(
+            "another replica to take the GC lease",
+            lambda: [a for a in _sweepers(other.address) if other.address in a],
+            60,
+        )
+        assert taken
+        assert all(holder.address in a or other.address in a for a in _sweepers(other.address))
