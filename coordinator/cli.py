@@ -21,6 +21,7 @@ from cachepoint.store.store import Store
 from cachepoint.trust.identity import activate
 from cachepoint.trust.location import ENV_IDENTITY
 from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc
+from coordinator.backends.cli import migrate_cmd
 from coordinator.history.cli import coordinator_option, history_group
 from coordinator.pki.bearer import token_cmd
 from coordinator.pki.cli import COMMANDS as pki_commands
@@ -290,6 +291,7 @@ cli.add_command(history_group)
 for _command in pki_commands:
     cli.add_command(_command)
 cli.add_command(token_cmd)
+cli.add_command(migrate_cmd)
 
 
 def main() -> None:

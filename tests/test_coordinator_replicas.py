@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import pytest
 
 from cachepoint.store.store import Store
 from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc, catalog_pb2, catalog_pb2_grpc, version_pb2
@@ -227,21 +228,35 @@ def _backdate(blocks: Path, seconds: float) -> int:
     return count
 
 
+@pytest.mark.parametrize("backend", ["postgresql", "embedded"])
 def test_gc_on_one_replica_while_another_receives_a_push_keeps_every_block_the_commit_names(
-    tmp_path: Path, postgres_dsn: str
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
+    """Embedded, one coordinator plays both parts; its memory of what it received stands in for the
+    files' ages (a restart forgets it, as an hour would age the files)."""
     blocks = tmp_path / "blocks"
     config = tmp_path / "coordinator.toml"
     config.write_text("[retention.os]\nkeep_last = 1\n")
     with Fleet(tmp_path) as fleet:
-        gc_side, push_side = start_replicas(fleet, postgres_dsn, blocks, 2, ["--config", str(config)])
+        if backend == "postgresql":
+            dsn = request.getfixturevalue("postgres_dsn")
+            gc_side, push_side = start_replicas(fleet, dsn, blocks, 2, ["--config", str(config)])
+        else:
+            gc_side = fleet.coordinator(data=tmp_path / "embedded", extra=["--config", str(config)])
+            push_side = gc_side
         admin = tmp_path / "admin"
         fleet.identity(admin, "publisher", "admin")
         image = tmp_path / "image"
         for seed in (1, 2):  # v1's blocks become garbage once retention deletes it
             random_image(image, 4 * BLOCK, seed=seed)
             publish(admin, gc_side.address, image)
-        assert _backdate(blocks, 2 * 3600) > 0
+        if backend == "postgresql":
+            assert _backdate(blocks, 2 * 3600) > 0
+        else:
+            gc_side.stop()
+            gc_side = push_side = fleet.coordinator(
+                data=tmp_path / "embedded", name="restarted", extra=["--config", str(config)]
+            )
 
         # A publisher's next version: its blocks reach one replica, its commit is not made yet.
         local = tmp_path / "local"
@@ -341,3 +356,32 @@ def test_a_replica_killed_mid_publish_and_mid_watch_loses_and_doubles_nothing(
         assert status["coordinator_connected"]
         log = node.cli_json("log", LAYER)
         assert sorted(v["version"] for v in log["versions"]) == [1, 2, 3], log
+
+
+def _sweepers(address: str) -> list[str]:
+    listed = coordinator_cli("history", "audit", "list", "--coordinator", address, "--json").json()
+    return [r["actor"] for r in listed["records"] if r["action"] == "gc.sweep"]
+
+
+def test_the_scheduled_gc_runs_on_one_replica_at_a_time_and_moves_on_when_that_one_dies(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_text('gc_every = "1s"\n')
+    with Fleet(tmp_path) as fleet:
+        replicas = start_replicas(fleet, postgres_dsn, tmp_path / "blocks", 2, ["--config", str(config)])
+        survivor_address = replicas[1].address
+        sweeps = wait_until(
+            "three scheduled GC runs", lambda: len(s := _sweepers(survivor_address)) >= 3 and s, 60
+        )
+        assert len(set(sweeps)) == 1, sweeps  # both replicas tick every second; one holds the lease
+        holder = next(r for r in replicas if r.address in sweeps[0])
+        other = next(r for r in replicas if r is not holder)
+        holder.kill()
+        taken = wait_until(
+            "another replica to take the GC lease",
+            lambda: [a for a in _sweepers(other.address) if other.address in a],
+            60,
+        )
+        assert taken
+        assert all(holder.address in a or other.address in a for a in _sweepers(other.address))
