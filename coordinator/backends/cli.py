@@ -39,7 +39,8 @@ def migrate_cmd(
 ) -> None:
     """Copy a stopped embedded coordinator's whole state (records and blocks) into a PostgreSQL catalog
     and a block directory, then verify it: counts and SHA-256 per family, every block's id, the audit
-    chain. The CA, tokens, revocations and assignments stay in DIR: serve it again with
+    chain. Assignments, revocations and unspent join tokens go into the shared trust tables; the CA
+    stays in DIR: serve it again with
     `serve --data DIR --catalog URL --blocks URL`, and no node enrolls again. Exit 5 while a coordinator
     serves DIR, 4 when the database already holds records, 8 when the copy does not verify."""
     settings = click_ctx.find_root().obj
@@ -74,6 +75,7 @@ def _run(migration: Migration, as_json: bool) -> Report:
     records, block_count = migration.record_total, migration.totals["blocks"]
     with progress_bar(f"copy {records} records", not as_json, unit="records") as progress:
         migration.copy_records(progress)
+    migration.copy_trust()
     with progress_bar(f"copy {block_count} blocks", not as_json, unit="blocks") as progress:
         migration.copy_blocks(progress)
     with progress_bar("verify", not as_json, unit="records") as progress:
@@ -107,9 +109,9 @@ def _print(report: Report) -> None:
     click.echo(
         f"verified in {report.seconds:.1f} s. {report.source}/migrated.json says where the state went: the "
         "embedded store is not served again.\n"
-        f"The CA, join tokens, revocations and assignments stay in {report.source} ({kept}), so nodes keep "
-        "their identities and need not enroll again. Serve it as a replica:\n"
-        f"  {report.serve}\n"
-        "(the catalog URL is shown without its user and password). For more replicas, copy ca/ and "
-        "assignments.json into each one's data directory."
+        f"Assignments, revocations and unspent join tokens are in the catalog now; the CA stays in "
+        f"{report.source} ({kept}), so nodes keep their identities and need not enroll again. Serve it "
+        f"as a replica:\n  {report.serve}\n"
+        "(the catalog URL is shown without its user and password). For more replicas, copy ca/ into each "
+        "one's data directory."
     )

@@ -69,7 +69,9 @@ META_MIGRATED_FROM = b"migrated_from"
 # Meta records that are not copied, and not compared: the embedded database's bookkeeping, and the above.
 NOT_COPIED_META = fmt.UNJOURNALED_META | {META_MIGRATED_FROM}
 COPIED_FAMILIES = tuple(family for family in fmt.COLUMN_FAMILIES if family != fmt.CF_BLOCKS)
-STAYS_IN_DATA = ("ca/", "assignments.json", "audit-queue/")
+# The CA's key and certificate (each replica is given them); the queue of records the offline commands
+# left, which the replica moves into the shared audit chain when it starts.
+STAYS_IN_DATA = ("ca/", "audit-queue/")
 
 Progress = Callable[[int, int], None]
 
@@ -160,6 +162,7 @@ class Report:
     blocks: BlockCheck = field(default_factory=BlockCheck)
     source_audit: Verdict | None = None
     target_audit: Verdict | None = None
+    trust: dict[str, int] = field(default_factory=dict)  # assignments, revocations, tokens copied
     seconds: float = 0.0
 
     @property
@@ -192,6 +195,7 @@ class Report:
                 "target": self.target_audit.as_json() if self.target_audit else None,
                 "ok": self.audit_ok,
             },
+            "trust": self.trust,
             "verified": self.verified,
             "stays_in_data": [str(self.source / name) for name in STAYS_IN_DATA],
             "serve": self.serve,
@@ -296,6 +300,32 @@ class Migration:
         return sum(n for family, n in self.totals.items() if family != fmt.CF_BLOCKS)
 
     # -- copying ---------------------------------------------------------------------------------
+
+    def copy_trust(self) -> dict[str, int]:
+        """The fleet's trust state that replicas share (coordinator/backends/trust_tables.py): user
+        assignments, revocations, and join tokens not spent and not expired (spent ones stay in DIR's
+        files, for who enrolled when)."""
+        from coordinator.assignments import Assignments
+        from coordinator.backends import trust_tables
+        from coordinator.pki import revocation, tokens
+
+        assert self.target is not None
+        counts = {"assignments": 0, "revocations": 0, "tokens": 0}
+        now = time.time()
+        with trust_tables.admin_transaction(self.target) as conn:
+            for node, users in Assignments(self.source_dir).all().items():
+                for user in users:
+                    counts["assignments"] += trust_tables.assign(conn, user, node)
+            for name, at in revocation.read(self.source_dir).items():
+                trust_tables.revoke(conn, name, at)
+                counts["revocations"] += 1
+            for path in sorted(tokens.token_dir(self.source_dir).glob("*.json")):
+                entry = tokens.read_record(path)
+                if entry.expires_at >= now:
+                    trust_tables.record_token(conn, path.stem, entry)
+                    counts["tokens"] += 1
+        self.report.trust = counts
+        return counts
 
     def copy_records(self, progress: Progress | None = None) -> int:
         """Every family but blocks, RECORDS_PER_TRANSACTION records per transaction."""

@@ -1,4 +1,4 @@
-"""Fleet trust in PostgreSQL, for replicas: join tokens, revocations and user assignments (migration 3),
+"""Fleet trust in PostgreSQL, for replicas: join tokens, revocations and user assignments (migration 4),
 so that a token made once is spent once at any replica, and a revocation or an assignment made once
 holds at every replica.
 

@@ -57,6 +57,14 @@ def _read(path: Path) -> TokenRecord:
     return TokenRecord(**json.loads(path.read_text()))
 
 
+def token_dir(data: Path) -> Path:
+    """Where the token records of ``data`` are (unspent ones; spent ones below, in used/)."""
+    return _dir(data)
+
+
+read_record = _read
+
+
 def spend(data: Path, secret_hash: str, now: float | None = None) -> TokenRecord:
     """The record of a valid token, now spent; TokenRefused when unknown, used or expired."""
     now = time.time() if now is None else now
