@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests import tls
+from tests.postgres import PostgresServer
+from tests.postgres import available as postgres_unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,3 +126,28 @@ def cli(store_dir: Path):
         return run_cli(store_dir, *args, check=check)
 
     return call
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server per pytest worker (tests/postgres.py), stopped and removed at the end
+    of the session, failed or interrupted; skips with the reason when PostgreSQL is not installed."""
+    reason = postgres_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
+    """The DSN (postgresql://...) of a new, empty database of its own for this test, dropped after it."""
+    dsn = postgres_server.create_database()
+    try:
+        yield dsn
+    finally:
+        postgres_server.drop_database(dsn.rsplit("/", 1)[1])

@@ -208,7 +208,7 @@ class CatalogService(CatalogReadService):
     async def Watch(  # noqa: N802
         self, request: catalog_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[catalog_pb2.CatalogEvent]:
-        if request.after > self.events.visible:
+        if request.after > self.events.visible and request.after > await self.events.catch_up():
             await context.abort(
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"watch position {request.after} is ahead of the catalog log (at {self.events.visible})",
