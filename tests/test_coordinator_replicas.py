@@ -146,9 +146,13 @@ def test_two_publishers_committing_through_different_replicas_get_versions_1_to_
         assert sorted(r["details"]["version"] for r in staging_moves) == list(range(1, 101))
 
 
-def test_a_replica_serves_watch_events_another_replica_committed(tmp_path: Path, postgres_dsn: str) -> None:
-    """LISTEN/NOTIFY: a Watch stream on one replica wakes for a commit made through another at once
-    (well before the stream's keepalive would look at the log again)."""
+def test_a_replica_serves_watch_events_another_replica_committed(
+    tmp_path: Path, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LISTEN/NOTIFY: a Watch stream on one replica wakes for a commit made through another. The
+    replicas look at the log on their own only every 10 minutes here, longer than the test may run:
+    the event can only come by the notification."""
+    monkeypatch.setenv("CACHEPOINT_WATCH_KEEPALIVE", "600")
     blocks = tmp_path / "blocks"
     with Fleet(tmp_path) as fleet:
         first, second = start_replicas(fleet, postgres_dsn, blocks, 2)
@@ -158,18 +162,13 @@ def test_a_replica_serves_watch_events_another_replica_committed(tmp_path: Path,
         random_image(image, 2 * BLOCK, seed=3)
         with fleet.channel(first.address) as ch:
             stream = catalog_pb2_grpc.CatalogStub(ch).Watch(
-                catalog_pb2.WatchRequest(layers=[LAYER]), timeout=60
+                catalog_pb2.WatchRequest(layers=[LAYER]), timeout=300
             )
-            started = time.monotonic()
             publish(admin, second.address, image)
-            published = time.monotonic()
             event = next(iter(stream))
-            arrived = time.monotonic()
             stream.cancel()
         assert event.WhichOneof("event") == "version_committed"
         assert event.version_committed.number == 1
-        # Not a speed claim: the keepalive re-read comes after 15 s; a notified stream does not wait for it.
-        assert arrived - published < 10.0, (started, published, arrived)
 
 
 def test_watch_resumed_on_another_replica_from_a_position_misses_nothing(
