@@ -21,9 +21,11 @@ from cachepoint.store.store import Store
 from cachepoint.trust.identity import activate
 from cachepoint.trust.location import ENV_IDENTITY
 from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc
+from coordinator.backends.cli import migrate_cmd
 from coordinator.history.cli import coordinator_option, history_group
 from coordinator.pki.bearer import token_cmd
 from coordinator.pki.cli import COMMANDS as pki_commands
+from coordinator.pki.cli import admin_data_option, admin_writes, catalog_option
 
 CHECK_CONFIG = "check-config"
 
@@ -213,40 +215,41 @@ def fleet_cmd(address: str, as_json: bool) -> None:
 @cli.command("assign")
 @click.argument("user")
 @click.argument("node")
-@click.option(
-    "--data", "data", type=click.Path(path_type=Path), required=True, help="The coordinator's data directory."
-)
+@admin_data_option
+@catalog_option
 @json_option
 @handles_errors
-def assign_cmd(user: str, node: str, data: Path, as_json: bool) -> None:
+def assign_cmd(user: str, node: str, data: Path | None, catalog: str | None, as_json: bool) -> None:
     """Assign USER to NODE: with mutual TLS, NODE may then read and commit user/USER/... layers.
-    Takes effect at once, also at a running coordinator (DATA/assignments.json)."""
-    from coordinator.assignments import Assignments
-
-    _assignment_changed(data, Assignments(data).assign(user, node), user, node, "assigned", as_json)
+    Takes effect at once, also at a running coordinator (DATA/assignments.json; with a shared
+    catalog, at every replica within a second)."""
+    writes = admin_writes(data, catalog)
+    try:
+        changed = writes.assign(user, node)
+    finally:
+        writes.close()
+    _assignment_changed(changed, user, node, "assigned", as_json)
 
 
 @cli.command("unassign")
 @click.argument("user")
 @click.argument("node")
-@click.option(
-    "--data", "data", type=click.Path(path_type=Path), required=True, help="The coordinator's data directory."
-)
+@admin_data_option
+@catalog_option
 @json_option
 @handles_errors
-def unassign_cmd(user: str, node: str, data: Path, as_json: bool) -> None:
+def unassign_cmd(user: str, node: str, data: Path | None, catalog: str | None, as_json: bool) -> None:
     """Take USER from NODE: NODE may no longer read or commit user/USER/... layers."""
-    from coordinator.assignments import Assignments
+    writes = admin_writes(data, catalog)
+    try:
+        changed = writes.unassign(user, node)
+    finally:
+        writes.close()
+    _assignment_changed(changed, user, node, "unassigned", as_json)
 
-    _assignment_changed(data, Assignments(data).unassign(user, node), user, node, "unassigned", as_json)
 
-
-def _assignment_changed(data: Path, changed: bool, user: str, node: str, what: str, as_json: bool) -> None:
-    if changed:  # audited by the coordinator (coordinator/pki/audit_queue.py)
-        from coordinator.pki import audit_queue
-
-        action = audit_queue.ASSIGNED if what == "assigned" else audit_queue.UNASSIGNED
-        audit_queue.queue(data, action, f"user/{user}", {"node": node})
+def _assignment_changed(changed: bool, user: str, node: str, what: str, as_json: bool) -> None:
+    """What the command prints (the change was audited where it was written: coordinator/pki/state.py)."""
     if as_json:
         emit_json({"user": user, "node": node, what: True, "changed": changed})
     else:
@@ -288,6 +291,7 @@ cli.add_command(history_group)
 for _command in pki_commands:
     cli.add_command(_command)
 cli.add_command(token_cmd)
+cli.add_command(migrate_cmd)
 
 
 def main() -> None:

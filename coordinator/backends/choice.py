@@ -47,6 +47,9 @@ class Backend:
         """The coordinator's store (writable; created when missing)."""
         self.check()
         if not self.shared:
+            from coordinator.backends.migrated import refuse_embedded
+
+            refuse_embedded(self.data)  # its state lives in a catalog now (`migrate`)
             return Store.open(self.data, writable=True, create=True)
         from coordinator.backends.fileblocks import FileBlocks, blocks_root
         from coordinator.backends.records import PgStoreDB

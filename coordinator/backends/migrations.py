@@ -55,6 +55,68 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        3,
+        "nodes",
+        """
+        -- The fleet registry the replicas share (coordinator/fleet/shared.py): one row per node.
+        -- Times are the receiving replica's clock in ns since the epoch, as the in-memory registry
+        -- keeps them. complete: refs "layer@N" held whole, sorted; pulling: {"layer@N": ns announced}.
+        -- Heartbeats (every node every 2 s) rewrite last_seen_ns and load only, mostly with complete
+        -- unchanged: neither is indexed and pages keep room (fillfactor), so those updates are HOT
+        -- (no index entries written), which is what lets 10,000 nodes heartbeat.
+        CREATE TABLE nodes (
+            node_id text PRIMARY KEY,
+            site text NOT NULL,
+            address text NOT NULL,
+            registered_ns bigint NOT NULL,
+            last_seen_ns bigint NOT NULL,
+            load integer NOT NULL DEFAULT 0,
+            complete text[] NOT NULL DEFAULT '{}',
+            pulling jsonb NOT NULL DEFAULT '{}',
+            report jsonb
+        ) WITH (fillfactor = 70);
+        -- FindPeers: the holders of one ref (then filtered by health, ordered by site and load).
+        CREATE INDEX nodes_complete ON nodes USING gin (complete);
+        -- FindPeers(pulling): the nodes of the requester's site (then filtered by the ref pulled).
+        CREATE INDEX nodes_site ON nodes (site);
+        """,
+    ),
+    Migration(
+        4,
+        "fleet trust",
+        """
+        -- What every replica must agree on about the fleet's members (coordinator/backends/
+        -- trust_tables.py): join tokens, revocations, user assignments. The CA's key and certificate
+        -- stay files each replica is given. Times are the writer's clock, as the embedded files keep them.
+        CREATE TABLE join_tokens (
+            secret_hash text PRIMARY KEY,  -- SHA-256 of the token's secret in hex; the secret is never kept
+            name text NOT NULL,
+            role text NOT NULL,
+            site text NOT NULL DEFAULT '',
+            created_at timestamptz NOT NULL,
+            expires_at timestamptz NOT NULL,
+            spent_at timestamptz  -- NULL until the one enrollment that spends it
+        );
+        CREATE TABLE revocations (
+            name text PRIMARY KEY,
+            revoked_at timestamptz NOT NULL  -- certificates of name issued up to here are refused
+        );
+        CREATE TABLE assignments (
+            node text NOT NULL,
+            user_name text NOT NULL,
+            assigned_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (node, user_name)
+        );
+        -- Bumped in the transaction of every change to revocations or assignments: replicas poll this
+        -- one small table and read the other again only when its row moved.
+        CREATE TABLE trust_versions (
+            kind text PRIMARY KEY,
+            version bigint NOT NULL
+        );
+        INSERT INTO trust_versions (kind, version) VALUES ('revocations', 0), ('assignments', 0);
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version
