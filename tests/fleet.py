@@ -69,6 +69,8 @@ class SharedCatalog:
 
 
 _shared_catalog: SharedCatalog | None = None
+# Offline commands that change the fleet's trust: on a shared backend they write to its catalog.
+SHARED_ADMIN_COMMANDS = frozenset({"enroll", "revoke", "assign", "unassign"})
 
 
 @contextlib.contextmanager
@@ -189,6 +191,9 @@ def coordinator_cli(
     """``identity``: the one to present (CACHEPOINT_IDENTITY); by default, when ``--coordinator`` names
     a TLS coordinator of the harness and the environment names none, an operator's (tests/tls.py)."""
     env = {k: v for k, v in os.environ.items() if k != "CACHEPOINT_DEBUG"}
+    shared = shared_catalog()
+    if shared is not None and args and args[0] in SHARED_ADMIN_COMMANDS and "--catalog" not in args:
+        args = (*args, "--catalog", shared.dsn)  # the fleet's trust is in the shared catalog there
     if identity is None and tls.ENV_IDENTITY not in env:  # a test's own CACHEPOINT_IDENTITY is kept
         identity = tls.operator_identity(args)
     if identity is not None:
