@@ -150,28 +150,17 @@ class SharedAdmin:
     def assign(self, user: str, node: str) -> bool:
         from coordinator.backends import trust_tables
 
-        self._check(user, node)
-        return bool(
-            self._audited(
-                lambda conn: trust_tables.assign(conn, user, node),
-                audit_queue.ASSIGNED,
-                f"user/{user}",
-                {"node": node},
-            )
-        )
+        return self._assignment(trust_tables.assign, audit_queue.ASSIGNED, user, node)
 
     def unassign(self, user: str, node: str) -> bool:
         from coordinator.backends import trust_tables
 
+        return self._assignment(trust_tables.unassign, audit_queue.UNASSIGNED, user, node)
+
+    def _assignment(self, change: Callable[[Any, str, str], bool], action: str, user: str, node: str) -> bool:
         self._check(user, node)
-        return bool(
-            self._audited(
-                lambda conn: trust_tables.unassign(conn, user, node),
-                audit_queue.UNASSIGNED,
-                f"user/{user}",
-                {"node": node},
-            )
-        )
+        written = self._audited(lambda conn: change(conn, user, node), action, f"user/{user}", {"node": node})
+        return bool(written)
 
     @staticmethod
     def _check(user: str, node: str) -> None:
