@@ -44,6 +44,13 @@ test-tools:
 		(apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
 		|| echo "could not install$$missing: the tests that need them will say they were skipped" >&2; \
 	fi
+	@# tests/postgres.py starts throwaway PostgreSQL servers of its own, as the postgres user the package
+	@# makes; the drop-in stops the package from creating (and its service from starting) a main cluster.
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { echo "installing postgresql"; \
+		mkdir -p /etc/postgresql-common/createcluster.d && echo 'create_main_cluster = false' \
+		> /etc/postgresql-common/createcluster.d/no-main-cluster.conf && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } \
+		|| echo "could not install postgresql: the PostgreSQL tests will say they were skipped" >&2
 	@# The deployment test's services get their venv from the system's Python (ansible/README.md).
 	@/usr/bin/python3 -c 'import ensurepip' 2>/dev/null || (apt-get update -qq && apt-get install -y -qq python3-venv \
 		>/dev/null) || echo "could not install python3-venv: the deployment test will say it was skipped" >&2

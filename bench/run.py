@@ -23,6 +23,7 @@ from bench.ingest_bench import clones, first_ingest, reingest
 from bench.nbd_bench import nbd_read
 from bench.read_paths import read_paths
 from bench.real_image_bench import real_image
+from bench.replicas_bench import replicas
 from bench.replication_bench import delta_sync
 from bench.report import render, write_atomic
 from bench.site_fanout_bench import site_fanout
@@ -43,6 +44,7 @@ SECTIONS: list[SectionFn] = [
     read_paths,
     site_fanout,
     fanout_model,
+    replicas,
 ]
 
 

@@ -13,12 +13,22 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Protocol
 
 from cachepoint.errors import InvalidInput
 from cachepoint.trust.principal import check_name
 from coordinator.history.users import validate_user
 
 FILE = "assignments.json"
+
+
+class AssignmentView(Protocol):
+    """What authorization reads: these files, or with replicas the shared table's copy
+    (coordinator/backends/trust_tables.py)."""
+
+    def users_of(self, node: str) -> frozenset[str]: ...
+
+    def all(self) -> dict[str, list[str]]: ...
 
 
 class Assignments:

@@ -27,7 +27,7 @@ from cachepoint.rpc.wrapping import AuthorizingInterceptor
 from cachepoint.store.store import Store
 from cachepoint.trust import reading
 from cachepoint.trust.principal import Principal
-from coordinator.assignments import Assignments
+from coordinator.assignments import AssignmentView
 from coordinator.history.audit import AuditEntry, AuditLog, recorded_actor
 from coordinator.history.holds import Holds
 from coordinator.pki.guard import Refused, peer_principal
@@ -42,7 +42,7 @@ PUBLISHED_ROOTS = ("os/", "app/")
 class Facts:
     """What rules look at besides the principal and the request."""
 
-    assignments: Assignments
+    assignments: AssignmentView
     holds: Holds
 
 
@@ -273,7 +273,7 @@ def acting(context: grpc.aio.ServicerContext, claimed: str) -> str:
 
 
 class Authorizer(AuthorizingInterceptor):
-    def __init__(self, store: Store, audit: AuditLog, assignments: Assignments) -> None:
+    def __init__(self, store: Store, audit: AuditLog, assignments: AssignmentView) -> None:
         self.audit = audit
         self.facts = Facts(assignments, Holds(store.db, audit))
         self.store = store

@@ -21,9 +21,11 @@ from cachepoint.store.store import Store
 from cachepoint.trust.identity import activate
 from cachepoint.trust.location import ENV_IDENTITY
 from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc
+from coordinator.backends.cli import migrate_cmd
 from coordinator.history.cli import coordinator_option, history_group
 from coordinator.pki.bearer import token_cmd
 from coordinator.pki.cli import COMMANDS as pki_commands
+from coordinator.pki.cli import admin_data_option, admin_writes, catalog_option
 
 CHECK_CONFIG = "check-config"
 
@@ -82,6 +84,13 @@ def check_config_cmd(click_ctx: click.Context, file: Path | None, as_json: bool)
     help="TOML config (keys: data, listen, http, http_tls, [retention.KIND] tables).",
 )
 @click.option("--data", "data", type=click.Path(path_type=Path), help="Data directory (an embedded store).")
+@click.option(
+    "--catalog",
+    default=None,
+    metavar="URL",
+    help="postgresql://… : the catalog in PostgreSQL, for several replicas (with --blocks) [embedded].",
+)
+@click.option("--blocks", default=None, metavar="URL", help="file:///DIR : blocks every replica mounts.")
 @click.option("--listen", default=None, help="HOST:PORT for gRPC (port 0: any) [127.0.0.1:7400].")
 @click.option(
     "--http",
@@ -112,6 +121,8 @@ def check_config_cmd(click_ctx: click.Context, file: Path | None, as_json: bool)
 def serve_cmd(
     config: Path | None,
     data: Path | None,
+    catalog: str | None,
+    blocks: str | None,
     listen: str | None,
     http: str | None,
     tls: bool,
@@ -126,7 +137,7 @@ def serve_cmd(
     """Serve Catalog, BlockExchange, Fleet, History and health over gRPC until SIGINT or SIGTERM.
     With a CA (--tls, --ca-cert/--ca-key, or DATA/ca/ from an earlier start): mutual TLS, and an
     enrollment port for `cachepoint enroll`."""
-    from coordinator.config import load, trust_settings
+    from coordinator.config import backend, load, trust_settings
     from coordinator.daemon import serve
 
     settings = load(config or click.get_current_context().find_root().params.get("config"))
@@ -142,6 +153,7 @@ def serve_cmd(
     rules = settings.retention_rules
     http_tls = http_tls or parse_switch(settings.http_tls, "http_tls")
     trust = trust_settings(settings, data, tls or http_tls, ca_cert, ca_key, list(tls_names), enroll_listen)
+    chosen = backend(settings, data, catalog, blocks)
     asyncio.run(
         serve(
             data,
@@ -151,6 +163,7 @@ def serve_cmd(
             gc_every=gc_every,
             trust_settings=trust,
             http_tls=http_tls,
+            backend=chosen,
         )
     )
 
@@ -202,40 +215,41 @@ def fleet_cmd(address: str, as_json: bool) -> None:
 @cli.command("assign")
 @click.argument("user")
 @click.argument("node")
-@click.option(
-    "--data", "data", type=click.Path(path_type=Path), required=True, help="The coordinator's data directory."
-)
+@admin_data_option
+@catalog_option
 @json_option
 @handles_errors
-def assign_cmd(user: str, node: str, data: Path, as_json: bool) -> None:
+def assign_cmd(user: str, node: str, data: Path | None, catalog: str | None, as_json: bool) -> None:
     """Assign USER to NODE: with mutual TLS, NODE may then read and commit user/USER/... layers.
-    Takes effect at once, also at a running coordinator (DATA/assignments.json)."""
-    from coordinator.assignments import Assignments
-
-    _assignment_changed(data, Assignments(data).assign(user, node), user, node, "assigned", as_json)
+    Takes effect at once, also at a running coordinator (DATA/assignments.json; with a shared
+    catalog, at every replica within a second)."""
+    writes = admin_writes(data, catalog)
+    try:
+        changed = writes.assign(user, node)
+    finally:
+        writes.close()
+    _assignment_changed(changed, user, node, "assigned", as_json)
 
 
 @cli.command("unassign")
 @click.argument("user")
 @click.argument("node")
-@click.option(
-    "--data", "data", type=click.Path(path_type=Path), required=True, help="The coordinator's data directory."
-)
+@admin_data_option
+@catalog_option
 @json_option
 @handles_errors
-def unassign_cmd(user: str, node: str, data: Path, as_json: bool) -> None:
+def unassign_cmd(user: str, node: str, data: Path | None, catalog: str | None, as_json: bool) -> None:
     """Take USER from NODE: NODE may no longer read or commit user/USER/... layers."""
-    from coordinator.assignments import Assignments
+    writes = admin_writes(data, catalog)
+    try:
+        changed = writes.unassign(user, node)
+    finally:
+        writes.close()
+    _assignment_changed(changed, user, node, "unassigned", as_json)
 
-    _assignment_changed(data, Assignments(data).unassign(user, node), user, node, "unassigned", as_json)
 
-
-def _assignment_changed(data: Path, changed: bool, user: str, node: str, what: str, as_json: bool) -> None:
-    if changed:  # audited by the coordinator (coordinator/pki/audit_queue.py)
-        from coordinator.pki import audit_queue
-
-        action = audit_queue.ASSIGNED if what == "assigned" else audit_queue.UNASSIGNED
-        audit_queue.queue(data, action, f"user/{user}", {"node": node})
+def _assignment_changed(changed: bool, user: str, node: str, what: str, as_json: bool) -> None:
+    """What the command prints (the change was audited where it was written: coordinator/pki/state.py)."""
     if as_json:
         emit_json({"user": user, "node": node, what: True, "changed": changed})
     else:
@@ -277,6 +291,7 @@ cli.add_command(history_group)
 for _command in pki_commands:
     cli.add_command(_command)
 cli.add_command(token_cmd)
+cli.add_command(migrate_cmd)
 
 
 def main() -> None:

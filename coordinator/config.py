@@ -1,7 +1,10 @@
 """Settings of `cachepoint-coordinator`: defaults, then a TOML file, then the environment, then flags.
 Read as `cachepoint`'s are (cachepoint/config.py; `check-config` in cachepoint/config_check.py).
 
-data = "/srv/cachepoint/coordinator"   # the embedded store
+data = "/srv/cachepoint/coordinator"   # the embedded store (with a catalog: this replica's own files)
+catalog = "postgresql://cp@db.example/cachepoint"  # replicas: the catalog in PostgreSQL
+blocks = "file:///mnt/cachepoint-blocks"           # and the blocks in a directory they all mount
+block_grace = "1h"                     # blocks younger than this are never swept (see docs/scale-out.md)
 listen = "0.0.0.0:7400"
 http = "127.0.0.1:7480"                # REST for history, holds and audit (empty: none)
 http_tls = true                        # REST with TLS, clients authenticated (plaintext: loopback only)
@@ -30,6 +33,7 @@ from cachepoint.config_check import Check, optional_address, read_toml, replicas
 from cachepoint.errors import InvalidInput
 from cachepoint.logs import check_format
 from cachepoint.model import LayerKind
+from coordinator.backends.choice import Backend
 from coordinator.history.retention import Retention, RetentionPolicy, parse_policies
 from coordinator.pki.ca import CertificateAuthority
 from coordinator.pki.trust import TrustSettings
@@ -38,7 +42,15 @@ from coordinator.pki.trust import TrustSettings
 @dataclass
 class CoordinatorSettings:
     data: str = ""
-    """Directory of the embedded store (blocks, catalog, event log, audit log, holds)."""
+    """Directory of the embedded store (blocks, catalog, event log, audit log, holds); with ``catalog``,
+    this replica's own files (its CA copy, its announce file)."""
+    catalog: str = ""
+    """postgresql://… : every catalog record in PostgreSQL, so several replicas serve at once (with
+    ``blocks``); empty: the embedded store in ``data``."""
+    blocks: str = ""
+    """file:///DIR : the blocks, a directory every replica mounts (with ``catalog``)."""
+    block_grace: str = "1h"
+    """With ``blocks``: GC never sweeps a block younger than this (pushed for a commit not made yet)."""
     listen: str = "127.0.0.1:7400"
     """HOST:PORT of the gRPC server (Catalog, BlockExchange, Fleet, History, health)."""
     http: str = ""
@@ -91,6 +103,30 @@ def _http(text: str) -> object:
     return None if not text or text.isdigit() else optional_address(text)
 
 
+def _catalog(text: str) -> object:
+    if text and not text.startswith(("postgresql://", "postgres://")):
+        raise InvalidInput(f"catalog = {text!r}: write a postgresql:// connection string (or nothing)")
+    return text
+
+
+def _blocks(text: str) -> object:
+    from coordinator.backends.fileblocks import blocks_root
+
+    return blocks_root(text) if text else text
+
+
+def backend(settings: CoordinatorSettings, data: Path, catalog: str | None, blocks: str | None) -> Backend:
+    """Flags over the config (`serve --catalog/--blocks`)."""
+    chosen = Backend(
+        data,
+        catalog if catalog is not None else settings.catalog,
+        blocks if blocks is not None else settings.blocks,
+        parse_duration(settings.block_grace),
+    )
+    chosen.check()
+    return chosen
+
+
 def _tls(text: str) -> object:
     if text not in ("on", "off"):
         raise InvalidInput(f"tls = {text!r}: write \"on\" or \"off\"")
@@ -107,6 +143,9 @@ def coordinator_checks() -> dict[str, Check]:
     """How `cachepoint-coordinator` reads each key of its config (`check-config`)."""
     return {
         "data": scalar(),
+        "catalog": scalar(_catalog),
+        "blocks": scalar(_blocks),
+        "block_grace": scalar(parse_duration),
         "listen": scalar(optional_address),
         "http": scalar(_http),
         "http_tls": scalar(lambda text: parse_switch(text, "http_tls")),

@@ -3,14 +3,14 @@
 
 gRPC calls by method and code are counted by the interceptor every server has (cachepoint/rpc/
 metrics.py); commits where they are accepted; the rest is read at each scrape: registered nodes by
-site from the fleet registry, open Watch streams from the interceptor, the catalog's event position
-from its log, and the store's size on a worker thread (``refresh``).
+site from the fleet registry and the store's size on a worker thread (both in ``refresh``), open Watch
+streams from the interceptor, the catalog's event position from its log.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+from collections import Counter as Tally
 from collections.abc import Iterator
 
 from prometheus_client import Counter
@@ -24,7 +24,7 @@ from cachepoint.rpc.block_exchange import ServeCounters
 from cachepoint.rpc.metrics import RpcMetrics
 from cachepoint.store.store import Store
 from coordinator.catalog.events import EventLog
-from coordinator.fleet.registry import Registry
+from coordinator.fleet.registry import FleetRegistry
 
 PREFIX = "cachepoint_coordinator"
 WATCH = "cachepoint.v1.Catalog/Watch"
@@ -37,7 +37,8 @@ class CoordinatorMetrics(Exposition):
         self.store = store
         self.events = events
         self.counters = counters
-        self.registry_of_nodes: Registry | None = None
+        self.registry_of_nodes: FleetRegistry | None = None
+        self._nodes: Tally[tuple[str, str]] = Tally()
         self.rpc = RpcMetrics(self.registry, PREFIX)
         self.commits = Counter(
             f"{PREFIX}_commits",
@@ -54,11 +55,13 @@ class CoordinatorMetrics(Exposition):
         root = info.layer.partition("/")[0]
         self.commits.labels(root if root in ROOTS else "other").inc()
 
-    def watch(self, nodes: Registry) -> None:
+    def watch(self, nodes: FleetRegistry) -> None:
         """The fleet registry whose nodes scrapes count."""
         self.registry_of_nodes = nodes
 
     async def refresh(self) -> None:
+        if self.registry_of_nodes is not None:
+            self._nodes = await self.registry_of_nodes.count_by_state()
         self._store = await asyncio.to_thread(read_store, self.store, False)
 
 
@@ -76,12 +79,7 @@ class _StateCollector(Collector):
             "Registered nodes by site and state (healthy: a heartbeat within the stale limit).",
             labels=["site", "state"],
         )
-        counts: dict[tuple[str, str], int] = {}
-        now = time.time_ns()
-        for node in list(m.registry_of_nodes.nodes.values()) if m.registry_of_nodes is not None else []:
-            key = (node.site, "healthy" if node.healthy(now) else "stale")
-            counts[key] = counts.get(key, 0) + 1
-        for (site, state), count in sorted(counts.items()):
+        for (site, state), count in sorted(m._nodes.items()):
             nodes.add_metric([site, state], count)
         yield nodes
         yield GaugeMetricFamily(

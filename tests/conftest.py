@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests import tls
+from tests.postgres import PostgresServer
+from tests.postgres import available as postgres_unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,3 +126,93 @@ def cli(store_dir: Path):
         return run_cli(store_dir, *args, check=check)
 
     return call
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server per pytest worker (tests/postgres.py), stopped and removed at the end
+    of the session, failed or interrupted; skips with the reason when PostgreSQL is not installed."""
+    reason = postgres_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
+    """The DSN (postgresql://...) of a new, empty database of its own for this test, dropped after it."""
+    dsn = postgres_server.create_database()
+    try:
+        yield dsn
+    finally:
+        postgres_server.drop_database(dsn.rsplit("/", 1)[1])
+
+
+# -- the coordinator's backend: every test of a marked module runs on both --------------------------
+
+COORDINATOR_BACKENDS = ("embedded", "postgresql")
+BACKENDS_MARK = "coordinator_backends"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{BACKENDS_MARK}: run each test once per coordinator backend ({', '.join(COORDINATOR_BACKENDS)}); "
+        "every coordinator the harness starts runs on it (fixture coordinator_backend)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module marked ``coordinator_backends`` (``pytestmark``) runs each test once per backend, the
+    id in its name (``test_x[postgresql]``). Module scope: a module's shared fleet is started once
+    per backend, and pytest runs all of one backend's tests, then the other's."""
+    if metafunc.definition.get_closest_marker(BACKENDS_MARK) is None:
+        return
+    if "coordinator_backend" not in metafunc.fixturenames:
+        metafunc.fixturenames.append("coordinator_backend")
+    metafunc.parametrize(
+        "coordinator_backend", COORDINATOR_BACKENDS, indirect=True, scope="module", ids=COORDINATOR_BACKENDS
+    )
+
+
+@pytest.fixture(scope="module")
+def coordinator_backend(request: pytest.FixtureRequest) -> str:
+    """Which backend this test's coordinators run on: "embedded" (RocksDB in DATA; a module that is not
+    marked) or "postgresql" (a new database per test and a block directory in its tmp_path)."""
+    return str(getattr(request, "param", "embedded"))
+
+
+@contextlib.contextmanager
+def coordinator_catalog(request: pytest.FixtureRequest, backend: str, root: Path) -> Iterator[None]:
+    """While in this block, the coordinators the harness starts run on ``backend``: for "postgresql",
+    on a new database (dropped after the block) and the block directory ``root``/shared-blocks."""
+    from tests.fleet import SharedCatalog, coordinators_on
+
+    if backend != "postgresql":
+        with coordinators_on(None):
+            yield
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    dsn = server.create_database()
+    try:
+        with coordinators_on(SharedCatalog(dsn, root / "shared-blocks")):
+            yield
+    finally:
+        server.drop_database(dsn.rsplit("/", 1)[1])
+
+
+@pytest.fixture(autouse=True)
+def _coordinator_catalog_per_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A fresh catalog for each test of a marked module (nothing for the others)."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("coordinator_backend") if callspec is not None else None
+    if backend is None:
+        yield
+        return
+    with coordinator_catalog(request, backend, request.getfixturevalue("tmp_path")):
+        yield

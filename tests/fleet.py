@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import grpc
 
 from cachepoint.blocks import is_hole
+from cachepoint.store.store import Store
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, version_pb2
 from tests import tls
 from tests.conftest import REPO, Run, cli_env, run_cli, sha256_file
@@ -50,6 +51,59 @@ LOG_TAIL = 40  # lines of each child's stderr shown in a failure message
 LOG_FORMAT = ("--log-format", "text")
 
 T = TypeVar("T")
+
+
+# -- the coordinator's backend ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SharedCatalog:
+    """The shared backend a test's coordinators run on (conftest's ``coordinator_backend`` "postgresql"):
+    a database of the test's own and a block directory beside its files."""
+
+    dsn: str
+    blocks: Path
+
+    def args(self) -> list[str]:
+        return ["--catalog", self.dsn, "--blocks", self.blocks.as_uri()]
+
+
+_shared_catalog: SharedCatalog | None = None
+# Offline commands that change the fleet's trust: on a shared backend they write to its catalog.
+SHARED_ADMIN_COMMANDS = frozenset({"enroll", "revoke", "assign", "unassign"})
+
+
+@contextlib.contextmanager
+def coordinators_on(shared: SharedCatalog | None) -> Iterator[None]:
+    """Every coordinator started in this block runs on ``shared`` (None: the embedded store)."""
+    global _shared_catalog
+    before, _shared_catalog = _shared_catalog, shared
+    try:
+        yield
+    finally:
+        _shared_catalog = before
+
+
+def shared_catalog() -> SharedCatalog | None:
+    return _shared_catalog
+
+
+def backend_args(extra: Sequence[str] = ()) -> list[str]:
+    """What `cachepoint-coordinator serve` is given to run on the test's backend: nothing embedded, or
+    ``--catalog DSN --blocks URL`` (unless ``extra`` names a catalog of its own)."""
+    if _shared_catalog is None or "--catalog" in extra:
+        return []
+    return _shared_catalog.args()
+
+
+def open_coordinator_store(data: Path) -> Store:
+    """The coordinator's state as the coordinator itself opens it, on the test's backend (a test that
+    reads or seeds it in-process)."""
+    from coordinator.backends.choice import Backend
+
+    if _shared_catalog is None:
+        return Store.open(data, writable=True, create=True)
+    return Backend(data, _shared_catalog.dsn, _shared_catalog.blocks.as_uri()).open()
 
 
 # -- small helpers ----------------------------------------------------------------------------------
@@ -137,6 +191,9 @@ def coordinator_cli(
     """``identity``: the one to present (CACHEPOINT_IDENTITY); by default, when ``--coordinator`` names
     a TLS coordinator of the harness and the environment names none, an operator's (tests/tls.py)."""
     env = {k: v for k, v in os.environ.items() if k != "CACHEPOINT_DEBUG"}
+    shared = shared_catalog()
+    if shared is not None and args and args[0] in SHARED_ADMIN_COMMANDS and "--catalog" not in args:
+        args = (*args, "--catalog", shared.dsn)  # the fleet's trust is in the shared catalog there
     if identity is None and tls.ENV_IDENTITY not in env:  # a test's own CACHEPOINT_IDENTITY is kept
         identity = tls.operator_identity(args)
     if identity is not None:
@@ -352,6 +409,7 @@ class Fleet:
             listen,
             "-v",
             *LOG_FORMAT,
+            *backend_args(extra),
             *extra,
         ]
         child: Child = self._spawn(name, args, cli_env(data), Child, prefix, trust=trust)

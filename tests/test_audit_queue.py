@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from cachepoint.atomic import TEMP_PREFIX
-from cachepoint.store.store import Store
 from coordinator.history.audit import AuditLog
 from coordinator.pki import audit_queue
+from tests.fleet import open_coordinator_store
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 
 def test_a_record_still_being_written_is_left_for_the_next_drain(tmp_path: Path) -> None:
@@ -19,7 +23,7 @@ def test_a_record_still_being_written_is_left_for_the_next_drain(tmp_path: Path)
     # in .json. Taken and removed there, the rename fails and the command with it.
     writing = done.parent / f"{TEMP_PREFIX}0123456789abcdef.{done.name}"
     writing.write_bytes(done.read_bytes())
-    with Store.open(data, writable=True, create=True) as store:
+    with open_coordinator_store(data) as store:
         log = AuditLog(store.db)
         assert audit_queue.drain(data, log) == 1
         assert log.head()[0] == 1

@@ -24,6 +24,8 @@ from cachepoint.v1 import (
 from tests.fleet import Child, Fleet, cachepoint_cli, coordinator_cli, random_image, stored_block_ids
 from tests.test_trust_fleet import credentials, data_of, enroll, tls_coordinator, token
 
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
+
 MIB = 1024 * 1024
 _seeds = list(range(1000, 1100))
 

@@ -32,13 +32,16 @@ SECTIONS = [
     "Read paths on the real disk image: NBD and HTTP",
     "Site fan-out on a fleet in network namespaces",
     "Fan-out at scale (a model)",
+    "Coordinator replicas over PostgreSQL",
 ]
 REAL_IMAGE = "Real disk image: content-aligned chunks"
 # Left out of a --quick run, saying so: ten fleets of up to 12 daemons in network namespaces take
 # minutes (tests/test_site_fanout.py covers the same fleet; `make bench` runs the section).
 FLEET = "Site fan-out on a fleet in network namespaces"
 # Sections measured in this run: each table must carry numbers in its cells.
-MEASURED = [title for title in SECTIONS[3:] if title != FLEET]
+# The replicas' section is left out too: 10,000 nodes and 1,000 Watch streams take minutes.
+REPLICAS = "Coordinator replicas over PostgreSQL"
+MEASURED = [title for title in SECTIONS[3:] if title not in (FLEET, REPLICAS)]
 # A table cell holding a number, possibly followed by a unit or ratio sign (e.g. "| 397.1 |", "| 1.254× |").
 NUMBER_CELL = re.compile(r"\|\s*\d+(?:\.\d+)?\s*(?:[×%]|[KMG]iB)?\s*(?:\||\()")
 

@@ -35,7 +35,10 @@ from cachepoint.store.store import Store
 from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc, catalog_pb2, catalog_pb2_grpc
 from cachepoint.wire import manifest_digest, manifest_to_bytes
 from tests import tls
+from tests.conftest import coordinator_catalog
 from tests.fleet import LAYER, Child, Fleet, Node, cachepoint_cli, publish, random_image, wait_until
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -62,9 +65,11 @@ class Servers:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+def servers(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest, coordinator_backend: str
+) -> Iterator[Servers]:
     root = tmp_path_factory.mktemp("bounded")
-    with Fleet(root / "fleet") as fleet:
+    with coordinator_catalog(request, coordinator_backend, root), Fleet(root / "fleet") as fleet:
         coordinator = fleet.coordinator()
         cachepoint = fleet.cachepoint("cp", None, subscribe=())
         image = root / "v1.img"

@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import grpc
+import pytest
 from cryptography import x509
 
 from cachepoint.trust.principal import Principal, Role
@@ -15,6 +16,8 @@ from coordinator.pki.ca import CertificateAuthority
 from tests.fleet import LAYER, Child, Fleet, cli_json, coordinator_cli, random_image, wait_until
 from tests.test_authz_fleet import audit_records
 from tests.test_trust_fleet import credentials, data_of, enroll, issued_here, list_nodes, refusal, token
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 MIB = 1024 * 1024
 

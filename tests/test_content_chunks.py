@@ -5,8 +5,10 @@ existed, and replication between real daemons."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -15,11 +17,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from cachepoint.chunking import ChunkParams, cut
+from cachepoint.chunking import ChunkParams, cut, merge_holes
 from cachepoint.disk.attach import open_disk
 from cachepoint.errors import InvalidInput
 from cachepoint.http.app import start_http
 from cachepoint.ids import HOLE_DIGEST
+from cachepoint.layers import chunked
 from cachepoint.layers.ingest import IngestOptions, ingest
 from cachepoint.model import Chunking, FileEntry, Manifest, pack_extents
 from cachepoint.store.store import Store
@@ -394,6 +397,65 @@ def test_a_re_ingest_cuts_exactly_as_a_first_ingest_of_the_same_image(tmp_path) 
     assert reingested == first
     run_cli(tmp_path / "again", "export", "os/disk", tmp_path / "out.img")
     assert sha256_file(tmp_path / "out.img") == hashlib.sha256(v2).hexdigest()
+
+
+def _one_piece(data: bytes, params: ChunkParams) -> tuple[bytes, bytes]:
+    """The block ids and extent index of ``data`` cut in one call (no windows), holes merged."""
+    extents, _ = cut(data, 0, params, final=True)
+    ids = [
+        HOLE_DIGEST if hole else hashlib.sha256(data[at : at + n]).digest()
+        for at, n, hole in merge_holes(extents)
+    ]
+    return b"".join(ids), pack_extents([at + n for at, n, _ in merge_holes(extents)])
+
+
+def test_an_image_of_many_windows_is_cut_as_in_one_piece_and_so_is_its_re_ingest(
+    tmp_path, monkeypatch
+) -> None:
+    # Small windows: the unfinished chunk at each window's end moves into the next window's buffer,
+    # and buffers are reused once their chunks are stored, many times over.
+    monkeypatch.setattr(chunked, "JOB_BYTES", 64 * KiB)
+    params = ChunkParams(UNIT, 16 * KiB)  # 64 KiB windows, as long as a chunk may be (max_length)
+    rng = random.Random(31)
+    v1 = disk_bytes(31, 5 * 1024 * KiB + 555)
+    v2 = bytearray(v1[: 700 * KiB] + rng.randbytes(5 * UNIT) + v1[700 * KiB :])  # later data moves
+    v2[3 * 1024 * KiB : 3 * 1024 * KiB + 40 * KiB] = text_bytes(rng, 40 * KiB)
+    (tmp_path / "v1.img").write_bytes(v1)
+    (tmp_path / "v2.img").write_bytes(bytes(v2))
+    options = IngestOptions("os/disk", chunking=Chunking.CONTENT, chunk_params=params, workers=2)
+    with Store.open(tmp_path / "store", writable=True, create=True) as store:
+        for path, data, opts in (
+            (tmp_path / "v1.img", v1, options),
+            (tmp_path / "v2.img", bytes(v2), IngestOptions("os/disk")),
+        ):
+            result = ingest(store, path, opts)
+            assert result.version is not None
+            entry = store.catalog.manifest(result.version.manifest_digest).entries[0]
+            assert (entry.blocks, entry.extents) == _one_piece(data, params), path.name
+        assert result.reused > 20 and result.deduplicated > 100, result  # before the insertion; after it
+    run_cli(tmp_path / "store", "export", "os/disk", tmp_path / "out.img")
+    assert sha256_file(tmp_path / "out.img") == hashlib.sha256(v2).hexdigest()
+
+
+@pytest.mark.parametrize("chunking", [Chunking.FIXED, Chunking.CONTENT], ids=["fixed", "content"])
+def test_an_image_whose_tail_was_never_written_is_read_only_where_it_has_data(tmp_path, chunking) -> None:
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.write(disk_bytes(41, 1024 * KiB))
+        f.truncate(40 * 1024 * KiB)  # the rest was never written: a hole up to the end of the file
+    with open(image, "rb") as f:
+        try:
+            os.lseek(f.fileno(), 8 * 1024 * KiB, os.SEEK_DATA)
+            pytest.skip("this file system does not report holes (SEEK_DATA)")
+        except OSError as err:
+            assert err.errno == errno.ENXIO
+    with Store.open(tmp_path / "store", writable=True, create=True) as store:
+        result = ingest(store, image, IngestOptions("os/disk", chunking=chunking))
+        assert result.version is not None
+    # One window (4 MiB) holds the data; the 36 MiB of hole after it are not read as zeros.
+    assert result.bytes_read <= 4 * 1024 * KiB, result.bytes_read
+    run_cli(tmp_path / "store", "export", "os/disk", tmp_path / "out.img")
+    assert sha256_file(tmp_path / "out.img") == sha256_file(image)
 
 
 @pytest.mark.skipif(

@@ -7,14 +7,24 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
+from cachepoint.store import format as fmt
 from tests.conftest import REPO, cli_env
+from tests.fleet import open_coordinator_store, shared_catalog
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 MAIN = "from coordinator.cli import main; main()"
 
 
 def test_the_coordinator_serves_from_its_toml_config(tmp_path):
     config = tmp_path / "coordinator.toml"
-    config.write_text(f'data = "{tmp_path / "data"}"\nlisten = "127.0.0.1:0"\n')
+    text = f'data = "{tmp_path / "data"}"\nlisten = "127.0.0.1:0"\n'
+    shared = shared_catalog()
+    if shared is not None:  # the backend from the config's keys too
+        text += f'catalog = "{shared.dsn}"\nblocks = "{shared.blocks.as_uri()}"\n'
+    config.write_text(text)
     proc = subprocess.Popen(
         [sys.executable, "-c", MAIN, "serve", "--config", str(config)],
         env=cli_env(tmp_path / "unused"),
@@ -27,7 +37,12 @@ def test_the_coordinator_serves_from_its_toml_config(tmp_path):
         assert proc.stdout is not None
         ready = json.loads(proc.stdout.readline())
         assert ready["role"] == "coordinator" and ready["listening"].startswith("127.0.0.1:")
-        assert (tmp_path / "data" / "db").is_dir()
+        if shared is None:
+            assert (tmp_path / "data" / "db").is_dir()
+        else:  # the catalog in PostgreSQL: no RocksDB in data, and a store id in the database
+            assert not (tmp_path / "data" / "db").exists()
+            with open_coordinator_store(tmp_path / "data") as store:
+                assert store.db.meta(fmt.META_STORE_ID)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -35,6 +35,8 @@ from tests.fleet import (
     publish,
 )
 
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
+
 IMAGE_SIZE = 2 * 1024 * 1024
 
 

@@ -23,9 +23,12 @@ from tests.test_http_trust_fleet import (
 )
 from tests.test_trust_fleet import data_of, tls_coordinator
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("curl") is None, reason="curl is not installed (`make test` installs it with apt-get)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("curl") is None, reason="curl is not installed (`make test` installs it with apt-get)"
+    ),
+    pytest.mark.coordinator_backends,  # every test runs on both backends (tests/conftest.py)
+]
 SNAPSHOT = "/v1/dashboard"
 
 

@@ -37,11 +37,14 @@ try:
 except ImportError:  # pragma: no cover - the dev extra installs it
     webdriver = None  # type: ignore[assignment]
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or DRIVER is None or webdriver is None,
-    reason="needs chromium and chromedriver (`make test` installs chromium and chromium-driver with "
-    "apt-get) and selenium (the dev extra)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        CHROMIUM is None or DRIVER is None or webdriver is None,
+        reason="needs chromium and chromedriver (`make test` installs chromium and chromium-driver with "
+        "apt-get) and selenium (the dev extra)",
+    ),
+    pytest.mark.coordinator_backends,  # every test runs on both backends (tests/conftest.py)
+]
 SCREENSHOT_ENV = "CACHEPOINT_DASHBOARD_SCREENSHOT"
 MIB = 1024 * 1024
 WIDTH = 1440

@@ -9,14 +9,18 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from cachepoint.layers.ingest import IngestOptions, ingest
 from cachepoint.model import LayerKind
 from cachepoint.rpc.block_exchange import ServeCounters
-from cachepoint.store.store import Store
 from coordinator.dashboard.view import VERSIONS_SHOWN, Dashboard
 from coordinator.fleet.registry import STALE_AFTER_NS, NodeReport, Registry, SubscriptionLag
 from coordinator.history.audit import AuditLog
 from coordinator.history.holds import Holds
+from tests.fleet import open_coordinator_store
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 LAYER = "os/x"
 
@@ -34,7 +38,7 @@ def test_the_snapshot_shows_each_site_its_nodes_states_and_traffic_and_each_laye
     tmp_path: Path,
 ) -> None:
     source = tmp_path / "image"
-    with Store.open(tmp_path / "store", writable=True, create=True) as store:
+    with open_coordinator_store(tmp_path / "store") as store:
         for number in range(1, VERSIONS_SHOWN + 3):
             source.write_bytes(b"version %d\n" % number * 1000)
             ingest(store, source, IngestOptions(LAYER, LayerKind.OS, message=f"build {number}", workers=1))

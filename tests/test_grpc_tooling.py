@@ -8,12 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
 from tests.fleet import Fleet
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 HEALTH = "grpc.health.v1.Health"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"

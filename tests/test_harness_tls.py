@@ -13,6 +13,8 @@ from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc
 from tests import tls
 from tests.fleet import Fleet, publish, random_image
 
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
+
 MIB = 1024 * 1024
 
 

@@ -21,6 +21,8 @@ from coordinator.history.times import iso
 from tests.fleet import Fleet, Node, wait_until
 from tests.history import HOME, USER, history, history_json, make_version, wait_delivered
 
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
+
 SECOND = 10**9
 DAY = 86_400 * SECOND
 MINUTE = 60 * SECOND

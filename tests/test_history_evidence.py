@@ -33,6 +33,8 @@ from tests.history import (
     wait_delivered,
 )
 
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
+
 ODD_NAMES = {
     "docs/report final.txt": "quarterly",
     "back\\slash.txt": "windows path?",

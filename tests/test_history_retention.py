@@ -15,6 +15,9 @@ from cachepoint.wire import manifest_to_bytes
 from coordinator.config import load
 from coordinator.history.gc import plan
 from coordinator.history.retention import Retention, RetentionPolicy, reasons_to_keep
+from tests.fleet import open_coordinator_store
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 HOUR = 3600 * 10**9
 DAY = 24 * HOUR
@@ -73,7 +76,7 @@ def commit(store: Store, layer: str, created_ns: int, tags: tuple[str, ...] = ()
 
 
 def test_the_latest_tagged_and_held_versions_survive_and_kinds_without_a_policy_keep_everything(tmp_path):
-    with Store.open(tmp_path / "store", writable=True, create=True) as store:
+    with open_coordinator_store(tmp_path / "store") as store:
         for n in range(1, 5):
             commit(store, "user/alice/home", NOW - (10 - n) * DAY, tags=("pinned",) if n == 2 else ())
             commit(store, "user/bob/home", NOW - (10 - n) * DAY)

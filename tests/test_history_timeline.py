@@ -6,12 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from cachepoint.model import LayerKind, Manifest
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, version_pb2
 from cachepoint.wire import manifest_digest, manifest_to_bytes
 from coordinator.history.times import iso
 from tests.fleet import Fleet
 from tests.history import USER, history, history_json, make_version, rest, sha256_text, wait_delivered
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 
 def test_every_version_from_two_devices_is_kept_in_order_and_each_file_can_be_had_as_it_was(tmp_path):

@@ -21,13 +21,16 @@ from cachepoint.trust.principal import PEER_TLS_NAME, Principal, Role
 from coordinator.fleet.registry import HEARTBEAT_INTERVAL_MS
 from coordinator.pki.ca import CertificateAuthority
 from tests.conftest import daemon, run_cli
-from tests.fleet import Child, Fleet, cachepoint_cli, coordinator_cli, random_image, wait_until
+from tests.fleet import Child, Fleet, backend_args, cachepoint_cli, coordinator_cli, random_image, wait_until
 from tests.test_authz_fleet import assign, enrolled
 from tests.test_trust_fleet import data_of, issued_here, tls_coordinator
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("curl") is None, reason="curl is not installed (`make test` installs it with apt-get)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("curl") is None, reason="curl is not installed (`make test` installs it with apt-get)"
+    ),
+    pytest.mark.coordinator_backends,  # every test runs on both backends (tests/conftest.py)
+]
 MIB = 1024 * 1024
 # A revocation or an assignment reaches a node with its next heartbeat reply: one interval, plus slack
 # for a loaded machine (waited for, not timed).
@@ -471,7 +474,8 @@ def test_plaintext_http_off_loopback_is_refused_before_anything_is_bound(tmp_pat
 
     data = tmp_path / "coordinator"
     run = coordinator_cli(
-        "serve", "--data", str(data), "--listen", "127.0.0.1:0", "--http", "0.0.0.0:0", check=False
+        "serve", "--data", str(data), "--listen", "127.0.0.1:0", "--http", "0.0.0.0:0", *backend_args(),
+        check=False,
     )
     assert run.code == 4 and "0.0.0.0:0" in run.err and "--http-tls" in run.err, run
     assert not data.exists()  # refused before even the store was made

@@ -23,7 +23,7 @@ from cachepoint import logs
 from cachepoint.errors import EXIT_INVALID
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, version_pb2
 from tests.conftest import REPO, cli_env, run_cli
-from tests.fleet import LAYER, Child, Fleet, publish, random_image, wait_until
+from tests.fleet import LAYER, Child, Fleet, backend_args, publish, random_image, wait_until
 
 KEYS = {"time", "level", "logger", "message", "fields"}
 # gRPC's C core writes to stderr itself, in absl's format ("W0000 00:00:..."), past Python's logging.
@@ -55,6 +55,7 @@ def refusals(child: Child, since: int, word: str) -> list[dict[str, Any]] | None
     return found or None
 
 
+@pytest.mark.coordinator_backends  # on both backends (tests/conftest.py)
 def test_both_daemons_write_json_lines_and_one_line_per_refused_request(tmp_path: Path) -> None:
     image = tmp_path / "v1.img"
     random_image(image, 256 * 1024, seed=7)
@@ -98,10 +99,11 @@ def test_both_daemons_write_json_lines_and_one_line_per_refused_request(tmp_path
             assert "Traceback" not in child.stderr()
 
 
+@pytest.mark.coordinator_backends  # on both backends (tests/conftest.py)
 def test_a_coordinator_whose_stderr_is_not_a_terminal_logs_json_by_default(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", "from coordinator.cli import main; main()", "serve"]
-        + ["--data", str(tmp_path / "data"), "--listen", "127.0.0.1:0"],
+        + ["--data", str(tmp_path / "data"), "--listen", "127.0.0.1:0", *backend_args()],
         env=cli_env(tmp_path / "unused"),
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -115,8 +117,10 @@ def test_a_coordinator_whose_stderr_is_not_a_terminal_logs_json_by_default(tmp_p
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    first = json.loads(err.splitlines()[0])  # without a CA it warns that nothing is authenticated
-    assert first["level"] == "warning" and "not authenticated" in first["message"], first
+    entries = [json.loads(line) for line in err.splitlines()]  # every line (a migration's too) is JSON
+    # Without a CA it warns that nothing is authenticated.
+    warning = next((e for e in entries if "not authenticated" in e["message"]), None)
+    assert warning is not None and warning["level"] == "warning", entries
 
 
 def test_a_log_format_other_than_json_or_text_in_the_config_is_refused_by_name(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -21,6 +22,8 @@ from cachepoint.metrics.node import NodeMetrics
 from tests.fleet import LAYER, PRODUCTION, Fleet, publish, random_image, stored_block_ids, wait_until
 from tests.test_bounded_input import malformed_call
 from tests.test_nbd_protocol import MemoryDevice, ServerThread, connect, request, request_disc
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 HTTP = ("--http", "127.0.0.1:0")
 SITE = "s1"

@@ -35,6 +35,8 @@ from tests.fleet import LAYER, Child, Fleet, coordinator_cli, random_image, stor
 from tests.test_authz_fleet import assign, audit_records, enrolled, publish_as
 from tests.test_trust_fleet import credentials, data_of, tls_coordinator
 
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
+
 MIB = 1024 * 1024
 HEARTBEAT = HEARTBEAT_INTERVAL_MS / 1000
 # A change at the coordinator reaches a peer port with the next heartbeat reply: one interval, plus

@@ -6,10 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+import pytest
 
 from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc
 from tests.conftest import sha256_file
 from tests.fleet import LAYER, Fleet, export_digest, publish, random_image
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 MIB = 1024 * 1024
 

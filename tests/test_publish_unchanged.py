@@ -11,7 +11,11 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.fleet import LAYER, Fleet, cachepoint_cli, cli_json, coordinator_versions, random_image
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 MIB = 1 << 20
 

@@ -31,7 +31,10 @@ from cachepoint.v1 import (
     version_pb2,
 )
 from cachepoint.wire import manifest_digest, manifest_to_bytes
+from tests.conftest import coordinator_catalog
 from tests.fleet import LAYER, Child, Fleet, cachepoint_cli, free_port, publish
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 EXIT_NOT_FOUND, EXIT_UNREACHABLE = 3, 9
 MiB = 1024 * 1024
@@ -60,9 +63,11 @@ class Servers:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+def servers(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest, coordinator_backend: str
+) -> Iterator[Servers]:
     root = tmp_path_factory.mktemp("errors")
-    with Fleet(root / "fleet") as fleet:
+    with coordinator_catalog(request, coordinator_backend, root), Fleet(root / "fleet") as fleet:
         coordinator = fleet.coordinator()
         # An offline daemon: it serves its (empty) store to peers and needs nothing else here.
         cachepoint = fleet.cachepoint("cp", None, subscribe=())

@@ -22,9 +22,14 @@ import asyncio
 import threading
 from pathlib import Path
 
+import pytest
+
 from cachepoint.store.store import Store
 from cachepoint.v1 import catalog_pb2, version_pb2
 from coordinator.catalog.events import EventLog
+from tests.fleet import open_coordinator_store
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 WAIT = 15.0  # the handlers' keepalive wait: far longer than this test runs
 BOUND = 5.0  # seconds allowed for anything that should be immediate
@@ -87,7 +92,7 @@ async def cancel_twice_then_commit(store: Store) -> None:
 def test_watchers_cancelled_twice_end_cancelled_and_a_later_commit_still_reaches_a_new_watcher(
     tmp_path: Path,
 ) -> None:
-    store = Store.open(tmp_path / "store", writable=True, create=True)
+    store = open_coordinator_store(tmp_path / "store")
     failure: list[BaseException] = []
 
     def run() -> None:

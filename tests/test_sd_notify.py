@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, cli_env
-from tests.fleet import COORDINATOR_MAIN
+from tests.fleet import COORDINATOR_MAIN, backend_args
 
 READY_TIMEOUT = 120.0  # a loaded CI machine starts Python slowly
 
@@ -49,10 +51,12 @@ def started_then_notified(argv: list[str], env: dict[str, str], sock: socket.soc
         assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
 
 
+@pytest.mark.coordinator_backends  # on both backends (tests/conftest.py)
 def test_a_coordinator_says_ready_on_an_abstract_notify_socket_once_listening(tmp_path: Path) -> None:
     name = f"cachepoint-notify-{os.getpid()}-{tmp_path.name}"
     env = {**cli_env(tmp_path / "store"), "NOTIFY_SOCKET": "@" + name}
     argv = [sys.executable, "-c", COORDINATOR_MAIN, "serve", "--data", str(tmp_path / "data")]
+    argv += backend_args()
     with notify_socket("\0" + name) as sock:
         started_then_notified([*argv, "--listen", "127.0.0.1:0"], env, sock)
 

@@ -37,6 +37,8 @@ from tests.fleet import (
     wait_until,
 )
 
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
+
 MIB = 1024 * 1024
 
 

@@ -35,9 +35,12 @@ from cachepoint.trust.principal import PEER_TLS_NAME, Principal, Role
 from cachepoint.v1 import blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2
 from coordinator import authz
 from coordinator.pki.ca import CertificateAuthority
+from tests.conftest import coordinator_catalog
 from tests.fleet import Child, Fleet, coordinator_cli, wait_until
 from tests.test_authz_fleet import audit_records, enrolled
 from tests.test_trust_fleet import credentials, data_of, issued_here, tls_coordinator
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 COORDINATOR_SERVICES = (
     blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2, health_pb2, reflection_pb2
@@ -138,9 +141,11 @@ class Matrix:
 
 
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
+def matrix(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest, coordinator_backend: str
+) -> Iterator[Matrix]:
     root = tmp_path_factory.mktemp("matrix")
-    with Fleet(root) as fleet:
+    with coordinator_catalog(request, coordinator_backend, root), Fleet(root) as fleet:
         coordinator = tls_coordinator(fleet)
         auditor = enrolled(fleet, coordinator, root, "auditor-1", "--role", "auditor")
         peer_store = enrolled(fleet, coordinator, root, "n-peer")

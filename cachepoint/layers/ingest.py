@@ -26,7 +26,7 @@ from cachepoint.chunking import ChunkParams
 from cachepoint.errors import InvalidBlockSize, InvalidInput, NotFound, SourceUnreadable
 from cachepoint.ids import DIGEST_SIZE, HOLE_DIGEST, Ref, validate_layer_name, validate_tag
 from cachepoint.layers.chunked import cut_content, previous_chunks
-from cachepoint.layers.source import SourceFile, SourceTree, scan
+from cachepoint.layers.source import SourceFile, SourceTree, all_hole, scan
 from cachepoint.layers.unchanged import named_by_all, same_content, target_tags
 from cachepoint.model import Chunking, EntryType, FileEntry, LayerKind, Manifest, VersionInfo
 from cachepoint.store import format as fmt
@@ -209,11 +209,8 @@ class _Ingest:
         return result
 
     def _read(self, fd: int, seg: _Segment, start: int, length: int) -> bytes | None:
-        try:
-            if os.lseek(fd, start, os.SEEK_DATA) >= start + length:
-                return None
-        except OSError:
-            pass  # ENXIO means "only holes from here" but also happens past EOF: read and see
+        if all_hole(fd, start, length):
+            return None
         data = os.pread(fd, length, start)
         if len(data) != length:
             raise SourceUnreadable(seg.disk_path, "the file shrank while it was being ingested")

@@ -137,3 +137,13 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
         extents.append((start, min(end, size)))
         offset = end
     return extents
+
+
+def all_hole(fd: int, start: int, length: int) -> bool:
+    """Whether bytes [start, start+length) of a file lie in a hole of a sparse file (nothing to read)."""
+    try:
+        return os.lseek(fd, start, os.SEEK_DATA) >= start + length
+    except OSError as err:
+        # ENXIO: only holes from ``start`` to the end (an image whose tail was never written), or
+        # ``start`` is past the end: a file that shrank must still be read, to fail its short read.
+        return err.errno == errno.ENXIO and os.fstat(fd).st_size >= start + length

@@ -206,6 +206,8 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
             return [(allowed is None or d in allowed) and self.store.blocks.has(d) for d in ids]
 
         present = await asyncio.to_thread(present_here)
+        if self.accepts_pushes:  # a publisher skips what is here: keep it until its commit comes
+            self.store.note_received(d for d, here in zip(ids, present, strict=True) if here)
         bitmap = bytearray((len(ids) + 7) // 8)
         for index, here in enumerate(present):
             if here:
@@ -277,6 +279,7 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
             good, bad = await asyncio.to_thread(_verify_batch, values)
             if good:
                 await asyncio.to_thread(self.store.blocks.put_many, good, True)
+                self.store.note_received(digest for digest, _ in good)
             accepted += len(good)
             rejected.extend(bad)
             self.counters.blocks_received += len(good)

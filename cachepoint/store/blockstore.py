@@ -17,6 +17,8 @@ from cachepoint.store.db import StoreDB
 
 
 class BlockStore:
+    in_database = True  # GC gives space back by compacting the family (cachepoint/store/compaction.py)
+
     def __init__(self, db: StoreDB) -> None:
         # Column-family objects are looked up on each use, never cached here: each one keeps the
         # database (and its lock) alive, and StoreDB.close() must be able to drop them all.
@@ -89,7 +91,9 @@ class BlockStore:
             raise BlockMissing(BlockId(digest))
         return decode_verified(digest, value)
 
-    def delete_many(self, digests: Iterable[bytes]) -> int:
+    def delete_many(self, digests: Iterable[bytes], older_than: float | None = None) -> int:
+        """``older_than``: for stores that know when a block was written (FileBlocks); here every
+        named block goes (GC's pins protect the ingests in progress)."""
         batch = self._db.batch()
         count = 0
         units = self._db.handle.get(fmt.CF_UNITS)  # a chunk's unit digests go with it
@@ -104,6 +108,10 @@ class BlockStore:
 
     def scan(self) -> Iterator[tuple[bytes, bytes]]:
         return self._db.scan(fmt.CF_BLOCKS)
+
+    def scan_sizes(self) -> Iterator[tuple[bytes, int, float]]:
+        """(id, stored size, 0.0: no write time kept) of every block."""
+        return ((digest, len(value), 0.0) for digest, value in self._db.scan(fmt.CF_BLOCKS))
 
     def scan_ids(self) -> Iterator[bytes]:
         return self._db.scan_keys(fmt.CF_BLOCKS)

@@ -151,7 +151,7 @@ def take(store: Store, *, with_journal: bool = True) -> Census:
             census.findings.append(Finding("manifest", subject, f"unreadable: {err.args[2]}", tuple(refs)))
         except Exception as err:
             census.findings.append(Finding("manifest", subject, str(err), tuple(refs)))
-    if with_journal and db_seq is not None:
+    if with_journal and db.journaled and db_seq is not None:
         versions = versions_raw if families[fmt.CF_VERSIONS] is not None else None
         _compare_with_journal(store, census, db_seq, versions)
     return census

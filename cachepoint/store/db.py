@@ -115,6 +115,9 @@ class StoreDB:
     directly (repair). A writable open of a damaged database raises StoreDamaged.
     """
 
+    journaled = True  # the catalog journal beside the database (a shared catalog has none)
+    shared = False  # only this process writes it (a shared catalog: coordinator/backends/records.py)
+
     def __init__(
         self,
         root: Path,

@@ -14,6 +14,9 @@ Column families, key layout and values (sizes in bytes):
                                     scrub's result, the pass in progress (cursor, counters, bad blocks
                                     found so far, so an interrupted pass resumes), and when scheduled
                                     scrubs started (see cachepoint/store/scrub.py). Store-local.
+               b"migrated_from"  -> JSON {"store_id", "from", "at"} (a coordinator's catalog in PostgreSQL
+                                    only: the embedded store `migrate` copied it from; see
+                                    coordinator/backends/embedded_to_shared.py)
 ``blocks``     digest[32]        -> codec[1] payload   (codec 0 raw, 1 zstd; see cachepoint/blocks.py)
 ``manifests``  digest[32]        -> codec[1] payload   (a serialized cachepoint.v1.Manifest; the digest
                                                         is SHA-256 of the uncompressed serialization)

@@ -12,6 +12,7 @@ ingest relies on is either kept, or deleted before the ingest looks (and then wr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,22 +70,26 @@ def _collect(store: Store, before_sweep: Callable[[], None] | None) -> GcResult:
         before_sweep()  # a test hook: lets a concurrent ingest run between mark and sweep
     removed = freed = kept = scanned_bytes = 0
     candidates: list[tuple[bytes, int]] = []
+    # Blocks that know their write time (a coordinator's shared block directory) are swept only once
+    # older than its grace period: another replica may have received them for a commit not made yet.
+    grace = getattr(store.blocks, "grace_s", None)
+    young_after = time.time() - grace if grace is not None else None
 
     def sweep() -> None:
         nonlocal removed, freed
         with store.lock:
             doomed = [(d, size) for d, size in candidates if not store.is_pinned(d)]
-            store.blocks.delete_many(d for d, _ in doomed)
-        removed += len(doomed)
-        freed += sum(size for _, size in doomed)
+            gone = store.blocks.delete_many((d for d, _ in doomed), older_than=young_after)
+        removed += gone
+        freed += sum(size for _, size in doomed) if gone == len(doomed) else 0
         candidates.clear()
 
-    for digest, value in store.blocks.scan():
-        scanned_bytes += len(value)
-        if digest in live:
+    for digest, size, written in store.blocks.scan_sizes():
+        scanned_bytes += size
+        if digest in live or (young_after is not None and written >= young_after):
             kept += 1
             continue
-        candidates.append((digest, len(value)))
+        candidates.append((digest, size))
         if len(candidates) >= SWEEP_BATCH:
             sweep()
     sweep()
@@ -103,5 +108,5 @@ def _collect(store: Store, before_sweep: Callable[[], None] | None) -> GcResult:
         store.forget_interrupted(interrupted)
     # Give the space back, only if the disk has room for the rewrite (a compaction that runs out of
     # space stops RocksDB compacting until the store is reopened).
-    compaction = compact_blocks(store, live_bytes=scanned_bytes - freed)
+    compaction = compact_blocks(store, live_bytes=scanned_bytes - freed) if store.blocks.in_database else None
     return GcResult(removed, freed, kept, len(interrupted), len(stale_prefilter), compaction)

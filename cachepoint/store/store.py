@@ -42,10 +42,12 @@ class Store:
     Inside that process, ``lock`` orders block pinning against GC's sweep.
     """
 
-    def __init__(self, db: StoreDB) -> None:
+    def __init__(self, db: StoreDB, blocks: BlockStore | None = None) -> None:
+        """``blocks``: where the blocks live when not in ``db`` (a coordinator's shared directory,
+        coordinator/backends/fileblocks.py); by default the database's own family."""
         self.db = db
         self.root = db.root
-        self.blocks = BlockStore(db)
+        self.blocks = blocks if blocks is not None else BlockStore(db)
         self.units = UnitRecords(db)
         self.catalog = Catalog(db)
         self.lock = threading.RLock()
@@ -53,6 +55,11 @@ class Store:
         # Blocks of ingests that committed while a GC was running: its mark may predate their version.
         self._retired: set[bytes] = set()
         self._gc_active = 0
+        # Blocks a publisher pushed (or was told are here) for a commit it has not made yet: GC keeps
+        # them for ``received_grace_s`` (the coordinator's block_grace), as it keeps an ingest's pins.
+        self._received: dict[bytes, float] = {}
+        self._received_pruned = time.monotonic()
+        self.received_grace_s = 3600.0
         seed = db.meta(fmt.META_PREFILTER_SEED)
         self.prefilter_seed = fmt.read_u64(seed) if seed else 0
 
@@ -116,7 +123,21 @@ class Store:
 
     def is_pinned(self, digest: bytes) -> bool:
         """Call with ``lock`` held."""
-        return digest in self._retired or any(digest in pins.digests for pins in self._ingests.values())
+        if digest in self._retired or any(digest in pins.digests for pins in self._ingests.values()):
+            return True
+        return self._received.get(digest, -self.received_grace_s) > time.monotonic() - self.received_grace_s
+
+    def note_received(self, digests: Iterable[bytes]) -> None:
+        """Blocks that arrived for a commit still to come (PushBlocks), or that a pusher was told are
+        here and will not send: kept from GC for ``received_grace_s``."""
+        now = time.monotonic()
+        with self.lock:
+            for digest in digests:
+                self._received[digest] = now
+            if now - self._received_pruned > self.received_grace_s / 10:
+                cutoff = now - self.received_grace_s
+                self._received = {d: t for d, t in self._received.items() if t > cutoff}
+                self._received_pruned = now
 
     def begin_gc(self) -> None:
         with self.lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -28,7 +29,10 @@ from coordinator.history.audit import TAG_MOVE, AuditAppender, AuditEntry, Audit
 from coordinator.history.times import iso
 
 log = logging.getLogger("coordinator.catalog")
-WATCH_KEEPALIVE = 15.0  # seconds a quiet Watch stream waits before looking at the log again
+# Seconds a quiet Watch stream waits before looking at the log again (it is woken at once by a commit
+# here, or by another replica's notification). The environment may set it: a test of notifications
+# makes it longer than the test, so that only a notification can deliver its event.
+WATCH_KEEPALIVE = float(os.environ.get("CACHEPOINT_WATCH_KEEPALIVE", "15"))
 CHECK_CHUNK = 256  # blocks read at once while a commit checks its manifest's blocks
 
 
@@ -208,7 +212,7 @@ class CatalogService(CatalogReadService):
     async def Watch(  # noqa: N802
         self, request: catalog_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[catalog_pb2.CatalogEvent]:
-        if request.after > self.events.visible:
+        if request.after > self.events.visible and request.after > await self.events.catch_up():
             await context.abort(
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"watch position {request.after} is ahead of the catalog log (at {self.events.visible})",

@@ -1,10 +1,11 @@
-"""What the dashboard shows, as one JSON snapshot: the fleet by site (from the registry, in memory),
-the catalog's layers, versions, tags and promotions, the legal holds and the audit head (from the
-store).
+"""What the dashboard shows, as one JSON snapshot: the fleet by site (from the registry: in memory, or
+shared by the replicas in PostgreSQL), the catalog's layers, versions, tags and promotions, the legal
+holds and the audit head (from the store).
 
-The registry is read on the event loop (it is changed there, by heartbeats); the store on a worker
-thread. Everything listed is bounded (MAX_LAYERS, VERSIONS_SHOWN, ...) so a fleet with thousands of
-user layers still answers in one small reply; the totals count everything.
+The registry is read on the event loop (it is changed there, by heartbeats, or read from PostgreSQL
+asynchronously); the store on a worker thread. Everything listed is bounded (MAX_LAYERS,
+VERSIONS_SHOWN, ...) so a fleet with thousands of user layers still answers in one small reply; the
+totals count everything.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from cachepoint import __version__
 from cachepoint.errors import NotFound
 from cachepoint.rpc.block_exchange import ServeCounters
 from cachepoint.store.store import Store
-from coordinator.fleet.registry import Node, Registry
+from coordinator.fleet.registry import FleetRegistry, Node
 from coordinator.history.audit import AuditLog
 from coordinator.history.holds import Holds
 
@@ -35,7 +36,7 @@ SITE_CLASS = "site"
 class Dashboard:
     """Where the snapshot is read from: the coordinator's own objects, shared, never copied."""
 
-    registry: Registry
+    registry: FleetRegistry
     store: Store
     holds: Holds
     audit: AuditLog
@@ -44,8 +45,9 @@ class Dashboard:
 
     async def snapshot(self) -> dict[str, Any]:
         now = time.time_ns()
-        nodes = [node_json(node, now) for node in self.registry.nodes.values()]
-        holders = Counter(ref for node in self.registry.nodes.values() for ref in node.complete)
+        registered = await self.registry.list_nodes()
+        nodes = [node_json(node, now) for node in registered]
+        holders = Counter(ref for node in registered for ref in node.complete)
         stored = await asyncio.to_thread(self._stored, holders)
         return assemble(nodes, stored, self._coordinator(now), now)
 

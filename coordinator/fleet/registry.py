@@ -1,13 +1,18 @@
 """Who is in the fleet, where, how busy, which versions each holds complete, and which it is pulling.
 
-Kept in memory: nodes register again when a heartbeat is refused (after a coordinator restart), so
-the registry rebuilds itself within one heartbeat interval and is never a second source of truth.
+Kept in memory by the embedded coordinator: nodes register again when a heartbeat is refused (after a
+coordinator restart), so the registry rebuilds itself within one heartbeat interval and is never a
+second source of truth. Replicas over PostgreSQL share one registry instead
+(coordinator/fleet/shared.py); the services read and write either through the async methods of
+``FleetRegistry``.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Protocol
 
 HEARTBEAT_INTERVAL_MS = 2000
 STALE_AFTER_NS = 3 * HEARTBEAT_INTERVAL_MS * 1_000_000  # three missed heartbeats: not offered as a peer
@@ -60,7 +65,37 @@ class UnknownNode(Exception):
     pass
 
 
+class FleetRegistry(Protocol):
+    """What the fleet service, the dashboard and the metrics use of a registry (in memory, or shared
+    by the replicas in PostgreSQL)."""
+
+    async def register_node(self, node_id: str, site: str, address: str) -> None: ...
+
+    async def record_heartbeat(
+        self, node_id: str, complete: set[str], load: int, report: NodeReport | None
+    ) -> None: ...
+
+    async def record_pulling(self, node_id: str, ref: str) -> None: ...
+
+    async def find_pullers(self, requester_id: str, ref: str) -> list[Node]: ...
+
+    async def find_holders(
+        self, requester_id: str, ref: str | None, limit: int
+    ) -> list[tuple[Node, bool]]: ...
+
+    async def list_nodes(self) -> list[Node]: ...
+
+    async def count_by_state(self) -> Counter[tuple[str, str]]: ...
+
+
+def count_by_state(nodes: list[Node], now_ns: int) -> Counter[tuple[str, str]]:
+    """Nodes by (site, "healthy" | "stale")."""
+    return Counter((node.site, "healthy" if node.healthy(now_ns) else "stale") for node in nodes)
+
+
 class Registry:
+    """The embedded coordinator's registry, in this process's memory (changed on the event loop)."""
+
     def __init__(self) -> None:
         self.nodes: dict[str, Node] = {}
 
@@ -128,3 +163,28 @@ class Registry:
         ]
         found.sort(key=lambda n: (n.site != site, n.load, n.node_id))
         return [(node, node.site == site) for node in found[: limit or None]]
+
+    # -- FleetRegistry: the same, as the services call it ---------------------------------------
+
+    async def register_node(self, node_id: str, site: str, address: str) -> None:
+        self.register(node_id, site, address)
+
+    async def record_heartbeat(
+        self, node_id: str, complete: set[str], load: int, report: NodeReport | None
+    ) -> None:
+        self.heartbeat(node_id, complete, load, report)
+
+    async def record_pulling(self, node_id: str, ref: str) -> None:
+        self.pulling(node_id, ref)
+
+    async def find_pullers(self, requester_id: str, ref: str) -> list[Node]:
+        return self.pullers(requester_id, ref)
+
+    async def find_holders(self, requester_id: str, ref: str | None, limit: int) -> list[tuple[Node, bool]]:
+        return self.holders(requester_id, ref, limit)
+
+    async def list_nodes(self) -> list[Node]:
+        return list(self.nodes.values())
+
+    async def count_by_state(self) -> Counter[tuple[str, str]]:
+        return count_by_state(list(self.nodes.values()), time.time_ns())

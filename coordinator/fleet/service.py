@@ -19,12 +19,12 @@ from cachepoint.trust import reading
 from cachepoint.trust.principal import Principal
 from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc, version_pb2
 from cachepoint.wire import ref_from_pb
-from coordinator.assignments import Assignments
+from coordinator.assignments import AssignmentView
 from coordinator.fleet.registry import (
     HEARTBEAT_INTERVAL_MS,
+    FleetRegistry,
     Node,
     NodeReport,
-    Registry,
     SubscriptionLag,
     UnknownNode,
 )
@@ -73,8 +73,8 @@ def _node_info(node: Node) -> fleet_pb2.NodeInfo:
 class FleetService(fleet_pb2_grpc.FleetServicer):
     def __init__(
         self,
-        registry: Registry,
-        assignments: Assignments | None = None,
+        registry: FleetRegistry,
+        assignments: AssignmentView | None = None,
         caller: Caller = lambda context: None,
         revoked: RevokedNames | None = None,
     ) -> None:
@@ -110,7 +110,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         for name in ("node_id", "site", "address"):
             if not getattr(node, name):
                 raise InvalidInput(f"Register: {name} is required")
-        self.registry.register(node.node_id, node.site, node.address)
+        await self.registry.register_node(node.node_id, node.site, node.address)
         return fleet_pb2.RegisterResponse(heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS)
 
     @rpc_errors
@@ -119,7 +119,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
     ) -> fleet_pb2.HeartbeatResponse:
         complete = {_ref_text(ref) for ref in request.complete}
         try:
-            self.registry.heartbeat(request.node_id, complete, request.load, _report(request))
+            await self.registry.record_heartbeat(request.node_id, complete, request.load, _report(request))
         except UnknownNode as err:
             raise UnknownNodeError(request.node_id) from err
         return self._view()
@@ -135,19 +135,21 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             return fleet_pb2.FindPeersResponse()  # as for a version no node holds
         peers = [
             fleet_pb2.Peer(node=_node_info(node), same_site=same, load=node.load)
-            for node, same in self.registry.holders(request.requester_id, ref, limit)
+            for node, same in await self.registry.find_holders(request.requester_id, ref, limit)
         ]
         principal = self.caller(context)
         # With TLS a node announces only its own pulls (as Heartbeat speaks only for itself).
         speaks_for_itself = principal is None or principal.name == request.requester_id
         if request.pulling and ref is not None and speaks_for_itself:
             try:
-                self.registry.pulling(request.requester_id, ref)
+                await self.registry.record_pulling(request.requester_id, ref)
             except UnknownNode as err:
                 raise UnknownNodeError(request.requester_id) from err
             peers += [
                 fleet_pb2.Peer(node=_node_info(node), same_site=True, load=node.load, pulling=True)
-                for node in self.registry.pullers(request.requester_id, ref)[: max(limit - len(peers), 0)]
+                for node in (await self.registry.find_pullers(request.requester_id, ref))[
+                    : max(limit - len(peers), 0)
+                ]
             ]
         return fleet_pb2.FindPeersResponse(peers=peers)
 
@@ -159,7 +161,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         response = fleet_pb2.ListNodesResponse()
         may_read, all_assignments = self._reader(context)
         principal = self.caller(context)
-        for node in sorted(self.registry.nodes.values(), key=lambda n: (n.site, n.node_id)):
+        for node in sorted(await self.registry.list_nodes(), key=lambda n: (n.site, n.node_id)):
             own = principal is not None and principal.name == node.node_id
             shown = all_assignments or own
             status = response.nodes.add(

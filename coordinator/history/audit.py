@@ -31,6 +31,7 @@ import rocksdict
 from cachepoint.errors import IntegrityFailure, InvalidInput
 from cachepoint.store import format as fmt
 from cachepoint.store.db import StoreDB
+from coordinator.backends.section import exclusive
 from coordinator.history.times import iso
 from coordinator.history.users import user_subject
 
@@ -260,8 +261,10 @@ class AuditLog:
 
     @contextlib.contextmanager
     def appending(self) -> Iterator[AuditAppender]:
-        """Hold the log while the caller stages records and writes its batch (synced)."""
-        with self._lock:
+        """Hold the log while the caller stages records and writes its batch (synced). With replicas the
+        chain's head is read and extended inside the cluster's write section (taken first, always:
+        a caller already in it holds it, and this lock after it), so the chain stays one line."""
+        with exclusive(self.db), self._lock:
             yield AuditAppender(self, *self.head())
 
     def append(

@@ -7,10 +7,12 @@ audit record. A crash between two deletions leaves a consistent catalog; run GC 
 The block sweep is the store's mark and sweep (cachepoint/store/gc.py): it keeps every block any
 remaining version references, held or not, so a block shared with a kept version is never lost.
 
-The caller holds the catalog write lock for the whole run: a commit that checked its blocks are
-present must not see them swept before its version lands. Blocks pushed for a commit that has not
-happened yet are not protected: that commit then fails with FAILED_PRECONDITION and its publisher
-(or a device's outbox) pushes them again and retries.
+The caller holds the catalog write lock (the write section, across replicas) for the whole run: a
+commit that checked its blocks are present must not see them swept before its version lands. Blocks
+pushed for a commit that has not happened yet are kept for ``block_grace``: embedded, the coordinator
+remembers what it received (Store.note_received; a restart forgets, and such a commit then fails with
+FAILED_PRECONDITION and is retried after a new push); shared, the block files' own times say it
+(coordinator/backends/fileblocks.py).
 """
 
 from __future__ import annotations

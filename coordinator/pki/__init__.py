@@ -2,5 +2,7 @@
 (tokens.py), revocations (revocation.py), the Enrollment service (service.py), the check of every
 call's peer certificate (guard.py) and the commands that manage them (cli.py).
 
-Everything lives under DATA/ca/, beside the store and not in it: see docs/design.md, "Fleet trust".
+Embedded, everything lives under DATA/ca/, beside the store and not in it; with replicas, tokens,
+revocations and assignments are PostgreSQL's (state.py) and only the CA stays in DATA/ca/: see
+docs/design.md, "Fleet trust".
 """

@@ -1,6 +1,8 @@
 """`cachepoint-coordinator enroll` and `revoke`: they work on DATA/ca/ directly, so they run beside a
 running coordinator (which reads what they write at its next enrollment or call). Each leaves an audit
-record for the coordinator to append (coordinator/pki/audit_queue.py)."""
+record for the coordinator to append (coordinator/pki/audit_queue.py). With a shared catalog (replicas:
+``catalog`` in the config, or --catalog), tokens and revocations are written to PostgreSQL instead,
+with their audit record in the shared chain (coordinator/pki/state.py)."""
 
 from __future__ import annotations
 
@@ -16,12 +18,38 @@ from cachepoint.errors import InvalidInput, NotFound
 from cachepoint.rpc.serving import split_address
 from cachepoint.trust.principal import Role, check_name
 from cachepoint.trust.token import JoinToken
-from coordinator.pki import audit_queue, revocation, rotation, tokens
+from coordinator.pki import audit_queue, rotation, state, tokens
 from coordinator.pki.ca import CertificateAuthority
 
 data_option = click.option(
     "--data", "data", type=click.Path(path_type=Path), required=True, help="The coordinator's data directory."
 )
+admin_data_option = click.option(
+    "--data",
+    "data",
+    type=click.Path(path_type=Path),
+    help="The coordinator's data directory (a replica's: where its CA is) [config data].",
+)
+catalog_option = click.option(
+    "--catalog",
+    default=None,
+    metavar="URL",
+    help="postgresql://… : write to the replicas' shared catalog [config catalog; none: files in --data].",
+)
+
+
+def admin_target(data: Path | None, catalog: str | None) -> tuple[Path | None, str]:
+    """(data directory, catalog URL) of an admin command: its options over the config's keys."""
+    settings = click.get_current_context().find_root().obj
+    if data is None and getattr(settings, "data", ""):
+        data = Path(settings.data)
+    if catalog is None:
+        catalog = str(getattr(settings, "catalog", "") or "")
+    return data, catalog
+
+
+def admin_writes(data: Path | None, catalog: str | None) -> state.AdminWrites:
+    return state.admin(*admin_target(data, catalog))
 
 
 def _enroll_port(data: Path) -> int:
@@ -43,7 +71,8 @@ def _checked(name: str, what: str) -> str:
 
 @click.command("enroll")
 @click.argument("name")
-@data_option
+@admin_data_option
+@catalog_option
 @click.option("--site", default="", help="The site of a node (its locality label).")
 @click.option(
     "--role",
@@ -54,9 +83,17 @@ def _checked(name: str, what: str) -> str:
 @click.option("--ttl", default="1h", show_default=True, help="How long the token can be used (once).")
 @json_option
 @handles_errors
-def enroll_cmd(name: str, data: Path, site: str, role: str, ttl: str, as_json: bool) -> None:
+def enroll_cmd(
+    name: str, data: Path | None, catalog: str | None, site: str, role: str, ttl: str, as_json: bool
+) -> None:
     """Print a one-time join token for NAME (a node's id, a person's or a tool's name); spend it on
-    that machine with `cachepoint enroll --coordinator HOST:PORT --token TOKEN`."""
+    that machine with `cachepoint enroll --coordinator HOST:PORT --token TOKEN`. With a shared
+    catalog, at any replica."""
+    data, catalog = admin_target(data, catalog)
+    if data is None:
+        raise InvalidInput(
+            "say where the fleet's CA is: --data DIR (a coordinator's), or `data` in the config"
+        )
     _checked(name, "name")
     if site:
         _checked(site, "site")
@@ -76,13 +113,11 @@ def enroll_cmd(name: str, data: Path, site: str, role: str, ttl: str, as_json: b
     token = JoinToken.new(rotation.Authorities.load(data).serving.fingerprint, _enroll_port(data))
     now = time.time()
     entry = tokens.TokenRecord(name, str(parsed_role), site, now + seconds, now)
-    tokens.record(data, token.secret_hash, entry)
-    audit_queue.queue(
-        data,
-        audit_queue.TOKEN_ISSUED,
-        name,
-        {"role": str(parsed_role), "site": site or None, "expires_at": entry.expires_at},
-    )
+    writes = state.admin(data, catalog)
+    try:
+        writes.issue_token(token.secret_hash, entry)
+    finally:
+        writes.close()
     if as_json:
         emit_json(
             {
@@ -99,15 +134,20 @@ def enroll_cmd(name: str, data: Path, site: str, role: str, ttl: str, as_json: b
 
 @click.command("revoke")
 @click.argument("name")
-@data_option
+@admin_data_option
+@catalog_option
 @json_option
 @handles_errors
-def revoke_cmd(name: str, data: Path, as_json: bool) -> None:
+def revoke_cmd(name: str, data: Path | None, catalog: str | None, as_json: bool) -> None:
     """Refuse NAME's certificates from now on: its new calls at once, its open streams within a
-    heartbeat interval. Enrolling NAME again with a new token gives it a certificate that works."""
+    heartbeat interval (with a shared catalog: at every replica, within a second). Enrolling NAME
+    again with a new token gives it a certificate that works."""
     _checked(name, "name")
-    at = revocation.revoke(data, name)
-    audit_queue.queue(data, audit_queue.REVOKED, name, {"revoked_at": at})
+    writes = admin_writes(data, catalog)
+    try:
+        at = writes.revoke(name)
+    finally:
+        writes.close()
     if as_json:
         emit_json({"revoked": name, "at": when(int(at * 1e9))})
         return

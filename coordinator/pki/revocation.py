@@ -69,6 +69,10 @@ class Revocations:
             self.revoked = read(self.data) if stamp is not None else {}
             self._seen = stamp
 
+    def revoked_at(self, name: str) -> float | None:
+        self.refresh()
+        return self.revoked.get(name)
+
     def refuses(self, principal: Principal) -> float | None:
         """When ``principal``'s certificate was revoked, or None when it stands."""
         self.refresh()

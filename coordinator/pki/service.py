@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from cachepoint.errors import StoreBusy
 from cachepoint.trust.principal import Principal, Role
 from cachepoint.trust.token import secret_hash
 from cachepoint.v1 import enrollment_pb2, enrollment_pb2_grpc
@@ -22,8 +23,8 @@ from coordinator.history.audit import AuditEntry, AuditLog
 from coordinator.pki import tokens
 from coordinator.pki.audit_queue import ENROLLED, RENEWED
 from coordinator.pki.guard import Refused, peer_principal
-from coordinator.pki.revocation import Revocations
 from coordinator.pki.rotation import LiveAuthorities
+from coordinator.pki.state import TrustRecords
 
 log = logging.getLogger("coordinator.pki")
 MAX_CSR = 16 * 1024
@@ -35,13 +36,13 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         data: Path,
         authorities: LiveAuthorities,
         lifetime: timedelta,
-        revocations: Revocations,
+        records: TrustRecords,
         audit: AuditLog | None = None,
     ) -> None:
         self.data = data
         self.authorities = authorities
         self.lifetime = lifetime
-        self.revocations = revocations
+        self.records = records
         self.audit = audit
 
     async def _audited(self, actor: str, action: str, cert: x509.Certificate, **details: object) -> None:
@@ -89,10 +90,13 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
     ) -> enrollment_pb2.EnrollResponse:
         key = await self._public_key(request.csr_pem, context)  # a bad request does not spend the token
         try:
-            entry = tokens.spend(self.data, secret_hash(request.token_secret))
+            # A file rename, or one UPDATE in PostgreSQL when the tokens are shared by replicas.
+            entry = await asyncio.to_thread(self.records.tokens.spend, secret_hash(request.token_secret))
         except tokens.TokenRefused as err:
             log.warning("enrollment refused from %s: %s", context.peer(), err)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
+        except StoreBusy as err:  # the replicas' database is unreachable: the token stays unspent
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         principal = Principal(entry.name, (Role.parse(entry.role),), entry.site)
         await self._after_revocation(entry.name)
         cert, bundle = self._issue(key, principal)
@@ -105,8 +109,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
     async def _after_revocation(self, name: str) -> None:
         """Certificates carry their issue time in whole seconds, and a revocation refuses every one
         issued up to its second: a name enrolled again in that same second waits for the next one."""
-        self.revocations.refresh()
-        at = self.revocations.revoked.get(name)
+        at = await asyncio.to_thread(self.records.revoked_at, name)
         if at is not None:
             await asyncio.sleep(max(0.0, math.floor(at) + 1 - time.time()))
 

@@ -57,6 +57,14 @@ def _read(path: Path) -> TokenRecord:
     return TokenRecord(**json.loads(path.read_text()))
 
 
+def token_dir(data: Path) -> Path:
+    """Where the token records of ``data`` are (unspent ones; spent ones below, in used/)."""
+    return _dir(data)
+
+
+read_record = _read
+
+
 def spend(data: Path, secret_hash: str, now: float | None = None) -> TokenRecord:
     """The record of a valid token, now spent; TokenRefused when unknown, used or expired."""
     now = time.time() if now is None else now
@@ -78,6 +86,16 @@ def spend(data: Path, secret_hash: str, now: float | None = None) -> TokenRecord
         raise TokenRefused("this join token is unknown to the coordinator (make one with `enroll`)") from None
     os.utime(used)  # its mtime now says when it was spent
     return entry
+
+
+class FileTokens:
+    """The token records of DATA/ca/tokens/, as the Enrollment service spends them."""
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+
+    def spend(self, secret_hash: str) -> TokenRecord:
+        return spend(self.data, secret_hash)
 
 
 def purge(data: Path, now: float | None = None) -> None:

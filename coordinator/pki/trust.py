@@ -16,9 +16,9 @@ from cachepoint.rpc.serving import Server, split_address
 from coordinator.history.audit import AuditLog
 from coordinator.pki.ca import CertificateAuthority, server_hosts
 from coordinator.pki.guard import coordinator_guard
-from coordinator.pki.revocation import Revocations
 from coordinator.pki.rotation import LiveAuthorities
 from coordinator.pki.service import EnrollmentService, register
+from coordinator.pki.state import TrustRecords
 from coordinator.pki.tls import CoordinatorTls
 
 DEFAULT_LIFETIME = "3d"
@@ -43,17 +43,21 @@ def enroll_address(listen: str, enroll_listen: str) -> str:
 
 class FleetTrust:
     def __init__(
-        self, data: Path, settings: TrustSettings, listen: str, audit: AuditLog | None = None
+        self,
+        data: Path,
+        settings: TrustSettings,
+        listen: str,
+        records: TrustRecords,
+        audit: AuditLog | None = None,
     ) -> None:
+        """``records``: where tokens and revocations are (coordinator/pki/state.py)."""
         self.settings = settings
         host, _ = split_address(listen)
         self.authorities = LiveAuthorities(data, settings.ca)
         self.tls = CoordinatorTls(self.authorities, server_hosts(host, settings.tls_names), settings.lifetime)
-        self.revocations = Revocations(data)
+        self.revocations = records.revocations
         self.guard = coordinator_guard(self.revocations)
-        self.enrollment = EnrollmentService(
-            data, self.authorities, settings.lifetime, self.revocations, audit
-        )
+        self.enrollment = EnrollmentService(data, self.authorities, settings.lifetime, records, audit)
         self.enroll_server = Server(
             enroll_address(listen, settings.enroll_listen),
             "cachepoint.v1.Enrollment",
