@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ANSIBLE_VENV := .venv-ansible
 ANSIBLE_STAMP := $(ANSIBLE_VENV)/.installed
 
-.PHONY: run test test-tools ansible-tools ansible-lint bench fleet proto lint screenshot clean
+.PHONY: run test test-backends test-tools ansible-tools ansible-lint bench fleet proto lint screenshot clean
 
 # Debian packages some tests drive as real clients (command:package). Installed when missing.
 TEST_TOOLS := qemu-img:qemu-utils qemu-io:qemu-utils mkfs.ext4:e2fsprogs debugfs:e2fsprogs curl:curl setpriv:util-linux \
@@ -59,9 +59,18 @@ test-tools:
 # runs them in one process).
 TEST_WORKERS ?= 3
 
+# The coordinator's own tests (modules marked coordinator_backends) run on the embedded backend here;
+# `make test-backends` runs them on PostgreSQL too (twice the time of those modules). The replicas'
+# tests (tests/test_coordinator_replicas.py and friends) always run on PostgreSQL.
+TEST_BACKENDS ?= embedded
+PYTEST = $(BIN)/python -m pytest -q --durations=15 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: $(STAMP) $(ANSIBLE_STAMP) test-tools
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=15 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	CACHEPOINT_TEST_BACKENDS=$(TEST_BACKENDS) $(PYTEST)
+
+test-backends: $(STAMP) test-tools
+	CACHEPOINT_TEST_BACKENDS=embedded,postgresql $(PYTEST) -m coordinator_backends
 
 # The delta-sync section compares with rsync, the NBD section reads with qemu-img: install them when
 # missing (apt-get, as root). Without them the benchmark still runs and marks those parts not measured.

@@ -157,6 +157,18 @@ def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
 
 COORDINATOR_BACKENDS = ("embedded", "postgresql")
 BACKENDS_MARK = "coordinator_backends"
+# Which backends the marked modules run on: CACHEPOINT_TEST_BACKENDS="embedded,postgresql" (the
+# default, and `make test-backends`) or one of them; `make test` runs the embedded one only, to keep
+# the CI run short (the replicas' own tests run on PostgreSQL there all the same).
+BACKENDS_ENV = "CACHEPOINT_TEST_BACKENDS"
+
+
+def chosen_backends() -> tuple[str, ...]:
+    wanted = [b.strip() for b in os.environ.get(BACKENDS_ENV, ",".join(COORDINATOR_BACKENDS)).split(",")]
+    unknown = [b for b in wanted if b and b not in COORDINATOR_BACKENDS]
+    if unknown:
+        raise pytest.UsageError(f"{BACKENDS_ENV}: unknown backend {unknown[0]!r} (of {COORDINATOR_BACKENDS})")
+    return tuple(b for b in COORDINATOR_BACKENDS if b in wanted)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -175,9 +187,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     if "coordinator_backend" not in metafunc.fixturenames:
         metafunc.fixturenames.append("coordinator_backend")
-    metafunc.parametrize(
-        "coordinator_backend", COORDINATOR_BACKENDS, indirect=True, scope="module", ids=COORDINATOR_BACKENDS
-    )
+    backends = chosen_backends()
+    metafunc.parametrize("coordinator_backend", backends, indirect=True, scope="module", ids=backends)
 
 
 @pytest.fixture(scope="module")
