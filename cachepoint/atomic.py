@@ -64,7 +64,12 @@ def create_temp(dir_fd: int, final: str = "") -> tuple[str, int]:
     """A new private (0600) file in the directory ``dir_fd``: its name and a descriptor open for writing.
     O_EXCL and O_NOFOLLOW: never an existing file, never through a symlink planted under the name."""
     name = temp_name(final)
-    return name, os.open(name, _TEMP_FLAGS, 0o600, dir_fd=dir_fd)
+    return name, open_temp(dir_fd, name)
+
+
+def open_temp(dir_fd: int, name: str) -> int:
+    """Create the private temporary ``name`` (as ``create_temp``) and open it for writing."""
+    return os.open(name, _TEMP_FLAGS, 0o600, dir_fd=dir_fd)
 
 
 def discard(dir_fd: int, name: str) -> None:
@@ -204,7 +209,9 @@ def new_file(dest: Path, *, force: bool, mode: int | None = None) -> Iterator[in
     fd = -1
     try:
         with _TermAsInterrupt():
-            name, fd = create_temp(dir_fd, dest.name)
+            # Named before it exists: a SIGTERM just after the file is made still finds it to discard.
+            name = temp_name(dest.name)
+            fd = open_temp(dir_fd, name)
             yield fd
             if mode is not None:
                 os.fchmod(fd, mode & 0o777)
