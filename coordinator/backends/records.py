@@ -67,10 +67,6 @@ class PgBatch:
     def __len__(self) -> int:
         return len(self.ops)
 
-    @property
-    def inner(self) -> PgBatch:  # what StoreDB's Batch calls its RocksDB batch
-        return self
-
 
 class PgFamily:
     """One family read like a rocksdict column family (the calls the coordinator's code makes)."""
@@ -84,9 +80,6 @@ class PgFamily:
             found = self._db.get_many(self.name, key)
             return [found.get(bytes(k)) for k in key]
         return self._db.get(self.name, key)
-
-    def key_may_exist(self, key: bytes) -> bool:
-        return True
 
     def items(self, from_key: bytes | None = None, backwards: bool = False) -> Iterator[tuple[bytes, bytes]]:
         return self._db.range(self.name, from_key, backwards)
@@ -148,8 +141,8 @@ class PgStoreDB:
 
     # -- connections -------------------------------------------------------------------------
 
-    def connection(self) -> contextlib_connection:
-        return contextlib_connection(self)
+    def connection(self) -> PooledOrSection:
+        return PooledOrSection(self)
 
     def close(self) -> None:
         self.pool.close()
@@ -181,9 +174,6 @@ class PgStoreDB:
                 # Delivered at commit, to every replica's listener (notify.py), in commit order.
                 cursor.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, str(max(events))))
 
-    def write_unjournaled(self, batch: Any, *, sync: bool, wal: bool) -> None:
-        self.write(batch, sync=sync, wal=wal)
-
     def flush(self, family: str) -> None:
         """Nothing to flush: every batch is committed when ``write`` returns."""
 
@@ -192,12 +182,6 @@ class PgStoreDB:
 
     def journal_seq(self) -> int:
         return 0
-
-    def journaled_state(self) -> dict[str, dict[bytes, bytes]]:
-        return {family: dict(self.scan(family)) for family in sorted(fmt.JOURNALED_FAMILIES)}
-
-    def writer_active(self) -> bool:
-        return True
 
     def get(self, family: str, key: bytes) -> bytes | None:
         with self.connection() as conn:
@@ -264,13 +248,8 @@ class PgStoreDB:
             ).fetchone()
         return bytes(row[0]) if row else None
 
-    def count(self, family: str) -> int:
-        with self.connection() as conn:
-            row = conn.execute("SELECT count(*) FROM records WHERE family = %s", (family,)).fetchone()
-        return int(row[0]) if row else 0
 
-
-class contextlib_connection:  # noqa: N801 - used like contextlib's managers
+class PooledOrSection:
     """The write section's connection when this context is in one, else one from the pool; a lost
     database becomes CatalogDatabaseDown (UNAVAILABLE to gRPC callers, who try another replica)."""
 
