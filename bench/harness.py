@@ -110,6 +110,16 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def cli_env(store: Path, config_home: Path) -> dict[str, str]:
+    """The environment of a `cachepoint` command a benchmark runs on ``store``: no config of this
+    machine's user (its own empty XDG config home), the store named."""
+    env = dict(os.environ)
+    env.pop("CACHEPOINT_CONFIG", None)
+    env["XDG_CONFIG_HOME"] = str(config_home)
+    env["CACHEPOINT_STORE"] = str(store)
+    return env
+
+
 def settle() -> None:
     """Write back dirty pages before a timed run, so that the previous run's writes (a store's SST
     files, a generated image) are not flushed on this run's clock."""

@@ -36,7 +36,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.harness import RUNS, Bench, Check, MiB, Section, Table, human_bytes, remove, settle, verdict, warm
+from bench.harness import (
+    RUNS,
+    Bench,
+    Check,
+    MiB,
+    Section,
+    Table,
+    cli_env,
+    human_bytes,
+    remove,
+    settle,
+    verdict,
+    warm,
+)
 from bench.replication_bench import (
     CACHEPOINT,
     _announcement,
@@ -278,11 +291,7 @@ class RealImage:
         self.want = _sha256(v2)
 
     def env(self, store: Path) -> dict[str, str]:
-        env = dict(os.environ)
-        env.pop("CACHEPOINT_CONFIG", None)
-        env["XDG_CONFIG_HOME"] = str(self.config_home)
-        env["CACHEPOINT_STORE"] = str(store)
-        return env
+        return cli_env(store, self.config_home)
 
     def cachepoint(self, store: Path, *args: str) -> tuple[float, dict[str, Any]]:
         seconds, out = _run([*CACHEPOINT, *args, "--json"], f"cachepoint {args[0]}", env=self.env(store))

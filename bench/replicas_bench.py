@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import statistics
 import subprocess
@@ -20,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from bench.harness import Bench, Section, Table, remove
+from bench.harness import Bench, Section, Table, cli_env, remove
 from bench.replication_bench import CACHEPOINT, COORDINATOR, _announcement, _run, _spawn
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, fleet_pb2, fleet_pb2_grpc, version_pb2
 from coordinator.fleet.shared import SharedRegistry
@@ -158,11 +157,7 @@ class Cluster:
             self.http.append(str(announced["http"]))
 
     def env(self, store: Path) -> dict[str, str]:
-        env = dict(os.environ)
-        env.pop("CACHEPOINT_CONFIG", None)
-        env["XDG_CONFIG_HOME"] = str(self.config_home)
-        env["CACHEPOINT_STORE"] = str(store)
-        return env
+        return cli_env(store, self.config_home)
 
     def manifest(self) -> catalog_pb2.ManifestBlob:
         image = self.root / "image"

@@ -41,6 +41,7 @@ from bench.harness import (
     MiB,
     Section,
     Table,
+    cli_env,
     human_bytes,
     remove,
     settle,
@@ -391,11 +392,7 @@ class DeltaSync:
         self.tls_base = self.dir / "receiver-v1-tls"  # a receiver holding v1, with its identity inside
 
     def env(self, store: Path) -> dict[str, str]:
-        env = dict(os.environ)
-        env.pop("CACHEPOINT_CONFIG", None)
-        env["XDG_CONFIG_HOME"] = str(self.config_home)
-        env["CACHEPOINT_STORE"] = str(store)
-        return env
+        return cli_env(store, self.config_home)
 
     def cachepoint(self, store: Path, *args: str) -> tuple[float, dict[str, Any]]:
         seconds, out = _run([*CACHEPOINT, *args, "--json"], f"cachepoint {args[0]}", env=self.env(store))
