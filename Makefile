@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ANSIBLE_VENV := .venv-ansible
 ANSIBLE_STAMP := $(ANSIBLE_VENV)/.installed
 
-.PHONY: run test test-backends test-tools ansible-tools ansible-lint bench fleet proto lint screenshot clean
+.PHONY: run test test-backends test-tools bytecode ansible-tools ansible-lint bench fleet proto lint screenshot clean
 
 # Debian packages some tests drive as real clients (command:package). Installed when missing.
 TEST_TOOLS := qemu-img:qemu-utils qemu-io:qemu-utils mkfs.ext4:e2fsprogs debugfs:e2fsprogs curl:curl setpriv:util-linux \
@@ -65,11 +65,16 @@ TEST_WORKERS ?= 3
 TEST_BACKENDS ?= embedded
 PYTEST = $(BIN)/python -m pytest -q --durations=15 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
-test: $(STAMP) $(ANSIBLE_STAMP) test-tools
+# Every test starts daemons and commands as new interpreters: the sources are compiled once here, so
+# that none of them compiles them again (with PYTHONDONTWRITEBYTECODE set, each one would).
+bytecode: $(STAMP)
+	$(BIN)/python -m compileall -q -j 0 cachepoint coordinator bench tests >/dev/null
+
+test: $(STAMP) $(ANSIBLE_STAMP) test-tools bytecode
 	$(BIN)/ruff check .
 	CACHEPOINT_TEST_BACKENDS=$(TEST_BACKENDS) $(PYTEST)
 
-test-backends: $(STAMP) test-tools
+test-backends: $(STAMP) test-tools bytecode
 	CACHEPOINT_TEST_BACKENDS=embedded,postgresql $(PYTEST) -m coordinator_backends
 
 # The delta-sync section compares with rsync, the NBD section reads with qemu-img: install them when

@@ -28,6 +28,10 @@ class AssignmentView(Protocol):
 
     def users_of(self, node: str) -> frozenset[str]: ...
 
+    def assigned(self, node: str, user: str) -> bool:
+        """Whether ``user`` is assigned to ``node`` now: the question a refusal rests on."""
+        ...
+
     def all(self) -> dict[str, list[str]]: ...
 
 
@@ -66,6 +70,9 @@ class Assignments:
 
     def users_of(self, node: str) -> frozenset[str]:
         return self._load().get(node, frozenset())
+
+    def assigned(self, node: str, user: str) -> bool:
+        return user in self.users_of(node)  # the file is looked at again on every call already
 
     def all(self) -> dict[str, list[str]]:
         return {node: sorted(users) for node, users in sorted(self._load().items())}

@@ -62,7 +62,12 @@ class Rule:
 
 def may_read_layer(principal: Principal, layer: str, facts: Facts) -> bool:
     """cachepoint/trust/reading.py's rule, with the coordinator's assignments."""
-    return reading.may_read_layer(principal, layer, facts.assignments.users_of)
+    owner = reading.owner_of(layer)
+
+    def users_of(node: str) -> frozenset[str]:  # asked only about the layer's owner
+        return frozenset({owner}) if owner and facts.assignments.assigned(node, owner) else frozenset()
+
+    return reading.may_read_layer(principal, layer, users_of)
 
 
 def _anyone(principal: Principal, request: Any, facts: Facts) -> str:
@@ -84,7 +89,7 @@ def _commit(principal: Principal, request: Any, facts: Facts) -> str:
         return "" if principal.has("publisher") else f"{layer} is an os/ or app/ layer: needs role publisher"
     user = reading.owner_of(layer)
     if user is not None:
-        if principal.has("node") and user in facts.assignments.users_of(principal.name):
+        if principal.has("node") and facts.assignments.assigned(principal.name, user):
             return ""
         return f"{layer} is user {user!r}'s: needs a node {user!r} is assigned to"
     return f"{layer}: only os/, app/ and user/NAME/ layers are committed"

@@ -8,29 +8,32 @@ import os
 from pathlib import Path
 
 import click
-import grpc
 
 from cachepoint import __version__, logs
-from cachepoint.cli.anywhere import OptionsAnywhereGroup
+from cachepoint.cli.lazy import LazyGroup
 from cachepoint.config import parse_duration, parse_switch
-from cachepoint.console import emit_json, handles_errors, json_option, log_format_option, when
+from cachepoint.console import handles_errors, json_option, log_format_option
 from cachepoint.errors import InvalidInput
-from cachepoint.rpc import channel, replicas
-from cachepoint.rpc.client import UNARY_DEADLINE, from_rpc_error
-from cachepoint.store.store import Store
-from cachepoint.trust.identity import activate
 from cachepoint.trust.location import ENV_IDENTITY
-from cachepoint.v1 import fleet_pb2, fleet_pb2_grpc
-from coordinator.backends.cli import migrate_cmd
-from coordinator.history.cli import coordinator_option, history_group
-from coordinator.pki.bearer import token_cmd
-from coordinator.pki.cli import COMMANDS as pki_commands
-from coordinator.pki.cli import admin_data_option, admin_writes, catalog_option
 
 CHECK_CONFIG = "check-config"
+# The commands defined elsewhere, each imported when it runs (cachepoint/cli/lazy.py);
+# tests/test_cli_commands.py checks the table.
+COMMANDS = {
+    "fleet": "coordinator.admin_commands:fleet_cmd",
+    "assign": "coordinator.admin_commands:assign_cmd",
+    "unassign": "coordinator.admin_commands:unassign_cmd",
+    "repair": "coordinator.admin_commands:repair_cmd",
+    "history": "coordinator.history.cli:history_group",
+    "enroll": "coordinator.pki.cli:enroll_cmd",
+    "revoke": "coordinator.pki.cli:revoke_cmd",
+    "rotate-ca": "coordinator.pki.cli:rotate_ca_cmd",
+    "token": "coordinator.pki.bearer:token_cmd",
+    "migrate": "coordinator.backends.cli:migrate_cmd",
+}
 
 
-@click.group(cls=OptionsAnywhereGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--identity",
     "identity",
@@ -50,6 +53,7 @@ CHECK_CONFIG = "check-config"
 def cli(click_ctx: click.Context, identity: str | None, config: Path | None) -> None:
     """The coordinator: catalog of layers and versions, fleet membership, origin of every block.
     --identity and --config may also follow the command."""
+    from cachepoint.trust.identity import activate  # cryptography: loaded when a command runs
     from coordinator.config import CoordinatorSettings, load
 
     if click_ctx.invoked_subcommand == CHECK_CONFIG:
@@ -166,132 +170,6 @@ def serve_cmd(
             backend=chosen,
         )
     )
-
-
-async def _list_nodes(address: str) -> fleet_pb2.ListNodesResponse:
-    address = await replicas.reachable(address)
-    async with channel.channel(address) as ch:
-        try:
-            return await fleet_pb2_grpc.FleetStub(ch).ListNodes(
-                fleet_pb2.ListNodesRequest(), timeout=UNARY_DEADLINE
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, address) from err
-
-
-@cli.command("fleet")
-@coordinator_option
-@json_option
-@handles_errors
-def fleet_cmd(address: str, as_json: bool) -> None:
-    """The nodes of the fleet: site, address, last seen, versions held."""
-    response = asyncio.run(_list_nodes(address))
-    nodes = [
-        {
-            "node_id": n.node.node_id,
-            "site": n.node.site,
-            "address": n.node.address,
-            "last_seen": when(n.last_seen_ns),
-            "healthy": n.healthy,
-            "load": n.load,
-            "versions": [f"{r.layer}@{r.number}" for r in n.complete],
-            "users": sorted(n.users),
-        }
-        for n in response.nodes
-    ]
-    if as_json:
-        emit_json({"nodes": nodes})
-        return
-    if not nodes:
-        click.echo("no nodes registered")
-    for n in nodes:
-        state = "ok" if n["healthy"] else "STALE"
-        click.echo(
-            f"{n['node_id']:<20} {n['site']:<10} {n['address']:<22} {n['last_seen']} {state:<5} "
-            f"{' '.join(n['versions'])}" + (f"  users: {' '.join(n['users'])}" if n["users"] else "")
-        )
-
-
-@cli.command("assign")
-@click.argument("user")
-@click.argument("node")
-@admin_data_option
-@catalog_option
-@json_option
-@handles_errors
-def assign_cmd(user: str, node: str, data: Path | None, catalog: str | None, as_json: bool) -> None:
-    """Assign USER to NODE: with mutual TLS, NODE may then read and commit user/USER/... layers.
-    Takes effect at once, also at a running coordinator (DATA/assignments.json; with a shared
-    catalog, at every replica within a second)."""
-    writes = admin_writes(data, catalog)
-    try:
-        changed = writes.assign(user, node)
-    finally:
-        writes.close()
-    _assignment_changed(changed, user, node, "assigned", as_json)
-
-
-@cli.command("unassign")
-@click.argument("user")
-@click.argument("node")
-@admin_data_option
-@catalog_option
-@json_option
-@handles_errors
-def unassign_cmd(user: str, node: str, data: Path | None, catalog: str | None, as_json: bool) -> None:
-    """Take USER from NODE: NODE may no longer read or commit user/USER/... layers."""
-    writes = admin_writes(data, catalog)
-    try:
-        changed = writes.unassign(user, node)
-    finally:
-        writes.close()
-    _assignment_changed(changed, user, node, "unassigned", as_json)
-
-
-def _assignment_changed(changed: bool, user: str, node: str, what: str, as_json: bool) -> None:
-    """What the command prints (the change was audited where it was written: coordinator/pki/state.py)."""
-    if as_json:
-        emit_json({"user": user, "node": node, what: True, "changed": changed})
-    else:
-        click.echo(
-            f"{user} {what} {'to' if what == 'assigned' else 'from'} {node}"
-            + ("" if changed else " (already)")
-        )
-
-
-@cli.command("repair")
-@click.option(
-    "--data", "data", type=click.Path(path_type=Path), required=True, help="The coordinator's data directory."
-)
-@json_option
-@handles_errors
-def repair_cmd(data: Path, as_json: bool) -> None:
-    """Salvage damaged coordinator data (run it with the coordinator stopped): the database rebuilt
-    from its readable files, the catalog, holds and audit log from the catalog journal; then the audit
-    chain is verified. Lists what was recovered and what was lost (exit 8 when anything was lost)."""
-    from cachepoint.cli.repair_command import print_report
-    from cachepoint.errors import EXIT_CORRUPT
-    from cachepoint.store.repair import repair
-    from coordinator.history.audit import AuditLog
-
-    report = repair(data)
-    with Store.open(data) as store:
-        verdict = AuditLog(store.db).verify()
-    if as_json:
-        emit_json({**report.as_json(), "audit": verdict.as_json()})
-    else:
-        print_report(report)
-        state = "verifies" if verdict.ok else f"is broken at record {verdict.first_broken}: {verdict.problem}"
-        click.echo(f"  audit log: {verdict.records} records, the chain {state}")
-    if not report.ok or not verdict.ok:
-        raise SystemExit(EXIT_CORRUPT)
-
-
-cli.add_command(history_group)
-for _command in pki_commands:
-    cli.add_command(_command)
-cli.add_command(token_cmd)
-cli.add_command(migrate_cmd)
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ import grpc
 
 from cachepoint.blocks import is_hole
 from cachepoint.store.store import Store
-from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, version_pb2
+from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, fleet_pb2, fleet_pb2_grpc, version_pb2
 from tests import tls
 from tests.conftest import REPO, Run, cli_env, run_cli, sha256_file
 
@@ -237,10 +237,19 @@ def coordinator_versions(address: str, layer: str) -> list[version_pb2.VersionIn
 
 
 def fleet_nodes(coordinator: str, prefix: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
-    """The coordinator's view of the fleet, by node id."""
-    data = coordinator_cli("fleet", "--coordinator", coordinator, "--json", prefix=prefix).json()
-    assert isinstance(data, dict), data
-    return {n["node_id"]: n for n in data["nodes"]}
+    """The coordinator's view of the fleet, by node id, as `cachepoint-coordinator fleet --json` prints
+    it: asked from this process (wait loops poll it) unless the coordinator is reached from a
+    namespace or is a list of replicas, where the command runs."""
+    if prefix or "," in coordinator:
+        data = coordinator_cli("fleet", "--coordinator", coordinator, "--json", prefix=prefix).json()
+        assert isinstance(data, dict), data
+        return {n["node_id"]: n for n in data["nodes"]}
+    from coordinator.admin_commands import nodes_json
+
+    with tls.channel(coordinator) as channel:
+        stub = fleet_pb2_grpc.FleetStub(channel)
+        response = stub.ListNodes(fleet_pb2.ListNodesRequest(), timeout=CLI_TIMEOUT)
+    return {n["node_id"]: n for n in json.loads(json.dumps(nodes_json(response)))}
 
 
 # -- child processes --------------------------------------------------------------------------------
@@ -301,7 +310,13 @@ class Node(Child):
     site: str = ""
 
     def status(self) -> dict[str, Any]:
-        return self.cli_json("status")
+        """What `cachepoint status --json` prints. For a daemon of this host, asked here over its Agent
+        socket, the call the command makes: wait loops poll it four times a second, and a new
+        interpreter per poll cost more CPU than the daemons under test. Inside a namespace (``prefix``),
+        the command itself (tests of `status` run it too: test_lazy_boot, test_disk_headroom)."""
+        if self.prefix:
+            return self.cli_json("status")
+        return local_status(self.store)
 
     def cli_json(self, *args: str | Path) -> dict[str, Any]:
         """A `cachepoint` command on this node's store, where the node runs (its namespace)."""
@@ -315,6 +330,17 @@ class Node(Child):
         layers (coordinator/authz.py); nothing to do in plaintext."""
         if self.trust is not None:
             self.trust.assign(user, self.node_id)
+
+
+def local_status(store: Path) -> dict[str, Any]:
+    """`cachepoint status --json` of the daemon serving ``store``, asked from this process."""
+    from cachepoint.rpc.agent_socket import unix_target
+    from cachepoint.status import agent_socket, status_json
+    from cachepoint.v1 import agent_pb2, agent_pb2_grpc
+
+    with unix_target(agent_socket(store)) as target, grpc.insecure_channel(target) as channel:
+        response = agent_pb2_grpc.AgentStub(channel).Status(agent_pb2.StatusRequest(), timeout=CLI_TIMEOUT)
+    return json.loads(json.dumps(status_json(response)))  # as the command prints it: JSON types only
 
 
 def _wait_ready(child: Child, timeout: float) -> dict[str, Any]:

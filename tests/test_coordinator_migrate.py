@@ -24,7 +24,6 @@ from tests.fleet import (
     Fleet,
     coordinator_cli,
     coordinator_versions,
-    fleet_nodes,
     free_port,
     publish,
     random_image,
@@ -44,9 +43,11 @@ def _migrate(data: Path, dsn: str, blocks: Path, *extra: str, check: bool = True
 
 
 def _fleet(address: str) -> dict[str, dict[str, Any]]:
+    """`cachepoint-coordinator fleet --json`, the command itself (the nodes by id)."""
+    printed = coordinator_cli("fleet", "--coordinator", address, "--json").json()
     return {
-        node_id: {k: v for k, v in node.items() if k not in PER_PROCESS_NODE_FIELDS}
-        for node_id, node in fleet_nodes(address).items()
+        node["node_id"]: {k: v for k, v in node.items() if k not in PER_PROCESS_NODE_FIELDS}
+        for node in printed["nodes"]  # type: ignore[index]
     }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -34,6 +35,7 @@ from tests.fleet import (
     cli_json,
     coordinator_cli,
     random_image,
+    shared_catalog,
     wait_until,
 )
 
@@ -59,6 +61,16 @@ def token(fleet: Fleet, name: str, *args: str) -> str:
     out = coordinator_cli("enroll", name, "--data", str(data_of(fleet)), *args, "--json").json()
     assert isinstance(out, dict) and out["token"].startswith("cpjoin1."), out
     return str(out["token"])
+
+
+def token_records(fleet: Fleet) -> list[str]:
+    """Every join token the coordinator keeps, as stored: files in DATA/ca/tokens, or rows of the
+    shared catalog's join_tokens table."""
+    shared = shared_catalog()
+    if shared is None:
+        return [p.read_text() for p in (data_of(fleet) / "ca" / "tokens").rglob("*.json")]
+    with psycopg.connect(shared.dsn, autocommit=True) as conn:
+        return [repr(row) for row in conn.execute("SELECT * FROM join_tokens")]
 
 
 def enroll(store: Path, coordinator: Child, secret: str, *args: str | Path) -> dict[str, Any]:
@@ -160,7 +172,7 @@ def test_an_enrolled_node_follows_a_publish_by_an_enrolled_publisher_over_mutual
         assert principal_of(cert).name == "n1"
         # The coordinator keeps a hash of each token's secret, never the secret itself.
         secret = JoinToken.parse(n1_token).secret
-        records = [p.read_text() for p in (data_of(fleet) / "ca" / "tokens").rglob("*.json")]
+        records = token_records(fleet)
         assert len(records) == 3 and not any(secret in text for text in records)
 
         n1 = fleet.cachepoint("n1", coordinator.address, site="branch-12", store=node_store)

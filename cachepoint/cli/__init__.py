@@ -2,7 +2,7 @@
 
 Exit codes are listed in cachepoint/errors.py and README.md.
 
-The group and `main` are here; the commands are in one module per area:
+The group, its table of commands and `main` are here; the commands are in one module per area:
 
     context.py           the Context (settings, the store), shared options, going through the daemon
     store_commands.py    init, ingest, tag, rollback, gc: new versions and tags
@@ -16,6 +16,7 @@ The group and `main` are here; the commands are in one module per area:
     trust_commands.py    enroll: join the fleet's PKI with a one-time token
     config_command.py    check-config: every key of a config file read as the commands read it
     anywhere.py          the group whose options (--store, --config, --identity) may follow the command
+    lazy.py              the group that imports a command's module only when the command runs
 """
 
 from __future__ import annotations
@@ -26,29 +27,53 @@ import sys
 import click
 
 from cachepoint import __version__
-from cachepoint.cli import (
-    capture_commands,
-    config_command,
-    disk_commands,
-    fleet_commands,
-    image_commands,
-    inspect_commands,
-    repair_command,
-    scrub_commands,
-    store_commands,
-    trust_commands,
-)
-from cachepoint.cli.anywhere import OptionsAnywhereGroup
 from cachepoint.cli.context import Context
+from cachepoint.cli.lazy import LazyGroup
 from cachepoint.config import load_settings
 from cachepoint.console import fail
 from cachepoint.errors import EXIT_FAILURE, CachepointError
 from cachepoint.trust.location import ENV_IDENTITY, identity_dir
 
-__all__ = ["Context", "cli", "main"]
+__all__ = ["COMMANDS", "Context", "cli", "main"]
+
+# Each command's module, imported when the command runs (cachepoint/cli/lazy.py);
+# tests/test_cli_commands.py checks this table against the modules' own COMMANDS.
+COMMANDS = {
+    "init": "cachepoint.cli.store_commands:init_cmd",
+    "ingest": "cachepoint.cli.store_commands:ingest_cmd",
+    "tag": "cachepoint.cli.store_commands:tag_cmd",
+    "rollback": "cachepoint.cli.store_commands:rollback_cmd",
+    "gc": "cachepoint.cli.store_commands:gc_cmd",
+    "ls": "cachepoint.cli.inspect_commands:ls_cmd",
+    "log": "cachepoint.cli.inspect_commands:log_cmd",
+    "show": "cachepoint.cli.inspect_commands:show_cmd",
+    "export": "cachepoint.cli.inspect_commands:export_cmd",
+    "diff": "cachepoint.cli.inspect_commands:diff_cmd",
+    "fsck": "cachepoint.cli.inspect_commands:fsck_cmd",
+    "stats": "cachepoint.cli.inspect_commands:stats_cmd",
+    "publish": "cachepoint.cli.fleet_commands:publish_cmd",
+    "pull": "cachepoint.cli.fleet_commands:pull_cmd",
+    "serve": "cachepoint.cli.fleet_commands:serve_cmd",
+    "status": "cachepoint.cli.fleet_commands:status_cmd",
+    "pin": "cachepoint.cli.fleet_commands:pin_cmd",
+    "attach": "cachepoint.cli.disk_commands:attach_cmd",
+    "detach": "cachepoint.cli.disk_commands:detach_cmd",
+    "snapshot": "cachepoint.cli.disk_commands:snapshot_cmd",
+    "rebase": "cachepoint.cli.disk_commands:rebase_cmd",
+    "restore": "cachepoint.cli.disk_commands:restore_cmd",
+    "image": "cachepoint.cli.image_commands:image_group",
+    "capture": "cachepoint.cli.capture_commands:capture_cmd",
+    "watch": "cachepoint.cli.capture_commands:watch_cmd",
+    "restore-dir": "cachepoint.cli.capture_commands:restore_dir_cmd",
+    "repair": "cachepoint.cli.repair_command:repair_cmd",
+    "scrub": "cachepoint.cli.scrub_commands:scrub_cmd",
+    "enroll": "cachepoint.cli.trust_commands:enroll_cmd",
+    "check-config": "cachepoint.cli.config_command:check_config_cmd",
+}
+CHECK_CONFIG = "check-config"
 
 
-@click.group(cls=OptionsAnywhereGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--store",
     "store",
@@ -71,7 +96,7 @@ def cli(click_ctx: click.Context, store: str | None, config: str | None, identit
     Refs name versions: LAYER@N (a number), LAYER:TAG (a tag), LAYER (= LAYER:latest).
     --store, --config and --identity may also follow the command.
     """
-    if click_ctx.invoked_subcommand == config_command.NAME:
+    if click_ctx.invoked_subcommand == CHECK_CONFIG:
         return  # it reads the config itself, and reports every problem rather than the first
     try:
         click_ctx.obj = Context(load_settings(config, store))
@@ -84,22 +109,6 @@ def cli(click_ctx: click.Context, store: str | None, config: str | None, identit
                 activate(identity, click_ctx.obj.store_path)
     except CachepointError as err:
         fail(str(err), err.exit_code, False)
-
-
-for _module in (
-    store_commands,
-    inspect_commands,
-    fleet_commands,
-    disk_commands,
-    image_commands,
-    capture_commands,
-    repair_command,
-    scrub_commands,
-    trust_commands,
-    config_command,
-):
-    for _command in _module.COMMANDS:
-        cli.add_command(_command)
 
 
 def main() -> None:

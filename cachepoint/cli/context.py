@@ -9,16 +9,17 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from cachepoint.config import Settings, parse_byte_size
 from cachepoint.console import when
 from cachepoint.errors import InvalidInput, StoreBusy
-from cachepoint.layers.ingest import default_author
 from cachepoint.model import Chunking, LayerKind, VersionInfo
-from cachepoint.store.store import Store
+
+if TYPE_CHECKING:
+    from cachepoint.store.store import Store
 
 
 class Context:
@@ -30,6 +31,8 @@ class Context:
         return Path(self.settings.store)
 
     def open(self, writable: bool = False, create: bool = False) -> Store:
+        from cachepoint.store.store import Store  # here: a command that opens no store never loads it
+
         reserve = self.reserve_bytes if writable else 0  # a bad setting is refused before the open
         store = Store.open(self.store_path, writable=writable, create=create)
         if writable:
@@ -64,6 +67,8 @@ class Context:
 
     @property
     def author(self) -> str:
+        from cachepoint.layers.ingest import default_author
+
         return self.settings.author or default_author()
 
     @property

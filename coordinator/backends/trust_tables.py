@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -91,13 +91,35 @@ class SharedRevocations:
 
 
 class SharedAssignments:
-    """Node -> users as this replica last read them; changed only by the admin commands."""
+    """Node -> users as this replica last read them; changed only by the admin commands.
 
-    def __init__(self) -> None:
+    ``assigned`` is what a refusal asks: a user assigned a moment ago at another replica (an admin's
+    `assign` followed at once by the node's commit) is not refused for the FOLLOW_S the copy may lag.
+    On a miss it reads the tables again, at most once per RECHECK_S, so a caller that is refused
+    repeatedly costs one small query per interval, not one per call."""
+
+    RECHECK_S = 0.1
+
+    def __init__(self, reload: Callable[[], bool] | None = None) -> None:
         self.by_node: dict[str, frozenset[str]] = {}
+        self.reload = reload
+        self._rechecked = 0.0
 
     def users_of(self, node: str) -> frozenset[str]:
         return self.by_node.get(node, frozenset())
+
+    def assigned(self, node: str, user: str) -> bool:
+        if user in self.users_of(node):
+            return True
+        now = time.monotonic()
+        if self.reload is None or now - self._rechecked < self.RECHECK_S:
+            return False
+        self._rechecked = now
+        try:
+            self.reload()
+        except (psycopg.Error, StoreBusy) as err:
+            log.warning("reading the assignments again for %r on %r: %s; using the copy", user, node, err)
+        return user in self.users_of(node)
 
     def all(self) -> dict[str, list[str]]:
         return {node: sorted(users) for node, users in sorted(self.by_node.items()) if users}
@@ -111,7 +133,7 @@ class TrustTables:
         self.db = db
         self.tokens = SharedTokens(db)
         self.revocations = SharedRevocations()
-        self.assignments = SharedAssignments()
+        self.assignments = SharedAssignments(self.load)
         self._seen: dict[str, int] = {}
         self._lock = threading.Lock()
         self.load()
