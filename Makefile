@@ -59,10 +59,10 @@ test-tools:
 # runs them in one process).
 TEST_WORKERS ?= 3
 
-# The coordinator's own tests (modules marked coordinator_backends) run on the embedded backend here;
-# `make test-backends` runs them on PostgreSQL too (twice the time of those modules). The replicas'
-# tests (tests/test_coordinator_replicas.py and friends) always run on PostgreSQL.
-TEST_BACKENDS ?= embedded
+# The coordinator's own tests (modules marked coordinator_backends) run on both backends, embedded
+# and PostgreSQL (TEST_BACKENDS=embedded: one); `make test-backends` runs only those modules. The
+# replicas' tests (tests/test_coordinator_replicas.py and friends) always run on PostgreSQL.
+TEST_BACKENDS ?= embedded,postgresql
 PYTEST = $(BIN)/python -m pytest -q --durations=15 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # Every test starts daemons and commands as new interpreters: the sources are compiled once here, so

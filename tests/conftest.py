@@ -158,8 +158,7 @@ def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
 COORDINATOR_BACKENDS = ("embedded", "postgresql")
 BACKENDS_MARK = "coordinator_backends"
 # Which backends the marked modules run on: CACHEPOINT_TEST_BACKENDS="embedded,postgresql" (the
-# default, and `make test-backends`) or one of them; `make test` runs the embedded one only, to keep
-# the CI run short (the replicas' own tests run on PostgreSQL there all the same).
+# default, and `make test`'s) or one of them (the replicas' own tests run on PostgreSQL all the same).
 BACKENDS_ENV = "CACHEPOINT_TEST_BACKENDS"
 
 

@@ -310,12 +310,11 @@ class Node(Child):
     site: str = ""
 
     def status(self) -> dict[str, Any]:
-        """What `cachepoint status --json` prints. For a daemon of this host, asked here over its Agent
-        socket, the call the command makes: wait loops poll it four times a second, and a new
-        interpreter per poll cost more CPU than the daemons under test. Inside a namespace (``prefix``),
-        the command itself (tests of `status` run it too: test_lazy_boot, test_disk_headroom)."""
-        if self.prefix:
-            return self.cli_json("status")
+        """What `cachepoint status --json` prints, asked from here over the daemon's Agent socket, the
+        call the command makes (a Unix socket is a file: reached from outside the daemon's network
+        namespace too). Wait loops poll it four times a second, and a new interpreter per poll cost
+        more CPU than the daemons under test; tests of `status` itself run the command
+        (test_lazy_boot, test_disk_headroom, test_http_lazy)."""
         return local_status(self.store)
 
     def cli_json(self, *args: str | Path) -> dict[str, Any]:

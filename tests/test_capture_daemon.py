@@ -10,9 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cachepoint.v1 import version_pb2
 from tests.conftest import REPO, cli_env, run_cli
 from tests.fleet import Fleet, cachepoint_cli, coordinator_versions, wait_until
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 ELF = b"\x7fELF\x02\x01\x01\x00" + bytes(24)
 WATCH_TIMEOUT = 60.0  # a bound for the watch to notice a change: it looks every 0.1-0.2 s

@@ -42,6 +42,8 @@ from tests.fleet import (
     wait_until,
 )
 
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
+
 MiB = 1024 * 1024
 RECONNECT_TIMEOUT = 60.0  # heartbeats retry with backoff (up to 30 s); a bound, not a speed claim
 

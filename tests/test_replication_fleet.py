@@ -34,6 +34,8 @@ from tests.fleet import (
     stored_block_ids,
 )
 
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
+
 IMAGE_SIZE = 24 * 1024 * 1024
 CHANGED_FRACTION = 0.05
 

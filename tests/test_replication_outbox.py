@@ -7,9 +7,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
+
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, version_pb2
 from tests.fleet import Fleet, Node, cachepoint_cli, free_port, wait_until
 from tests.fleet import coordinator_versions as fleet_versions
+
+pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 HOME = "user/alice/home"
 
