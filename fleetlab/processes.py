@@ -28,6 +28,9 @@ COORDINATOR_MAIN = "from coordinator.cli import main; main()"
 READY_TIMEOUT = 120.0  # seconds to import, open a store and bind: generous, the machine may be busy
 STOP_TIMEOUT = 15.0  # the daemons' own grace period is 5 s
 CLI_TIMEOUT = 600.0
+# The daemons' logs go to files, where JSON would be their default: text, whose timestamps
+# fleetlab/fanout.py reads (when each node committed and pulled).
+LOG_FORMAT = ("--log-format", "text")
 
 
 @dataclass
@@ -126,7 +129,7 @@ class Processes:
 
     def coordinator(self, data: Path, listen: str, prefix: Sequence[str] = ()) -> Child:
         args = [sys.executable, "-c", COORDINATOR_MAIN, "serve", "--data", str(data), "--listen", listen]
-        args.append("-v")
+        args += ["-v", *LOG_FORMAT]
         child = self.spawn("coordinator", args, data, prefix)
         self.wait_ready([child])
         return child
@@ -144,7 +147,7 @@ class Processes:
     ) -> Child:
         """A daemon whose node id is ``name`` (not waited for: start several, then ``wait_ready``)."""
         args = [sys.executable, "-m", "cachepoint", "serve", "--listen", listen, "--node-id", name]
-        args += ["--site", site, "--coordinator", coordinator, "--subscribe", subscribe, "-v"]
+        args += ["--site", site, "--coordinator", coordinator, "--subscribe", subscribe, "-v", *LOG_FORMAT]
         return self.spawn(name, args, store, prefix, config)
 
     def logs(self, lines: int = 20) -> str:
