@@ -5,6 +5,7 @@ cachepoint/cli/lazy.py)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,44 +69,40 @@ def nodes_json(response: fleet_pb2.ListNodesResponse) -> list[dict[str, Any]]:
     ]
 
 
+def _assignment_options(command: Callable[..., None]) -> Callable[..., None]:
+    """USER NODE, where the fleet's trust is kept (--data or --catalog), --json."""
+    for option in reversed(
+        (click.argument("user"), click.argument("node"), admin_data_option, catalog_option, json_option)
+    ):
+        command = option(command)
+    return handles_errors(command)
+
+
 @click.command("assign")
-@click.argument("user")
-@click.argument("node")
-@admin_data_option
-@catalog_option
-@json_option
-@handles_errors
+@_assignment_options
 def assign_cmd(user: str, node: str, data: Path | None, catalog: str | None, as_json: bool) -> None:
     """Assign USER to NODE: with mutual TLS, NODE may then read and commit user/USER/... layers.
     Takes effect at once, also at a running coordinator (DATA/assignments.json; with a shared
     catalog, at every replica within a second)."""
-    writes = admin_writes(data, catalog)
-    try:
-        changed = writes.assign(user, node)
-    finally:
-        writes.close()
-    _assignment_changed(changed, user, node, "assigned", as_json)
+    _change_assignment("assigned", user, node, data, catalog, as_json)
 
 
 @click.command("unassign")
-@click.argument("user")
-@click.argument("node")
-@admin_data_option
-@catalog_option
-@json_option
-@handles_errors
+@_assignment_options
 def unassign_cmd(user: str, node: str, data: Path | None, catalog: str | None, as_json: bool) -> None:
     """Take USER from NODE: NODE may no longer read or commit user/USER/... layers."""
+    _change_assignment("unassigned", user, node, data, catalog, as_json)
+
+
+def _change_assignment(
+    what: str, user: str, node: str, data: Path | None, catalog: str | None, as_json: bool
+) -> None:
+    """Write the change (audited where it is written: coordinator/pki/state.py) and say what it did."""
     writes = admin_writes(data, catalog)
     try:
-        changed = writes.unassign(user, node)
+        changed = writes.assign(user, node) if what == "assigned" else writes.unassign(user, node)
     finally:
         writes.close()
-    _assignment_changed(changed, user, node, "unassigned", as_json)
-
-
-def _assignment_changed(changed: bool, user: str, node: str, what: str, as_json: bool) -> None:
-    """What the command prints (the change was audited where it was written: coordinator/pki/state.py)."""
     if as_json:
         emit_json({"user": user, "node": node, what: True, "changed": changed})
     else:
