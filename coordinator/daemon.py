@@ -149,7 +149,9 @@ async def serve(
                 from coordinator.backends.notify import listen
 
                 where = f"catalog {backend_where(store)}"
-                listening = asyncio.create_task(listen(backend.catalog, events, where), name="notifications")
+                listening = asyncio.create_task(
+                    listen(backend.catalog, events, where, records.changed), name="notifications"
+                )
             if records.follow is not None:
                 following = asyncio.create_task(records.follow(), name="trust records")
             if gc_every > 0:

@@ -324,8 +324,9 @@ def test_a_revoked_principal_is_refused_at_once_and_can_be_enrolled_again(
             revoked = coordinator_cli("revoke", "carol", "--data", str(data_of(fleet)), "--json").json()
             assert revoked["revoked"] == "carol", revoked  # type: ignore[index]
             if shared_catalog() is not None:
-                # Replicas read the revocations table again within FOLLOW_S (trust_tables.py), so
-                # "at once" is "within that" there; the embedded coordinator reads its file per call.
+                # A replica reads the revocations again when the change's notification arrives (at the
+                # latest after FOLLOW_S, trust_tables.py): "at once" is a moment later there; the
+                # embedded coordinator reads its file on every call.
                 wait_until("the replica to read the revocation", lambda: _refused(stub), 4 * FOLLOW_S)
             with pytest.raises(grpc.RpcError) as refused:  # the same open connection
                 stub.ListNodes(fleet_pb2.ListNodesRequest(), timeout=10)

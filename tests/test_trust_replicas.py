@@ -41,6 +41,7 @@ from tests.postgres import PostgresServer
 from tests.replicas import open_shared, shared_args
 
 SPREAD_S = 15.0  # a bound on how long a change may take to reach every replica, not a speed claim
+FOLLOW_BEYOND_S = 600.0
 
 
 @dataclass
@@ -76,7 +77,10 @@ def replicas(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathF
     root = tmp_path_factory.mktemp("trust-replicas")
     dsn = postgres_server.create_database()
     try:
-        with Fleet(root, tls_on=True) as fleet:
+        with Fleet(root, tls_on=True) as fleet, pytest.MonkeyPatch.context() as env:
+            # The replicas' periodic look at the trust tables is put beyond every wait of this module:
+            # a change reaches them by its notification (trust_tables.TRUST_CHANNEL), or not in time.
+            env.setenv("CACHEPOINT_TRUST_FOLLOW", str(FOLLOW_BEYOND_S))
             port = free_port()
             children = [
                 fleet.coordinator(

@@ -3,11 +3,13 @@ so that a token made once is spent once at any replica, and a revocation or an a
 holds at every replica.
 
 A call's authorization reads a copy each replica keeps in memory, never the database: ``follow``
-reads one row per kind from ``trust_versions`` every FOLLOW_S seconds and reads a table again only
-when its row moved (every write bumps it in its own transaction). A revocation therefore takes effect
-everywhere within FOLLOW_S plus one query; while the database cannot be reached, a replica keeps the
-copy it has (and its catalog calls fail anyway). Spending a token is one ``UPDATE ... WHERE spent_at
-IS NULL RETURNING``: of two enrollments racing with one token, PostgreSQL lets one update the row.
+reads one row per kind from ``trust_versions`` and reads a table again only when its row moved
+(every write bumps it in its own transaction). It looks when a write's notification arrives
+(TRUST_CHANNEL, sent at its commit, heard by notify.py: a revocation holds at every replica within
+milliseconds) and every FOLLOW_S seconds in any case (the bound when notifications are lost); while
+the database cannot be reached, a replica keeps the copy it has (and its catalog calls fail anyway).
+Spending a token is one ``UPDATE ... WHERE spent_at IS NULL RETURNING``: of two enrollments racing
+with one token, PostgreSQL lets one update the row.
 
 Admin writes (`enroll`, `revoke`, `assign`, `unassign` with a shared catalog) go in one transaction
 with their audit record, inside the cluster's write section (the audit chain's head is read there).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +35,10 @@ from coordinator.backends.section import exclusive
 from coordinator.pki.tokens import PURGE_AFTER, TokenRecord, TokenRefused
 
 log = logging.getLogger("coordinator.pki")
-FOLLOW_S = 0.5  # how stale a replica's copy may be (plus one query): the bound on a revocation's delay
+# How stale a replica's copy may be (plus one query) when no notification arrives: the bound on a
+# revocation's delay (CACHEPOINT_TRUST_FOLLOW: a test's way to show that the notification alone works).
+FOLLOW_S = float(os.environ.get("CACHEPOINT_TRUST_FOLLOW", "0.5"))
+TRUST_CHANNEL = "cachepoint_trust"  # pg_notify'd with the kind changed, at the commit of every change
 REVOCATIONS = "revocations"
 ASSIGNMENTS = "assignments"
 
@@ -136,7 +142,13 @@ class TrustTables:
         self.assignments = SharedAssignments(self.load)
         self._seen: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._poked: asyncio.Event | None = None  # made in ``follow``, on the serving loop
         self.load()
+
+    def poke(self) -> None:
+        """Another replica (or an admin command) changed the tables: look now (notify.py calls it)."""
+        if self._poked is not None:
+            self._poked.set()
 
     def revoked_at(self, name: str) -> float | None:
         """When ``name`` was last revoked, read from the database now (enrollment's own check); the
@@ -178,8 +190,11 @@ class TrustTables:
     async def follow(self, every: float = FOLLOW_S) -> None:
         """Keep the copies current until cancelled; a failed look is logged and tried again."""
         failing = False
+        self._poked = poked = asyncio.Event()
         while True:
-            await asyncio.sleep(every)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(poked.wait(), every)
+            poked.clear()
             try:
                 await asyncio.to_thread(self.load)
                 if failing:
@@ -211,6 +226,7 @@ def admin_transaction(db: PgStoreDB) -> Iterator[psycopg.Connection]:
 
 def _bump(conn: psycopg.Connection, kind: str) -> None:
     conn.execute("UPDATE trust_versions SET version = version + 1 WHERE kind = %s", (kind,))
+    conn.execute("SELECT pg_notify(%s, %s)", (TRUST_CHANNEL, kind))  # delivered when this commits
 
 
 def record_token(conn: psycopg.Connection, secret_hash: str, entry: TokenRecord) -> None:

@@ -44,6 +44,8 @@ class TrustRecords:
     """When a name was last revoked, read now (enrollment waits out that second)."""
     follow: Callable[[], Awaitable[None]] | None = None
     """The task that keeps a replica's copies current (shared only)."""
+    changed: Callable[[], None] | None = None
+    """Told that another replica changed them: the copies are read again now (shared only)."""
 
 
 def serving(data: Path, db: Any) -> TrustRecords:
@@ -53,7 +55,12 @@ def serving(data: Path, db: Any) -> TrustRecords:
 
         tables = TrustTables(db)
         return TrustRecords(
-            tables.tokens, tables.revocations, tables.assignments, tables.revoked_at, tables.follow
+            tables.tokens,
+            tables.revocations,
+            tables.assignments,
+            tables.revoked_at,
+            tables.follow,
+            tables.poke,
         )
     revocations = Revocations(data)
     return TrustRecords(tokens.FileTokens(data), revocations, Assignments(data), revocations.revoked_at)
