@@ -20,12 +20,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cachepoint.errors import SourceUnreadable
 from cachepoint.layers.ingest import IngestOptions, IngestResult, ingest
 from cachepoint.model import LayerKind
+from cachepoint.store import census
 from cachepoint.store.fsck import fsck
 from cachepoint.store.gc import collect
 from cachepoint.store.store import Store
@@ -199,6 +201,33 @@ def test_an_ingest_committing_between_mark_and_sweep_keeps_its_blocks(tmp_path: 
             f"the re-ingest lost B's prefilter: {again.reused} blocks skipped, {again.deduplicated} re-hashed"
         )
         assert gc.prefilter_records_removed == 0
+    finally:
+        store.close()
+
+
+def test_a_commit_landing_while_the_mark_reads_the_catalog_is_no_lost_record_to_gc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The census behind GC's mark reads the database's journal position first, then the catalog: a
+    commit landing in between (a daemon's pull finishing while its GC runs) puts the journal one record
+    ahead of that position. That is no lost record: GC runs, and the commit's blocks stay."""
+    store = Store.open(tmp_path / "store", writable=True, create=True)
+    try:
+        scenario = Scenario(tmp_path, store)
+        results: list[IngestResult] = []
+        read_family = census._read_family
+
+        def commit_b_first(db: Any, family: str, found: census.Census) -> dict[bytes, bytes] | None:
+            if not results:  # after the census read the position, before it reads any family
+                results.append(ingest(store, scenario.b, IngestOptions(layer="os/b", workers=WORKERS)))
+            return read_family(db, family, found)
+
+        monkeypatch.setattr(census, "_read_family", commit_b_first)
+        gc = collect(store)  # refused before: "is at journal record N, the journal at N+1"
+        monkeypatch.undo()
+        assert len(results) == 1
+        check_b_committed(store, scenario, results[0], tmp_path)
+        assert gc.blocks_removed == len(scenario.garbage_only)
     finally:
         store.close()
 
