@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -37,6 +38,12 @@ async def daemon_status(store: Path) -> agent_pb2.StatusResponse:
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err, str(address)) from err
+
+
+def status_of(store: Path) -> dict[str, object]:
+    """`cachepoint status --json` of the daemon serving ``store``, for a caller without a loop (the
+    command, and the harnesses that wait on a daemon: fleetlab, tests/fleet.py)."""
+    return status_json(asyncio.run(daemon_status(store)))
 
 
 async def ingest_via_daemon(store: Path, path: Path, options: IngestOptions) -> dict[str, object]:

@@ -8,7 +8,6 @@ own pid), cachepoints first, waits, and kills only the ones that do not stop in 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cachepoint.status import daemon_status, status_json
+from cachepoint.status import status_of
 
 REPO = Path(__file__).resolve().parent.parent
 COORDINATOR_MAIN = "from coordinator.cli import main; main()"
@@ -67,7 +66,7 @@ class Child:
     def status(self) -> dict[str, Any]:
         """`cachepoint status --json`, asked of the daemon's local socket from here (a Unix socket is
         a file: it is reached from outside the daemon's network namespace)."""
-        return status_json(asyncio.run(daemon_status(self.store)))
+        return status_of(self.store)
 
 
 def child_env(store: Path, config: Path | None = None) -> dict[str, str]:

@@ -333,13 +333,9 @@ class Node(Child):
 
 def local_status(store: Path) -> dict[str, Any]:
     """`cachepoint status --json` of the daemon serving ``store``, asked from this process."""
-    from cachepoint.rpc.agent_socket import unix_target
-    from cachepoint.status import agent_socket, status_json
-    from cachepoint.v1 import agent_pb2, agent_pb2_grpc
+    from cachepoint.status import status_of
 
-    with unix_target(agent_socket(store)) as target, grpc.insecure_channel(target) as channel:
-        response = agent_pb2_grpc.AgentStub(channel).Status(agent_pb2.StatusRequest(), timeout=CLI_TIMEOUT)
-    return json.loads(json.dumps(status_json(response)))  # as the command prints it: JSON types only
+    return json.loads(json.dumps(status_of(store)))  # as the command prints it: JSON types only
 
 
 def _wait_ready(child: Child, timeout: float) -> dict[str, Any]:

@@ -254,9 +254,9 @@ def serve_cmd(
 def status_cmd(ctx: Context, as_json: bool) -> None:
     """What the daemon running on this store is doing: subscriptions, versions, peers, bytes by source."""
     from cachepoint.cli.scrub_commands import scrub_line
-    from cachepoint.status import daemon_status, status_json
+    from cachepoint.status import status_of
 
-    data = status_json(asyncio.run(daemon_status(ctx.store_path)))
+    data = status_of(ctx.store_path)
     if as_json:
         emit_json(data)
         return
