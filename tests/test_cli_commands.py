@@ -61,6 +61,8 @@ def test_every_command_a_module_defines_is_in_its_programs_table(
 ) -> None:
     listed = {name: target.partition(":")[0] for name, target in table.items()}
     assert listed == {**_defined(modules), **extra}
+    # The group's callback names check-config without importing its module: the same name.
+    assert cachepoint.cli.CHECK_CONFIG == importlib.import_module("cachepoint.cli.config_command").NAME
 
 
 @pytest.mark.parametrize(
