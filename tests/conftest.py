@@ -20,6 +20,10 @@ from tests.postgres import PostgresServer
 from tests.postgres import available as postgres_unavailable
 
 REPO = Path(__file__).resolve().parent.parent
+# The daemons of tests pause their pulls only when their file system is truly short: the default (5%
+# of it) would pause them on a host whose disk is merely more than 95% used. The pause itself is
+# tested on a small file system of its own (tests/test_disk_headroom.py), with the default.
+TEST_MIN_FREE = "256M"
 
 
 def sha256_file(path: Path) -> str:
@@ -78,7 +82,8 @@ def daemon(store: Path, *args: str, env: dict[str, str] | None = None) -> Iterat
     and its peer port serves mutual TLS (tests.tls.channel dials it)."""
     trust = standalone_node(store, args)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cachepoint", "serve", "--listen", "127.0.0.1:0", *args],
+        [sys.executable, "-m", "cachepoint", "serve", "--listen", "127.0.0.1:0", "--min-free", TEST_MIN_FREE]
+        + list(args),
         env=env or cli_env(store),
         cwd=REPO,
         stdout=subprocess.PIPE,

@@ -36,7 +36,7 @@ from cachepoint.blocks import is_hole
 from cachepoint.store.store import Store
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, fleet_pb2, fleet_pb2_grpc, version_pb2
 from tests import tls
-from tests.conftest import REPO, Run, cli_env, run_cli, sha256_file
+from tests.conftest import REPO, TEST_MIN_FREE, Run, cli_env, run_cli, sha256_file
 
 LAYER = "os/x"
 PRODUCTION = "os/x:production"
@@ -515,12 +515,14 @@ class Fleet:
         config: Path | None = None,
         env: dict[str, str] | None = None,
         extra: Iterable[str] = (),
+        min_free: str | None = TEST_MIN_FREE,
     ) -> Node:
         """A daemon whose node id is ``name``; its store defaults to ``root/name`` (so a restart under
         the same name comes back with what it held). ``prefix`` runs it (and CLI calls to it) under a
         command, e.g. `ip netns exec NAME`; ``config`` is its own TOML settings file (wan_rate,
         site_rate...); ``env`` adds variables (e.g. libfaketime's); ``extra`` adds options of `serve`
-        (``--http ADDR --http-tls``)."""
+        (``--http ADDR --http-tls``); ``min_free`` None leaves the daemon's own setting (5% by default).
+        """
         store = store or self.root / name
         trust = self._node_trust(coordinator)
         if trust is not None and not _enrolled_elsewhere(store, trust):
@@ -531,6 +533,8 @@ class Fleet:
             trust = None
         args = [sys.executable, "-m", "cachepoint", "serve", "--listen", listen, "--node-id", name]
         args += ["--site", site, "-v", *LOG_FORMAT, *extra]
+        if min_free is not None:
+            args += ["--min-free", min_free]
         if coordinator:
             args += ["--coordinator", coordinator]
         for ref in subscribe:
@@ -551,9 +555,8 @@ class Fleet:
         """`cachepoint serve` on ``store`` with its gRPC port on 127.0.0.1:0 and ``args`` as given (no
         coordinator, node id or subscription unless ``args`` names them): for a daemon whose node id
         comes from its identity, or one that serves NBD or HTTP."""
-        command = [
-            sys.executable, "-m", "cachepoint", "serve", "--listen", "127.0.0.1:0", "-v", *LOG_FORMAT, *args
-        ]
+        command = [sys.executable, "-m", "cachepoint", "serve", "--listen", "127.0.0.1:0", "-v", *LOG_FORMAT]
+        command += ["--min-free", TEST_MIN_FREE, *args]
         env = cli_env(store)
         if config is not None:
             env["CACHEPOINT_CONFIG"] = str(config)

@@ -62,7 +62,7 @@ class Scene:
         return image
 
     def node(self) -> Node:
-        return self.fleet.cachepoint("edge", self.coordinator.address, store=self.store)
+        return self.fleet.cachepoint("edge", self.coordinator.address, store=self.store, min_free=None)
 
     def wait_paused(self, node: Node, pauses: int = 1) -> dict[str, Any]:
         """Until the node's status says its pulls are paused, for the ``pauses``-th time."""

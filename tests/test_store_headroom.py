@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from cachepoint.errors import InvalidInput
+from cachepoint.status import status_of
 from cachepoint.store.headroom import ensure_reserve, headroom, reserve_on_disk
 from cachepoint.store.space import SpaceLimit
 from cachepoint.store.store import Store
-from tests.conftest import run_cli
+from tests.conftest import daemon, run_cli
 from tests.fleet import random_image
 
 MiB = 1 << 20
@@ -96,3 +97,18 @@ def test_serve_refuses_a_bad_min_free_naming_it(store_dir: Path) -> None:
     bad = run_cli(store_dir, "serve", "--listen", "127.0.0.1:0", check=False, timeout=60)
     assert bad.code == 4, bad
     assert "min_free" in bad.err and "5%" in bad.err, bad.err
+
+
+def test_serve_min_free_flag_wins_over_the_file_and_a_bad_one_is_refused_naming_it(store_dir: Path) -> None:
+    write_config(store_dir, 'min_free = "10%"\n')
+    with daemon(store_dir, "--min-free", "3G") as ready:
+        space = status_of(store_dir)["space"]
+    assert ready["listening"]
+    assert space["min_free"] == "3G" and space["min_free_bytes"] == 3 << 30, space
+    serve = ("serve", "--listen", "127.0.0.1:0")
+    bad = run_cli(store_dir, *serve, "--min-free", "lots", check=False, timeout=60)
+    assert bad.code == 4 and "--min-free" in bad.err, bad
+    # The file's value is still read under the flag: a bad one is refused, not hidden.
+    write_config(store_dir, 'min_free = "most of it"\n')
+    hidden = run_cli(store_dir, *serve, "--min-free", "3G", check=False, timeout=60)
+    assert hidden.code == 4 and "min_free" in hidden.err, hidden

@@ -182,6 +182,13 @@ def pull_cmd(ctx: Context, ref: str, origin: str | None, wan_rate: str | None, a
     default=None,
     help="HTTPS with this node's identity; clients need a certificate or token of the fleet.",
 )
+@click.option(
+    "--min-free",
+    "min_free",
+    default=None,
+    metavar="SIZE|PCT",
+    help="Pulls pause while less than this is free on the store's file system: 5% or 2G [config min_free].",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log pulls and reconnections.")
 @log_format_option
 @pass_ctx
@@ -198,6 +205,7 @@ def serve_cmd(
     nbd_tls: bool | None,
     http: str | None,
     http_tls: bool | None,
+    min_free: str | None,
     verbose: bool,
     log_format: str | None,
 ) -> None:
@@ -214,6 +222,7 @@ def serve_cmd(
     s = ctx.settings
     for ref in (*subscribe, *s.subscribe):
         Ref.parse(ref)
+    configured_min_free = SpaceLimit.parse(s.min_free, "min_free")  # refused when bad, even under the flag
     settings = DaemonSettings(
         store=ctx.store_path,
         listen=listen or s.listen,
@@ -239,7 +248,7 @@ def serve_cmd(
         watch_debounce=parse_duration(s.watch_debounce),
         scrub_every=parse_duration(s.scrub_every),
         scrub_rate=parse_rate(s.scrub_rate),
-        min_free=SpaceLimit.parse(s.min_free, "min_free"),
+        min_free=SpaceLimit.parse(min_free, "--min-free") if min_free else configured_min_free,
         reserve=parse_byte_size(s.reserve, "reserve"),
         agent_group=s.agent_group,
     )

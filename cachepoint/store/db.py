@@ -381,41 +381,47 @@ class StoreDB:
     # -- reading -------------------------------------------------------------------------------
 
     # rocksdict's items() and keys() end quietly when RocksDB hits damage: the iterator just stops.
-    # Each scan therefore checks, once it has seen the last record, that the end it reached is the
-    # real end: a fresh iterator placed on the last key read must step past it without an error.
-    # That costs one seek per scan, where iterating with status checks costs 50% more per record.
+    # A scan therefore walks one iterator of its own and asks it, at the end, whether it ended or
+    # failed. One iterator is also one point in time: a record written while the scan runs is not in
+    # it, so a second look cannot take a concurrent write (a pull's block landing during GC's census)
+    # for the place where the first one stopped. It costs ~0.5 us more per record than items().
 
     def scan(self, family: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
-        """Records of a family in key order; raises RecordsUnreadable when RocksDB cannot read them
-        all (never a silently shorter answer)."""
+        """Records of a family in key order, as of the scan's start; raises RecordsUnreadable when
+        RocksDB cannot read them all (never a silently shorter answer)."""
         if family not in self.cf:  # a family this (older, read-only) store does not have yet
             return
-        last: bytes | None = None
+        iterator = self.cf[family].iter()
+        valid, key_of, value_of, advance = iterator.valid, iterator.key, iterator.value, iterator.next
         try:
-            for key, value in self.cf[family].items(from_key=prefix):
+            iterator.seek(prefix)
+            while valid():
+                key = key_of()
                 if not key.startswith(prefix):
                     return
-                last = key
-                yield key, value
-        except RecordsUnreadable:
-            raise
+                yield key, value_of()
+                advance()
+            iterator.status()  # the end, or where RocksDB stopped reading
         except Exception as err:
             raise RecordsUnreadable(family, self.root, err) from err
-        self._check_end(family, prefix, last)
 
     def scan_keys(self, family: str, prefix: bytes = b"") -> Iterator[bytes]:
+        """The keys of scan(), without reading the values."""
         if family not in self.cf:
             return
-        last: bytes | None = None
+        iterator = self.cf[family].iter()
+        valid, key_of, advance = iterator.valid, iterator.key, iterator.next
         try:
-            for key in self.cf[family].keys(from_key=prefix):
+            iterator.seek(prefix)
+            while valid():
+                key = key_of()
                 if not key.startswith(prefix):
                     return
-                last = key
                 yield key
+                advance()
+            iterator.status()
         except Exception as err:
             raise RecordsUnreadable(family, self.root, err) from err
-        self._check_end(family, prefix, last)
 
     def last_key(self, family: str) -> bytes | None:
         """The greatest key of a family (checked like a scan)."""
@@ -429,20 +435,6 @@ class StoreDB:
         except Exception as err:
             raise RecordsUnreadable(family, self.root, err) from err
         return key
-
-    def _check_end(self, family: str, prefix: bytes, last: bytes | None) -> None:
-        iterator = self.cf[family].iter()
-        iterator.seek(prefix if last is None else last)
-        if last is not None and iterator.valid() and iterator.key() == last:
-            iterator.next()
-        try:
-            iterator.status()
-        except Exception as err:
-            raise RecordsUnreadable(family, self.root, err) from err
-        if iterator.valid() and iterator.key().startswith(prefix):
-            raise RecordsUnreadable(
-                family, self.root, f"the scan stopped early at {iterator.key()[:40]!r}"
-            )
 
     def get(self, family: str, key: bytes) -> bytes | None:
         """One record, or None when absent; raises RecordsUnreadable when RocksDB cannot read it."""
