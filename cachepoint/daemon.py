@@ -38,6 +38,7 @@ from cachepoint.ids import LATEST, Ref
 from cachepoint.metrics.node import NodeMetrics
 from cachepoint.model import Manifest, VersionInfo
 from cachepoint.replication import outbox
+from cachepoint.replication.arrivals import BlockArrivals
 from cachepoint.replication.fetcher import Fetcher
 from cachepoint.replication.gate import PullGate
 from cachepoint.replication.heal import HealResult, heal_blocks
@@ -186,6 +187,7 @@ class Daemon:
         self.fleet_view = FleetView()
         self.peer_guard: Guard | None = None
         self.version_blocks: VersionBlocks | None = None  # what the peer port answers for, with TLS
+        self.arrivals = BlockArrivals()  # blocks of a shared pull as they land, for site peers' calls
         self.metrics = NodeMetrics()  # served at /metrics by the HTTP server (cachepoint/metrics/node.py)
         self.metrics.attach(self)
 
@@ -210,6 +212,7 @@ class Daemon:
                     room=self.gate.check,
                     share=self.settings.site_fanout,  # with the site's other pullers (docs/design.md)
                     partial=self._partial,
+                    arrivals=self.arrivals,
                 )
             except PullsPaused as err:
                 self.metrics.pulled("failed", time.monotonic() - started)
@@ -639,6 +642,7 @@ class Daemon:
             accepts_pushes=False,
             fetch_limits=channel.NODE_FETCH_LIMITS,
             answerable=peer_answers(self.version_blocks, users_of),
+            arrivals=self.arrivals,
         )
         catalog = CatalogReadService(store, peer_reader(users_of))
         server.add(lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(blocks, s))

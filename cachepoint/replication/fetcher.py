@@ -38,6 +38,7 @@ from cachepoint.chunking import unit_digests
 from cachepoint.errors import BlockCorrupt, PullIncomplete
 from cachepoint.ids import BlockId
 from cachepoint.replication import rendezvous
+from cachepoint.replication.arrivals import BlockArrivals
 from cachepoint.replication.ratelimit import TokenBucket
 from cachepoint.replication.sources import Source, SourceClass
 from cachepoint.rpc.guards import BUSY_KEY
@@ -51,8 +52,12 @@ STREAMS_PER_SOURCE = 2
 STALL_SECONDS = 10.0
 BUSY_PAUSE = 0.25  # seconds before asking a busy source again, times the refusals in a row
 BUSY_RETRIES = 12  # refusals in a row (~20 s of pauses) before a busy source is dropped
-# An owner of a share that lacks what it is asked for is asked again after this pause (a poll per
-# stream: cheap, a lookup of at most UNIT_BLOCKS ids on the peer).
+# An owner of a share is asked to hold the call open this long for the blocks it is still fetching
+# (FetchBlocksRequest.wait_ms, cachepoint/replication/arrivals.py): they come as it stores them. Below
+# STALL_SECONDS, the longest a stream may go without a message.
+OWNER_WAIT = 5.0
+# An owner that sent none of what it was asked for (it had not started its own fetch yet, or it does
+# not hold calls open) is asked again after this pause.
 OWNER_POLL = 0.2
 SHARE_STALL_SECONDS = 15.0  # an owner that delivers nothing for this long has its share taken over
 # ... when this node's own fetches across the WAN delivered within that time. Without that evidence the
@@ -119,13 +124,15 @@ class Fetcher:
         node_id: str = "",
         share_stall: float = SHARE_STALL_SECONDS,
         unit_size: int = 0,
+        arrivals: BlockArrivals | None = None,
     ) -> None:
         """``block_size``: the layer's, when the blocks are a version's; larger blocks are refused.
         ``unit_size``: the version's chunk unit when it is content-chunked (each chunk is stored with
         its unit digests, for the unit fetch of a later version).
         ``keep``: given each batch of verified blocks (on the event loop) instead of the store (a
         lazy read's TieredSource, whose caller writes them back). ``node_id``: this node's, for the
-        rendezvous with the sources marked ``puller`` (ignored without them)."""
+        rendezvous with the sources marked ``puller`` (ignored without them). ``arrivals``: where
+        this node's FetchBlocks calls held open by site peers learn of each block as it is stored."""
         self.store = store
         self.keep = keep
         self.block_size = block_size
@@ -151,6 +158,7 @@ class Fetcher:
         self._delivered_at: dict[str, float] = {}
         self._ask_again_at: dict[str, float] = {}
         self._wan_at = 0.0  # when a source across the WAN (not of this site) last delivered
+        self.arrivals = arrivals
 
     def _eligible(self, unit: _Unit, source: Source, now: float = 0.0) -> bool:
         if source.name in unit.tried or not source.alive:
@@ -244,25 +252,29 @@ class Fetcher:
             bucket = self.buckets.get(source.source_class)
             blame = True
             try:
-                async for values in source.fetch(unit.ids, self.stall, self._version):
+                wait = min(OWNER_WAIT, self.stall / 2) if unit.owner else 0.0
+                async for values in source.fetch(unit.ids, self.stall, self._version, wait):
                     busy = 0
                     if bucket is not None:
                         await bucket.pay(sum(len(v) for _, v in values))
                     wanted = [v for v in values if v[0] in self._wanted]
-                    good, bad, records = await asyncio.to_thread(
-                        _verify, wanted, self.block_size, self.unit_size
-                    )
+                    stored = await self._verify_and_store(wanted)
+                    if stored is None:
+                        break  # no room: the fetch is halting
+                    good, bad = stored
                     if good:
-                        if not await self._store(good, records):
-                            break  # no room: the fetch is halting
                         async with self._changed:
+                            landed = []
                             for digest, value in good:
                                 if digest in self._wanted:
                                     self._wanted.discard(digest)
+                                    landed.append(digest)
                                     self.result.blocks += 1
                                     self.result.bytes += len(value)
                                     source.counters.blocks += 1
                                     source.counters.bytes += len(value)
+                            if self.arrivals is not None:
+                                self.arrivals.stored(landed)
                             if source.puller:
                                 self._delivered_at[source.name] = time.monotonic()
                             elif source.source_class != SourceClass.SITE:
@@ -293,31 +305,47 @@ class Fetcher:
             if not blame:
                 await asyncio.sleep(BUSY_PAUSE * busy)
 
-    async def _store(self, good: list[tuple[bytes, bytes]], records: list[tuple[bytes, bytes]]) -> bool:
-        """Write verified blocks (and their unit records); False when the fetch is halting (no room)."""
-        if self.keep is not None:
-            self.keep(good)
-            return True
-        if self.room is None:
-            await asyncio.to_thread(self.store.blocks.put_many, good, True, records)
-            return True
+    async def _verify_and_store(
+        self, values: list[tuple[bytes, bytes]]
+    ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, str]]] | None:
+        """Verify a batch and write its good blocks (and their unit records), in one trip to a worker
+        thread: (good, bad), or None when the fetch is halting (no room)."""
+        if not values:
+            return [], []
+        if self.keep is not None:  # on the event loop: a lazy read's TieredSource
+            good, bad, _ = await asyncio.to_thread(_verify, values, self.block_size, self.unit_size)
+            if good:
+                self.keep(good)
+            return good, bad
         if self._halt is not None:
-            return False
-        size = sum(len(v) for _, v in good)
+            return None
+        size = sum(len(v) for _, v in values)
         # Counted before the check, so concurrent streams' checks also count this batch.
         self._unwritten += size
         try:
-            try:
-                await asyncio.to_thread(self.room, self._unwritten)
-            except Exception as err:
-                async with self._changed:
-                    self._halt = err
-                    self._changed.notify_all()
-                return False
-            await asyncio.to_thread(self.store.blocks.put_many, good, True, records)
+            good, bad, refused = await asyncio.to_thread(self._verify_and_write, values, self._unwritten)
         finally:
             self._unwritten -= size
-        return True
+        if refused is not None:
+            async with self._changed:
+                self._halt = refused
+                self._changed.notify_all()
+            return None
+        return good, bad
+
+    def _verify_and_write(
+        self, values: list[tuple[bytes, bytes]], unwritten: int
+    ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, str]], Exception | None]:
+        """On a worker thread: (good, bad, what ``room`` raised, the good ones then unwritten)."""
+        good, bad, records = _verify(values, self.block_size, self.unit_size)
+        if good:
+            if self.room is not None:
+                try:
+                    self.room(unwritten)
+                except Exception as err:
+                    return good, bad, err
+            self.store.blocks.put_many(good, True, records)
+        return good, bad, None
 
     async def fetch(self, missing: list[bytes], label: str, version: str = "") -> FetchResult:
         """``version``: the "LAYER@N" the blocks are of, named in every FetchBlocks request."""
@@ -338,7 +366,13 @@ class Fetcher:
             streams = [
                 self._stream(source, total) for source in self.sources for _ in range(STREAMS_PER_SOURCE)
             ]
-            await asyncio.gather(*streams)
+            if self.arrivals is not None:
+                self.arrivals.expect(unique)
+            try:
+                await asyncio.gather(*streams)
+            finally:
+                if self.arrivals is not None:
+                    self.arrivals.forget(self._wanted)
         for source in self.sources:
             await source.close()
         if self._halt is not None:

@@ -12,6 +12,7 @@ import grpc
 from cachepoint.errors import InvalidInput
 from cachepoint.ids import Ref
 from cachepoint.model import Chunking, VersionInfo
+from cachepoint.replication.arrivals import BlockArrivals
 from cachepoint.replication.fetcher import Fetcher, FetchResult, ProgressFn, RoomFn
 from cachepoint.replication.sources import Source, SourceClass
 from cachepoint.replication.unitfetch import UnitFetchResult, fetch_by_units
@@ -172,6 +173,7 @@ async def pull(
     node_origin: bool = False,
     share: bool = False,
     partial: PartialFn | None = None,
+    arrivals: BlockArrivals | None = None,
 ) -> PullResult:
     """``avoid``: addresses of peers not to use (e.g. ones that recently sent corrupt blocks).
     ``account`` is handed the sources once the fetch ends, complete or not: their counters say what
@@ -184,7 +186,9 @@ async def pull(
     checked for the name every node's certificate carries). Never for a daemon's own coordinator,
     where a node of the fleet at its address must not pass for it.
     ``share``: when no node of this site holds the version complete, share its WAN fetch with the
-    site's other pullers of it (docs/design.md "Site fan-out"); False: fetch alone, as a CLI pull."""
+    site's other pullers of it (docs/design.md "Site fan-out"); False: fetch alone, as a CLI pull.
+    ``arrivals``: told of each block a shared fetch stores, for the calls of site peers held open
+    for them (the daemon's BlockExchange, cachepoint/replication/arrivals.py)."""
     origin = await replicas.reachable(origin, peer=node_origin)  # of several replicas, one that is up
     try:
         async with channel.channel(origin, peer=node_origin) as ch:
@@ -204,6 +208,7 @@ async def pull(
             pins = store.register_pins(info.layer)
             committed = False
             sharing: PartialFn | None = None
+            shared = False  # with the site's other pullers
             try:
                 block_ids = manifest.block_ids()
                 store.pin(pins, block_ids)
@@ -212,6 +217,7 @@ async def pull(
                 if missing:
                     peers = await find_peers(ch, node_id, info, own_address)
                     if node_id and share and not await _site_holds(ch, node_id, info):
+                        shared = True
                         if partial is not None:
                             partial(info, frozenset(block_ids))
                             sharing = partial
@@ -241,6 +247,7 @@ async def pull(
                         block_size=manifest.block_size,
                         node_id=node_id,
                         unit_size=manifest.unit_size if manifest.chunking == Chunking.CONTENT else 0,
+                        arrivals=arrivals if shared else None,
                     )
                     result.fetched = await fetcher.fetch(missing, info.ref, version=info.ref)
                     if result.units is not None:  # the chunks assembled from units were fetched too

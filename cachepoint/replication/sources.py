@@ -92,12 +92,15 @@ class Source:
         return blocks_pb2_grpc.BlockExchangeStub(self._channel)
 
     async def fetch(
-        self, ids: list[bytes], stall: float, version: str = ""
+        self, ids: list[bytes], stall: float, version: str = "", wait: float = 0.0
     ) -> AsyncIterator[list[tuple[bytes, bytes]]]:
         """Stream (id, stored value) batches; a gap longer than ``stall`` seconds raises TimeoutError.
         ``version`` ("LAYER@N"): the version the blocks are of (a server with TLS answers only for
-        blocks of a version the caller may read)."""
-        request = blocks_pb2.FetchBlocksRequest(ids=b"".join(ids), version=self.holds or version)
+        blocks of a version the caller may read). ``wait``: a puller of the same version may hold the
+        call open that many seconds for blocks it is still fetching (FetchBlocksRequest.wait_ms)."""
+        request = blocks_pb2.FetchBlocksRequest(
+            ids=b"".join(ids), version=self.holds or version, wait_ms=round(wait * 1000)
+        )
         # aclosing: a consumer that stops early cancels the call now, not when the collector runs.
         async with contextlib.aclosing(self._batches(request, stall)) as batches:
             async for batch in batches:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from cachepoint.blocksource import BlockSource, StoreSource
 from cachepoint.chunking import MAX_UNIT, mask_indexes, select_units, unit_count, unit_digests, valid_unit
 from cachepoint.errors import BlockCorrupt, InvalidInput
 from cachepoint.ids import DIGEST_SIZE, BlockId, unpack_ids
+from cachepoint.replication.arrivals import BlockArrivals
 from cachepoint.rpc.channel import BATCH_BYTES, MAX_FETCH_IDS, MAX_HAS_IDS
 from cachepoint.rpc.errors import NotAnOrigin, rpc_errors
 from cachepoint.rpc.streams import StreamSlots
@@ -36,6 +38,11 @@ from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc
 from cachepoint.wire import stored_block_to_pb, stored_value_from_pb
 
 READ_CHUNK = 16  # blocks read from the store per call while filling a batch
+# A FetchBlocks call held open for blocks this node's pull is still fetching (wait_ms) lasts at most
+# this long, below a caller's stall deadline (cachepoint/replication/fetcher.py), and looks this often
+# whether another caller waits for a stream slot (then it ends, handing its slot over).
+MAX_ARRIVAL_WAIT = 8.0
+SLOT_LOOK = 0.5
 DECODED_BYTES = 48 * 1024 * 1024  # decoded chunks kept for unit answers: three windows of 32 KiB chunks
 log = logging.getLogger("cachepoint.rpc")
 
@@ -179,9 +186,12 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
         fetch_limits: SlotLimits,
         answerable: Answerable = answer_all,
         source: BlockSource | None = None,
+        arrivals: BlockArrivals | None = None,
     ) -> None:
-        """``source``: what FetchBlocks serves (default: the store's own blocks)."""
+        """``source``: what FetchBlocks serves (default: the store's own blocks). ``arrivals``: the
+        blocks this node's shared pull is fetching, which a call with ``wait_ms`` may wait for."""
         self.store = store
+        self.arrivals = arrivals
         self.source = source or StoreSource(store)
         self.counters = counters
         self.accepts_pushes = accepts_pushes
@@ -227,30 +237,71 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
         allowed = await asyncio.to_thread(self.answerable, context, request.version)
         if allowed is not None:
             ids = [d for d in ids if d in allowed]  # the others are "missing": left out, as if not here
+        if request.unit_size:
+            await self._send_units(context, ids, request.unit_size, by_id)
+            return
+        sent = await self._send_held(context, ids)
+        if request.wait_ms and self.arrivals is not None and len(sent) < len(ids):
+            await self._send_arriving(context, [d for d in ids if d not in sent], request.wait_ms / 1000)
+
+    async def _send_held(self, context: grpc.aio.ServicerContext, ids: list[bytes]) -> set[bytes]:
+        """Stream the blocks of ``ids`` held here, as stored, in batches; the others are left out
+        (the caller asks elsewhere). Returns the ids sent."""
+        sent: set[bytes] = set()
         batch = blocks_pb2.BlockBatch()
         size = 0
         for start in range(0, len(ids), READ_CHUNK):
             chunk = ids[start : start + READ_CHUNK]
             values = await asyncio.to_thread(self.source.stored_many, chunk)
-            if request.unit_size:
-                answers = await asyncio.to_thread(self._unit_answers, chunk, values, request.unit_size, by_id)
-                for answer in answers:
-                    batch.blocks.append(answer)
-                    size += len(answer.payload) + len(answer.unit_digests)
-                    self.counters.blocks_served += 1
-                    self.counters.bytes_served += len(answer.payload) + len(answer.unit_digests)
-                    if size >= BATCH_BYTES:
-                        await self.fetches.write(context, batch)
-                        batch, size = blocks_pb2.BlockBatch(), 0
-                continue
             for digest in chunk:
                 value = values.get(digest)
                 if value is None:
-                    continue  # not held here: left out, the caller asks elsewhere
+                    continue
                 batch.blocks.append(stored_block_to_pb(digest, value))
+                sent.add(digest)
                 size += len(value)
                 self.counters.blocks_served += 1
                 self.counters.bytes_served += len(value)
+                if size >= BATCH_BYTES:
+                    await self.fetches.write(context, batch)
+                    batch, size = blocks_pb2.BlockBatch(), 0
+        if batch.blocks:
+            await self.fetches.write(context, batch)
+        return sent
+
+    async def _send_arriving(self, context: grpc.aio.ServicerContext, ids: list[bytes], wait: float) -> None:
+        """Stream the blocks of ``ids`` that this node's pull stores within ``wait`` seconds, as each
+        batch of it lands (cachepoint/replication/arrivals.py); ids it is not fetching are not waited
+        for. Ends early when another caller waits for a stream slot."""
+        assert self.arrivals is not None
+        deadline = time.monotonic() + min(wait, MAX_ARRIVAL_WAIT)
+        coming = self.arrivals.pending(ids)
+        while coming:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.fetches.slots.waiting:
+                return
+            await self.arrivals.changed(min(left, SLOT_LOOK))
+            still = self.arrivals.pending(coming)
+            if len(still) < len(coming):
+                landed = coming - still
+                coming = still
+                await self._send_held(context, [d for d in ids if d in landed])
+
+    async def _send_units(
+        self, context: grpc.aio.ServicerContext, ids: list[bytes], unit: int, by_id: dict[bytes, bytes] | None
+    ) -> None:
+        """Unit fetch: each block held answered with its unit digests, or the units its mask names."""
+        batch = blocks_pb2.BlockBatch()
+        size = 0
+        for start in range(0, len(ids), READ_CHUNK):
+            chunk = ids[start : start + READ_CHUNK]
+            values = await asyncio.to_thread(self.source.stored_many, chunk)
+            answers = await asyncio.to_thread(self._unit_answers, chunk, values, unit, by_id)
+            for answer in answers:
+                batch.blocks.append(answer)
+                size += len(answer.payload) + len(answer.unit_digests)
+                self.counters.blocks_served += 1
+                self.counters.bytes_served += len(answer.payload) + len(answer.unit_digests)
                 if size >= BATCH_BYTES:
                     await self.fetches.write(context, batch)
                     batch, size = blocks_pb2.BlockBatch(), 0

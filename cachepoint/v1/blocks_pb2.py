@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61\x63hepoint/v1/blocks.proto\x12\rcachepoint.v1\"r\n\x0bStoredBlock\x12\n\n\x02id\x18\x01 \x01(\x0c\x12\r\n\x05\x63odec\x18\x02 \x01(\r\x12\x10\n\x08raw_size\x18\x03 \x01(\r\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x14\n\x0cunit_digests\x18\x05 \x01(\x0c\x12\x0f\n\x07partial\x18\x06 \x01(\x08\"8\n\nBlockBatch\x12*\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x1a.cachepoint.v1.StoredBlock\"0\n\x10HasBlocksRequest\x12\x0b\n\x03ids\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\t\"$\n\x11HasBlocksResponse\x12\x0f\n\x07present\x18\x01 \x01(\x0c\"Y\n\x12\x46\x65tchBlocksRequest\x12\x0b\n\x03ids\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tunit_size\x18\x03 \x01(\r\x12\x12\n\nunit_masks\x18\x04 \x03(\x0c\"8\n\x12PushBlocksResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x10\n\x08rejected\x18\x02 \x01(\x0c\x32\xfc\x01\n\rBlockExchange\x12N\n\tHasBlocks\x12\x1f.cachepoint.v1.HasBlocksRequest\x1a .cachepoint.v1.HasBlocksResponse\x12M\n\x0b\x46\x65tchBlocks\x12!.cachepoint.v1.FetchBlocksRequest\x1a\x19.cachepoint.v1.BlockBatch0\x01\x12L\n\nPushBlocks\x12\x19.cachepoint.v1.BlockBatch\x1a!.cachepoint.v1.PushBlocksResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61\x63hepoint/v1/blocks.proto\x12\rcachepoint.v1\"r\n\x0bStoredBlock\x12\n\n\x02id\x18\x01 \x01(\x0c\x12\r\n\x05\x63odec\x18\x02 \x01(\r\x12\x10\n\x08raw_size\x18\x03 \x01(\r\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x14\n\x0cunit_digests\x18\x05 \x01(\x0c\x12\x0f\n\x07partial\x18\x06 \x01(\x08\"8\n\nBlockBatch\x12*\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x1a.cachepoint.v1.StoredBlock\"0\n\x10HasBlocksRequest\x12\x0b\n\x03ids\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\t\"$\n\x11HasBlocksResponse\x12\x0f\n\x07present\x18\x01 \x01(\x0c\"j\n\x12\x46\x65tchBlocksRequest\x12\x0b\n\x03ids\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tunit_size\x18\x03 \x01(\r\x12\x12\n\nunit_masks\x18\x04 \x03(\x0c\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\"8\n\x12PushBlocksResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x10\n\x08rejected\x18\x02 \x01(\x0c\x32\xfc\x01\n\rBlockExchange\x12N\n\tHasBlocks\x12\x1f.cachepoint.v1.HasBlocksRequest\x1a .cachepoint.v1.HasBlocksResponse\x12M\n\x0b\x46\x65tchBlocks\x12!.cachepoint.v1.FetchBlocksRequest\x1a\x19.cachepoint.v1.BlockBatch0\x01\x12L\n\nPushBlocks\x12\x19.cachepoint.v1.BlockBatch\x1a!.cachepoint.v1.PushBlocksResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,9 +40,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HASBLOCKSRESPONSE']._serialized_start=269
   _globals['_HASBLOCKSRESPONSE']._serialized_end=305
   _globals['_FETCHBLOCKSREQUEST']._serialized_start=307
-  _globals['_FETCHBLOCKSREQUEST']._serialized_end=396
-  _globals['_PUSHBLOCKSRESPONSE']._serialized_start=398
-  _globals['_PUSHBLOCKSRESPONSE']._serialized_end=454
-  _globals['_BLOCKEXCHANGE']._serialized_start=457
-  _globals['_BLOCKEXCHANGE']._serialized_end=709
+  _globals['_FETCHBLOCKSREQUEST']._serialized_end=413
+  _globals['_PUSHBLOCKSRESPONSE']._serialized_start=415
+  _globals['_PUSHBLOCKSRESPONSE']._serialized_end=471
+  _globals['_BLOCKEXCHANGE']._serialized_start=474
+  _globals['_BLOCKEXCHANGE']._serialized_end=726
 # @@protoc_insertion_point(module_scope)

@@ -43,16 +43,18 @@ class HasBlocksResponse(_message.Message):
     def __init__(self, present: _Optional[bytes] = ...) -> None: ...
 
 class FetchBlocksRequest(_message.Message):
-    __slots__ = ("ids", "version", "unit_size", "unit_masks")
+    __slots__ = ("ids", "version", "unit_size", "unit_masks", "wait_ms")
     IDS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UNIT_SIZE_FIELD_NUMBER: _ClassVar[int]
     UNIT_MASKS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     ids: bytes
     version: str
     unit_size: int
     unit_masks: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, ids: _Optional[bytes] = ..., version: _Optional[str] = ..., unit_size: _Optional[int] = ..., unit_masks: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    wait_ms: int
+    def __init__(self, ids: _Optional[bytes] = ..., version: _Optional[str] = ..., unit_size: _Optional[int] = ..., unit_masks: _Optional[_Iterable[bytes]] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class PushBlocksResponse(_message.Message):
     __slots__ = ("accepted", "rejected")
