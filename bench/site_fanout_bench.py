@@ -14,6 +14,7 @@ Needs root, iproute2 and tc; without them, or in a --quick run (it takes minutes
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 
 from bench.harness import Bench, Check, Section, Table, human_bytes, parse_size, verdict
@@ -29,6 +30,9 @@ NODES = (1, 2, 4, 8)
 SITES_OF_MANY = (3, 4)  # 3 sites x 4 nodes
 WAN_TARGET = 1.1  # WAN bytes per site / the version's compressed new blocks
 TIME_TARGET = 1.3  # all of 8 nodes hold it / 1 node holds it
+# The 1-node and 8-node cooperative fan-outs run this many times (fresh fleets) and the time target
+# compares their medians: one run's time moves by a tenth with what else the two shared cores do.
+TIME_REPEATS = 3
 WAN_PLOT = "site_fanout_wan.png"
 TIME_PLOT = "site_fanout_time.png"
 TITLE = "Site fan-out on a fleet in network namespaces"
@@ -94,13 +98,21 @@ def site_fanout(bench: Bench) -> Section:
     configs = [(1, n, on) for n in NODES for on in (True, False)]
     configs += [(*SITES_OF_MANY, on) for on in (True, False)]
     outcomes: list[Outcome] = []
+    times: dict[int, list[float]] = {}  # nodes -> converge times of the repeated cooperative runs
     load = [os.getloadavg()[0]]
     for sites, nodes, cooperative in configs:
         joiner = sites == 1 and nodes == max(NODES) and cooperative
         plan = Plan(sites, nodes, cooperative, base, version, WAN_RATE, joiner=joiner)
         outcomes.append(run(plan, bench.path(f"fanout-{plan.label}"), bench.log))
         load.append(os.getloadavg()[0])
-    return _section(bench, outcomes, max(load))
+        if sites == 1 and cooperative and nodes in (1, max(NODES)):
+            times[nodes] = [outcomes[-1].converge_s]
+            for repeat in range(2, TIME_REPEATS + 1):
+                again = Plan(sites, nodes, cooperative, base, version, WAN_RATE)
+                outcome = run(again, bench.path(f"fanout-{again.label}-{repeat}"), bench.log)
+                times[nodes].append(outcome.converge_s)
+                load.append(os.getloadavg()[0])
+    return _section(bench, outcomes, times, max(load))
 
 
 def _row(table: Table, o: Outcome, result: str = "") -> None:
@@ -118,7 +130,7 @@ def _row(table: Table, o: Outcome, result: str = "") -> None:
     )
 
 
-def _section(bench: Bench, outcomes: list[Outcome], load: float) -> Section:
+def _section(bench: Bench, outcomes: list[Outcome], times: dict[int, list[float]], load: float) -> Section:
     table = Table(
         [
             "Sites x nodes",
@@ -139,13 +151,15 @@ def _section(bench: Bench, outcomes: list[Outcome], load: float) -> Section:
     for o in outcomes:
         graded = o.plan.sites == 1 and o.plan.cooperative
         _row(table, o, f"{verdict(o.wan_ratio <= WAN_TARGET)} (≤ {WAN_TARGET}×)" if graded else "")
-    time_ratio = eight.converge_s / one.converge_s
+    eight_s, one_s = statistics.median(times[max(NODES)]), statistics.median(times[1])
+    time_ratio = eight_s / one_s
+    runs = " / ".join(", ".join(f"{t:.2f}" for t in times[n]) for n in (max(NODES), 1))
     table.add(
-        f"1 x {max(NODES)} vs 1 x 1",
+        f"1 x {max(NODES)} vs 1 x 1 (medians of {TIME_REPEATS} runs: {runs})",
         "on",
         "",
         "",
-        f"{eight.converge_s:.2f} / {one.converge_s:.2f} = {time_ratio:.2f}×",
+        f"{eight_s:.2f} / {one_s:.2f} = {time_ratio:.2f}×",
         "",
         "",
         f"{verdict(time_ratio <= TIME_TARGET)} (≤ {TIME_TARGET}×)",
@@ -172,8 +186,8 @@ def _section(bench: Bench, outcomes: list[Outcome], load: float) -> Section:
             wan_ok,
         ),
         Check(
-            f"Site fan-out: time until all {max(NODES)} nodes hold it vs 1 node",
-            f"{eight.converge_s:.2f} s / {one.converge_s:.2f} s = {time_ratio:.2f}×",
+            f"Site fan-out: time until all {max(NODES)} nodes hold it vs 1 node (medians of {TIME_REPEATS})",
+            f"{eight_s:.2f} s / {one_s:.2f} s = {time_ratio:.2f}×",
             f"≤ {TIME_TARGET}×",
             time_ratio <= TIME_TARGET,
         ),
@@ -209,8 +223,8 @@ def _section(bench: Bench, outcomes: list[Outcome], load: float) -> Section:
     figures = {
         "node_intake_bytes_s": intake,
         "wan_ratio_one_node": one.wan_ratio,
-        "converge_one_s": one.converge_s,
-        f"converge_{max(NODES)}_s": eight.converge_s,
+        "converge_one_s": one_s,
+        f"converge_{max(NODES)}_s": eight_s,
     }
     figures.update({f"wan_ratio_{n}": coop[n].wan_ratio for n in NODES})
     figures.update({f"wan_ratio_alone_{n}": alone[n].wan_ratio for n in NODES if n in alone})
