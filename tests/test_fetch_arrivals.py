@@ -31,11 +31,13 @@ from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc
 from tests import tls
 from tests.conftest import run_cli
 from tests.fleet import random_image, stored_block_ids
-from tests.test_rpc_limits import VERSION, node_credentials
+from tests.serving_loop import serving_loop
+from tests.test_rpc_limits import VERSION, node_credentials, wait_for
 
 MiB = 1 << 20
 TIMEOUT = 30.0  # every call and wait is bounded by this
 HOLD_MS = 60_000  # longer than any call here may last: a call that ends did not wait it out
+SERVICE = "cachepoint.v1.BlockExchange"
 LIMITS = SlotLimits(per_server=16, per_peer=8, wait=5.0, stall=30.0)
 
 
@@ -112,44 +114,29 @@ def node(tmp_path: Path, version_values: dict[bytes, bytes]) -> Iterator[Any]:
     """start(limits) -> Node: an empty node store served as the daemon serves it, with arrivals."""
     store = Store.open(tmp_path / "node", writable=True, create=True)
     trust, credentials = node_credentials(tmp_path)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="grpc-test-loop", daemon=True)
-    thread.start()
-    servers: list[Server] = []
+    with serving_loop() as (loop, servers):
 
-    def start(limits: SlotLimits = LIMITS) -> Node:
-        arrivals = BlockArrivals()
-        service = BlockExchangeService(
-            store, ServeCounters(), accepts_pushes=False, fetch_limits=limits, arrivals=arrivals
-        )
+        def start(limits: SlotLimits = LIMITS) -> Node:
+            arrivals = BlockArrivals()
+            service = BlockExchangeService(
+                store, ServeCounters(), accepts_pushes=False, fetch_limits=limits, arrivals=arrivals
+            )
 
-        async def begin() -> str:
-            server = Server("127.0.0.1:0", "cachepoint.v1.BlockExchange", node=True, credentials=credentials)
-            server.add(lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(service, s))
-            servers.append(server)
-            return await server.start()
+            async def begin() -> str:
+                server = Server("127.0.0.1:0", SERVICE, node=True, credentials=credentials)
+                server.add(lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(service, s))
+                servers.append(server)
+                return await server.start()
 
-        address = asyncio.run_coroutine_threadsafe(begin(), loop).result(TIMEOUT)
-        if trust is not None:
-            tls.serve(address, trust, peer=True)
-        return Node(address, store, arrivals, service, loop, version_values)
+            address = asyncio.run_coroutine_threadsafe(begin(), loop).result(TIMEOUT)
+            if trust is not None:
+                tls.serve(address, trust, peer=True)
+            return Node(address, store, arrivals, service, loop, version_values)
 
-    try:
-        yield start
-    finally:
-        for server in servers:
-            asyncio.run_coroutine_threadsafe(server.stop(), loop).result(TIMEOUT)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(TIMEOUT)
-        loop.close()
-        store.close()
-
-
-def wait_for(what: str, probe: Any) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not probe():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+        try:
+            yield start
+        finally:
+            store.close()
 
 
 def test_a_held_call_streams_each_block_as_the_pull_stores_it(node: Any) -> None:

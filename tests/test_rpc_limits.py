@@ -32,6 +32,7 @@ from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc
 from tests import tls
 from tests.conftest import run_cli
 from tests.fleet import random_image, stored_block_ids
+from tests.serving_loop import serving_loop
 
 MiB = 1 << 20
 TIMEOUT = 30.0  # every call and wait is bounded by this
@@ -77,35 +78,27 @@ def serve(blocks_dir: tuple[Path, list[bytes]]) -> Iterator[Any]:
     """start(limits) -> Served: a node's gRPC server (as the daemon builds it) with BlockExchange."""
     store = Store.open(blocks_dir[0], writable=False)
     trust, credentials = node_credentials(blocks_dir[0].parent)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="grpc-test-loop", daemon=True)
-    thread.start()
-    servers: list[Server] = []
+    with serving_loop() as (loop, servers):
 
-    def start(limits: SlotLimits, listen: str = "127.0.0.1:0") -> Served:
-        service = BlockExchangeService(store, ServeCounters(), accepts_pushes=False, fetch_limits=limits)
+        def start(limits: SlotLimits, listen: str = "127.0.0.1:0") -> Served:
+            service = BlockExchangeService(store, ServeCounters(), accepts_pushes=False, fetch_limits=limits)
 
-        async def begin() -> str:
-            server = Server(listen, "cachepoint.v1.BlockExchange", node=True, credentials=credentials)
-            server.add(lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(service, s))
-            servers.append(server)
-            return await server.start()
+            async def begin() -> str:
+                server = Server(listen, "cachepoint.v1.BlockExchange", node=True, credentials=credentials)
+                server.add(lambda s: blocks_pb2_grpc.add_BlockExchangeServicer_to_server(service, s))
+                servers.append(server)
+                return await server.start()
 
-        served = Served("", service, blocks_dir[1], loop)
-        served.address = served.call(begin())
-        if trust is not None:
-            tls.serve(served.address, trust, peer=True)
-        return served
+            served = Served("", service, blocks_dir[1], loop)
+            served.address = served.call(begin())
+            if trust is not None:
+                tls.serve(served.address, trust, peer=True)
+            return served
 
-    try:
-        yield start
-    finally:
-        for server in servers:
-            asyncio.run_coroutine_threadsafe(server.stop(), loop).result(TIMEOUT)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(TIMEOUT)
-        loop.close()
-        store.close()
+        try:
+            yield start
+        finally:
+            store.close()
 
 
 def fetch(address: str, ids: list[bytes]) -> int:
