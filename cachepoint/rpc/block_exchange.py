@@ -177,6 +177,30 @@ def answer_all(context: grpc.aio.ServicerContext, version: str) -> frozenset[byt
     return None
 
 
+class _Answer:
+    """A FetchBlocks answer on its way out: messages of about BATCH_BYTES, each written once full
+    (waiting for the caller's flow control, StreamSlots.write), every block counted as served."""
+
+    def __init__(self, service: BlockExchangeService, context: grpc.aio.ServicerContext) -> None:
+        self.service = service
+        self.context = context
+        self.batch = blocks_pb2.BlockBatch()
+        self.size = 0
+
+    async def add(self, block: blocks_pb2.StoredBlock, size: int) -> None:
+        self.batch.blocks.append(block)
+        self.size += size
+        self.service.counters.blocks_served += 1
+        self.service.counters.bytes_served += size
+        if self.size >= BATCH_BYTES:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self.batch.blocks:
+            await self.service.fetches.write(self.context, self.batch)
+            self.batch, self.size = blocks_pb2.BlockBatch(), 0
+
+
 class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
     def __init__(
         self,
@@ -248,8 +272,7 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
         """Stream the blocks of ``ids`` held here, as stored, in batches; the others are left out
         (the caller asks elsewhere). Returns the ids sent."""
         sent: set[bytes] = set()
-        batch = blocks_pb2.BlockBatch()
-        size = 0
+        answer = _Answer(self, context)
         for start in range(0, len(ids), READ_CHUNK):
             chunk = ids[start : start + READ_CHUNK]
             values = await asyncio.to_thread(self.source.stored_many, chunk)
@@ -257,16 +280,9 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
                 value = values.get(digest)
                 if value is None:
                     continue
-                batch.blocks.append(stored_block_to_pb(digest, value))
                 sent.add(digest)
-                size += len(value)
-                self.counters.blocks_served += 1
-                self.counters.bytes_served += len(value)
-                if size >= BATCH_BYTES:
-                    await self.fetches.write(context, batch)
-                    batch, size = blocks_pb2.BlockBatch(), 0
-        if batch.blocks:
-            await self.fetches.write(context, batch)
+                await answer.add(stored_block_to_pb(digest, value), len(value))
+        await answer.flush()
         return sent
 
     async def _send_arriving(self, context: grpc.aio.ServicerContext, ids: list[bytes], wait: float) -> None:
@@ -291,22 +307,13 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
         self, context: grpc.aio.ServicerContext, ids: list[bytes], unit: int, by_id: dict[bytes, bytes] | None
     ) -> None:
         """Unit fetch: each block held answered with its unit digests, or the units its mask names."""
-        batch = blocks_pb2.BlockBatch()
-        size = 0
+        answer = _Answer(self, context)
         for start in range(0, len(ids), READ_CHUNK):
             chunk = ids[start : start + READ_CHUNK]
             values = await asyncio.to_thread(self.source.stored_many, chunk)
-            answers = await asyncio.to_thread(self._unit_answers, chunk, values, unit, by_id)
-            for answer in answers:
-                batch.blocks.append(answer)
-                size += len(answer.payload) + len(answer.unit_digests)
-                self.counters.blocks_served += 1
-                self.counters.bytes_served += len(answer.payload) + len(answer.unit_digests)
-                if size >= BATCH_BYTES:
-                    await self.fetches.write(context, batch)
-                    batch, size = blocks_pb2.BlockBatch(), 0
-        if batch.blocks:
-            await self.fetches.write(context, batch)
+            for block in await asyncio.to_thread(self._unit_answers, chunk, values, unit, by_id):
+                await answer.add(block, len(block.payload) + len(block.unit_digests))
+        await answer.flush()
 
     @rpc_errors
     async def PushBlocks(  # noqa: N802
