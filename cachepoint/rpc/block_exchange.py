@@ -264,9 +264,12 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
         if request.unit_size:
             await self._send_units(context, ids, request.unit_size, by_id)
             return
+        # What this node's pull is still fetching, looked at before the store is read: a block stored
+        # in between is then either read now or seen landing later, never neither.
+        coming = self.arrivals.pending(ids) if request.wait_ms and self.arrivals is not None else set()
         sent = await self._send_held(context, ids)
-        if request.wait_ms and self.arrivals is not None and len(sent) < len(ids):
-            await self._send_arriving(context, [d for d in ids if d not in sent], request.wait_ms / 1000)
+        if coming - sent:
+            await self._send_arriving(context, ids, coming - sent, request.wait_ms / 1000)
 
     async def _send_held(self, context: grpc.aio.ServicerContext, ids: list[bytes]) -> set[bytes]:
         """Stream the blocks of ``ids`` held here, as stored, in batches; the others are left out
@@ -285,23 +288,25 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
         await answer.flush()
         return sent
 
-    async def _send_arriving(self, context: grpc.aio.ServicerContext, ids: list[bytes], wait: float) -> None:
-        """Stream the blocks of ``ids`` that this node's pull stores within ``wait`` seconds, as each
-        batch of it lands (cachepoint/replication/arrivals.py); ids it is not fetching are not waited
-        for. Ends early when another caller waits for a stream slot."""
+    async def _send_arriving(
+        self, context: grpc.aio.ServicerContext, ids: list[bytes], coming: set[bytes], wait: float
+    ) -> None:
+        """Stream the blocks of ``coming`` (of ``ids``, in their order) that this node's pull stores
+        within ``wait`` seconds, as each batch of it lands (cachepoint/replication/arrivals.py). Ends
+        early when another caller waits for a stream slot."""
         assert self.arrivals is not None
         deadline = time.monotonic() + min(wait, MAX_ARRIVAL_WAIT)
-        coming = self.arrivals.pending(ids)
-        while coming:
-            left = deadline - time.monotonic()
-            if left <= 0 or self.fetches.slots.waiting:
-                return
-            await self.arrivals.changed(min(left, SLOT_LOOK))
+        while True:
+            # Landed since the last look (the first: while the held blocks were being sent).
             still = self.arrivals.pending(coming)
             if len(still) < len(coming):
                 landed = coming - still
-                coming = still
                 await self._send_held(context, [d for d in ids if d in landed])
+            coming = still
+            left = deadline - time.monotonic()
+            if not coming or left <= 0 or self.fetches.slots.waiting:
+                return
+            await self.arrivals.changed(min(left, SLOT_LOOK))
 
     async def _send_units(
         self, context: grpc.aio.ServicerContext, ids: list[bytes], unit: int, by_id: dict[bytes, bytes] | None
