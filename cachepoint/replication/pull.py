@@ -212,7 +212,7 @@ async def pull(
             try:
                 block_ids = manifest.block_ids()
                 store.pin(pins, block_ids)
-                missing = await asyncio.to_thread(store.blocks.missing, sorted(block_ids))
+                missing = await asyncio.to_thread(store.absent, sorted(block_ids), info.layer)
                 sources = list(extra_sources or [])
                 if missing:
                     peers = await find_peers(ch, node_id, info, own_address)

@@ -76,6 +76,20 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    def absent(self, ids: Iterable[bytes], layer: str) -> list[bytes]:
+        """The ids of ``ids`` this store does not hold, in their order. The newest local version of
+        ``layer`` answers for its own blocks first: a committed version holds every block it names
+        (a commit requires them, GC keeps them), and asking RocksDB about a block it holds reads the
+        whole record (a pull of a new version, 27k chunks of which 24k are the old one's: 0.05 s
+        instead of 0.42 s). The rest are asked one by one (bloom filters answer most)."""
+        ids = list(ids)
+        versions = self.catalog.versions(layer) if self.catalog.layer_or_none(layer) else []
+        if versions:
+            newest = max(versions, key=lambda info: info.number)
+            held = self.catalog.manifest(newest.manifest_digest).block_ids()
+            ids = [digest for digest in ids if digest not in held]
+        return self.blocks.missing(ids)
+
     def working_block_ids(self) -> set[bytes]:
         """Every block an attached disk's working map names (attached now or not): in use, so GC
         keeps them and fsck does not count them as garbage (see cachepoint/disk/working.py)."""
