@@ -319,18 +319,28 @@ class RealImage:
         self.bench.log("real image, first ingests: " + ", ".join(f"{k} {v:.2f} s" for k, v in best.items()))
         return best
 
-    def run(self, mode: Mode, first: float) -> ModeResult:
+    def run(self, mode: Mode, first: float, repeats: int = 1) -> ModeResult:
+        """v1 then v2 into an origin, served; a receiver holding v1 pulls v2. ``repeats``: the re-ingest
+        and the pull are each timed that many times, from copies of the stores as they were before
+        (v1 alone), and the best is kept, as for the first ingest and rsync."""
         bench = self.bench
         tag = mode.label.replace(" ", "-")
-        origin = self.dir / f"origin-{tag}"
-        with Store.open(origin, writable=True, create=True) as store:
+        base = self.dir / f"origin-v1-{tag}"
+        with Store.open(base, writable=True, create=True) as store:
             ingest(store, self.v1, self._options(mode))
-            settle()
-            start = time.perf_counter()
-            second = ingest(store, self.v2, IngestOptions(LAYER))
-            reingest = time.perf_counter() - start
-            assert second.version is not None
-            manifest_bytes = len(store.catalog.manifest_bytes(second.version.manifest_digest))
+        origin = self.dir / f"origin-{tag}"
+        reingest = float("inf")
+        for _ in range(repeats):
+            remove(origin)
+            shutil.copytree(base, origin)
+            with Store.open(origin, writable=True) as store:
+                settle()
+                start = time.perf_counter()
+                second = ingest(store, self.v2, IngestOptions(LAYER))
+                reingest = min(reingest, time.perf_counter() - start)
+                assert second.version is not None
+                manifest_bytes = len(store.catalog.manifest_bytes(second.version.manifest_digest))
+        remove(base)
         out = self.dir / f"serve-{tag}.out"
         with open(out, "wb") as stdout:
             proc = _spawn(
@@ -343,12 +353,18 @@ class RealImage:
             )
         address = str(_announcement(proc, out, self.dir / f"serve-{tag}.log", "origin daemon")["listening"])
         proxy = _Proxy(self.stack, address, self.dir / f"proxy-{tag}.log")
+        holder = self.dir / f"receiver-v1-{tag}"
+        self.cachepoint(holder, "pull", f"{LAYER}@1", "--from", address)
         receiver = self.dir / f"receiver-{tag}"
-        self.cachepoint(receiver, "pull", f"{LAYER}@1", "--from", address)
-        settle()
-        before = proxy.counts()
-        seconds, result = self.cachepoint(receiver, "pull", f"{LAYER}@2", "--from", proxy.address)
-        after = proxy.counts()
+        seconds = float("inf")
+        for _ in range(repeats):
+            remove(receiver)
+            shutil.copytree(holder, receiver)
+            settle()
+            before = proxy.counts()
+            took, result = self.cachepoint(receiver, "pull", f"{LAYER}@2", "--from", proxy.address)
+            after = proxy.counts()
+            seconds = min(seconds, took)
         exported = self.dir / "export.img"
         self.cachepoint(receiver, "export", f"{LAYER}@2", str(exported))
         identical = _sha256(exported) == self.want
@@ -356,6 +372,7 @@ class RealImage:
         proc.terminate()
         proc.wait(30)
         remove(receiver)
+        remove(holder)
         remove(origin)
         wire = after["up"] - before["up"] + after["down"] - before["down"]
         bench.log(
@@ -442,12 +459,15 @@ class RealImage:
         )
         _await_port(proc, port, self.dir / "rsyncd.stderr", "rsync daemon")
         dst = self.dir / "rsync-dst.img"
-        shutil.copyfile(self.v1, dst)
-        settle()
-        seconds, out = _run(
-            ["rsync", "--no-whole-file", "--stats", f"rsync://127.0.0.1:{port}/real/v2.img", str(dst)],
-            "rsync",
-        )
+        seconds = float("inf")
+        for _ in range(RUNS):  # the best of RUNS, each onto a fresh copy of v1, as the pull it is set against
+            shutil.copyfile(self.v1, dst)
+            settle()
+            took, out = _run(
+                ["rsync", "--no-whole-file", "--stats", f"rsync://127.0.0.1:{port}/real/v2.img", str(dst)],
+                "rsync",
+            )
+            seconds = min(seconds, took)
         stats = _rsync_stats(out)
         identical = _sha256(dst) == self.want
         remove(dst)
@@ -479,9 +499,12 @@ def real_image(bench: Bench) -> Section:
             f"v1 then v2 ingested through the API (first ingest: best of {INGEST_RUNS}, each into a new "
             "store), a `cachepoint serve` child serves the origin, a receiver holding v1 runs "
             "`cachepoint pull os/real@2` through a byte-counting proxy (whole command); its export must "
-            "equal v2. Ideal: distinct non-zero 4 KiB pieces of v2 that v1 has nowhere, zstd-1 each as "
+            f"equal v2. For {CHOSEN}, the checked mode, the re-ingest and the pull are each the best of "
+            f"{RUNS} (from copies of the stores holding v1), as rsync is. Ideal: distinct non-zero 4 KiB "
+            "pieces of v2 that v1 has nowhere, zstd-1 each as "
             "the store keeps them. casync: `make` then `extract --seed=v1.img` from a local aiohttp "
-            "server behind the same proxy. rsync: `--no-whole-file` from a daemon onto a copy of v1."
+            "server behind the same proxy. rsync: `--no-whole-file` from a daemon onto a copy of v1, "
+            f"best of {RUNS}."
         ),
         table,
     )
@@ -501,7 +524,11 @@ def real_image(bench: Bench) -> Section:
             "",
         )
         firsts = ctx.ingest_times()
-        results = {mode.label: ctx.run(mode, firsts[mode.label]) for mode in MODES}
+        # The checked mode's re-ingest and pull are the best of RUNS, like the first ingest and rsync.
+        results = {
+            mode.label: ctx.run(mode, firsts[mode.label], RUNS if mode.label == CHOSEN else 1)
+            for mode in MODES
+        }
         for r in results.values():
             table.add(
                 f"`cachepoint pull` v2-given-v1, {r.mode.label}: on the wire / × ideal / time",
