@@ -71,9 +71,9 @@ class Settings:
     """Block size of new layers with fixed chunking: a power of two from 4K to 4M."""
     chunking: str = "fixed"
     """How `ingest` and `publish` cut a new disk-image layer: "fixed" (block_size blocks on a fixed
-    grid: stackable under other layers and a user layer) or "content" (chunks on chunk_unit
-    boundaries chosen by content, chunk_average long on average: the same file data at any aligned
-    offset gives the same chunks; attached alone, read-only). Trees always use fixed blocks."""
+    grid) or "content" (chunks on chunk_unit boundaries chosen by content, chunk_average long on
+    average: the same file data at any aligned offset gives the same chunks). Both stack in images
+    and take a user layer. Trees always use fixed blocks."""
     chunk_average: str = "32K"
     """Average chunk length of new content-chunked layers: a power of two, 2 units to 1M."""
     chunk_unit: str = "4K"

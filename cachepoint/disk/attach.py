@@ -14,6 +14,7 @@ from cachepoint.disk.readcache import DecodedCache
 from cachepoint.disk.working import WorkingLayer
 from cachepoint.errors import InvalidInput
 from cachepoint.ids import validate_layer_name
+from cachepoint.layers.composite import grid_size
 from cachepoint.store.store import Store
 
 
@@ -49,7 +50,7 @@ def open_disk(
         stack += resolve_stack(store, [user_layer])
     top = stack[-1][0]
     base = top.number if top.layer == user_layer else 0
-    working = WorkingLayer.open(store, name or user_layer, user_layer, stack[0][1].block_size, base)
+    working = WorkingLayer.open(store, name or user_layer, user_layer, grid_size(stack), base)
     try:
         return CompositeDisk(store, stack, working, decoded=decoded)
     except BaseException:

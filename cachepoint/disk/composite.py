@@ -2,7 +2,9 @@
 
 Each block reads from the user's working layer if it names the block, else from the topmost layer
 of the stack that holds data there (cachepoint/layers/composite.py's rule: a hole lets the block
-below show; no layer at all reads as zeros). Blocks come from one source (cachepoint/blocksource):
+below show; no layer at all reads as zeros). A stack with content-chunked layers reads by its pieces
+(cachepoint/layers/pieces.py); its user's writes still go on a grid. Blocks come from one source
+(cachepoint/blocksource):
 the local store, or for a lazily booted disk the store with the fleet behind it, read through a cache
 of decoded blocks.
 
@@ -33,7 +35,8 @@ from cachepoint.disk.readcache import DecodedCache
 from cachepoint.disk.working import WorkingLayer
 from cachepoint.errors import BlockMissing, InvalidInput, OutOfSpace
 from cachepoint.ids import DIGEST_SIZE, HOLE_DIGEST, BlockId
-from cachepoint.layers.composite import composite_disks
+from cachepoint.layers.composite import composite_disks, grid_size
+from cachepoint.layers.pieces import Pieces, add_run
 from cachepoint.model import FileEntry, Manifest, VersionInfo
 from cachepoint.store.store import Store
 
@@ -41,6 +44,11 @@ CACHE_BYTES = 16 * 1024 * 1024  # decoded blocks kept: a partial write reads its
 READAHEAD_BLOCKS = 32  # named to a far source on a cold read: 2 MiB at 64 KiB blocks, one round trip
 
 Stack = list[tuple[VersionInfo, Manifest]]
+
+# The id of a grid block that the layers below hold only in pieces (a content-chunked layer under
+# the grid, cut by upper blocks): it is read piece by piece. Never a SHA-256 of anything stored.
+COMPOSED = b"\xffcomposed of pieces, see pieces\xff"
+assert len(COMPOSED) == DIGEST_SIZE
 
 # Cold reads decompress; more threads than cores only fight over the GIL between those
 # steps (a cold copy of a 1 GiB disk by qemu-img, 8 requests in flight: 2.2 s with 6 threads, 1.35 s with 2).
@@ -116,32 +124,36 @@ class CompositeDisk:
         tree = [info.ref for info, manifest in stack if not manifest.single_file]
         if tree:
             raise InvalidInput(f"{', '.join(tree)} holds a tree, not a disk image: it cannot be attached")
-        placed = composite_disks(stack)  # also refuses layers of different block sizes
+        placed = composite_disks(stack)  # also refuses fixed layers of different block sizes
         self.store = store
         self.stack: Stack = list(stack)
         self.working = working
-        self._block_size = placed.block_size
         self._size = placed.entry.size
         self.lock = threading.Lock()  # writers and snapshots
         self.inner = source or StoreSource(store)
         self.decoded = decoded  # blocks shared by every disk of a daemon (readcache.py)
         self.source = CachedSource(self.inner, decoded if decoded is not None else MemoryCache(CACHE_BYTES))
+        # A stack with content-chunked layers reads by its pieces (cachepoint/layers/pieces.py);
+        # writes still go on a grid, the working layer's.
+        self._pieces = _pieces_of(placed.pieces, placed.entry, placed.block_size)
+        self._block_size = placed.block_size if self._pieces is None else grid_size(self.stack)
         self._zero_block = bytes(self._block_size)
-        # A content-chunked image (attached alone, read-only): reads find chunks by its extent index.
-        self._chunks = placed.entry if placed.entry.chunked else None
-        if self._chunks is not None and working is not None:
-            raise InvalidInput(
-                f"{stack[-1][0].ref} is content-chunked: it attaches read-only (a user layer needs "
-                "layers made with --chunking fixed)"
-            )
         if working is not None:
             self._check_working(working)
         self._view = _View.of(
-            b"" if self._chunks else placed.entry.blocks,
+            self._lower(self.stack) if self._pieces is None or working is not None else b"",
             working.entries if working else {},
             self._size,
             self._block_size,
         )
+
+    def _lower(self, stack: Stack) -> bytes:
+        """The packed ids of ``stack``'s blocks on this disk's grid (COMPOSED where pieces)."""
+        placed = composite_disks(stack)
+        pieces = _pieces_of(placed.pieces, placed.entry, placed.block_size)
+        if pieces is not None:
+            return pieces.on_grid(self._block_size, COMPOSED)
+        return placed.entry.blocks
 
     def _check_working(self, working: WorkingLayer) -> None:
         if working.block_size != self._block_size:
@@ -217,8 +229,8 @@ class CompositeDisk:
         self._check_range(offset, length)
         if length == 0:
             return b""
-        if self._chunks is not None:
-            return self._read_chunks(self._chunks, offset, length, warm_only)
+        if self._pieces is not None and self.working is None:
+            return self._read_pieces(self._pieces, offset, length, warm_only)
         bs = self._block_size
         first, last = offset // bs, (offset + length - 1) // bs
         span = bytearray((last - first + 1) * bs)  # zero-filled: holes need no work
@@ -233,8 +245,8 @@ class CompositeDisk:
         """Runs from ``offset`` as (bytes, reads as zeros), from the block ids alone (NBD block
         status): nothing is read or fetched, so a client can skip what is all zeros."""
         self._check_range(offset, length)
-        if self._chunks is not None:
-            return _chunk_zero_runs(self._chunks, self._block_size, offset, length, limit)
+        if self._pieces is not None and self.working is None:
+            return self._pieces.zero_runs(offset, length, limit)
         view, bs, end = self._view, self._block_size, offset + length
         runs: list[tuple[int, bool]] = []
         pos, index = offset, offset // bs
@@ -244,7 +256,7 @@ class CompositeDisk:
             else:
                 stop, zeros = view.lower_run(index)
             step = min(stop * bs, end) - pos
-            if not _add_run(runs, step, zeros, limit):
+            if not add_run(runs, step, zeros, limit):
                 break
             pos += step
             index = stop
@@ -302,18 +314,30 @@ class CompositeDisk:
         entries, lower, lower_zeros = view.entries, view.lower, view.lower_zeros
         full_blocks = self._size // bs  # blocks before this one are whole
         wanted: list[Target] = []
+        composed: list[list[int]] = []  # [first byte in out, bytes] of runs of COMPOSED blocks
         # The loop runs per 64 KiB block of every read: it stays flat (no calls it can avoid).
         for index in range(first, stop):
             length = bs if index < full_blocks else self.block_length(index)
             digest = entries.get(index) if entries else None
+            at = (index - first) * bs
             if digest is None:
                 if lower_zeros[index]:
                     continue
                 digest = lower[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
+                if digest == COMPOSED:
+                    if composed and composed[-1][0] + composed[-1][1] == at:
+                        composed[-1][1] += length
+                    else:
+                        composed.append([at, length])
+                    continue
             elif reads_as_zeros(digest, length):
                 continue
-            at = (index - first) * bs
             wanted.append((digest, out[at : at + length]))
+        if composed:
+            assert self._pieces is not None
+            for at, length in composed:
+                if not self._fill_pieces(self._pieces, first * bs + at, out[at : at + length], warm_only):
+                    return False
         if not wanted:
             return True
         also = self._readahead(view, stop) if self.inner.far and not warm_only else ()
@@ -324,58 +348,22 @@ class CompositeDisk:
             return False
         raise BlockMissing(BlockId(wanted[missing[0]][0]))
 
-    def _read_chunks(self, entry: FileEntry, offset: int, length: int, warm_only: bool) -> bytearray | None:
-        """``_read`` of a content-chunked image: the chunks under the range, by binary search of the
-        extent index, each copied in whole where the range covers it (else through a scratch copy)."""
-        bs, stop = self._block_size, offset + length
-        out = bytearray(length)  # zero-filled: holes need no work
-        view = memoryview(out)
-        targets: list[tuple[bytes, memoryview]] = []
-        partial: list[tuple[int, int, bytearray]] = []  # (chunk start, chunk end, scratch)
-        indexes = entry.blocks_between(offset, stop, bs)
-        for index in indexes:
-            digest = entry.digest_at(index)
-            if digest == HOLE_DIGEST:
-                continue
-            start, end = entry.span(index, bs)
-            if start >= offset and end <= stop:
-                targets.append((digest, view[start - offset : end - offset]))
-            else:
-                scratch = bytearray(end - start)
-                partial.append((start, end, scratch))
-                targets.append((digest, memoryview(scratch)))
-        if not self._fill_chunks(entry, targets, indexes.stop, warm_only):
-            return None
-        for start, end, scratch in partial:
-            lo, hi = max(start, offset), min(end, stop)
-            view[lo - offset : hi - offset] = memoryview(scratch)[lo - start : hi - start]
-        return out
+    def _read_pieces(self, pieces: Pieces, offset: int, length: int, warm_only: bool) -> bytearray | None:
+        """``_read`` of a read-only disk with content-chunked layers: the pieces under the range, by
+        binary search (a piece wholly inside the range is copied straight into place)."""
+        out = bytearray(length)  # zero-filled: gaps need no work
+        return out if self._fill_pieces(pieces, offset, memoryview(out), warm_only) else None
 
-    def _fill_chunks(
-        self, entry: FileEntry, targets: list[tuple[bytes, memoryview]], after: int, warm_only: bool
-    ) -> bool:
-        """Copy each chunk into its target (of the chunk's length) from the source; on a lazy disk the
-        chunks after index ``after`` are the readahead of a fetch."""
-        if not targets:
-            return True
-        taken = {digest for digest, _ in targets}
-        also = self._chunk_readahead(entry, after, taken) if self.inner.far and not warm_only else ()
-        missing = self.source.read_into(targets, nowait=warm_only, also=also)
-        if not missing:
-            return True
-        if warm_only:
-            return False
-        raise BlockMissing(BlockId(targets[missing[0]][0]))
+    def _fill_pieces(self, pieces: Pieces, offset: int, out: memoryview, warm_only: bool) -> bool:
+        """Bytes [offset, offset + len(out)) from the pieces into ``out`` (zero-filled); on a lazy
+        disk the blocks of the pieces after them are the readahead of a fetch."""
+        also: Sequence[bytes] = ()
+        if self.inner.far and not warm_only:
+            also = self._pieces_ahead(pieces, pieces.between(offset, offset + len(out)).stop)
+        return pieces.read_into(self.source, offset, out, nowait=warm_only, also=also)
 
-    def _chunk_readahead(self, entry: FileEntry, start: int, taken: set[bytes]) -> list[bytes]:
-        ahead: list[bytes] = []
-        for index in range(start, min(start + READAHEAD_BLOCKS, entry.block_count)):
-            digest = entry.digest_at(index)
-            if digest == HOLE_DIGEST or digest in taken:
-                continue
-            taken.add(digest)
-            ahead.append(digest)
-        return ahead
+    def _pieces_ahead(self, pieces: Pieces, start: int) -> list[bytes]:
+        return list(dict.fromkeys(pieces.digests[start : start + READAHEAD_BLOCKS]))
 
     def _remember(self, digest: bytes, data: bytes) -> None:
         """Keep a block just written (named by its own digest) for the next read."""
@@ -392,7 +380,11 @@ class CompositeDisk:
         ahead: list[bytes] = []
         for index in range(stop, min(stop + READAHEAD_BLOCKS, self.block_count)):
             digest = view.digest(index)
-            if not reads_as_zeros(digest, self.block_length(index)):
+            if digest == COMPOSED and self._pieces is not None:
+                start = index * self._block_size
+                pieces = self._pieces.between(start, start + self.block_length(index))
+                ahead += self._pieces.digests[pieces.start : pieces.stop]
+            elif not reads_as_zeros(digest, self.block_length(index)):
                 ahead.append(digest)
         return ahead
 
@@ -441,10 +433,24 @@ class CompositeDisk:
         if is_hole(block):
             return self._target_for_zeros(view, index, len(block))
         digest = block_digest(block)
-        return None if digest == view.lower_digest(index) else digest
+        lower = view.lower_digest(index)
+        if lower == COMPOSED:  # no id to compare: the bytes below are (rewriting a file system
+            # image over its own layer must not copy it into the user's layer)
+            return None if self._lower_block(index) == block else digest
+        return None if digest == lower else digest
 
     def _target_for_zeros(self, view: _View, index: int, length: int) -> bytes | None:
-        return None if reads_as_zeros(view.lower_digest(index), length) else zero_marker(length)
+        lower = view.lower_digest(index)
+        if lower == COMPOSED:
+            return None if is_hole(self._lower_block(index)) else zero_marker(length)
+        return None if reads_as_zeros(lower, length) else zero_marker(length)
+
+    def _lower_block(self, index: int) -> bytes:
+        """The bytes the layers below hold at a COMPOSED block, read piece by piece."""
+        assert self._pieces is not None
+        block = bytearray(self.block_length(index))
+        self._fill_pieces(self._pieces, index * self._block_size, memoryview(block), False)
+        return bytes(block)
 
     # -- snapshots (cachepoint/disk/snapshot.py) ------------------------------------------------
 
@@ -453,7 +459,7 @@ class CompositeDisk:
         stack = self.stack[:-1] if self.user_base else self.stack
         if not stack:
             return HOLE_DIGEST * self.block_count
-        blocks = composite_disks(stack).entry.blocks
+        blocks = self._lower(stack)
         return blocks + HOLE_DIGEST * (self.block_count - len(blocks) // DIGEST_SIZE)
 
     def top_entry(self) -> FileEntry:
@@ -465,37 +471,16 @@ class CompositeDisk:
         assert self.working is not None
         stack = self.stack[:-1] if self.user_base else list(self.stack)
         stack.append((info, manifest))
-        lower = composite_disks(stack).entry.blocks
+        placed = composite_disks(stack)
+        self._pieces = _pieces_of(placed.pieces, placed.entry, placed.block_size)
+        lower = self._lower(stack)
         self.stack = stack
         self._view = _View.of(lower, self.working.reset(info.number), self._size, self._block_size)
 
 
-def _chunk_zero_runs(
-    entry: FileEntry, bs: int, offset: int, length: int, limit: int
-) -> list[tuple[int, bool]]:
-    """``zero_runs`` of a content-chunked image, from its extent index: a hole extent is one run."""
-    runs: list[tuple[int, bool]] = []
-    pos, end = offset, offset + length
-    index = entry.block_at(offset, bs)
-    while pos < end:
-        if index < entry.block_count:
-            zeros, stop = entry.digest_at(index) == HOLE_DIGEST, entry.span(index, bs)[1]
-        else:
-            zeros, stop = True, end  # past the ids: zeros
-        step = min(stop, end) - pos
-        if not _add_run(runs, step, zeros, limit):
-            break
-        pos += step
-        index += 1
-    return runs
-
-
-def _add_run(runs: list[tuple[int, bool]], step: int, zeros: bool, limit: int) -> bool:
-    """Extend the last (length, zeros) run, or start a new one; False when ``limit`` runs are full."""
-    if runs and runs[-1][1] == zeros:
-        runs[-1] = (runs[-1][0] + step, zeros)
-    elif len(runs) == limit:
-        return False
-    else:
-        runs.append((step, zeros))
-    return True
+def _pieces_of(pieces: Pieces | None, entry: FileEntry, block_size: int) -> Pieces | None:
+    """The pieces of a composited disk: its own, those of a content-chunked layer alone (its chunks
+    where they lie), or None for layers on one grid."""
+    if pieces is None and entry.chunked:
+        return Pieces.compose([(entry, block_size)])
+    return pieces

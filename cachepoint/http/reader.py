@@ -30,6 +30,8 @@ def spans(placed: PlacedFile, wanted: ByteRange) -> Iterator[ByteRange]:
     """Split a range into spans of CHUNK_BYTES (or one block, for blocks larger than that) that end on
     block boundaries, so no block is read twice."""
     entry, bs = placed.entry, placed.block_size
+    if placed.pieces is not None:  # pieces are cut to any span: no edge to keep
+        bs = 1
     step = max(1, CHUNK_BYTES // bs) * bs
     pos = wanted.start
     while pos < wanted.stop:
@@ -51,6 +53,8 @@ def _digest(placed: PlacedFile, index: int) -> bytes:
 
 
 def is_all_holes(placed: PlacedFile, span: ByteRange) -> bool:
+    if placed.pieces is not None:
+        return not placed.pieces.between(span.start, span.stop)
     blocks = placed.entry.blocks_between(span.start, span.stop, placed.block_size)
     return all(_digest(placed, i) == HOLE_DIGEST for i in blocks)
 
@@ -94,10 +98,14 @@ def _fill(source: BlockSource, wanted: list[Target]) -> None:
         raise BlockMissing(BlockId(wanted[missing[0]][0]))
 
 
-def read_span(source: BlockSource, placed: PlacedFile, span: ByteRange) -> memoryview:
+def read_span(source: BlockSource, placed: PlacedFile, span: ByteRange) -> bytes | bytearray | memoryview:
     """The bytes of one span. Blocking: run in a thread.
 
     Raises BlockMissing, BlockCorrupt or BlockUnreadable naming the block."""
+    if placed.pieces is not None:
+        buffer = bytearray(span.length)
+        placed.pieces.read_into(source, span.start, memoryview(buffer))
+        return buffer
     out = _Span(placed, span)
     _fill(source, out.wanted)
     return out.bytes()
@@ -107,6 +115,11 @@ async def _read(source: BlockSource, placed: PlacedFile, span: ByteRange) -> byt
     if is_all_holes(placed, span):
         # One shared buffer for the common case; a span of one block larger than it gets its own.
         return _ZEROS[: span.length] if span.length <= len(_ZEROS) else bytes(span.length)
+    if placed.pieces is not None:  # a stack with content-chunked layers (cachepoint/layers/pieces.py)
+        buffer = bytearray(span.length)
+        if not placed.pieces.read_into(source, span.start, memoryview(buffer), nowait=True):
+            await asyncio.to_thread(placed.pieces.read_into, source, span.start, memoryview(buffer))
+        return buffer
     out = _Span(placed, span)
     # What the cache holds in memory costs a copy here, and no thread switch.
     cold = source.read_into(out.wanted, nowait=True)

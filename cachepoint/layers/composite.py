@@ -1,17 +1,21 @@
 """Compositing an image: an ordered stack of layer versions, lowest first, seen as one tree or disk.
 
 Trees: an upper layer's entry replaces the same path below (a non-directory also hides what was
-below it), and a whiteout hides the path and everything under it. Disk images: each block comes
-from the topmost layer that holds data there; a hole in an upper layer lets the block below show.
+below it), and a whiteout hides the path and everything under it. Disk images: each byte comes
+from the topmost layer that holds data there; a hole in an upper layer lets the data below show.
+Layers on one fixed grid composite block by block; a stack with content-chunked layers composites
+at extent level (cachepoint/layers/pieces.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cachepoint.blocks import DEFAULT_BLOCK_SIZE
 from cachepoint.errors import InvalidInput
 from cachepoint.ids import DIGEST_SIZE, HOLE_DIGEST
 from cachepoint.layers.export import PlacedFile
+from cachepoint.layers.pieces import Pieces
 from cachepoint.model import Chunking, EntryType, FileEntry, Manifest, VersionInfo
 
 
@@ -44,17 +48,26 @@ def composite_trees(stack: list[tuple[VersionInfo, Manifest]]) -> list[PlacedFil
     return [merged[k] for k in sorted(merged, key=lambda p: p.split("/"))]
 
 
+def grid_size(stack: list[tuple[VersionInfo, Manifest]]) -> int:
+    """The block size a disk of ``stack`` is written in (its working layer's grid): the topmost
+    fixed-size layer's, else the default (content chunks have no grid of their own)."""
+    for _, manifest in reversed(stack):
+        if manifest.chunking == Chunking.FIXED:
+            return manifest.block_size
+    return DEFAULT_BLOCK_SIZE
+
+
 def composite_disks(stack: list[tuple[VersionInfo, Manifest]]) -> PlacedFile:
-    chunked = [info.ref for info, manifest in stack if manifest.chunking == Chunking.CONTENT]
+    """The disk of a stack: its blocks on one grid, or its pieces (cachepoint/layers/pieces.py)
+    when a content-chunked layer has others above or below it."""
+    chunked = any(manifest.chunking == Chunking.CONTENT for _, manifest in stack)
     if chunked and len(stack) == 1:
         return PlacedFile(stack[0][1].entries[0], stack[0][1].block_size)
     if chunked:
-        # Layering needs one grid for every layer; content chunks have none (yet): such a layer is
-        # attached and exported alone.
-        raise InvalidInput(
-            f"cannot composite {', '.join(chunked)} with other layers: content-chunked layers are "
-            "attached alone and read-only (make the layers below with --chunking fixed to stack them)"
-        )
+        pieces = Pieces.compose([(m.entries[0], m.block_size) for _, m in stack])
+        top = stack[-1][1].entries[0]
+        entry = FileEntry(top.path, EntryType.FILE, top.mode, pieces.size, top.mtime_ns)
+        return PlacedFile(entry, max(m.block_size for _, m in stack), pieces)
     block_size = stack[0][1].block_size
     for info, manifest in stack:
         if manifest.block_size != block_size:

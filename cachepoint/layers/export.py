@@ -20,6 +20,7 @@ from cachepoint.blocksource import BlockSource, as_source
 from cachepoint.blocksource.base import require
 from cachepoint.errors import InvalidInput
 from cachepoint.ids import HOLE_DIGEST
+from cachepoint.layers.pieces import Pieces
 from cachepoint.layers.source import WHITEOUT_PREFIX
 from cachepoint.model import EntryType, FileEntry, Manifest
 from cachepoint.store.store import Store
@@ -32,10 +33,13 @@ ProgressFn = Callable[[int, int], None]
 @dataclass(frozen=True, slots=True)
 class PlacedFile:
     """A file to write: its entry and the block size its ids were cut with (for content chunks, the
-    longest chunk: where each one lies is the entry's extent index, ``entry.span``)."""
+    longest chunk: where each one lies is the entry's extent index, ``entry.span``). ``pieces``: a
+    disk composited from layers without one grid (cachepoint/layers/pieces.py); its bytes are then
+    there, and ``entry`` names no block (only the file's path, mode, size and mtime)."""
 
     entry: FileEntry
     block_size: int
+    pieces: Pieces | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +58,18 @@ class ExportResult:
         }
 
 
-def _jobs(fd: int, placed: PlacedFile) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
+# Where a block's bytes go: (offset in the file, block id, first byte of the block, bytes; -1: to its end).
+Placement = tuple[int, bytes, int, int]
+Job = tuple[int, list[Placement]]
+
+
+def _jobs(fd: int, placed: PlacedFile) -> Iterator[Job]:
     per_job = max(1, JOB_BLOCKS_BYTES // placed.block_size)
-    entry, bs = placed.entry, placed.block_size
-    blocks = [(entry.span(i, bs)[0], d) for i, d in enumerate(entry.digests()) if d != HOLE_DIGEST]
+    entry, bs, pieces = placed.entry, placed.block_size, placed.pieces
+    if pieces is not None:
+        blocks = [(s, digest, skip, e - s) for s, e, digest, skip in map(pieces.piece, range(len(pieces)))]
+    else:
+        blocks = [(entry.span(i, bs)[0], d, 0, -1) for i, d in enumerate(entry.digests()) if d != HOLE_DIGEST]
     for start in range(0, len(blocks), per_job):
         yield fd, blocks[start : start + per_job]
 
@@ -69,16 +81,17 @@ class _Writer:
     def __init__(self, source: BlockSource) -> None:
         self.source = source
 
-    def write_job(self, job: tuple[int, list[tuple[int, bytes]]]) -> int:
+    def write_job(self, job: Job) -> int:
         fd, blocks = job
-        ids = [d for _, d in blocks]
+        ids = list(dict.fromkeys(d for _, d, _, _ in blocks))
         found = self.source.get_many(ids)
         require(ids, found)
         written = 0
-        for offset, digest in blocks:
+        for offset, digest, skip, length in blocks:
             data = found[digest]
-            os.pwrite(fd, data, offset)
-            written += len(data)
+            if skip or length >= 0:
+                data = memoryview(data)[skip : skip + length if length >= 0 else None]
+            written += os.pwrite(fd, data, offset)
         return written
 
 
