@@ -28,11 +28,14 @@ def qemu_io(uri: str, command: str) -> str:
     return proc.stdout
 
 
-def test_a_users_writes_survive_snapshot_detach_and_reattach_while_the_os_layer_stays_as_it_was(tmp_path):
+@pytest.mark.parametrize("chunking", ["fixed", "content"])
+def test_a_users_writes_survive_snapshot_detach_and_reattach_while_the_os_layer_stays_as_it_was(
+    tmp_path, chunking
+):
     store = tmp_path / "store"
     base = tmp_path / "os.img"
     base.write_bytes(os.urandom(32 * BS))
-    run_cli(store, "ingest", "os/base", base)
+    run_cli(store, "ingest", "os/base", base, "--chunking", chunking)
     run_cli(store, "image", "create", "desk", "os/base")
     with daemon(store, "--nbd", "127.0.0.1:0", "--nbd-socket", str(tmp_path / "nbd.sock")) as ready:
         assert ready["nbd"][0].startswith("127.0.0.1:") and ready["nbd"][1].startswith("unix:")

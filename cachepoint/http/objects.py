@@ -20,7 +20,7 @@ from typing import TypeVar, cast
 
 from cachepoint.blocksource import BlockSource, StoreSource
 from cachepoint.errors import InvalidInput, LayerNotFound, NotFound, RefNotFound
-from cachepoint.ids import Ref, validate_layer_name
+from cachepoint.ids import DIGEST_SIZE, Ref, validate_layer_name
 from cachepoint.layers.composite import composite_disks
 from cachepoint.layers.export import PlacedFile
 from cachepoint.model import EntryType, FileEntry, Manifest, VersionInfo, check_relative_path
@@ -80,6 +80,12 @@ def _etag(*parts: bytes) -> str:
 
 def _weight(entries: tuple[FileEntry, ...] | list[FileEntry]) -> int:
     return sum(len(e.blocks) + len(e.path) + _ENTRY_OVERHEAD for e in entries)
+
+
+def _placed_weight(placed: PlacedFile) -> int:
+    # A piece: four list slots and its block id (an estimate, like _ENTRY_OVERHEAD).
+    pieces = len(placed.pieces) * (4 * 8 + DIGEST_SIZE + 64) if placed.pieces is not None else 0
+    return _weight([placed.entry]) + pieces
 
 
 class DerivedCache:
@@ -188,7 +194,7 @@ class Resolver:
             raise WrongKind(f"image {name!r}", what, "only a stack of disk image layers has a disk")
         digests = tuple(info.manifest_digest for info, _ in stack)
         placed = self._cache.get(
-            ("disk", digests), lambda: composite_disks(stack), lambda p: _weight([p.entry])
+            ("disk", digests), lambda: composite_disks(stack), _placed_weight
         )
         resolved = " ".join(info.ref for info, _ in stack)
         return Served(placed, _etag(b"image", *digests), resolved, self.source)
