@@ -6,17 +6,6 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
 ProgressFn = Callable[[int, int], None]
 
 
@@ -25,6 +14,18 @@ def progress_bar(label: str, enabled: bool, unit: str = "bytes") -> Iterator[Pro
     if not enabled or not sys.stderr.isatty():
         yield None
         return
+    # Loaded here: rich takes ~70 ms to import, paid by every command otherwise (--json, pipes).
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]
     if unit == "bytes":
         columns += [DownloadColumn(), TransferSpeedColumn()]

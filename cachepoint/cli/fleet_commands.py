@@ -24,7 +24,6 @@ from cachepoint.cli.context import (
 from cachepoint.config import parse_byte_size, parse_duration, parse_switch
 from cachepoint.console import emit_json, handles_errors, human, json_option, log_format_option
 from cachepoint.ids import Ref, validate_layer_name
-from cachepoint.layers.ingest import IngestOptions
 from cachepoint.layers.unchanged import unchanged_line
 from cachepoint.model import LayerKind
 from cachepoint.progress import progress_bar
@@ -64,6 +63,7 @@ def publish_cmd(
 ) -> None:
     """Ingest PATH as a new version of LAYER at the coordinator, sending only the blocks it lacks.
     Content the tag (--tag, else latest) already names there makes no new version (--allow-same does)."""
+    from cachepoint.layers.ingest import IngestOptions  # here: the other commands do without it
     from cachepoint.replication.publish import publish
 
     validate_layer_name(layer)
