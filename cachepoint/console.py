@@ -25,6 +25,11 @@ def warn(message: str) -> None:
     click.echo(f"cachepoint: warning: {message}", err=True)
 
 
+def note(message: str) -> None:
+    """A line on stderr about what a command is doing (stdout stays for its result)."""
+    click.echo(f"cachepoint: {message}", err=True)
+
+
 def when(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cachepoint.capture.engine import CaptureOptions, CaptureReport, capture
+from cachepoint.console import note
 from cachepoint.errors import NotFound, StoreBusy
 from cachepoint.layers.ingest import ProgressFn
 from cachepoint.store.store import Store
@@ -130,5 +131,6 @@ def captures(where: Where) -> Iterator[Captures]:
             raise busy from None  # another command holds it, not a daemon: nothing to ask
         yield DaemonCaptures(socket, where)
         return
+    store.finish_compactions = note  # a command's compactions finish before it exits
     with store:
         yield LocalCaptures(store, where)

@@ -36,8 +36,10 @@ class Context:
         reserve = self.reserve_bytes if writable else 0  # a bad setting is refused before the open
         store = Store.open(self.store_path, writable=writable, create=create)
         if writable:
+            from cachepoint.console import note
             from cachepoint.store.headroom import ensure_reserve
 
+            store.finish_compactions = note  # a command's compactions finish before it exits
             ensure_reserve(self.store_path, reserve)
         return store
 

@@ -18,6 +18,8 @@ space back.
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cachepoint.store import format as fmt
@@ -89,3 +91,47 @@ def compact_blocks(store: Store, live_bytes: int) -> Compaction | None:
             "again once the store is reopened",
         )
     return Compaction(True, needed, free, "")
+
+
+# -- a command's own compactions -------------------------------------------------------------------
+
+SETTLE_LIMIT = 900.0  # seconds a command waits for the compactions its writes started
+IDLE_LIMIT = 5.0  # a compaction pending this long with none running will not run (e.g. no space)
+POLL_SECONDS = 0.05
+
+
+def finish_compactions(
+    store: Store, notice: Callable[[str], None] | None = None, limit: float = SETTLE_LIMIT
+) -> float:
+    """Wait until no compaction runs or is pending in the blocks family; the seconds waited.
+
+    For a process that opens the store for one command (no daemon). RocksDB stops a running
+    compaction when the database closes and throws its output away; one that a command's writes
+    started (an ingest that filled level 0) was then started again by every later command, which
+    paid for it in CPU, disk writes and a wait at close, and abandoned it again: measured on a
+    50,000-file capture store, 1.9 s of every 4.3 s re-capture. ``notice`` is told once, when there is
+    something to wait for."""
+    db, cf = store.db.db, store.db.cf[fmt.CF_BLOCKS]
+    started = time.monotonic()
+    idle_since: float | None = None
+    told = False
+    while time.monotonic() - started < limit:
+        running = int(db.property_int_value("rocksdb.num-running-compactions") or 0)
+        pending = int(cf.property_int_value("rocksdb.compaction-pending") or 0)
+        if not running and not pending:
+            break
+        if background_errors(store):
+            break  # out of space or damage: it will not finish now (compact_blocks explains)
+        now = time.monotonic()
+        if running:
+            idle_since = None
+        elif idle_since is None:
+            idle_since = now
+        elif now - idle_since > IDLE_LIMIT:
+            break
+        if notice is not None and not told:
+            level0 = int(cf.property_int_value("rocksdb.num-files-at-level0") or 0)
+            notice(f"compacting the store ({level0} new files of blocks) before exiting")
+            told = True
+        time.sleep(POLL_SECONDS)
+    return time.monotonic() - started

@@ -7,7 +7,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +62,9 @@ class Store:
         self.received_grace_s = 3600.0
         seed = db.meta(fmt.META_PREFILTER_SEED)
         self.prefilter_seed = fmt.read_u64(seed) if seed else 0
+        # Set by a command that opens the store for itself (no daemon): close then waits for the
+        # compactions its writes started, told why (cachepoint/store/compaction.py finish_compactions).
+        self.finish_compactions: Callable[[str], None] | None = None
 
     @classmethod
     def open(cls, root: Path | str, writable: bool = False, create: bool = False) -> Store:
@@ -74,7 +77,16 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        self.db.close()
+        notice, self.finish_compactions = self.finish_compactions, None
+        try:
+            if notice is not None and self.db.writable:
+                from cachepoint.store.compaction import finish_compactions
+
+                finish_compactions(self, notice)
+        except Exception:  # never a reason not to close
+            pass
+        finally:
+            self.db.close()
 
     def absent(self, ids: Iterable[bytes], layer: str) -> list[bytes]:
         """The ids of ``ids`` this store does not hold, in their order. The newest local version of
