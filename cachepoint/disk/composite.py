@@ -36,6 +36,7 @@ from cachepoint.disk.working import WorkingLayer
 from cachepoint.errors import BlockMissing, InvalidInput, OutOfSpace
 from cachepoint.ids import DIGEST_SIZE, HOLE_DIGEST, BlockId
 from cachepoint.layers.composite import composite_disks, grid_size
+from cachepoint.layers.export import PlacedFile
 from cachepoint.layers.pieces import Pieces, add_run
 from cachepoint.model import FileEntry, Manifest, VersionInfo
 from cachepoint.store.store import Store
@@ -141,15 +142,15 @@ class CompositeDisk:
         if working is not None:
             self._check_working(working)
         self._view = _View.of(
-            self._lower(self.stack) if self._pieces is None or working is not None else b"",
+            self._on_grid(placed) if self._pieces is None or working is not None else b"",
             working.entries if working else {},
             self._size,
             self._block_size,
         )
 
-    def _lower(self, stack: Stack) -> bytes:
-        """The packed ids of ``stack``'s blocks on this disk's grid (COMPOSED where pieces)."""
-        placed = composite_disks(stack)
+    def _on_grid(self, placed: PlacedFile) -> bytes:
+        """The packed ids of a composited stack's blocks on this disk's grid (COMPOSED where the
+        layers hold them only in pieces)."""
         pieces = _pieces_of(placed.pieces, placed.entry, placed.block_size)
         if pieces is not None:
             return pieces.on_grid(self._block_size, COMPOSED)
@@ -459,7 +460,7 @@ class CompositeDisk:
         stack = self.stack[:-1] if self.user_base else self.stack
         if not stack:
             return HOLE_DIGEST * self.block_count
-        blocks = self._lower(stack)
+        blocks = self._on_grid(composite_disks(stack))
         return blocks + HOLE_DIGEST * (self.block_count - len(blocks) // DIGEST_SIZE)
 
     def top_entry(self) -> FileEntry:
@@ -473,7 +474,7 @@ class CompositeDisk:
         stack.append((info, manifest))
         placed = composite_disks(stack)
         self._pieces = _pieces_of(placed.pieces, placed.entry, placed.block_size)
-        lower = self._lower(stack)
+        lower = self._on_grid(placed)
         self.stack = stack
         self._view = _View.of(lower, self.working.reset(info.number), self._size, self._block_size)
 
