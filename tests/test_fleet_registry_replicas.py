@@ -99,6 +99,33 @@ def test_a_node_whose_row_is_gone_from_the_shared_registry_is_told_to_register_a
     asyncio.run(run())
 
 
+def test_a_node_that_completes_a_ref_is_offered_at_once_though_its_holders_were_cached(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    """FindPeers keeps a ref's holders HOLDERS_CACHE_S; the heartbeat that makes a node a holder drops
+    that answer on the replica that writes it. Else the next node of its site, pulling a moment later,
+    was sent past it to the origin (seen in CI: a plaintext fleet's second node fetched every block over
+    the WAN)."""
+    store = open_shared(postgres_dsn, tmp_path / "blocks", tmp_path / "data")
+    store.close()
+
+    async def run() -> None:
+        registry = SharedRegistry(postgres_dsn, "test", flush_s=3600)
+        await registry.start()
+        try:
+            await registry.register_node("first", "A", "127.0.0.1:7401")
+            await registry.register_node("second", "A", "127.0.0.1:7402")
+            assert await registry.find_holders("first", REF, 64) == []  # while first pulls: cached
+            await registry.record_heartbeat("first", {REF}, 0, None)  # first holds it
+            await registry.flush()
+            found = await registry.find_holders("second", REF, 64)
+            assert [(node.node_id, same_site) for node, same_site in found] == [("first", True)]
+        finally:
+            await registry.close()
+
+    asyncio.run(run())
+
+
 def _find_peers(fleet: Fleet, address: str, requester: str) -> list[str]:
     with fleet.channel(address) as ch:
         version = version_pb2.Ref(layer=LAYER, number=1)

@@ -48,7 +48,9 @@ FLUSH_S = 0.25  # heartbeats are written this often, all at once
 # How long a replica answers FindPeers for a ref from the holders it last read. A rollout is the hot
 # case: thousands of nodes ask for the same ref within seconds, and every one of them would otherwise
 # read all its holders (10,000 rows when all hold it) to pick 64. The cost: a node that just completed
-# the ref is offered up to this much (plus FLUSH_S) later. Health is checked again at each answer.
+# the ref is offered up to this much (plus FLUSH_S) later by the other replicas; the replica that
+# writes its heartbeat drops the answer at once (``_note_grown``). Health is checked again at each
+# answer.
 HOLDERS_CACHE_S = 1.0
 HOLDERS_CACHED = 256  # refs kept at most (a rollout concerns a few)
 SITE_CACHE_S = 60.0  # how long a replica trusts the site it read for a node (it changes on re-registration)
@@ -142,6 +144,10 @@ def _node(row: tuple[Any, ...]) -> Node:
     )
 
 
+# A heartbeat waiting to be written: (seen, refs held complete, load, report JSON).
+_Heartbeat = tuple[int, list[str], int, str | None]
+
+
 @dataclass(frozen=True, slots=True)
 class _Holders:
     read_at: float  # time.monotonic()
@@ -149,14 +155,14 @@ class _Holders:
     by_site: dict[str, list[Node]]  # the same, by site
 
 
-def _holders(rows: list[tuple[Any, ...]]) -> _Holders:
+def _holders(rows: list[tuple[Any, ...]], read_at: float) -> _Holders:
     ordered = [
         Node(node_id, site, address, reg, seen, load) for node_id, site, address, reg, seen, load in rows
     ]
     by_site: dict[str, list[Node]] = {}
     for node in ordered:
         by_site.setdefault(node.site, []).append(node)
-    return _Holders(time.monotonic(), ordered, by_site)
+    return _Holders(read_at, ordered, by_site)
 
 
 class SharedRegistry:
@@ -171,10 +177,13 @@ class SharedRegistry:
         )
         # node id -> (seen ns, sorted complete, load, report as JSON or None): the last heartbeat of each
         # node not written yet.
-        self.pending: dict[str, tuple[int, list[str], int, str | None]] = {}
+        self.pending: dict[str, _Heartbeat] = {}
         self.known: set[str] = set()  # registered: not asked again (until a flush finds the row gone)
         self._flusher: asyncio.Task[None] | None = None
         self._holders: dict[str, _Holders] = {}
+        # A ref whose holders grew in a heartbeat this replica wrote: a cached answer read before
+        # then is stale (the next puller of a site would go past its new holder to the origin).
+        self._grown: dict[str, float] = {}  # ref -> time.monotonic() of the write
         self._reading: dict[str, asyncio.Future[_Holders]] = {}  # one read per ref at a time
         self._sites: dict[str, tuple[str, float]] = {}  # node id -> (site, when read)
         self.flushed = 0  # heartbeats written, for the logs and the benchmark
@@ -272,10 +281,27 @@ class SharedRegistry:
                 self.pending.setdefault(node_id, row)
             raise
         self.flushed += len(written)
+        self._note_grown(batch, written)
         # Rows gone (the table was restored from before they registered): their next heartbeat is
         # refused, and the node registers again, as after a restart of an embedded coordinator.
         self.known.difference_update(set(ids) - written)
         return len(written)
+
+    def _note_grown(self, batch: dict[str, _Heartbeat], written: set[str]) -> None:
+        """Refs whose cached holders lack a node that just reported holding them complete."""
+        now = time.monotonic()
+        cached_ids: dict[str, set[str]] = {}
+        for node_id in written:
+            for ref in batch[node_id][1]:
+                cached = self._holders.get(ref)
+                if cached is None:
+                    continue
+                if ref not in cached_ids:
+                    cached_ids[ref] = {node.node_id for node in cached.ordered}
+                if node_id not in cached_ids[ref]:
+                    self._grown[ref] = now
+        for ref in [r for r, at in self._grown.items() if now - at > HOLDERS_CACHE_S]:
+            del self._grown[ref]  # older than any answer still cached
 
     async def _keep_flushing(self) -> None:
         while True:
@@ -322,7 +348,8 @@ class SharedRegistry:
 
     async def _holders_of(self, ref: str) -> _Holders:
         cached = self._holders.get(ref)
-        if cached is not None and time.monotonic() - cached.read_at < HOLDERS_CACHE_S:
+        fresh = cached is not None and time.monotonic() - cached.read_at < HOLDERS_CACHE_S
+        if cached is not None and fresh and cached.read_at > self._grown.get(ref, float("-inf")):
             return cached
         reading = self._reading.get(ref)
         if reading is None:  # the first asker reads; the others wait for its answer
@@ -332,8 +359,9 @@ class SharedRegistry:
         return await asyncio.shield(reading)
 
     async def _read_holders(self, ref: str) -> _Holders:
+        started = time.monotonic()  # its answer is as old as the read, not as its end
         rows = await self._fetch(_HOLDERS, {"ref": ref, "fresh": time.time_ns() - STALE_AFTER_NS})
-        holders = _holders(rows)
+        holders = _holders(rows, started)
         if len(self._holders) >= HOLDERS_CACHED:
             oldest = min(self._holders, key=lambda r: self._holders[r].read_at)
             del self._holders[oldest]
