@@ -8,7 +8,9 @@ import asyncio
 import json
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -19,6 +21,7 @@ from tests.fleet import BLOCK, LAYER, Fleet, fleet_nodes, publish, random_image,
 from tests.replicas import open_shared, start_replicas
 
 REF = f"{LAYER}@1"
+T = TypeVar("T")
 
 
 async def _answers(registry: FleetRegistry) -> dict[str, object]:
@@ -57,46 +60,46 @@ async def _answers(registry: FleetRegistry) -> dict[str, object]:
     }
 
 
-def test_the_shared_registry_answers_as_the_in_memory_one(tmp_path: Path, postgres_dsn: str) -> None:
+def with_shared_registry(
+    tmp_path: Path, postgres_dsn: str, body: Callable[[SharedRegistry], Awaitable[T]]
+) -> T:
+    """``body`` run on a SharedRegistry over a migrated database, heartbeats flushed by hand."""
     store = open_shared(postgres_dsn, tmp_path / "blocks", tmp_path / "data")  # applies the migrations
     store.close()
 
-    async def shared() -> dict[str, object]:
-        registry = SharedRegistry(postgres_dsn, "test", flush_s=3600)  # flushed by hand
+    async def run() -> T:
+        registry = SharedRegistry(postgres_dsn, "test", flush_s=3600)
         await registry.start()
         try:
-            return await _answers(registry)
+            return await body(registry)
         finally:
             await registry.close()
 
+    return asyncio.run(run())
+
+
+def test_the_shared_registry_answers_as_the_in_memory_one(tmp_path: Path, postgres_dsn: str) -> None:
     expected = asyncio.run(_answers(Registry()))
     assert expected["holders"] == [("a2", True, 1), ("a1", True, 2), ("b1", False, 0)]
     assert expected["pullers"] == ["a3"]
-    assert asyncio.run(shared()) == expected
+    assert with_shared_registry(tmp_path, postgres_dsn, _answers) == expected
 
 
 def test_a_node_whose_row_is_gone_from_the_shared_registry_is_told_to_register_again(
     tmp_path: Path, postgres_dsn: str
 ) -> None:
     """As after an embedded coordinator's restart: e.g. the database was restored from before it came."""
-    store = open_shared(postgres_dsn, tmp_path / "blocks", tmp_path / "data")
-    store.close()
 
-    async def run() -> None:
-        registry = SharedRegistry(postgres_dsn, "test", flush_s=3600)
-        await registry.start()
-        try:
-            await registry.register_node("n1", "A", "127.0.0.1:7401")
-            async with registry.pool.connection() as conn:
-                await conn.execute("DELETE FROM nodes WHERE node_id = 'n1'")
-            await registry.record_heartbeat("n1", {REF}, 0, None)  # known here: taken, then not written
-            assert await registry.flush() == 0
-            with pytest.raises(UnknownNode):
-                await registry.record_heartbeat("n1", {REF}, 0, None)
-        finally:
-            await registry.close()
+    async def body(registry: SharedRegistry) -> None:
+        await registry.register_node("n1", "A", "127.0.0.1:7401")
+        async with registry.pool.connection() as conn:
+            await conn.execute("DELETE FROM nodes WHERE node_id = 'n1'")
+        await registry.record_heartbeat("n1", {REF}, 0, None)  # known here: taken, then not written
+        assert await registry.flush() == 0
+        with pytest.raises(UnknownNode):
+            await registry.record_heartbeat("n1", {REF}, 0, None)
 
-    asyncio.run(run())
+    with_shared_registry(tmp_path, postgres_dsn, body)
 
 
 def test_a_node_that_completes_a_ref_is_offered_at_once_though_its_holders_were_cached(
@@ -106,24 +109,17 @@ def test_a_node_that_completes_a_ref_is_offered_at_once_though_its_holders_were_
     that answer on the replica that writes it. Else the next node of its site, pulling a moment later,
     was sent past it to the origin (seen in CI: a plaintext fleet's second node fetched every block over
     the WAN)."""
-    store = open_shared(postgres_dsn, tmp_path / "blocks", tmp_path / "data")
-    store.close()
 
-    async def run() -> None:
-        registry = SharedRegistry(postgres_dsn, "test", flush_s=3600)
-        await registry.start()
-        try:
-            await registry.register_node("first", "A", "127.0.0.1:7401")
-            await registry.register_node("second", "A", "127.0.0.1:7402")
-            assert await registry.find_holders("first", REF, 64) == []  # while first pulls: cached
-            await registry.record_heartbeat("first", {REF}, 0, None)  # first holds it
-            await registry.flush()
-            found = await registry.find_holders("second", REF, 64)
-            assert [(node.node_id, same_site) for node, same_site in found] == [("first", True)]
-        finally:
-            await registry.close()
+    async def body(registry: SharedRegistry) -> None:
+        await registry.register_node("first", "A", "127.0.0.1:7401")
+        await registry.register_node("second", "A", "127.0.0.1:7402")
+        assert await registry.find_holders("first", REF, 64) == []  # while first pulls: cached
+        await registry.record_heartbeat("first", {REF}, 0, None)  # first holds it
+        await registry.flush()
+        found = await registry.find_holders("second", REF, 64)
+        assert [(node.node_id, same_site) for node, same_site in found] == [("first", True)]
 
-    asyncio.run(run())
+    with_shared_registry(tmp_path, postgres_dsn, body)
 
 
 def _find_peers(fleet: Fleet, address: str, requester: str) -> list[str]:

@@ -25,7 +25,7 @@ from cachepoint.disk.composite import CompositeDisk
 from cachepoint.disk.nbd import protocol as nbd
 from cachepoint.disk.snapshot import snapshot
 from cachepoint.layers.ingest import IngestOptions, ingest
-from cachepoint.model import LayerKind
+from cachepoint.model import Chunking, LayerKind
 from cachepoint.store.store import Store
 from tests.conftest import REPO
 from tests.test_nbd_protocol import ServerThread, connect, recv_exactly, request, still_serves
@@ -193,9 +193,14 @@ def differing_blocks_of(a: bytes, b: bytes) -> set[int]:
     return {i for i in range(0, -(-len(a) // BS)) if a[i * BS : (i + 1) * BS] != b[i * BS : (i + 1) * BS]}
 
 
+@pytest.mark.parametrize("chunking", [Chunking.FIXED, Chunking.CONTENT], ids=["fixed", "content"])
 def test_a_modified_file_system_written_onto_the_user_export_grows_the_user_layer_by_its_changes_only(
-    store, os_ref, ext4, serve, tmp_path
+    store, ext4, serve, tmp_path, chunking
 ):
+    # Over a content-chunked OS layer the user's writes still go on the 64 KiB grid, and a block the
+    # layer holds only in pieces is compared by its bytes (tests/test_disk_pieces.py).
+    options = IngestOptions("os/ext4", kind=LayerKind.OS, message="base image", chunking=chunking)
+    os_ref = ingest(store, ext4, options).version.ref
     modified = tmp_path / "modified.raw"
     modify_with_debugfs(ext4, modified, tmp_path)
     changed = differing_blocks(ext4, modified)
