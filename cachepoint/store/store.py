@@ -79,7 +79,7 @@ class Store:
     def close(self) -> None:
         notice, self.finish_compactions = self.finish_compactions, None
         try:
-            if notice is not None and self.db.writable:
+            if notice is not None and self.db.writable and not self.db.salvaged:  # salvage: none run
                 from cachepoint.store.compaction import finish_compactions
 
                 finish_compactions(self, notice)
