@@ -95,9 +95,9 @@ class Store:
         whole record (a pull of a new version, 27k chunks of which 24k are the old one's: 0.05 s
         instead of 0.42 s). The rest are asked one by one (bloom filters answer most)."""
         ids = list(ids)
-        versions = self.catalog.versions(layer) if self.catalog.layer_or_none(layer) else []
-        if versions:
-            newest = max(versions, key=lambda info: info.number)
+        record = self.catalog.layer_or_none(layer)
+        if record is not None and record.latest:  # the highest version held here (never deleted)
+            newest = self.catalog.version(layer, record.latest)
             held = self.catalog.manifest(newest.manifest_digest).block_ids()
             ids = [digest for digest in ids if digest not in held]
         return self.blocks.missing(ids)
