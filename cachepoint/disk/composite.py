@@ -136,22 +136,21 @@ class CompositeDisk:
         self.source = CachedSource(self.inner, decoded if decoded is not None else MemoryCache(CACHE_BYTES))
         # A stack with content-chunked layers reads by its pieces (cachepoint/layers/pieces.py);
         # writes still go on a grid, the working layer's.
-        self._pieces = _pieces_of(placed.pieces, placed.entry, placed.block_size)
+        self._pieces = _pieces_of(placed)
         self._block_size = placed.block_size if self._pieces is None else grid_size(self.stack)
         self._zero_block = bytes(self._block_size)
         if working is not None:
             self._check_working(working)
         self._view = _View.of(
-            self._on_grid(placed) if self._pieces is None or working is not None else b"",
+            self._on_grid(placed, self._pieces) if self._pieces is None or working is not None else b"",
             working.entries if working else {},
             self._size,
             self._block_size,
         )
 
-    def _on_grid(self, placed: PlacedFile) -> bytes:
+    def _on_grid(self, placed: PlacedFile, pieces: Pieces | None) -> bytes:
         """The packed ids of a composited stack's blocks on this disk's grid (COMPOSED where the
-        layers hold them only in pieces)."""
-        pieces = _pieces_of(placed.pieces, placed.entry, placed.block_size)
+        layers hold them only in ``pieces``, its own: ``_pieces_of(placed)``)."""
         if pieces is not None:
             return pieces.on_grid(self._block_size, COMPOSED)
         return placed.entry.blocks
@@ -460,7 +459,8 @@ class CompositeDisk:
         stack = self.stack[:-1] if self.user_base else self.stack
         if not stack:
             return HOLE_DIGEST * self.block_count
-        blocks = self._on_grid(composite_disks(stack))
+        placed = composite_disks(stack)
+        blocks = self._on_grid(placed, _pieces_of(placed))
         return blocks + HOLE_DIGEST * (self.block_count - len(blocks) // DIGEST_SIZE)
 
     def top_entry(self) -> FileEntry:
@@ -473,15 +473,15 @@ class CompositeDisk:
         stack = self.stack[:-1] if self.user_base else list(self.stack)
         stack.append((info, manifest))
         placed = composite_disks(stack)
-        self._pieces = _pieces_of(placed.pieces, placed.entry, placed.block_size)
-        lower = self._on_grid(placed)
+        self._pieces = _pieces_of(placed)
+        lower = self._on_grid(placed, self._pieces)
         self.stack = stack
         self._view = _View.of(lower, self.working.reset(info.number), self._size, self._block_size)
 
 
-def _pieces_of(pieces: Pieces | None, entry: FileEntry, block_size: int) -> Pieces | None:
+def _pieces_of(placed: PlacedFile) -> Pieces | None:
     """The pieces of a composited disk: its own, those of a content-chunked layer alone (its chunks
     where they lie), or None for layers on one grid."""
-    if pieces is None and entry.chunked:
-        return Pieces.compose([(entry, block_size)])
-    return pieces
+    if placed.pieces is None and placed.entry.chunked:
+        return Pieces.compose([(placed.entry, placed.block_size)])
+    return placed.pieces
