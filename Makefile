@@ -79,7 +79,7 @@ test-backends: $(STAMP) test-tools bytecode
 
 # The delta-sync section compares with rsync, the NBD section reads with qemu-img: install them when
 # missing (apt-get, as root). Without them the benchmark still runs and marks those parts not measured.
-bench: $(STAMP) test-tools
+bench: $(STAMP) test-tools bytecode
 	command -v rsync >/dev/null || (apt-get update -qq && apt-get install -y -qq rsync) \
 		|| echo "could not install rsync: the rsync comparison will be reported as not measured" >&2
 	command -v casync >/dev/null || (apt-get update -qq && apt-get install -y -qq casync) \

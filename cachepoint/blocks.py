@@ -88,7 +88,8 @@ def decode_block(value: bytes, max_size: int = MAX_BLOCK_SIZE) -> bytes:
     if codec == CODEC_RAW:
         return value[1:]
     if codec == CODEC_ZSTD:
-        return _decompressor().decompress(value[1:], max_output_size=max_size)
+        # A view past the codec byte: value[1:] would copy the payload first.
+        return _decompressor().decompress(memoryview(value)[1:], max_output_size=max_size)
     raise ValueError(f"unknown block codec {codec}")
 
 

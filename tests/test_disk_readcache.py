@@ -126,6 +126,29 @@ def test_a_warm_read_answers_on_the_event_loop_and_a_cold_one_goes_to_a_thread(s
     cache.close()
 
 
+def test_a_warm_read_of_a_partly_cached_range_reads_nothing_and_the_cold_read_reads_it_once(
+    store: Store, tmp_path: Path
+):
+    """A range whose blocks are only partly cached is refused by the warm attempt before it copies
+    any (it asks the index), so the thread's read is the only one that reads the cached blocks."""
+    data = bytearray(os.urandom(8 * BS))
+    data[5 * BS : 6 * BS] = bytes(BS)  # a hole: never cached, never asked for
+    ref = put_layer(store, tmp_path, "os/base", bytes(data))
+    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, slot_size=BS)
+    disk = open_disk(store, [ref], decoded=cache)
+    assert bytes(disk.read_sync(0, 4 * BS)) == data[: 4 * BS]  # blocks 0-3 cached
+    hits, misses = cache.hits, cache.misses
+    assert disk.read_warm(0, 8 * BS) is None  # blocks 4, 6, 7 are not
+    assert (cache.hits, cache.misses) == (hits, misses), "the warm attempt copied blocks"
+    assert bytes(asyncio.run(disk.read_cold(0, 8 * BS))) == data
+    assert (cache.hits - hits, cache.misses - misses) == (4, 3)
+    assert cache.holds_all([block_digest(bytes(data[i * BS : (i + 1) * BS])) for i in (0, 4, 7)])
+    assert not cache.holds_all([b"\x01" * 32])
+    warm = disk.read_warm(BS, 7 * BS)  # everything cached now: answered in place
+    assert warm is not None and bytes(warm) == data[BS:]
+    cache.close()
+
+
 def test_zero_runs_follow_holes_of_the_layers_and_the_users_writes(store: Store, tmp_path: Path):
     data = bytearray(os.urandom(12 * BS))
     data[2 * BS : 5 * BS] = bytes(3 * BS)  # blocks 2-4 are holes

@@ -49,6 +49,13 @@ class BlockSource(abc.ABC):
             target[:n] = memoryview(data)[:n]
         return missing
 
+    def holds_all(self, ids: Sequence[bytes]) -> bool:
+        """Whether every block of ``ids`` is in this source's memory, asked before a buffer is made
+        for them: only a cache can say yes (a read that would find some absent is not tried in a
+        hurry only to be done again). True need not mean a read cannot miss (the page cache may
+        have dropped a slot); False means one would."""
+        return False
+
     def remember(self, blocks: Sequence[tuple[bytes, bytes]]) -> None:  # noqa: B027 - optional
         """Blocks the caller just made, each named by its own digest (a disk's copy-on-write): a
         source that caches may keep them. Others ignore them."""

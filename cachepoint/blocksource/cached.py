@@ -23,6 +23,10 @@ class Cache(Protocol):
 
     def get_many(self, ids: Sequence[bytes]) -> dict[bytes, bytes]: ...
 
+    def holds_all(self, ids: Sequence[bytes]) -> bool:
+        """Whether every id is cached (an index lookup each, no read)."""
+        ...
+
     def put_many(self, blocks: list[tuple[bytes, bytes]]) -> None: ...
 
 
@@ -51,6 +55,10 @@ class MemoryCache:
     def get_many(self, ids: Sequence[bytes]) -> dict[bytes, bytes]:
         with self._lock:
             return {digest: data for digest in ids if (data := self._blocks.get(digest)) is not None}
+
+    def holds_all(self, ids: Sequence[bytes]) -> bool:
+        blocks = self._blocks
+        return all(digest in blocks for digest in ids)
 
     def put_many(self, blocks: list[tuple[bytes, bytes]]) -> None:
         with self._lock:
@@ -102,6 +110,9 @@ class CachedSource(BlockSource):
 
     def stored_many(self, ids: Sequence[bytes]) -> dict[bytes, bytes]:
         return self.inner.stored_many(ids)
+
+    def holds_all(self, ids: Sequence[bytes]) -> bool:
+        return self.cache.holds_all(ids)
 
     def remember(self, blocks: Sequence[tuple[bytes, bytes]]) -> None:
         self.cache.put_many(list(blocks))

@@ -229,6 +229,10 @@ class CompositeDisk:
         self._check_range(offset, length)
         if length == 0:
             return b""
+        if warm_only and not self.source.holds_all(self._ids_under(offset, length)):
+            # Not all in memory: the thread's read does it once, instead of this one copying the
+            # blocks that are (into a buffer it zero-filled) and that one again.
+            return None
         if self._pieces is not None and self.working is None:
             return self._read_pieces(self._pieces, offset, length, warm_only)
         bs = self._block_size
@@ -240,6 +244,31 @@ class CompositeDisk:
         if start == 0 and len(span) == length:
             return span
         return memoryview(span)[start : start + length]
+
+    def _ids_under(self, offset: int, length: int) -> list[bytes]:
+        """The ids of the blocks a read of [offset, offset + length) copies (zeros need none)."""
+        pieces = self._pieces
+        if pieces is not None and self.working is None:
+            found = pieces.between(offset, offset + length)
+            return pieces.digests[found.start : found.stop]
+        view, bs = self._view, self._block_size
+        entries, lower, lower_zeros = view.entries, view.lower, view.lower_zeros
+        ids: list[bytes] = []
+        for index in range(offset // bs, (offset + length - 1) // bs + 1):
+            digest = entries.get(index) if entries else None
+            if digest is None:
+                if lower_zeros[index]:
+                    continue
+                digest = lower[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
+                if digest == COMPOSED and pieces is not None:
+                    start = index * bs
+                    found = pieces.between(start, start + self.block_length(index))
+                    ids += pieces.digests[found.start : found.stop]
+                    continue
+            elif reads_as_zeros(digest, self.block_length(index)):
+                continue
+            ids.append(digest)
+        return ids
 
     def zero_runs(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
         """Runs from ``offset`` as (bytes, reads as zeros), from the block ids alone (NBD block

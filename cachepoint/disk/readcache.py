@@ -119,6 +119,13 @@ class DecodedCache:
                         self.damaged += 1
                         self._forget(slot)
 
+    def holds_all(self, ids: Sequence[bytes]) -> bool:
+        """Whether every block of ``ids`` has a slot (the index alone: nothing is read, no use is
+        counted)."""
+        index = self._index
+        with self._lock:
+            return all(digest in index for digest in ids)
+
     def get_many(self, ids: Sequence[bytes]) -> dict[bytes, bytes]:
         """The cached blocks of ``ids``, each a copy of exactly its bytes."""
         with self._lock:
