@@ -9,6 +9,18 @@ from cachepoint.errors import BlockMissing
 from cachepoint.ids import BlockId
 
 Target = tuple[bytes, memoryview]  # a block id and where its bytes go (a block's extent in a buffer)
+_ZEROS = bytes(64 * 1024)
+
+
+def copy_block(data: bytes | memoryview, target: memoryview) -> None:
+    """A block's bytes into the start of its target, and zeros after them when the block is shorter
+    (a layer's short last block under a longer one of the disk): the target may be a reply buffer
+    used again, which holds the bytes of an earlier read."""
+    n = min(len(data), len(target))
+    target[:n] = memoryview(data)[:n]
+    if n < len(target):
+        rest = len(target) - n
+        target[n:] = _ZEROS[:rest] if rest <= len(_ZEROS) else bytes(rest)
 
 
 class BlockSource(abc.ABC):
@@ -45,8 +57,7 @@ class BlockSource(abc.ABC):
             if data is None:
                 missing.append(position)
                 continue
-            n = min(len(data), len(target))
-            target[:n] = memoryview(data)[:n]
+            copy_block(data, target)
         return missing
 
     def holds_all(self, ids: Sequence[bytes]) -> bool:

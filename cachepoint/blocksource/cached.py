@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
 
-from cachepoint.blocksource.base import BlockSource, Target
+from cachepoint.blocksource.base import BlockSource, Target, copy_block
 
 
 class Cache(Protocol):
@@ -48,8 +48,7 @@ class MemoryCache:
                     missing.append(position)
                     continue
                 self._blocks.move_to_end(digest)
-                n = min(len(data), len(target))
-                target[:n] = memoryview(data)[:n]
+                copy_block(data, target)
         return missing
 
     def get_many(self, ids: Sequence[bytes]) -> dict[bytes, bytes]:
@@ -93,8 +92,7 @@ class CachedSource(BlockSource):
             if data is None:
                 absent.append(position)
                 continue
-            n = min(len(data), len(target))
-            target[:n] = memoryview(data)[:n]
+            copy_block(data, target)
         # Together: the daemon's cache puts them in consecutive slots, read back with one preadv.
         self.cache.put_many(list(found.items()))
         return absent

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from cachepoint.blocks import block_digest, is_hole
 from cachepoint.blocksource import BlockSource, CachedSource, MemoryCache, StoreSource, Target, WriteBack
+from cachepoint.disk.buffers import ReplyBuffers
 from cachepoint.disk.marker import reads_as_zeros, zero_marker
 from cachepoint.disk.readcache import DecodedCache
 from cachepoint.disk.working import WorkingLayer
@@ -134,6 +135,8 @@ class CompositeDisk:
         self.inner = source or StoreSource(store)
         self.decoded = decoded  # blocks shared by every disk of a daemon (readcache.py)
         self.source = CachedSource(self.inner, decoded if decoded is not None else MemoryCache(CACHE_BYTES))
+        # Reads' reply buffers, given back by the NBD server once a reply has left (buffers.py).
+        self.buffers = ReplyBuffers()
         # A stack with content-chunked layers reads by its pieces (cachepoint/layers/pieces.py);
         # writes still go on a grid, the working layer's.
         self._pieces = _pieces_of(placed)
@@ -197,6 +200,10 @@ class CompositeDisk:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(_COLD_READERS, self.read_sync, offset, length)
 
+    def release(self, payload: object) -> None:
+        """A read's reply has left: its buffer may serve the next read (buffers.py)."""
+        self.buffers.give(payload)
+
     def read_warm(self, offset: int, length: int) -> bytes | bytearray | memoryview | None:
         """The bytes at ``offset`` if every block is in memory (or the page cache), else None: the
         NBD server answers such a read without a task or a thread."""
@@ -237,8 +244,8 @@ class CompositeDisk:
             return self._read_pieces(self._pieces, offset, length, warm_only)
         bs = self._block_size
         first, last = offset // bs, (offset + length - 1) // bs
-        span = bytearray((last - first + 1) * bs)  # zero-filled: holes need no work
-        if not self._fill(self._view, first, last + 1, memoryview(span), warm_only):
+        span, zeroed = self.buffers.take((last - first + 1) * bs)
+        if not self._fill(self._view, first, last + 1, memoryview(span), warm_only, zeroed):
             return None
         start = offset - first * bs
         if start == 0 and len(span) == length:
@@ -335,12 +342,22 @@ class CompositeDisk:
         """Blocks reads had to fetch from the fleet (their own and their readahead)."""
         return self.inner.fetched if isinstance(self.inner, WriteBack) else 0
 
-    def _fill(self, view: _View, first: int, stop: int, out: memoryview, warm_only: bool = False) -> bool:
-        """Copy blocks ``first``..``stop`` into ``out`` (zero-filled, one block size per block) from
-        the source. Holes and zero markers are left as zeros. With ``warm_only`` nothing waits: False
+    def _fill(
+        self,
+        view: _View,
+        first: int,
+        stop: int,
+        out: memoryview,
+        warm_only: bool = False,
+        zeroed: bool = True,
+    ) -> bool:
+        """Copy blocks ``first``..``stop`` into ``out`` (one block size per block) from the source.
+        Holes and zero markers read as zeros: left as they are in a zero-filled ``out`` (``zeroed``),
+        written in one that is not (a reply buffer used again). With ``warm_only`` nothing waits: False
         as soon as a block is neither in memory nor in the page cache."""
         bs = self._block_size
         entries, lower, lower_zeros = view.entries, view.lower, view.lower_zeros
+        zeros = memoryview(self._zero_block)
         full_blocks = self._size // bs  # blocks before this one are whole
         wanted: list[Target] = []
         composed: list[list[int]] = []  # [first byte in out, bytes] of runs of COMPOSED blocks
@@ -351,6 +368,8 @@ class CompositeDisk:
             at = (index - first) * bs
             if digest is None:
                 if lower_zeros[index]:
+                    if not zeroed:
+                        out[at : at + length] = zeros[:length]
                     continue
                 digest = lower[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
                 if digest == COMPOSED:
@@ -360,12 +379,15 @@ class CompositeDisk:
                         composed.append([at, length])
                     continue
             elif reads_as_zeros(digest, length):
+                if not zeroed:
+                    out[at : at + length] = zeros[:length]
                 continue
             wanted.append((digest, out[at : at + length]))
         if composed:
             assert self._pieces is not None
             for at, length in composed:
-                if not self._fill_pieces(self._pieces, first * bs + at, out[at : at + length], warm_only):
+                where = out[at : at + length]
+                if not self._fill_pieces(self._pieces, first * bs + at, where, warm_only, zeroed):
                     return False
         if not wanted:
             return True
@@ -380,16 +402,19 @@ class CompositeDisk:
     def _read_pieces(self, pieces: Pieces, offset: int, length: int, warm_only: bool) -> bytearray | None:
         """``_read`` of a read-only disk with content-chunked layers: the pieces under the range, by
         binary search (a piece wholly inside the range is copied straight into place)."""
-        out = bytearray(length)  # zero-filled: gaps need no work
-        return out if self._fill_pieces(pieces, offset, memoryview(out), warm_only) else None
+        out, zeroed = self.buffers.take(length)
+        return out if self._fill_pieces(pieces, offset, memoryview(out), warm_only, zeroed) else None
 
-    def _fill_pieces(self, pieces: Pieces, offset: int, out: memoryview, warm_only: bool) -> bool:
-        """Bytes [offset, offset + len(out)) from the pieces into ``out`` (zero-filled); on a lazy
-        disk the blocks of the pieces after them are the readahead of a fetch."""
+    def _fill_pieces(
+        self, pieces: Pieces, offset: int, out: memoryview, warm_only: bool, zeroed: bool = True
+    ) -> bool:
+        """Bytes [offset, offset + len(out)) from the pieces into ``out`` (``zeroed``: zero-filled,
+        else the gaps are written too); on a lazy disk the blocks of the pieces after them are the
+        readahead of a fetch."""
         also: Sequence[bytes] = ()
         if self.inner.far and not warm_only:
             also = self._pieces_ahead(pieces, pieces.between(offset, offset + len(out)).stop)
-        return pieces.read_into(self.source, offset, out, nowait=warm_only, also=also)
+        return pieces.read_into(self.source, offset, out, nowait=warm_only, also=also, zeroed=zeroed)
 
     def _pieces_ahead(self, pieces: Pieces, start: int) -> list[bytes]:
         return list(dict.fromkeys(pieces.digests[start : start + READAHEAD_BLOCKS]))

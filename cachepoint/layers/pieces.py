@@ -165,18 +165,24 @@ class Pieces:
         *,
         nowait: bool = False,
         also: Sequence[bytes] = (),
+        zeroed: bool = True,
     ) -> bool:
-        """Copy bytes [offset, offset + len(out)) into ``out``, which must hold zeros where no piece
-        lies (a new buffer). A piece that starts at the start of its block is copied straight into
+        """Copy bytes [offset, offset + len(out)) into ``out``; where no piece lies it reads as zeros,
+        which a zero-filled ``out`` (``zeroed``: a new buffer) already holds and others are given.
+        A piece that starts at the start of its block is copied straight into
         place; one that reads from further in goes through a scratch copy of its block's head.
         ``nowait``: False, with ``out`` partly filled, as soon as a block is not in memory. Raises
         BlockMissing naming a block the source cannot give."""
         stop = offset + len(out)
         targets: list[tuple[bytes, memoryview]] = []
         scratch: list[tuple[memoryview, bytearray, int]] = []  # (where, block head, skip)
+        done = offset  # with ``zeroed`` False: bytes before this are written or planned
         for index in self.between(offset, stop):
             start, end, digest, skip = self.piece(index)
             lo, hi = max(start, offset), min(end, stop)
+            if not zeroed and lo > done:
+                out[done - offset : lo - offset] = bytes(lo - done)
+            done = hi
             skip += lo - start
             where = out[lo - offset : hi - offset]
             if skip == 0:
@@ -185,6 +191,8 @@ class Pieces:
                 head = bytearray(skip + (hi - lo))
                 scratch.append((where, head, skip))
                 targets.append((digest, memoryview(head)))
+        if not zeroed and done < stop:
+            out[done - offset :] = bytes(stop - done)
         if not targets:
             return True
         missing = source.read_into(targets, nowait=nowait, also=also)

@@ -41,6 +41,7 @@ PIECE = 1024 * 1024  # a payload is read (or thrown away) this much at a time, a
 MAX_STATUS_RUNS = 1024  # descriptors in one block status reply (the spec lets a server send fewer)
 DRAIN_SECONDS = 30.0  # requests in flight when the client leaves get this long to finish
 Observe = Callable[[int, int, float, bool], None]  # (command, length, seconds, ok)
+Release = Callable[[object], None]  # a read's payload whose reply has left (CompositeDisk.release)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +63,18 @@ class _Output:
     """A connection's replies, counted as they are written, so that waiting for the client to take
     them can tell a slow reader (bytes leave) from a stalled one (nothing leaves)."""
 
-    def __init__(self, writer: asyncio.StreamWriter, idle: float) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, idle: float, release: Release | None = None) -> None:
         self.writer = writer
         self.idle = idle
         self.written = 0
+        self.release = release
+
+    def write_read(self, reply: Reply) -> None:
+        """A READ's reply, whose payload is its last part: once the socket has taken all of it,
+        nothing holds the payload's buffer any more, and the device may use it again."""
+        self.write(reply)
+        if self.release is not None and not self.queued():
+            self.release(reply[-1])
 
     def write(self, reply: Reply) -> None:
         # Each part on its own: before 3.12 writelines joins them, copying every payload again. All
@@ -152,7 +161,10 @@ async def transmit(
     """Serve requests until NBD_CMD_DISC or the connection ends."""
     budget = Budget(MAX_IN_FLIGHT_BYTES)
     idle = shared.limits.idle_timeout
-    out = _Output(writer, idle)
+    # Reply buffers go back to the device only on a plain socket: once written, the transport holds
+    # no reference to them. TLS encrypts from a backlog that may still hold one.
+    release = getattr(chosen.device, "release", None) if writer.get_extra_info("ssl_object") is None else None
+    out = _Output(writer, idle, release)
     running: set[asyncio.Task[None]] = set()
     # Optional: a device that can answer a read from memory without waiting (CompositeDisk).
     read_warm = getattr(chosen.device, "read_warm", None) if chosen.structured else None
@@ -186,7 +198,7 @@ async def transmit(
                 # a timer (half of the event loop's time per request for a copying client).
                 reply = request.warm_read(read_warm)
                 if reply is not None:
-                    out.write(reply)
+                    out.write_read(reply)
                     request.answered()
                     if not out.queued():
                         hold.give_back()
@@ -290,7 +302,10 @@ class _Request:
             if self.command == p.CMD_WRITE:  # applied: other connections may send their payloads
                 self.data = None
                 hold.give_back_server()
-            out.write(reply)
+            if self.command == p.CMD_READ and not self.failed:
+                out.write_read(reply)
+            else:
+                out.write(reply)
             self.answered()
             await out.drain()  # a read's budget comes back once its reply has left
         except (ConnectionError, asyncio.CancelledError):
