@@ -315,3 +315,29 @@ def test_unit_requests_out_of_bounds_get_invalid_argument_naming_the_limit(
             blocks_pb2.FetchBlocksRequest(ids=chunk, unit_size=UNIT, version=v2), timeout=30
         ) for b in batch.blocks]  # fmt: skip
         assert len(answer) == 1 and answer[0].id == chunk and len(answer[0].unit_digests) % 16 == 0, answer
+
+
+def test_unit_digests_an_answer_makes_from_a_chunks_bytes_are_kept_for_the_next_puller(
+    origin: dict[str, Any], tmp_path: Path
+) -> None:
+    """A locally ingested chunk has no unit record: the first digest answer decodes and hashes it, and
+    keeps the record, so the next node's pull is answered from it. A read-only store answers alike."""
+    from cachepoint.chunking import unit_digests
+
+    store_dir = tmp_path / "store"
+    with Store.open(store_dir, writable=True, create=True) as store:
+        result = ingest(store, origin["v1"], CONTENT)
+        assert result.version is not None
+        new = [store.catalog.manifest(result.version.manifest_digest).entries[0].digests()[0]]
+        assert store.units.get_many(new, UNIT) == {}, "an ingest keeps no unit records"
+        service = BlockExchangeService(store, ServeCounters(), False, SlotLimits(8, 8, 5.0, 30.0))
+        (answer,) = service._unit_answers(new, UNIT, None)
+        want = unit_digests(decode_block(store.blocks.raw(new[0]) or b""), UNIT)
+        assert answer.unit_digests == want
+        assert store.units.get_many(new, UNIT) == {new[0]: want}
+        (again,) = service._unit_answers(new, UNIT, None)  # answered from the record
+        assert again.unit_digests == want
+    with Store.open(store_dir) as read_only:
+        service = BlockExchangeService(read_only, ServeCounters(), False, SlotLimits(8, 8, 5.0, 30.0))
+        assert not service.keeps_records
+        assert service._unit_answers(new, UNIT, None)[0].unit_digests == want

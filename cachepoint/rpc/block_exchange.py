@@ -38,6 +38,9 @@ from cachepoint.v1 import blocks_pb2, blocks_pb2_grpc
 from cachepoint.wire import stored_block_to_pb, stored_value_from_pb
 
 READ_CHUNK = 16  # blocks read from the store per call while filling a batch
+# Blocks answered in part per thread call: a unit answer is small (digests, a few units), so a larger
+# batch costs little memory and saves the origin a thread round trip per 16 chunks.
+UNIT_READ_CHUNK = 128
 # A FetchBlocks call held open for blocks this node's pull is still fetching (wait_ms) lasts at most
 # this long, below a caller's stall deadline (cachepoint/replication/fetcher.py), and looks this often
 # whether another caller waits for a stream slot (then it ends, handing its slot over).
@@ -150,10 +153,12 @@ def _unit_answers(
     masks: dict[bytes, bytes] | None,
     records: dict[bytes, bytes],
     decoded: DecodedChunks,
-) -> list[blocks_pb2.StoredBlock]:
-    """``records``: unit digests this store keeps (chunks that came from another machine), answered
-    as they are, without decoding the chunk."""
+) -> tuple[list[blocks_pb2.StoredBlock], list[tuple[bytes, int, bytes]]]:
+    """The answers, and the unit records made for them. ``records``: unit digests this store keeps
+    (chunks that came from another machine, or whose digests an earlier answer made), answered as
+    they are, without decoding the chunk."""
     answers = []
+    made: list[tuple[bytes, int, bytes]] = []
     for digest in ids:
         value = values.get(digest)
         if value is None:
@@ -165,7 +170,9 @@ def _unit_answers(
             answers.append(stored_block_to_pb(digest, value))
         elif (answer := unit_answer(digest, value, unit, mask, decoded)) is not None:
             answers.append(answer)
-    return answers
+            if mask is None:
+                made.append((digest, unit, answer.unit_digests))
+    return answers, made
 
 
 # What a caller is answered about: (call, the version it names) -> the ids it may learn of, or None for
@@ -222,12 +229,24 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
         self.fetches = StreamSlots("FetchBlocks", fetch_limits)
         self.answerable = answerable
         self.decoded = DecodedChunks()
+        self.keeps_records = store.db.writable
 
     def _unit_answers(
-        self, ids: list[bytes], values: dict[bytes, bytes], unit: int, masks: dict[bytes, bytes] | None
+        self, ids: list[bytes], unit: int, masks: dict[bytes, bytes] | None
     ) -> list[blocks_pb2.StoredBlock]:
+        """The unit answers for ``ids`` held here (one thread's work: read, decode, hash). The unit
+        digests made from a chunk's bytes are kept (the ``units`` family, derived state), so that the
+        next node pulling the version, a moment later, is answered from them without decoding."""
+        values = self.source.stored_many(ids)
         records = self.store.units.get_many([d for d in ids if d in values], unit) if masks is None else {}
-        return _unit_answers(ids, values, unit, masks, records, self.decoded)
+        answers, made = _unit_answers(ids, values, unit, masks, records, self.decoded)
+        if made and self.keeps_records:
+            try:
+                self.store.units.put_many(made)
+            except Exception as err:  # a read-only or full store answers all the same
+                self.keeps_records = False
+                log.info("unit digests made for answers are not kept: %s", err)
+        return answers
 
     @rpc_errors
     async def HasBlocks(  # noqa: N802 - gRPC method name
@@ -313,10 +332,9 @@ class BlockExchangeService(blocks_pb2_grpc.BlockExchangeServicer):
     ) -> None:
         """Unit fetch: each block held answered with its unit digests, or the units its mask names."""
         answer = _Answer(self, context)
-        for start in range(0, len(ids), READ_CHUNK):
-            chunk = ids[start : start + READ_CHUNK]
-            values = await asyncio.to_thread(self.source.stored_many, chunk)
-            for block in await asyncio.to_thread(self._unit_answers, chunk, values, unit, by_id):
+        for start in range(0, len(ids), UNIT_READ_CHUNK):
+            chunk = ids[start : start + UNIT_READ_CHUNK]
+            for block in await asyncio.to_thread(self._unit_answers, chunk, unit, by_id):
                 await answer.add(block, len(block.payload) + len(block.unit_digests))
         await answer.flush()
 
