@@ -11,9 +11,10 @@ import grpc
 
 from cachepoint.errors import InvalidInput
 from cachepoint.ids import Ref
-from cachepoint.model import Chunking, VersionInfo
+from cachepoint.model import Chunking, Manifest, VersionInfo
 from cachepoint.replication.arrivals import BlockArrivals
 from cachepoint.replication.fetcher import Fetcher, FetchResult, ProgressFn, RoomFn
+from cachepoint.replication.seed import SeedLoader
 from cachepoint.replication.sources import Source, SourceClass
 from cachepoint.replication.unitfetch import UnitFetchResult, fetch_by_units
 from cachepoint.rpc import channel, replicas
@@ -209,6 +210,9 @@ async def pull(
             committed = False
             sharing: PartialFn | None = None
             shared = False  # with the site's other pullers
+            # A content-chunked version's unit fetch needs the seed; it is placed from now on, while
+            # the pull asks what is missing here and for the first unit digests.
+            seeding = SeedLoader(store, info.layer, manifest.unit_size) if _units_apply(manifest) else None
             try:
                 block_ids = manifest.block_ids()
                 store.pin(pins, block_ids)
@@ -232,7 +236,7 @@ async def pull(
                 result = PullResult(info, planned_blocks=len(missing), sources=sources)
                 try:
                     units = await fetch_by_units(
-                        store, manifest, missing, sources, info, progress, limits, room
+                        store, manifest, missing, sources, info, progress, limits, room, seeding
                     )
                     if units is not None:
                         result.units, done = units
@@ -262,6 +266,8 @@ async def pull(
                 await asyncio.to_thread(store.catalog.import_version, info, pending, tags)
                 committed = True
             finally:
+                if seeding is not None:  # a load not needed (nothing missing, a shared fetch) stops
+                    await seeding.close()
                 store.end_ingest(pins, committed=committed)
                 if sharing is not None:  # committed, the catalog answers for it; failed, nobody asks
                     sharing(info, None)
@@ -286,6 +292,10 @@ async def pull(
                 node_origin=True,
             )
         raise from_rpc_error(err, origin) from err
+
+
+def _units_apply(manifest: Manifest) -> bool:
+    return manifest.chunking == Chunking.CONTENT and manifest.unit_size > 0
 
 
 def _after(progress: ProgressFn | None, done: int) -> ProgressFn | None:

@@ -13,9 +13,7 @@ from cachepoint.replication.sources import SourceClass
 # NUMBER, a prefix (SI k M G T, or binary Ki Mi Gi Ti), a unit, then "/s" or "ps". A lower-case b is a
 # bit and an upper-case B a byte, as on every network datasheet ("10Mbps" is ten megabits, "10MBps" ten
 # megabytes); bit(s) and byte(s) may be spelled out in any case; no unit means bytes.
-_RATE_RE = re.compile(
-    r"^\s*(\d+(?:\.\d+)?)\s*(?:([kKmMgGtT])(i?))?((?i:bits?|bytes?)|[bB])?(/s|ps)?\s*$"
-)
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kKmMgGtT])(i?))?((?i:bits?|bytes?)|[bB])?(/s|ps)?\s*$")
 _SCALE = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _BINARY_SCALE = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 RATE_EXAMPLES = "100Mbit or 10Mbps (bits/s), 12MiB/s or 20MB/s (bytes/s), or 0 (unlimited)"

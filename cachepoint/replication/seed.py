@@ -10,7 +10,9 @@ bounded by SEED_UNITS), not the store's size.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -60,7 +62,7 @@ class Seed:
                 break
         return list(found)
 
-    def load(self, chunks: list[bytes]) -> None:
+    def load(self, chunks: list[bytes], stop: threading.Event | None = None) -> None:
         """Place every unit of ``chunks`` (held here; the newest versions' first), up to SEED_UNITS
         units, making the records that are absent. Runs while the first unit digests are on their way,
         so that each window of them can be matched as it arrives. Units are placed in bulk: digest ->
@@ -72,6 +74,8 @@ class Seed:
         starts = [0]
         parts: list[bytes] = []
         for start in range(0, len(chunks), READ_BATCH):
+            if stop is not None and stop.is_set():  # the pull no longer needs it
+                break
             records = self._records(chunks[start : start + READ_BATCH])
             for chunk, packed in records.items():
                 order.append(chunk)
@@ -160,3 +164,36 @@ class Seed:
         self._decoded.move_to_end(chunk)
         while len(self._decoded) > DECODED_CHUNKS:
             self._decoded.popitem(last=False)
+
+
+class SeedLoader:
+    """A seed placed in worker threads from the moment a pull has its manifest, while it asks what is
+    missing and for the first unit digests: placing ~200k units takes 0.2 s, which otherwise came
+    after the first digests had arrived. ``close`` stops a load the pull turned out not to need
+    (nothing missing, a shared fetch) and waits for the thread, which reads the store."""
+
+    def __init__(self, store: Store, layer: str, unit: int) -> None:
+        self.seed = Seed(store, unit)
+        self.found = False  # whether the store holds a version of the layer to take units from
+        self.listed = asyncio.Event()  # ``found`` is known
+        self._stop = threading.Event()
+        self._task = asyncio.create_task(self._run(layer))
+
+    async def _run(self, layer: str) -> None:
+        try:
+            chunks = await asyncio.to_thread(self.seed.candidates, layer)
+            self.found = bool(chunks)
+        finally:
+            self.listed.set()
+        if chunks:
+            await asyncio.to_thread(self.seed.load, chunks, self._stop)
+
+    async def loaded(self) -> Seed:
+        """The seed, placed (what the load raised is raised here)."""
+        await self._task
+        return self.seed
+
+    async def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._task)

@@ -36,7 +36,7 @@ from cachepoint.model import Chunking, Manifest, VersionInfo
 from cachepoint.replication.assembly import Assembler, Window
 from cachepoint.replication.fetcher import STALL_SECONDS
 from cachepoint.replication.ratelimit import TokenBucket
-from cachepoint.replication.seed import Place, Seed
+from cachepoint.replication.seed import Place, Seed, SeedLoader
 from cachepoint.replication.sources import Part, Source, SourceClass
 from cachepoint.store.store import Store
 from cachepoint.store.units import encode_record
@@ -87,7 +87,10 @@ class UnitFetch:
         progress: ProgressFn | None = None,
         room: RoomFn | None = None,
         bucket: TokenBucket | None = None,
+        seeding: SeedLoader | None = None,
     ) -> None:
+        """``seeding``: the seed, already being placed (pull starts it with the manifest); by
+        default one is started here."""
         self.store = store
         self.source = source
         self.unit = unit
@@ -102,25 +105,38 @@ class UnitFetch:
         self._total = 0
         self._stop = ""  # why no more units are asked of the source in this pull
         self._digests: dict[bytes, bytes] = {}
-        self._seed = Seed(store, unit)
+        self._seeding = seeding
+        self._seed = seeding.seed if seeding is not None else Seed(store, unit)
         self._assembler = Assembler(unit, block_size, self._digests, self._seed)
 
     async def fetch(self, lengths: dict[bytes, int], version: str) -> set[bytes]:
         """Fetch the chunks ``lengths`` names (id -> length) by units; returns the ids now stored."""
         self._total = len(lengths)
-        candidates = await asyncio.to_thread(self._seed.candidates, self.layer)
-        if not candidates:  # nothing here to take units from: whole chunks cost less
-            self.result.left = len(lengths)
-            return self.done
+        seeding = self._seeding
+        if seeding is None:
+            seeding = SeedLoader(self.store, self.layer, self.unit)
+        try:
+            await self._fetch(seeding, lengths, version)
+        finally:
+            if self._seeding is None:  # its own: the pull closes the one it gave
+                await seeding.close()
+        self.result.left = len(lengths) - len(self.done)
+        if self._stop:
+            log.info("unit fetch from %s stopped: %s", self.source.name, self._stop)
+        return self.done
+
+    async def _fetch(self, seeding: SeedLoader, lengths: dict[bytes, int], version: str) -> None:
+        await seeding.listed.wait()
+        if not seeding.found:  # nothing here to take units from: whole chunks cost less
+            return
         ids = list(lengths)
         windows = [ids[start : start + UNIT_WINDOW] for start in range(0, len(ids), UNIT_WINDOW)]
         ready: asyncio.Queue[asyncio.Task[list[bytes]] | None] = asyncio.Queue()
         ahead = asyncio.Semaphore(DIGESTS_AHEAD)
         # The seed is placed while the first windows' digests are on their way.
-        loading = asyncio.create_task(asyncio.to_thread(self._seed.load, candidates))
         asking = asyncio.create_task(self._digest_windows(windows, lengths, version, ready, ahead))
         try:
-            await loading
+            await seeding.loaded()
             self.result.indexed = self._seed.indexed
             await self._fetch_units(ready, ahead, lengths, version)
         finally:
@@ -132,12 +148,6 @@ class UnitFetch:
                     unwanted.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await unwanted
-            if not loading.done():
-                await asyncio.wait([loading])
-        self.result.left = len(lengths) - len(self.done)
-        if self._stop:
-            log.info("unit fetch from %s stopped: %s", self.source.name, self._stop)
-        return self.done
 
     # -- 1. the unit digests, window by window ---------------------------------------------------
 
@@ -360,9 +370,11 @@ async def fetch_by_units(
     progress: ProgressFn | None,
     limits: dict[SourceClass, float] | None,
     room: RoomFn | None,
+    seeding: SeedLoader | None = None,
 ) -> tuple[UnitFetchResult, set[bytes]] | None:
     """The missing chunks of a content-chunked version that a unit fetch assembled (docs/design.md
-    "Unit fetch"), and its counters; None when it does not apply."""
+    "Unit fetch"), and its counters; None when it does not apply. ``seeding``: its seed, started
+    early by the caller (who closes it)."""
     source = unit_source(sources)
     if manifest.chunking != Chunking.CONTENT or not missing or source is None:
         return None
@@ -378,6 +390,7 @@ async def fetch_by_units(
         progress=progress,
         room=room,
         bucket=TokenBucket(rate) if rate > 0 else None,
+        seeding=seeding if seeding is not None and seeding.seed.unit == manifest.unit_size else None,
     )
     done = await fetch.fetch(lengths, info.ref)
     return fetch.result, done
