@@ -128,6 +128,7 @@ class UnitFetch:
     async def _fetch(self, seeding: SeedLoader, lengths: dict[bytes, int], version: str) -> None:
         await seeding.listed.wait()
         if not seeding.found:  # nothing here to take units from: whole chunks cost less
+            await seeding.loaded()  # (or the catalog could not say: raised here)
             return
         ids = list(lengths)
         windows = [ids[start : start + UNIT_WINDOW] for start in range(0, len(ids), UNIT_WINDOW)]
