@@ -47,6 +47,11 @@ def parse_block_size(text: str | int) -> int:
     return size
 
 
+def zeros(length: int) -> bytes | memoryview:
+    """``length`` zero bytes, a view of one shared buffer when it is long enough (no allocation)."""
+    return memoryview(_ZEROS)[:length] if length <= len(_ZEROS) else bytes(length)
+
+
 def is_hole(data: bytes) -> bool:
     """All-zero blocks are holes: never stored, never sent. (~40 GB/s on bytes; pass bytes, not a
     memoryview, whose comparison with bytes runs element by element.)"""

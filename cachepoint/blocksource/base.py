@@ -5,11 +5,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
+from cachepoint.blocks import zeros
 from cachepoint.errors import BlockMissing
 from cachepoint.ids import BlockId
 
 Target = tuple[bytes, memoryview]  # a block id and where its bytes go (a block's extent in a buffer)
-_ZEROS = bytes(64 * 1024)
 
 
 def copy_block(data: bytes | memoryview, target: memoryview) -> None:
@@ -18,9 +18,13 @@ def copy_block(data: bytes | memoryview, target: memoryview) -> None:
     used again, which holds the bytes of an earlier read."""
     n = min(len(data), len(target))
     target[:n] = memoryview(data)[:n]
+    zero_after(target, n)
+
+
+def zero_after(target: memoryview, n: int) -> None:
+    """Zeros in ``target`` after its first ``n`` bytes (the block that filled them was shorter)."""
     if n < len(target):
-        rest = len(target) - n
-        target[n:] = _ZEROS[:rest] if rest <= len(_ZEROS) else bytes(rest)
+        target[n:] = zeros(len(target) - n)
 
 
 class BlockSource(abc.ABC):

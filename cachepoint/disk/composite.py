@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cachepoint.blocks import block_digest, is_hole
+from cachepoint.blocks import block_digest, is_hole, zeros
 from cachepoint.blocksource import BlockSource, CachedSource, MemoryCache, StoreSource, Target, WriteBack
 from cachepoint.disk.buffers import ReplyBuffers
 from cachepoint.disk.marker import reads_as_zeros, zero_marker
@@ -141,7 +141,6 @@ class CompositeDisk:
         # writes still go on a grid, the working layer's.
         self._pieces = _pieces_of(placed)
         self._block_size = placed.block_size if self._pieces is None else grid_size(self.stack)
-        self._zero_block = bytes(self._block_size)
         if working is not None:
             self._check_working(working)
         self._view = _View.of(
@@ -236,46 +235,18 @@ class CompositeDisk:
         self._check_range(offset, length)
         if length == 0:
             return b""
-        if warm_only and not self.source.holds_all(self._ids_under(offset, length)):
-            # Not all in memory: the thread's read does it once, instead of this one copying the
-            # blocks that are (into a buffer it zero-filled) and that one again.
-            return None
         if self._pieces is not None and self.working is None:
             return self._read_pieces(self._pieces, offset, length, warm_only)
         bs = self._block_size
         first, last = offset // bs, (offset + length - 1) // bs
         span, zeroed = self.buffers.take((last - first + 1) * bs)
         if not self._fill(self._view, first, last + 1, memoryview(span), warm_only, zeroed):
+            self.buffers.give(span)  # a warm attempt that gave up: nobody holds it
             return None
         start = offset - first * bs
         if start == 0 and len(span) == length:
             return span
         return memoryview(span)[start : start + length]
-
-    def _ids_under(self, offset: int, length: int) -> list[bytes]:
-        """The ids of the blocks a read of [offset, offset + length) copies (zeros need none)."""
-        pieces = self._pieces
-        if pieces is not None and self.working is None:
-            found = pieces.between(offset, offset + length)
-            return pieces.digests[found.start : found.stop]
-        view, bs = self._view, self._block_size
-        entries, lower, lower_zeros = view.entries, view.lower, view.lower_zeros
-        ids: list[bytes] = []
-        for index in range(offset // bs, (offset + length - 1) // bs + 1):
-            digest = entries.get(index) if entries else None
-            if digest is None:
-                if lower_zeros[index]:
-                    continue
-                digest = lower[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
-                if digest == COMPOSED and pieces is not None:
-                    start = index * bs
-                    found = pieces.between(start, start + self.block_length(index))
-                    ids += pieces.digests[found.start : found.stop]
-                    continue
-            elif reads_as_zeros(digest, self.block_length(index)):
-                continue
-            ids.append(digest)
-        return ids
 
     def zero_runs(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
         """Runs from ``offset`` as (bytes, reads as zeros), from the block ids alone (NBD block
@@ -357,7 +328,6 @@ class CompositeDisk:
         as soon as a block is neither in memory nor in the page cache."""
         bs = self._block_size
         entries, lower, lower_zeros = view.entries, view.lower, view.lower_zeros
-        zeros = memoryview(self._zero_block)
         full_blocks = self._size // bs  # blocks before this one are whole
         wanted: list[Target] = []
         composed: list[list[int]] = []  # [first byte in out, bytes] of runs of COMPOSED blocks
@@ -369,7 +339,7 @@ class CompositeDisk:
             if digest is None:
                 if lower_zeros[index]:
                     if not zeroed:
-                        out[at : at + length] = zeros[:length]
+                        out[at : at + length] = zeros(length)
                     continue
                 digest = lower[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
                 if digest == COMPOSED:
@@ -380,9 +350,13 @@ class CompositeDisk:
                     continue
             elif reads_as_zeros(digest, length):
                 if not zeroed:
-                    out[at : at + length] = zeros[:length]
+                    out[at : at + length] = zeros(length)
                 continue
             wanted.append((digest, out[at : at + length]))
+        if warm_only and not self.source.holds_all([digest for digest, _ in wanted]):
+            # Asked before copying: a warm attempt that copied the cached blocks of a range half in
+            # the cache would give up at the first other one, and the thread's read copy them again.
+            return False
         if composed:
             assert self._pieces is not None
             for at, length in composed:
@@ -403,7 +377,10 @@ class CompositeDisk:
         """``_read`` of a read-only disk with content-chunked layers: the pieces under the range, by
         binary search (a piece wholly inside the range is copied straight into place)."""
         out, zeroed = self.buffers.take(length)
-        return out if self._fill_pieces(pieces, offset, memoryview(out), warm_only, zeroed) else None
+        if self._fill_pieces(pieces, offset, memoryview(out), warm_only, zeroed):
+            return out
+        self.buffers.give(out)  # a warm attempt that gave up: nobody holds it
+        return None
 
     def _fill_pieces(
         self, pieces: Pieces, offset: int, out: memoryview, warm_only: bool, zeroed: bool = True

@@ -32,7 +32,7 @@ from pathlib import Path
 import xxhash
 
 from cachepoint.blocks import DEFAULT_BLOCK_SIZE
-from cachepoint.blocksource.base import copy_block
+from cachepoint.blocksource.base import zero_after
 
 log = logging.getLogger(__name__)
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux: fail with EAGAIN instead of waiting for the disk
@@ -112,9 +112,7 @@ class DecodedCache:
             got -= length
             if got >= 0 and xxhash.xxh3_64_intdigest(target) == check:
                 self.hits += 1
-                whole = wanted[position][1]
-                if length < len(whole):  # a short block in a longer target: zeros after it
-                    copy_block(target, whole)
+                zero_after(wanted[position][1], length)  # a short block in a longer target
                 continue
             missing.append(position)
             if got >= 0:  # read whole but wrong: unless the slot was recycled, the file is damaged

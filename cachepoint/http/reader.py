@@ -13,6 +13,7 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncGenerator, Iterator
 
+from cachepoint.blocks import zeros
 from cachepoint.blocksource import BlockSource, Target
 from cachepoint.errors import BlockMissing
 from cachepoint.http.ranges import ByteRange
@@ -23,7 +24,6 @@ CHUNK_BYTES = 1024 * 1024
 # Spans read in worker threads while the current one is written. At least 1; costs (READ_AHEAD + 1)
 # MiB per response in flight.
 READ_AHEAD = 2
-_ZEROS = memoryview(bytes(CHUNK_BYTES))
 
 
 def spans(placed: PlacedFile, wanted: ByteRange) -> Iterator[ByteRange]:
@@ -114,7 +114,7 @@ def read_span(source: BlockSource, placed: PlacedFile, span: ByteRange) -> bytes
 async def _read(source: BlockSource, placed: PlacedFile, span: ByteRange) -> bytes | bytearray | memoryview:
     if is_all_holes(placed, span):
         # One shared buffer for the common case; a span of one block larger than it gets its own.
-        return _ZEROS[: span.length] if span.length <= len(_ZEROS) else bytes(span.length)
+        return zeros(span.length)
     if placed.pieces is not None:  # a stack with content-chunked layers (cachepoint/layers/pieces.py)
         buffer = bytearray(span.length)
         if not placed.pieces.read_into(source, span.start, memoryview(buffer), nowait=True):

@@ -18,6 +18,7 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cachepoint.blocks import zeros
 from cachepoint.blocksource import BlockSource
 from cachepoint.errors import BlockMissing
 from cachepoint.ids import HOLE_DIGEST, BlockId
@@ -181,7 +182,7 @@ class Pieces:
             start, end, digest, skip = self.piece(index)
             lo, hi = max(start, offset), min(end, stop)
             if not zeroed and lo > done:
-                out[done - offset : lo - offset] = bytes(lo - done)
+                out[done - offset : lo - offset] = zeros(lo - done)
             done = hi
             skip += lo - start
             where = out[lo - offset : hi - offset]
@@ -192,9 +193,11 @@ class Pieces:
                 scratch.append((where, head, skip))
                 targets.append((digest, memoryview(head)))
         if not zeroed and done < stop:
-            out[done - offset :] = bytes(stop - done)
+            out[done - offset :] = zeros(stop - done)
         if not targets:
             return True
+        if nowait and not source.holds_all([digest for digest, _ in targets]):
+            return False  # asked before copying: the caller's read without ``nowait`` copies them all
         missing = source.read_into(targets, nowait=nowait, also=also)
         if missing:
             if nowait:
