@@ -14,7 +14,7 @@ from cachepoint.ids import Ref
 from cachepoint.model import Chunking, Manifest, VersionInfo
 from cachepoint.replication.arrivals import BlockArrivals
 from cachepoint.replication.fetcher import Fetcher, FetchResult, ProgressFn, RoomFn
-from cachepoint.replication.seed import SeedLoader
+from cachepoint.replication.seed import Seed, SeedLoader
 from cachepoint.replication.sources import Source, SourceClass
 from cachepoint.replication.unitfetch import UnitFetchResult, fetch_by_units
 from cachepoint.rpc import channel, replicas
@@ -212,7 +212,9 @@ async def pull(
             shared = False  # with the site's other pullers
             # A content-chunked version's unit fetch needs the seed; it is placed from now on, while
             # the pull asks what is missing here and for the first unit digests.
-            seeding = SeedLoader(store, info.layer, manifest.unit_size) if _units_apply(manifest) else None
+            seeding = None
+            if _units_apply(manifest):
+                seeding = SeedLoader(Seed(store, manifest.unit_size), info.layer)
             try:
                 block_ids = manifest.block_ids()
                 store.pin(pins, block_ids)

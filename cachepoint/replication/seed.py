@@ -172,8 +172,8 @@ class SeedLoader:
     after the first digests had arrived. ``close`` stops a load the pull turned out not to need
     (nothing missing, a shared fetch) and waits for the thread, which reads the store."""
 
-    def __init__(self, store: Store, layer: str, unit: int) -> None:
-        self.seed = Seed(store, unit)
+    def __init__(self, seed: Seed, layer: str) -> None:
+        self.seed = seed
         self.found = False  # whether the store holds a version of the layer to take units from
         self.listed = asyncio.Event()  # ``found`` is known
         self._stop = threading.Event()

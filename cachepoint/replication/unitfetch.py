@@ -113,8 +113,8 @@ class UnitFetch:
         """Fetch the chunks ``lengths`` names (id -> length) by units; returns the ids now stored."""
         self._total = len(lengths)
         seeding = self._seeding
-        if seeding is None:
-            seeding = SeedLoader(self.store, self.layer, self.unit)
+        if seeding is None:  # placing the seed the assembler reads
+            seeding = SeedLoader(self._seed, self.layer)
         try:
             await self._fetch(seeding, lengths, version)
         finally:
@@ -391,7 +391,7 @@ async def fetch_by_units(
         progress=progress,
         room=room,
         bucket=TokenBucket(rate) if rate > 0 else None,
-        seeding=seeding if seeding is not None and seeding.seed.unit == manifest.unit_size else None,
+        seeding=seeding,
     )
     done = await fetch.fetch(lengths, info.ref)
     return fetch.result, done
