@@ -55,6 +55,7 @@ from cachepoint.replication.pull import pull
 from cachepoint.rpc import channel
 from cachepoint.store.store import Store
 from cachepoint.trust.identity import Identity
+from fleetlab.ports import quiet_port
 
 LAYER = "os/bench"
 REF_V1 = f"{LAYER}@1"
@@ -133,11 +134,9 @@ def _readline(stream: IO[str], timeout: float, what: str) -> str:
 
 
 def _free_port() -> int:
-    # rsync's daemon cannot be told to pick a port and report it; a port that was free a moment ago
-    # is taken on the rare collision, and the daemon then exits with an error that is reported.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    # rsync's daemon cannot be told to pick a port and report it: one from below the ephemeral range,
+    # which no outgoing connection takes meanwhile (fleetlab/ports.py).
+    return quiet_port()
 
 
 def _await_port(proc: subprocess.Popen[Any], port: int, log: Path, what: str) -> None:

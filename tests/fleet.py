@@ -19,7 +19,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ import grpc
 from cachepoint.blocks import is_hole
 from cachepoint.store.store import Store
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, fleet_pb2, fleet_pb2_grpc, version_pb2
+from fleetlab.ports import quiet_port
 from tests import tls
 from tests.conftest import REPO, TEST_MIN_FREE, Run, cli_env, run_cli, sha256_file
 
@@ -128,11 +128,10 @@ def random_image(path: Path, size: int, seed: int) -> None:
 
 
 def free_port() -> int:
-    """A loopback port that nothing listens on right now (bound with port 0, then released), for a
-    server that must come back at the same address after a restart."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port that nothing listens on right now, for a server that must come back at the same
+    address after a restart: below the ephemeral range, where no client's source port lands
+    (fleetlab/ports.py)."""
+    return quiet_port()
 
 
 def wait_until(

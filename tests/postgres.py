@@ -15,7 +15,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+
+from fleetlab.ports import quiet_port
 
 SYSTEM_USER = "postgres"
 SUPERUSER = "postgres"
@@ -77,12 +78,6 @@ def available() -> str | None:
     if shutil.which("setpriv") is None:
         return "setpriv is not installed (Debian package util-linux)"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _alive(pid: int) -> bool:
@@ -143,7 +138,7 @@ class PostgresServer:
             self._initdb()
             # Another worker may take the port between our probe and the server's bind: try a fresh one.
             for _ in range(3):
-                self.port = _free_port()
+                self.port = quiet_port()
                 if self._launch():
                     break
             else:

@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetlab.ports import quiet_port
 from tests.conftest import REPO
 from tests.fleet import random_image, wait_until
 
@@ -167,17 +166,7 @@ def build_wheels(into: Path) -> Path:
 def quiet_ports(names: list[str]) -> dict[str, int]:
     """Free loopback ports below the ephemeral range: the services bind them minutes after they are
     picked, and the other tests' servers (port 0) take theirs from the ephemeral range."""
-    ports: dict[str, int] = {}
-    while len(ports) < len(names):
-        port = random.randrange(20000, 32000)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in ports.values():
-            ports[names[len(ports)]] = port
-    return ports
+    return {name: quiet_port() for name in names}
 
 
 def inventory(path: Path, wheel: Path) -> dict[str, int]:
