@@ -341,3 +341,35 @@ def test_unit_digests_an_answer_makes_from_a_chunks_bytes_are_kept_for_the_next_
         service = BlockExchangeService(read_only, ServeCounters(), False, SlotLimits(8, 8, 5.0, 30.0))
         assert not service.keeps_records
         assert service._unit_answers(new, UNIT, None)[0].unit_digests == want
+
+
+def test_a_unit_fetch_given_no_seed_loader_places_the_seed_its_assembler_reads(
+    origin: dict[str, Any], tmp_path: Path
+) -> None:
+    """`pull` hands UnitFetch the seed it started placing early; without one, UnitFetch places its own,
+    and that must be the seed its assembler takes units from (it once placed another, so every unit
+    was fetched). The source here is a dead address: the seed is placed before any answer counts."""
+    from cachepoint.chunking import unit_digests
+    from cachepoint.replication.sources import Source, SourceClass
+    from cachepoint.replication.unitfetch import UnitFetch, chunk_lengths
+    from fleetlab.ports import quiet_port
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(origin["store"], store_dir)
+    with Store.open(store_dir, writable=True) as store:
+        manifest = store.catalog.manifest(store.catalog.resolve(f"{LAYER}@2").manifest_digest)
+        old_chunk = store.catalog.manifest(store.catalog.resolve(f"{LAYER}@1").manifest_digest).entries[0]
+        held = unit_digests(decode_block(store.blocks.raw(old_chunk.digests()[0]) or b""), UNIT)[:16]
+        dead = Source("origin", f"127.0.0.1:{quiet_port()}", SourceClass.ORIGIN)
+
+        async def run() -> UnitFetch:
+            fetch = UnitFetch(store, dead, UNIT, LAYER, stall=5.0, block_size=manifest.block_size)
+            try:
+                await fetch.fetch(chunk_lengths(manifest, {origin["a_new_chunk"]}), f"{LAYER}@2")
+            finally:
+                await dead.close()
+            return fetch
+
+        fetch = asyncio.run(run())
+    assert fetch.result.units_fetched == 0 and fetch.result.left == 1, fetch.result
+    assert fetch._assembler.seed.held(held) is not None, "the assembler's seed holds none of v1's units"
