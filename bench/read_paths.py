@@ -87,16 +87,18 @@ def _nbdcopy(uri: str, out: Path) -> list[float]:
     return times[1:]
 
 
-def _convert(src: str, out: Path, label: str) -> list[float]:
-    cmd = ["qemu-img", "convert", "-f", "raw", "-O", "raw", src, str(out)]
-    remove(out)
-    _run(cmd, f"{label} (warm-up)")
-    times = []
-    for _ in range(RUNS):
-        remove(out)
-        settle()
-        seconds, _ = _run(cmd, label)
-        times.append(seconds)
+def _converts(sources: dict[str, str], out: Path) -> dict[str, list[float]]:
+    """`qemu-img convert` of each source (label -> NBD URI or file) into ``out``: one warm-up each, then
+    RUNS rounds in which the sources take turns, so that a busy spell of this shared machine weighs on
+    every side of a ratio alike (run one after the other, the ratio once moved by a quarter)."""
+    times: dict[str, list[float]] = {label: [] for label in sources}
+    for round_ in range(RUNS + 1):
+        for label, src in sources.items():
+            remove(out)
+            settle()
+            seconds, _ = _run(["qemu-img", "convert", "-f", "raw", "-O", "raw", src, str(out)], label)
+            if round_:  # round 0 warms up
+                times[label].append(seconds)
     return times
 
 
@@ -121,9 +123,16 @@ async def _ranges(url: str, size: int, requests: int, seed: int) -> float:
         return requests / (time.perf_counter() - begin)
 
 
-def _best_rate(url: str, size: int, requests: int) -> list[float]:
-    asyncio.run(_ranges(url, size, requests, seed=0))  # warm-up
-    return [asyncio.run(_ranges(url, size, requests, seed=run + 1)) for run in range(RUNS)]
+def _best_rates(urls: dict[str, str], size: int, requests: int) -> dict[str, list[float]]:
+    """Requests per second of each server (label -> URL): a warm-up each, then RUNS rounds in which
+    they take turns (as ``_converts``), each round the same ranges for all."""
+    for url in urls.values():
+        asyncio.run(_ranges(url, size, requests, seed=0))
+    rates: dict[str, list[float]] = {label: [] for label in urls}
+    for run in range(RUNS):
+        for label, url in urls.items():
+            rates[label].append(asyncio.run(_ranges(url, size, requests, seed=run + 1)))
+    return rates
 
 
 def data_bytes(image: Path) -> int:
@@ -169,9 +178,10 @@ def measure(
         warm(image)
         copy = work / "out.img"
         before = _cpu_seconds(proc.pid)
-        nbd = _convert(uri, copy, "qemu-img from NBD")
-        nbd_cpu = (_cpu_seconds(proc.pid) - before) / (RUNS + 1)  # the warm-up is a whole copy too
-        raw = _convert(str(image), copy, "qemu-img from the raw file")
+        converts = _converts({"qemu-img from NBD": uri, "qemu-img from the raw file": str(image)}, copy)
+        nbd, raw = converts["qemu-img from NBD"], converts["qemu-img from the raw file"]
+        # The warm-up is a whole copy too; the daemon is idle while the raw file is copied.
+        nbd_cpu = (_cpu_seconds(proc.pid) - before) / (RUNS + 1)
         before = _cpu_seconds(proc.pid)
         nbdcopy = _nbdcopy(uri, copy) if shutil.which("nbdcopy") else []
         nbdcopy_cpu = (_cpu_seconds(proc.pid) - before) / (RUNS + 1) if nbdcopy else None
@@ -198,8 +208,15 @@ def measure(
         port = _free_port()
         server = _spawn(stack, [sys.executable, "-c", FILE_SERVER, str(image), str(port)], work / "files.log")
         _await_port(server, port, work / "files.log", "FileResponse server")
-        http_rates = _best_rate(f"http://{ready['http']}/v1/versions/os%2Fbench@1/file", size, requests)
-        files = _best_rate(f"http://127.0.0.1:{port}/file", size, requests)
+        rates = _best_rates(
+            {
+                "daemon": f"http://{ready['http']}/v1/versions/os%2Fbench@1/file",
+                "FileResponse": f"http://127.0.0.1:{port}/file",
+            },
+            size,
+            requests,
+        )
+        http_rates, files = rates["daemon"], rates["FileResponse"]
     return {
         **figures,
         "http_req_s": http_rates,
@@ -256,12 +273,14 @@ def read_paths(bench: Bench) -> Section:
         "BENCH_CACHE) is ingested into a fresh store and served by a `cachepoint serve` child whose "
         "`read_cache` is half the image's data (its non-zero 64 KiB blocks), so most blocks come from the "
         "store (RocksDB read and decode) on every pass. NBD: whole `qemu-img convert -f raw -O raw` "
-        f"commands from the export and from the raw file, one warm-up then the best of {RUNS}; beside "
+        "commands from the export and from the raw file, a warm-up of each, then the best of "
+        f"{RUNS} rounds in which the two take turns; beside "
         "them, for information, `nbdcopy --connections=4` from the export and the daemon's CPU seconds "
         f"per copy (steadier than wall time on a shared machine). HTTP: {requests} GETs of 1 MiB at "
         f"random 1 MiB-aligned offsets, {CONCURRENT} at a time from one aiohttp client, against the "
         "daemon's `/v1/versions/REF/file` and against aiohttp's `web.FileResponse` of the raw file (a "
-        f"child process); requests per second, one warm-up then the best of {RUNS}. The NBD copy's "
+        "child process); requests per second, a warm-up of each, then the best of "
+        f"{RUNS} rounds in which the two take turns. The NBD copy's "
         "SHA-256 must equal the image's. " + lazy_boot.METHOD
     )
     table = Table(["Measure", "Measured", "Target", "Result"])

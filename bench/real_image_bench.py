@@ -13,7 +13,9 @@ it, a receiver pulls v1 (untimed), then v2 through a byte-counting proxy (whole 
 export of v2 from the receiver must equal v2. The ideal is computed from the images alone: the distinct
 non-zero 4 KiB pieces of v2 found nowhere in v1, each compressed as the store compresses (zstd-1,
 raw when that does not save). casync (`make`, then `extract --seed=v1` over HTTP from a local aiohttp
-server behind the same proxy) and rsync --no-whole-file from a daemon run on the same pair.
+server behind the same proxy) and rsync --no-whole-file from a daemon run on the same pair; rsync's runs
+take turns with the checked mode's pulls, so that the speed-up compares runs made in the same spell of
+this shared machine.
 
 Run alone: ``python -m bench.real_image_bench`` (writes its section into bench/report.md, replacing
 the previous one); ``make bench`` runs it as one section of the whole report.
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,10 +322,13 @@ class RealImage:
         self.bench.log("real image, first ingests: " + ", ".join(f"{k} {v:.2f} s" for k, v in best.items()))
         return best
 
-    def run(self, mode: Mode, first: float, repeats: int = 1) -> ModeResult:
+    def run(
+        self, mode: Mode, first: float, repeats: int = 1, between: Callable[[], None] | None = None
+    ) -> ModeResult:
         """v1 then v2 into an origin, served; a receiver holding v1 pulls v2. ``repeats``: the re-ingest
         and the pull are each timed that many times, from copies of the stores as they were before
-        (v1 alone), and the best is kept, as for the first ingest and rsync."""
+        (v1 alone), and the best is kept, as for the first ingest and rsync. ``between``: run after
+        each pull (rsync's runs, which take turns with the pull's)."""
         bench = self.bench
         tag = mode.label.replace(" ", "-")
         base = self.dir / f"origin-v1-{tag}"
@@ -365,6 +371,8 @@ class RealImage:
             took, result = self.cachepoint(receiver, "pull", f"{LAYER}@2", "--from", proxy.address)
             after = proxy.counts()
             seconds = min(seconds, took)
+            if between is not None:
+                between()
         exported = self.dir / "export.img"
         self.cachepoint(receiver, "export", f"{LAYER}@2", str(exported))
         identical = _sha256(exported) == self.want
@@ -434,45 +442,67 @@ class RealImage:
         self.bench.log(f"real image, casync: make {make:.1f} s, extract {seconds:.1f} s, {human_bytes(wire)}")
         return make, seconds, wire, identical
 
-    def rsync(self) -> tuple[float, int, bool] | str:
+    def rsync(self) -> Rsync | str:
+        """An rsync daemon serving v2, for runs interleaved with the pull's (``Rsync.once``), or why
+        there is none."""
         if shutil.which("rsync") is None:
             return "rsync is not installed (`make bench` installs it)"
-        src = self.dir / "rsync-src"
+        return Rsync(self)
+
+
+class Rsync:
+    """`rsync --no-whole-file` from a daemon onto a fresh copy of v1, run by run. Its runs take turns
+    with the pull's, so that a busy spell of this shared machine weighs on both sides of the ratio
+    alike (run one after the other, the two once differed by a third between whole runs)."""
+
+    def __init__(self, ctx: RealImage) -> None:
+        self.ctx = ctx
+        src = ctx.dir / "rsync-src"
         src.mkdir()
         try:
-            os.link(self.v2, src / "v2.img")
+            os.link(ctx.v2, src / "v2.img")
         except OSError:
-            shutil.copyfile(self.v2, src / "v2.img")
-        log = self.dir / "rsyncd.log"
-        conf = self.dir / "rsyncd.conf"
+            shutil.copyfile(ctx.v2, src / "v2.img")
+        log = ctx.dir / "rsyncd.log"
+        conf = ctx.dir / "rsyncd.conf"
         conf.write_text(
             f"use chroot = no\nuid = {os.getuid()}\ngid = {os.getgid()}\nlog file = {log}\n\n"
             f"[real]\n    path = {src}\n    read only = yes\n"
         )
-        port = _free_port()
+        self.port = _free_port()
         proc = _spawn(
-            self.stack,
-            ["rsync", "--daemon", "--no-detach", f"--port={port}", f"--config={conf}", "--address=127.0.0.1"],
-            self.dir / "rsyncd.stderr",
+            ctx.stack,
+            ["rsync", "--daemon", "--no-detach", f"--port={self.port}", f"--config={conf}"]
+            + ["--address=127.0.0.1"],
+            ctx.dir / "rsyncd.stderr",
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
         )
-        _await_port(proc, port, self.dir / "rsyncd.stderr", "rsync daemon")
-        dst = self.dir / "rsync-dst.img"
-        seconds = float("inf")
-        for _ in range(RUNS):  # the best of RUNS, each onto a fresh copy of v1, as the pull it is set against
-            shutil.copyfile(self.v1, dst)
-            settle()
-            took, out = _run(
-                ["rsync", "--no-whole-file", "--stats", f"rsync://127.0.0.1:{port}/real/v2.img", str(dst)],
-                "rsync",
-            )
-            seconds = min(seconds, took)
-        stats = _rsync_stats(out)
-        identical = _sha256(dst) == self.want
-        remove(dst)
+        _await_port(proc, self.port, ctx.dir / "rsyncd.stderr", "rsync daemon")
+        self.dst = ctx.dir / "rsync-dst.img"
+        self.times: list[float] = []
+        self.out = ""
+
+    def once(self) -> None:
+        shutil.copyfile(self.ctx.v1, self.dst)
+        settle()
+        took, self.out = _run(
+            ["rsync", "--no-whole-file", "--stats", f"rsync://127.0.0.1:{self.port}/real/v2.img"]
+            + [str(self.dst)],
+            "rsync",
+        )
+        self.times.append(took)
+
+    def result(self) -> tuple[float, int, bool]:
+        """(best seconds, bytes on the wire, whether the last copy equals v2)."""
+        if not self.times:
+            self.once()
+        stats = _rsync_stats(self.out)
+        identical = _sha256(self.dst) == self.ctx.want
+        remove(self.dst)
         wire = stats.get("sent", 0) + stats.get("received", 0)
-        self.bench.log(f"real image, rsync: {seconds:.1f} s, {human_bytes(wire)}")
+        seconds = min(self.times)
+        self.ctx.bench.log(f"real image, rsync: {seconds:.2f} s (runs {self.times}), {human_bytes(wire)}")
         return seconds, wire, identical
 
 
@@ -504,7 +534,7 @@ def real_image(bench: Bench) -> Section:
             "pieces of v2 that v1 has nowhere, zstd-1 each as "
             "the store keeps them. casync: `make` then `extract --seed=v1.img` from a local aiohttp "
             "server behind the same proxy. rsync: `--no-whole-file` from a daemon onto a copy of v1, "
-            f"best of {RUNS}."
+            f"best of {RUNS}, each run right after one of the pull's."
         ),
         table,
     )
@@ -524,9 +554,16 @@ def real_image(bench: Bench) -> Section:
             "",
         )
         firsts = ctx.ingest_times()
-        # The checked mode's re-ingest and pull are the best of RUNS, like the first ingest and rsync.
+        rsync_runs = ctx.rsync()
+        # The checked mode's re-ingest and pull are the best of RUNS, like the first ingest and rsync,
+        # whose runs take turns with that pull's.
         results = {
-            mode.label: ctx.run(mode, firsts[mode.label], RUNS if mode.label == CHOSEN else 1)
+            mode.label: ctx.run(
+                mode,
+                firsts[mode.label],
+                RUNS if mode.label == CHOSEN else 1,
+                rsync_runs.once if mode.label == CHOSEN and isinstance(rsync_runs, Rsync) else None,
+            )
             for mode in MODES
         }
         for r in results.values():
@@ -546,7 +583,7 @@ def real_image(bench: Bench) -> Section:
         chosen, fixed = results[CHOSEN], results["fixed 64K"]
         section.figures.update({"ideal": ideal, "chosen_wire": chosen.wire, "fixed_wire": fixed.wire})
         casync = ctx.casync()
-        rsync = ctx.rsync()
+        rsync = rsync_runs.result() if isinstance(rsync_runs, Rsync) else rsync_runs
     checks: list[Check] = []
     ratio = chosen.wire / ideal
     checks.append(
