@@ -354,9 +354,9 @@ def test_a_unit_fetch_given_no_seed_loader_places_the_seed_its_assembler_reads(
     from cachepoint.replication.unitfetch import UnitFetch, chunk_lengths
     from fleetlab.ports import quiet_port
 
-    store_dir = tmp_path / "store"
-    shutil.copytree(origin["store"], store_dir)
-    with Store.open(store_dir, writable=True) as store:
+    with Store.open(tmp_path / "store", writable=True, create=True) as store:
+        ingest(store, origin["v1"], CONTENT)
+        ingest(store, origin["v2"], CONTENT)
         manifest = store.catalog.manifest(store.catalog.resolve(f"{LAYER}@2").manifest_digest)
         old_chunk = store.catalog.manifest(store.catalog.resolve(f"{LAYER}@1").manifest_digest).entries[0]
         held = unit_digests(decode_block(store.blocks.raw(old_chunk.digests()[0]) or b""), UNIT)[:16]

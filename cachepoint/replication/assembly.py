@@ -16,6 +16,10 @@ from cachepoint.replication.seed import Place, Seed
 from cachepoint.replication.sources import Part
 from cachepoint.store.units import encode_record
 
+# What a window's answer brought: units checked against their digests, by place; whole chunks checked
+# against their ids, as stored; and why any answer was refused.
+Received = tuple[dict[Place, bytes], dict[bytes, bytes], list[str]]
+
 
 @dataclass
 class Window:
@@ -32,9 +36,7 @@ class Assembler:
         self.digests = digests  # chunk id -> the packed unit digests its source gave
         self.seed = seed
 
-    def received(
-        self, window: Window, lengths: dict[bytes, int]
-    ) -> tuple[dict[Place, bytes], dict[bytes, bytes], list[str]]:
+    def received(self, window: Window, lengths: dict[bytes, int]) -> Received:
         """The units a window's answer brought (each checked against its digest), the whole chunks it
         brought (verified against their ids: their stored values are kept as they are), and why any
         answer was refused. Runs in a thread."""

@@ -33,7 +33,7 @@ from cachepoint.chunking import UNIT_DIGEST_SIZE, pack_mask, unit_count, unit_di
 from cachepoint.errors import BlockCorrupt
 from cachepoint.ids import BlockId
 from cachepoint.model import Chunking, Manifest, VersionInfo
-from cachepoint.replication.assembly import Assembler, Window
+from cachepoint.replication.assembly import Assembler, Received, Window
 from cachepoint.replication.fetcher import STALL_SECONDS
 from cachepoint.replication.ratelimit import TokenBucket
 from cachepoint.replication.seed import Place, Seed, SeedLoader
@@ -210,9 +210,16 @@ class UnitFetch:
                     break
                 window = self._plan([chunk for chunk in ids if chunk not in self.done])
                 await self._ask(window, version)
+                # The answer's units are checked while the window before is assembled: that needs
+                # nothing of the store, and the pull's cores were half idle while windows took turns.
+                receiving = asyncio.create_task(asyncio.to_thread(self._assembler.received, window, lengths))
                 if assembling is not None:
-                    await assembling
-                assembling = asyncio.create_task(self._assemble(window, lengths))
+                    try:
+                        await assembling
+                    except BaseException:
+                        await asyncio.gather(receiving, return_exceptions=True)
+                        raise
+                assembling = asyncio.create_task(self._assemble(window, lengths, receiving))
         finally:
             if assembling is not None:
                 await assembling
@@ -258,8 +265,11 @@ class UnitFetch:
         except (grpc.RpcError, TimeoutError) as err:
             self._stop = f"units: {_why(err)}"
 
-    async def _assemble(self, window: Window, lengths: dict[bytes, int]) -> None:
-        fetched, whole, bad = await asyncio.to_thread(self._assembler.received, window, lengths)
+    async def _assemble(
+        self, window: Window, lengths: dict[bytes, int], receiving: asyncio.Task[Received]
+    ) -> None:
+        """Store the window's chunks, made of the units ``receiving`` checked and of units held here."""
+        fetched, whole, bad = await receiving
         # Two halves at once: zstd and SHA-256 release the GIL, and assembly is the pull's main cost.
         half = (len(window.ids) + 1) // 2
         halves = await asyncio.gather(
