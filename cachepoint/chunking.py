@@ -213,7 +213,8 @@ def unit_digests(data: bytes | memoryview, unit: int) -> bytes:
     last unit may be short. A hint, never an identity: a chunk assembled from units matched by these
     is checked against its SHA-256 id before it is kept (a collision then costs a whole-chunk fetch)."""
     digest = xxhash.xxh3_128_digest
-    return b"".join([digest(data[at : at + unit]) for at in range(0, len(data), unit)])
+    view = memoryview(data)  # slices of a view hash in place; slices of bytes would copy each unit
+    return b"".join([digest(view[at : at + unit]) for at in range(0, len(data), unit)])
 
 
 def valid_unit(unit: int) -> bool:

@@ -12,13 +12,13 @@ from cachepoint.blocks import block_digest, decode_block, decode_verified, encod
 from cachepoint.chunking import UNIT_DIGEST_SIZE, unit_digests
 from cachepoint.errors import BlockCorrupt
 from cachepoint.ids import BlockId
-from cachepoint.replication.seed import Place, Seed
+from cachepoint.replication.seed import Piece, Place, Seed
 from cachepoint.replication.sources import Part
 from cachepoint.store.units import encode_record
 
 # What a window's answer brought: units checked against their digests, by place; whole chunks checked
-# against their ids, as stored; and why any answer was refused.
-Received = tuple[dict[Place, bytes], dict[bytes, bytes], list[str]]
+# against their ids (their values as stored, and their bytes); and why any answer was refused.
+Received = tuple[dict[Place, Piece], dict[bytes, tuple[bytes, bytes]], list[str]]
 
 
 @dataclass
@@ -40,8 +40,8 @@ class Assembler:
         """The units a window's answer brought (each checked against its digest), the whole chunks it
         brought (verified against their ids: their stored values are kept as they are), and why any
         answer was refused. Runs in a thread."""
-        fetched: dict[Place, bytes] = {}
-        whole: dict[bytes, bytes] = {}
+        fetched: dict[Place, Piece] = {}
+        whole: dict[bytes, tuple[bytes, bytes]] = {}
         bad: list[str] = []
         unit = self.unit
         for chunk, part in window.received.items():
@@ -59,9 +59,12 @@ class Assembler:
             except BlockCorrupt as err:
                 bad.append(str(err))
                 continue
-            whole[chunk] = part.value
+            whole[chunk] = (part.value, data)
+            # Views, not copies: a whole chunk's units are most of the bytes a pull receives, and
+            # copying them held the GIL that the other threads' assembly waits for.
+            view = memoryview(data)
             fetched.update(
-                ((chunk, i), data[i * unit : (i + 1) * unit]) for i in range(len(window.plans[chunk]))
+                ((chunk, i), view[i * unit : (i + 1) * unit]) for i in range(len(window.plans[chunk]))
             )
         return fetched, whole, bad
 
@@ -70,8 +73,8 @@ class Assembler:
         window: Window,
         ids: list[bytes],
         lengths: dict[bytes, int],
-        fetched: dict[Place, bytes],
-        whole: dict[bytes, bytes],
+        fetched: dict[Place, Piece],
+        whole: dict[bytes, tuple[bytes, bytes]],
     ) -> tuple[list[tuple[bytes, bytes, bytes]], list[bytes], list[str]]:
         """(stored chunks: id, value, unit record), chunks that failed, and why those that did not
         match failed. Runs in a thread."""
@@ -85,10 +88,10 @@ class Assembler:
         bad: list[str] = []
         for chunk in ids:
             if chunk in whole:
-                data = b"".join(fetched[(chunk, i)] for i in range(len(window.plans[chunk])))
-                good.append((chunk, whole[chunk], encode_record(unit, unit_digests(data, unit))))
+                value, data = whole[chunk]
+                good.append((chunk, value, encode_record(unit, unit_digests(data, unit))))
                 continue
-            pieces: list[bytes] = []
+            pieces: list[Piece] = []
             for index, place in enumerate(window.plans[chunk]):
                 if place is None:
                     piece = fetched.get((chunk, index))
@@ -110,7 +113,7 @@ class Assembler:
 
     def _split(
         self, chunk: bytes, value: bytes, indexes: list[int], length: int
-    ) -> tuple[dict[Place, bytes], str]:
+    ) -> tuple[dict[Place, Piece], str]:
         """The units of an answer, each checked against its digest; or why the answer is refused."""
         unit = self.unit
         sizes = [min(unit, length - index * unit) for index in indexes]
@@ -124,10 +127,11 @@ class Assembler:
         if len(data) != expected:
             return {}, f"units of chunk {BlockId(chunk)}: {len(data)} bytes, {expected} asked for"
         packed = self.digests[chunk]
-        pieces: dict[Place, bytes] = {}
+        pieces: dict[Place, Piece] = {}
+        view = memoryview(data)
         at = 0
         for index, size in zip(indexes, sizes, strict=True):
-            piece = data[at : at + size]
+            piece = view[at : at + size]
             at += size
             if (
                 xxhash.xxh3_128_digest(piece)

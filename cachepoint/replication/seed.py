@@ -28,6 +28,7 @@ READ_BATCH = 1024  # chunk records or values read per call
 DECODED_CHUNKS = 512  # decoded chunks kept between reads: neighbouring new chunks reuse the same old ones
 
 Place = tuple[bytes, int]  # (chunk id, unit index)
+Piece = bytes | memoryview  # a unit's bytes; a view into its decoded chunk where it was cut from one
 
 
 class Seed:
@@ -126,7 +127,7 @@ class Seed:
         self.indexed += len(made)
         return made
 
-    def read(self, places: Iterable[Place]) -> dict[Place, bytes]:
+    def read(self, places: Iterable[Place]) -> dict[Place, Piece]:
         """The bytes of units held here; a place whose chunk is gone or unreadable is left out."""
         unit = self.unit
         by_chunk: dict[bytes, list[int]] = {}
@@ -144,7 +145,7 @@ class Seed:
                     decoded[chunk] = decode_stored(chunk, value, MAX_BLOCK_SIZE)
                 except Exception:  # unreadable here: those units are fetched instead
                     continue
-        found: dict[Place, bytes] = {}
+        found: dict[Place, Piece] = {}
         with self._lock:
             for chunk in by_chunk:
                 if chunk in decoded:
@@ -153,8 +154,9 @@ class Seed:
             data = decoded.get(chunk)
             if data is None:
                 continue
+            view = memoryview(data)  # views, not copies: these ran with the GIL held
             for index in indexes:
-                piece = data[index * unit : (index + 1) * unit]
+                piece = view[index * unit : (index + 1) * unit]
                 if piece:
                     found[(chunk, index)] = piece
         return found
