@@ -243,6 +243,47 @@ def test_a_pull_killed_mid_transfer_keeps_its_verified_blocks_and_the_next_pull_
     assert export_digest(puller, PRODUCTION, tmp_path / "export.img") == sha256_file(image)
 
 
+# A `cachepoint pull` whose process dies the moment it closes its store: RocksDB's close, which
+# flushes every memtable, never runs. What the pull wrote without the WAL survives only if it made it
+# durable itself before the commit.
+DIE_AT_CLOSE = """
+import os, sys
+from cachepoint.store import db
+db.StoreDB.close = lambda self: os._exit(0)
+sys.argv = ["cachepoint", *sys.argv[1:]]
+from cachepoint.cli import main
+main()
+"""
+
+
+def test_a_pull_that_dies_right_after_its_commit_keeps_every_block_of_the_version(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """`cachepoint pull` writes the blocks it fetches once, without the WAL (BlockStore.put_fetched),
+    and flushes them before the version commits: a version listed here has all its blocks, even when
+    the process dies before RocksDB's close."""
+    coordinator = fleet.coordinator()
+    image = tmp_path / "random.img"
+    random_image(image, 8 * MiB, seed=47)  # under FLUSH_EVERY: no background flush happens first
+    publish(tmp_path / "admin", coordinator.address, image, "production")
+    puller = tmp_path / "puller"
+    fleet.identity(puller)
+    died = subprocess.run(
+        [sys.executable, "-c", DIE_AT_CLOSE, "pull", PRODUCTION, "--from", coordinator.address, "--json"],
+        env=cli_env(puller),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert died.returncode == 0, died.stderr
+    with Store.open(puller) as store:
+        assert [v.number for v in store.catalog.all_versions()] == [1], "the pull did not commit"
+    fsck = cli_json(puller, "fsck")
+    assert fsck["ok"] and fsck["problems"] == [], fsck
+    assert export_digest(puller, PRODUCTION, tmp_path / "export.img") == sha256_file(image)
+
+
 def test_gc_in_the_daemon_keeps_the_blocks_of_a_pull_in_flight(fleet: Fleet, tmp_path: Path) -> None:
     """The blocks a pull has stored are named by no version until it commits: the daemon's GC must
     leave them, or the pull would commit a version whose blocks are gone."""

@@ -128,6 +128,7 @@ def pull_cmd(ctx: Context, ref: str, origin: str | None, wan_rate: str | None, a
                     progress=progress,
                     limits=limits,
                     origin_may_be_node=True,  # --from: "a coordinator or a peer"
+                    logged=False,  # blocks written once; a killed pull loses its last few MiB
                 )
             )
     if as_json:

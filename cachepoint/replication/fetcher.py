@@ -131,8 +131,11 @@ class Fetcher:
         share_stall: float = SHARE_STALL_SECONDS,
         unit_size: int = 0,
         arrivals: BlockArrivals | None = None,
+        logged: bool = True,
     ) -> None:
         """``block_size``: the layer's, when the blocks are a version's; larger blocks are refused.
+        ``logged``: blocks are written with the WAL; False: once, without it, for a caller that
+        persists them before its version commits (BlockStore.put_fetched).
         ``unit_size``: the version's chunk unit when it is content-chunked (each chunk is stored with
         its unit digests, for the unit fetch of a later version).
         ``keep``: given each batch of verified blocks (on the event loop) instead of the store (a
@@ -141,6 +144,7 @@ class Fetcher:
         this node's FetchBlocks calls held open by site peers learn of each block as it is stored."""
         self.store = store
         self.keep = keep
+        self.logged = logged
         self.block_size = block_size
         self.unit_size = unit_size
         self.room = room
@@ -352,7 +356,10 @@ class Fetcher:
                     self.room(unwritten)
                 except Exception as err:
                     return good, bad, err
-            self.store.blocks.put_many(good, True, records)
+            if self.logged:
+                self.store.blocks.put_many(good, True, records)
+            else:
+                self.store.blocks.put_fetched(good, records)
         return good, bad, None
 
     async def fetch(self, missing: list[bytes], label: str, version: str = "") -> FetchResult:

@@ -175,6 +175,7 @@ async def pull(
     share: bool = False,
     partial: PartialFn | None = None,
     arrivals: BlockArrivals | None = None,
+    logged: bool = True,
 ) -> PullResult:
     """``avoid``: addresses of peers not to use (e.g. ones that recently sent corrupt blocks).
     ``account`` is handed the sources once the fetch ends, complete or not: their counters say what
@@ -189,7 +190,10 @@ async def pull(
     ``share``: when no node of this site holds the version complete, share its WAN fetch with the
     site's other pullers of it (docs/design.md "Site fan-out"); False: fetch alone, as a CLI pull.
     ``arrivals``: told of each block a shared fetch stores, for the calls of site peers held open
-    for them (the daemon's BlockExchange, cachepoint/replication/arrivals.py)."""
+    for them (the daemon's BlockExchange, cachepoint/replication/arrivals.py).
+    ``logged``: blocks are written with the WAL, each kept as soon as it is written (a daemon: its
+    site's peers count on what it fetched). False: written once, flushed every few MiB and before
+    the commit (BlockStore.put_fetched): a killed pull then loses its last few MiB (a command)."""
     origin = await replicas.reachable(origin, peer=node_origin)  # of several replicas, one that is up
     try:
         async with channel.channel(origin, peer=node_origin) as ch:
@@ -238,7 +242,7 @@ async def pull(
                 result = PullResult(info, planned_blocks=len(missing), sources=sources)
                 try:
                     units = await fetch_by_units(
-                        store, manifest, missing, sources, info, progress, limits, room, seeding
+                        store, manifest, missing, sources, info, progress, limits, room, seeding, logged
                     )
                     if units is not None:
                         result.units, done = units
@@ -254,6 +258,7 @@ async def pull(
                         node_id=node_id,
                         unit_size=manifest.unit_size if manifest.chunking == Chunking.CONTENT else 0,
                         arrivals=arrivals if shared else None,
+                        logged=logged,
                     )
                     result.fetched = await fetcher.fetch(missing, info.ref, version=info.ref)
                     if result.units is not None:  # the chunks assembled from units were fetched too
@@ -265,6 +270,8 @@ async def pull(
                     if account is not None:
                         account(sources)
                 pending = PendingCommit(manifest_raw, {})
+                if not logged:  # the version's blocks are durable before it is
+                    await asyncio.to_thread(store.blocks.persist)
                 await asyncio.to_thread(store.catalog.import_version, info, pending, tags)
                 committed = True
             finally:
@@ -292,6 +299,7 @@ async def pull(
                 share=share,
                 partial=partial,
                 node_origin=True,
+                logged=logged,
             )
         raise from_rpc_error(err, origin) from err
 

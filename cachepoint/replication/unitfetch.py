@@ -88,9 +88,10 @@ class UnitFetch:
         room: RoomFn | None = None,
         bucket: TokenBucket | None = None,
         seeding: SeedLoader | None = None,
+        logged: bool = True,
     ) -> None:
         """``seeding``: the seed, already being placed (pull starts it with the manifest); by
-        default one is started here."""
+        default one is started here. ``logged``: as the Fetcher's."""
         self.store = store
         self.source = source
         self.unit = unit
@@ -100,6 +101,7 @@ class UnitFetch:
         self.progress = progress
         self.room = room
         self.bucket = bucket
+        self.logged = logged
         self.result = UnitFetchResult()
         self.done: set[bytes] = set()
         self._total = 0
@@ -301,9 +303,8 @@ class UnitFetch:
         if self.room is not None:
             await asyncio.to_thread(self.room, size)  # what it raises ends the pull (as the fetcher's)
         await asyncio.to_thread(
-            self.store.blocks.put_many,
+            self._write,
             [(chunk, value) for chunk, value, _ in good],
-            True,
             [(chunk, record) for chunk, _, record in good],
         )
         fetched_units = sum(len(window.fetch.get(chunk, ())) for chunk, _, _ in good)
@@ -327,7 +328,7 @@ class UnitFetch:
             return
         if self.room is not None:
             await asyncio.to_thread(self.room, sum(len(value) for _, value in good))
-        await asyncio.to_thread(self.store.blocks.put_many, good, True, records)
+        await asyncio.to_thread(self._write, good, records)
         self.result.whole_blocks += len(good)
         self.source.counters.blocks += len(good)
         self.done.update(chunk for chunk, _ in good)
@@ -352,6 +353,12 @@ class UnitFetch:
             good.append((part.id, part.value))
             records.append((part.id, encode_record(self.unit, unit_digests(data, self.unit))))
         return good, records, problems
+
+    def _write(self, values: list[tuple[bytes, bytes]], records: list[tuple[bytes, bytes]]) -> None:
+        if self.logged:
+            self.store.blocks.put_many(values, True, records)
+        else:
+            self.store.blocks.put_fetched(values, records)
 
     async def _pay(self, parts: list[Part]) -> None:
         size = sum(len(part.value) + len(part.unit_digests) for part in parts)
@@ -382,10 +389,11 @@ async def fetch_by_units(
     limits: dict[SourceClass, float] | None,
     room: RoomFn | None,
     seeding: SeedLoader | None = None,
+    logged: bool = True,
 ) -> tuple[UnitFetchResult, set[bytes]] | None:
     """The missing chunks of a content-chunked version that a unit fetch assembled (docs/design.md
     "Unit fetch"), and its counters; None when it does not apply. ``seeding``: its seed, started
-    early by the caller (who closes it)."""
+    early by the caller (who closes it). ``logged``: as the Fetcher's."""
     source = unit_source(sources)
     if manifest.chunking != Chunking.CONTENT or not missing or source is None:
         return None
@@ -402,6 +410,7 @@ async def fetch_by_units(
         room=room,
         bucket=TokenBucket(rate) if rate > 0 else None,
         seeding=seeding,
+        logged=logged,
     )
     done = await fetch.fetch(lengths, info.ref)
     return fetch.result, done

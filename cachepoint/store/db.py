@@ -369,10 +369,11 @@ class StoreDB:
                 raise OutOfSpace(self.root, str(err)) from err
             raise
 
-    def flush(self, family: str) -> None:
-        """Persist a family's memtable to SST files (for writes made with the WAL off)."""
+    def flush(self, family: str, wait: bool = True) -> None:
+        """Persist a family's memtable to SST files (for writes made with the WAL off). ``wait``:
+        False only asks for it (RocksDB's background threads write it)."""
         try:
-            self.cf[family].flush(True)
+            self.cf[family].flush(wait)
         except Exception as err:
             if is_no_space(err):
                 raise OutOfSpace(self.root, str(err)) from err
