@@ -7,6 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
+from bench.ceiling import REFERENCE, read_hash_compress
 from bench.gen_image import BLOCK, mutate
 from bench.harness import (
     RUNS,
@@ -64,14 +65,25 @@ def first_ingest(bench: Bench) -> Section:
     warm(image)
     size = os.path.getsize(image)
     times: list[float] = []
+    references: list[float] = []
     last: tuple[IngestResult, StoreStats] | None = None
     store_dir = bench.path("store-v1")
+    threads, skip_zero = REFERENCE
     for run in range(RUNS):
+        # A run of the reference ceiling right before each ingest: the share compares the two in the
+        # same spell of this shared machine (the ceiling section ran minutes earlier).
+        settle()
+        start = time.perf_counter()
+        read_hash_compress(image, threads, skip_zero)
+        references.append(time.perf_counter() - start)
         remove(store_dir)  # each run starts from an empty store
         elapsed, result, stats = _ingest(store_dir, image, LAYER, create=True)
         times.append(elapsed)
         last = (result, stats)
-        bench.log(f"first ingest: run {run + 1}/{RUNS} {elapsed:.3f} s ({mib_s(size, elapsed):.0f} MiB/s)")
+        bench.log(
+            f"first ingest: run {run + 1}/{RUNS} {elapsed:.3f} s ({mib_s(size, elapsed):.0f} MiB/s), "
+            f"reference ceiling just before {mib_s(size, references[-1]):.0f} MiB/s"
+        )
     assert last is not None
     # The last run's store holds exactly v1: later sections start from it rather than ingest v1 again.
     bench.keep_v1_store(store_dir)
@@ -80,13 +92,20 @@ def first_ingest(bench: Bench) -> Section:
     s = stats.as_json()
     best = min(times)
     throughput = mib_s(size, best)
-    ceiling = bench.figure("ceiling", "reference_mib_s")
+    ceiling = mib_s(size, min(references))
+    section_ceiling = bench.figure("ceiling", "reference_mib_s")
     share = throughput / ceiling
     ok = share >= CEILING_SHARE
     table = Table(["Measure", "Measured", "Target", "Result"])
     table.add("Image size", human_bytes(size), "", "")
     table.add(f"Time, best of {RUNS} (s)", f"{best:.3f}", "", "")
     table.add("All runs (s)", ", ".join(f"{t:.3f}" for t in times), "", "")
+    table.add(
+        "Reference ceiling, run before each ingest, best (MiB/s)",
+        f"{ceiling:.1f} (in the ceiling section: {section_ceiling:.1f})",
+        "",
+        "",
+    )
     table.add("Throughput (MiB/s)", f"{throughput:.1f}", f"≥ {CEILING_SHARE * ceiling:.1f}", verdict(ok))
     table.add("Share of reference ceiling", f"{share:.1%}", f"≥ {CEILING_SHARE:.0%}", verdict(ok))
     table.add("Blocks / holes", f"{r['blocks']} / {r['holes']}", "", "")
@@ -105,7 +124,9 @@ def first_ingest(bench: Bench) -> Section:
             f"`ingest()` of the v1 image as layer `{LAYER}` (kind OS) into a fresh store, timed with "
             f"`time.perf_counter()` around the call alone; best of {RUNS} runs, each in a new empty "
             "store, with the image already in the page cache. Throughput is image bytes (holes "
-            "included, as for the ceiling) / time. Store figures come from `store_stats()` after the "
+            "included, as for the ceiling) / time. The share is of the reference ceiling (2 threads, "
+            "zero blocks skipped) run right before each ingest, best of those runs. Store figures come "
+            "from `store_stats()` after the "
             "last run; its on-disk size is sampled while RocksDB may still be compacting, so it can "
             "count a compaction's inputs and its partial output together."
         ),
