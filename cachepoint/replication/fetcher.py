@@ -356,10 +356,7 @@ class Fetcher:
                     self.room(unwritten)
                 except Exception as err:
                     return good, bad, err
-            if self.logged:
-                self.store.blocks.put_many(good, True, records)
-            else:
-                self.store.blocks.put_fetched(good, records)
+            self.store.blocks.put_fetched(good, records, logged=self.logged)
         return good, bad, None
 
     async def fetch(self, missing: list[bytes], label: str, version: str = "") -> FetchResult:

@@ -303,9 +303,10 @@ class UnitFetch:
         if self.room is not None:
             await asyncio.to_thread(self.room, size)  # what it raises ends the pull (as the fetcher's)
         await asyncio.to_thread(
-            self._write,
+            self.store.blocks.put_fetched,
             [(chunk, value) for chunk, value, _ in good],
             [(chunk, record) for chunk, _, record in good],
+            logged=self.logged,
         )
         fetched_units = sum(len(window.fetch.get(chunk, ())) for chunk, _, _ in good)
         units = sum(len(window.plans[chunk]) for chunk, _, _ in good)
@@ -328,7 +329,7 @@ class UnitFetch:
             return
         if self.room is not None:
             await asyncio.to_thread(self.room, sum(len(value) for _, value in good))
-        await asyncio.to_thread(self._write, good, records)
+        await asyncio.to_thread(self.store.blocks.put_fetched, good, records, logged=self.logged)
         self.result.whole_blocks += len(good)
         self.source.counters.blocks += len(good)
         self.done.update(chunk for chunk, _ in good)
@@ -353,12 +354,6 @@ class UnitFetch:
             good.append((part.id, part.value))
             records.append((part.id, encode_record(self.unit, unit_digests(data, self.unit))))
         return good, records, problems
-
-    def _write(self, values: list[tuple[bytes, bytes]], records: list[tuple[bytes, bytes]]) -> None:
-        if self.logged:
-            self.store.blocks.put_many(values, True, records)
-        else:
-            self.store.blocks.put_fetched(values, records)
 
     async def _pay(self, parts: list[Part]) -> None:
         size = sum(len(part.value) + len(part.unit_digests) for part in parts)

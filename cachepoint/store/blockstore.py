@@ -73,14 +73,21 @@ class BlockStore:
         return written
 
     def put_fetched(
-        self, values: Iterable[tuple[bytes, bytes]], unit_records: Iterable[tuple[bytes, bytes]] = ()
+        self,
+        values: Iterable[tuple[bytes, bytes]],
+        unit_records: Iterable[tuple[bytes, bytes]] = (),
+        *,
+        logged: bool,
     ) -> int:
-        """Write verified blocks a pull fetched, for a pull that calls ``persist`` before its version
-        commits. Written once, without the WAL: logged, each block went to disk twice (the WAL, then
-        the memtable's flush), and the WAL's copy ran with the GIL held (0.1 s for the 38 MiB of the
-        benchmark's real image, and as much again in the close's flush). Flushed in the background
-        each FLUSH_EVERY bytes, so that a killed pull keeps nearly all it stored and the next one
-        fetches only the rest."""
+        """Write verified blocks that arrived from another machine. ``logged``: with the WAL, each kept
+        as soon as it is written. Otherwise for a pull that calls ``persist`` before its version
+        commits: written once, without the WAL. Logged, each block goes to disk twice (the WAL, then
+        the memtable's flush), and the WAL's copy runs with the GIL held (0.1 s for the 38 MiB of the
+        benchmark's real image, and as much again in the close's flush). Unlogged blocks are flushed
+        in the background each FLUSH_EVERY bytes, so that a killed pull keeps nearly all it stored
+        and the next one fetches only the rest."""
+        if logged:
+            return self.put_many(values, True, unit_records)
         written = self.put_many(values, False, unit_records)
         with self._unflushed_lock:
             self._unflushed += written
