@@ -112,6 +112,17 @@ def _label(threads: int, skip_zero: bool) -> str:
     return f"{threads} thread{'s' if threads > 1 else ''}, {blocks}"
 
 
+def timed_run(image: Path, threads: int, skip_zero: bool) -> float:
+    """Seconds of one ``read_hash_compress`` of the whole image, after writing back dirty pages."""
+    settle()
+    start = time.perf_counter()
+    read = read_hash_compress(image, threads, skip_zero)
+    elapsed = time.perf_counter() - start
+    size = os.path.getsize(image)
+    assert read == size, f"read {read} of {size} bytes"
+    return elapsed
+
+
 def ceiling(bench: Bench) -> Section:
     image = bench.v1
     size = os.path.getsize(image)
@@ -122,11 +133,7 @@ def ceiling(bench: Bench) -> Section:
     # sinking one variant's every run.
     for run in range(RUNS):
         for threads, skip_zero in variants:
-            settle()
-            start = time.perf_counter()
-            read = read_hash_compress(image, threads, skip_zero)
-            elapsed = time.perf_counter() - start
-            assert read == size, f"read {read} of {size} bytes"
+            elapsed = timed_run(image, threads, skip_zero)
             times[(threads, skip_zero)].append(elapsed)
             bench.log(
                 f"ceiling {_label(threads, skip_zero)}: run {run + 1}/{RUNS} {elapsed:.3f} s "

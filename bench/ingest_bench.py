@@ -7,7 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench.ceiling import REFERENCE, read_hash_compress
+from bench.ceiling import REFERENCE, timed_run
 from bench.gen_image import BLOCK, mutate
 from bench.harness import (
     RUNS,
@@ -68,14 +68,10 @@ def first_ingest(bench: Bench) -> Section:
     references: list[float] = []
     last: tuple[IngestResult, StoreStats] | None = None
     store_dir = bench.path("store-v1")
-    threads, skip_zero = REFERENCE
     for run in range(RUNS):
         # A run of the reference ceiling right before each ingest: the share compares the two in the
         # same spell of this shared machine (the ceiling section ran minutes earlier).
-        settle()
-        start = time.perf_counter()
-        read_hash_compress(image, threads, skip_zero)
-        references.append(time.perf_counter() - start)
+        references.append(timed_run(image, *REFERENCE))
         remove(store_dir)  # each run starts from an empty store
         elapsed, result, stats = _ingest(store_dir, image, LAYER, create=True)
         times.append(elapsed)

@@ -57,12 +57,11 @@ from bench.harness import (
 from bench.replication_bench import (
     CACHEPOINT,
     _announcement,
-    _await_port,
-    _free_port,
     _Proxy,
     _rsync_stats,
     _run,
     _spawn,
+    start_rsync_daemon,
 )
 from cachepoint.blocks import encode_block
 from cachepoint.chunking import ChunkParams
@@ -472,28 +471,7 @@ class Rsync:
 
     def __init__(self, ctx: RealImage) -> None:
         self.ctx = ctx
-        src = ctx.dir / "rsync-src"
-        src.mkdir()
-        try:
-            os.link(ctx.v2, src / "v2.img")
-        except OSError:
-            shutil.copyfile(ctx.v2, src / "v2.img")
-        log = ctx.dir / "rsyncd.log"
-        conf = ctx.dir / "rsyncd.conf"
-        conf.write_text(
-            f"use chroot = no\nuid = {os.getuid()}\ngid = {os.getgid()}\nlog file = {log}\n\n"
-            f"[real]\n    path = {src}\n    read only = yes\n"
-        )
-        self.port = _free_port()
-        proc = _spawn(
-            ctx.stack,
-            ["rsync", "--daemon", "--no-detach", f"--port={self.port}", f"--config={conf}"]
-            + ["--address=127.0.0.1"],
-            ctx.dir / "rsyncd.stderr",
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-        )
-        _await_port(proc, self.port, ctx.dir / "rsyncd.stderr", "rsync daemon")
+        self.url = start_rsync_daemon(ctx.stack, ctx.dir, ctx.v2, "real")
         self.dst = ctx.dir / "rsync-dst.img"
         self.times: list[float] = []
         self.out = ""
@@ -501,11 +479,7 @@ class Rsync:
     def once(self) -> None:
         shutil.copyfile(self.ctx.v1, self.dst)
         settle()
-        took, self.out = _run(
-            ["rsync", "--no-whole-file", "--stats", f"rsync://127.0.0.1:{self.port}/real/v2.img"]
-            + [str(self.dst)],
-            "rsync",
-        )
+        took, self.out = _run(["rsync", "--no-whole-file", "--stats", self.url, str(self.dst)], "rsync")
         self.times.append(took)
 
     def result(self) -> tuple[float, int, bool]:

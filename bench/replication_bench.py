@@ -525,32 +525,39 @@ class DeltaSync:
         return runs
 
     def rsync_daemon(self) -> str:
-        src = self.dir / "rsync-src"
-        src.mkdir()
-        image = src / "v2.img"
-        try:
-            os.link(self.bench.v2, image)
-        except OSError:
-            shutil.copyfile(self.bench.v2, image)  # no hard links here; the copy is not timed
-        log = self.dir / "rsyncd.log"
-        conf = self.dir / "rsyncd.conf"
-        # uid/gid: run as root, the daemon would switch to nobody, who cannot enter the scratch
-        # directory (mkdtemp makes it 0700); naming ourselves keeps it as is.
-        conf.write_text(
-            f"use chroot = no\nuid = {os.getuid()}\ngid = {os.getgid()}\nlog file = {log}\n\n"
-            f"[{RSYNC_MODULE}]\n    path = {src}\n    read only = yes\n"
-        )
-        port = _free_port()
-        proc = _spawn(
-            self.stack,
-            ["rsync", "--daemon", "--no-detach", f"--port={port}", f"--config={conf}", "--address=127.0.0.1"],
-            self.dir / "rsyncd.stderr",
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-        )
-        _await_port(proc, port, self.dir / "rsyncd.stderr", "rsync daemon")
-        self.bench.log(f"delta sync: rsync daemon on 127.0.0.1:{port}")
-        return f"rsync://127.0.0.1:{port}/{RSYNC_MODULE}/v2.img"
+        url = start_rsync_daemon(self.stack, self.dir, self.bench.v2, RSYNC_MODULE)
+        self.bench.log(f"delta sync: rsync daemon at {url}")
+        return url
+
+
+def start_rsync_daemon(stack: contextlib.ExitStack, directory: Path, image: Path, module: str) -> str:
+    """An rsync daemon on loopback serving ``image`` (hard-linked into ``directory``, copied where
+    links cannot be made: the copy is not timed) as ``module``; returns the image's rsync:// URL."""
+    src = directory / "rsync-src"
+    src.mkdir()
+    served = src / image.name
+    try:
+        os.link(image, served)
+    except OSError:
+        shutil.copyfile(image, served)
+    log = directory / "rsyncd.log"
+    conf = directory / "rsyncd.conf"
+    # uid/gid: run as root, the daemon would switch to nobody, who cannot enter the scratch
+    # directory (mkdtemp makes it 0700); naming ourselves keeps it as is.
+    conf.write_text(
+        f"use chroot = no\nuid = {os.getuid()}\ngid = {os.getgid()}\nlog file = {log}\n\n"
+        f"[{module}]\n    path = {src}\n    read only = yes\n"
+    )
+    port = _free_port()
+    proc = _spawn(
+        stack,
+        ["rsync", "--daemon", "--no-detach", f"--port={port}", f"--config={conf}", "--address=127.0.0.1"],
+        directory / "rsyncd.stderr",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    _await_port(proc, port, directory / "rsyncd.stderr", "rsync daemon")
+    return f"rsync://127.0.0.1:{port}/{module}/{image.name}"
 
 
 _RSYNC_STATS = {
