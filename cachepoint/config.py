@@ -16,6 +16,7 @@ The TOML keys are the field names, e.g.::
     subscribe = ["os/win10:production", "app/office:production"]
     wan_rate = "100Mbit"
     site_fanout = true
+    pull_wal = false
     snapshot_every = "15m"
     read_cache = "1G"
     nbd_write_budget = "64M"
@@ -101,6 +102,11 @@ class Settings:
     site_fanout: str = "true"
     """`serve`: nodes of a site pulling one version at once share its WAN fetch, each block crossing
     the WAN once for the site (true); false: this node fetches what its site lacks on its own."""
+    pull_wal: str = "false"
+    """`serve`, `pull`: write each fetched block to RocksDB's write-ahead log as it lands (true): a
+    process killed mid-pull keeps every block it fetched, for twice the disk writes. false: blocks
+    are written once, flushed every 16 MiB and before the version commits; a killed pull fetches
+    its last 16 MiB or so again."""
     snapshot_every: str = "0"
     """`serve`: snapshot every attached user disk that has new writes this often, e.g. "15m" (0: never)."""
     read_cache: str = "1G"

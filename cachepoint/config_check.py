@@ -125,6 +125,7 @@ def cachepoint_checks() -> dict[str, Check]:
         "wan_rate": scalar(parse_rate),
         "site_rate": scalar(parse_rate),
         "site_fanout": switch("site_fanout"),
+        "pull_wal": switch("pull_wal"),
         "snapshot_every": scalar(parse_duration),
         "read_cache": size("read_cache"),
         "nbd_write_budget": size("nbd_write_budget"),

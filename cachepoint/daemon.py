@@ -104,6 +104,8 @@ class DaemonSettings:
     """Bytes per second per class of source (see replication/ratelimit.py)."""
     site_fanout: bool = True
     """Share the WAN fetch of a version with the site's other pullers of it (docs/design.md)."""
+    pull_wal: bool = False
+    """Log each pulled block as it lands (replication/pull.py ``logged``); False: written once."""
     nbd: str = ""
     """HOST:PORT for NBD exports of attached disks, e.g. 127.0.0.1:10809 (empty: no TCP NBD)."""
     nbd_socket: str = ""
@@ -213,6 +215,7 @@ class Daemon:
                     share=self.settings.site_fanout,  # with the site's other pullers (docs/design.md)
                     partial=self._partial,
                     arrivals=self.arrivals,
+                    logged=self.settings.pull_wal,
                 )
             except PullsPaused as err:
                 self.metrics.pulled("failed", time.monotonic() - started)

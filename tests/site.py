@@ -49,6 +49,12 @@ def held(store: Path, ids: set[bytes]) -> set[bytes]:
         return {digest for digest in ids if opened.blocks.has(digest)}
 
 
+# For nodes whose stores a test reads while they pull (``held``, ``present``): each block is logged as
+# it lands. By default a daemon writes pulled blocks once, without the WAL, and another process sees
+# them only at the next flush (every 16 MiB and before the commit).
+PEEKABLE = "pull_wal = true\n"
+
+
 def present(store: Path, ids: set[bytes]) -> int:
     """How many of ``ids`` the store holds (read-only, beside its running daemon)."""
     with Store.open(store) as opened:

@@ -33,6 +33,7 @@ from tests.fleet import (
     fleet_nodes,
     free_port,
     publish,
+    wait_until,
 )
 
 pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
@@ -102,9 +103,16 @@ def test_a_daemon_whose_coordinator_is_killed_resumes_on_the_next_replica_and_no
     replacement = fleet.coordinator(data=data, listen=second, name="coordinator-2")
     assert publish(admin, replicas, image(images, 2), "production")["version"] == 2
 
-    status = fleet.wait_holds(node, 2)
-    assert status["coordinator_connected"]
-    assert "n1" in fleet_nodes(replacement.address)  # registered again, at the replica that is up
+    fleet.wait_holds(node, 2)
+    # The replica that is up knows nothing of n1 until n1 registers again, which its next heartbeat
+    # does (told NOT_FOUND): a pull of a few blocks may finish first.
+    wait_until(
+        "n1 to register at the replica that is up",
+        lambda: node.status()["coordinator_connected"] or None,
+        30,
+        logs=fleet.logs,
+    )
+    assert "n1" in fleet_nodes(replacement.address)
     assert [v.number for v in coordinator_versions(replacement.address, LAYER)] == [1, 2]
 
 

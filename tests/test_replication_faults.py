@@ -284,6 +284,25 @@ def test_a_pull_that_dies_right_after_its_commit_keeps_every_block_of_the_versio
     assert export_digest(puller, PRODUCTION, tmp_path / "export.img") == sha256_file(image)
 
 
+def test_a_daemon_killed_right_after_it_commits_a_pull_keeps_every_block_of_the_version(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """A daemon's pulls also write their blocks once (config ``pull_wal = false``, the default) and
+    flush them before the version commits: a SIGKILL the moment the version is listed loses none."""
+    coordinator = fleet.coordinator()
+    image = tmp_path / "random.img"
+    random_image(image, 8 * MiB, seed=48)  # under FLUSH_EVERY: no background flush happens first
+    publish(tmp_path / "admin", coordinator.address, image, "production")
+    node = fleet.cachepoint("blade", coordinator.address)
+    fleet.wait_holds(node, 1)
+    node.kill()  # no RocksDB close, no memtable flush: only what the pull made durable remains
+    with Store.open(node.store) as store:
+        assert [v.number for v in store.catalog.all_versions()] == [1]
+    fsck = cli_json(node.store, "fsck")
+    assert fsck["ok"] and fsck["problems"] == [], fsck
+    assert export_digest(node.store, PRODUCTION, tmp_path / "export.img") == sha256_file(image)
+
+
 def test_gc_in_the_daemon_keeps_the_blocks_of_a_pull_in_flight(fleet: Fleet, tmp_path: Path) -> None:
     """The blocks a pull has stored are named by no version until it commits: the daemon's GC must
     leave them, or the pull would commit a version whose blocks are gone."""

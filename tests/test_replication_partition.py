@@ -32,6 +32,7 @@ from tests.fleet import (
     wait_until,
 )
 from tests.netns import DC_ADDRESS, WanLink, wan_link
+from tests.site import PEEKABLE
 
 MiB = 1024 * 1024
 STABLE = f"{LAYER}:stable"
@@ -112,7 +113,7 @@ def test_a_partition_mid_pull_keeps_site_peers_serving_and_the_pull_resumes_with
     assert published["version"] == 2
 
     config = tmp_path / "b.toml"
-    config.write_text(f'site_rate = "{SITE_RATE}"\n')
+    config.write_text(f'site_rate = "{SITE_RATE}"\n{PEEKABLE}')  # b's store is read while it pulls
     received_before = link.site_received_bytes()
     b = fleet.cachepoint(
         "b",

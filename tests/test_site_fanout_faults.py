@@ -22,6 +22,7 @@ from tests.conftest import sha256_file
 from tests.fleet import BLOCK, PRODUCTION, Fleet, Node, wait_until
 from tests.netns import SiteLan
 from tests.site import (
+    PEEKABLE,
     SITE,
     WAN_FACTOR,
     WAN_RATE,
@@ -50,7 +51,9 @@ def test_a_node_killed_in_the_middle_of_a_fan_out_has_its_share_taken_over_and_t
     lan: tuple[SiteLan, Fleet], tmp_path: Path
 ) -> None:
     site, fleet = lan
-    run = publish_to_the_site(site, fleet, tmp_path, KILL_WAN_RATE, 48 * MiB)
+    config = tmp_path / "nodes.toml"
+    config.write_text(PEEKABLE)
+    run = publish_to_the_site(site, fleet, tmp_path, KILL_WAN_RATE, 48 * MiB, config=config)
     nodes, new_ids = run.nodes, run.new_ids
     victim, survivors = nodes[1], [nodes[0], *nodes[2:]]
 
@@ -94,7 +97,7 @@ def test_a_wan_cut_mid_fan_out_leaves_the_site_exchanging_what_it_has_and_nothin
     # Peers take their shares from each other slower than the WAN brings them, so that at the cut
     # some nodes hold blocks the others have not taken yet.
     config = tmp_path / "nodes.toml"
-    config.write_text(f'site_rate = "{CUT_SITE_RATE}"\n')
+    config.write_text(f'site_rate = "{CUT_SITE_RATE}"\n{PEEKABLE}')
     run = publish_to_the_site(site, fleet, tmp_path, KILL_WAN_RATE, 48 * MiB, config=config)
     nodes, new_ids = run.nodes, run.new_ids
     new_bytes = stored_bytes(run.admin, new_ids)

@@ -128,7 +128,7 @@ def pull_cmd(ctx: Context, ref: str, origin: str | None, wan_rate: str | None, a
                     progress=progress,
                     limits=limits,
                     origin_may_be_node=True,  # --from: "a coordinator or a peer"
-                    logged=False,  # blocks written once; a killed pull loses its last few MiB
+                    logged=parse_switch(ctx.settings.pull_wal, "pull_wal"),
                 )
             )
     if as_json:
@@ -233,6 +233,7 @@ def serve_cmd(
         subscribe=list(subscribe) or list(s.subscribe),
         limits=class_limits(s.wan_rate, s.site_rate),
         site_fanout=parse_switch(s.site_fanout, "site_fanout"),
+        pull_wal=parse_switch(s.pull_wal, "pull_wal"),
         nbd=nbd or "",
         nbd_socket=nbd_socket or "",
         nbd_tls=nbd_tls or parse_switch(s.nbd_tls, "nbd_tls"),

@@ -191,9 +191,10 @@ async def pull(
     site's other pullers of it (docs/design.md "Site fan-out"); False: fetch alone, as a CLI pull.
     ``arrivals``: told of each block a shared fetch stores, for the calls of site peers held open
     for them (the daemon's BlockExchange, cachepoint/replication/arrivals.py).
-    ``logged``: blocks are written with the WAL, each kept as soon as it is written (a daemon: its
-    site's peers count on what it fetched). False: written once, flushed every few MiB and before
-    the commit (BlockStore.put_fetched): a killed pull then loses its last few MiB (a command)."""
+    ``logged``: blocks are written with the WAL, each durable as soon as it is written (config
+    ``pull_wal = true``). False: written once, flushed every 16 MiB and before the commit
+    (BlockStore.put_fetched): a killed pull then fetches its last few MiB again. Until a flush,
+    only this process reads them (site peers are served from it), not another that opens the store."""
     origin = await replicas.reachable(origin, peer=node_origin)  # of several replicas, one that is up
     try:
         async with channel.channel(origin, peer=node_origin) as ch:
