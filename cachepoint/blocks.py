@@ -25,6 +25,7 @@ MAX_BLOCK_SIZE = 4 * MiB
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
+_ZSTD_BYTE = bytes((CODEC_ZSTD,))
 ZSTD_LEVEL = 1
 
 _ZEROS = bytes(MAX_BLOCK_SIZE)
@@ -147,6 +148,36 @@ def decode_stored(digest: bytes, value: bytes, block_size: int = MAX_BLOCK_SIZE)
         return decode_block(value, block_size)
     except (ValueError, zstandard.ZstdError) as err:
         raise BlockCorrupt(BlockId(digest), f"undecodable ({err})") from err
+
+
+def decode_batch(
+    values: dict[bytes, bytes], block_size: int = MAX_BLOCK_SIZE
+) -> dict[bytes, bytes | memoryview]:
+    """``decode_stored`` of many values, the zstd frames in one call that holds no GIL: a thread that
+    decodes block by block takes the GIL back after each, and waits for it while the event loop
+    runs (a real-image NBD copy with half its blocks missing the read cache: 1.47-1.60 s against
+    1.53-1.66 s). Those blocks are views into one buffer of the batch: to copy, not to keep. Any
+    frame the batch cannot take (no declared size, damage) sends the lot down the one-by-one path,
+    which names the block at fault."""
+    out: dict[bytes, bytes | memoryview] = {}
+    batch: list[bytes] = []
+    frames: list[memoryview] = []
+    for digest, value in values.items():
+        if value[:1] == _ZSTD_BYTE:
+            if problem := size_problem(value, block_size, at_rest=True):
+                raise BlockOversized(BlockId(digest), problem)
+            batch.append(digest)
+            frames.append(memoryview(value)[1:])
+        else:
+            out[digest] = decode_stored(digest, value, block_size)
+    if frames:
+        try:
+            decoded = _decompressor().multi_decompress_to_buffer(frames)
+        except (zstandard.ZstdError, ValueError):  # ValueError: a frame that declares no size
+            return {digest: decode_stored(digest, value, block_size) for digest, value in values.items()}
+        for digest, segment in zip(batch, decoded, strict=True):
+            out[digest] = memoryview(segment)
+    return out
 
 
 def decode_verified(digest: bytes, value: bytes, block_size: int = MAX_BLOCK_SIZE) -> bytes:

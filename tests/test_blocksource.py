@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from cachepoint.blocks import CODEC_RAW, CODEC_ZSTD, block_digest
 from cachepoint.blocksource import (
@@ -199,3 +200,30 @@ def test_a_block_that_decodes_to_other_bytes_is_read_as_stored_and_the_scrub_fin
             VerifiedSource(StoreSource(store)).get_many(ids)
         check = check_batch(store, None, 100)
         assert [(bad.digest, bad.kind) for bad in check.bad] == [(ids[0], CORRUPT)]
+
+
+def test_a_batch_of_zstd_blocks_decodes_in_one_call_and_a_bad_frame_in_it_is_named(tmp_path: Path) -> None:
+    """StoreSource.get_views decodes a batch's zstd frames in one call (cachepoint/blocks.py
+    decode_batch): the same bytes as one by one; a frame without a declared size (another writer's)
+    still decodes; an undecodable one is BlockCorrupt naming its block, never a wrong block."""
+    data = b"".join(bytes([i]) * (BS // 2) + os.urandom(BS // 2) for i in range(1, BLOCKS + 1))
+    _, ids = put_image(tmp_path / "store", data)
+    with Store.open(tmp_path / "store", writable=True) as store:
+        source = StoreSource(store)
+        assert all(value[0] == CODEC_ZSTD for value in source.stored_many(ids).values())
+        views = source.get_views(ids)
+        assert {digest: bytes(view) for digest, view in views.items()} == source.get_many(ids)
+        assert b"".join(bytes(views[digest]) for digest in ids) == data
+
+        handle = store.db.handle[fmt.CF_BLOCKS]
+        sizeless = zstandard.ZstdCompressor(write_content_size=False).compress(data[2 * BS : 3 * BS])
+        batch = store.db.batch()
+        batch.put(ids[2], bytes((CODEC_ZSTD,)) + sizeless, handle)
+        store.db.write(batch)
+        assert bytes(source.get_views(ids)[ids[2]]) == data[2 * BS : 3 * BS]
+
+        batch = store.db.batch()
+        batch.put(ids[5], bytes((CODEC_ZSTD,)) + bytes(4) + os.urandom(BS), handle)  # no frame magic
+        store.db.write(batch)
+        with pytest.raises(BlockCorrupt, match=ids[5].hex()):
+            source.get_views(ids)

@@ -39,6 +39,13 @@ class BlockSource(abc.ABC):
 
         Raises BlockUnreadable or BlockCorrupt naming a block it holds but cannot read."""
 
+    def get_views(
+        self, ids: Sequence[bytes], *, also: Sequence[bytes] = ()
+    ) -> dict[bytes, bytes | memoryview]:
+        """``get_many`` for a caller that copies each block at once and keeps none (a cache's read):
+        a block may be a view into a buffer shared with the others."""
+        return dict(self.get_many(ids, also=also))
+
     @abc.abstractmethod
     def stored_many(self, ids: Sequence[bytes]) -> dict[bytes, bytes]:
         """The stored values (codec byte + payload, cachepoint/blocks.py) of the ids this source can

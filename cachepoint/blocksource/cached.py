@@ -27,7 +27,9 @@ class Cache(Protocol):
         """Whether every id is cached (an index lookup each, no read)."""
         ...
 
-    def put_many(self, blocks: list[tuple[bytes, bytes]]) -> None: ...
+    def put_many(self, blocks: Sequence[tuple[bytes, bytes | memoryview]]) -> None:
+        """Keep copies of blocks (a block may be a view its caller does not keep)."""
+        ...
 
 
 class MemoryCache:
@@ -59,12 +61,12 @@ class MemoryCache:
         blocks = self._blocks
         return all(digest in blocks for digest in ids)
 
-    def put_many(self, blocks: list[tuple[bytes, bytes]]) -> None:
+    def put_many(self, blocks: Sequence[tuple[bytes, bytes | memoryview]]) -> None:
         with self._lock:
             for digest, data in blocks:
                 if digest in self._blocks or len(data) > self._capacity:
                     continue
-                self._blocks[digest] = data
+                self._blocks[digest] = bytes(data)  # a view would keep its whole batch alive
                 self._used += len(data)
                 while self._used > self._capacity:
                     _, dropped = self._blocks.popitem(last=False)
@@ -84,7 +86,8 @@ class CachedSource(BlockSource):
         missing = self.cache.copy_many(wanted, nowait=nowait)
         if not missing or nowait:
             return missing
-        found = self.inner.get_many(list(dict.fromkeys(wanted[p][0] for p in missing)), also=also)
+        # Views (one buffer per batch): each is copied into its target and into the cache, never kept.
+        found = self.inner.get_views(list(dict.fromkeys(wanted[p][0] for p in missing)), also=also)
         absent = []
         for position in missing:
             digest, target = wanted[position]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cachepoint.blocks import MAX_BLOCK_SIZE, block_digest, decode_stored
+from cachepoint.blocks import MAX_BLOCK_SIZE, block_digest, decode_batch, decode_stored
 from cachepoint.blocksource.base import BlockSource
 from cachepoint.errors import BlockCorrupt
 from cachepoint.ids import BlockId
@@ -26,6 +26,12 @@ class StoreSource(BlockSource):
     def get_many(self, ids: Sequence[bytes], *, also: Sequence[bytes] = ()) -> dict[bytes, bytes]:
         size = self.block_size
         return {digest: decode_stored(digest, value, size) for digest, value in self.stored_many(ids).items()}
+
+    def get_views(
+        self, ids: Sequence[bytes], *, also: Sequence[bytes] = ()
+    ) -> dict[bytes, bytes | memoryview]:
+        values = self.stored_many(ids)
+        return decode_batch(values, self.block_size) if len(values) > 1 else dict(self.get_many(ids))
 
     def keep(self, values: dict[bytes, bytes]) -> None:
         """Write stored values that were verified on arrival, with the WAL on: a daemon killed a

@@ -48,6 +48,16 @@ class WriteBack(BlockSource):
             found.update(self.local.get_many(missing))
         return found
 
+    def get_views(
+        self, ids: Sequence[bytes], *, also: Sequence[bytes] = ()
+    ) -> dict[bytes, bytes | memoryview]:
+        found = self.local.get_views(ids)
+        missing = [digest for digest in dict.fromkeys(ids) if digest not in found]
+        if missing:
+            self._fill(missing, also)
+            found.update(self.local.get_views(missing))
+        return found
+
     def stored_many(self, ids: Sequence[bytes]) -> dict[bytes, bytes]:
         found = self.local.stored_many(ids)
         missing = [digest for digest in dict.fromkeys(ids) if digest not in found]
