@@ -155,8 +155,8 @@ def decode_batch(
 ) -> dict[bytes, bytes | memoryview]:
     """``decode_stored`` of many values, the zstd frames in one call that holds no GIL: a thread that
     decodes block by block takes the GIL back after each, and waits for it while the event loop
-    runs (a real-image NBD copy with half its blocks missing the read cache: 1.47-1.60 s against
-    1.53-1.66 s). Those blocks are views into one buffer of the batch: to copy, not to keep. Any
+    runs (a real-image NBD copy with half its blocks missing the read cache: 1.46-1.57 s against
+    1.58-1.66 s). Those blocks are views into one buffer of the batch: to copy, not to keep. Any
     frame the batch cannot take (no declared size, damage) sends the lot down the one-by-one path,
     which names the block at fault."""
     out: dict[bytes, bytes | memoryview] = {}

@@ -30,8 +30,7 @@ class StoreSource(BlockSource):
     def get_views(
         self, ids: Sequence[bytes], *, also: Sequence[bytes] = ()
     ) -> dict[bytes, bytes | memoryview]:
-        values = self.stored_many(ids)
-        return decode_batch(values, self.block_size) if len(values) > 1 else dict(self.get_many(ids))
+        return decode_batch(self.stored_many(ids), self.block_size)
 
     def keep(self, values: dict[bytes, bytes]) -> None:
         """Write stored values that were verified on arrival, with the WAL on: a daemon killed a
