@@ -13,10 +13,13 @@ were checked against their ids as they arrived).
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from cachepoint.blocksource.base import BlockSource
 from cachepoint.blocksource.local import StoreSource
+
+Value = TypeVar("Value", bytes, bytes | memoryview)
 
 
 class WriteBack(BlockSource):
@@ -40,31 +43,30 @@ class WriteBack(BlockSource):
                 self.local.keep(got)
                 self.fetched += len(got)
 
-    def get_many(self, ids: Sequence[bytes], *, also: Sequence[bytes] = ()) -> dict[bytes, bytes]:
-        found = self.local.get_many(ids)
+    def _through(
+        self,
+        read: Callable[[Sequence[bytes]], dict[bytes, Value]],
+        ids: Sequence[bytes],
+        also: Sequence[bytes],
+    ) -> dict[bytes, Value]:
+        """``read`` of the local store, after fetching what it lacks (and ``also``) from the remote."""
+        found = read(ids)
         missing = [digest for digest in dict.fromkeys(ids) if digest not in found]
         if missing:
             self._fill(missing, also)
-            found.update(self.local.get_many(missing))
+            found.update(read(missing))
         return found
+
+    def get_many(self, ids: Sequence[bytes], *, also: Sequence[bytes] = ()) -> dict[bytes, bytes]:
+        return self._through(self.local.get_many, ids, also)
 
     def get_views(
         self, ids: Sequence[bytes], *, also: Sequence[bytes] = ()
     ) -> dict[bytes, bytes | memoryview]:
-        found = self.local.get_views(ids)
-        missing = [digest for digest in dict.fromkeys(ids) if digest not in found]
-        if missing:
-            self._fill(missing, also)
-            found.update(self.local.get_views(missing))
-        return found
+        return self._through(self.local.get_views, ids, also)
 
     def stored_many(self, ids: Sequence[bytes]) -> dict[bytes, bytes]:
-        found = self.local.stored_many(ids)
-        missing = [digest for digest in dict.fromkeys(ids) if digest not in found]
-        if missing:
-            self._fill(missing, ())
-            found.update(self.local.stored_many(missing))
-        return found
+        return self._through(self.local.stored_many, ids, ())
 
     def close(self) -> None:
         self.remote.close()
