@@ -28,7 +28,8 @@ READY_TIMEOUT = 120.0  # seconds to import, open a store and bind: generous, the
 STOP_TIMEOUT = 15.0  # the daemons' own grace period is 5 s
 CLI_TIMEOUT = 600.0
 # The daemons' logs go to files, where JSON would be their default: text, whose timestamps
-# fleetlab/fanout.py reads (when each node committed and pulled).
+# fleetlab/fanout.py reads (when each node committed and pulled). tests/fleet.py starts its children
+# with it too.
 LOG_FORMAT = ("--log-format", "text")
 
 

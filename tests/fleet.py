@@ -35,6 +35,7 @@ from cachepoint.blocks import is_hole
 from cachepoint.store.store import Store
 from cachepoint.v1 import catalog_pb2, catalog_pb2_grpc, fleet_pb2, fleet_pb2_grpc, version_pb2
 from fleetlab.ports import quiet_port
+from fleetlab.processes import LOG_FORMAT  # text, not JSON: the tests read the logs
 from tests import tls
 from tests.conftest import REPO, TEST_MIN_FREE, Run, cli_env, run_cli, sha256_file
 
@@ -48,7 +49,6 @@ CLI_TIMEOUT = 120.0
 CONVERGE_TIMEOUT = 90.0  # a subscription retrying a missing layer backs off up to 30 s (+50% jitter)
 COORDINATOR_MAIN = "from coordinator.cli import main; main()"
 LOG_TAIL = 40  # lines of each child's stderr shown in a failure message
-LOG_FORMAT = ("--log-format", "text")
 
 T = TypeVar("T")
 
