@@ -174,6 +174,9 @@ class Daemon:
         self._pull_lock = asyncio.Lock()  # one pull at a time: two would fetch the same blocks
         self.outbox_wakeup = asyncio.Event()
         self.registered = asyncio.Event()
+        # Set by a call that learns the coordinator does not know this node (a replica took over):
+        # the heartbeat registers at once rather than after its interval.
+        self.heartbeat_now = asyncio.Event()
         # Peers that sent a corrupt block, and until when (monotonic seconds) they are not asked again.
         self.suspects: dict[str, float] = {}
         self.delivered = 0
@@ -381,6 +384,8 @@ class Daemon:
             self.apply_fleet_view(reply)
         except grpc.aio.AioRpcError as err:
             log.info("could not report inventory now: %s", err.details())
+            if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                self.heartbeat_now.set()
 
     def apply_fleet_view(self, reply: fleet_pb2.HeartbeatResponse) -> None:
         if not self.fleet_view.apply(reply):
@@ -417,7 +422,9 @@ class Daemon:
                             self.outbox_wakeup.set()  # back online: deliver what waited
                         self.connected = True
                         backoff = BACKOFF_START
-                        await asyncio.sleep(interval)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self.heartbeat_now.wait(), interval)
+                        self.heartbeat_now.clear()
                     except grpc.aio.AioRpcError as err:
                         if err.code() == grpc.StatusCode.NOT_FOUND:
                             registered = False  # the coordinator restarted and forgot us

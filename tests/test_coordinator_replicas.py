@@ -351,8 +351,14 @@ def test_a_replica_killed_mid_publish_and_mid_watch_loses_and_doubles_nothing(
         fleet.wait_holds(node, 2)  # the daemon resumed its Watch on another replica and pulled v2
         random_image(image, 4 * BLOCK, seed=3)
         assert publish(admin, addresses, image, "production")["version"] == 3
-        status = fleet.wait_holds(node, 3)
-        assert status["coordinator_connected"]
+        fleet.wait_holds(node, 3)
+        # Its heartbeats moved too (they notice the dead replica on their own schedule).
+        wait_until(
+            "the daemon's heartbeats to reach a live replica",
+            lambda: node.status()["coordinator_connected"] or None,
+            30,
+            logs=fleet.logs,
+        )
         log = node.cli_json("log", LAYER)
         assert sorted(v["version"] for v in log["versions"]) == [1, 2, 3], log
 

@@ -23,7 +23,7 @@ from coordinator.pki.ca import CertificateAuthority
 from tests.conftest import daemon, run_cli
 from tests.fleet import Child, Fleet, backend_args, cachepoint_cli, coordinator_cli, random_image, wait_until
 from tests.test_authz_fleet import assign, enrolled
-from tests.test_trust_fleet import data_of, issued_here, tls_coordinator
+from tests.test_trust_fleet import data_of, expired_here, issued_here, tls_coordinator
 
 pytestmark = [
     pytest.mark.skipif(
@@ -243,12 +243,11 @@ def test_every_rest_route_with_tls_refuses_callers_without_a_valid_credential_an
                 timedelta(hours=1),
                 other,
             ),
-            expired=person(fleet, tmp_path, "old-audrey", "auditor", timedelta(seconds=1)),
+            expired=expired_here(fleet, tmp_path / "old-audrey", Principal("old-audrey", (Role("auditor"),))),
             revoked=people["carol"],
         )
         carols_token = bearer(fleet, "carol", "auditor")
         coordinator_cli("revoke", "carol", "--data", str(data_of(fleet)))
-        time.sleep(1.5)  # the expired certificate's second is over
 
         for method, path, body, route, rule, allowed, status, refused in REST_CALLS:
             url = base + path
@@ -357,7 +356,7 @@ def test_a_daemons_https_serves_each_route_only_to_principals_the_table_lets_rea
                 timedelta(hours=1),
                 CertificateAuthority.create(tmp_path / "other"),
             ),
-            expired=person(fleet, tmp_path, "old-bob", "user:bob", timedelta(seconds=1)),
+            expired=expired_here(fleet, tmp_path / "old-bob", Principal("old-bob", (Role("user", "bob"),))),
             revoked=None,  # no coordinator here: revocations reach a node with heartbeats (next test)
         )
         with daemon(store, "--http", "127.0.0.1:0", "--http-tls") as ready:

@@ -109,6 +109,16 @@ def issued_here(
     return write_identity(directory, key_pem(key), cert, fleet_ca.cert_pem)
 
 
+def expired_here(fleet: Fleet, directory: Path, principal: Principal) -> Path:
+    """An identity whose certificate has expired: issued for a second and waited out, so that no
+    caller's fast start can use it while it is still valid."""
+    identity = issued_here(fleet, directory, principal, timedelta(seconds=1))
+    cert = x509.load_pem_x509_certificate((identity / "cert.pem").read_bytes())
+    left = cert.not_valid_after_utc.timestamp() - time.time()
+    time.sleep(max(0.0, left) + 1.1)  # the validity check is to the second: wait past the next one
+    return identity
+
+
 def list_nodes(address: str, creds: grpc.ChannelCredentials | None) -> fleet_pb2.ListNodesResponse:
     channel = grpc.secure_channel(address, creds) if creds is not None else grpc.insecure_channel(address)
     with channel:

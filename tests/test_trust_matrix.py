@@ -38,7 +38,7 @@ from coordinator.pki.ca import CertificateAuthority
 from tests.conftest import coordinator_catalog
 from tests.fleet import Child, Fleet, coordinator_cli, wait_until
 from tests.test_authz_fleet import audit_records, enrolled
-from tests.test_trust_fleet import credentials, data_of, issued_here, tls_coordinator
+from tests.test_trust_fleet import credentials, data_of, expired_here, issued_here, tls_coordinator
 
 pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
@@ -155,9 +155,7 @@ def matrix(
         foreign = issued_here(
             fleet, root / "foreign", Principal("n-foreign", (Role("node"),)), timedelta(hours=1), ca=other_ca
         )
-        expired = issued_here(
-            fleet, root / "expired", Principal("n-expired", (Role("node"),)), timedelta(seconds=1)
-        )
+        expired = expired_here(fleet, root / "expired", Principal("n-expired", (Role("node"),)))
         peer = fleet.cachepoint("n-peer", coordinator.address, store=peer_store, subscribe=())
         coordinator_cli("revoke", "n-revoked", "--data", str(data_of(fleet)))
         health = next(m for m in methods((health_pb2,)) if m.name == "Check")
