@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cachepoint.blocks import CODEC_ZSTD, block_digest
+from cachepoint.chunking import ChunkParams
 from cachepoint.disk.attach import open_disk
 from cachepoint.disk.composite import CompositeDisk
 from cachepoint.disk.readcache import DecodedCache
 from cachepoint.errors import BlockCorrupt
 from cachepoint.layers.ingest import IngestOptions, ingest
-from cachepoint.model import LayerKind
+from cachepoint.model import Chunking, LayerKind
 from cachepoint.store import format as fmt
 from cachepoint.store.store import Store
 
@@ -37,35 +39,40 @@ def put_layer(store: Store, tmp_path: Path, layer: str, data: bytes) -> str:
 
 
 def test_blocks_come_back_as_put_and_the_clock_recycles_the_least_recently_used(tmp_path: Path):
-    cache = DecodedCache(tmp_path / "cache", capacity=3 * BS, slot_size=BS)
+    cache = DecodedCache(tmp_path / "cache", capacity=3 * BS, granule=BS)
     blocks = [os.urandom(BS) for _ in range(4)]
     for block in blocks[:3]:
         cache.put(block_digest(block), block)
-    out = bytearray(BS)
-    assert cache.copy_many([(block_digest(blocks[0]), memoryview(out))]) == [] and out == blocks[0]
-    # Full, and every slot used since the hand passed: each offer clears one slot's use, keeps nothing.
-    for _ in range(3):
+
+    def read(block: bytes) -> bool:
+        out = bytearray(BS)
+        return not cache.copy_many([(block_digest(block), memoryview(out))]) and out == block
+
+    assert read(blocks[0])
+    # Full: the new block waits for the hand, which moves on the credit that hits and offers earn,
+    # and takes only a block not used since it last passed: block 1, never read again.
+    offers = 0
+    while not read(blocks[3]):
+        assert read(blocks[0]) and read(blocks[2])
         cache.put(block_digest(blocks[3]), blocks[3])
-    assert cache.refused == 3
-    assert cache.copy_many([(block_digest(blocks[0]), memoryview(out))]) == []  # in use again
-    for _ in range(2):  # the hand skips block 0 (used) and takes block 1's slot (not used for a sweep)
-        cache.put(block_digest(blocks[3]), blocks[3])
-    present = [not cache.copy_many([(block_digest(b), memoryview(bytearray(BS)))]) for b in blocks]
-    assert present == [True, False, True, True]
+        offers += 1
+        assert offers < 20, "the hand never reached an unused block"
+    assert cache.refused == offers - 1 > 0
+    assert [read(block) for block in blocks] == [True, False, True, True]
     cache.close()
-    cache = DecodedCache(tmp_path / "cache", capacity=3 * BS, slot_size=BS)
+    cache = DecodedCache(tmp_path / "cache", capacity=3 * BS, granule=BS)
     short = os.urandom(100)
     cache.put(block_digest(short), short)  # a disk's short last block
     out = bytearray(BS)
     assert cache.copy_many([(block_digest(short), memoryview(out))]) == [] and out[:100] == short
-    cache.put(b"x" * 32, os.urandom(2 * BS))  # larger than a slot: not kept
+    cache.put(b"x" * 32, os.urandom(2 * BS))  # longer than a quarter of the cache: not kept
     assert cache.copy_many([(b"x" * 32, memoryview(bytearray(2 * BS)))]) == [0]
     cache.close()
     assert not (tmp_path / "cache").exists()
 
 
 def test_a_sequential_read_twice_the_cache_hits_half_of_it_from_the_second_pass_on(tmp_path: Path):
-    cache = DecodedCache(tmp_path / "cache", capacity=8 * BS, slot_size=BS)
+    cache = DecodedCache(tmp_path / "cache", capacity=8 * BS, granule=BS)
     blocks = [(block_digest(b), b) for b in (os.urandom(BS) for _ in range(16))]
     hits = []
     for _ in range(3):
@@ -79,10 +86,140 @@ def test_a_sequential_read_twice_the_cache_hits_half_of_it_from_the_second_pass_
     cache.close()
 
 
+@pytest.mark.parametrize("times", [3, 5])
+def test_a_sequential_read_of_a_disk_several_times_the_cache_keeps_hitting_its_share(
+    tmp_path: Path, times: int
+) -> None:
+    """A hand moved one step by every miss went round more than once a pass here, and no pass hit."""
+    cache = DecodedCache(tmp_path / "cache", capacity=100 * BS, granule=BS)
+    blocks = blocks_of([BS] * 100 * times, seed=times)
+    hits = []
+    for _ in range(5):
+        before = cache.hits
+        for start in range(0, len(blocks), 8):
+            batch = blocks[start : start + 8]
+            missing = cache.copy_many([(digest, memoryview(bytearray(BS))) for digest, _ in batch])
+            cache.put_many([batch[position] for position in missing])
+        hits.append(cache.hits - before)
+    assert hits == [0, 100, 100, 100, 100], hits
+    cache.close()
+
+
+def blocks_of(lengths: list[int], seed: int) -> list[tuple[bytes, bytes]]:
+    rng = random.Random(seed)
+    return [(block_digest(b), b) for b in (rng.randbytes(n) for n in lengths)]
+
+
+def test_blocks_of_any_length_share_the_cache_by_their_bytes_not_by_a_slot_each(tmp_path: Path):
+    """32 KiB content chunks once took a 64 KiB slot each (half the cache) and a chunk over 64 KiB
+    never stayed: now a block takes the pages it needs, whatever its length."""
+    cache = DecodedCache(tmp_path / "cache", capacity=32 * BS, granule=BS)
+    halves = blocks_of([2 * BS] * 16, seed=1)  # 16 blocks of two pages fill the 32 pages
+    cache.put_many(halves)
+    for digest, data in halves:
+        out = bytearray(2 * BS)
+        assert cache.copy_many([(digest, memoryview(out))]) == [] and out == data
+    assert cache.refused == 0 and cache.hits == 16
+    cache.close()
+    cache = DecodedCache(tmp_path / "cache", capacity=32 * BS, granule=BS)
+    mixed = blocks_of([8 * BS, BS + 100, 3 * BS, 5 * BS, 7 * BS], seed=2)  # 25 pages, one short tail
+    cache.put_many(mixed)
+    out = bytearray(8 * BS)
+    wanted = [(digest, memoryview(out)[i * 0 : len(data)]) for i, (digest, data) in enumerate(mixed)]
+    for (digest, data), (_, target) in zip(mixed, wanted, strict=True):
+        assert cache.copy_many([(digest, target)]) == [] and bytes(target) == data
+    cache.close()
+
+
+def test_a_sequential_read_twice_the_cache_keeps_half_of_it_with_blocks_of_mixed_lengths(tmp_path: Path):
+    rng = random.Random(3)
+    blocks = blocks_of([rng.choice([BS, 2 * BS, 4 * BS, 7 * BS + 512]) for _ in range(200)], seed=4)
+    total = sum(len(data) for _, data in blocks)
+    cache = DecodedCache(tmp_path / "cache", capacity=total // 2, granule=BS)
+    shares = []
+    for _ in range(4):
+        hit = 0
+        for start in range(0, len(blocks), 8):  # a reader's batches of 8 blocks
+            batch = blocks[start : start + 8]
+            targets = [(digest, memoryview(bytearray(len(data)))) for digest, data in batch]
+            missing = cache.copy_many(targets)
+            for position, ((_, data), (_, target)) in enumerate(zip(batch, targets, strict=True)):
+                if position not in missing:
+                    assert bytes(target) == data
+                    hit += len(data)
+            cache.put_many([batch[position] for position in missing])
+        shares.append(hit / total)
+    assert shares[0] == 0 and all(0.35 < share <= 0.5 for share in shares[1:]), shares
+    assert cache.damaged == 0
+    cache.close()
+
+
+def test_a_new_working_set_replaces_an_old_one_within_a_few_passes(tmp_path: Path):
+    """The hand's credit comes from hits too: a cache full of blocks nobody reads any more gives way
+    to the ones being read, however slowly misses alone would move it."""
+    cache = DecodedCache(tmp_path / "cache", capacity=100 * BS, granule=BS)
+    old, new = blocks_of([BS] * 60, seed=8), blocks_of([BS] * 80, seed=9)
+    hits = []
+    for working_set in [old] * 3 + [new] * 10:
+        before = cache.hits
+        for start in range(0, len(working_set), 8):
+            batch = working_set[start : start + 8]
+            missing = cache.copy_many([(digest, memoryview(bytearray(BS))) for digest, _ in batch])
+            cache.put_many([batch[position] for position in missing])
+        hits.append(cache.hits - before)
+    assert hits[:3] == [0, 60, 60] and hits[3] == 0
+    assert hits[-3:] == [80, 80, 80], hits
+    cache.close()
+
+
+def test_blocks_never_overlap_in_the_file_whatever_the_order_of_puts_and_reads(tmp_path: Path):
+    """A random walk of puts (lengths from a page to the largest kept) and reads: every hit is the
+    block that was put, every kept block owns its pages alone."""
+    rng = random.Random(5)
+    cache = DecodedCache(tmp_path / "cache", capacity=40 * BS, granule=BS)
+    pool = blocks_of([rng.randrange(1, 10 * BS) for _ in range(60)], seed=6)
+    for _ in range(2000):
+        digest, data = rng.choice(pool)
+        if rng.random() < 0.5:
+            cache.put(digest, data)
+            continue
+        out = bytearray(len(data))
+        if not cache.copy_many([(digest, memoryview(out))]):
+            assert out == data
+    assert cache.damaged == 0 and cache.hits > 100 and cache.refused > 0
+    owners: dict[int, int] = {}
+    for start in cache._index.values():
+        for granule in range(start, start + cache._span(cache._length[start])):
+            assert granule not in owners and cache._owner[granule] == start
+            owners[granule] = start
+    assert all(owner == -1 for granule, owner in enumerate(cache._owner) if granule not in owners)
+    cache.close()
+
+
+def test_content_chunks_longer_than_64k_are_served_from_the_cache(store: Store, tmp_path: Path):
+    data = random.Random(7).randbytes(4 * 1024 * 1024)
+    path = tmp_path / "content.img"
+    path.write_bytes(data)
+    options = IngestOptions(
+        "os/content", kind=LayerKind.OS, new_layer_chunking=Chunking.CONTENT, chunk_params=ChunkParams()
+    )
+    result = ingest(store, path, options)
+    assert result.version is not None
+    cache = DecodedCache(tmp_path / "cache", capacity=64 * 1024 * 1024)
+    disk = open_disk(store, [result.version.ref], decoded=cache)
+    assert bytes(disk.read_sync(0, len(data))) == data
+    chunks = cache.misses
+    lengths = [cache._length[start] for start in cache._index.values()]
+    assert max(lengths) > 64 * 1024 and min(lengths) < 64 * 1024, "the image should give both"
+    assert bytes(disk.read_sync(0, len(data))) == data
+    assert cache.hits == chunks and len(lengths) == chunks, "every chunk, long or short, was kept"
+    cache.close()
+
+
 def test_a_damaged_cache_file_is_noticed_and_the_block_is_read_from_the_store(store: Store, tmp_path: Path):
     data = os.urandom(8 * BS)
     ref = put_layer(store, tmp_path, "os/base", data)
-    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, slot_size=BS)
+    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, granule=BS)
     disk = open_disk(store, [ref], decoded=cache)
     assert bytes(disk.read_sync(0, len(data))) == data  # cold: verified, then kept
     assert cache.misses == 8 and cache.hits == 0
@@ -105,7 +242,7 @@ def test_a_block_that_cannot_be_decoded_never_enters_the_cache(store: Store, tmp
     undecodable = bytes((CODEC_ZSTD,)) + bytes(4) + os.urandom(BS)  # no zstd frame magic
     batch.put(digest, undecodable, store.db.handle[fmt.CF_BLOCKS])
     store.db.write(batch)
-    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, slot_size=BS)
+    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, granule=BS)
     disk = open_disk(store, [ref], decoded=cache)
     for _ in range(2):  # and stays refused: nothing bad was cached
         with pytest.raises(BlockCorrupt):
@@ -117,7 +254,7 @@ def test_a_block_that_cannot_be_decoded_never_enters_the_cache(store: Store, tmp
 def test_a_warm_read_answers_on_the_event_loop_and_a_cold_one_goes_to_a_thread(store: Store, tmp_path: Path):
     data = os.urandom(16 * BS)
     ref = put_layer(store, tmp_path, "os/base", data)
-    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, slot_size=BS)
+    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, granule=BS)
     disk = open_disk(store, [ref], decoded=cache)
     assert disk._read(0, 4 * BS, warm_only=True) is None  # nothing cached: the caller must wait
     assert bytes(asyncio.run(disk.read(0, 4 * BS))) == data[: 4 * BS]
@@ -134,7 +271,7 @@ def test_a_warm_read_of_a_partly_cached_range_reads_nothing_and_the_cold_read_re
     data = bytearray(os.urandom(8 * BS))
     data[5 * BS : 6 * BS] = bytes(BS)  # a hole: never cached, never asked for
     ref = put_layer(store, tmp_path, "os/base", bytes(data))
-    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, slot_size=BS)
+    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, granule=BS)
     disk = open_disk(store, [ref], decoded=cache)
     assert bytes(disk.read_sync(0, 4 * BS)) == data[: 4 * BS]  # blocks 0-3 cached
     hits, misses = cache.hits, cache.misses
@@ -178,7 +315,7 @@ def test_zero_runs_follow_holes_of_the_layers_and_the_users_writes(store: Store,
 def test_a_short_last_block_is_served_whole_from_the_cache(store: Store, tmp_path: Path):
     data = os.urandom(3 * BS + 1000)
     ref = put_layer(store, tmp_path, "os/base", data)
-    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, slot_size=BS)
+    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, granule=BS)
     disk = CompositeDisk(store, open_disk(store, [ref]).stack, decoded=cache)
     for _ in range(2):
         assert bytes(disk.read_sync(0, len(data))) == data
@@ -190,7 +327,7 @@ def test_a_short_last_block_is_served_whole_from_the_cache(store: Store, tmp_pat
 def test_a_cache_that_cannot_write_costs_only_the_cache(store: Store, tmp_path: Path):
     data = os.urandom(8 * BS)
     ref = put_layer(store, tmp_path, "os/base", data)
-    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, slot_size=BS)
+    cache = DecodedCache(tmp_path / "cache", capacity=64 * BS, granule=BS)
     os.close(cache._fd)  # as if the disk under the cache were full or gone: every write fails
     cache._fd = os.open(tmp_path / "cache", os.O_RDONLY)
     disk = open_disk(store, [ref], decoded=cache)
