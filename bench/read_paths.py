@@ -25,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,10 @@ from bench.harness import (
 )
 from bench.ingest_bench import _ingest
 from bench.replication_bench import ROOT, _announcement, _await_port, _free_port, _run, _sha256, _spawn
+from cachepoint.layers.ingest import IngestOptions, ingest
+from cachepoint.model import Chunking, LayerKind
 from cachepoint.samples import generate
+from cachepoint.store.store import Store
 
 LAYER = "os/bench"
 IMAGE = "bench"
@@ -87,12 +92,17 @@ def _nbdcopy(uri: str, out: Path) -> list[float]:
     return times[1:]
 
 
-def _converts(sources: dict[str, str], out: Path) -> dict[str, list[float]]:
+def _converts(
+    sources: dict[str, str], out: Path, warmed: Callable[[], None] | None = None
+) -> dict[str, list[float]]:
     """`qemu-img convert` of each source (label -> NBD URI or file) into ``out``: one warm-up each, then
     RUNS rounds in which the sources take turns, so that a busy spell of this shared machine weighs on
-    every side of a ratio alike (run one after the other, the ratio once moved by a quarter)."""
+    every side of a ratio alike (run one after the other, the ratio once moved by a quarter).
+    ``warmed`` is called between the warm-ups and the measured rounds."""
     times: dict[str, list[float]] = {label: [] for label in sources}
     for round_ in range(RUNS + 1):
+        if round_ == 1 and warmed is not None:
+            warmed()
         for label, src in sources.items():
             remove(out)
             settle()
@@ -135,6 +145,82 @@ def _best_rates(urls: dict[str, str], size: int, requests: int) -> dict[str, lis
     return rates
 
 
+def _serve(
+    stack: contextlib.ExitStack, work: Path, store: Path, read_cache: int
+) -> tuple[subprocess.Popen[bytes], dict[str, Any], str]:
+    """A `cachepoint serve` child over ``store`` (NBD, HTTP) with the image attached: the process,
+    its announcement and the export's NBD URI."""
+    config = store.parent / f"{store.name}.toml"
+    config.write_text(f'read_cache = "{read_cache}"\n')
+    env = dict(os.environ, CACHEPOINT_STORE=str(store), CACHEPOINT_CONFIG=str(config))
+    _run([*CACHEPOINT, "image", "create", IMAGE, LAYER], "image create", env=env, cwd=ROOT)
+    out, log = work / f"{store.name}.serve.out", work / f"{store.name}.serve.log"
+    with open(out, "wb") as stdout:
+        proc = _spawn(
+            stack,
+            [*CACHEPOINT, "serve", "--listen", "127.0.0.1:0", "--nbd", "127.0.0.1:0", "--http", LOOPBACK],
+            log,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            env=env,
+            cwd=ROOT,
+        )
+    ready = _announcement(proc, out, log, "cachepoint serve")
+    _, attached = _run([*CACHEPOINT, "attach", IMAGE, "--json"], "attach", env=env, cwd=ROOT)
+    return proc, ready, next(u for u in json.loads(attached)["nbd_uris"] if u.startswith("nbd://"))
+
+
+class _DaemonCounts:
+    """A serving daemon's CPU seconds and read cache hits and misses (its /metrics) from ``start``."""
+
+    def __init__(self, pid: int, http: str) -> None:
+        self.pid, self.http = pid, http
+        self.cpu, self.hits, self.misses = 0.0, 0.0, 0.0
+
+    def _cache(self) -> tuple[float, float]:
+        with urllib.request.urlopen(f"http://{self.http}/metrics", timeout=30) as reply:
+            text = reply.read().decode()
+        values = {"hits": 0.0, "misses": 0.0}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            kind = name.removeprefix("cachepoint_read_cache_").removesuffix("_total")
+            if kind in values and name.endswith("_total"):
+                values[kind] = float(value)
+        return values["hits"], values["misses"]
+
+    def start(self) -> None:
+        self.cpu = _cpu_seconds(self.pid)
+        self.hits, self.misses = self._cache()
+
+    def per_copy(self) -> tuple[float, float]:
+        """CPU seconds per measured copy (RUNS of them) and the share of block reads the cache hit."""
+        hits, misses = self._cache()
+        hits, misses = hits - self.hits, misses - self.misses
+        return (_cpu_seconds(self.pid) - self.cpu) / RUNS, hits / (hits + misses) if hits + misses else 0.0
+
+
+def _content_chunked(
+    stack: contextlib.ExitStack, work: Path, image: Path, read_cache: int, copy: Path
+) -> dict[str, object]:
+    """The same NBD copies from a store that cut the image into content chunks (32 KiB on average,
+    the real-image section's choice), with the same read_cache: chunks of many lengths in the cache."""
+    store = work / "store-content"
+    remove(store)
+    with Store.open(store, writable=True, create=True) as opened:
+        options = IngestOptions(LAYER, kind=LayerKind.OS, new_layer_chunking=Chunking.CONTENT)
+        ingest(opened, image, options)
+    proc, ready, uri = _serve(stack, work, store, read_cache)
+    daemon = _DaemonCounts(proc.pid, str(ready["http"]))
+    label = "qemu-img from NBD, content chunks"
+    seconds = _converts({label: uri}, copy, daemon.start)[label]
+    cpu, hit_ratio = daemon.per_copy()
+    return {
+        "content_nbd_seconds": seconds,
+        "content_nbd_daemon_cpu_s_per_copy": cpu,
+        "content_nbd_read_cache_hit_ratio": hit_ratio,
+    }
+
+
 def data_bytes(image: Path) -> int:
     """Bytes of the image outside all-zero 64 KiB blocks (those are holes: never stored or cached)."""
     zeros = bytes(64 * 1024)
@@ -157,31 +243,17 @@ def measure(
         store = work / "store"
         remove(store)
         _ingest(store, image, LAYER, create=True)
-        config = work / "config.toml"
-        config.write_text(f'read_cache = "{read_cache}"\n')
-        env = dict(os.environ, CACHEPOINT_STORE=str(store), CACHEPOINT_CONFIG=str(config))
-        _run([*CACHEPOINT, "image", "create", IMAGE, LAYER], "image create", env=env, cwd=ROOT)
-        out, log = work / "serve.out", work / "serve.log"
-        with open(out, "wb") as stdout:
-            proc = _spawn(
-                stack,
-                [*CACHEPOINT, "serve", "--listen", "127.0.0.1:0", "--nbd", "127.0.0.1:0", "--http", LOOPBACK],
-                log,
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                env=env,
-                cwd=ROOT,
-            )
-        ready = _announcement(proc, out, log, "cachepoint serve")
-        _, attached = _run([*CACHEPOINT, "attach", IMAGE, "--json"], "attach", env=env, cwd=ROOT)
-        uri = next(u for u in json.loads(attached)["nbd_uris"] if u.startswith("nbd://"))
+        proc, ready, uri = _serve(stack, work, store, read_cache)
         warm(image)
         copy = work / "out.img"
-        before = _cpu_seconds(proc.pid)
-        converts = _converts({"qemu-img from NBD": uri, "qemu-img from the raw file": str(image)}, copy)
+        # The daemon's CPU and its cache's hits over the measured copies only (the warm-up fills the
+        # cache); the daemon is idle while the raw file is copied.
+        daemon = _DaemonCounts(proc.pid, str(ready["http"]))
+        converts = _converts(
+            {"qemu-img from NBD": uri, "qemu-img from the raw file": str(image)}, copy, daemon.start
+        )
         nbd, raw = converts["qemu-img from NBD"], converts["qemu-img from the raw file"]
-        # The warm-up is a whole copy too; the daemon is idle while the raw file is copied.
-        nbd_cpu = (_cpu_seconds(proc.pid) - before) / (RUNS + 1)
+        nbd_cpu, hit_ratio = daemon.per_copy()
         before = _cpu_seconds(proc.pid)
         nbdcopy = _nbdcopy(uri, copy) if shutil.which("nbdcopy") else []
         nbdcopy_cpu = (_cpu_seconds(proc.pid) - before) / (RUNS + 1) if nbdcopy else None
@@ -198,11 +270,13 @@ def measure(
             "raw_mib_s": size / MiB / min(raw),
             "nbd_share": min(raw) / min(nbd),
             "nbd_daemon_cpu_s_per_copy": nbd_cpu,
+            "nbd_read_cache_hit_ratio": hit_ratio,
             "nbdcopy_daemon_cpu_s_per_copy": nbdcopy_cpu,
             "nbdcopy_seconds": nbdcopy,
             "nbdcopy_mib_s": size / MiB / min(nbdcopy) if nbdcopy else None,
             "nbd_copy_identical": identical,
         }
+        figures.update(_content_chunked(stack, work, image, read_cache, copy))
         if not http:
             return figures
         port = _free_port()
@@ -275,8 +349,10 @@ def read_paths(bench: Bench) -> Section:
         "store (RocksDB read and decode) on every pass. NBD: whole `qemu-img convert -f raw -O raw` "
         "commands from the export and from the raw file, a warm-up of each, then the best of "
         f"{RUNS} rounds in which the two take turns; beside "
-        "them, for information, `nbdcopy --connections=4` from the export and the daemon's CPU seconds "
-        f"per copy (steadier than wall time on a shared machine). HTTP: {requests} GETs of 1 MiB at "
+        "them, for information, `nbdcopy --connections=4` from the export, the daemon's CPU seconds "
+        "per copy (steadier than wall time on a shared machine), its read cache's hit ratio, and the "
+        "same copies from a second store that cut the image into content chunks (32 KiB on average). "
+        f"HTTP: {requests} GETs of 1 MiB at "
         f"random 1 MiB-aligned offsets, {CONCURRENT} at a time from one aiohttp client, against the "
         "daemon's `/v1/versions/REF/file` and against aiohttp's `web.FileResponse` of the raw file (a "
         "child process); requests per second, a warm-up of each, then the best of "
@@ -348,6 +424,21 @@ def _fill(section: Section, f: dict[str, Any]) -> None:
     table.add("NBD / raw file", f"{nbd_share:.1%}", f"≥ {SHARE:.0%}", verdict(nbd_ok))
     table.add(
         "Daemon CPU per `qemu-img convert` copy (s)", f"{float(f['nbd_daemon_cpu_s_per_copy']):.2f}", "", ""
+    )
+    table.add(
+        "Read cache hits during those copies (share of block reads)",
+        f"{float(f['nbd_read_cache_hit_ratio']):.1%}",
+        "",
+        "",
+    )
+    content = f["content_nbd_seconds"]
+    table.add(
+        f"`qemu-img convert` from NBD, content chunks (32 KiB average), best of {RUNS} (s)",
+        f"{min(content):.3f} ({min(f['raw_seconds']) / min(content):.1%} of raw; daemon CPU "
+        f"{float(f['content_nbd_daemon_cpu_s_per_copy']):.2f} s per copy; read cache hits "
+        f"{float(f['content_nbd_read_cache_hit_ratio']):.1%})",
+        "",
+        "",
     )
     if f["nbdcopy_seconds"]:
         copied = float(f["nbdcopy_mib_s"])
