@@ -72,6 +72,7 @@ bytecode: $(STAMP)
 
 test: $(STAMP) $(ANSIBLE_STAMP) test-tools bytecode
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	CACHEPOINT_TEST_BACKENDS=$(TEST_BACKENDS) $(PYTEST)
 
 test-backends: $(STAMP) test-tools bytecode
@@ -112,6 +113,7 @@ proto: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) $(ANSIBLE_VENV) build *.egg-info

@@ -68,7 +68,7 @@ def strings(parse: Callable[[str], object] | None = None) -> Check:
 
     def check(value: Any) -> object:
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise InvalidInput("write a list of strings, e.g. [\"a\", \"b\"]")
+            raise InvalidInput('write a list of strings, e.g. ["a", "b"]')
         return [parse(item) for item in value] if parse is not None else None
 
     return check

@@ -120,6 +120,8 @@ class DestinationFull(CachepointError):
     """out of space while writing {}: {} (nothing was left behind; free space and retry)"""
 
     exit_code = EXIT_NO_SPACE
+
+
 class PullsPaused(OutOfSpace):
     """pulls paused: {} free, at min_free {} ({}) on store {}; they resume when space returns"""
 

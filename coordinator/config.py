@@ -129,7 +129,7 @@ def backend(settings: CoordinatorSettings, data: Path, catalog: str | None, bloc
 
 def _tls(text: str) -> object:
     if text not in ("on", "off"):
-        raise InvalidInput(f"tls = {text!r}: write \"on\" or \"off\"")
+        raise InvalidInput(f'tls = {text!r}: write "on" or "off"')
     return text
 
 
@@ -172,7 +172,7 @@ def trust_settings(
 ) -> TrustSettings | None:
     """The fleet's trust for `serve`, or None (plaintext) when there is no CA and none is asked for."""
     if settings.tls not in ("on", "off"):
-        raise InvalidInput(f"config tls = {settings.tls!r}: write \"on\" or \"off\"")
+        raise InvalidInput(f'config tls = {settings.tls!r}: write "on" or "off"')
     ca = CertificateAuthority.for_serve(data, ca_cert, ca_key, tls_flag or settings.tls == "on")
     if ca is None:
         return None

@@ -160,8 +160,18 @@ class PostgresServer:
         assert bin_dir is not None
         proc = subprocess.run(
             self._run_as(
-                [str(bin_dir / "initdb"), "-D", str(self.data), "-U", SUPERUSER, "--auth=trust",
-                 "--encoding=UTF8", "--locale=C", "--no-sync", "--no-instructions"]
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    SUPERUSER,
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                    "--no-instructions",
+                ]
             ),
             capture_output=True,
             text=True,

@@ -60,7 +60,7 @@ def readme_http_rows() -> list[tuple[str, str, str, str]]:
 
 
 def _routes(app: object) -> set[str]:
-    """"METHOD PATTERN" of every route of an aiohttp app (HEAD is answered as GET)."""
+    """ "METHOD PATTERN" of every route of an aiohttp app (HEAD is answered as GET)."""
     return {
         f"{route.method} {route.resource.canonical}"  # type: ignore[attr-defined]
         for route in app.router.routes()  # type: ignore[attr-defined]

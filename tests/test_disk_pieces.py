@@ -199,4 +199,3 @@ def test_writes_over_a_content_chunked_layer_keep_only_what_differs_and_survive_
     run_cli(store_dir, "image", "export", "mine", tmp_path / "mine.img")
     assert (tmp_path / "mine.img").read_bytes() == model
     assert run_cli(store_dir, "fsck", "--json").json()["ok"]
-

@@ -191,4 +191,3 @@ def test_nodes_registered_through_different_replicas_are_found_listed_and_kept_b
         assert nodes["n1"]["healthy"] and nodes["n2"]["healthy"], nodes
         assert REF in nodes["n1"]["versions"], nodes
         assert _find_peers(fleet, second.address, "n2") == ["n1"]
-

@@ -473,7 +473,14 @@ def test_plaintext_http_off_loopback_is_refused_before_anything_is_bound(tmp_pat
 
     data = tmp_path / "coordinator"
     run = coordinator_cli(
-        "serve", "--data", str(data), "--listen", "127.0.0.1:0", "--http", "0.0.0.0:0", *backend_args(),
+        "serve",
+        "--data",
+        str(data),
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "0.0.0.0:0",
+        *backend_args(),
         check=False,
     )
     assert run.code == 4 and "0.0.0.0:0" in run.err and "--http-tls" in run.err, run

@@ -28,9 +28,7 @@ pytestmark = pytest.mark.coordinator_backends  # every test runs on both backend
 HTTP = ("--http", "127.0.0.1:0")
 SITE = "s1"
 # The only label names a series may carry: bounded sets, never a user's name or a block id.
-ALLOWED_LABELS = set(
-    "method code source_class site outcome op result state subscription root le".split()
-)
+ALLOWED_LABELS = set("method code source_class site outcome op result state subscription root le".split())
 
 
 def scrape(http: str) -> list[Sample]:

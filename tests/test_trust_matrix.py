@@ -43,7 +43,13 @@ from tests.test_trust_fleet import credentials, data_of, expired_here, issued_he
 pytestmark = pytest.mark.coordinator_backends  # every test runs on both backends (tests/conftest.py)
 
 COORDINATOR_SERVICES = (
-    blocks_pb2, catalog_pb2, enrollment_pb2, fleet_pb2, history_pb2, health_pb2, reflection_pb2
+    blocks_pb2,
+    catalog_pb2,
+    enrollment_pb2,
+    fleet_pb2,
+    history_pb2,
+    health_pb2,
+    reflection_pb2,
 )
 PEER_SERVICES = (blocks_pb2, catalog_pb2, health_pb2, reflection_pb2)
 HANDSHAKE = grpc.StatusCode.UNAVAILABLE

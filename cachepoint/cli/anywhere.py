@@ -25,8 +25,13 @@ class OptionsAnywhereGroup(click.Group):
         return super().parse_args(ctx, self._lifted(ctx, list(args)))
 
     def _lifted(self, ctx: click.Context, args: list[str]) -> list[str]:
-        own = {name: not param.is_flag for param in self.params if isinstance(param, click.Option)
-               for name in param.opts if name.startswith("--")}  # name -> takes a value
+        own = {
+            name: not param.is_flag
+            for param in self.params
+            if isinstance(param, click.Option)
+            for name in param.opts
+            if name.startswith("--")
+        }  # name -> takes a value
         at = 0
         while at < len(args) and args[at].startswith("-") and args[at] != "--":
             at += 2 if own.get(args[at]) else 1

@@ -63,7 +63,7 @@ class Context:
         if not address:
             raise InvalidInput(
                 f"say which coordinator to {what}: --coordinator HOST:PORT, CACHEPOINT_COORDINATOR, "
-                "or coordinator = \"HOST:PORT\" in the config"
+                'or coordinator = "HOST:PORT" in the config'
             )
         return address
 

@@ -150,7 +150,6 @@ async def errors_as_json(
         return error_response(err.status, f"{err.reason}: {request.method} {request.path}", "HTTPError", kept)
 
 
-
 # -- routes --------------------------------------------------------------------------------------
 
 

@@ -193,8 +193,6 @@ class Resolver:
             what = f"a stack with tree layers ({', '.join(trees)})" if trees else "an empty stack"
             raise WrongKind(f"image {name!r}", what, "only a stack of disk image layers has a disk")
         digests = tuple(info.manifest_digest for info, _ in stack)
-        placed = self._cache.get(
-            ("disk", digests), lambda: composite_disks(stack), _placed_weight
-        )
+        placed = self._cache.get(("disk", digests), lambda: composite_disks(stack), _placed_weight)
         resolved = " ".join(info.ref for info, _ in stack)
         return Served(placed, _etag(b"image", *digests), resolved, self.source)

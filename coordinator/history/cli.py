@@ -35,7 +35,6 @@ DEFAULT_COORDINATOR = "127.0.0.1:7400"
 T = TypeVar("T")
 
 
-
 def _configured_coordinator(click_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
     """--coordinator, else the environment, else `coordinator` in the config (--config), else loopback."""
     settings = click_ctx.find_root().obj

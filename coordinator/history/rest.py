@@ -94,7 +94,6 @@ async def errors_as_json(
         return web.json_response({"error": message, "type": "HTTPError"}, status=err.status)
 
 
-
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/healthz", healthz)
