@@ -125,20 +125,21 @@ class BlockStore:
             raise BlockMissing(BlockId(digest))
         return decode_verified(digest, value)
 
-    def delete_many(self, digests: Iterable[bytes], older_than: float | None = None) -> int:
-        """``older_than``: for stores that know when a block was written (FileBlocks); here every
-        named block goes (GC's pins protect the ingests in progress)."""
+    def delete_many(self, digests: Iterable[bytes], older_than: float | None = None) -> list[bytes]:
+        """The named blocks, deleted; returns those that went (here all: GC's pins protect the
+        ingests in progress). ``older_than``: for stores that know when a block was written
+        (FileBlocks)."""
         batch = self._db.batch()
-        count = 0
+        gone: list[bytes] = []
         units = self._db.handle.get(fmt.CF_UNITS)  # a chunk's unit digests go with it
         for digest in digests:
             batch.delete(digest, self._handle)
             if units is not None:
                 batch.delete(digest, units)
-            count += 1
-        if count:
+            gone.append(digest)
+        if gone:
             self._db.write(batch, sync=True)
-        return count
+        return gone
 
     def scan(self) -> Iterator[tuple[bytes, bytes]]:
         return self._db.scan(fmt.CF_BLOCKS)

@@ -78,10 +78,12 @@ def _collect(store: Store, before_sweep: Callable[[], None] | None) -> GcResult:
     def sweep() -> None:
         nonlocal removed, freed
         with store.lock:
-            doomed = [(d, size) for d, size in candidates if not store.is_pinned(d)]
-            gone = store.blocks.delete_many((d for d, _ in doomed), older_than=young_after)
-        removed += gone
-        freed += sum(size for _, size in doomed) if gone == len(doomed) else 0
+            doomed = {d: size for d, size in candidates if not store.is_pinned(d)}
+            gone = store.blocks.delete_many(doomed, older_than=young_after)
+        # Only what went: a shared directory's block made young again since the scan (a replica was
+        # asked for it), or removed by another replica's sweep, stays out of both counts.
+        removed += len(gone)
+        freed += sum(doomed[d] for d in gone)
         candidates.clear()
 
     for digest, size, written in store.blocks.scan_sizes():

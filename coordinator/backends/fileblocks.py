@@ -129,19 +129,20 @@ class FileBlocks:
             raise BlockMissing(BlockId(digest))
         return decode_verified(digest, value)
 
-    def delete_many(self, digests: Iterable[bytes], older_than: float | None = None) -> int:
-        """Unlink blocks; with ``older_than`` (a time.time()), only those not touched since."""
-        count = 0
+    def delete_many(self, digests: Iterable[bytes], older_than: float | None = None) -> list[bytes]:
+        """Unlink blocks; with ``older_than`` (a time.time()), only those not touched since. Returns
+        those this call removed (not one another replica removed first)."""
+        gone: list[bytes] = []
         for digest in digests:
             path = self.path(digest)
             try:
                 if older_than is not None and path.stat().st_mtime >= older_than:
                     continue
                 path.unlink()
-                count += 1
+                gone.append(digest)
             except FileNotFoundError:
                 continue
-        return count
+        return gone
 
     def _names(self) -> Iterator[tuple[bytes, Path]]:
         for first in sorted(os.listdir(self.root)):
