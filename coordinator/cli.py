@@ -154,6 +154,7 @@ def serve_cmd(
     level = logging.INFO if verbose else logging.WARNING
     logs.configure(level, log_format or settings.log_format)
     gc_every = parse_duration(settings.gc_every)
+    node_expiry = parse_duration(settings.node_expiry)
     rules = settings.retention_rules
     http_tls = http_tls or parse_switch(settings.http_tls, "http_tls")
     trust = trust_settings(settings, data, tls or http_tls, ca_cert, ca_key, list(tls_names), enroll_listen)
@@ -165,6 +166,7 @@ def serve_cmd(
             http=rest,
             retention=rules,
             gc_every=gc_every,
+            node_expiry=node_expiry,
             trust_settings=trust,
             http_tls=http_tls,
             backend=chosen,

@@ -9,6 +9,7 @@ listen = "0.0.0.0:7400"
 http = "127.0.0.1:7480"                # REST for history, holds and audit (empty: none)
 http_tls = true                        # REST with TLS, clients authenticated (plaintext: loopback only)
 gc_every = "1d"                        # retention GC on a schedule (default "0": only `history gc`)
+node_expiry = "30d"                    # forget nodes silent this long (default; "0": never)
 tls = "on"                             # mutual TLS with the fleet's CA in DATA/ca/ (made if missing)
 cert_lifetime = "3d"                   # of every certificate the CA issues
 enroll_listen = "0.0.0.0:7401"         # the enrollment port (default: the port after listen)
@@ -60,6 +61,10 @@ class CoordinatorSettings:
     with a certificate or a bearer token of the fleet (implies tls); false: plaintext, loopback only."""
     gc_every: str = "0"
     """Run the retention GC this often, e.g. "1d" (0: only when `history gc` asks)."""
+    node_expiry: str = "30d"
+    """Forget a node (its registry entry: `fleet`, the dashboard, peer discovery) once it has sent no
+    heartbeat for this long, e.g. a laptop given back; "0": never. A node that comes back registers
+    again by itself."""
     tls: str = "off"
     """"on": serve mutual TLS, making the fleet's CA in DATA/ca/ when there is none (a CA already in
     DATA/ca/ turns TLS on by itself)."""
@@ -150,6 +155,7 @@ def coordinator_checks() -> dict[str, Check]:
         "http": scalar(_http),
         "http_tls": scalar(lambda text: parse_switch(text, "http_tls")),
         "gc_every": scalar(parse_duration),
+        "node_expiry": scalar(parse_duration),
         "tls": scalar(_tls),
         "cert_lifetime": scalar(_lifetime),
         "enroll_listen": scalar(optional_address),

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 from aiohttp import web
@@ -43,6 +44,8 @@ CATALOG = "cachepoint.v1.Catalog"
 SCHEDULED_GC_ACTOR = "coordinator (gc_every)"
 HTTP_TLS_OPTION = "--http-tls"
 LEASE_SLACK_S = 5.0
+DEFAULT_NODE_EXPIRY_S = 30 * 86400.0
+EXPIRY_CHECK_MAX_S = 3600.0  # how often silent nodes are looked for, at most
 
 
 async def serve(
@@ -55,6 +58,7 @@ async def serve(
     trust_settings: TrustSettings | None = None,
     http_tls: bool = False,
     backend: Backend | None = None,
+    node_expiry: float = DEFAULT_NODE_EXPIRY_S,
 ) -> None:
     """``trust_settings`` None: plaintext, as before the fleet had a CA. ``http_tls``: the REST API
     with TLS and the authorization table too (it needs the CA); without it, on loopback only.
@@ -120,6 +124,7 @@ async def serve(
         queued: asyncio.Task[None] | None = None
         listening: asyncio.Task[None] | None = None
         following: asyncio.Task[None] | None = None
+        expiring: asyncio.Task[None] | None = None
         try:
             extra: dict[str, object] = {}
             if trust is not None:
@@ -160,11 +165,13 @@ async def serve(
                     holder = replica_name(str(address))
                     lease, actor = gc_lease(store, holder, gc_every), f"{SCHEDULED_GC_ACTOR} on {holder}"
                 scheduled = asyncio.create_task(scheduled_gc(history, gc_every, lease, actor))
+            if node_expiry > 0:
+                expiring = asyncio.create_task(forget_silent_nodes(registry, node_expiry), name="node expiry")
             # What `enroll`, `revoke`, `assign` queued for the audit log (coordinator/pki/audit_queue.py).
             queued = asyncio.create_task(keep_draining(data, audit), name="audit queue")
             await stop.wait()
         finally:
-            for task in (scheduled, queued, listening, following):
+            for task in (scheduled, queued, listening, following, expiring):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -179,6 +186,22 @@ async def serve(
                 await registry.close()  # type: ignore[attr-defined]  # the shared one: its pending writes
     finally:
         store.close()
+
+
+async def forget_silent_nodes(registry: FleetRegistry, expiry: float) -> None:
+    """Forget, now and then, the nodes silent for ``expiry`` seconds: a fleet's registry would
+    otherwise keep every machine that ever joined (a replaced laptop, a blade reinstalled under a
+    new name), list them offline forever and count them in the metrics."""
+    every = min(expiry / 4, EXPIRY_CHECK_MAX_S)
+    while True:
+        await asyncio.sleep(every)
+        try:
+            gone = await registry.forget_silent(time.time_ns() - int(expiry * 1e9))
+        except Exception as err:  # a database that is away: the next round tries again
+            log.warning("node expiry: %s", err)
+            continue
+        for node_id in gone:
+            log.info("forgot node %r: no heartbeat for %s (node_expiry)", node_id, timedelta(seconds=expiry))
 
 
 async def fleet_registry(backend: Backend, store: Store) -> FleetRegistry:

@@ -102,6 +102,40 @@ def test_a_node_whose_row_is_gone_from_the_shared_registry_is_told_to_register_a
     with_shared_registry(tmp_path, postgres_dsn, body)
 
 
+async def _forgotten(registry: FleetRegistry) -> dict[str, object]:
+    """Nodes silent since before a moment are forgotten, the others kept; a forgotten node's next
+    heartbeat is refused (it registers again)."""
+    await registry.register_node("gone", "A", "127.0.0.1:7401")
+    await registry.register_node("kept", "A", "127.0.0.1:7402")
+    await asyncio.sleep(0.01)
+    cut = time.time_ns()
+    await asyncio.sleep(0.01)
+    await registry.record_heartbeat("kept", {REF}, 0, None)
+    if isinstance(registry, SharedRegistry):
+        await registry.flush()
+    forgotten = await registry.forget_silent(cut)
+    refused = False
+    try:
+        await registry.record_heartbeat("gone", set(), 0, None)
+    except UnknownNode:
+        refused = True
+    again = await registry.forget_silent(cut)
+    return {
+        "forgotten": forgotten,
+        "listed": sorted(n.node_id for n in await registry.list_nodes()),
+        "refused": refused,
+        "again": again,
+    }
+
+
+def test_nodes_silent_since_a_moment_are_forgotten_alike_by_both_registries(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    expected = asyncio.run(_forgotten(Registry()))
+    assert expected == {"forgotten": ["gone"], "listed": ["kept"], "refused": True, "again": []}
+    assert with_shared_registry(tmp_path, postgres_dsn, _forgotten) == expected
+
+
 def test_a_node_that_completes_a_ref_is_offered_at_once_though_its_holders_were_cached(
     tmp_path: Path, postgres_dsn: str
 ) -> None:

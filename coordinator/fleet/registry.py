@@ -87,6 +87,8 @@ class FleetRegistry(Protocol):
 
     async def count_by_state(self) -> Counter[tuple[str, str]]: ...
 
+    async def forget_silent(self, before_ns: int) -> list[str]: ...
+
 
 def count_by_state(nodes: list[Node], now_ns: int) -> Counter[tuple[str, str]]:
     """Nodes by (site, "healthy" | "stale")."""
@@ -188,3 +190,10 @@ class Registry:
 
     async def count_by_state(self) -> Counter[tuple[str, str]]:
         return count_by_state(list(self.nodes.values()), time.time_ns())
+
+    async def forget_silent(self, before_ns: int) -> list[str]:
+        """Forget the nodes last heard from before ``before_ns``; returns their ids."""
+        gone = [node_id for node_id, node in self.nodes.items() if node.last_seen_ns < before_ns]
+        for node_id in gone:
+            del self.nodes[node_id]
+        return gone

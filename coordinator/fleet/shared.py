@@ -384,6 +384,21 @@ class SharedRegistry:
     async def list_nodes(self) -> list[Node]:
         return [_node(row) for row in await self._fetch(f"SELECT {_NODE_COLUMNS} FROM nodes", {})]
 
+    async def forget_silent(self, before_ns: int) -> list[str]:
+        """Delete the rows of nodes last heard from before ``before_ns`` (every replica may run it:
+        a row two replicas delete goes once); returns their ids."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM nodes WHERE last_seen_ns < %s RETURNING node_id", (before_ns,)
+            )
+            gone = sorted(str(row[0]) for row in await cursor.fetchall())
+        # As for rows a flush finds gone: a forgotten node's next heartbeat is refused (NOT_FOUND),
+        # and it registers again.
+        self.known.difference_update(gone)
+        for node_id in gone:
+            self._sites.pop(node_id, None)
+        return gone
+
     async def count_by_state(self) -> Counter[tuple[str, str]]:
         async with self._connection() as conn:
             cursor = await conn.execute("SELECT site, last_seen_ns FROM nodes")
