@@ -191,6 +191,45 @@ def test_a_copy_that_differs_from_its_source_does_not_verify_and_names_what_diff
     assert not (source / "migrated.json").exists(), "an unverified copy does not mark the source"
 
 
+def test_an_interrupted_migrate_is_resumed_by_running_it_again_and_a_verified_one_is_never_copied_over(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    source, blocks = tmp_path / "store", tmp_path / "blocks"
+    image = tmp_path / "image"
+    random_image(image, 24 * BLOCK, seed=6)
+    run_cli(source, "ingest", LAYER, image)
+    # A run stopped partway (as Ctrl-C leaves it): the target claimed, its records and 10 blocks in.
+    partial = Migration(source, postgres_dsn, blocks.as_uri())
+    try:
+        partial.open()
+        partial.copy_records()
+        assert partial.source is not None and partial.files is not None
+        firsts = [(bytes(d), bytes(v)) for d, v in partial.source.scan(fmt.CF_BLOCKS)][:10]
+        partial.files.put_many(firsts)
+        damaged = partial.files.path(firsts[3][0])  # one copy the interruption left bad, whole length
+    finally:
+        partial.close()
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+
+    resumed = _migrate(source, postgres_dsn, blocks, "--json", check=False)
+    assert resumed.code == 8, resumed.err  # the bad copy is found, and removed
+    report = resumed.json()
+    assert report["resumed_from"] and report["blocks"]["already_there"] == 10
+    assert report["blocks"]["first_corrupt"] == [f"sha256:{firsts[3][0].hex()}"] and not damaged.exists()
+    assert "migrate again" in resumed.err and not (source / "migrated.json").exists()
+
+    again = _migrate(source, postgres_dsn, blocks, "--json").json()
+    assert again["verified"] and again["blocks"]["already_there"] == again["blocks"]["blocks"] - 1
+    assert (source / "migrated.json").exists()
+
+    # Verified, then the source's note lost: a target that may be in service is never copied over.
+    (source / "migrated.json").unlink()
+    refused = _migrate(source, postgres_dsn, blocks, check=False)
+    assert refused.code == 4 and "verified at" in refused.err, refused.err
+
+
 def test_a_source_whose_audit_chain_does_not_verify_is_refused_before_anything_is_copied(
     tmp_path: Path, postgres_dsn: str
 ) -> None:

@@ -42,7 +42,9 @@ def migrate_cmd(
     chain. Assignments, revocations and unspent join tokens go into the shared trust tables; the CA
     stays in DIR: serve it again with
     `serve --data DIR --catalog URL --blocks URL`, and no node enrolls again. Exit 5 while a coordinator
-    serves DIR, 4 when the database already holds records, 8 when the copy does not verify."""
+    serves DIR, 4 when the database already holds another coordinator's records (or this one's, verified),
+    8 when the copy does not verify. An interrupted or unverified run of the same DIR into the same
+    database is resumed by running it again: blocks already copied are not written again."""
     settings = click_ctx.find_root().obj
     catalog = to or getattr(settings, "catalog", "")
     target_blocks = blocks or getattr(settings, "blocks", "")
@@ -64,7 +66,8 @@ def migrate_cmd(
     if not report.verified:
         fail(
             f"the copy in {report.target} does not verify (listed above); {from_data} was left as it was "
-            "and is not marked migrated: drop the database, fix the cause and migrate again",
+            "and is not marked migrated: migrate again to write the records and the missing or corrupt "
+            "blocks again (drop the database first if it holds records the source does not)",
             EXIT_CORRUPT,
             False,
         )
@@ -86,6 +89,11 @@ def _run(migration: Migration, as_json: bool) -> Report:
 
 def _print(report: Report) -> None:
     click.echo(f"{report.source} -> {report.target}, blocks in {report.blocks_url}")
+    if report.resumed_from:
+        click.echo(
+            f"  resumed the copy begun at {report.resumed_from}: {report.blocks.already_there} blocks "
+            "were there already"
+        )
     for family in report.families:
         state = (
             "ok"

@@ -13,7 +13,12 @@ Guards: the source is opened for writing, so RocksDB's lock refuses while a coor
 keeps one from starting during the copy; the target must hold no coordinator's records (a second run,
 or a database a replica already serves, cannot mix two coordinators' state), and is marked taken (meta
 ``migrated_from``) before the copy starts, so even a coordinator that held nothing else is not copied
-over; the copy runs inside the cluster's write section, so a replica started on the target meanwhile
+over. The one exception is a copy of the same source (its store id) that did not finish: it is
+resumed. Records are written again (the same keys, the same values), trust rows that are there stay,
+and a block whose file is there at its stored length is not written again (files are renamed into
+place whole; the verification re-reads every one). A copy that verified marks its claim
+``verified_at`` after the source's note: a target in service is never copied over, even if DATA's
+note were lost; the copy runs inside the cluster's write section, so a replica started on the target meanwhile
 cannot write between the check and the copy. A source whose audit chain does not verify is refused
 before anything is written.
 
@@ -82,8 +87,8 @@ class SourceInUse(StoreBusy):
 
 
 class TargetNotEmpty(InvalidInput):
-    """the catalog database {} already holds {} records of a coordinator: migrate into a new, empty
-    database (if an earlier migrate was interrupted, drop the database and create it again)"""
+    """the catalog database {} already holds {} records of a coordinator ({}): migrate into a new, empty
+    database"""
 
 
 class AlreadyMigrated(InvalidInput):
@@ -97,8 +102,8 @@ class SourceAuditBroken(IntegrityFailure):
 
 
 class MigrationInterrupted(CachepointError):
-    """interrupted: the catalog database {} holds a partial copy (drop the database and create it again
-    before migrating again); {} was left as it was"""
+    """interrupted: the catalog database {} holds a partial copy, and {} was left as it was: run the same
+    migrate again to resume it"""
 
     exit_code = 130  # as any command stopped by Ctrl-C
 
@@ -129,6 +134,7 @@ class FamilyCheck:
 class BlockCheck:
     blocks: int = 0  # in the source
     bytes: int = 0  # stored bytes copied (as held: compressed where that helped)
+    already_there: int = 0  # resumed: blocks an interrupted run had written, not written again
     verified: int = 0  # re-read from the target and matching their ids
     missing: list[str] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)
@@ -143,6 +149,7 @@ class BlockCheck:
         return {
             "blocks": self.blocks,
             "bytes": self.bytes,
+            "already_there": self.already_there,
             "verified": self.verified,
             "missing": self.missing_count,
             "corrupt": self.corrupt_count,
@@ -164,6 +171,7 @@ class Report:
     target_audit: Verdict | None = None
     trust: dict[str, int] = field(default_factory=dict)  # assignments, revocations, tokens copied
     seconds: float = 0.0
+    resumed_from: str = ""  # when the interrupted copy this run resumed had started ("": none)
 
     @property
     def audit_ok(self) -> bool:
@@ -196,6 +204,7 @@ class Report:
                 "ok": self.audit_ok,
             },
             "trust": self.trust,
+            "resumed_from": self.resumed_from or None,
             "verified": self.verified,
             "stays_in_data": [str(self.source / name) for name in STAYS_IN_DATA],
             "serve": self.serve,
@@ -280,8 +289,29 @@ class Migration:
         self._section.__enter__()
         held = self._foreign_records()
         if held:
-            raise TargetNotEmpty(self.target.where, held)
+            claim = self._claim()
+            if claim is None or claim.get("store_id") != self.report.store_id:
+                raise TargetNotEmpty(self.target.where, held, "another coordinator's")
+            if claim.get("verified_at"):
+                raise TargetNotEmpty(
+                    self.target.where, held, f"this one's, copied and verified at {claim['verified_at']}"
+                )
+            self.report.resumed_from = str(claim.get("at", ""))
+            return
         claim = {"store_id": self.report.store_id, "from": str(self.source_dir), "at": iso(time.time_ns())}
+        self._write_claim(claim)
+
+    def _claim(self) -> dict[str, Any] | None:
+        assert self.target is not None
+        raw = self.target.meta(META_MIGRATED_FROM)
+        try:
+            claim = json.loads(raw) if raw else None
+        except ValueError:
+            return None
+        return claim if isinstance(claim, dict) else None
+
+    def _write_claim(self, claim: dict[str, Any]) -> None:
+        assert self.target is not None
         batch = self.target.batch()
         batch.put(META_MIGRATED_FROM, json.dumps(claim).encode(), fmt.CF_META)
         self.target.write(batch)
@@ -368,12 +398,25 @@ class Migration:
         self, values: list[tuple[bytes, bytes]], done: int, total: int, progress: Progress | None
     ) -> int:
         assert self.files is not None
+        done += len(values)
+        if self.report.resumed_from:
+            missing = [(digest, value) for digest, value in values if not self._there(digest, len(value))]
+            self.report.blocks.already_there += len(values) - len(missing)
+            values = missing
         self.files.put_many(values)
         self.report.blocks.bytes += sum(len(value) for _, value in values)
-        done += len(values)
         if progress is not None:
             progress(done, total)
         return done
+
+    def _there(self, digest: bytes, length: int) -> bool:
+        """Whether an earlier run wrote this block's file (renamed into place whole, so its length
+        is all there is to check here; the verification reads it)."""
+        assert self.files is not None
+        try:
+            return self.files.path(digest).stat().st_size == length
+        except FileNotFoundError:
+            return False
 
     # -- verifying -------------------------------------------------------------------------------
 
@@ -422,6 +465,8 @@ class Migration:
             checked.corrupt_count += 1
             if len(checked.corrupt) < PROBLEMS_LISTED:
                 checked.corrupt.append(name)
+            # A bad copy of ours in a target no replica serves yet: gone, so the next run writes it.
+            self.files.path(digest).unlink(missing_ok=True)
             return
         checked.verified += 1
 
@@ -429,10 +474,14 @@ class Migration:
         """After a verified copy: the note that keeps the embedded store from being served again."""
         if not self.report.verified:
             return
+        at = iso(time.time_ns())
         migrated.write(
-            self.source_dir,
-            migrated.Migrated(self.report.target, self.blocks_url, self.report.store_id, iso(time.time_ns())),
+            self.source_dir, migrated.Migrated(self.report.target, self.blocks_url, self.report.store_id, at)
         )
+        # Then the target's own word (after the note: an interruption between the two leaves a source
+        # that says migrated, which is true): this copy is done and may be in service, never resumed.
+        claim = self._claim() or {"store_id": self.report.store_id, "from": str(self.source_dir)}
+        self._write_claim(claim | {"verified_at": at})
 
     def close(self) -> None:
         try:

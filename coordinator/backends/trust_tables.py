@@ -237,7 +237,8 @@ def record_token(conn: psycopg.Connection, secret_hash: str, entry: TokenRecord)
     )
     conn.execute(
         "INSERT INTO join_tokens (secret_hash, name, role, site, created_at, expires_at)"
-        " VALUES (%s, %s, %s, %s, to_timestamp(%s), to_timestamp(%s))",
+        " VALUES (%s, %s, %s, %s, to_timestamp(%s), to_timestamp(%s))"
+        " ON CONFLICT (secret_hash) DO NOTHING",  # a resumed migrate copies it again: the first stays
         (secret_hash, entry.name, entry.role, entry.site, entry.created_at, entry.expires_at),
     )
 
