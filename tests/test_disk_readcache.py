@@ -71,17 +71,29 @@ def test_blocks_come_back_as_put_and_the_clock_recycles_the_least_recently_used(
     assert not (tmp_path / "cache").exists()
 
 
+def hits_per_pass(cache: DecodedCache, passes: list[list[tuple[bytes, bytes]]], batch: int) -> list[int]:
+    """Bytes the cache answered in each pass of a reader that reads ``batch`` blocks at a time and
+    puts what missed (every hit checked against the block)."""
+    hit_bytes = []
+    for blocks in passes:
+        hit = 0
+        for start in range(0, len(blocks), batch):
+            chunk = blocks[start : start + batch]
+            targets = [(digest, memoryview(bytearray(len(data)))) for digest, data in chunk]
+            missing = cache.copy_many(targets)
+            for position, ((_, data), (_, target)) in enumerate(zip(chunk, targets, strict=True)):
+                if position not in missing:
+                    assert bytes(target) == data
+                    hit += len(data)
+            cache.put_many([chunk[position] for position in missing])
+        hit_bytes.append(hit)
+    return hit_bytes
+
+
 def test_a_sequential_read_twice_the_cache_hits_half_of_it_from_the_second_pass_on(tmp_path: Path):
     cache = DecodedCache(tmp_path / "cache", capacity=8 * BS, granule=BS)
-    blocks = [(block_digest(b), b) for b in (os.urandom(BS) for _ in range(16))]
-    hits = []
-    for _ in range(3):
-        before = cache.hits
-        for start in range(0, len(blocks), 4):  # a reader's batches of 4 blocks
-            batch = blocks[start : start + 4]
-            missing = cache.copy_many([(digest, memoryview(bytearray(BS))) for digest, _ in batch])
-            cache.put_many([batch[position] for position in missing])
-        hits.append(cache.hits - before)
+    blocks = blocks_of([BS] * 16, seed=10)
+    hits = [n // BS for n in hits_per_pass(cache, [blocks] * 3, batch=4)]
     assert hits == [0, 8, 8], "plain CLOCK would be FIFO here: no hit at all"
     cache.close()
 
@@ -93,14 +105,7 @@ def test_a_sequential_read_of_a_disk_several_times_the_cache_keeps_hitting_its_s
     """A hand moved one step by every miss went round more than once a pass here, and no pass hit."""
     cache = DecodedCache(tmp_path / "cache", capacity=100 * BS, granule=BS)
     blocks = blocks_of([BS] * 100 * times, seed=times)
-    hits = []
-    for _ in range(5):
-        before = cache.hits
-        for start in range(0, len(blocks), 8):
-            batch = blocks[start : start + 8]
-            missing = cache.copy_many([(digest, memoryview(bytearray(BS))) for digest, _ in batch])
-            cache.put_many([batch[position] for position in missing])
-        hits.append(cache.hits - before)
+    hits = [n // BS for n in hits_per_pass(cache, [blocks] * 5, batch=8)]
     assert hits == [0, 100, 100, 100, 100], hits
     cache.close()
 
@@ -136,19 +141,7 @@ def test_a_sequential_read_twice_the_cache_keeps_half_of_it_with_blocks_of_mixed
     blocks = blocks_of([rng.choice([BS, 2 * BS, 4 * BS, 7 * BS + 512]) for _ in range(200)], seed=4)
     total = sum(len(data) for _, data in blocks)
     cache = DecodedCache(tmp_path / "cache", capacity=total // 2, granule=BS)
-    shares = []
-    for _ in range(4):
-        hit = 0
-        for start in range(0, len(blocks), 8):  # a reader's batches of 8 blocks
-            batch = blocks[start : start + 8]
-            targets = [(digest, memoryview(bytearray(len(data)))) for digest, data in batch]
-            missing = cache.copy_many(targets)
-            for position, ((_, data), (_, target)) in enumerate(zip(batch, targets, strict=True)):
-                if position not in missing:
-                    assert bytes(target) == data
-                    hit += len(data)
-            cache.put_many([batch[position] for position in missing])
-        shares.append(hit / total)
+    shares = [n / total for n in hits_per_pass(cache, [blocks] * 4, batch=8)]
     assert shares[0] == 0 and all(0.35 < share <= 0.5 for share in shares[1:]), shares
     assert cache.damaged == 0
     cache.close()
@@ -159,14 +152,7 @@ def test_a_new_working_set_replaces_an_old_one_within_a_few_passes(tmp_path: Pat
     to the ones being read, however slowly misses alone would move it."""
     cache = DecodedCache(tmp_path / "cache", capacity=100 * BS, granule=BS)
     old, new = blocks_of([BS] * 60, seed=8), blocks_of([BS] * 80, seed=9)
-    hits = []
-    for working_set in [old] * 3 + [new] * 10:
-        before = cache.hits
-        for start in range(0, len(working_set), 8):
-            batch = working_set[start : start + 8]
-            missing = cache.copy_many([(digest, memoryview(bytearray(BS))) for digest, _ in batch])
-            cache.put_many([batch[position] for position in missing])
-        hits.append(cache.hits - before)
+    hits = [n // BS for n in hits_per_pass(cache, [old] * 3 + [new] * 10, batch=8)]
     assert hits[:3] == [0, 60, 60] and hits[3] == 0
     assert hits[-3:] == [80, 80, 80], hits
     cache.close()
