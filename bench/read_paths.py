@@ -58,6 +58,10 @@ LAYER = "os/bench"
 IMAGE = "bench"
 CACHEPOINT = [sys.executable, "-m", "cachepoint"]
 RANGE_BYTES = MiB
+# Copies of each source before the measured ones: the first fills the daemon's read cache, the second
+# reads again what the cache could not keep, which the daemon re-stores in lz4 (hot_codec): after
+# them the store is as a disk read over and over leaves it.
+WARMUPS = 2
 CONCURRENT = 8
 LOOPBACK = "127.0.0.1:0"
 
@@ -95,19 +99,19 @@ def _nbdcopy(uri: str, out: Path) -> list[float]:
 def _converts(
     sources: dict[str, str], out: Path, warmed: Callable[[], None] | None = None
 ) -> dict[str, list[float]]:
-    """`qemu-img convert` of each source (label -> NBD URI or file) into ``out``: one warm-up each, then
-    RUNS rounds in which the sources take turns, so that a busy spell of this shared machine weighs on
-    every side of a ratio alike (run one after the other, the ratio once moved by a quarter).
-    ``warmed`` is called between the warm-ups and the measured rounds."""
+    """`qemu-img convert` of each source (label -> NBD URI or file) into ``out``: WARMUPS warm-ups
+    each, then RUNS rounds in which the sources take turns, so that a busy spell of this shared
+    machine weighs on every side of a ratio alike (run one after the other, the ratio once moved by a
+    quarter). ``warmed`` is called between the warm-ups and the measured rounds."""
     times: dict[str, list[float]] = {label: [] for label in sources}
-    for round_ in range(RUNS + 1):
-        if round_ == 1 and warmed is not None:
+    for round_ in range(WARMUPS + RUNS):
+        if round_ == WARMUPS and warmed is not None:
             warmed()
         for label, src in sources.items():
             remove(out)
             settle()
             seconds, _ = _run(["qemu-img", "convert", "-f", "raw", "-O", "raw", src, str(out)], label)
-            if round_:  # round 0 warms up
+            if round_ >= WARMUPS:
                 times[label].append(seconds)
     return times
 
@@ -170,27 +174,38 @@ def _serve(
     return proc, ready, next(u for u in json.loads(attached)["nbd_uris"] if u.startswith("nbd://"))
 
 
+def _metrics(http: str, *names: str) -> dict[str, float]:
+    """The values of counters (names without `cachepoint_` and `_total`) in a daemon's /metrics."""
+    with urllib.request.urlopen(f"http://{http}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    values = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        kind = name.removeprefix("cachepoint_").removesuffix("_total")
+        if kind in values and name.endswith("_total"):
+            values[kind] = float(value)
+    return values
+
+
 class _DaemonCounts:
-    """A serving daemon's CPU seconds and read cache hits and misses (its /metrics) from ``start``."""
+    """A serving daemon's CPU seconds and read cache hits and misses (its /metrics) from ``start``,
+    and what it re-stored in lz4 before (hot_codec)."""
 
     def __init__(self, pid: int, http: str) -> None:
         self.pid, self.http = pid, http
         self.cpu, self.hits, self.misses = 0.0, 0.0, 0.0
+        self.recoded: dict[str, float] = {}
 
     def _cache(self) -> tuple[float, float]:
-        with urllib.request.urlopen(f"http://{self.http}/metrics", timeout=30) as reply:
-            text = reply.read().decode()
-        values = {"hits": 0.0, "misses": 0.0}
-        for line in text.splitlines():
-            name, _, value = line.partition(" ")
-            kind = name.removeprefix("cachepoint_read_cache_").removesuffix("_total")
-            if kind in values and name.endswith("_total"):
-                values[kind] = float(value)
-        return values["hits"], values["misses"]
+        values = _metrics(self.http, "read_cache_hits", "read_cache_misses")
+        return values["read_cache_hits"], values["read_cache_misses"]
 
     def start(self) -> None:
         self.cpu = _cpu_seconds(self.pid)
         self.hits, self.misses = self._cache()
+        self.recoded = _metrics(
+            self.http, "recoded_blocks", "recoded_stored_bytes_before", "recoded_stored_bytes_after"
+        )
 
     def per_copy(self) -> tuple[float, float]:
         """CPU seconds per measured copy (RUNS of them) and the share of block reads the cache hit."""
@@ -254,6 +269,7 @@ def measure(
         )
         nbd, raw = converts["qemu-img from NBD"], converts["qemu-img from the raw file"]
         nbd_cpu, hit_ratio = daemon.per_copy()
+        recoded = daemon.recoded
         before = _cpu_seconds(proc.pid)
         nbdcopy = _nbdcopy(uri, copy) if shutil.which("nbdcopy") else []
         nbdcopy_cpu = (_cpu_seconds(proc.pid) - before) / (RUNS + 1) if nbdcopy else None
@@ -271,6 +287,10 @@ def measure(
             "nbd_share": min(raw) / min(nbd),
             "nbd_daemon_cpu_s_per_copy": nbd_cpu,
             "nbd_read_cache_hit_ratio": hit_ratio,
+            "recoded_blocks": recoded["recoded_blocks"],
+            "recoded_bytes_before": recoded["recoded_stored_bytes_before"],
+            "recoded_bytes_after": recoded["recoded_stored_bytes_after"],
+            "data_blocks": data // (64 * 1024),
             "nbdcopy_daemon_cpu_s_per_copy": nbdcopy_cpu,
             "nbdcopy_seconds": nbdcopy,
             "nbdcopy_mib_s": size / MiB / min(nbdcopy) if nbdcopy else None,
@@ -346,9 +366,11 @@ def read_paths(bench: Bench) -> Section:
         "v1 of the real disk image (the section above: ext4 from this machine's system files, cached under "
         "BENCH_CACHE) is ingested into a fresh store and served by a `cachepoint serve` child whose "
         "`read_cache` is half the image's data (its non-zero 64 KiB blocks), so most blocks come from the "
-        "store (RocksDB read and decode) on every pass. NBD: whole `qemu-img convert -f raw -O raw` "
-        "commands from the export and from the raw file, a warm-up of each, then the best of "
-        f"{RUNS} rounds in which the two take turns; beside "
+        "store (RocksDB read and decode) on every pass. The daemon runs with its defaults otherwise, "
+        '`hot_codec = "lz4"` among them: a block it decodes from zstd a second time is re-stored in '
+        "lz4, so after the second pass the blocks the cache cannot keep are read from the store in lz4. "
+        "NBD: whole `qemu-img convert -f raw -O raw` commands from the export and from the raw file, "
+        f"{WARMUPS} warm-ups of each, then the best of {RUNS} rounds in which the two take turns; beside "
         "them, for information, `nbdcopy --connections=4` from the export, the daemon's CPU seconds "
         "per copy (steadier than wall time on a shared machine), its read cache's hit ratio, and the "
         "same copies from a second store that cut the image into content chunks (32 KiB on average). "
@@ -428,6 +450,15 @@ def _fill(section: Section, f: dict[str, Any]) -> None:
     table.add(
         "Read cache hits during those copies (share of block reads)",
         f"{float(f['nbd_read_cache_hit_ratio']):.1%}",
+        "",
+        "",
+    )
+    before, after = float(f["recoded_bytes_before"]), float(f["recoded_bytes_after"])
+    table.add(
+        "Blocks re-stored in lz4 during the warm-ups (hot_codec); their stored bytes in zstd → lz4",
+        f"{int(f['recoded_blocks'])} of {int(f['data_blocks'])} data blocks; "
+        f"{human_bytes(int(before))} → {human_bytes(int(after))}"
+        + (f" (+{after / before - 1:.0%})" if before else ""),
         "",
         "",
     )

@@ -4,6 +4,11 @@ A stored block value is one codec byte followed by the payload (see store/format
 is used because it keeps ~96% of level 3's ratio at ~1.3x its speed on this class of data, and a
 block is stored compressed only when that saves space (random data is kept raw, so reading it back
 costs no decompression).
+
+lz4 (codec 2) is the read-side codec: a daemon re-stores in it the blocks its disks keep reading
+from the store (cachepoint/blocksource/recode.py). On the real disk image's blocks it decodes in 16
+µs where zstd takes 60-70, for about a quarter more bytes. Every reader of a stored value takes
+either codec; what ingest writes and what the coordinator keeps stays zstd.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import hashlib
 import re
 import threading
 
+import lz4.block
 import zstandard
 
 from cachepoint.errors import BlockCorrupt, BlockOversized, InvalidBlockSize
@@ -25,7 +31,9 @@ MAX_BLOCK_SIZE = 4 * MiB
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
+CODEC_LZ4 = 2  # payload: the decoded length (u32 LE) then one lz4 block
 _ZSTD_BYTE = bytes((CODEC_ZSTD,))
+_LZ4_BYTE = bytes((CODEC_LZ4,))
 ZSTD_LEVEL = 1
 
 _ZEROS = bytes(MAX_BLOCK_SIZE)
@@ -89,6 +97,19 @@ def encode_block(data: bytes | memoryview) -> bytes:
     return bytes((CODEC_RAW,)) + bytes(data)
 
 
+def encode_fast(data: bytes | memoryview) -> bytes:
+    """The stored value of a block in the read-side codec (lz4), or raw when lz4 saves nothing."""
+    packed = lz4.block.compress(data, store_size=True)
+    if len(packed) < len(data):
+        return _LZ4_BYTE + packed
+    return bytes((CODEC_RAW,)) + bytes(data)
+
+
+def _lz4_size(value: bytes | memoryview) -> int:
+    """The decoded length an lz4 value declares (-1: too short to declare one)."""
+    return int.from_bytes(value[1:5], "little") if len(value) >= 5 else -1
+
+
 def decode_block(value: bytes, max_size: int = MAX_BLOCK_SIZE) -> bytes:
     codec = value[0]
     if codec == CODEC_RAW:
@@ -96,6 +117,11 @@ def decode_block(value: bytes, max_size: int = MAX_BLOCK_SIZE) -> bytes:
     if codec == CODEC_ZSTD:
         # A view past the codec byte: value[1:] would copy the payload first.
         return _decompressor().decompress(memoryview(value)[1:], max_output_size=max_size)
+    if codec == CODEC_LZ4:
+        declared = _lz4_size(value)
+        if not 0 <= declared <= max_size:
+            raise ValueError(f"an lz4 block that declares {declared} bytes (at most {max_size})")
+        return lz4.block.decompress(memoryview(value)[1:])
     raise ValueError(f"unknown block codec {codec}")
 
 
@@ -131,6 +157,12 @@ def size_problem(value: bytes, block_size: int = MAX_BLOCK_SIZE, *, at_rest: boo
             return "a zstd frame that does not declare its size"
         if declared > block_size:
             return f"it decodes to {declared} bytes, more than the block size {block_size}"
+    elif value[0] == CODEC_LZ4:
+        declared = _lz4_size(value)
+        if declared < 0:
+            return "an lz4 block too short to declare its size"
+        if declared > block_size:
+            return f"it decodes to {declared} bytes, more than the block size {block_size}"
     return ""
 
 
@@ -146,7 +178,7 @@ def decode_stored(digest: bytes, value: bytes, block_size: int = MAX_BLOCK_SIZE)
         raise BlockOversized(BlockId(digest), problem)
     try:
         return decode_block(value, block_size)
-    except (ValueError, zstandard.ZstdError) as err:
+    except (ValueError, zstandard.ZstdError, lz4.block.LZ4BlockError) as err:
         raise BlockCorrupt(BlockId(digest), f"undecodable ({err})") from err
 
 
@@ -191,7 +223,9 @@ def decode_verified(digest: bytes, value: bytes, block_size: int = MAX_BLOCK_SIZ
 
 
 def raw_size(value: bytes) -> int:
-    """The raw length of a stored value, without decompressing it (zstd frames carry it)."""
+    """The raw length of a stored value, without decompressing it (zstd frames and lz4 values carry it)."""
     if value[0] == CODEC_ZSTD:
         return zstandard.frame_content_size(value[1:])
+    if value[0] == CODEC_LZ4:
+        return _lz4_size(value)
     return len(value) - 1

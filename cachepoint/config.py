@@ -19,6 +19,7 @@ The TOML keys are the field names, e.g.::
     pull_wal = false
     snapshot_every = "15m"
     read_cache = "1G"
+    hot_codec = "lz4"
     nbd_write_budget = "64M"
     nbd_idle_timeout = "30s"
     nbd_tls = true
@@ -111,6 +112,10 @@ class Settings:
     """`serve`: snapshot every attached user disk that has new writes this often, e.g. "15m" (0: never)."""
     read_cache: str = "1G"
     """`serve`: decoded blocks kept for attached disks' reads, in a sparse file in the store (0: none)."""
+    hot_codec: str = "lz4"
+    """`serve`: blocks that attached disks and the HTTP reader decode from the store a second time
+    (they did not stay in read_cache) are re-stored here in this codec: "lz4" decodes about 4x faster
+    than zstd for about a quarter more disk space; "none" keeps every block as it came."""
     nbd_write_budget: str = "64M"
     """`serve`: NBD WRITE payloads held in memory at once, all clients together; beyond it the
     server stops reading clients' sockets until a write has been applied."""

@@ -94,6 +94,7 @@ def replicas(value: Any) -> object:
 def cachepoint_checks() -> dict[str, Check]:
     """How `cachepoint` reads each key of its config (cachepoint/config.py, Settings)."""
     from cachepoint.blocks import parse_block_size
+    from cachepoint.blocksource.recode import parse_hot_codec
     from cachepoint.capture.watch import parse_watch
     from cachepoint.config import parse_byte_size, parse_duration, parse_switch
     from cachepoint.ids import Ref
@@ -128,6 +129,7 @@ def cachepoint_checks() -> dict[str, Check]:
         "pull_wal": switch("pull_wal"),
         "snapshot_every": scalar(parse_duration),
         "read_cache": size("read_cache"),
+        "hot_codec": scalar(parse_hot_codec),
         "nbd_write_budget": size("nbd_write_budget"),
         "nbd_idle_timeout": scalar(parse_duration),
         "nbd_tls": switch("nbd_tls"),

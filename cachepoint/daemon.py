@@ -29,6 +29,7 @@ import grpc
 from cachepoint import __version__, memory
 from cachepoint.blocks import DEFAULT_BLOCK_SIZE
 from cachepoint.blocksource import BlockSource, TieredSource
+from cachepoint.blocksource.recode import Recoder
 from cachepoint.capture.engine import CaptureOptions, CaptureReport, capture
 from cachepoint.capture.watch import WatchOptions, WatchSpec, watch_in_thread
 from cachepoint.disk.exports import Disks
@@ -122,6 +123,9 @@ class DaemonSettings:
     """Seconds between scheduled snapshots of attached user disks with new writes (0: none)."""
     read_cache: int = 1 << 30
     """Bytes of decoded blocks kept for attached disks (cachepoint/disk/readcache.py; 0: none)."""
+    hot_codec: bool = True
+    """Blocks the disks and the HTTP reader decode from zstd a second time are re-stored in lz4
+    (cachepoint/blocksource/recode.py)."""
     nbd_limits: NbdLimits = field(default_factory=NbdLimits)
     """What the NBD server may hold in memory, and how long a client may stall mid-request."""
     watches: list[WatchSpec] = field(default_factory=list)
@@ -659,7 +663,11 @@ class Daemon:
         server.add(lambda s: catalog_pb2_grpc.add_CatalogServicer_to_server(catalog, s))
         tasks: list[asyncio.Task[None]] = []
         remote = self.open_remote if self.settings.coordinator else None
-        self.disks = Disks(store, remote, read_cache=self.settings.read_cache)
+        gate = self.gate
+        recoder = (
+            Recoder(store, lambda: gate is None or gate.paused is None) if self.settings.hot_codec else None
+        )
+        self.disks = Disks(store, remote, read_cache=self.settings.read_cache, recoder=recoder)
         agent = AgentServer(
             self.settings.store,
             lambda s: agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self), s),

@@ -6,17 +6,22 @@ from collections.abc import Sequence
 
 from cachepoint.blocks import MAX_BLOCK_SIZE, block_digest, decode_batch, decode_stored
 from cachepoint.blocksource.base import BlockSource
+from cachepoint.blocksource.recode import Recoder
 from cachepoint.errors import BlockCorrupt
 from cachepoint.ids import BlockId
 from cachepoint.store.store import Store
 
 
 class StoreSource(BlockSource):
-    def __init__(self, store: Store, block_size: int = MAX_BLOCK_SIZE) -> None:
+    def __init__(
+        self, store: Store, block_size: int = MAX_BLOCK_SIZE, recoder: Recoder | None = None
+    ) -> None:
         """``block_size``: the largest block a reader of this source expects; a stored value that
-        would decode to more is BlockOversized (refused before it is decoded)."""
+        would decode to more is BlockOversized (refused before it is decoded). ``recoder``: blocks
+        decoded again are re-stored in lz4 (a daemon's disks and HTTP reader; recode.py)."""
         self.store = store
         self.block_size = block_size
+        self.recoder = recoder
 
     def stored_many(self, ids: Sequence[bytes]) -> dict[bytes, bytes]:
         ids = list(ids)
@@ -25,12 +30,20 @@ class StoreSource(BlockSource):
 
     def get_many(self, ids: Sequence[bytes], *, also: Sequence[bytes] = ()) -> dict[bytes, bytes]:
         size = self.block_size
-        return {digest: decode_stored(digest, value, size) for digest, value in self.stored_many(ids).items()}
+        values = self.stored_many(ids)
+        plain = {digest: decode_stored(digest, value, size) for digest, value in values.items()}
+        if self.recoder is not None:
+            self.recoder.decoded(values, plain)
+        return plain
 
     def get_views(
         self, ids: Sequence[bytes], *, also: Sequence[bytes] = ()
     ) -> dict[bytes, bytes | memoryview]:
-        return decode_batch(self.stored_many(ids), self.block_size)
+        values = self.stored_many(ids)
+        plain = decode_batch(values, self.block_size)
+        if self.recoder is not None:
+            self.recoder.decoded(values, plain)
+        return plain
 
     def keep(self, values: dict[bytes, bytes]) -> None:
         """Write stored values that were verified on arrival, with the WAL on: a daemon killed a

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from cachepoint.blocks import parse_block_size
+from cachepoint.blocksource.recode import parse_hot_codec
 from cachepoint.cli.context import (
     Context,
     allow_same_option,
@@ -241,6 +242,7 @@ def serve_cmd(
         http_tls=http_tls or parse_switch(s.http_tls, "http_tls"),
         snapshot_every=parse_duration(s.snapshot_every),
         read_cache=parse_byte_size(s.read_cache, "read_cache"),
+        hot_codec=parse_hot_codec(s.hot_codec),
         nbd_limits=NbdLimits(
             write_budget=parse_byte_size(s.nbd_write_budget, "nbd_write_budget"),
             idle_timeout=parse_duration(s.nbd_idle_timeout),

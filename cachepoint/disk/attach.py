@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from cachepoint.blocksource import BlockSource
 from cachepoint.disk.composite import CompositeDisk, Stack
 from cachepoint.disk.readcache import DecodedCache
 from cachepoint.disk.working import WorkingLayer
@@ -33,8 +34,10 @@ def open_disk(
     user_layer: str | None = None,
     name: str | None = None,
     decoded: DecodedCache | None = None,
+    source: BlockSource | None = None,
 ) -> CompositeDisk:
-    """The disk of ``refs`` (lowest first); writable into ``user_layer`` when one is named.
+    """The disk of ``refs`` (lowest first); writable into ``user_layer`` when one is named. Its
+    blocks come from ``source`` (default: the store).
 
     The user layer's latest version goes on top of the stack unless ``refs`` already ends with a
     version of it. ``name`` names the working map (default: the user layer), so one user layer
@@ -42,7 +45,7 @@ def open_disk(
     """
     stack = resolve_stack(store, refs)
     if user_layer is None:
-        return CompositeDisk(store, stack, decoded=decoded)
+        return CompositeDisk(store, stack, decoded=decoded, source=source)
     validate_layer_name(user_layer)
     if not stack:
         raise InvalidInput("a disk needs at least one layer under the user's")
@@ -52,7 +55,7 @@ def open_disk(
     base = top.number if top.layer == user_layer else 0
     working = WorkingLayer.open(store, name or user_layer, user_layer, grid_size(stack), base)
     try:
-        return CompositeDisk(store, stack, working, decoded=decoded)
+        return CompositeDisk(store, stack, working, decoded=decoded, source=source)
     except BaseException:
         working.close()
         raise

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from cachepoint.blocksource import BlockSource, CachedSource, StoreSource, WriteBack
+from cachepoint.blocksource.recode import Recoder
 from cachepoint.disk.attach import open_disk
 from cachepoint.disk.composite import CompositeDisk
 from cachepoint.disk.nbd import NbdLimits, NbdServer, NbdTls, start_nbd
@@ -48,8 +49,17 @@ def _same_ref(wanted: Ref, name: str) -> bool:
 
 
 class Disks:
-    def __init__(self, store: Store, remote: RemoteOpener | None = None, read_cache: int = 0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        remote: RemoteOpener | None = None,
+        read_cache: int = 0,
+        recoder: Recoder | None = None,
+    ) -> None:
+        """``recoder``: blocks the disks and the HTTP reader decode from zstd again are re-stored in
+        lz4 (cachepoint/blocksource/recode.py; the daemon's ``hot_codec``)."""
         self.store = store
+        self.recoder = recoder
         self.remote = remote
         self.attached: dict[str, CompositeDisk] = {}
         self._lock = threading.Lock()
@@ -69,7 +79,7 @@ class Disks:
 
     def local_source(self) -> BlockSource:
         """The store's blocks, through the decoded cache when there is one."""
-        local = StoreSource(self.store)
+        local = StoreSource(self.store, recoder=self.recoder)
         return local if self.decoded is None else CachedSource(local, self.decoded)
 
     def lazy_version(self, ref: str) -> tuple[VersionInfo, Manifest, BlockSource] | None:
@@ -147,7 +157,13 @@ class Disks:
             refs = self._local_refs(image)
             layers = tuple(Ref.parse(r).layer for r in refs) + ((layer,) if layer else ())
             disk = await asyncio.to_thread(
-                open_disk, self.store, refs, user_layer=layer, name=name, decoded=self.decoded
+                open_disk,
+                self.store,
+                refs,
+                user_layer=layer,
+                name=name,
+                decoded=self.decoded,
+                source=StoreSource(self.store, recoder=self.recoder),
             )
         with self._lock:
             self._layers[name] = layers
@@ -170,7 +186,7 @@ class Disks:
         """A read-only disk of one version, booted lazily: blocks not here are fetched on first read."""
         assert self.remote is not None
         info, manifest, fleet = await self.remote(ref)
-        source = WriteBack(StoreSource(self.store, manifest.block_size), fleet)
+        source = WriteBack(StoreSource(self.store, manifest.block_size, self.recoder), fleet)
         disk = CompositeDisk(self.store, [(info, manifest)], source=source, decoded=self.decoded)
         # No local version names these blocks: pinned while the disk is attached, or GC would take
         # what the reads fetched.

@@ -239,6 +239,22 @@ class _StateCollector(Collector):
             "Hits over all reads of the decoded-block cache since the daemon started (0 before any).",
             hits / (hits + misses) if hits + misses else 0.0,
         )
+        recoder = disks.recoder if disks is not None else None
+        yield _counter(
+            "recoded_blocks",
+            "Blocks re-stored in lz4: disks or the HTTP reader decoded them from zstd again (hot_codec).",
+            recoder.recoded if recoder is not None else 0,
+        )
+        yield _counter(
+            "recoded_stored_bytes_before",
+            "Stored bytes of the re-stored blocks while they were in zstd.",
+            recoder.recoded_bytes if recoder is not None else 0,
+        )
+        yield _counter(
+            "recoded_stored_bytes_after",
+            "Stored bytes of the re-stored blocks in lz4 (after minus before: the disk space it took).",
+            recoder.recoded_to_bytes if recoder is not None else 0,
+        )
         yield _gauge(
             "attached_disks", "Disks attached for NBD now.", len(disks.attached) if disks is not None else 0
         )
