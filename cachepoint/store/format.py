@@ -17,7 +17,7 @@ Column families, key layout and values (sizes in bytes):
                b"migrated_from"  -> JSON {"store_id", "from", "at"} (a coordinator's catalog in PostgreSQL
                                     only: the embedded store `migrate` copied it from; see
                                     coordinator/backends/embedded_to_shared.py)
-``blocks``     digest[32]        -> codec[1] payload   (codec 0 raw, 1 zstd; see cachepoint/blocks.py)
+``blocks``     digest[32]        -> codec[1] payload   (codec 0 raw, 1 zstd, 2 lz4: see cachepoint/blocks.py)
 ``manifests``  digest[32]        -> codec[1] payload   (a serialized cachepoint.v1.Manifest; the digest
                                                         is SHA-256 of the uncompressed serialization)
 ``layers``     name (utf-8)      -> JSON {"kind", "latest", "created_ns"}
