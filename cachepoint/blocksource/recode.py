@@ -62,38 +62,40 @@ class Recoder:
         self._mask = SEEN_SLOTS - 1
         self._lock = threading.Lock()
         self.recoded = 0  # blocks re-stored in lz4
-        self.recoded_bytes = 0  # their stored bytes before, and after (the disk space it took)
-        self.recoded_to_bytes = 0
+        self.bytes_before = 0  # their stored bytes in zstd
+        self.bytes_after = 0  # and in lz4 (after minus before: the disk space it took)
         self.kept = 0  # blocks read twice that lz4 would have grown too much
 
+    def _place(self, digest: bytes) -> tuple[int, int]:
+        """A block's key in ``seen`` (never 0, the empty slot; key - 1 marks a block kept in zstd) and
+        its slot."""
+        key = int.from_bytes(digest[:8], "little") | 1
+        return key, (key >> 1) & self._mask
+
     def decoded(self, values: dict[bytes, bytes], plain: dict[bytes, bytes | memoryview]) -> None:
-        """The stored ``values`` a reader just decoded into ``plain``: those in zstd that were decoded
-        before are re-stored in lz4."""
+        """The stored ``values`` a reader just decoded into ``plain`` (same ids): those in zstd that
+        were decoded before are re-stored in lz4."""
         again: list[bytes] = []
-        seen, mask = self._seen, self._mask
+        seen = self._seen
         for digest, value in values.items():
             if value[0] != CODEC_ZSTD:
                 continue
-            key = int.from_bytes(digest[:8], "little") | 1  # never 0, the empty slot
-            slot = (key >> 1) & mask
+            key, slot = self._place(digest)
             if seen[slot] == key:
                 again.append(digest)
-            elif seen[slot] != key - 1:  # key - 1: lz4 would grow it too much, it stays in zstd
+            elif seen[slot] != key - 1:
                 seen[slot] = key
         if not again or not self.allowed():
             return
         writes: list[tuple[bytes, bytes]] = []
         before = after = kept = 0
         for digest in again:
-            data = plain.get(digest)
-            if data is None:
-                continue
-            value = encode_fast(data)
+            value = encode_fast(plain[digest])
             old = len(values[digest])
             if value[0] != CODEC_LZ4 or len(value) > old * MAX_GROWTH:
                 kept += 1
-                key = int.from_bytes(digest[:8], "little") | 1
-                seen[(key >> 1) & mask] = key - 1
+                key, slot = self._place(digest)
+                seen[slot] = key - 1
                 continue
             writes.append((digest, value))
             before += old
@@ -106,6 +108,6 @@ class Recoder:
                 return
         with self._lock:
             self.recoded += len(writes)
-            self.recoded_bytes += before
-            self.recoded_to_bytes += after
+            self.bytes_before += before
+            self.bytes_after += after
             self.kept += kept

@@ -248,12 +248,12 @@ class _StateCollector(Collector):
         yield _counter(
             "recoded_stored_bytes_before",
             "Stored bytes of the re-stored blocks while they were in zstd.",
-            recoder.recoded_bytes if recoder is not None else 0,
+            recoder.bytes_before if recoder is not None else 0,
         )
         yield _counter(
             "recoded_stored_bytes_after",
             "Stored bytes of the re-stored blocks in lz4 (after minus before: the disk space it took).",
-            recoder.recoded_to_bytes if recoder is not None else 0,
+            recoder.bytes_after if recoder is not None else 0,
         )
         yield _gauge(
             "attached_disks", "Disks attached for NBD now.", len(disks.attached) if disks is not None else 0
