@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 
 from bench.harness import (
-    RUNS,
+    SHORT_RUNS,
     Bench,
     Check,
     GiB,
@@ -62,11 +62,7 @@ RANGE_BYTES = MiB
 # reads again what the cache could not keep, which the daemon re-stores in lz4 (hot_codec): after
 # them the store is as a disk read over and over leaves it.
 WARMUPS = 2
-# Measured rounds of each comparison here, two more than the harness's RUNS (5 by default; BENCH_RUNS=1,
-# the smoke test's, stays 1): a copy takes about a second, and on a shared 2-core machine the same copy
-# of the raw file took 0.38 s and 1.8 s within the hour. Both sides take turns in every round, so both
-# get as many chances at a quiet moment.
-ROUNDS = RUNS + 2 if RUNS > 1 else RUNS
+ROUNDS = SHORT_RUNS  # measured rounds of each comparison (copies of about a second)
 CONCURRENT = 8
 LOOPBACK = "127.0.0.1:0"
 

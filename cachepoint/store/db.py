@@ -31,6 +31,8 @@ SALVAGE_MAX_OPEN_FILES = 256
 
 KEEP_INFO_LOGS = 8
 
+BLOCK_WRITE_BUFFERS = 4  # the blocks family's memtables: one filling, up to three waiting for a flush
+
 
 def _options(for_blocks: bool = False) -> rocksdict.Options:
     options = rocksdict.Options(raw_mode=True)
@@ -57,6 +59,12 @@ def _options(for_blocks: bool = False) -> rocksdict.Options:
         options.set_level_zero_stop_writes_trigger(64)
         options.set_target_file_size_base(256 * 1024 * 1024)
         options.set_max_bytes_for_level_base(4 * 1024 * 1024 * 1024)
+        # Room for three full 64 MiB memtables waiting for their flush, not one: when the flush falls
+        # behind (a busy or slow disk), RocksDB stops writes, and rocksdict's write() waits holding the
+        # GIL, so an ingest's hashing threads and a daemon's event loop stop with it. Seen in the
+        # store's LOG ("Stopping writes because we have 2 immutable memtables") during a 1 GiB ingest.
+        # The memory is used only while writes outrun the disk.
+        options.set_max_write_buffer_number(BLOCK_WRITE_BUFFERS)
     return options
 
 
