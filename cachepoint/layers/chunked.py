@@ -81,7 +81,7 @@ class ContentCut:
     bytes_read: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Chunk:
     start: int
     data: memoryview | bytes  # a view into its window's buffer, valid until the window is consumed
@@ -91,7 +91,7 @@ class _Chunk:
     reused: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _Window:
     extents: list[Extent]
     chunks: list[_Chunk] = field(default_factory=list)
@@ -179,7 +179,7 @@ def cut_content(
                 out.new_stored_bytes += len(chunk.value)
         if values:
             store.blocks.put_many(values)
-        by_start = {c.start: c for c in window.chunks}
+        chunks = iter(window.chunks)  # one per extent that is not a hole, in the same order
         for start, length, is_hole in window.extents:
             if is_hole:
                 if hole:
@@ -190,7 +190,7 @@ def cut_content(
             if hole:
                 append(hole[0] + hole[1], None)
                 hole.clear()
-            append(start + length, by_start[start])
+            append(start + length, next(chunks))
         if window.buffer is not None:
             window.chunks.clear()
             buffers.append(window.buffer)

@@ -62,8 +62,11 @@ class BlockStore:
         batch = self._db.batch()
         written = 0
         handle = self._handle
+        # Straight into the RocksDB batch: blocks are not journaled (format.JOURNALED_FAMILIES), and
+        # an ingest puts one value per chunk, tens of thousands per GiB, on its single writer thread.
+        put = batch.inner.put
         for digest, value in values:
-            batch.put(digest, value, handle)
+            put(digest, value, handle)
             written += len(value)
         units = self._db.handle.get(fmt.CF_UNITS)
         if units is not None:
