@@ -371,9 +371,9 @@ def read_paths(bench: Bench) -> Section:
         '`hot_codec = "lz4"` among them: a block it decodes from zstd a second time is re-stored in '
         "lz4, so after the second pass the blocks the cache cannot keep are read from the store in lz4. "
         "NBD: whole `qemu-img convert -f raw -O raw` commands from the export and from the raw file, "
-        f"{WARMUPS} warm-ups of each, then the best of {ROUNDS} rounds in which the two take turns (more "
-        "than elsewhere: a copy takes about a second, and this shared machine's speed moves by 2-3x "
-        "within the hour); beside "
+        f"{WARMUPS} warm-ups of each, then the best of {ROUNDS} rounds in which the two take turns (two "
+        "more than for longer figures: a copy takes about a second, and this shared machine's speed "
+        "moves by 2-3x within the hour); beside "
         "them, for information, `nbdcopy --connections=4` from the export, the daemon's CPU seconds "
         "per copy (steadier than wall time on a shared machine), its read cache's hit ratio, and the "
         "same copies from a second store that cut the image into content chunks (32 KiB on average). "

@@ -75,26 +75,25 @@ class Recoder:
     def decoded(self, values: dict[bytes, bytes], plain: dict[bytes, bytes | memoryview]) -> None:
         """The stored ``values`` a reader just decoded into ``plain`` (same ids): those in zstd that
         were decoded before are re-stored in lz4."""
-        again: list[bytes] = []
+        again: list[tuple[bytes, int, int]] = []  # (id, key, slot)
         seen = self._seen
         for digest, value in values.items():
             if value[0] != CODEC_ZSTD:
                 continue
             key, slot = self._place(digest)
             if seen[slot] == key:
-                again.append(digest)
+                again.append((digest, key, slot))
             elif seen[slot] != key - 1:
                 seen[slot] = key
         if not again or not self.allowed():
             return
         writes: list[tuple[bytes, bytes]] = []
         before = after = kept = 0
-        for digest in again:
+        for digest, key, slot in again:
             value = encode_fast(plain[digest])
             old = len(values[digest])
             if value[0] != CODEC_LZ4 or len(value) > old * MAX_GROWTH:
                 kept += 1
-                key, slot = self._place(digest)
                 seen[slot] = key - 1
                 continue
             writes.append((digest, value))

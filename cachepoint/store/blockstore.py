@@ -60,14 +60,7 @@ class BlockStore:
         push killed midway keeps what it stored). ``unit_records``: (chunk id, encoded record) of the
         ``units`` family (cachepoint/store/units.py), written in the same batch."""
         batch = self._db.batch()
-        written = 0
-        handle = self._handle
-        # Straight into the RocksDB batch: blocks are not journaled (format.JOURNALED_FAMILIES), and
-        # an ingest puts one value per chunk, tens of thousands per GiB, on its single writer thread.
-        put = batch.inner.put
-        for digest, value in values:
-            put(digest, value, handle)
-            written += len(value)
+        written = batch.put_many(values, self._handle)
         units = self._db.handle.get(fmt.CF_UNITS)
         if units is not None:
             for digest, record in unit_records:
