@@ -49,6 +49,7 @@ from bench.harness import (
 )
 from bench.ingest_bench import _ingest
 from bench.replication_bench import ROOT, _announcement, _await_port, _free_port, _run, _sha256, _spawn
+from cachepoint.chunking import DEFAULT_AVERAGE
 from cachepoint.layers.ingest import IngestOptions, ingest
 from cachepoint.model import Chunking, LayerKind
 from cachepoint.samples import generate
@@ -63,6 +64,7 @@ RANGE_BYTES = MiB
 # them the store is as a disk read over and over leaves it.
 WARMUPS = 2
 ROUNDS = SHORT_RUNS  # measured rounds of each comparison (copies of about a second)
+CONTENT_AVERAGE = f"{DEFAULT_AVERAGE // 1024} KiB"  # the content store's chunks: the default average
 CONCURRENT = 8
 LOOPBACK = "127.0.0.1:0"
 
@@ -218,7 +220,7 @@ class _DaemonCounts:
 def _content_chunked(
     stack: contextlib.ExitStack, work: Path, image: Path, read_cache: int, copy: Path
 ) -> dict[str, object]:
-    """The same NBD copies from a store that cut the image into content chunks (32 KiB on average,
+    """The same NBD copies from a store that cut the image into content chunks (the default average,
     the real-image section's choice), with the same read_cache: chunks of many lengths in the cache."""
     store = work / "store-content"
     remove(store)
@@ -376,7 +378,8 @@ def read_paths(bench: Bench) -> Section:
         "moves by 2-3x within the hour); beside "
         "them, for information, `nbdcopy --connections=4` from the export, the daemon's CPU seconds "
         "per copy (steadier than wall time on a shared machine), its read cache's hit ratio, and the "
-        "same copies from a second store that cut the image into content chunks (32 KiB on average). "
+        "same copies from a second store that cut the image into content chunks "
+        f"({CONTENT_AVERAGE} on average). "
         f"HTTP: {requests} GETs of 1 MiB at "
         f"random 1 MiB-aligned offsets, {CONCURRENT} at a time from one aiohttp client, against the "
         "daemon's `/v1/versions/REF/file` and against aiohttp's `web.FileResponse` of the raw file (a "
@@ -467,7 +470,7 @@ def _fill(section: Section, f: dict[str, Any]) -> None:
     )
     content = f["content_nbd_seconds"]
     table.add(
-        f"`qemu-img convert` from NBD, content chunks (32 KiB average), best of {ROUNDS} (s)",
+        f"`qemu-img convert` from NBD, content chunks ({CONTENT_AVERAGE} average), best of {ROUNDS} (s)",
         f"{min(content):.3f} ({min(f['raw_seconds']) / min(content):.1%} of raw; daemon CPU "
         f"{float(f['content_nbd_daemon_cpu_s_per_copy']):.2f} s per copy; read cache hits "
         f"{float(f['content_nbd_read_cache_hit_ratio']):.1%})",

@@ -65,7 +65,7 @@ from bench.replication_bench import (
     start_rsync_daemon,
 )
 from cachepoint.blocks import encode_block
-from cachepoint.chunking import ChunkParams
+from cachepoint.chunking import DEFAULT_AVERAGE, ChunkParams
 from cachepoint.layers.ingest import IngestOptions, ingest
 from cachepoint.model import Chunking
 from cachepoint.store.store import Store
@@ -83,7 +83,7 @@ MAX_FILE = 32 * MiB
 IMAGE_VERSION = "3"  # bump when v1's recipe changes, so cached images are rebuilt
 UPGRADE_VERSION = "3"  # the same for v2's
 INGEST_RUNS = SHORT_RUNS  # first ingests of about 2 s per mode, compared with each other
-CHOSEN = "content 32K"  # the default the measurements below chose (docs/design.md)
+CHOSEN = f"content {DEFAULT_AVERAGE // KiB}K"  # the default these measurements chose (docs/design.md)
 IDEAL_LIMIT = 1.15
 RSYNC_SPEEDUP = 4.0
 INGEST_SLACK = 1.10

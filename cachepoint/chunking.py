@@ -32,7 +32,7 @@ from cachepoint.errors import InvalidBlockSize
 
 KiB = 1024
 DEFAULT_UNIT = 4 * KiB
-DEFAULT_AVERAGE = 32 * KiB
+DEFAULT_AVERAGE = 64 * KiB  # why 64 KiB rather than 32: docs/design.md, "Why 64 KiB"
 MIN_UNIT = 512
 MAX_AVERAGE = 1024 * KiB  # max_length then is 4 MiB, the largest block the store takes
 

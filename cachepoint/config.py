@@ -5,7 +5,7 @@ The TOML keys are the field names, e.g.::
     store = "/var/lib/cachepoint"
     block_size = "64K"
     chunking = "content"
-    chunk_average = "32K"
+    chunk_average = "64K"
     author = "image-team"
     device = "build-01"
     coordinator = "coordinator.example:7400"   # for serve, publish, pull, scrub, repair, enroll
@@ -76,7 +76,7 @@ class Settings:
     grid) or "content" (chunks on chunk_unit boundaries chosen by content, chunk_average long on
     average: the same file data at any aligned offset gives the same chunks). Both stack in images
     and take a user layer. Trees always use fixed blocks."""
-    chunk_average: str = "32K"
+    chunk_average: str = "64K"
     """Average chunk length of new content-chunked layers: a power of two, 2 units to 1M."""
     chunk_unit: str = "4K"
     """Content chunks start and end on multiples of this (the guest file system's block size)."""

@@ -43,7 +43,7 @@ from cachepoint.store.units import encode_record
 
 log = logging.getLogger("cachepoint.replication")
 
-UNIT_WINDOW = 512  # chunks per units request: ~1-2 MiB of answers for 32 KiB chunks
+UNIT_WINDOW = 512  # chunks per units request: ~1-4 MiB of answers for 32-64 KiB chunks
 DIGESTS_AHEAD = 1  # windows whose digests are asked before the units of the window before are
 WHOLE_SHARE = 0.75  # a chunk with this share of its units missing here is asked for whole
 ProgressFn = Callable[[int, int], None]
