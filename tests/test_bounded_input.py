@@ -344,11 +344,16 @@ def test_push_streams_beyond_the_per_peer_limit_are_refused_until_one_ends(serve
 
 def test_a_pull_waits_out_a_source_at_its_stream_limit_instead_of_dropping_it(servers: Servers) -> None:
     """The test holds every FetchBlocks slot of 127.0.0.1 at the coordinator (streams it reads no
-    further, so flow control keeps them open); a pull from the same address is refused as busy, and
-    completes once the slots are given back, instead of failing with the coordinator dropped."""
+    further, so flow control keeps them open: a fixed window, far less than the 16 MiB asked for); a
+    pull from the same address is refused as busy, and completes once the slots are given back,
+    instead of failing with the coordinator dropped."""
     address = servers.coordinator.address
     request = blocks_pb2.FetchBlocksRequest(ids=b"".join(servers.version_ids), version=f"{LAYER}@1")
-    channels = [tls.channel(address) for _ in range(PEER_STREAMS)]
+    # Without BDP probing a held stream's window stays fixed (about 1 MiB reached such a client
+    # unread, every time). With it the window grows while nobody reads: 4 to 8 MiB within 4 s
+    # here, and once past the 16 MiB asked for, a held stream finished unread, its slot went to
+    # the pull, and the pull was never refused.
+    channels = [tls.channel(address, options=[("grpc.http2.bdp_probe", 0)]) for _ in range(PEER_STREAMS)]
     calls = []
     try:
         for ch in channels:
