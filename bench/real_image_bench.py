@@ -48,6 +48,7 @@ from bench.harness import (
     Section,
     Table,
     cli_env,
+    compacted,
     human_bytes,
     remove,
     settle,
@@ -67,7 +68,6 @@ from cachepoint.blocks import encode_block
 from cachepoint.chunking import DEFAULT_AVERAGE, ChunkParams
 from cachepoint.layers.ingest import IngestOptions, ingest
 from cachepoint.model import Chunking
-from cachepoint.store import format as fmt
 from cachepoint.store.store import Store
 
 HERE = Path(__file__).resolve().parent
@@ -511,23 +511,6 @@ def _sha256(path: Path) -> bytes:
         while chunk := f.read(16 * MiB):
             digest.update(chunk)
     return digest.digest()
-
-
-def compacted(store_dir: Path) -> tuple[int, float]:
-    """Compact a store's blocks family: (its level-0 files before, the seconds it took).
-
-    The timed pulls start from copies of the store that holds v1, as a node's store is between pulls:
-    its compactions done. Left as the pull of v1 leaves it, that store held 6 to 11 level-0 files from
-    one run to the next; a pull that brought it to RocksDB's trigger (12) then waited before exiting
-    while RocksDB rewrote the whole store (keys are random digests, so a level-0 compaction takes the
-    whole level below), 1.0-1.7 s on this image, and whether the best of the pulls paid it or not
-    was luck. That cost is shown beside the pull's time instead: the seconds this compaction takes."""
-    with Store.open(store_dir, writable=True) as store:
-        blocks = store.db.cf[fmt.CF_BLOCKS]
-        level0 = int(blocks.property_int_value("rocksdb.num-files-at-level0") or 0)
-        start = time.perf_counter()
-        blocks.compact_range(None, None)
-        return level0, time.perf_counter() - start
 
 
 def real_image(bench: Bench) -> Section:

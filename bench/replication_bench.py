@@ -44,6 +44,7 @@ from bench.harness import (
     Section,
     Table,
     cli_env,
+    compacted,
     human_bytes,
     remove,
     settle,
@@ -437,9 +438,11 @@ class DeltaSync:
 
     def receive_v1(self, store: Path, coordinator: str) -> None:
         seconds, result = self.cachepoint(store, "pull", REF_V1, "--from", coordinator)
+        level0, compaction = compacted(store)
         self.bench.log(
             f"delta sync: receiver {store.name} holds v1 "
-            f"({result['fetched_blocks']} blocks pulled in {seconds:.1f} s)"
+            f"({result['fetched_blocks']} blocks pulled in {seconds:.1f} s; then compacted: "
+            f"{level0} level-0 files, {compaction:.2f} s)"
         )
 
     def setup(self) -> None:
@@ -887,7 +890,8 @@ METHOD = (
     f"v2 (v1 with {V2_FRACTION:.0%} of its blocks rewritten) pulled onto a store that holds v1, from a real "
     "coordinator, everything on loopback. Set-up, untimed: a coordinator child (`serve --listen "
     "127.0.0.1:0`); v1 then v2 published into it with `cachepoint publish`; a receiver store given v1 with "
-    "`cachepoint pull os/bench@1`. Every timed run starts from a fresh copy of that receiver store, made "
+    "`cachepoint pull os/bench@1`, its store then compacted (a node's store between pulls; the seconds "
+    "are in the log). Every timed run starts from a fresh copy of that receiver store, made "
     "before the clock, after `os.sync()`. The timed `cachepoint pull os/bench@2 --json` goes through a "
     "byte-counting TCP proxy (asyncio, a child process of the benchmark) that forwards bytes unmodified; "
     "*bytes on the wire* are its counts in both directions (TCP payload: the v2 manifest, block requests, "
