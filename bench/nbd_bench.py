@@ -16,8 +16,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from bench.harness import RUNS, Bench, Check, Section, Table, mib_s, remove, settle, verdict, warm
+from bench.harness import Bench, Check, Section, Table, mib_s, remove, verdict, warm
 from bench.ingest_bench import _ingest
+from bench.read_paths import ROUNDS, WARMUPS, _converts, _nbdcopy
 from bench.replication_bench import ROOT, _announcement, _run, _sha256, _spawn
 
 LAYER = "os/bench"
@@ -34,39 +35,22 @@ METHOD = (
     "against the target, and the Unix socket, reported for information). "
     "Each side is the whole command `qemu-img convert -f raw -O raw SRC OUT`, with SRC the NBD URI or "
     "v1.img, and OUT a file in the benchmark's scratch directory, deleted (untimed, followed by "
-    f"`os.sync()`) before every run. Per side, one warm-up run, then the best of {RUNS}: the page cache "
-    "holds v1.img and the store's files, and the daemon has read the disk once (so its decoded-block "
-    "cache holds it: a warm read, as the raw file's is from the page cache). Throughput is the "
-    "image's size / wall time, process start-up included on both sides. The NBD copy from the warm-up "
-    "is checked once: its SHA-256 must equal v1's. Beside them, for information: `nbdcopy --connections=4 "
-    "URI OUT` (libnbd-bin) over TCP, four connections in parallel (read-only exports advertise "
-    "multi-conn), measured the same way."
+    "`os.sync()`) before every run. First one NBD copy whose SHA-256 must equal v1's (it also fills "
+    "the daemon's decoded-block cache: the reads after it are warm, as the raw file's are from the "
+    f"page cache), then {WARMUPS} warm-ups of each source and the best of {ROUNDS} rounds in which "
+    "the three sources (NBD over TCP, NBD over the Unix socket, v1.img) take turns, so that a busy "
+    "spell of this shared machine weighs on both sides of the ratio alike (measured one side after "
+    "the other, the same code gave 46% in one run and 94% in another). Throughput is the image's "
+    "size / wall time, process start-up included on both sides. Beside them, for information: "
+    "`nbdcopy --connections=4 URI OUT` (libnbd-bin) over TCP, four connections in parallel "
+    "(read-only exports advertise multi-conn), a warm-up then the best of "
+    f"{ROUNDS}, its copy's SHA-256 checked too."
 )
 NBDCOPY_CONNECTIONS = 4
 
 
 def _env(store: Path) -> dict[str, str]:
     return dict(os.environ, CACHEPOINT_STORE=str(store))
-
-
-def _convert_runs(
-    bench: Bench, src: str, out: Path, label: str, cmd: list[str] | None = None
-) -> tuple[list[float], bytes]:
-    """One warm-up copy (whose output's SHA-256 is returned) then RUNS timed ones; ``cmd`` replaces
-    qemu-img convert (it must write ``out``)."""
-    cmd = cmd or ["qemu-img", "convert", "-f", "raw", "-O", "raw", src, str(out)]
-    remove(out)
-    _run(cmd, f"{label} (warm-up)")
-    digest = _sha256(out)
-    times: list[float] = []
-    for run in range(RUNS):
-        remove(out)
-        settle()  # the previous run's output must not be written back on this run's clock
-        seconds, _ = _run(cmd, label)
-        times.append(seconds)
-        bench.log(f"{label}: run {run + 1}/{RUNS} {seconds:.3f} s")
-    remove(out)
-    return times, digest
 
 
 def _measure(
@@ -112,19 +96,24 @@ def _measure(
     warm(v1)
     copy = work / "out.img"
     want = _sha256(v1)
-    nbd_times, got = _convert_runs(bench, uri, copy, "qemu-img convert from NBD")
-    unix_times, got_unix = _convert_runs(bench, unix_uri, copy, "qemu-img convert from NBD (Unix socket)")
-    raw_times, _ = _convert_runs(bench, str(v1), copy, "qemu-img convert from v1.img")
+    remove(copy)
+    checked = ["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(copy)]
+    _run(checked, "qemu-img convert from NBD (checked)")
+    identical = _sha256(copy) == want
+    sources = {"nbd": uri, "unix": unix_uri, "raw": str(v1)}
+    times = _converts(sources, copy)
+    for label, runs in times.items():
+        bench.log(f"NBD: {label}: {', '.join(f'{t:.3f}' for t in runs)} s")
     copy_times: list[float] = []
-    got_copy = want
     if shutil.which("nbdcopy") is not None:
-        nbdcopy = ["nbdcopy", f"--connections={NBDCOPY_CONNECTIONS}", uri, str(copy)]
-        label = f"nbdcopy --connections={NBDCOPY_CONNECTIONS} from NBD"
-        copy_times, got_copy = _convert_runs(bench, uri, copy, label, nbdcopy)
+        copy_times = _nbdcopy(uri, copy)
+        identical = identical and _sha256(copy) == want
     else:
         bench.log("NBD: nbdcopy is not installed (package libnbd-bin): not measured")
+    remove(copy)
+    nbd_times, unix_times, raw_times = times["nbd"], times["unix"], times["raw"]
     bench.log(f"NBD: {mib_s(size, min(nbd_times)):.0f} vs {mib_s(size, min(raw_times)):.0f} MiB/s raw")
-    return nbd_times, unix_times, raw_times, copy_times, got == want == got_unix == got_copy
+    return nbd_times, unix_times, raw_times, copy_times, identical
 
 
 def _failed(why: str, warnings: list[str]) -> Section:
@@ -155,10 +144,10 @@ def nbd_read(bench: Bench) -> Section:
     ok = share >= SHARE and identical
     warnings = [] if identical else ["an NBD copy's SHA-256 differs from v1's"]
     table = Table(["Measure", "Measured", "Target", "Result"])
-    table.add(f"`qemu-img convert` from NBD, best of {RUNS} (s)", f"{min(nbd_times):.3f}", "", "")
+    table.add(f"`qemu-img convert` from NBD, best of {ROUNDS} (s)", f"{min(nbd_times):.3f}", "", "")
     table.add("… all runs (s)", ", ".join(f"{t:.3f}" for t in nbd_times), "", "")
-    table.add(f"… over the Unix socket, best of {RUNS} (s)", f"{min(unix_times):.3f}", "", "")
-    table.add(f"`qemu-img convert` from v1.img, best of {RUNS} (s)", f"{min(raw_times):.3f}", "", "")
+    table.add(f"… over the Unix socket, best of {ROUNDS} (s)", f"{min(unix_times):.3f}", "", "")
+    table.add(f"`qemu-img convert` from v1.img, best of {ROUNDS} (s)", f"{min(raw_times):.3f}", "", "")
     table.add("… all runs (s)", ", ".join(f"{t:.3f}" for t in raw_times), "", "")
     table.add("NBD throughput (MiB/s)", f"{nbd:.1f}", f"≥ {SHARE * raw:.1f}", verdict(ok))
     table.add("Raw-file throughput (MiB/s)", f"{raw:.1f}", "", "")
@@ -166,7 +155,7 @@ def nbd_read(bench: Bench) -> Section:
     table.add("NBD over the Unix socket / raw file", f"{mib_s(size, min(unix_times)) / raw:.1%}", "", "")
     copied = mib_s(size, min(copy_times)) if copy_times else 0.0
     table.add(
-        f"`nbdcopy --connections={NBDCOPY_CONNECTIONS}` from NBD, best of {RUNS} (s)",
+        f"`nbdcopy --connections={NBDCOPY_CONNECTIONS}` from NBD, best of {ROUNDS} (s)",
         f"{min(copy_times):.3f} ({copied:.1f} MiB/s, {copied / raw:.1%} of raw)"
         if copy_times
         else "not measured: nbdcopy is not installed (package libnbd-bin)",
