@@ -63,7 +63,11 @@ RANGE_BYTES = MiB
 # reads again what the cache could not keep, which the daemon re-stores in lz4 (hot_codec): after
 # them the store is as a disk read over and over leaves it.
 WARMUPS = 2
-ROUNDS = SHORT_RUNS  # measured rounds of each comparison (copies of about a second)
+# Measured rounds of each comparison (copies of about a second): four more than for longer figures.
+# This shared machine's speed moves by 2-6x from one copy to the next (a raw-file copy took 0.36 s
+# and 2.5 s in one run), and a side whose five copies all fell in slow spells was reported at half
+# its speed; seven rounds give each side more chances at a quiet spell, both alike.
+ROUNDS = SHORT_RUNS + 2 if SHORT_RUNS > 1 else SHORT_RUNS
 CONTENT_AVERAGE = f"{DEFAULT_AVERAGE // 1024} KiB"  # the content store's chunks: the default average
 CONCURRENT = 8
 LOOPBACK = "127.0.0.1:0"
@@ -373,9 +377,9 @@ def read_paths(bench: Bench) -> Section:
         '`hot_codec = "lz4"` among them: a block it decodes from zstd a second time is re-stored in '
         "lz4, so after the second pass the blocks the cache cannot keep are read from the store in lz4. "
         "NBD: whole `qemu-img convert -f raw -O raw` commands from the export and from the raw file, "
-        f"{WARMUPS} warm-ups of each, then the best of {ROUNDS} rounds in which the two take turns (two "
+        f"{WARMUPS} warm-ups of each, then the best of {ROUNDS} rounds in which the two take turns (four "
         "more than for longer figures: a copy takes about a second, and this shared machine's speed "
-        "moves by 2-3x within the hour); beside "
+        "moves by 2-6x from one copy to the next); beside "
         "them, for information, `nbdcopy --connections=4` from the export, the daemon's CPU seconds "
         "per copy (steadier than wall time on a shared machine), its read cache's hit ratio, and the "
         "same copies from a second store that cut the image into content chunks "
