@@ -43,6 +43,11 @@ RUNS = _runs()
 # 0.38 s and 1.8 s within the hour, and a best of 3 on each side still flipped such a ratio by 10-20%.
 # Both sides take turns in every round, so both get as many chances at a quiet moment.
 SHORT_RUNS = RUNS + 2 if RUNS > 1 else RUNS
+# Turns of such a comparison when even that flipped it: two more again (7 by default). Copies of
+# about a second moved by 2-6x from one to the next (a raw-file copy took 0.36 s and 2.5 s in one
+# run), and a side whose five copies all fell in busy spells was reported at half its speed; calls of
+# 0.2 s, by 10-15% on one quick call. The read paths' rounds and the TLS pull's pairs are this many.
+TURNS = SHORT_RUNS + 2 if SHORT_RUNS > 1 else SHORT_RUNS
 V1_SEED = 1
 V2_SEED = 2
 V2_FRACTION = 0.05

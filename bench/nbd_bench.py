@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.harness import Bench, Check, Section, Table, mib_s, remove, verdict, warm
 from bench.ingest_bench import _ingest
-from bench.read_paths import ROUNDS, WARMUPS, _converts, _nbdcopy
+from bench.read_paths import NBDCOPY_CONNECTIONS, ROUNDS, WARMUPS, _converts, _nbdcopy
 from bench.replication_bench import ROOT, _announcement, _run, _sha256, _spawn
 
 LAYER = "os/bench"
@@ -46,7 +46,6 @@ METHOD = (
     "(read-only exports advertise multi-conn), a warm-up then the best of "
     f"{ROUNDS}, its copy's SHA-256 checked too."
 )
-NBDCOPY_CONNECTIONS = 4
 
 
 def _env(store: Path) -> dict[str, str]:

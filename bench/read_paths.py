@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 
 from bench.harness import (
-    SHORT_RUNS,
+    TURNS,
     Bench,
     Check,
     GiB,
@@ -63,11 +63,8 @@ RANGE_BYTES = MiB
 # reads again what the cache could not keep, which the daemon re-stores in lz4 (hot_codec): after
 # them the store is as a disk read over and over leaves it.
 WARMUPS = 2
-# Measured rounds of each comparison (copies of about a second): four more than for longer figures.
-# This shared machine's speed moves by 2-6x from one copy to the next (a raw-file copy took 0.36 s
-# and 2.5 s in one run), and a side whose five copies all fell in slow spells was reported at half
-# its speed; seven rounds give each side more chances at a quiet spell, both alike.
-ROUNDS = SHORT_RUNS + 2 if SHORT_RUNS > 1 else SHORT_RUNS
+ROUNDS = TURNS  # measured rounds of each comparison (copies of about a second; see harness.TURNS)
+NBDCOPY_CONNECTIONS = 4  # nbdcopy's connections to the export at once (read-only exports: multi-conn)
 CONTENT_AVERAGE = f"{DEFAULT_AVERAGE // 1024} KiB"  # the content store's chunks: the default average
 CONCURRENT = 8
 LOOPBACK = "127.0.0.1:0"
@@ -91,8 +88,8 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _nbdcopy(uri: str, out: Path) -> list[float]:
-    """``nbdcopy --connections=4`` of the export into a file (multi-conn: four connections at once)."""
-    cmd = ["nbdcopy", "--connections=4", uri, str(out)]
+    """``nbdcopy --connections=NBDCOPY_CONNECTIONS`` of the export into a file (multi-conn)."""
+    cmd = ["nbdcopy", f"--connections={NBDCOPY_CONNECTIONS}", uri, str(out)]
     times = []
     for label in ("nbdcopy (warm-up)", *["nbdcopy"] * ROUNDS):
         remove(out)

@@ -36,6 +36,7 @@ from typing import IO, Any
 from bench.gen_image import BLOCK
 from bench.harness import (
     RUNS,
+    TURNS,
     V2_FRACTION,
     Bench,
     Check,
@@ -67,7 +68,7 @@ TLS_LIMIT = 1.15  # the pull over mutual TLS may take at most this many times th
 # Plaintext and TLS pull() calls, taking turns. A call takes about 0.2 s and this shared machine's
 # speed moves by 2-3x within minutes, so one ratio of two calls says little: the target is the
 # median of the pairs' ratios.
-TLS_PAIRS = RUNS + 4 if RUNS > 1 else RUNS
+TLS_PAIRS = TURNS
 RSYNC_MODULE = "bench"
 
 ROOT = Path(__file__).resolve().parents[1]
